@@ -1,0 +1,136 @@
+"""The exceptions aiodcp raises.
+
+Every error aiodcp raises derives from :class:`AiodcpError`. The tree::
+
+    AiodcpError
+    ├── ConfigError (ValueError)            a configuration value is out of range
+    ├── InvalidPathError (ValueError)       not an ``s3://bucket[/prefix]`` URL, or a data file
+    │                                       path in the metadata that escapes the checkpoint
+    ├── InvalidRangeError (ValueError)      byte ranges that cannot be served (planner)
+    ├── SequentialAccessError (ValueError)  the item reader used against its contract
+    ├── ReaderTypeError (TypeError)         the item reader called with a wrong argument type
+    ├── StorageError                        talking to the object store failed
+    │   ├── NotFoundError (FileNotFoundError)      no such object / checkpoint
+    │   │   └── NoSuchBucketError                  no such bucket
+    │   ├── AccessDeniedError (PermissionError)    403 from the store
+    │   ├── NoCredentialsError                     no credentials found anywhere
+    │   ├── TruncatedObjectError                   object shorter than the metadata says
+    │   ├── ObjectChangedError                     object replaced during a load (ETag)
+    │   └── TransferError                          network failure after all attempts
+    ├── CheckpointFormatError               ``.metadata`` is not a DCP metadata pickle
+    ├── MissingDependencyError (ImportError) an optional dependency (zstandard) is needed
+    └── LoadCancelledError                  the load was aborted (another part failed)
+
+Errors carry their context as attributes (``bucket``, ``key``, ``byte_range``...) and in their
+message, because ``dcp.load`` wraps reader errors and sometimes keeps only their text. They pickle
+(they cross process boundaries in distributed runs).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "AccessDeniedError",
+    "AiodcpError",
+    "CheckpointFormatError",
+    "ConfigError",
+    "InvalidPathError",
+    "InvalidRangeError",
+    "LoadCancelledError",
+    "MissingDependencyError",
+    "NoCredentialsError",
+    "NoSuchBucketError",
+    "NotFoundError",
+    "ObjectChangedError",
+    "ReaderTypeError",
+    "SequentialAccessError",
+    "StorageError",
+    "TransferError",
+    "TruncatedObjectError",
+]
+
+
+class AiodcpError(Exception):
+    """Root of every error aiodcp raises."""
+
+    def __init__(self, message: str, **context: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.context = context
+        for name, value in context.items():
+            setattr(self, name, value)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), self.message, self.context))
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _rebuild(cls: type[AiodcpError], message: str, context: dict[str, Any]) -> AiodcpError:
+    return cls(message, **context)
+
+
+class ConfigError(AiodcpError, ValueError):
+    """A configuration value is missing, of the wrong type or out of range."""
+
+
+class InvalidPathError(AiodcpError, ValueError):
+    """A checkpoint path is not ``s3://bucket[/prefix]``, or a metadata path escapes it."""
+
+
+class InvalidRangeError(AiodcpError, ValueError):
+    """Byte ranges that cannot be served: negative, reversed or partially overlapping."""
+
+
+class SequentialAccessError(AiodcpError, ValueError):
+    """The DCP item reader was used outside its sequential-access contract."""
+
+
+class ReaderTypeError(AiodcpError, TypeError):
+    """The DCP item reader was called with an argument of the wrong type."""
+
+
+class StorageError(AiodcpError):
+    """Talking to the object store failed. ``bucket`` and ``key`` say where."""
+
+
+class NotFoundError(StorageError, FileNotFoundError):
+    """The object (checkpoint ``.metadata`` or a data file) does not exist."""
+
+
+class NoSuchBucketError(NotFoundError):
+    """The bucket does not exist."""
+
+
+class AccessDeniedError(StorageError, PermissionError):
+    """The store refused access (HTTP 403)."""
+
+
+class NoCredentialsError(StorageError):
+    """No credentials were found; configure them or use ``unsigned=True`` for public buckets."""
+
+
+class TruncatedObjectError(StorageError):
+    """An object is shorter than the checkpoint metadata says it is."""
+
+
+class ObjectChangedError(StorageError):
+    """An object was replaced while it was being loaded (its ETag changed)."""
+
+
+class TransferError(StorageError):
+    """A transfer failed and every configured attempt was used."""
+
+
+class CheckpointFormatError(AiodcpError):
+    """The checkpoint metadata is not a PyTorch DCP ``Metadata`` pickle."""
+
+
+class MissingDependencyError(AiodcpError, ImportError):
+    """The checkpoint needs an optional dependency that is not installed."""
+
+
+class LoadCancelledError(AiodcpError):
+    """The load was aborted before this item was fetched (another part failed or was cancelled)."""

@@ -1,0 +1,326 @@
+"""The range planner: which bytes of one data file to fetch, and in which ranged GETs.
+
+Pure and synchronous: stdlib only, no I/O.
+
+Data flow::
+
+    ItemRange x N        the byte ranges ``[start, end)`` a load needs from one file, any order,
+                         duplicates allowed (several readers of one stored item)
+        -> coalesce()    sort, drop identical ranges, reject partial overlaps, and join ranges
+                         whose gap is <= ``max_gap_size`` into RangeGroups (one contiguous span)
+        -> split_into_parts()
+                         cut every group into item-aligned Parts of at most ``part_size`` bytes;
+                         an item larger than ``part_size`` is sliced into ``part_size`` pieces
+    FilePlan             items (unique, sorted) + groups + parts (file order); byte accounting
+
+Invariants of a plan:
+
+* every requested range is in exactly one group; groups are sorted and disjoint; gaps inside a
+  group are ``<= max_gap_size``, gaps between consecutive groups are ``> max_gap_size``;
+* every item byte is in exactly one part; parts are sorted, disjoint, ``<= part_size`` bytes long
+  and never start or end inside a gap (a gap is fetched only when it lies inside one part);
+* ``Part.items`` is exactly the items that overlap the part, in file order.
+
+Everything is ``O(n log n)`` in the number of ranges (the sort), linear afterwards; no side
+effects.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from itertools import pairwise
+from operator import attrgetter
+
+from ._errors import ConfigError, InvalidRangeError
+
+__all__ = [
+    "DEFAULT_MAX_GAP_SIZE_BYTES",
+    "DEFAULT_PART_SIZE_BYTES",
+    "FilePlan",
+    "ItemRange",
+    "Part",
+    "RangeGroup",
+    "coalesce",
+    "plan_file",
+    "split_into_parts",
+    "validate_max_gap_size",
+    "validate_part_size",
+]
+
+DEFAULT_MAX_GAP_SIZE_BYTES = 32 * 1024 * 1024
+"""Two needed ranges whose gap is at most this many bytes are fetched as one span."""
+DEFAULT_PART_SIZE_BYTES = 16 * 1024 * 1024
+"""The largest span one ranged GET asks for."""
+
+_SORT_KEY = attrgetter("start")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class ItemRange:
+    """Byte range of one stored item in one file: inclusive start, exclusive end."""
+
+    start: int
+    end: int
+
+    def __post_init__(self) -> None:
+        start: object = self.start
+        end: object = self.end
+        if type(start) is int and type(end) is int and 0 <= start < end:
+            return  # the common case, checked cheaply (plans can hold ~1e5 ranges)
+        if not (_is_int(start) and _is_int(end)):
+            raise InvalidRangeError(
+                f"invalid byte range ItemRange(start={start!r}, end={end!r}): "
+                "start and end must be int byte offsets",
+                ranges=((start, end),),
+            )
+        if self.start < 0:
+            raise InvalidRangeError(
+                f"invalid byte range {self!r}: start must be >= 0",
+                ranges=((self.start, self.end),),
+            )
+        if self.end <= self.start:
+            kind = "empty" if self.end == self.start else "reversed"
+            raise InvalidRangeError(
+                f"invalid byte range {self!r}: the range is {kind} (end must be > start)",
+                ranges=((self.start, self.end),),
+            )
+
+    @property
+    def length(self) -> int:
+        """Bytes in the range."""
+        return self.end - self.start
+
+
+@dataclass(frozen=True, slots=True)
+class RangeGroup:
+    """Nearby ItemRanges (gaps <= max_gap_size) served by one contiguous span of the file."""
+
+    items: tuple[ItemRange, ...]
+    """Sorted, unique, non-overlapping, non-empty."""
+
+    def __post_init__(self) -> None:
+        items: object = self.items
+        if not isinstance(items, tuple) or not items:
+            raise InvalidRangeError(
+                f"a RangeGroup needs a non-empty tuple of ItemRange, got {items!r}",
+                ranges=items,
+            )
+        previous: ItemRange | None = None
+        for item in items:
+            if type(item) is not ItemRange and not isinstance(item, ItemRange):
+                raise InvalidRangeError(
+                    f"a RangeGroup holds ItemRange values, got {item!r}", ranges=items
+                )
+            if previous is not None and item.start < previous.end:
+                raise InvalidRangeError(
+                    f"a RangeGroup's items must be sorted and non-overlapping: "
+                    f"{previous!r} is followed by {item!r}",
+                    ranges=(previous, item),
+                )
+            previous = item
+
+    @property
+    def start(self) -> int:
+        """First byte of the span."""
+        return self.items[0].start
+
+    @property
+    def end(self) -> int:
+        """One past the last byte of the span."""
+        return self.items[-1].end
+
+    @property
+    def item_bytes(self) -> int:
+        """Bytes that belong to items."""
+        return sum(item.end - item.start for item in self.items)
+
+    @property
+    def gap_bytes(self) -> int:
+        """Bytes of the span between items."""
+        return (self.end - self.start) - self.item_bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Part:
+    """One ranged GET: bytes [start, end) of the file."""
+
+    start: int
+    end: int
+    items: tuple[ItemRange, ...]
+    """The items whose bytes overlap ``[start, end)``, in file order."""
+
+    def __post_init__(self) -> None:
+        start: object = self.start
+        end: object = self.end
+        if type(start) is int and type(end) is int and 0 <= start < end:
+            return
+        if not (_is_int(start) and _is_int(end)) or self.start < 0 or self.end <= self.start:
+            raise InvalidRangeError(
+                f"invalid part bytes [{start!r}, {end!r}): need int offsets, 0 <= start < end",
+                ranges=((start, end),),
+            )
+
+    @property
+    def length(self) -> int:
+        """Bytes the GET asks for."""
+        return self.end - self.start
+
+
+@dataclass(frozen=True, slots=True)
+class FilePlan:
+    """Everything one file's load fetches: its items, their groups and the GETs, in file order."""
+
+    items: tuple[ItemRange, ...]
+    """Deduplicated, sorted."""
+    groups: tuple[RangeGroup, ...]
+    parts: tuple[Part, ...]
+    """In file order."""
+
+    @property
+    def item_bytes(self) -> int:
+        """Bytes the load needs (each unique item once)."""
+        return sum(item.end - item.start for item in self.items)
+
+    @property
+    def requested_bytes(self) -> int:
+        """Bytes the GETs ask for (items plus the gaps fetched inside parts)."""
+        return sum(part.end - part.start for part in self.parts)
+
+    @property
+    def gap_bytes(self) -> int:
+        """Bytes fetched and dropped."""
+        return self.requested_bytes - self.item_bytes
+
+
+def validate_max_gap_size(value: object) -> int | float:
+    """``value`` as a gap size: a non-negative int, or ``float('inf')`` (merge everything).
+
+    A finite float with an integral value (``4.0``) is accepted and returned as an int.
+    Raises ConfigError for anything else (bool, NaN, negative, fractional, other types).
+    """
+    if isinstance(value, bool):
+        pass
+    elif isinstance(value, int):
+        if value >= 0:
+            return int(value)
+    elif isinstance(value, float):
+        if value == math.inf:
+            return value
+        if math.isfinite(value) and value >= 0 and value.is_integer():
+            return int(value)
+    raise ConfigError(
+        "max_gap_size must be a non-negative integer number of bytes, or float('inf') to merge "
+        f"all ranges, got {value!r}",
+        field="max_gap_size",
+        value=value,
+    )
+
+
+def validate_part_size(value: object) -> int:
+    """``value`` as a part size: a positive int. Raises ConfigError otherwise."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return int(value)
+    raise ConfigError(
+        f"part_size must be a positive integer number of bytes, got {value!r}",
+        field="part_size",
+        value=value,
+    )
+
+
+def coalesce(
+    ranges: Iterable[ItemRange], max_gap_size: int | float = DEFAULT_MAX_GAP_SIZE_BYTES
+) -> list[RangeGroup]:
+    """Sort, deduplicate and group ``ranges``: gaps ``<= max_gap_size`` share a group.
+
+    Identical ranges are kept once. Ranges that overlap without being identical raise
+    InvalidRangeError (``ranges`` = the two offending ranges). Adjacent ranges are fine.
+    """
+    max_gap = validate_max_gap_size(max_gap_size)
+    ordered = list(ranges)
+    for item in ordered:
+        if not isinstance(item, ItemRange):
+            raise InvalidRangeError(f"expected an ItemRange, got {item!r}", ranges=(item,))
+    ordered.sort(key=_SORT_KEY)
+
+    # One pass: drop duplicates, reject overlaps, note where each group starts. Groups are then
+    # slices of one tuple (few allocations: plans can hold ~1e5 ranges).
+    unique: list[ItemRange] = []
+    group_starts: list[int] = []
+    previous_end = -1
+    for item in ordered:
+        if item.start < previous_end:
+            previous = unique[-1]
+            if item == previous:
+                continue
+            raise InvalidRangeError(
+                f"{previous!r} overlaps {item!r}: byte ranges that overlap without being "
+                "identical cannot be served",
+                ranges=(previous, item),
+            )
+        if not unique or item.start - previous_end > max_gap:
+            group_starts.append(len(unique))
+        unique.append(item)
+        previous_end = item.end
+    items = tuple(unique)
+    group_starts.append(len(items))
+    return [RangeGroup(items[a:b]) for a, b in pairwise(group_starts)]
+
+
+def split_into_parts(group: RangeGroup, part_size: int = DEFAULT_PART_SIZE_BYTES) -> list[Part]:
+    """Cut ``group`` into item-aligned Parts of at most ``part_size`` bytes, in file order.
+
+    A part starts at an item's start; the next item joins it while the part stays within
+    ``part_size``. An item longer than ``part_size`` becomes consecutive ``part_size`` slices
+    (the last one shorter), each its own part.
+    """
+    size = validate_part_size(part_size)
+    if not isinstance(group, RangeGroup):
+        raise InvalidRangeError(f"expected a RangeGroup, got {group!r}", ranges=(group,))
+    parts: list[Part] = []
+    _split_items(group.items, size, parts)
+    return parts
+
+
+def _split_items(items: tuple[ItemRange, ...], size: int, parts: list[Part]) -> None:
+    """Append the parts of one group's ``items`` (validated, sorted) to ``parts``."""
+    first = 0  # index of the first item of the part being built
+    count = len(items)
+    while first < count:
+        item = items[first]
+        start = item.start
+        if item.end - start > size:
+            only = (item,)
+            end = item.end
+            parts.extend(
+                Part(offset, min(offset + size, end), only) for offset in range(start, end, size)
+            )
+            first += 1
+            continue
+        last = first + 1  # one past the last item of the part
+        while last < count and items[last].end - start <= size:
+            last += 1
+        parts.append(Part(start, items[last - 1].end, items[first:last]))
+        first = last
+
+
+def plan_file(
+    ranges: Iterable[ItemRange],
+    *,
+    max_gap_size: int | float = DEFAULT_MAX_GAP_SIZE_BYTES,
+    part_size: int = DEFAULT_PART_SIZE_BYTES,
+) -> FilePlan:
+    """Plan one file: coalesce ``ranges`` into groups, then split every group into parts."""
+    size = validate_part_size(part_size)
+    groups = coalesce(ranges, max_gap_size)
+    items: list[ItemRange] = []
+    parts: list[Part] = []
+    for group in groups:
+        items.extend(group.items)
+        _split_items(group.items, size, parts)
+    return FilePlan(items=tuple(items), groups=tuple(groups), parts=tuple(parts))
