@@ -1,0 +1,193 @@
+"""Configuration: one frozen, keyword-only, validated object.
+
+``ReaderConfig`` holds everything a load can be tuned with: how to reach the store (region,
+endpoint, addressing style, TLS, credentials, retries, timeouts) and how to fetch (gap size, part
+size, concurrency, memory budget). It is validated in ``__post_init__`` so a bad value fails at
+construction, with a message that names the field and what is allowed, before any I/O happens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Literal
+
+from ._errors import ConfigError
+from ._planner import (
+    DEFAULT_MAX_GAP_SIZE_BYTES,
+    DEFAULT_PART_SIZE_BYTES,
+    validate_max_gap_size,
+    validate_part_size,
+)
+
+__all__ = [
+    "DEFAULT_CONNECT_TIMEOUT_S",
+    "DEFAULT_MAX_ATTEMPTS",
+    "DEFAULT_MAX_CONCURRENCY",
+    "DEFAULT_MAX_GAP_SIZE_BYTES",
+    "DEFAULT_MEMORY_BUDGET_BYTES",
+    "DEFAULT_PART_SIZE_BYTES",
+    "DEFAULT_READ_TIMEOUT_S",
+    "ReaderConfig",
+]
+
+DEFAULT_MAX_CONCURRENCY = 8
+"""Concurrent ranged GETs (and pooled connections) per load."""
+DEFAULT_MEMORY_BUDGET_BYTES = 256 * 1024 * 1024
+"""Bytes buffered ahead of the item being decoded."""
+DEFAULT_MAX_ATTEMPTS = 5
+"""Attempts per request, the first included (botocore's retries plus our body resumes)."""
+DEFAULT_CONNECT_TIMEOUT_S = 10.0
+DEFAULT_READ_TIMEOUT_S = 60.0
+
+_MAX_CONCURRENCY_LIMIT = 1024
+_MAX_ATTEMPTS_LIMIT = 100
+_ADDRESSING_STYLES = ("auto", "path", "virtual")
+
+
+def _positive_int(name: str, value: object, *, limit: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{name} must be a positive int, got {value!r}", field=name, value=value)
+    if limit is not None and value > limit:
+        raise ConfigError(
+            f"{name}={value} is absurdly large (the limit is {limit}); pick a smaller value",
+            field=name,
+            value=value,
+        )
+    return value
+
+
+def _positive_seconds(name: str, value: object) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ConfigError(
+            f"{name} must be a positive, finite number of seconds, got {value!r}",
+            field=name,
+            value=value,
+        )
+    return float(value)
+
+
+def _optional_str(name: str, value: object) -> None:
+    if value is not None and (not isinstance(value, str) or not value):
+        raise ConfigError(
+            f"{name} must be a non-empty string or None, got {value!r}", field=name, value=value
+        )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ReaderConfig:
+    """How aiodcp reaches the store and fetches a checkpoint. Every field is keyword-only.
+
+    ``None`` for a connection field means botocore's own resolution (environment variables such as
+    ``AWS_REGION`` and ``AWS_ENDPOINT_URL``, the shared config file, the credential chain).
+    """
+
+    region: str | None = None
+    """AWS region, e.g. ``"us-east-1"``. Default: botocore's resolution (``AWS_REGION``...)."""
+    endpoint_url: str | None = None
+    """Endpoint of an S3-compatible store (MinIO, R2, moto...). Default: botocore's resolution."""
+    addressing_style: Literal["auto", "path", "virtual"] = "auto"
+    """``"path"`` for most S3-compatible stores; ``"virtual"`` for bucket-in-host. Default auto."""
+    verify: bool | str = True
+    """TLS verification: ``True``, ``False``, or the path of a CA bundle. Default True."""
+    profile: str | None = None
+    """A named botocore profile. Default: the standard credential chain."""
+    unsigned: bool = False
+    """Send unsigned requests (public buckets, no credentials needed). Default False."""
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    """Attempts per request including the first, for errors before and during the body."""
+    connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
+    """Seconds to establish a connection. Default 10."""
+    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S
+    """Seconds without a byte before a read is abandoned and retried. Default 60."""
+    max_gap_size: int | float = DEFAULT_MAX_GAP_SIZE_BYTES
+    """Bytes: two needed ranges whose gap is <= this share a request (the gap is downloaded and
+    dropped). ``0`` merges only adjacent ranges, ``float("inf")`` merges all. Default 32 MiB.
+    A single GET never spans more than ``part_size`` bytes, so a gap larger than ``part_size`` is
+    never downloaded."""
+    part_size: int = DEFAULT_PART_SIZE_BYTES
+    """Bytes: the largest span one ranged GET asks for; larger spans run as concurrent parts.
+    Default 16 MiB."""
+    max_concurrency: int = DEFAULT_MAX_CONCURRENCY
+    """Ranged GETs in flight at once (across all files of a load). Default 8."""
+    memory_budget: int = DEFAULT_MEMORY_BUDGET_BYTES
+    """Bytes: downloaded item bytes buffered ahead of decoding. An item larger than the budget is
+    still served, alone. Default 256 MiB."""
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    """Advanced: keyword arguments passed as they are to ``AioConfig`` (botocore ``Config``)."""
+
+    def __post_init__(self) -> None:
+        _optional_str("region", self.region)
+        _optional_str("endpoint_url", self.endpoint_url)
+        _optional_str("profile", self.profile)
+        if self.endpoint_url is not None and not self.endpoint_url.startswith(
+            ("http://", "https://")
+        ):
+            raise ConfigError(
+                f"endpoint_url must start with http:// or https://, got {self.endpoint_url!r}",
+                field="endpoint_url",
+                value=self.endpoint_url,
+            )
+        if self.addressing_style not in _ADDRESSING_STYLES:
+            raise ConfigError(
+                f"addressing_style must be one of {_ADDRESSING_STYLES}, "
+                f"got {self.addressing_style!r}",
+                field="addressing_style",
+                value=self.addressing_style,
+            )
+        if not isinstance(self.verify, (bool, str)) or self.verify == "":
+            raise ConfigError(
+                f"verify must be True, False or a CA bundle path, got {self.verify!r}",
+                field="verify",
+                value=self.verify,
+            )
+        if not isinstance(self.unsigned, bool):
+            raise ConfigError(
+                f"unsigned must be a bool, got {self.unsigned!r}",
+                field="unsigned",
+                value=self.unsigned,
+            )
+        _positive_int("max_attempts", self.max_attempts, limit=_MAX_ATTEMPTS_LIMIT)
+        _positive_int("max_concurrency", self.max_concurrency, limit=_MAX_CONCURRENCY_LIMIT)
+        _positive_int("memory_budget", self.memory_budget)
+        _positive_seconds("connect_timeout_s", self.connect_timeout_s)
+        _positive_seconds("read_timeout_s", self.read_timeout_s)
+        object.__setattr__(self, "max_gap_size", validate_max_gap_size(self.max_gap_size))
+        object.__setattr__(self, "part_size", validate_part_size(self.part_size))
+        if not isinstance(self.extra, dict):
+            raise ConfigError(
+                f"extra must be a dict of AioConfig arguments, got {self.extra!r}",
+                field="extra",
+                value=self.extra,
+            )
+
+    def replace(self, **changes: Any) -> ReaderConfig:
+        """A copy with some fields changed (validated again)."""
+        return replace(self, **changes)
+
+    @classmethod
+    def from_kwargs(cls, base: ReaderConfig | None, **kwargs: Any) -> ReaderConfig:
+        """``base`` (or the defaults) with the keyword arguments that are not None applied."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise ConfigError(
+                f"unknown configuration option(s) {unknown}; valid options: {sorted(names)}",
+                field=unknown[0],
+                value=kwargs[unknown[0]],
+            )
+        if base is not None and not isinstance(base, ReaderConfig):
+            raise ConfigError(
+                f"config must be an aiodcp.ReaderConfig, got {type(base).__name__}",
+                field="config",
+                value=base,
+            )
+        given = {k: v for k, v in kwargs.items() if v is not None}
+        if base is None:
+            return cls(**given)
+        return replace(base, **given) if given else base

@@ -1,0 +1,110 @@
+"""Load statistics: a mutable recorder the engine writes, a frozen ``LoadStats`` users read."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+__all__ = ["LoadStats", "StatsRecorder"]
+
+
+@dataclass(frozen=True, slots=True)
+class LoadStats:
+    """What one load did. Byte counts are of the object store's payload (no HTTP headers)."""
+
+    bytes_requested: int = 0
+    """Bytes asked for by ranged GETs (needed item bytes plus coalesced gap bytes)."""
+    bytes_used: int = 0
+    """Bytes of stored items handed to torch (each stored item counted once)."""
+    bytes_received: int = 0
+    """Payload bytes actually received, retried and metadata bytes included."""
+    requests: int = 0
+    """GET requests sent for data and metadata, retries included."""
+    retries: int = 0
+    """Requests repeated after a failure (before headers or while streaming the body)."""
+    resumed_bytes: int = 0
+    """Bytes not downloaded again because an interrupted stream resumed where it stopped."""
+    items: int = 0
+    """Stored items fetched."""
+    files: int = 0
+    """Data files touched."""
+    time_to_first_byte_s: float = 0.0
+    """Seconds from the start of the load to the first data byte."""
+    wall_time_s: float = 0.0
+    """Seconds from the start to the end of the load."""
+
+    @property
+    def gap_bytes(self) -> int:
+        """Bytes requested but not needed (coalesced gaps)."""
+        return self.bytes_requested - self.bytes_used
+
+    def __str__(self) -> str:
+        mib = 1024 * 1024
+        return (
+            f"{self.bytes_used / mib:.1f} MiB used of {self.bytes_requested / mib:.1f} MiB "
+            f"requested in {self.requests} requests ({self.retries} retries), "
+            f"{self.items} items from {self.files} files, "
+            f"first byte {self.time_to_first_byte_s * 1000:.0f} ms, "
+            f"wall {self.wall_time_s:.3f} s"
+        )
+
+
+class StatsRecorder:
+    """Counters of one load. Written from the event loop and the decode thread; read at the end."""
+
+    __slots__ = (
+        "_first_byte",
+        "_lock",
+        "_start",
+        "_stop",
+        "bytes_received",
+        "bytes_requested",
+        "bytes_used",
+        "files",
+        "items",
+        "requests",
+        "resumed_bytes",
+        "retries",
+    )
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._start = time.perf_counter()
+        self._first_byte: float | None = None
+        self._stop: float | None = None
+        self.bytes_requested = 0
+        self.bytes_used = 0
+        self.bytes_received = 0
+        self.requests = 0
+        self.retries = 0
+        self.resumed_bytes = 0
+        self.items = 0
+        self.files = 0
+
+    def add(self, **counts: int) -> None:
+        with self._lock:
+            for name, value in counts.items():
+                setattr(self, name, getattr(self, name) + value)
+
+    def first_byte(self) -> None:
+        if self._first_byte is None:
+            self._first_byte = time.perf_counter()
+
+    def finish(self) -> LoadStats:
+        if self._stop is None:
+            self._stop = time.perf_counter()
+        with self._lock:
+            ttfb = 0.0 if self._first_byte is None else self._first_byte - self._start
+            return LoadStats(
+                bytes_requested=self.bytes_requested,
+                bytes_used=self.bytes_used,
+                bytes_received=self.bytes_received,
+                requests=self.requests,
+                retries=self.retries,
+                resumed_bytes=self.resumed_bytes,
+                items=self.items,
+                files=self.files,
+                time_to_first_byte_s=ttfb,
+                wall_time_s=self._stop - self._start,
+            )
