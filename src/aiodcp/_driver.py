@@ -1,0 +1,181 @@
+"""Where the async engine runs, seen from the synchronous code that torch calls.
+
+``dcp.load`` calls the storage reader synchronously. The reader hands coroutines to a *driver*,
+which runs them on an event loop that is not the calling thread's, and blocks for the result:
+
+- ``PrivateLoopDriver``: a private loop on a daemon thread, created lazily and rebuilt after
+  ``os.fork`` (a forked child gets a loop and connections of its own; the parent's are never
+  touched). Used by plain ``dcp.load(..., storage_reader=S3StorageReader(...))``, including from
+  a notebook cell whose own loop is running.
+- ``BorrowedLoopDriver``: the caller's running loop, for ``await load_checkpoint(...)``, where
+  ``dcp.load`` itself runs in a worker thread and the I/O stays on the caller's loop.
+
+Each driver owns one ``S3Store`` opened on its loop (an aiobotocore client belongs to one loop).
+Every coroutine submitted is tracked, so ``cancel_all()`` stops all work of a load at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from ._config import ReaderConfig
+from ._store import S3Store
+
+__all__ = ["BorrowedLoopDriver", "Driver", "PrivateLoopDriver"]
+
+T = TypeVar("T")
+StoreCall = Callable[[S3Store], Awaitable[T]]
+
+
+class Driver:
+    """Runs ``fn(store)`` coroutines on the driver's loop from another thread."""
+
+    def __init__(self) -> None:
+        self._pending: set[concurrent.futures.Future[Any]] = set()
+        self._pending_lock = threading.Lock()
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        raise NotImplementedError
+
+    async def _get_store(self) -> S3Store:
+        raise NotImplementedError
+
+    def submit(self, fn: StoreCall[T]) -> concurrent.futures.Future[T]:
+        """Schedule ``fn(store)`` on the loop; returns a thread-safe future."""
+        loop = self.loop
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            raise RuntimeError(
+                "aiodcp: a blocking call was made on the event loop that runs the download; "
+                "use `await aiodcp.load_checkpoint(...)` from async code, or call dcp.load "
+                "from a worker thread"
+            )
+
+        async def call() -> T:
+            return await fn(await self._get_store())
+
+        future = asyncio.run_coroutine_threadsafe(call(), loop)
+        with self._pending_lock:
+            self._pending.add(future)
+        future.add_done_callback(self._forget)
+        return future
+
+    def _forget(self, future: concurrent.futures.Future[Any]) -> None:
+        with self._pending_lock:
+            self._pending.discard(future)
+
+    def run(self, fn: StoreCall[T]) -> T:
+        """Run ``fn(store)`` on the loop and wait for its result (re-raising its exception)."""
+        future = self.submit(fn)
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()
+            raise
+
+    def cancel_all(self) -> None:
+        """Cancel every coroutine this driver is running (thread-safe, returns at once)."""
+        with self._pending_lock:
+            pending = list(self._pending)
+        for future in pending:
+            future.cancel()
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class PrivateLoopDriver(Driver):
+    """A private event loop on a daemon thread, started on first use, rebuilt after fork."""
+
+    def __init__(self, config: ReaderConfig) -> None:
+        super().__init__()
+        self._config = config
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._store: S3Store | None = None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._pid != os.getpid():
+                # A forked child: the parent's loop thread does not exist here, and its
+                # connections belong to the parent. Start afresh, touching none of it.
+                self._pid = os.getpid()
+                self._loop = self._thread = self._store = None
+                self._pending = set()
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                started = threading.Event()
+
+                def main() -> None:
+                    asyncio.set_event_loop(loop)
+                    loop.call_soon(started.set)
+                    loop.run_forever()
+
+                thread = threading.Thread(target=main, name="aiodcp-io", daemon=True)
+                thread.start()
+                started.wait()
+                self._loop, self._thread = loop, thread
+            return self._loop
+
+    async def _get_store(self) -> S3Store:
+        if self._store is None:
+            store = S3Store(self._config)
+            await store.open()
+            self._store = store
+        return self._store
+
+    def close(self) -> None:
+        """Close the store's connections, stop the loop and join its thread."""
+        with self._lock:
+            if self._pid != os.getpid():
+                self._loop = self._thread = self._store = None
+                return
+            loop, thread, store = self._loop, self._thread, self._store
+            self._loop = self._thread = self._store = None
+        if loop is None or thread is None:
+            return
+        self.cancel_all()
+        if store is not None and not loop.is_closed():
+
+            async def shutdown() -> None:
+                await store.close()
+
+            try:
+                asyncio.run_coroutine_threadsafe(shutdown(), loop).result(timeout=10)
+            except (concurrent.futures.TimeoutError, RuntimeError):
+                pass
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        if not thread.is_alive():
+            loop.close()
+
+
+class BorrowedLoopDriver(Driver):
+    """The caller's running loop and a store already opened on it (owned by the caller)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, store: S3Store) -> None:
+        super().__init__()
+        self._loop = loop
+        self._store = store
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    async def _get_store(self) -> S3Store:
+        return self._store
+
+    def close(self) -> None:
+        self.cancel_all()

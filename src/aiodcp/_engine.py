@@ -1,0 +1,322 @@
+"""The fetch engine: concurrent ranged GETs into per-item chunk lists, handed over in plan order.
+
+Data flow::
+
+    FileFetch(key, FilePlan) x N files          (planner output, in consumption order)
+        -> run(): one scheduler walks every Part of every file in order; for each part it
+           reserves the bytes of the items that *start* in it from the ByteBudget, takes a
+           connection slot, and starts a fetch task       (backpressure: budget + semaphore)
+        -> _fetch(): a ranged GET; each received chunk is sliced (memoryview, no copy) into the
+           items it overlaps, gap bytes are dropped; an interrupted body resumes at the next
+           byte it still needs, pinned to the first ETag seen for the object (If-Match)
+        -> an item whose last byte arrived becomes a ChunkBuffer and is published
+    consumer thread (torch decode): wait_item(f, i) blocks until item i of file f is published;
+        release_item(f, i) drops its chunks and returns its bytes to the budget.
+
+Invariants: the budget is reserved in consumption order, so the item the consumer waits for
+always holds its reservation and the engine cannot deadlock; an item larger than the whole budget
+is reserved only when nothing else is (it is served alone). Memory held = reserved bytes, never
+more than ``max(memory_budget, largest item)``. The first failure cancels every other fetch and
+is re-raised to the consumer; ``abort()`` (consumer side) cancels everything as well.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ._config import ReaderConfig
+from ._errors import AiodcpError, LoadCancelledError, ObjectChangedError, TransferError
+from ._planner import FilePlan, ItemRange, Part
+from ._reader import ChunkBuffer
+from ._stats import StatsRecorder
+from ._store import S3Store, is_retryable
+
+__all__ = ["FetchEngine", "FileFetch"]
+
+_BACKOFF_BASE_S = 0.05
+_BACKOFF_CAP_S = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class FileFetch:
+    """One data file of a load: its key and its planned ranges."""
+
+    key: str
+    plan: FilePlan
+
+
+class _ByteBudget:
+    """Bytes that may be buffered at once. Acquired on the loop, released from any thread."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._waiter: asyncio.Future[None] | None = None
+
+    async def acquire(self, n: int) -> None:
+        # n == 0: the rest of an item already reserved. Otherwise wait for room, or for an
+        # empty budget when the item alone is larger than the whole budget.
+        while n and self.used and self.used + n > self.limit:
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        self.used += n
+
+    def release(self, n: int) -> None:
+        self.used -= n
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+class _Item:
+    """One stored item being downloaded."""
+
+    __slots__ = ("buffer", "chunks", "missing", "range")
+
+    def __init__(self, item_range: ItemRange) -> None:
+        self.range = item_range
+        self.chunks: list[tuple[int, memoryview]] = []
+        self.missing = item_range.length
+        self.buffer: ChunkBuffer | None = None
+
+
+class FetchEngine:
+    """Fetches the items of several files concurrently; see the module docstring."""
+
+    def __init__(
+        self,
+        store: S3Store,
+        bucket: str,
+        files: Sequence[FileFetch],
+        config: ReaderConfig,
+        stats: StatsRecorder,
+    ) -> None:
+        self._store = store
+        self._bucket = bucket
+        self._files = list(files)
+        self._config = config
+        self._stats = stats
+        self._items: list[list[_Item]] = [[_Item(r) for r in f.plan.items] for f in self._files]
+        self._index: list[dict[ItemRange, int]] = [
+            {r: i for i, r in enumerate(f.plan.items)} for f in self._files
+        ]
+        self._etags: dict[str, str] = {}
+        self._cond = threading.Condition()
+        self._error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._main: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._budget = _ByteBudget(config.memory_budget)
+        self._aborted = False
+
+    # ----------------------------------------------------------------- event-loop side
+
+    async def run(self) -> None:
+        """Fetch everything; returns when every item is downloaded. Raises the first failure."""
+        self._loop = asyncio.get_running_loop()
+        self._main = asyncio.current_task()
+        if self._aborted:
+            self._fail(LoadCancelledError("the load was cancelled before it started"))
+            return
+        connections = asyncio.Semaphore(self._config.max_concurrency)
+        self._stats.add(files=sum(1 for f in self._files if f.plan.parts))
+        try:
+            for file_index, fetch in enumerate(self._files):
+                for part in fetch.plan.parts:
+                    reserve = sum(r.length for r in part.items if r.start >= part.start)
+                    await self._budget.acquire(reserve)
+                    await connections.acquire()
+                    task = asyncio.create_task(self._fetch_part(file_index, part, connections))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._task_done)
+            while self._tasks:
+                await asyncio.wait(set(self._tasks))
+        except asyncio.CancelledError as exc:
+            await self._cancel_tasks()
+            error = self._error
+            if error is not None and not self._aborted:
+                current = asyncio.current_task()
+                if current is not None:
+                    current.uncancel()
+                raise error from None
+            self._fail(LoadCancelledError("the load was cancelled"))
+            raise exc
+        except BaseException as exc:
+            await self._cancel_tasks()
+            self._fail(exc)
+            raise
+        if self._error is not None:
+            raise self._error
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None and self._error is None:
+            self._fail(exc)
+            if self._main is not None and not self._main.done():
+                self._main.cancel()
+
+    async def _cancel_tasks(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _fetch_part(
+        self, file_index: int, part: Part, connections: asyncio.Semaphore
+    ) -> None:
+        try:
+            await self._fetch(file_index, part)
+        finally:
+            connections.release()
+
+    async def _fetch(self, file_index: int, part: Part) -> None:
+        key = self._files[file_index].key
+        items = self._items[file_index]
+        index = self._index[file_index]
+        targets = [items[index[r]] for r in part.items]
+        stats = self._stats
+        attempts = self._config.max_attempts
+        pos = part.start
+        attempt = 0
+        while True:
+            attempt += 1
+            if attempt > 1:
+                stats.add(retries=1, resumed_bytes=pos - part.start)
+            stats.add(requests=1, bytes_requested=part.end - pos)
+            try:
+                stream = await self._store.open_range(
+                    self._bucket, key, pos, part.end, if_match=self._etags.get(key)
+                )
+            except AiodcpError as exc:
+                if attempt >= attempts or not is_retryable(exc):
+                    raise
+                await self._backoff(attempt)
+                continue
+            try:
+                self._pin_etag(key, stream.etag, (pos, part.end))
+                t = 0  # first target that may still overlap the stream position
+                while pos < part.end:
+                    chunk = await stream.read_chunk()
+                    if not chunk:
+                        raise TransferError(
+                            f"s3://{self._bucket}/{key}: the body ended at byte {pos}, "
+                            f"before the end of its range [{part.start}, {part.end})",
+                            bucket=self._bucket,
+                            key=key,
+                            byte_range=(part.start, part.end),
+                            retryable=True,
+                        )
+                    stats.first_byte()
+                    n = len(chunk)
+                    stats.add(bytes_received=n)
+                    end = min(pos + n, part.end)
+                    view = memoryview(chunk)
+                    while t < len(targets) and targets[t].range.end <= pos:
+                        t += 1
+                    j = t
+                    while j < len(targets):
+                        item = targets[j]
+                        lo = max(pos, item.range.start)
+                        hi = min(end, item.range.end)
+                        if lo >= end:
+                            break
+                        if hi > lo:
+                            self._deliver(
+                                file_index, item, lo - item.range.start, view[lo - pos : hi - pos]
+                            )
+                        j += 1
+                    pos = end
+                return
+            except AiodcpError as exc:
+                if attempt >= attempts or not is_retryable(exc):
+                    raise
+            finally:
+                stream.close()
+            await self._backoff(attempt)
+
+    def _pin_etag(self, key: str, etag: str | None, byte_range: tuple[int, int]) -> None:
+        if etag is None:
+            return
+        known = self._etags.setdefault(key, etag)
+        if known != etag:
+            raise ObjectChangedError(
+                f"s3://{self._bucket}/{key} was replaced while it was being loaded (ETag "
+                f"{known} became {etag}); load again once the checkpoint is complete",
+                bucket=self._bucket,
+                key=key,
+                byte_range=byte_range,
+                retryable=False,
+            )
+
+    def _deliver(self, file_index: int, item: _Item, offset: int, view: memoryview) -> None:
+        item.chunks.append((offset, view))
+        item.missing -= len(view)
+        if item.missing == 0:
+            chunks = item.chunks
+            if any(chunks[k][0] > chunks[k + 1][0] for k in range(len(chunks) - 1)):
+                chunks.sort(key=lambda c: c[0])
+            buffer = ChunkBuffer([c[1] for c in chunks], item.range.length)
+            item.chunks = []
+            with self._cond:
+                item.buffer = buffer
+                self._cond.notify_all()
+            self._stats.add(items=1, bytes_used=item.range.length)
+
+    async def _backoff(self, attempt: int) -> None:
+        cap = min(_BACKOFF_CAP_S, _BACKOFF_BASE_S * 2 ** (attempt - 1))
+        await asyncio.sleep(random.uniform(0, cap))
+
+    def _fail(self, exc: BaseException) -> None:
+        with self._cond:
+            if self._error is None:
+                self._error = exc
+            self._cond.notify_all()
+
+    # ----------------------------------------------------------------- consumer side
+
+    def wait_item(self, file_index: int, item_index: int) -> ChunkBuffer:
+        """Block (in a worker thread) until the item is downloaded; raise the load's failure."""
+        item = self._items[file_index][item_index]
+        buffer = item.buffer
+        if buffer is not None:
+            return buffer
+        with self._cond:
+            while item.buffer is None and self._error is None:
+                self._cond.wait()
+            if item.buffer is not None:
+                return item.buffer
+            error = self._error
+        if isinstance(error, asyncio.CancelledError):
+            raise LoadCancelledError("the load was cancelled")
+        raise error  # type: ignore[misc]
+
+    def release_item(self, file_index: int, item_index: int) -> None:
+        """Drop the item's bytes and give them back to the budget (any thread)."""
+        item = self._items[file_index][item_index]
+        item.buffer = None
+        item.chunks = []
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(self._budget.release, item.range.length)
+            except RuntimeError:  # loop closed meanwhile: nothing left to wake
+                pass
+
+    def abort(self) -> None:
+        """Stop the load (thread-safe): cancel every request and wake the consumer."""
+        self._aborted = True
+        self._fail(LoadCancelledError("the load was cancelled"))
+        loop, main = self._loop, self._main
+        if loop is not None and main is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(main.cancel)
+            except RuntimeError:
+                pass
