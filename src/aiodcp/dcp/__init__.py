@@ -1,0 +1,5 @@
+"""The ``torch.distributed.checkpoint`` adapter: ``S3StorageReader``."""
+
+from ._storage_reader import S3StorageReader
+
+__all__ = ["S3StorageReader"]

@@ -1,0 +1,393 @@
+"""``S3StorageReader``: a ``torch.distributed.checkpoint.StorageReader`` over the fetch engine.
+
+Call tree under ``dcp.load(state_dict, storage_reader=S3StorageReader("s3://b/ckpt"))``::
+
+    reset(checkpoint_id)                 new load id, fresh state; re-targets when given an id
+    read_metadata(rank=None)             GET .metadata (or __{rank}.metadata), restricted unpickle
+    set_up_storage_reader(md, ...)       keeps md.storage_data (MetadataIndex -> _StorageInfo)
+    prepare_local_plan(plan)             items sorted per file by offset
+    prepare_global_plan(plans)           unchanged
+    read_data(final_plan, planner)
+        -> per file: ItemRange per ReadItem -> planner.plan_file (dedupe, coalesce, parts)
+        -> FetchEngine.run() submitted to the driver's loop (concurrent GETs, byte budget)
+        -> this thread decodes in plan order while later items download:
+           SequentialReader(file) -> ChunkBuffer(item) -> transforms (zstd) -> torch.load
+           -> narrow -> copy_ into the destination -> commit; BYTE_IO -> planner.load_bytes
+        -> returns a completed torch.futures.Future
+
+The reader is reusable across loads (state is reset per load) and owns a private I/O loop
+thread with its connections, released by ``close()`` or the context manager. Under
+``aiodcp.load_checkpoint`` it is given the caller's loop instead (a ``BorrowedLoopDriver``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import io
+import os
+import threading
+import uuid
+import weakref
+from collections.abc import Sequence
+from types import TracebackType
+from typing import IO, TYPE_CHECKING, Any, cast
+
+import torch
+from torch.distributed.checkpoint._extension import ExtensionRegistry, StreamTransformExtension
+from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, StorageMeta
+from torch.distributed.checkpoint.planner import (
+    LoadItemType,
+    LoadPlan,
+    LoadPlanner,
+    ReadItem,
+)
+from torch.distributed.checkpoint.storage import StorageReader
+from torch.futures import Future
+
+from .._config import ReaderConfig
+from .._driver import Driver, PrivateLoopDriver
+from .._engine import FetchEngine, FileFetch
+from .._errors import CheckpointFormatError, MissingDependencyError
+from .._path import CheckpointPath, is_checkpoint_path, parse_checkpoint_path
+from .._planner import ItemRange, plan_file
+from .._reader import ChunkBuffer, SequentialReader
+from .._stats import LoadStats, StatsRecorder
+from .._store import S3Store
+from ._metadata import load_metadata
+
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+__all__ = ["S3StorageReader"]
+
+_METADATA_NAME = ".metadata"
+
+
+class S3StorageReader(StorageReader):
+    """Load a DCP checkpoint from ``s3://bucket/prefix`` with ``torch.distributed.checkpoint``.
+
+    ``dcp.load(state_dict, storage_reader=S3StorageReader("s3://bucket/ckpt", region=...))``
+
+    Only ``path`` is positional. ``region`` and ``endpoint_url`` default to botocore's own
+    resolution (``AWS_REGION``, ``AWS_ENDPOINT_URL``...). Every other option is a field of
+    :class:`aiodcp.ReaderConfig`; pass a ``config`` or the common knobs as keywords (a keyword
+    overrides the same field of ``config``).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        region: str | None = None,
+        endpoint_url: str | None = None,
+        config: ReaderConfig | None = None,
+        max_gap_size: int | float | None = None,
+        part_size: int | None = None,
+        max_concurrency: int | None = None,
+        memory_budget: int | None = None,
+        **options: Any,
+    ) -> None:
+        super().__init__()
+        self.config = ReaderConfig.from_kwargs(
+            config,
+            region=region,
+            endpoint_url=endpoint_url,
+            max_gap_size=max_gap_size,
+            part_size=part_size,
+            max_concurrency=max_concurrency,
+            memory_budget=memory_budget,
+            **options,
+        )
+        self._path: CheckpointPath = parse_checkpoint_path(path)
+        self._driver: Driver | None = None
+        self._driver_lock = threading.Lock()
+        self._owns_driver = True
+        self._metadata: Metadata | None = None
+        self._engine: FetchEngine | None = None
+        self._stats: LoadStats | None = None
+        self._recorder = StatsRecorder()
+        self.storage_data: dict[MetadataIndex, _StorageInfo] = {}
+        self.load_id = uuid.uuid4().hex
+        self.rank: int | None = None
+        self._extensions = ExtensionRegistry()
+
+    # ------------------------------------------------------------------ plumbing
+
+    @classmethod
+    def _with_driver(
+        cls,
+        path: CheckpointPath,
+        config: ReaderConfig,
+        driver: Driver,
+        metadata: Metadata,
+        recorder: StatsRecorder,
+    ) -> S3StorageReader:
+        """A reader running its I/O through ``driver`` (not owned), for ``load_checkpoint``."""
+        reader = cls(path.url, config=config)
+        reader._recorder = recorder
+        reader._driver = driver
+        reader._owns_driver = False
+        reader._metadata = metadata
+        return reader
+
+    @property
+    def _io(self) -> Driver:
+        with self._driver_lock:
+            if self._driver is None:
+                driver = PrivateLoopDriver(self.config)
+                # A reader dropped without close() still shuts its loop and connections down.
+                weakref.finalize(self, driver.close)
+                self._driver = driver
+            return self._driver
+
+    @property
+    def checkpoint_id(self) -> str:
+        """The checkpoint URL, ``s3://bucket/prefix``."""
+        return self._path.url
+
+    @property
+    def stats(self) -> LoadStats | None:
+        """Statistics of the last completed (or failed) load, ``None`` before the first."""
+        return self._stats
+
+    def close(self) -> None:
+        """Release the private I/O loop and its connections. The reader can be used again."""
+        with self._driver_lock:
+            driver, self._driver = self._driver, None
+        if driver is not None and self._owns_driver:
+            driver.close()
+
+    def __enter__(self) -> S3StorageReader:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def abort(self) -> None:
+        """Cancel the load in progress, from any thread. ``read_data`` then raises."""
+        engine = self._engine
+        if engine is not None:
+            engine.abort()
+        if self._driver is not None:
+            self._driver.cancel_all()
+
+    # ------------------------------------------------------------------ StorageReader
+
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        if checkpoint_id:
+            path = parse_checkpoint_path(checkpoint_id)
+            if path != self._path:
+                self._metadata = None
+            self._path = path
+        self.storage_data = {}
+        self.load_id = uuid.uuid4().hex
+        self._recorder = StatsRecorder()
+        self._stats = None
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        rank = kwargs.get("rank")
+        if rank is None and self._metadata is not None:
+            metadata = self._metadata  # prefetched by load_checkpoint, which counted it
+        else:
+            # The first call of every dcp.load (which calls reset() only when given a
+            # checkpoint_id): statistics start here.
+            self._recorder = StatsRecorder()
+            name = _METADATA_NAME if rank is None else f"__{int(rank)}{_METADATA_NAME}"
+            key = self._path.key(name)
+            bucket = self._path.bucket
+            recorder = self._recorder
+
+            async def fetch(store: S3Store) -> bytes:
+                recorder.add(requests=1)
+                data = await store.get_object(bucket, key)
+                recorder.add(bytes_received=len(data))
+                return data
+
+            data = self._io.run(fetch)
+            metadata = load_metadata(data, f"s3://{bucket}/{key}")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        cast(StorageMeta, metadata.storage_meta).load_id = self.load_id
+        return metadata
+
+    def set_up_storage_reader(
+        self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
+    ) -> None:
+        storage_data = getattr(metadata, "storage_data", None)
+        if not isinstance(storage_data, dict):
+            raise CheckpointFormatError(
+                f"{self._path.url}: the checkpoint metadata has no storage_data",
+                bucket=self._path.bucket,
+                key=self._path.key(_METADATA_NAME),
+            )
+        self.storage_data = storage_data
+        self.rank = kwargs.get("rank")
+
+    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        def order(item: ReadItem) -> tuple[str, int]:
+            info = self.storage_data[item.storage_index]
+            return (info.relative_path, info.offset)
+
+        return dataclasses.replace(plan, items=sorted(plan.items, key=order))
+
+    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
+        return plans
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        recorder = self._recorder
+        try:
+            self._read_data(plan, planner, recorder)
+        finally:
+            self._stats = recorder.finish()
+        future: Future[None] = Future()
+        future.set_result(None)
+        return future
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+        return is_checkpoint_path(checkpoint_id)
+
+    # ------------------------------------------------------------------ the load
+
+    def _group(self, plan: LoadPlan) -> tuple[list[FileFetch], list[list[list[ReadItem]]]]:
+        """Files in first-use order; per file, the ReadItems of each planned item range."""
+        per_file: dict[str, dict[ItemRange, list[ReadItem]]] = {}
+        for req in plan.items:
+            try:
+                info = self.storage_data[req.storage_index]
+            except KeyError:
+                raise CheckpointFormatError(
+                    f"{self._path.url}: the load plan asks for {req.storage_index}, which the "
+                    "checkpoint metadata does not list",
+                    bucket=self._path.bucket,
+                    key=self._path.key(_METADATA_NAME),
+                ) from None
+            item_range = ItemRange(info.offset, info.offset + info.length)
+            per_file.setdefault(info.relative_path, {}).setdefault(item_range, []).append(req)
+        files: list[FileFetch] = []
+        readers: list[list[list[ReadItem]]] = []
+        cfg = self.config
+        for relative_path, by_range in per_file.items():
+            file_plan = plan_file(
+                by_range.keys(), max_gap_size=cfg.max_gap_size, part_size=cfg.part_size
+            )
+            files.append(FileFetch(self._path.key(relative_path), file_plan))
+            readers.append([by_range[r] for r in file_plan.items])
+        return files, readers
+
+    def _read_data(self, plan: LoadPlan, planner: LoadPlanner, recorder: StatsRecorder) -> None:
+        files, readers = self._group(plan)
+        if not files:
+            return
+        driver = self._io
+        engine_box: list[FetchEngine] = []
+        ready = threading.Event()
+
+        async def start(store: S3Store) -> None:
+            # The engine is built on the loop; the decode loop below starts once it exists.
+            try:
+                engine = FetchEngine(store, self._path.bucket, files, self.config, recorder)
+                engine_box.append(engine)
+                self._engine = engine
+            finally:
+                ready.set()
+            await engine.run()
+
+        future = driver.submit(start)
+        future.add_done_callback(lambda _: ready.set())
+        ready.wait()
+        if not engine_box:  # failed before the engine existed (e.g. the store would not open)
+            future.result()
+            return
+        engine = engine_box[0]
+        finished = False
+        try:
+            for file_index, fetch in enumerate(files):
+                reader = SequentialReader(
+                    fetch.plan.items,
+                    functools.partial(engine.wait_item, file_index),
+                    functools.partial(engine.release_item, file_index),
+                    name=f"s3://{self._path.bucket}/{fetch.key}",
+                )
+                with reader:
+                    for item_index, item_range in enumerate(fetch.plan.items):
+                        reader.seek(item_range.start)
+                        buffer = reader.current_buffer()
+                        for req in readers[file_index][item_index]:
+                            self._decode(req, buffer, planner)
+            finished = True
+        finally:
+            if not finished:
+                engine.abort()
+            try:
+                future.result()
+            except BaseException:
+                if finished:
+                    raise
+            self._engine = None
+
+    def _decode(self, req: ReadItem, buffer: ChunkBuffer, planner: LoadPlanner) -> None:
+        info = self.storage_data[req.storage_index]
+        buffer.seek(0)
+        stream: IO[bytes] = cast(IO[bytes], buffer)
+        descriptors: Sequence[str] = getattr(info, "transform_descriptors", None) or ()
+        if descriptors:
+            stream = self._transform(descriptors, stream, info)
+        if req.type == LoadItemType.BYTE_IO:
+            planner.load_bytes(req, io.BytesIO(stream.read()))
+            return
+        if not stream.seekable():
+            stream = io.BytesIO(stream.read())
+        tensor = cast(torch.Tensor, torch.load(stream, map_location="cpu", weights_only=True))
+        tensor = _narrow(tensor, req.storage_offsets, req.lengths)
+        target = planner.resolve_tensor(req).detach()
+        if target.size() != tensor.size():
+            raise CheckpointFormatError(
+                f"{self._path.url}: stored item {req.storage_index} has shape "
+                f"{tuple(tensor.size())} after narrowing, the destination "
+                f"{req.dest_index.fqn!r} has {tuple(target.size())}",
+                bucket=self._path.bucket,
+                key=self._path.key(info.relative_path),
+            )
+        target.copy_(tensor)
+        planner.commit_tensor(req, target)
+
+    def _transform(
+        self, descriptors: Sequence[str], stream: IO[bytes], info: _StorageInfo
+    ) -> IO[bytes]:
+        try:
+            extensions = self._extensions.from_descriptor_list(descriptors)
+        except ValueError as exc:
+            where = f"s3://{self._path.bucket}/{self._path.key(info.relative_path)}"
+            if "zstd" in str(exc).lower() or "zstandard" in str(exc).lower():
+                raise MissingDependencyError(
+                    f"{where} is zstd-compressed ({list(descriptors)}) and no zstd module is "
+                    "installed: pip install 'aiodcp[zstd]'",
+                    bucket=self._path.bucket,
+                    key=self._path.key(info.relative_path),
+                ) from exc
+            raise CheckpointFormatError(
+                f"{where}: unsupported stream transform {list(descriptors)} ({exc})",
+                bucket=self._path.bucket,
+                key=self._path.key(info.relative_path),
+            ) from exc
+        for extension in extensions:
+            if isinstance(extension, StreamTransformExtension):
+                stream = extension.transform_from(stream)
+        return stream
+
+
+def _narrow(
+    tensor: torch.Tensor, offsets: torch.Size | Sequence[int], lengths: torch.Size | Sequence[int]
+) -> torch.Tensor:
+    """``tensor`` narrowed to ``lengths`` at ``offsets`` (torch's ``narrow_tensor_by_index``)."""
+    for dim, (offset, length) in enumerate(zip(offsets, lengths, strict=True)):
+        if offset != 0 or length != tensor.size(dim):
+            tensor = torch.narrow(tensor, dim, offset, length)
+    return tensor

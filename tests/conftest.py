@@ -1,0 +1,130 @@
+"""Shared fixtures: a real S3 server (moto, own process, 127.0.0.1) and checkpoint helpers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+HERE = Path(__file__).parent
+
+# Fake credentials, and never walk to the instance-metadata address for real ones.
+os.environ.update(
+    AWS_ACCESS_KEY_ID="testing",
+    AWS_SECRET_ACCESS_KEY="testing",
+    AWS_SESSION_TOKEN="testing",
+    AWS_DEFAULT_REGION="us-east-1",
+    AWS_EC2_METADATA_DISABLED="true",
+)
+for _var in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+    os.environ.pop(_var, None)
+
+
+@dataclass
+class S3Server:
+    endpoint_url: str
+    log_path: Path
+
+    def requests(self) -> list[dict[str, Any]]:
+        if not self.log_path.exists():
+            return []
+        with self.log_path.open() as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def clear_log(self) -> None:
+        self.log_path.write_text("")
+
+    def client(self) -> Any:
+        return boto3.client("s3", endpoint_url=self.endpoint_url, region_name="us-east-1")
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    log = tmp_path_factory.mktemp("s3log") / "requests.jsonl"
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "s3server.py"), "--log", str(log)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line.startswith("PORT "):
+            raise RuntimeError(f"moto server did not start: {line!r}")
+        yield S3Server(f"http://127.0.0.1:{int(line.split()[1])}", log)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+@pytest.fixture
+def s3(s3_server: S3Server) -> Any:
+    return s3_server.client()
+
+
+@pytest.fixture
+def bucket(s3: Any) -> str:
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    s3.create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def reader_kwargs(s3_server: S3Server) -> dict[str, Any]:
+    """Keyword arguments pointing aiodcp at the test server."""
+    return {
+        "endpoint_url": s3_server.endpoint_url,
+        "region": "us-east-1",
+        "addressing_style": "path",
+    }
+
+
+def upload_dir(s3: Any, local: Path, bucket: str, prefix: str) -> None:
+    for path in sorted(local.iterdir()):
+        key = f"{prefix}/{path.name}" if prefix else path.name
+        s3.upload_file(str(path), bucket, key)
+
+
+def save_checkpoint(state_dict: dict[str, Any], local: Path, **writer_kwargs: Any) -> Path:
+    dcp.save(state_dict, storage_writer=dcp.FileSystemWriter(str(local), **writer_kwargs))
+    return local
+
+
+def load_local(template: dict[str, Any], local: Path) -> dict[str, Any]:
+    """What torch's own FileSystemReader loads from the checkpoint on disk (the reference)."""
+    dcp.load(template, storage_reader=dcp.FileSystemReader(str(local)))
+    return template
+
+
+def assert_same(actual: Any, expected: Any, path: str = "") -> None:
+    """Every tensor equal (dtype, shape, bits) and every value equal, recursively."""
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(actual, torch.Tensor), path
+        assert actual.dtype == expected.dtype, path
+        assert actual.shape == expected.shape, path
+        assert torch.equal(actual, expected), path
+    elif isinstance(expected, dict):
+        assert isinstance(actual, dict), path
+        assert set(actual) == set(expected), path
+        for k in expected:
+            assert_same(actual[k], expected[k], f"{path}.{k}")
+    elif isinstance(expected, (list, tuple)):
+        assert len(actual) == len(expected), path
+        for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
+            assert_same(a, e, f"{path}[{i}]")
+    else:
+        assert actual == expected, path

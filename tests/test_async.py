@@ -1,0 +1,141 @@
+"""load_checkpoint on the caller's loop: responsiveness, cancellation, cleanup."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import aiodcp
+
+from conftest import S3Server, assert_same, save_checkpoint, upload_dir
+
+
+def established_to(port: int) -> int:
+    """Client-side TCP connections to ``port`` on loopback in ESTABLISHED state."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            fields = line.split()
+            remote_port = int(fields[2].rsplit(":", 1)[1], 16)
+            if remote_port == port and fields[3] == "01":
+                count += 1
+    return count
+
+
+def aiodcp_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("aiodcp")]
+
+
+@pytest.fixture(scope="module")
+def big_checkpoint(
+    tmp_path_factory: pytest.TempPathFactory, s3_server: S3Server
+) -> tuple[str, dict[str, Any]]:
+    """~48 MiB in 4 files, 96 tensors of 0.5 MiB."""
+    g = torch.Generator().manual_seed(3)
+    sd = {f"layer{i:03d}": torch.randn(128, 1024, generator=g) for i in range(96)}
+    local = tmp_path_factory.mktemp("big") / "ck"
+    save_checkpoint(copy.deepcopy(sd), local, thread_count=4)
+    s3 = s3_server.client()
+    s3.create_bucket(Bucket="big-bucket")
+    upload_dir(s3, local, "big-bucket", "ck")
+    return "s3://big-bucket/ck", sd
+
+
+async def test_event_loop_stays_responsive(
+    big_checkpoint: tuple[str, dict[str, Any]], reader_kwargs: dict[str, Any]
+) -> None:
+    url, sd = big_checkpoint
+    lags: list[float] = []
+    stop = asyncio.Event()
+
+    async def heartbeat() -> None:
+        while not stop.is_set():
+            before = time.perf_counter()
+            await asyncio.sleep(0.001)
+            lags.append(time.perf_counter() - before - 0.001)
+
+    beat = asyncio.create_task(heartbeat())
+    state = {k: torch.zeros_like(v) for k, v in sd.items()}
+    stats = await aiodcp.load_checkpoint(state, url, **reader_kwargs)
+    stop.set()
+    await beat
+    assert_same(state, sd)
+    assert stats.files == 4 and stats.items == 96
+    assert len(lags) > 10, "the heartbeat barely ran: the loop was blocked"
+    assert max(lags) < 0.100, f"event loop lagged {max(lags) * 1000:.0f} ms"
+
+
+async def test_cancel_stops_everything_promptly(
+    big_checkpoint: tuple[str, dict[str, Any]],
+    reader_kwargs: dict[str, Any],
+    s3_server: S3Server,
+) -> None:
+    url, sd = big_checkpoint
+    port = int(s3_server.endpoint_url.rsplit(":", 1)[1])
+    state = {k: torch.zeros_like(v) for k, v in sd.items()}
+    # Many small parts, one at a time: the load takes long enough to be cancelled mid-stream.
+    task = asyncio.create_task(
+        aiodcp.load_checkpoint(state, url, part_size=64 * 1024, max_concurrency=2, **reader_kwargs)
+    )
+    s3_server.clear_log()
+    deadline = time.monotonic() + 20
+    while len(s3_server.requests()) < 5 and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.02)
+    assert not task.done(), "the load finished before it could be cancelled"
+    started = time.perf_counter()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    elapsed = time.perf_counter() - started
+    assert elapsed < 2.0, f"cancellation took {elapsed:.2f} s"
+    seen = len(s3_server.requests())
+    await asyncio.sleep(0.5)
+    assert len(s3_server.requests()) <= seen + 2, "requests kept being sent after cancel"
+    assert aiodcp_threads() == []
+    others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    assert others == []
+    assert established_to(port) == 0
+
+
+async def test_no_connections_or_threads_left_after_a_load(
+    big_checkpoint: tuple[str, dict[str, Any]],
+    reader_kwargs: dict[str, Any],
+    s3_server: S3Server,
+) -> None:
+    url, sd = big_checkpoint
+    port = int(s3_server.endpoint_url.rsplit(":", 1)[1])
+    state = {k: torch.zeros_like(v) for k, v in list(sd.items())[:10]}
+    await aiodcp.load_checkpoint(state, url, **reader_kwargs)
+    assert_same(state, {k: sd[k] for k in state})
+    assert aiodcp_threads() == []
+    assert established_to(port) == 0
+
+
+def test_sync_reader_close_releases_thread_and_connections(
+    big_checkpoint: tuple[str, dict[str, Any]],
+    reader_kwargs: dict[str, Any],
+    s3_server: S3Server,
+) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    url, sd = big_checkpoint
+    port = int(s3_server.endpoint_url.rsplit(":", 1)[1])
+    state = {k: torch.zeros_like(v) for k, v in list(sd.items())[:10]}
+    reader = aiodcp.S3StorageReader(url, **reader_kwargs)
+    dcp.load(state, storage_reader=reader)
+    assert "aiodcp-io" in aiodcp_threads()
+    reader.close()
+    assert aiodcp_threads() == []
+    assert established_to(port) == 0
+    assert_same(state, {k: sd[k] for k in state})
