@@ -231,3 +231,43 @@ def test_selective_fetch_requests_only_needed_bytes(
     assert fetched == needed_bytes
     assert stats is not None
     assert stats.bytes_requested == stats.bytes_used == len(needed_bytes)
+
+
+def test_rank_local_metadata(
+    tmp_path: Path, s3: Any, bucket: str, reader_kwargs: dict[str, Any]
+) -> None:
+    """read_metadata(rank=r) reads __{r}.metadata and never falls back to .metadata."""
+    sd = {"w": torch.randn(6, 6)}
+    local = save_checkpoint(copy.deepcopy(sd), tmp_path / "rl")
+    s3.upload_file(str(local / ".metadata"), bucket, "rl/__3.metadata")
+    s3.upload_file(str(local / "__0_0.distcp"), bucket, "rl/__0_0.distcp")
+    with aiodcp.S3StorageReader(f"s3://{bucket}/rl", **reader_kwargs) as reader:
+        metadata = reader.read_metadata(rank=3)
+        assert set(metadata.storage_data) == set(
+            dcp.FileSystemReader(str(local)).read_metadata().storage_data
+        )
+        with pytest.raises(aiodcp.NotFoundError, match=r"rl/\.metadata"):
+            reader.read_metadata()
+        with pytest.raises(aiodcp.NotFoundError, match=r"rl/__1\.metadata"):
+            reader.read_metadata(rank=1)
+
+
+def test_zstd_checkpoint_without_zstd_module_is_a_clear_error(
+    tmp_path: Path,
+    s3: Any,
+    bucket: str,
+    reader_kwargs: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sd = {"w": torch.randn(6, 6)}
+    local = save_checkpoint(copy.deepcopy(sd), tmp_path / "z", _extensions=[ZStandard()])
+    upload_dir(s3, local, bucket, "z")
+    import torch.distributed.checkpoint._extension as extension
+
+    monkeypatch.setattr(extension, "zstandard", None)
+    monkeypatch.setattr(extension, "pyzstd", None)
+    with pytest.raises(aiodcp.MissingDependencyError, match=r"aiodcp\[zstd\]") as info:
+        asyncio.run(
+            aiodcp.load_checkpoint({"w": torch.zeros(6, 6)}, f"s3://{bucket}/z", **reader_kwargs)
+        )
+    assert isinstance(info.value, ImportError)

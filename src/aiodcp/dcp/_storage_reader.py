@@ -255,9 +255,13 @@ class S3StorageReader(StorageReader):
 
     # ------------------------------------------------------------------ the load
 
-    def _group(self, plan: LoadPlan) -> tuple[list[FileFetch], list[list[list[ReadItem]]]]:
-        """Files in first-use order; per file, the ReadItems of each planned item range."""
+    def _group(
+        self, plan: LoadPlan
+    ) -> tuple[list[FileFetch], list[list[list[ReadItem]]], list[ReadItem]]:
+        """Files in first-use order; per file, the ReadItems of each planned item range; and
+        the ReadItems of zero-length stored items, which need no request."""
         per_file: dict[str, dict[ItemRange, list[ReadItem]]] = {}
+        empty: list[ReadItem] = []
         for req in plan.items:
             try:
                 info = self.storage_data[req.storage_index]
@@ -268,6 +272,9 @@ class S3StorageReader(StorageReader):
                     bucket=self._path.bucket,
                     key=self._path.key(_METADATA_NAME),
                 ) from None
+            if info.length == 0:  # nothing to fetch (DCP never writes one, but be exact)
+                empty.append(req)
+                continue
             item_range = ItemRange(info.offset, info.offset + info.length)
             per_file.setdefault(info.relative_path, {}).setdefault(item_range, []).append(req)
         files: list[FileFetch] = []
@@ -279,10 +286,12 @@ class S3StorageReader(StorageReader):
             )
             files.append(FileFetch(self._path.key(relative_path), file_plan))
             readers.append([by_range[r] for r in file_plan.items])
-        return files, readers
+        return files, readers, empty
 
     def _read_data(self, plan: LoadPlan, planner: LoadPlanner, recorder: StatsRecorder) -> None:
-        files, readers = self._group(plan)
+        files, readers, empty = self._group(plan)
+        for req in empty:
+            self._decode(req, ChunkBuffer([]), planner)
         if not files:
             return
         driver = self._io
