@@ -31,6 +31,7 @@ from ._errors import (
 )
 from ._objectreader import S3ObjectReader
 from ._planner import ItemRange, RangeGroup
+from ._prefetch import PrefetchHandle, prefetch
 from ._reader import ChunkBuffer, SequentialReader
 from ._stats import LoadStats
 from .dcp import S3StorageReader
@@ -53,6 +54,7 @@ __all__ = [
     "NoSuchBucketError",
     "NotFoundError",
     "ObjectChangedError",
+    "PrefetchHandle",
     "RangeGroup",
     "ReaderConfig",
     "ReaderTypeError",
@@ -65,4 +67,5 @@ __all__ = [
     "TruncatedObjectError",
     "__version__",
     "load_checkpoint",
+    "prefetch",
 ]

@@ -51,6 +51,7 @@ async def load_checkpoint(
     part_size: int | None = None,
     max_concurrency: int | None = None,
     memory_budget: int | None = None,
+    progress: bool = False,
     **options: Any,
 ) -> LoadStats:
     """Load the DCP checkpoint at ``s3://bucket/prefix`` into ``state_dict``, in place.
@@ -61,7 +62,7 @@ async def load_checkpoint(
 
     Raises aiodcp's errors directly (``NotFoundError``, ``AccessDeniedError``...), not torch's
     ``CheckpointException``; other errors from ``dcp.load`` (a key missing from the checkpoint)
-    are re-raised as they were raised on this rank.
+    are re-raised as they were raised on this rank. ``progress=True`` shows a tqdm bar.
     """
     cfg = ReaderConfig.from_kwargs(
         config,
@@ -86,6 +87,7 @@ async def load_checkpoint(
         reader = S3StorageReader._with_driver(
             path, cfg, BorrowedLoopDriver(loop, store), metadata, recorder
         )
+        reader.progress = progress
 
         def load() -> None:
             try:

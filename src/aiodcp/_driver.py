@@ -147,10 +147,17 @@ class PrivateLoopDriver(Driver):
         if loop is None or thread is None:
             return
         self.cancel_all()
-        if store is not None and not loop.is_closed():
+        if not loop.is_closed():
 
             async def shutdown() -> None:
-                await store.close()
+                # Let every task on the loop finish its cancellation, then close connections.
+                current = asyncio.current_task()
+                tasks = [t for t in asyncio.all_tasks() if t is not current]
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                if store is not None:
+                    await store.close()
 
             try:
                 asyncio.run_coroutine_threadsafe(shutdown(), loop).result(timeout=10)

@@ -92,8 +92,14 @@ class StatsRecorder:
             self._first_byte = time.perf_counter()
 
     def finish(self) -> LoadStats:
+        """The final statistics; the wall time stops at the first call."""
         if self._stop is None:
             self._stop = time.perf_counter()
+        return self.snapshot()
+
+    def snapshot(self) -> LoadStats:
+        """The statistics so far (wall time up to now while the load runs)."""
+        stop = self._stop if self._stop is not None else time.perf_counter()
         with self._lock:
             ttfb = 0.0 if self._first_byte is None else self._first_byte - self._start
             return LoadStats(
@@ -106,5 +112,5 @@ class StatsRecorder:
                 items=self.items,
                 files=self.files,
                 time_to_first_byte_s=ttfb,
-                wall_time_s=self._stop - self._start,
+                wall_time_s=stop - self._start,
             )

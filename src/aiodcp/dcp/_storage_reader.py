@@ -22,6 +22,7 @@ thread with its connections, released by ``close()`` or the context manager. Und
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
 import io
@@ -29,9 +30,9 @@ import os
 import threading
 import uuid
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import IO, TYPE_CHECKING, Any, cast
+from typing import IO, TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 from torch.distributed.checkpoint._extension import ExtensionRegistry, StreamTransformExtension
@@ -51,6 +52,7 @@ from .._engine import FetchEngine, FileFetch
 from .._errors import CheckpointFormatError, MissingDependencyError
 from .._path import CheckpointPath, is_checkpoint_path, parse_checkpoint_path
 from .._planner import ItemRange, plan_file
+from .._progress import track_progress
 from .._reader import ChunkBuffer, SequentialReader
 from .._stats import LoadStats, StatsRecorder
 from .._store import S3Store
@@ -86,9 +88,12 @@ class S3StorageReader(StorageReader):
         part_size: int | None = None,
         max_concurrency: int | None = None,
         memory_budget: int | None = None,
+        progress: bool = False,
         **options: Any,
     ) -> None:
         super().__init__()
+        self.progress = bool(progress)
+        self._source: PrefetchSource | None = None
         self.config = ReaderConfig.from_kwargs(
             config,
             region=region,
@@ -120,7 +125,7 @@ class S3StorageReader(StorageReader):
         path: CheckpointPath,
         config: ReaderConfig,
         driver: Driver,
-        metadata: Metadata,
+        metadata: Metadata | None,
         recorder: StatsRecorder,
     ) -> S3StorageReader:
         """A reader running its I/O through ``driver`` (not owned), for ``load_checkpoint``."""
@@ -255,13 +260,13 @@ class S3StorageReader(StorageReader):
 
     # ------------------------------------------------------------------ the load
 
-    def _group(
-        self, plan: LoadPlan
-    ) -> tuple[list[FileFetch], list[list[list[ReadItem]]], list[ReadItem]]:
-        """Files in first-use order; per file, the ReadItems of each planned item range; and
-        the ReadItems of zero-length stored items, which need no request."""
+    def _group(self, plan: LoadPlan) -> _Grouped:
+        """Split the plan: items served by a prefetch, zero-length items, and per file the
+        ReadItems of each planned item range (files in first-use order)."""
+        grouped = _Grouped()
         per_file: dict[str, dict[ItemRange, list[ReadItem]]] = {}
-        empty: list[ReadItem] = []
+        from_source: dict[tuple[str, ItemRange], list[ReadItem]] = {}
+        source = self._source
         for req in plan.items:
             try:
                 info = self.storage_data[req.storage_index]
@@ -273,30 +278,44 @@ class S3StorageReader(StorageReader):
                     key=self._path.key(_METADATA_NAME),
                 ) from None
             if info.length == 0:  # nothing to fetch (DCP never writes one, but be exact)
-                empty.append(req)
+                grouped.empty.append(req)
                 continue
             item_range = ItemRange(info.offset, info.offset + info.length)
+            where = (info.relative_path, item_range)
+            if where in from_source:
+                from_source[where].append(req)
+                continue
+            if source is not None:
+                waiter = source.lookup(info.relative_path, item_range)
+                if waiter is not None:
+                    from_source[where] = [req]
+                    grouped.prefetched.append((waiter, from_source[where]))
+                    continue
             per_file.setdefault(info.relative_path, {}).setdefault(item_range, []).append(req)
-        files: list[FileFetch] = []
-        readers: list[list[list[ReadItem]]] = []
         cfg = self.config
         for relative_path, by_range in per_file.items():
             file_plan = plan_file(
                 by_range.keys(), max_gap_size=cfg.max_gap_size, part_size=cfg.part_size
             )
-            files.append(FileFetch(self._path.key(relative_path), file_plan))
-            readers.append([by_range[r] for r in file_plan.items])
-        return files, readers, empty
+            grouped.files.append(FileFetch(self._path.key(relative_path), file_plan))
+            grouped.readers.append([by_range[r] for r in file_plan.items])
+        return grouped
 
     def _read_data(self, plan: LoadPlan, planner: LoadPlanner, recorder: StatsRecorder) -> None:
-        files, readers, empty = self._group(plan)
-        for req in empty:
+        grouped = self._group(plan)
+        for req in grouped.empty:
             self._decode(req, ChunkBuffer([]), planner)
+        files, readers = grouped.files, grouped.readers
         if not files:
+            for waiter, reqs in grouped.prefetched:
+                buffer = waiter()
+                for req in reqs:
+                    self._decode(req, buffer, planner)
             return
         driver = self._io
         engine_box: list[FetchEngine] = []
         ready = threading.Event()
+        progress_total = sum(f.plan.requested_bytes for f in files) if self.progress else 0
 
         async def start(store: S3Store) -> None:
             # The engine is built on the loop; the decode loop below starts once it exists.
@@ -306,7 +325,17 @@ class S3StorageReader(StorageReader):
                 self._engine = engine
             finally:
                 ready.set()
-            await engine.run()
+            bar = None
+            if progress_total:
+                bar = asyncio.create_task(
+                    track_progress(recorder, progress_total, f"aiodcp {self._path.url}")
+                )
+            try:
+                await engine.run()
+            finally:
+                if bar is not None:
+                    bar.cancel()
+                    await asyncio.gather(bar, return_exceptions=True)
 
         future = driver.submit(start)
         future.add_done_callback(lambda _: ready.set())
@@ -317,6 +346,12 @@ class S3StorageReader(StorageReader):
         engine = engine_box[0]
         finished = False
         try:
+            # What a prefetch holds first (already downloaded, or downloading on its own
+            # budget) while the engine fetches the rest.
+            for waiter, reqs in grouped.prefetched:
+                buffer = waiter()
+                for req in reqs:
+                    self._decode(req, buffer, planner)
             for file_index, fetch in enumerate(files):
                 reader = SequentialReader(
                     fetch.plan.items,
@@ -400,3 +435,22 @@ def _narrow(
         if offset != 0 or length != tensor.size(dim):
             tensor = torch.narrow(tensor, dim, offset, length)
     return tensor
+
+
+class PrefetchSource(Protocol):
+    """Stored items another download already holds (a prefetch): ``lookup`` returns a call
+    that blocks until the item's buffer is there, or ``None`` if the source does not have it."""
+
+    def lookup(
+        self, relative_path: str, item_range: ItemRange
+    ) -> Callable[[], ChunkBuffer] | None: ...
+
+
+@dataclasses.dataclass
+class _Grouped:
+    files: list[FileFetch] = dataclasses.field(default_factory=list)
+    readers: list[list[list[ReadItem]]] = dataclasses.field(default_factory=list)
+    empty: list[ReadItem] = dataclasses.field(default_factory=list)
+    prefetched: list[tuple[Callable[[], ChunkBuffer], list[ReadItem]]] = dataclasses.field(
+        default_factory=list
+    )

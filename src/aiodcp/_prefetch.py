@@ -1,0 +1,342 @@
+"""``prefetch``: start pulling a checkpoint now, load it into a model later.
+
+Data flow::
+
+    handle = prefetch("s3://bucket/ckpt", keys=[...])     returns at once
+        private I/O loop thread: GET .metadata -> select the stored items of ``keys``
+        -> FetchEngine over them with a budget equal to their size (nothing waits for a
+           consumer: the handle holds every requested byte until it is loaded or cancelled)
+        -> tqdm progress bar (``progress=False`` to hide it)
+    handle.load(state_dict) / await handle.aload(state_dict)
+        -> dcp.load with an S3StorageReader whose prefetch source is this handle: items the
+           prefetch holds (or is still downloading) are waited for, never fetched twice;
+           anything else is fetched by the load itself. The .metadata read is not repeated.
+
+The handle works from plain code and from a notebook cell whose loop is running, because its
+I/O runs on its own loop thread. ``cancel()`` stops the downloads and frees the buffers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import os
+import threading
+import weakref
+from collections.abc import Callable, Generator, Iterable
+from types import TracebackType
+from typing import Any
+
+import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import Metadata
+from torch.distributed.checkpoint.planner import LoadPlanner
+from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+
+from ._api import _run_in_thread, _unwrap
+from ._config import ReaderConfig
+from ._driver import PrivateLoopDriver
+from ._engine import FetchEngine, FileFetch
+from ._errors import ConfigError
+from ._path import CheckpointPath, parse_checkpoint_path
+from ._planner import ItemRange, plan_file
+from ._progress import track_progress
+from ._reader import ChunkBuffer
+from ._stats import LoadStats, StatsRecorder
+from ._store import S3Store
+from .dcp._metadata import load_metadata
+from .dcp._storage_reader import S3StorageReader
+
+__all__ = ["PrefetchHandle", "prefetch"]
+
+
+def prefetch(
+    checkpoint_id: str | os.PathLike[str],
+    keys: Iterable[str] | None = None,
+    *,
+    region: str | None = None,
+    endpoint_url: str | None = None,
+    config: ReaderConfig | None = None,
+    progress: bool = True,
+    max_gap_size: int | float | None = None,
+    part_size: int | None = None,
+    max_concurrency: int | None = None,
+    **options: Any,
+) -> PrefetchHandle:
+    """Start downloading the checkpoint (or only ``keys``) in the background; returns at once.
+
+    ``keys`` selects state-dict keys: a key takes every stored item whose fully qualified name
+    is the key or starts with ``key + "."`` (so ``"model"`` takes ``"model.layer.weight"``).
+
+    Memory: the handle holds the bytes of the requested keys, no more, until ``load``/``aload``
+    consumed them or ``cancel()``/``close()`` is called. ``memory_budget`` does not apply.
+    """
+    cfg = ReaderConfig.from_kwargs(
+        config,
+        region=region,
+        endpoint_url=endpoint_url,
+        max_gap_size=max_gap_size,
+        part_size=part_size,
+        max_concurrency=max_concurrency,
+        **options,
+    )
+    path = parse_checkpoint_path(checkpoint_id)
+    if keys is not None:
+        if isinstance(keys, (str, bytes)):
+            raise ConfigError(
+                f"keys must be a list of state-dict keys, not a single string {keys!r}: "
+                f"use keys=[{keys!r}]",
+                field="keys",
+                value=keys,
+            )
+        keys = list(keys)
+        bad = [k for k in keys if not isinstance(k, str) or not k]
+        if bad:
+            raise ConfigError(f"keys must be non-empty strings, got {bad!r}", field="keys")
+    return PrefetchHandle(path, cfg, keys, progress=progress)
+
+
+class PrefetchHandle:
+    """A background download of a checkpoint; see :func:`aiodcp.prefetch`."""
+
+    def __init__(
+        self,
+        path: CheckpointPath,
+        config: ReaderConfig,
+        keys: list[str] | None,
+        *,
+        progress: bool,
+    ) -> None:
+        self._path = path
+        self._config = config
+        self._keys = keys
+        self._progress = progress
+        self._recorder = StatsRecorder()
+        self._driver = PrivateLoopDriver(config)
+        self._finalizer = weakref.finalize(self, self._driver.close)
+        self._lock = threading.Lock()
+        # Resolved once the metadata is read and the engine exists (or that failed).
+        self._ready: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._metadata: Metadata | None = None
+        self._engine: FetchEngine | None = None
+        self._index: dict[tuple[str, ItemRange], tuple[int, int]] = {}
+        self._cancelled = False
+        self._total = 0
+        self._future = self._driver.submit(self._run)
+        self._future.add_done_callback(lambda _: self._set_ready())
+
+    # ------------------------------------------------------------------ background
+
+    async def _run(self, store: S3Store) -> LoadStats:
+        path, recorder = self._path, self._recorder
+        try:
+            key = path.key(".metadata")
+            recorder.add(requests=1)
+            data = await store.get_object(path.bucket, key)
+            recorder.add(bytes_received=len(data))
+            metadata = load_metadata(data, f"s3://{path.bucket}/{key}")
+            files, index = self._select(metadata)
+            total = sum(f.plan.item_bytes for f in files)
+            config = self._config.replace(memory_budget=max(total, 1))
+            engine = FetchEngine(store, path.bucket, files, config, recorder)
+            with self._lock:
+                self._metadata, self._engine, self._index = metadata, engine, index
+                self._total = sum(f.plan.requested_bytes for f in files)
+        finally:
+            self._set_ready()
+        bar = None
+        if self._progress and self._total:
+            bar = asyncio.create_task(track_progress(recorder, self._total, f"prefetch {path.url}"))
+        try:
+            await engine.run()
+        finally:
+            if bar is not None:
+                bar.cancel()
+                await asyncio.gather(bar, return_exceptions=True)
+        return recorder.finish()
+
+    def _select(
+        self, metadata: Metadata
+    ) -> tuple[list[FileFetch], dict[tuple[str, ItemRange], tuple[int, int]]]:
+        keys = self._keys
+        wanted: dict[str, set[ItemRange]] = {}
+        matched: set[str] = set()
+        for index, info in metadata.storage_data.items():
+            fqn = index.fqn
+            if keys is not None:
+                hit = next((k for k in keys if fqn == k or fqn.startswith(k + ".")), None)
+                if hit is None:
+                    continue
+                matched.add(hit)
+            if info.length:
+                wanted.setdefault(info.relative_path, set()).add(
+                    ItemRange(info.offset, info.offset + info.length)
+                )
+        if keys is not None:
+            missing = [k for k in keys if k not in matched]
+            if missing:
+                raise ConfigError(
+                    f"{self._path.url} has no key(s) {missing}; "
+                    "`python -m aiodcp inspect` lists the keys it has",
+                    field="keys",
+                    value=missing,
+                )
+        files: list[FileFetch] = []
+        positions: dict[tuple[str, ItemRange], tuple[int, int]] = {}
+        for relative_path in sorted(wanted):
+            plan = plan_file(
+                wanted[relative_path],
+                max_gap_size=self._config.max_gap_size,
+                part_size=self._config.part_size,
+            )
+            for item_index, item_range in enumerate(plan.items):
+                positions[(relative_path, item_range)] = (len(files), item_index)
+            files.append(FileFetch(self._path.key(relative_path), plan))
+        return files, positions
+
+    def _set_ready(self) -> None:
+        with self._lock:
+            if not self._ready.done():
+                self._ready.set_result(None)
+
+    # ------------------------------------------------------------------ source for loads
+
+    def lookup(self, relative_path: str, item_range: ItemRange) -> Callable[[], ChunkBuffer] | None:
+        """A waiter for an item this prefetch holds or is downloading; None otherwise."""
+        with self._lock:
+            engine = self._engine
+            position = self._index.get((relative_path, item_range))
+        if engine is None or position is None or self._cancelled:
+            return None
+        if self._future.done() and self._future.exception() is not None:
+            return None  # the prefetch failed: the load fetches for itself
+        return functools.partial(engine.wait_item, *position)
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def checkpoint_id(self) -> str:
+        return self._path.url
+
+    @property
+    def stats(self) -> LoadStats:
+        """Statistics of the prefetch so far (final once it is done)."""
+        return self._recorder.snapshot()
+
+    @property
+    def bytes_total(self) -> int:
+        """Bytes the prefetch requests (0 until the metadata is read)."""
+        return self._total
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def wait(self, timeout: float | None = None) -> LoadStats:
+        """Block until every requested byte is downloaded; re-raise a failure."""
+        return self._future.result(timeout)
+
+    def __await__(self) -> Generator[Any, None, LoadStats]:
+        return asyncio.wrap_future(self._future).__await__()
+
+    def _reader(self) -> S3StorageReader:
+        metadata: Metadata | None = None
+        if not self._cancelled:
+            try:
+                self._ready.result()
+            except concurrent.futures.CancelledError:
+                pass
+            with self._lock:
+                metadata = self._metadata
+            if metadata is None and not self._cancelled:
+                self._future.result()  # the metadata read failed: raise its error
+        reader = S3StorageReader._with_driver(
+            self._path, self._config, self._driver, metadata, StatsRecorder()
+        )
+        if not self._cancelled:
+            reader._source = self
+        return reader
+
+    def load(
+        self,
+        state_dict: dict[str, Any],
+        *,
+        planner: LoadPlanner | None = None,
+        process_group: dist.ProcessGroup | None = None,
+        no_dist: bool = False,
+        keep: bool = False,
+    ) -> LoadStats:
+        """``dcp.load`` into ``state_dict`` from what was prefetched, fetching only what is
+        missing. Afterwards the prefetched bytes are freed unless ``keep=True``."""
+        reader = self._reader()
+        return self._load(reader, state_dict, planner, process_group, no_dist, keep)
+
+    async def aload(
+        self,
+        state_dict: dict[str, Any],
+        *,
+        planner: LoadPlanner | None = None,
+        process_group: dist.ProcessGroup | None = None,
+        no_dist: bool = False,
+        keep: bool = False,
+    ) -> LoadStats:
+        """:meth:`load` without blocking the caller's event loop."""
+        await asyncio.wrap_future(self._ready)
+        reader = self._reader()
+        return await _run_in_thread(
+            lambda: self._load(reader, state_dict, planner, process_group, no_dist, keep),
+            on_cancel=reader.abort,
+        )
+
+    def _load(
+        self,
+        reader: S3StorageReader,
+        state_dict: dict[str, Any],
+        planner: LoadPlanner | None,
+        process_group: dist.ProcessGroup | None,
+        no_dist: bool,
+        keep: bool,
+    ) -> LoadStats:
+        try:
+            dcp_load(
+                state_dict,
+                storage_reader=reader,
+                planner=planner,
+                process_group=process_group,
+                no_dist=no_dist,
+            )
+        except CheckpointException as exc:
+            raise _unwrap(exc) from None
+        if not keep:
+            self.cancel()
+        stats = reader.stats
+        return stats if stats is not None else LoadStats()
+
+    def cancel(self) -> None:
+        """Stop downloading and free every prefetched byte. Later loads fetch for themselves."""
+        self._cancelled = True
+        with self._lock:
+            engine, self._engine, self._index = self._engine, None, {}
+        if engine is not None:
+            engine.abort()
+        self._future.cancel()
+
+    def close(self) -> None:
+        """Cancel, then shut the handle's I/O thread and connections down."""
+        self.cancel()
+        self._finalizer()
+
+    def __enter__(self) -> PrefetchHandle:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "cancelled" if self._cancelled else "done" if self.done() else "running"
+        return f"<PrefetchHandle {self._path.url} {state} {self.stats}>"
