@@ -10,9 +10,10 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import S3Server, assert_same, save_checkpoint, upload_dir
 
 import aiodcp
+
+from conftest import S3Server, assert_same, save_checkpoint, upload_dir
 
 
 @pytest.fixture
