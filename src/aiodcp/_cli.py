@@ -1,0 +1,790 @@
+"""The ``aiodcp`` command: look inside a DCP checkpoint on S3 without loading it.
+
+Usage::
+
+    aiodcp inspect s3://bucket/ckpt [--json]
+    aiodcp plan    s3://bucket/ckpt [--keys K [K ...] | --keys-file FILE]
+                   [--max-gap-size SIZE] [--part-size SIZE] [--max-concurrency N] [--json]
+
+    common: --endpoint-url URL  --region REGION  --profile NAME  --unsigned
+            --addressing-style {auto,path,virtual}
+
+(also ``python -m aiodcp``). Both commands read only ``.metadata``: one GET, unpickled with the
+restricted unpickler (``dcp._metadata.load_metadata``); no data file is touched.
+
+Data flow::
+
+    argv -> argparse -> ReaderConfig (validated) + CheckpointPath (parsed)
+         -> asyncio.run(S3Store.get_object(.metadata)) -> load_metadata -> Metadata
+         -> _stored_items(): one validated record per storage_data entry
+         -> inspect_report() | plan_report()       pure, JSON-ready dicts (the --json output)
+         -> render_inspect() | render_plan()       the human tables, drawn from those dicts
+
+``plan`` selects every stored item whose ``MetadataIndex.fqn`` equals a given key or starts with
+``key + "."`` (so ``--keys model`` selects ``model.*``), then plans each data file exactly as
+``S3StorageReader._group`` does: identical ranges once, zero-length items skipped, and
+``_planner.plan_file`` with the given ``max_gap_size`` and ``part_size``. Files are in path
+order, as a load consumes them.
+
+Sizes on the command line are a whole number of bytes with an optional unit: ``B``;
+``K``/``KiB``, ``M``/``MiB``, ``G``/``GiB``, ``T``/``TiB`` (powers of 1024); ``KB``, ``MB``,
+``GB``, ``TB`` (powers of 1000); ``1.5GiB`` is fine when it is a whole number of bytes.
+``--max-gap-size`` also takes ``inf`` (merge every range of a file).
+
+JSON output (``--json``), stable; sizes and offsets are bytes, ranges are ``[start, end)``::
+
+    inspect: {"schema": "aiodcp.inspect/1",
+              "checkpoint": "s3://bucket/ckpt",
+              "metadata": {"key": "ckpt/.metadata", "bytes": int},
+              "keys": [{"key": fqn, "kind": "tensor" | "bytes",
+                        "dtype": "bfloat16" | null, "shape": [int, ...] | null,
+                        "chunks": int, "stored_bytes": int, "files": [relative path, ...],
+                        "compression": ["stream.zstd/1", ...]}, ...],    sorted by key
+              "files": [{"path": "__0_0.distcp", "key": "ckpt/__0_0.distcp",
+                         "items": int, "bytes": int}, ...],               sorted by path
+              "summary": {"keys": int, "tensors": int, "bytes_values": int,
+                          "stored_items": int, "stored_bytes": int, "files": int,
+                          "compression": [descriptor, ...]}}
+
+    plan:    {"schema": "aiodcp.plan/1",
+              "checkpoint": "s3://bucket/ckpt",
+              "requested_keys": [key, ...] | null,          null: all keys
+              "keys": [fqn, ...],                           the keys selected, sorted
+              "settings": {"max_gap_size": int | null,      null: inf
+                           "part_size": int, "max_concurrency": int},
+              "files": [{"path": "__0_0.distcp", "key": "ckpt/__0_0.distcp",
+                         "bytes_needed": int, "bytes_requested": int, "gap_bytes": int,
+                         "requests": int,
+                         "groups": [{"start": int, "end": int, "gap_bytes": int,
+                                     "ranges": [{"start": int, "end": int,
+                                                 "keys": [fqn, ...]}, ...],
+                                     "parts": [{"start": int, "end": int}, ...]}, ...]},
+                        ...],
+              "totals": {"files": int, "keys": int, "ranges": int, "groups": int,
+                         "requests": int, "bytes_needed": int, "bytes_requested": int,
+                         "gap_bytes": int, "max_in_flight": int}}
+
+``chunks`` counts stored items (shards) of a key; ``stored_bytes`` is what they occupy in the data
+files (compressed size when compressed). A file's ``bytes`` is the sum of its items. In a plan, a
+range is one stored item, a group is ranges whose gaps are ``<= max_gap_size``, a part is one
+ranged GET (``requests`` counts them; a load also GETs ``.metadata`` once), and ``max_in_flight``
+is ``min(max_concurrency, requests)``, the most GETs the load can have in flight at once.
+
+Exit codes: 0 ok; 2 usage (bad arguments, bad ``s3://`` URL, invalid setting, unknown key);
+3 not found (no such bucket, no ``.metadata``); 4 access denied or no credentials; 5 corrupt
+metadata; 1 anything else (e.g. the network failed). Expected errors print one line on stderr,
+no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import difflib
+import json
+import os
+import re
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    Metadata,
+    TensorStorageMetadata,
+)
+
+from ._config import ReaderConfig
+from ._errors import (
+    AccessDeniedError,
+    AiodcpError,
+    CheckpointFormatError,
+    ConfigError,
+    InvalidPathError,
+    InvalidRangeError,
+    NoCredentialsError,
+    NoSuchBucketError,
+    NotFoundError,
+)
+from ._path import CheckpointPath, parse_checkpoint_path
+from ._planner import ItemRange, plan_file
+from ._store import S3Store
+from .dcp._metadata import load_metadata
+
+__all__ = [
+    "EXIT_ACCESS_DENIED",
+    "EXIT_CORRUPT",
+    "EXIT_ERROR",
+    "EXIT_NOT_FOUND",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "UsageError",
+    "human_size",
+    "inspect_report",
+    "main",
+    "parse_size",
+    "plan_report",
+    "read_metadata",
+    "render_inspect",
+    "render_plan",
+]
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_NOT_FOUND = 3
+EXIT_ACCESS_DENIED = 4
+EXIT_CORRUPT = 5
+
+_PROG = "aiodcp"
+_METADATA_NAME = ".metadata"
+_INSPECT_SCHEMA = "aiodcp.inspect/1"
+_PLAN_SCHEMA = "aiodcp.plan/1"
+_MAX_FILES_SHOWN = 2  # human table: files listed per key before "+N more"
+
+_SIZE_RE = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)$")
+_UNITS = {
+    "": 1,
+    "b": 1,
+    **{f"{p}": 1024**n for n, p in enumerate("kmgt", 1)},
+    **{f"{p}ib": 1024**n for n, p in enumerate("kmgt", 1)},
+    **{f"{p}b": 1000**n for n, p in enumerate("kmgt", 1)},
+}
+_HUMAN_UNITS = ("KiB", "MiB", "GiB", "TiB", "PiB")
+
+
+class UsageError(Exception):
+    """A command-line argument the checkpoint cannot satisfy (exit code 2)."""
+
+
+# ---------------------------------------------------------------------------------- arguments
+
+
+def parse_size(text: str, *, allow_inf: bool = False) -> int | float:
+    """``"32MiB"`` -> 33554432. Units as in the module docstring; ``inf`` if ``allow_inf``."""
+    value = text.strip()
+    if allow_inf and value.lower() in ("inf", "infinity"):
+        return float("inf")
+    match = _SIZE_RE.match(value)
+    unit = match.group(2).lower() if match else ""
+    if match is None or unit not in _UNITS:
+        hint = " or 'inf'" if allow_inf else ""
+        raise ValueError(
+            f"invalid size {text!r}: expected a number of bytes with an optional unit such as "
+            f"'4096', '512KiB', '32MiB', '1GiB'{hint}"
+        )
+    size = Fraction(match.group(1)) * _UNITS[unit]
+    if size.denominator != 1:
+        raise ValueError(f"invalid size {text!r}: {float(size)} is not a whole number of bytes")
+    return int(size)
+
+
+def _size_arg(text: str) -> int | float:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _gap_arg(text: str) -> int | float:
+    try:
+        return parse_size(text, allow_inf=True)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    common = argparse.ArgumentParser(add_help=False)
+    store = common.add_argument_group("connection")
+    store.add_argument("--endpoint-url", metavar="URL", help="S3-compatible endpoint")
+    store.add_argument("--region", help="AWS region (default: botocore's resolution)")
+    store.add_argument("--profile", metavar="NAME", help="botocore profile for credentials")
+    store.add_argument(
+        "--unsigned", action="store_true", help="send unsigned requests (public buckets)"
+    )
+    store.add_argument(
+        "--addressing-style",
+        choices=("auto", "path", "virtual"),
+        help="'path' for most S3-compatible stores (default: auto)",
+    )
+    common.add_argument("--json", action="store_true", help="machine-readable JSON on stdout")
+
+    parser = argparse.ArgumentParser(
+        prog=_PROG,
+        description="Inspect PyTorch Distributed Checkpoints (DCP) on S3 from their metadata.",
+        epilog="Exit codes: 0 ok, 1 other error, 2 usage, 3 not found, 4 access denied or no "
+        "credentials, 5 corrupt metadata.",
+    )
+    parser.add_argument("--version", action="version", version=f"{_PROG} {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    inspect = commands.add_parser(
+        "inspect",
+        parents=[common],
+        help="list every key: kind, dtype, shape, chunks, stored bytes, files, compression",
+        description="List every key of the checkpoint with its kind, dtype, global shape, "
+        "stored chunks and bytes, data files and compression, then a summary. Reads only "
+        ".metadata.",
+    )
+    inspect.add_argument("checkpoint", metavar="s3://bucket/ckpt", help="the checkpoint's URL")
+
+    plan = commands.add_parser(
+        "plan",
+        parents=[common],
+        help="what a load of some keys would fetch: byte ranges, groups, GETs, gap bytes",
+        description="Show what a load of the given keys (default: all) would fetch with the "
+        "given settings: per data file the byte ranges, range groups and ranged GETs, bytes "
+        "needed and requested. A key selects itself and every key below it ('model' selects "
+        "'model.*'). Sizes take units: 4096, 512KiB, 32MiB, 1GiB (KB/MB/GB are powers of "
+        "1000). Reads only .metadata.",
+    )
+    plan.add_argument("checkpoint", metavar="s3://bucket/ckpt", help="the checkpoint's URL")
+    which = plan.add_mutually_exclusive_group()
+    which.add_argument(
+        "--keys",
+        nargs="+",
+        metavar="KEY",
+        help="keys to load (default: all); put them after the URL",
+    )
+    which.add_argument(
+        "--keys-file",
+        metavar="FILE",
+        help="file with one key per line ('#' comments and blank lines ignored; '-' = stdin)",
+    )
+    plan.add_argument(
+        "--max-gap-size",
+        type=_gap_arg,
+        metavar="SIZE",
+        help="ranges whose gap is <= SIZE share a request; 0 = only adjacent, inf = all "
+        "(default: 32MiB)",
+    )
+    plan.add_argument(
+        "--part-size",
+        type=_size_arg,
+        metavar="SIZE",
+        help="largest span of one GET (default: 16MiB)",
+    )
+    plan.add_argument(
+        "--max-concurrency", type=int, metavar="N", help="GETs in flight at once (default: 8)"
+    )
+    return parser
+
+
+def _config(args: argparse.Namespace) -> ReaderConfig:
+    return ReaderConfig.from_kwargs(
+        None,
+        endpoint_url=args.endpoint_url,
+        region=args.region,
+        profile=args.profile,
+        unsigned=True if args.unsigned else None,
+        addressing_style=args.addressing_style,
+        max_gap_size=getattr(args, "max_gap_size", None),
+        part_size=getattr(args, "part_size", None),
+        max_concurrency=getattr(args, "max_concurrency", None),
+    )
+
+
+def _requested_keys(args: argparse.Namespace) -> list[str] | None:
+    if args.keys is not None:
+        return list(args.keys)
+    if args.keys_file is None:
+        return None
+    try:
+        if args.keys_file == "-":
+            text = sys.stdin.read()
+        else:
+            text = Path(args.keys_file).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot read --keys-file {args.keys_file}: {exc.strerror}") from None
+    keys = [k for line in text.splitlines() if (k := line.strip()) and not k.startswith("#")]
+    if not keys:
+        raise UsageError(f"--keys-file {args.keys_file} lists no keys")
+    return keys
+
+
+# ---------------------------------------------------------------------------------- metadata
+
+
+def read_metadata(path: CheckpointPath, config: ReaderConfig) -> tuple[Metadata, int]:
+    """GET and unpickle ``.metadata``; returns it and its size in bytes."""
+    key = path.key(_METADATA_NAME)
+
+    async def fetch() -> bytes:
+        async with S3Store(config) as store:
+            return await store.get_object(path.bucket, key)
+
+    try:
+        data = asyncio.run(fetch())
+    except NoSuchBucketError:
+        raise
+    except NotFoundError as exc:
+        raise NotFoundError(
+            f"no .metadata at {path.url}, is this a DCP checkpoint? "
+            f"(s3://{path.bucket}/{key} does not exist)",
+            bucket=path.bucket,
+            key=key,
+        ) from exc
+    return load_metadata(data, f"s3://{path.bucket}/{key}"), len(data)
+
+
+@dataclass(frozen=True, slots=True)
+class _Stored:
+    """One ``storage_data`` entry: a stored item of key ``fqn`` at ``[offset, offset+length)``."""
+
+    fqn: str
+    path: str
+    offset: int
+    length: int
+    transforms: tuple[str, ...]
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _stored_items(metadata: Metadata, where: str) -> list[_Stored]:
+    """Every stored item, validated, sorted by (file, offset) as a load consumes them."""
+    items: list[_Stored] = []
+    for index, info in metadata.storage_data.items():
+        fqn = getattr(index, "fqn", None)
+        path = getattr(info, "relative_path", None)
+        offset = getattr(info, "offset", None)
+        length = getattr(info, "length", None)
+        transforms = getattr(info, "transform_descriptors", None) or ()
+        if not (
+            isinstance(fqn, str)
+            and isinstance(path, str)
+            and _is_int(offset)
+            and _is_int(length)
+            and offset >= 0  # type: ignore[operator]
+            and length >= 0  # type: ignore[operator]
+            and isinstance(transforms, (list, tuple))
+            and all(isinstance(t, str) for t in transforms)
+        ):
+            raise CheckpointFormatError(
+                f"{where}: storage entry {index!r} -> {info!r} is not a DCP storage record "
+                "(relative_path, offset, length); the metadata is corrupt"
+            )
+        items.append(_Stored(fqn, path, offset, length, tuple(transforms)))  # type: ignore[arg-type]
+    items.sort(key=lambda s: (s.path, s.offset, s.fqn))
+    return items
+
+
+def _file_key(path: CheckpointPath, relative_path: str) -> str:
+    try:
+        return path.key(relative_path)
+    except InvalidPathError as exc:  # a path in the metadata, not on the command line
+        raise CheckpointFormatError(str(exc), bucket=path.bucket, key=relative_path) from None
+
+
+# ---------------------------------------------------------------------------------- reports
+
+
+def inspect_report(metadata: Metadata, path: CheckpointPath, metadata_bytes: int) -> dict[str, Any]:
+    """The ``inspect --json`` document (schema in the module docstring)."""
+    where = f"s3://{path.bucket}/{path.key(_METADATA_NAME)}"
+    stored = _stored_items(metadata, where)
+    by_key: dict[str, list[_Stored]] = {}
+    files: dict[str, list[_Stored]] = {}
+    for item in stored:
+        by_key.setdefault(item.fqn, []).append(item)
+        files.setdefault(item.path, []).append(item)
+
+    keys: list[dict[str, Any]] = []
+    tensors = 0
+    for fqn in sorted(metadata.state_dict_metadata):
+        meta = metadata.state_dict_metadata[fqn]
+        mine = by_key.get(fqn, [])
+        if isinstance(meta, TensorStorageMetadata):
+            kind, dtype, shape = "tensor", _dtype_name(meta.properties.dtype), list(meta.size)
+            tensors += 1
+        elif isinstance(meta, BytesStorageMetadata):
+            kind, dtype, shape = "bytes", None, None
+        else:
+            raise CheckpointFormatError(
+                f"{where}: key {fqn!r} is described by a {type(meta).__name__}, neither "
+                "tensor nor bytes metadata; the metadata is corrupt"
+            )
+        keys.append(
+            {
+                "key": fqn,
+                "kind": kind,
+                "dtype": dtype,
+                "shape": shape,
+                "chunks": len(mine),
+                "stored_bytes": sum(item.length for item in mine),
+                "files": sorted({item.path for item in mine}),
+                "compression": sorted({t for item in mine for t in item.transforms}),
+            }
+        )
+    return {
+        "schema": _INSPECT_SCHEMA,
+        "checkpoint": path.url,
+        "metadata": {"key": path.key(_METADATA_NAME), "bytes": metadata_bytes},
+        "keys": keys,
+        "files": [
+            {
+                "path": name,
+                "key": _file_key(path, name),
+                "items": len(files[name]),
+                "bytes": sum(item.length for item in files[name]),
+            }
+            for name in sorted(files)
+        ],
+        "summary": {
+            "keys": len(keys),
+            "tensors": tensors,
+            "bytes_values": len(keys) - tensors,
+            "stored_items": len(stored),
+            "stored_bytes": sum(item.length for item in stored),
+            "files": len(files),
+            "compression": sorted({t for item in stored for t in item.transforms}),
+        },
+    }
+
+
+def _dtype_name(dtype: object) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _select(requested: Sequence[str], fqns: Iterable[str]) -> set[str]:
+    """The fqns each requested key selects (itself, or below it); UsageError for unknown keys."""
+    known = set(fqns)
+    below: dict[str, set[str]] = {}
+    for fqn in known:
+        parts = fqn.split(".")
+        for n in range(1, len(parts)):
+            below.setdefault(".".join(parts[:n]), set()).add(fqn)
+    selected: set[str] = set()
+    unknown: list[str] = []
+    for key in requested:
+        found = below.get(key, set()) | ({key} if key in known else set())
+        if not found:
+            unknown.append(key)
+        selected |= found
+    if unknown:
+        candidates = sorted(known | set(below))
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, candidates, n=3, cutoff=0.6)
+            hint = f"did you mean {', '.join(map(repr, close))}?" if close else "no close match"
+            hints.append(f"{key!r} ({hint})")
+        noun = "key" if len(unknown) == 1 else "keys"
+        raise UsageError(
+            f"unknown {noun} {'; '.join(hints)}; `aiodcp inspect` lists the checkpoint's keys"
+        )
+    return selected
+
+
+def plan_report(
+    metadata: Metadata,
+    path: CheckpointPath,
+    config: ReaderConfig,
+    requested: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """The ``plan --json`` document: what a load of ``requested`` (None: all) would fetch."""
+    where = f"s3://{path.bucket}/{path.key(_METADATA_NAME)}"
+    stored = _stored_items(metadata, where)
+    fqns = set(metadata.state_dict_metadata) | {item.fqn for item in stored}
+    selected = fqns if requested is None else _select(requested, fqns)
+
+    # As S3StorageReader._group: per file (in load order) each distinct range once, with the
+    # keys that read it; zero-length items need no request.
+    per_file: dict[str, dict[ItemRange, list[str]]] = {}
+    for item in stored:
+        if item.fqn in selected and item.length:
+            item_range = ItemRange(item.offset, item.offset + item.length)
+            per_file.setdefault(item.path, {}).setdefault(item_range, []).append(item.fqn)
+
+    files: list[dict[str, Any]] = []
+    for name, by_range in per_file.items():
+        try:
+            file_plan = plan_file(
+                by_range.keys(), max_gap_size=config.max_gap_size, part_size=config.part_size
+            )
+        except InvalidRangeError as exc:
+            raise CheckpointFormatError(
+                f"{where}: data file {name!r} has stored items that cannot be served ({exc}); "
+                "the metadata is corrupt",
+                bucket=path.bucket,
+                key=path.key(_METADATA_NAME),
+            ) from exc
+        parts = iter(file_plan.parts)
+        groups = []
+        part = next(parts, None)
+        for group in file_plan.groups:
+            group_parts = []
+            while part is not None and part.end <= group.end:
+                group_parts.append({"start": part.start, "end": part.end})
+                part = next(parts, None)
+            groups.append(
+                {
+                    "start": group.start,
+                    "end": group.end,
+                    "gap_bytes": group.gap_bytes,
+                    "ranges": [
+                        {"start": r.start, "end": r.end, "keys": sorted(set(by_range[r]))}
+                        for r in group.items
+                    ],
+                    "parts": group_parts,
+                }
+            )
+        files.append(
+            {
+                "path": name,
+                "key": _file_key(path, name),
+                "bytes_needed": file_plan.item_bytes,
+                "bytes_requested": file_plan.requested_bytes,
+                "gap_bytes": file_plan.gap_bytes,
+                "requests": len(file_plan.parts),
+                "groups": groups,
+            }
+        )
+
+    requests = sum(f["requests"] for f in files)
+    gap = config.max_gap_size
+    return {
+        "schema": _PLAN_SCHEMA,
+        "checkpoint": path.url,
+        "requested_keys": None if requested is None else list(requested),
+        "keys": sorted(selected),
+        "settings": {
+            "max_gap_size": None if gap == float("inf") else int(gap),
+            "part_size": config.part_size,
+            "max_concurrency": config.max_concurrency,
+        },
+        "files": files,
+        "totals": {
+            "files": len(files),
+            "keys": len(selected),
+            "ranges": sum(len(g["ranges"]) for f in files for g in f["groups"]),
+            "groups": sum(len(f["groups"]) for f in files),
+            "requests": requests,
+            "bytes_needed": sum(f["bytes_needed"] for f in files),
+            "bytes_requested": sum(f["bytes_requested"] for f in files),
+            "gap_bytes": sum(f["gap_bytes"] for f in files),
+            "max_in_flight": min(config.max_concurrency, requests),
+        },
+    }
+
+
+# ---------------------------------------------------------------------------------- rendering
+
+
+def human_size(n: int | float) -> str:
+    """``1536`` -> ``"1.5 KiB"``; bytes below 1 KiB exactly (``"512 B"``)."""
+    if n == float("inf"):
+        return "inf"
+    if n < 1024:
+        return f"{int(n)} B"
+    value = float(n)
+    for unit in _HUMAN_UNITS:
+        value /= 1024
+        if value < 1024 or unit == _HUMAN_UNITS[-1]:
+            break
+    return f"{value:.1f} {unit}"
+
+
+def _table(rows: Sequence[Sequence[str]], right: Iterable[int] = (), indent: str = "") -> list[str]:
+    """Rows as aligned columns (two spaces apart); columns in ``right`` are right-aligned."""
+    align_right = set(right)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [
+        indent
+        + "  ".join(
+            cell.rjust(width) if i in align_right else cell.ljust(width)
+            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
+        for row in rows
+    ]
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def _shape(shape: list[int] | None) -> str:
+    return "-" if shape is None else "[" + ", ".join(map(str, shape)) + "]"
+
+
+def _files_cell(files: list[str]) -> str:
+    if not files:
+        return "-"
+    shown = ", ".join(files[:_MAX_FILES_SHOWN])
+    more = len(files) - _MAX_FILES_SHOWN
+    return f"{shown} (+{more} more)" if more > 0 else shown
+
+
+def render_inspect(report: dict[str, Any]) -> str:
+    """The human form of an ``inspect_report``."""
+    meta = report["metadata"]
+    lines = [f"{report['checkpoint']}  (.metadata: {human_size(meta['bytes'])})", ""]
+    rows = [["KEY", "KIND", "DTYPE", "SHAPE", "CHUNKS", "STORED", "FILES", "COMPRESSION"]]
+    rows += [
+        [
+            k["key"],
+            k["kind"],
+            k["dtype"] or "-",
+            _shape(k["shape"]),
+            str(k["chunks"]),
+            human_size(k["stored_bytes"]),
+            _files_cell(k["files"]),
+            ", ".join(k["compression"]) or "-",
+        ]
+        for k in report["keys"]
+    ]
+    lines += _table(rows, right=(4, 5))
+    s = report["summary"]
+    compression = ", ".join(s["compression"]) or "none"
+    lines += [
+        "",
+        f"{_n(s['keys'], 'key')} ({_n(s['tensors'], 'tensor')}, "
+        f"{_n(s['bytes_values'], 'bytes value')}), {_n(s['stored_items'], 'stored item')}, "
+        f"{human_size(s['stored_bytes'])} in {_n(s['files'], 'file')}, "
+        f"compression: {compression}",
+    ]
+    if report["files"]:
+        file_rows = [["FILE", "ITEMS", "SIZE"]]
+        file_rows += [[f["path"], str(f["items"]), human_size(f["bytes"])] for f in report["files"]]
+        lines += ["", *_table(file_rows, right=(1, 2))]
+    return "\n".join(lines) + "\n"
+
+
+def _plan_row(
+    name: str, ranges: int, groups: int, requests: int, sizes: dict[str, Any]
+) -> list[str]:
+    return [
+        name,
+        str(ranges),
+        str(groups),
+        str(requests),
+        human_size(sizes["bytes_needed"]),
+        human_size(sizes["bytes_requested"]),
+        human_size(sizes["gap_bytes"]),
+    ]
+
+
+def render_plan(report: dict[str, Any]) -> str:
+    """The human form of a ``plan_report``."""
+    settings = report["settings"]
+    totals = report["totals"]
+    gap = settings["max_gap_size"]
+    keys = _n(totals["keys"], "key")
+    which = f"all {keys}" if report["requested_keys"] is None else f"{keys} selected"
+    lines = [
+        f"plan for {report['checkpoint']}: {which}, "
+        f"{_n(totals['ranges'], 'stored item')} in {_n(totals['files'], 'file')}",
+        f"settings: max_gap_size {human_size(float('inf') if gap is None else gap)}, "
+        f"part_size {human_size(settings['part_size'])}, "
+        f"max_concurrency {settings['max_concurrency']}",
+        "",
+    ]
+    rows = [["FILE", "RANGES", "GROUPS", "REQUESTS", "NEEDED", "REQUESTED", "GAP"]]
+    rows += [
+        _plan_row(
+            f["path"],
+            sum(len(g["ranges"]) for g in f["groups"]),
+            len(f["groups"]),
+            f["requests"],
+            f,
+        )
+        for f in report["files"]
+    ]
+    rows.append(_plan_row("total", totals["ranges"], totals["groups"], totals["requests"], totals))
+    lines += _table(rows, right=range(1, 7))
+    requested = totals["bytes_requested"]
+    share = f"{100 * totals['bytes_needed'] / requested:.1f}%" if requested else "100%"
+    lines += [
+        "",
+        f"a load sends {_n(totals['requests'], 'ranged GET')} (at most "
+        f"{totals['max_in_flight']} at "
+        f"once) for {human_size(requested)}, {share} of it needed; plus 1 GET of .metadata",
+    ]
+    for f in report["files"]:
+        lines += ["", f"{f['path']}  (s3 key {f['key']})"]
+        for number, g in enumerate(f["groups"], 1):
+            lines.append(
+                f"  group {number}: [{g['start']}, {g['end']}) "
+                f"{human_size(g['end'] - g['start'])}, {_n(len(g['ranges']), 'range')}, "
+                f"gap {human_size(g['gap_bytes'])}, {_n(len(g['parts']), 'GET')}"
+            )
+            detail = [
+                ["range", f"[{r['start']}, {r['end']})", human_size(r["end"] - r["start"]), k]
+                for r in g["ranges"]
+                for k in [", ".join(r["keys"])]
+            ]
+            detail += [
+                ["GET", f"[{p['start']}, {p['end']})", human_size(p["end"] - p["start"]), ""]
+                for p in g["parts"]
+            ]
+            lines += _table(detail, right=(2,), indent="    ")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------- main
+
+
+def _exit_code(exc: BaseException) -> int:
+    if isinstance(exc, (UsageError, InvalidPathError, ConfigError)):
+        return EXIT_USAGE
+    if isinstance(exc, NotFoundError):
+        return EXIT_NOT_FOUND
+    if isinstance(exc, (AccessDeniedError, NoCredentialsError)):
+        return EXIT_ACCESS_DENIED
+    if isinstance(exc, CheckpointFormatError):
+        return EXIT_CORRUPT
+    return EXIT_ERROR
+
+
+def _run(args: argparse.Namespace) -> str:
+    config = _config(args)
+    path = parse_checkpoint_path(args.checkpoint)
+    requested = _requested_keys(args) if args.command == "plan" else None
+    metadata, size = read_metadata(path, config)
+    if args.command == "inspect":
+        report = inspect_report(metadata, path, size)
+        render = render_inspect
+    else:
+        report = plan_report(metadata, path, config, requested)
+        render = render_plan
+    if args.json:
+        return json.dumps(report, indent=2, allow_nan=False) + "\n"
+    return render(report)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error argparse has printed
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    try:
+        output = _run(args)
+    except (AiodcpError, UsageError) as exc:
+        sys.stderr.write(f"{_PROG} {args.command}: error: {exc}\n")
+        return _exit_code(exc)
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{_PROG} {args.command}: interrupted\n")
+        return 130
+    try:
+        sys.stdout.write(output)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `aiodcp plan ... | head`: the reader left, nothing to report
+        _silence_stdout()
+        return EXIT_ERROR
+    return EXIT_OK
