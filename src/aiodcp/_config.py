@@ -118,6 +118,10 @@ class ReaderConfig:
     memory_budget: int = DEFAULT_MEMORY_BUDGET_BYTES
     """Bytes: downloaded item bytes buffered ahead of decoding. An item larger than the budget is
     still served, alone. Default 256 MiB."""
+    fast_decode: bool = True
+    """Decode plain stored tensors straight into their destination (one copy, no temporary)
+    instead of ``torch.load`` + ``copy_``; anything unusual falls back to ``torch.load``.
+    Default True; False always uses ``torch.load``."""
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
     """Advanced: keyword arguments passed as they are to ``AioConfig`` (botocore ``Config``)."""
 
@@ -145,6 +149,12 @@ class ReaderConfig:
                 f"verify must be True, False or a CA bundle path, got {self.verify!r}",
                 field="verify",
                 value=self.verify,
+            )
+        if not isinstance(self.fast_decode, bool):
+            raise ConfigError(
+                f"fast_decode must be a bool, got {self.fast_decode!r}",
+                field="fast_decode",
+                value=self.fast_decode,
             )
         if not isinstance(self.unsigned, bool):
             raise ConfigError(

@@ -56,6 +56,7 @@ from .._progress import track_progress
 from .._reader import ChunkBuffer, SequentialReader
 from .._stats import LoadStats, StatsRecorder
 from .._store import S3Store
+from ._fastdecode import decode_into
 from ._metadata import load_metadata
 
 if TYPE_CHECKING:
@@ -116,6 +117,7 @@ class S3StorageReader(StorageReader):
         self.load_id = uuid.uuid4().hex
         self.rank: int | None = None
         self._extensions = ExtensionRegistry()
+        self._fast_decoded = 0  # items decoded without torch.load (for tests and profiling)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -386,11 +388,21 @@ class S3StorageReader(StorageReader):
         if req.type == LoadItemType.BYTE_IO:
             planner.load_bytes(req, io.BytesIO(stream.read()))
             return
+        target = planner.resolve_tensor(req).detach()
+        if (
+            not descriptors
+            and self.config.fast_decode
+            and decode_into(buffer, req.storage_offsets, req.lengths, target)
+        ):
+            self._fast_decoded += 1
+            planner.commit_tensor(req, target)
+            return
+        if not descriptors:
+            buffer.seek(0)  # decode_into may have moved it
         if not stream.seekable():
             stream = io.BytesIO(stream.read())
         tensor = cast(torch.Tensor, torch.load(stream, map_location="cpu", weights_only=True))
         tensor = _narrow(tensor, req.storage_offsets, req.lengths)
-        target = planner.resolve_tensor(req).detach()
         if target.size() != tensor.size():
             raise CheckpointFormatError(
                 f"{self._path.url}: stored item {req.storage_index} has shape "
