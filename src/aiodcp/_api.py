@@ -81,7 +81,7 @@ async def load_checkpoint(
     await store.open()
     try:
         key = path.key(".metadata")
-        data = await store.get_object(path.bucket, key)
+        data = await store.get_object(path.bucket, key, stats=recorder)
         metadata = load_metadata(data, f"s3://{path.bucket}/{key}")
         recorder.add(requests=1, bytes_received=len(data))
         reader = S3StorageReader._with_driver(

@@ -36,7 +36,8 @@ DEFAULT_MAX_CONCURRENCY = 8
 DEFAULT_MEMORY_BUDGET_BYTES = 256 * 1024 * 1024
 """Bytes buffered ahead of the item being decoded."""
 DEFAULT_MAX_ATTEMPTS = 5
-"""Attempts per request, the first included (botocore's retries plus our body resumes)."""
+"""Attempts per request, the first included, whatever failed (error responses, timeouts, bodies
+broken mid-stream, which resume at the next byte needed)."""
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
 DEFAULT_READ_TIMEOUT_S = 60.0
 
@@ -100,11 +101,14 @@ class ReaderConfig:
     unsigned: bool = False
     """Send unsigned requests (public buckets, no credentials needed). Default False."""
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
-    """Attempts per request including the first, for errors before and during the body."""
+    """Attempts per request including the first, for errors before and during the body (a
+    broken body resumes where it stopped). Retries wait with exponential backoff and full
+    jitter. Default 5."""
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
-    """Seconds to establish a connection. Default 10."""
+    """Seconds to establish a connection before the attempt fails (and is retried). Default 10."""
     read_timeout_s: float = DEFAULT_READ_TIMEOUT_S
-    """Seconds without a byte before a read is abandoned and retried. Default 60."""
+    """Seconds without a byte, waiting for the response or inside its body, before the attempt
+    fails (and is retried). Default 60."""
     max_gap_size: int | float = DEFAULT_MAX_GAP_SIZE_BYTES
     """Bytes: two needed ranges whose gap is <= this share a request (the gap is downloaded and
     dropped). ``0`` merges only adjacent ranges, ``float("inf")`` merges all. Default 32 MiB.

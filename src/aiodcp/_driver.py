@@ -20,6 +20,7 @@ import asyncio
 import concurrent.futures
 import os
 import threading
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -30,6 +31,24 @@ __all__ = ["BorrowedLoopDriver", "Driver", "PrivateLoopDriver"]
 
 T = TypeVar("T")
 StoreCall = Callable[[S3Store], Awaitable[T]]
+
+# What a forked child inherited from its parent's private loops (loop, thread, store), kept
+# reachable so it is never finalised in the child: aiohttp closes its transports in ``__del__``,
+# and closing one unregisters its socket from the epoll instance the child shares with the
+# parent, so the parent's loop would stop seeing replies on its pooled connections.
+_INHERITED_FROM_PARENT: list[object] = []
+_PRIVATE_DRIVERS: weakref.WeakSet[PrivateLoopDriver] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # Another thread of the parent may have held a driver's lock when it forked.
+    for driver in list(_PRIVATE_DRIVERS):
+        driver._lock = threading.Lock()
+        driver._pending_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class Driver:
@@ -104,16 +123,23 @@ class PrivateLoopDriver(Driver):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._store: S3Store | None = None
+        _PRIVATE_DRIVERS.add(self)
+
+    def _forget_parent(self) -> None:
+        """In a forked child: drop the parent's loop, thread and store without touching them."""
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            if self._loop is not None:
+                _INHERITED_FROM_PARENT.append((self._loop, self._thread, self._store))
+            self._loop = self._thread = self._store = None
+            self._pending = set()
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
         with self._lock:
-            if self._pid != os.getpid():
-                # A forked child: the parent's loop thread does not exist here, and its
-                # connections belong to the parent. Start afresh, touching none of it.
-                self._pid = os.getpid()
-                self._loop = self._thread = self._store = None
-                self._pending = set()
+            # A forked child: the parent's loop thread does not exist here, and its
+            # connections belong to the parent. Start afresh, touching none of it.
+            self._forget_parent()
             if self._loop is None:
                 loop = asyncio.new_event_loop()
                 started = threading.Event()
@@ -139,9 +165,7 @@ class PrivateLoopDriver(Driver):
     def close(self) -> None:
         """Close the store's connections, stop the loop and join its thread."""
         with self._lock:
-            if self._pid != os.getpid():
-                self._loop = self._thread = self._store = None
-                return
+            self._forget_parent()
             loop, thread, store = self._loop, self._thread, self._store
             self._loop = self._thread = self._store = None
         if loop is None or thread is None:

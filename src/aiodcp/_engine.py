@@ -8,7 +8,8 @@ Data flow::
            connection slot, and starts a fetch task       (backpressure: budget + semaphore)
         -> _fetch(): a ranged GET; each received chunk is sliced (memoryview, no copy) into the
            items it overlaps, gap bytes are dropped; an interrupted body resumes at the next
-           byte it still needs, pinned to the first ETag seen for the object (If-Match)
+           byte it still needs, pinned to the first ETag seen for the object (If-Match); a
+           part gets at most ``max_attempts`` GETs, with backoff (``_store.retry_delay``)
         -> an item whose last byte arrived becomes a ChunkBuffer and is published
     consumer thread (torch decode): wait_item(f, i) blocks until item i of file f is published;
         release_item(f, i) drops its chunks and returns its bytes to the budget.
@@ -23,7 +24,6 @@ is re-raised to the consumer; ``abort()`` (consumer side) cancels everything as 
 from __future__ import annotations
 
 import asyncio
-import random
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,12 +33,9 @@ from ._errors import AiodcpError, LoadCancelledError, ObjectChangedError, Transf
 from ._planner import FilePlan, ItemRange, Part
 from ._reader import ChunkBuffer
 from ._stats import StatsRecorder
-from ._store import S3Store, is_retryable
+from ._store import S3Store, exhausted, is_retryable, retry_delay
 
 __all__ = ["FetchEngine", "FileFetch"]
-
-_BACKOFF_BASE_S = 0.05
-_BACKOFF_CAP_S = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,7 +154,12 @@ class FetchEngine:
         if task.cancelled():
             return
         exc = task.exception()
-        if exc is not None and self._error is None:
+        if exc is not None:
+            self._stop_on(exc)
+
+    def _stop_on(self, exc: BaseException) -> None:
+        """The first failure: record it and cancel the scheduler (which cancels the rest)."""
+        if self._error is None:
             self._fail(exc)
             if self._main is not None and not self._main.done():
                 self._main.cancel()
@@ -174,10 +176,19 @@ class FetchEngine:
     ) -> None:
         try:
             await self._fetch(file_index, part)
+        except Exception as exc:
+            # Stop the scheduler *before* freeing the slot, or it would start one more GET.
+            self._stop_on(exc)
+            raise
         finally:
             connections.release()
 
     async def _fetch(self, file_index: int, part: Part) -> None:
+        """Fetch one part into its items; resume a broken body at the next byte still needed.
+
+        Every attempt (a new GET, whatever failed before it) counts towards ``max_attempts``;
+        attempts are separated by ``retry_delay`` (exponential backoff, full jitter).
+        """
         key = self._files[file_index].key
         items = self._items[file_index]
         index = self._index[file_index]
@@ -185,62 +196,63 @@ class FetchEngine:
         stats = self._stats
         attempts = self._config.max_attempts
         pos = part.start
+        t = 0  # first target that may still overlap the stream position
+        stats.add(bytes_requested=part.end - part.start)
         attempt = 0
         while True:
             attempt += 1
             if attempt > 1:
                 stats.add(retries=1, resumed_bytes=pos - part.start)
-            stats.add(requests=1, bytes_requested=part.end - pos)
+            stats.add(requests=1)
             try:
                 stream = await self._store.open_range(
                     self._bucket, key, pos, part.end, if_match=self._etags.get(key)
                 )
-            except AiodcpError as exc:
-                if attempt >= attempts or not is_retryable(exc):
-                    raise
-                await self._backoff(attempt)
-                continue
-            try:
-                self._pin_etag(key, stream.etag, (pos, part.end))
-                t = 0  # first target that may still overlap the stream position
-                while pos < part.end:
-                    chunk = await stream.read_chunk()
-                    if not chunk:
-                        raise TransferError(
-                            f"s3://{self._bucket}/{key}: the body ended at byte {pos}, "
-                            f"before the end of its range [{part.start}, {part.end})",
-                            bucket=self._bucket,
-                            key=key,
-                            byte_range=(part.start, part.end),
-                            retryable=True,
-                        )
-                    stats.first_byte()
-                    n = len(chunk)
-                    stats.add(bytes_received=n)
-                    end = min(pos + n, part.end)
-                    view = memoryview(chunk)
-                    while t < len(targets) and targets[t].range.end <= pos:
-                        t += 1
-                    j = t
-                    while j < len(targets):
-                        item = targets[j]
-                        lo = max(pos, item.range.start)
-                        hi = min(end, item.range.end)
-                        if lo >= end:
-                            break
-                        if hi > lo:
-                            self._deliver(
-                                file_index, item, lo - item.range.start, view[lo - pos : hi - pos]
+                try:
+                    self._pin_etag(key, stream.etag, (pos, part.end))
+                    while pos < part.end:
+                        chunk = await stream.read_chunk()
+                        if not chunk:
+                            raise TransferError(
+                                f"s3://{self._bucket}/{key}: the body ended at byte {pos}, "
+                                f"before the end of its range [{part.start}, {part.end})",
+                                bucket=self._bucket,
+                                key=key,
+                                byte_range=(part.start, part.end),
+                                retryable=True,
                             )
-                        j += 1
-                    pos = end
+                        stats.first_byte()
+                        n = len(chunk)
+                        stats.add(bytes_received=n)
+                        end = min(pos + n, part.end)
+                        view = memoryview(chunk)
+                        while t < len(targets) and targets[t].range.end <= pos:
+                            t += 1
+                        j = t
+                        while j < len(targets):
+                            item = targets[j]
+                            lo = max(pos, item.range.start)
+                            hi = min(end, item.range.end)
+                            if lo >= end:
+                                break
+                            if hi > lo:
+                                self._deliver(
+                                    file_index,
+                                    item,
+                                    lo - item.range.start,
+                                    view[lo - pos : hi - pos],
+                                )
+                            j += 1
+                        pos = end
+                finally:
+                    stream.close()
                 return
-            except AiodcpError as exc:
-                if attempt >= attempts or not is_retryable(exc):
+            except AiodcpError as error:
+                if not is_retryable(error):
                     raise
-            finally:
-                stream.close()
-            await self._backoff(attempt)
+                if attempt >= attempts:
+                    raise exhausted(error, attempt) from error
+            await asyncio.sleep(retry_delay(attempt))
 
     def _pin_etag(self, key: str, etag: str | None, byte_range: tuple[int, int]) -> None:
         if etag is None:
@@ -269,10 +281,6 @@ class FetchEngine:
                 item.buffer = buffer
                 self._cond.notify_all()
             self._stats.add(items=1, bytes_used=item.range.length)
-
-    async def _backoff(self, attempt: int) -> None:
-        cap = min(_BACKOFF_CAP_S, _BACKOFF_BASE_S * 2 ** (attempt - 1))
-        await asyncio.sleep(random.uniform(0, cap))
 
     def _fail(self, exc: BaseException) -> None:
         with self._cond:

@@ -133,7 +133,7 @@ class PrefetchHandle:
         try:
             key = path.key(".metadata")
             recorder.add(requests=1)
-            data = await store.get_object(path.bucket, key)
+            data = await store.get_object(path.bucket, key, stats=recorder)
             recorder.add(bytes_received=len(data))
             metadata = load_metadata(data, f"s3://{path.bucket}/{key}")
             files, index = self._select(metadata)

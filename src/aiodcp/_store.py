@@ -6,18 +6,29 @@ key, start, end, if_match)`` for ranged GETs, returning a ``RangeStream`` whose 
 hands out the body as the network delivered it (one ``bytes`` per socket read, never joined).
 
 Every botocore/aiohttp exception is translated here, at one boundary, into the most specific
-``aiodcp`` error (``translate_error``), with bucket and key in the message. botocore retries a
-request up to its response headers; a failure while streaming a body surfaces as a
-``TransferError`` marked ``retryable`` so the engine can resume from the last byte received.
+``aiodcp`` error (``translate_error``), with bucket and key in the message, marked ``retryable``
+when a new request can fix it (``is_retryable``).
+
+Retries are ours, not botocore's (its retries are switched off): botocore can only retry up to
+the response headers, while a body that breaks mid-stream must be resumed from the last byte
+received, and one attempt budget has to cover both. So every request, whatever fails (connect,
+headers, body), is sent at most ``max_attempts`` times, with exponential backoff and full jitter
+between attempts (``retry_delay``), and each attempt is counted in ``LoadStats``. A request that
+still fails raises a ``TransferError`` carrying ``attempts`` (``exhausted``); errors that no
+retry can fix (403, 404, 412, a truncated object) are raised at once. ``open_range`` makes one
+attempt and leaves the retrying to its caller (the engine resumes where the body stopped);
+``get_object``, ``object_size`` and ``read_range`` retry themselves.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import re
+from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
 import botocore.exceptions
@@ -38,22 +49,66 @@ from ._errors import (
     TruncatedObjectError,
 )
 
-__all__ = ["RangeStream", "S3Store", "translate_error"]
+if TYPE_CHECKING:
+    from ._stats import StatsRecorder
+
+__all__ = [
+    "RangeStream",
+    "S3Store",
+    "exhausted",
+    "is_retryable",
+    "retry_delay",
+    "translate_error",
+]
+
+T = TypeVar("T")
+
+RETRY_BACKOFF_BASE_S = 0.25
+"""Seconds: the first retry waits up to this long, each later one up to twice as long."""
+RETRY_BACKOFF_CAP_S = 20.0
+"""Seconds: no retry waits longer than this (botocore's own cap)."""
 
 _CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
 # Errors a new request can fix: the connection broke, the body stalled, the stream was cut short.
+# (botocore's ConnectionError covers EndpointConnectionError, ConnectTimeoutError,
+# ReadTimeoutError, ConnectionClosedError and ProxyConnectionError; SSLError is excluded below.)
 _TRANSIENT = (
     aiohttp.ClientPayloadError,
     aiohttp.ClientConnectionError,
     asyncio.TimeoutError,
+    ConnectionError,
+    botocore.exceptions.ConnectionError,
+    botocore.exceptions.HTTPClientError,
     botocore.exceptions.ResponseStreamingError,
-    botocore.exceptions.ReadTimeoutError,
-    botocore.exceptions.ConnectTimeoutError,
-    botocore.exceptions.EndpointConnectionError,
-    botocore.exceptions.ConnectionClosedError,
     botocore.exceptions.IncompleteReadError,
 )
+
+# Error responses a new request can fix: botocore standard mode's transient and throttling
+# lists, and the status codes it retries (plus 408 and 429).
+_RETRYABLE_CODES = frozenset(
+    {
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "PriorRequestNotComplete",
+        "InternalError",
+        "ServiceUnavailable",
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "ThrottledException",
+        "RequestThrottledException",
+        "TooManyRequestsException",
+        "ProvisionedThroughputExceededException",
+        "TransactionInProgressException",
+        "RequestLimitExceeded",
+        "BandwidthLimitExceeded",
+        "LimitExceededException",
+        "RequestThrottled",
+        "EC2ThrottledException",
+    }
+)
+_RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 
 
 def _where(bucket: str, key: str, byte_range: tuple[int, int] | None) -> str:
@@ -131,10 +186,10 @@ def translate_error(
         return TransferError(
             f"reading {where} failed: {detail}",
             status=status,
-            retryable=status >= 500 or status in (408, 429),
+            retryable=status in _RETRYABLE_STATUS or code in _RETRYABLE_CODES,
             **ctx,
         )
-    if isinstance(exc, _TRANSIENT):
+    if isinstance(exc, _TRANSIENT) and not isinstance(exc, botocore.exceptions.SSLError):
         return TransferError(
             f"reading {where} failed: {type(exc).__name__}: {exc}",
             retryable=True,
@@ -150,7 +205,30 @@ def translate_error(
 
 
 def is_retryable(exc: BaseException) -> bool:
+    """Whether a new request can fix the failure (translated errors only)."""
     return bool(getattr(exc, "retryable", False))
+
+
+def retry_delay(attempt: int) -> float:
+    """Seconds to wait after failed attempt ``attempt`` (1-based): exponential, full jitter."""
+    cap = min(RETRY_BACKOFF_CAP_S, RETRY_BACKOFF_BASE_S * 2 ** min(attempt - 1, 30))
+    return random.uniform(0.0, cap)
+
+
+def exhausted(error: AiodcpError, attempts: int) -> AiodcpError:
+    """The error to raise once ``attempts`` attempts failed, the last with ``error``."""
+    if not is_retryable(error):
+        return error
+    context = dict(error.context)
+    context.update(attempts=attempts, retryable=False)
+    cause = error.__cause__
+    timed_out = isinstance(cause, asyncio.TimeoutError) or "Timeout" in type(cause).__name__
+    hint = "raise connect_timeout_s/read_timeout_s or " if timed_out else ""
+    return TransferError(
+        f"{error.message} (gave up after {attempts} attempt{'s' if attempts != 1 else ''}: "
+        f"the store or the network keeps failing; try again later, or {hint}raise max_attempts)",
+        **context,
+    )
 
 
 class RangeStream:
@@ -210,7 +288,8 @@ class S3Store:
             "connect_timeout": cfg.connect_timeout_s,
             "read_timeout": cfg.read_timeout_s,
             "max_pool_connections": cfg.max_concurrency,
-            "retries": {"max_attempts": cfg.max_attempts - 1, "mode": "standard"},
+            # One attempt per call: retries (and resumes) are ours, see the module docstring.
+            "retries": {"total_max_attempts": 1, "mode": "standard"},
             "s3": {"addressing_style": cfg.addressing_style},
         }
         if cfg.unsigned:
@@ -252,54 +331,99 @@ class S3Store:
             raise RuntimeError("S3Store is not open")
         return self._client
 
-    async def get_object(self, bucket: str, key: str) -> bytes:
-        """The whole object (for small objects such as ``.metadata``)."""
+    async def retrying(
+        self,
+        attempt_once: Callable[[], Awaitable[T]],
+        *,
+        on_retry: Callable[[int], None] | None = None,
+    ) -> T:
+        """``await attempt_once()`` until it succeeds, fails for good, or ``max_attempts`` ran.
+
+        ``attempt_once`` raises translated errors; a retryable one is retried after
+        ``retry_delay``, calling ``on_retry(attempt)`` first. Cancellation stops at once.
+        """
         attempts = self.config.max_attempts
-        for attempt in range(1, attempts + 1):
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await attempt_once()
+            except AiodcpError as error:
+                if not is_retryable(error):
+                    raise
+                if attempt >= attempts:
+                    raise exhausted(error, attempt) from error
+            await asyncio.sleep(retry_delay(attempt))
+            if on_retry is not None:
+                on_retry(attempt + 1)
+
+    async def get_object(
+        self, bucket: str, key: str, *, stats: StatsRecorder | None = None
+    ) -> bytes:
+        """The whole object (for small objects such as ``.metadata``), retried as a whole.
+
+        With ``stats``, each retry adds one request and one retry (the caller counts the first
+        request itself).
+        """
+
+        async def attempt_once() -> bytes:
             body = None
             try:
                 response = await self.client.get_object(Bucket=bucket, Key=key)
                 body = response["Body"]
                 data: bytes = await body.read()
-                return data
             except Exception as exc:
-                error = translate_error(exc, bucket, key)
-                if attempt == attempts or not is_retryable(error) or _is_client_error(exc):
-                    raise error from exc
+                raise translate_error(exc, bucket, key) from exc
             finally:
                 if body is not None:
                     body.close()
-        raise AssertionError("unreachable")  # pragma: no cover
+            return data
+
+        def on_retry(attempt: int) -> None:
+            if stats is not None:
+                stats.add(requests=1, retries=1)
+
+        return await self.retrying(attempt_once, on_retry=on_retry)
 
     async def object_size(self, bucket: str, key: str) -> int:
         """The object's size in bytes (HEAD)."""
-        try:
-            response = await self.client.head_object(Bucket=bucket, Key=key)
-        except Exception as exc:
-            raise translate_error(exc, bucket, key) from exc
-        return int(response["ContentLength"])
+
+        async def attempt_once() -> int:
+            try:
+                response = await self.client.head_object(Bucket=bucket, Key=key)
+            except Exception as exc:
+                raise translate_error(exc, bucket, key) from exc
+            return int(response["ContentLength"])
+
+        return await self.retrying(attempt_once)
 
     async def read_range(self, bucket: str, key: str, start: int, end: int) -> bytes:
-        """Bytes ``[start, end)`` joined (for small reads of the generic reader)."""
+        """Bytes ``[start, end)`` joined (for the generic reader); a broken body resumes."""
         if end <= start:
             return b""
-        stream = await self.open_range(bucket, key, start, end)
-        try:
-            parts = []
-            while chunk := await stream.read_chunk():
-                parts.append(chunk)
-        finally:
-            stream.close()
-        data = b"".join(parts)
-        if len(data) < end - start:
-            raise TransferError(
-                f"{_where(bucket, key, (start, end))}: the body ended after {len(data)} bytes",
-                bucket=bucket,
-                key=key,
-                byte_range=(start, end),
-                retryable=True,
+        parts: list[bytes] = []
+        received = 0
+        etag: list[str] = []
+
+        async def attempt_once() -> None:
+            nonlocal received
+            stream = await self.open_range(
+                bucket, key, start + received, end, if_match=etag[0] if etag else None
             )
-        return data[: end - start]
+            try:
+                if stream.etag is not None and not etag:
+                    etag.append(stream.etag)
+                while start + received < end:
+                    chunk = await stream.read_chunk()
+                    if not chunk:
+                        raise _ended_early(bucket, key, start, end, start + received)
+                    parts.append(chunk)
+                    received += len(chunk)
+            finally:
+                stream.close()
+
+        await self.retrying(attempt_once)
+        return b"".join(parts)[: end - start]
 
     async def open_range(
         self, bucket: str, key: str, start: int, end: int, *, if_match: str | None = None
@@ -313,7 +437,20 @@ class S3Store:
         except Exception as exc:
             raise translate_error(exc, bucket, key, (start, end)) from exc
         body = response["Body"]
-        served_end = _served_end(response, start, end)
+        served_start, served_end = _served_span(response, start, end)
+        if served_start != start:
+            body.close()
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            raise StorageError(
+                f"{_where(bucket, key, (start, end))}: the store ignored the Range header (it "
+                f"answered {status} with bytes from {served_start} instead of {start}, "
+                f"Content-Range {response.get('ContentRange')!r}); aiodcp needs ranged GETs: "
+                "use an S3-compatible store (or proxy) that supports them",
+                bucket=bucket,
+                key=key,
+                byte_range=(start, end),
+                retryable=False,
+            )
         if served_end < end:
             body.close()
             raise TruncatedObjectError(
@@ -329,19 +466,31 @@ class S3Store:
         return RangeStream(body, bucket=bucket, key=key, start=start, end=end, etag=etag)
 
 
-def _is_client_error(exc: BaseException) -> bool:
-    """botocore already retried this one (an error response, not a broken body)."""
-    return isinstance(exc, botocore.exceptions.ClientError)
+def _ended_early(bucket: str, key: str, start: int, end: int, pos: int) -> TransferError:
+    return TransferError(
+        f"{_where(bucket, key, (start, end))}: the body ended at byte {pos}, before the end of "
+        "its range",
+        bucket=bucket,
+        key=key,
+        byte_range=(start, end),
+        retryable=True,
+    )
 
 
-def _served_end(response: dict[str, Any], start: int, end: int) -> int:
-    """Exclusive end of the bytes the store will send, from Content-Range or Content-Length."""
+def _served_span(response: dict[str, Any], start: int, end: int) -> tuple[int, int]:
+    """``[first, end)`` of the bytes the store will send, from Content-Range or the status.
+
+    A 206 names its range in Content-Range. A 200 without one is the whole object from byte 0:
+    a store that ignored the Range header (fine only when ``start`` is 0).
+    """
     content_range = response.get("ContentRange")
     if content_range:
         match = _CONTENT_RANGE_RE.match(content_range.strip())
         if match:
-            return int(match.group(2)) + 1
+            return int(match.group(1)), int(match.group(2)) + 1
     length = response.get("ContentLength")
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    first = 0 if status == 200 else start
     if isinstance(length, int):
-        return start + length
-    return end
+        return first, first + length
+    return first, end

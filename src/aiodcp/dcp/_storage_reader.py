@@ -26,6 +26,7 @@ import asyncio
 import dataclasses
 import functools
 import io
+import logging
 import os
 import threading
 import uuid
@@ -63,6 +64,8 @@ if TYPE_CHECKING:
     from torch.distributed.checkpoint.filesystem import _StorageInfo
 
 __all__ = ["S3StorageReader"]
+
+logger = logging.getLogger(__name__)
 
 _METADATA_NAME = ".metadata"
 
@@ -212,7 +215,7 @@ class S3StorageReader(StorageReader):
 
             async def fetch(store: S3Store) -> bytes:
                 recorder.add(requests=1)
-                data = await store.get_object(bucket, key)
+                data = await store.get_object(bucket, key, stats=recorder)
                 recorder.add(bytes_received=len(data))
                 return data
 
@@ -248,10 +251,15 @@ class S3StorageReader(StorageReader):
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         recorder = self._recorder
+        logger.debug("%s: read_data of %d read items", self._path.url, len(plan.items))
         try:
             self._read_data(plan, planner, recorder)
-        finally:
+        except BaseException as exc:
             self._stats = recorder.finish()
+            logger.debug("%s: load failed after %s: %r", self._path.url, self._stats, exc)
+            raise
+        self._stats = recorder.finish()
+        logger.info("%s: loaded: %s", self._path.url, self._stats)
         future: Future[None] = Future()
         future.set_result(None)
         return future
