@@ -33,7 +33,7 @@ from ._objectreader import S3ObjectReader
 from ._planner import ItemRange, RangeGroup
 from ._prefetch import PrefetchHandle, prefetch
 from ._reader import ChunkBuffer, SequentialReader
-from ._stats import LoadStats
+from ._stats import LoadStats, RequestMetrics
 from .dcp import S3StorageReader
 
 __version__ = "0.1.0.dev0"
@@ -58,6 +58,7 @@ __all__ = [
     "RangeGroup",
     "ReaderConfig",
     "ReaderTypeError",
+    "RequestMetrics",
     "S3ObjectReader",
     "S3StorageReader",
     "SequentialAccessError",

@@ -9,6 +9,7 @@ construction, with a message that names the field and what is allowed, before an
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
@@ -19,6 +20,7 @@ from ._planner import (
     validate_max_gap_size,
     validate_part_size,
 )
+from ._stats import RequestMetrics
 
 __all__ = [
     "DEFAULT_CONNECT_TIMEOUT_S",
@@ -126,6 +128,12 @@ class ReaderConfig:
     """Decode plain stored tensors straight into their destination (one copy, no temporary)
     instead of ``torch.load`` + ``copy_``; anything unusual falls back to ``torch.load``.
     Default True; False always uses ``torch.load``."""
+    on_request: Callable[[RequestMetrics], None] | None = field(
+        default=None, compare=False, hash=False
+    )
+    """A metrics hook: called on the event loop with a :class:`RequestMetrics` after every
+    attempt of every data GET (requests, bytes, retries, latency). Keep it fast; its exceptions
+    are logged and ignored. Default None."""
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
     """Advanced: keyword arguments passed as they are to ``AioConfig`` (botocore ``Config``)."""
 
@@ -173,6 +181,12 @@ class ReaderConfig:
         _positive_seconds("read_timeout_s", self.read_timeout_s)
         object.__setattr__(self, "max_gap_size", validate_max_gap_size(self.max_gap_size))
         object.__setattr__(self, "part_size", validate_part_size(self.part_size))
+        if self.on_request is not None and not callable(self.on_request):
+            raise ConfigError(
+                f"on_request must be a callable taking RequestMetrics, got {self.on_request!r}",
+                field="on_request",
+                value=self.on_request,
+            )
         if not isinstance(self.extra, dict):
             raise ConfigError(
                 f"extra must be a dict of AioConfig arguments, got {self.extra!r}",

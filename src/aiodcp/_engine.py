@@ -24,7 +24,9 @@ is re-raised to the consumer; ``abort()`` (consumer side) cancels everything as 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -32,10 +34,12 @@ from ._config import ReaderConfig
 from ._errors import AiodcpError, LoadCancelledError, ObjectChangedError, TransferError
 from ._planner import FilePlan, ItemRange, Part
 from ._reader import ChunkBuffer
-from ._stats import StatsRecorder
+from ._stats import RequestMetrics, StatsRecorder
 from ._store import S3Store, exhausted, is_retryable, retry_delay
 
 __all__ = ["FetchEngine", "FileFetch"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +208,7 @@ class FetchEngine:
             if attempt > 1:
                 stats.add(retries=1, resumed_bytes=pos - part.start)
             stats.add(requests=1)
+            sent_at, first_at, sent_from = time.perf_counter(), 0.0, pos
             try:
                 stream = await self._store.open_range(
                     self._bucket, key, pos, part.end, if_match=self._etags.get(key)
@@ -221,7 +226,9 @@ class FetchEngine:
                                 byte_range=(part.start, part.end),
                                 retryable=True,
                             )
-                        stats.first_byte()
+                        if not first_at:
+                            first_at = time.perf_counter()
+                            stats.first_byte()
                         n = len(chunk)
                         stats.add(bytes_received=n)
                         end = min(pos + n, part.end)
@@ -246,13 +253,60 @@ class FetchEngine:
                         pos = end
                 finally:
                     stream.close()
+                self._report(
+                    key, sent_from, part.end, pos - sent_from, attempt, sent_at, first_at, None
+                )
                 return
             except AiodcpError as error:
+                self._report(
+                    key, sent_from, part.end, pos - sent_from, attempt, sent_at, first_at, error
+                )
                 if not is_retryable(error):
                     raise
                 if attempt >= attempts:
                     raise exhausted(error, attempt) from error
+                logger.debug(
+                    "s3://%s/%s bytes [%d, %d): attempt %d/%d failed (%s); retrying",
+                    self._bucket,
+                    key,
+                    pos,
+                    part.end,
+                    attempt,
+                    attempts,
+                    error,
+                )
             await asyncio.sleep(retry_delay(attempt))
+
+    def _report(
+        self,
+        key: str,
+        start: int,
+        end: int,
+        received: int,
+        attempt: int,
+        sent_at: float,
+        first_at: float,
+        error: BaseException | None,
+    ) -> None:
+        hook = self._config.on_request
+        if hook is None:
+            return
+        now = time.perf_counter()
+        metrics = RequestMetrics(
+            bucket=self._bucket,
+            key=key,
+            start=start,
+            end=end,
+            bytes_received=received,
+            attempt=attempt,
+            latency_s=now - sent_at,
+            time_to_first_byte_s=(first_at - sent_at) if first_at else None,
+            error=None if error is None else f"{type(error).__name__}: {error}",
+        )
+        try:
+            hook(metrics)
+        except Exception:
+            logger.exception("aiodcp on_request hook raised; ignored")
 
     def _pin_etag(self, key: str, etag: str | None, byte_range: tuple[int, int]) -> None:
         if etag is None:

@@ -6,7 +6,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-__all__ = ["LoadStats", "StatsRecorder"]
+__all__ = ["LoadStats", "RequestMetrics", "StatsRecorder"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +48,28 @@ class LoadStats:
             f"first byte {self.time_to_first_byte_s * 1000:.0f} ms, "
             f"wall {self.wall_time_s:.3f} s"
         )
+
+
+@dataclass(frozen=True, slots=True)
+class RequestMetrics:
+    """One attempt of one ranged GET, handed to ``ReaderConfig.on_request`` when it ends."""
+
+    bucket: str
+    key: str
+    start: int
+    """First byte asked for."""
+    end: int
+    """End (exclusive) of the bytes asked for."""
+    bytes_received: int
+    """Payload bytes this attempt received."""
+    attempt: int
+    """1 for the first attempt, 2 for the first retry..."""
+    latency_s: float
+    """Seconds from sending the request to its last byte (or its failure)."""
+    time_to_first_byte_s: float | None
+    """Seconds from sending the request to its first body byte; None if none arrived."""
+    error: str | None
+    """``"ErrorClass: message"`` if the attempt failed, else None."""
 
 
 class StatsRecorder:
