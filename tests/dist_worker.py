@@ -54,13 +54,16 @@ def main() -> None:
             "region": "us-east-1",
             "addressing_style": "path",
             "part_size": 1024,  # many concurrent parts even for this small checkpoint
+            "memory_budget": 8192,
         }
         state = sharded(Shard(1), world, zero=True)
+        stats: aiodcp.LoadStats | None
         if mode == "load-sync":
             with aiodcp.S3StorageReader(directory, **options) as reader:
                 dcp.load(state, storage_reader=reader)
+                stats = reader.stats
         else:
-            asyncio.run(aiodcp.load_checkpoint(state, directory, **options))
+            stats = asyncio.run(aiodcp.load_checkpoint(state, directory, **options))
         expected = full_tensors()
         for name, full in expected.items():
             tensor = state[name]
@@ -71,6 +74,9 @@ def main() -> None:
                 raise SystemExit(f"rank {dist.get_rank()}: {name} differs after the load")
         if state["step"] != 77:
             raise SystemExit(f"step is {state['step']!r}")
+        # Every stored item here is smaller than the budget, so the budget bounds the peak.
+        if stats is None or not 0 < stats.peak_buffered_bytes <= options["memory_budget"]:
+            raise SystemExit(f"peak buffered bytes out of bounds: {stats}")
         print(f"rank {dist.get_rank()} OK", flush=True)  # noqa: T201
     finally:
         dist.destroy_process_group()

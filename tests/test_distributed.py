@@ -66,11 +66,14 @@ def resharded_checkpoint(tmp_path_factory: pytest.TempPathFactory, s3_server: S3
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["load-sync", "load-async"])
-def test_two_ranks_load_a_four_rank_checkpoint_resharded(
-    resharded_checkpoint: str, s3_server: S3Server, mode: str
+@pytest.mark.parametrize(
+    ("world", "mode"), [(2, "load-sync"), (2, "load-async"), (4, "load-async")]
+)
+def test_ranks_load_a_four_rank_checkpoint_resharded(
+    resharded_checkpoint: str, s3_server: S3Server, world: int, mode: str
 ) -> None:
+    """Saved by 4 ranks sharded on dim 0; loaded by 2 or 4 ranks sharded on dim 1."""
     outputs = run_ranks(
-        2, [mode, resharded_checkpoint], {"TEST_S3_ENDPOINT": s3_server.endpoint_url}
+        world, [mode, resharded_checkpoint], {"TEST_S3_ENDPOINT": s3_server.endpoint_url}
     )
-    assert [o.strip().splitlines()[-1] for o in outputs] == ["rank 0 OK", "rank 1 OK"]
+    assert [o.strip().splitlines()[-1] for o in outputs] == [f"rank {r} OK" for r in range(world)]

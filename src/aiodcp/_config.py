@@ -128,6 +128,12 @@ class ReaderConfig:
     """Decode plain stored tensors straight into their destination (one copy, no temporary)
     instead of ``torch.load`` + ``copy_``; anything unusual falls back to ``torch.load``.
     Default True; False always uses ``torch.load``."""
+    safe_bytes: bool = False
+    """Non-tensor values (BYTE_IO items) are unpickled by torch's load planner with
+    ``torch.load(weights_only=False)``, which runs whatever the pickle says. With True, each
+    value is first checked with ``torch.load(weights_only=True)`` (primitives, containers,
+    tensors) and a value that needs anything else raises ``CheckpointFormatError``. Default
+    False, as in torch."""
     on_request: Callable[[RequestMetrics], None] | None = field(
         default=None, compare=False, hash=False
     )
@@ -161,6 +167,12 @@ class ReaderConfig:
                 f"verify must be True, False or a CA bundle path, got {self.verify!r}",
                 field="verify",
                 value=self.verify,
+            )
+        if not isinstance(self.safe_bytes, bool):
+            raise ConfigError(
+                f"safe_bytes must be a bool, got {self.safe_bytes!r}",
+                field="safe_bytes",
+                value=self.safe_bytes,
             )
         if not isinstance(self.fast_decode, bool):
             raise ConfigError(

@@ -56,6 +56,7 @@ class _ByteBudget:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.used = 0
+        self.peak = 0
         self._waiter: asyncio.Future[None] | None = None
 
     async def acquire(self, n: int) -> None:
@@ -65,6 +66,8 @@ class _ByteBudget:
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
         self.used += n
+        if self.used > self.peak:
+            self.peak = self.used
 
     def release(self, n: int) -> None:
         self.used -= n
@@ -150,6 +153,8 @@ class FetchEngine:
             await self._cancel_tasks()
             self._fail(exc)
             raise
+        finally:
+            self._stats.observe_peak(self._budget.peak)
         if self._error is not None:
             raise self._error
 

@@ -27,6 +27,9 @@ class LoadStats:
     """Bytes not downloaded again because an interrupted stream resumed where it stopped."""
     items: int = 0
     """Stored items fetched."""
+    peak_buffered_bytes: int = 0
+    """Most downloaded item bytes held at once (reserved from the memory budget); at most
+    ``max(memory_budget, largest item)``."""
     files: int = 0
     """Data files touched."""
     time_to_first_byte_s: float = 0.0
@@ -85,6 +88,7 @@ class StatsRecorder:
         "bytes_used",
         "files",
         "items",
+        "peak_buffered_bytes",
         "requests",
         "resumed_bytes",
         "retries",
@@ -103,11 +107,16 @@ class StatsRecorder:
         self.resumed_bytes = 0
         self.items = 0
         self.files = 0
+        self.peak_buffered_bytes = 0
 
     def add(self, **counts: int) -> None:
         with self._lock:
             for name, value in counts.items():
                 setattr(self, name, getattr(self, name) + value)
+
+    def observe_peak(self, buffered: int) -> None:
+        with self._lock:
+            self.peak_buffered_bytes = max(self.peak_buffered_bytes, buffered)
 
     def first_byte(self) -> None:
         if self._first_byte is None:
@@ -133,6 +142,7 @@ class StatsRecorder:
                 resumed_bytes=self.resumed_bytes,
                 items=self.items,
                 files=self.files,
+                peak_buffered_bytes=self.peak_buffered_bytes,
                 time_to_first_byte_s=ttfb,
                 wall_time_s=stop - self._start,
             )

@@ -394,7 +394,10 @@ class S3StorageReader(StorageReader):
         if descriptors:
             stream = self._transform(descriptors, stream, info)
         if req.type == LoadItemType.BYTE_IO:
-            planner.load_bytes(req, io.BytesIO(stream.read()))
+            data = stream.read()
+            if self.config.safe_bytes:
+                self._check_bytes(req, data, info)
+            planner.load_bytes(req, io.BytesIO(data))
             return
         target = planner.resolve_tensor(req).detach()
         if (
@@ -421,6 +424,22 @@ class S3StorageReader(StorageReader):
             )
         target.copy_(tensor)
         planner.commit_tensor(req, target)
+
+    def _check_bytes(self, req: ReadItem, data: bytes, info: _StorageInfo) -> None:
+        """safe_bytes: refuse a value that torch's weights_only unpickler would not load."""
+        try:
+            torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise CheckpointFormatError(
+                f"s3://{self._path.bucket}/{self._path.key(info.relative_path)}: the value of "
+                f"{req.dest_index.fqn!r} is a pickle that needs more than plain data and "
+                f"tensors ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); refused "
+                "because safe_bytes=True. Load it with safe_bytes=False only if you trust "
+                "this checkpoint.",
+                bucket=self._path.bucket,
+                key=self._path.key(info.relative_path),
+                fqn=req.dest_index.fqn,
+            ) from exc
 
     def _transform(
         self, descriptors: Sequence[str], stream: IO[bytes], info: _StorageInfo
