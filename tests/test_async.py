@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,26 +13,7 @@ import torch
 import aiodcp
 
 from conftest import S3Server, assert_same, save_checkpoint, upload_dir
-
-
-def established_to(port: int) -> int:
-    """Client-side TCP connections to ``port`` on loopback in ESTABLISHED state."""
-    count = 0
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except FileNotFoundError:
-            continue
-        for line in lines:
-            fields = line.split()
-            remote_port = int(fields[2].rsplit(":", 1)[1], 16)
-            if remote_port == port and fields[3] == "01":
-                count += 1
-    return count
-
-
-def aiodcp_threads() -> list[str]:
-    return [t.name for t in threading.enumerate() if t.name.startswith("aiodcp")]
+from faultproxy import aiodcp_threads, established_to
 
 
 @pytest.fixture(scope="module")
