@@ -85,3 +85,16 @@ def test_missing_object_and_bad_arguments(bucket: str, reader_kwargs: dict[str, 
             reader.seek(0, 7)
     with pytest.raises(aiodcp.InvalidPathError, match="not an object"):
         aiodcp.S3ObjectReader(f"s3://{bucket}")
+
+
+def test_object_replaced_between_windows_is_detected(
+    blob: tuple[str, bytes], reader_kwargs: dict[str, Any], s3: Any
+) -> None:
+    url, data = blob
+    bucket = url.split("/")[2]
+    with aiodcp.S3ObjectReader(url, readahead=1000, **reader_kwargs) as reader:
+        assert reader.read(10) == data[:10]
+        s3.put_object(Bucket=bucket, Key="blobs/data.bin", Body=b"x" * len(data))
+        reader.seek(50_000)
+        with pytest.raises(aiodcp.ObjectChangedError, match="blobs/data.bin"):
+            reader.read(10)

@@ -62,6 +62,7 @@ class S3ObjectReader(io.RawIOBase):
         self._pos = 0
         self._window_start = 0
         self._window = b""
+        self._etag: str | None = None
 
     @property
     def size(self) -> int:
@@ -124,10 +125,13 @@ class S3ObjectReader(io.RawIOBase):
             fetch_end = min(total, max(end, start + self._readahead))
             bucket, key = self.bucket, self.key
 
-            async def fetch(store: S3Store) -> bytes:
-                return await store.read_range(bucket, key, start, fetch_end)
+            etag = self._etag
 
-            self._window = self._driver.run(fetch)
+            async def fetch(store: S3Store) -> tuple[bytes, str | None]:
+                # Every window is pinned to the first one's ETag: never mix two versions.
+                return await store.read_range(bucket, key, start, fetch_end, if_match=etag)
+
+            self._window, self._etag = self._driver.run(fetch)
             self._window_start = lo = start
         self._pos = end
         return self._window[start - lo : end - lo]

@@ -397,13 +397,16 @@ class S3Store:
 
         return await self.retrying(attempt_once)
 
-    async def read_range(self, bucket: str, key: str, start: int, end: int) -> bytes:
-        """Bytes ``[start, end)`` joined (for the generic reader); a broken body resumes."""
+    async def read_range(
+        self, bucket: str, key: str, start: int, end: int, *, if_match: str | None = None
+    ) -> tuple[bytes, str | None]:
+        """Bytes ``[start, end)`` joined, and the object's ETag (for the generic reader); a
+        broken body resumes. With ``if_match``, a replaced object raises ObjectChangedError."""
         if end <= start:
-            return b""
+            return b"", if_match
         parts: list[bytes] = []
         received = 0
-        etag: list[str] = []
+        etag: list[str] = [if_match] if if_match is not None else []
 
         async def attempt_once() -> None:
             nonlocal received
@@ -423,7 +426,7 @@ class S3Store:
                 stream.close()
 
         await self.retrying(attempt_once)
-        return b"".join(parts)[: end - start]
+        return b"".join(parts)[: end - start], (etag[0] if etag else None)
 
     async def open_range(
         self, bucket: str, key: str, start: int, end: int, *, if_match: str | None = None
