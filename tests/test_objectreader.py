@@ -96,5 +96,5 @@ def test_object_replaced_between_windows_is_detected(
         assert reader.read(10) == data[:10]
         s3.put_object(Bucket=bucket, Key="blobs/data.bin", Body=b"x" * len(data))
         reader.seek(50_000)
-        with pytest.raises(aiodcp.ObjectChangedError, match="blobs/data.bin"):
+        with pytest.raises(aiodcp.ObjectChangedError, match=r"blobs/data\.bin"):
             reader.read(10)
