@@ -82,7 +82,10 @@ async def load_checkpoint(
     try:
         key = path.key(".metadata")
         data = await store.get_object(path.bucket, key, stats=recorder)
-        metadata = load_metadata(data, f"s3://{path.bucket}/{key}")
+        # Unpickling the metadata of a checkpoint with many items takes long: not on the loop.
+        metadata = await _run_in_thread(
+            lambda: load_metadata(data, f"s3://{path.bucket}/{key}"), on_cancel=lambda: None
+        )
         recorder.add(requests=1, bytes_received=len(data))
         reader = S3StorageReader._with_driver(
             path, cfg, BorrowedLoopDriver(loop, store), metadata, recorder

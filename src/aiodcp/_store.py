@@ -24,14 +24,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import re
+import threading
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
 import botocore.exceptions
+import botocore.loaders
 from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession
 from botocore import UNSIGNED
@@ -296,6 +299,9 @@ class S3Store:
             options["signature_version"] = UNSIGNED
         options.update(cfg.extra)
         session = AioSession(profile=cfg.profile)
+        # botocore parses S3's service model (~0.1-0.3 s of JSON) when a client is created;
+        # share one parsed copy per process, loaded in a thread, so the loop never stalls.
+        session.register_component("data_loader", await _shared_loader())
         stack = contextlib.AsyncExitStack()
         try:
             self._client = await stack.enter_async_context(
@@ -467,6 +473,62 @@ class S3Store:
             )
         etag = response.get("ETag")
         return RangeStream(body, bucket=bucket, key=key, start=start, end=end, etag=etag)
+
+
+_LOADER_LOCK = threading.Lock()
+_LOADER: tuple[int, Any] | None = None  # (pid, botocore Loader with S3's data parsed)
+_S3_MODELS = ("service-2", "endpoint-rule-set-1")
+_DATA = ("endpoints", "partitions", "_retry", "sdk-default-configuration")
+
+
+def _load_loader() -> Any:
+    """A botocore Loader with everything an S3 client needs already parsed (blocking)."""
+    global _LOADER
+    with _LOADER_LOCK:
+        if _LOADER is not None and _LOADER[0] == os.getpid():
+            return _LOADER[1]
+        loader = botocore.loaders.create_loader()
+        for name in _S3_MODELS:
+            with contextlib.suppress(botocore.exceptions.DataNotFoundError):
+                loader.load_service_model("s3", name)
+        for name in _DATA:
+            with contextlib.suppress(botocore.exceptions.DataNotFoundError):
+                loader.load_data(name)
+        _LOADER = (os.getpid(), loader)
+        return loader
+
+
+async def _shared_loader() -> Any:
+    """The shared Loader; the first call parses it in a short-lived thread, off the loop."""
+    cached = _LOADER
+    if cached is not None and cached[0] == os.getpid():
+        return cached[1]
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[Any] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if done.done():
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(result)
+
+    def work() -> None:
+        try:
+            result = _load_loader()
+        except BaseException as error:
+            loop.call_soon_threadsafe(settle, None, error)
+        else:
+            loop.call_soon_threadsafe(settle, result, None)
+
+    thread = threading.Thread(target=work, name="aiodcp-botocore-models", daemon=True)
+    thread.start()
+    try:
+        return await asyncio.shield(done)
+    finally:
+        if done.done() and not done.cancelled():
+            done.exception()
 
 
 def _ended_early(bucket: str, key: str, start: int, end: int, pos: int) -> TransferError:

@@ -323,18 +323,17 @@ class S3StorageReader(StorageReader):
                     self._decode(req, buffer, planner)
             return
         driver = self._io
-        engine_box: list[FetchEngine] = []
-        ready = threading.Event()
         progress_total = sum(f.plan.requested_bytes for f in files) if self.progress else 0
 
+        async def opened(store: S3Store) -> S3Store:
+            return store
+
+        # Built here, not on the loop: a checkpoint of many items makes this the slow part,
+        # and the loop may be the caller's (load_checkpoint), which must stay responsive.
+        engine = FetchEngine(driver.run(opened), self._path.bucket, files, self.config, recorder)
+        self._engine = engine
+
         async def start(store: S3Store) -> None:
-            # The engine is built on the loop; the decode loop below starts once it exists.
-            try:
-                engine = FetchEngine(store, self._path.bucket, files, self.config, recorder)
-                engine_box.append(engine)
-                self._engine = engine
-            finally:
-                ready.set()
             bar = None
             if progress_total:
                 bar = asyncio.create_task(
@@ -348,12 +347,6 @@ class S3StorageReader(StorageReader):
                     await asyncio.gather(bar, return_exceptions=True)
 
         future = driver.submit(start)
-        future.add_done_callback(lambda _: ready.set())
-        ready.wait()
-        if not engine_box:  # failed before the engine existed (e.g. the store would not open)
-            future.result()
-            return
-        engine = engine_box[0]
         finished = False
         try:
             # What a prefetch holds first (already downloaded, or downloading on its own
