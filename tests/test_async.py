@@ -118,4 +118,3 @@ def test_sync_reader_close_releases_thread_and_connections(
     assert aiodcp_threads() == []
     assert established_to(port) == 0
     assert_same(state, {k: sd[k] for k in state})
-
