@@ -32,3 +32,9 @@ check: lint typecheck test
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .hypothesis
+
+## Benchmark aiodcp against s3torchconnector, s3fs, boto3 and local reads on a local S3 server
+## (benchmarks/README.md). Builds benchmarks/.venv-bench and installs s3rver itself.
+## BENCH_QUICK=1 for a few-minute run; BENCH_ARGS="--scenarios partial --repeats 5" for more.
+bench:
+	BENCH_QUICK=$(BENCH_QUICK) PYTHON=$(PYTHON) bash benchmarks/run.sh $(BENCH_ARGS)

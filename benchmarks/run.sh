@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Bootstraps and runs the benchmark: `make bench` calls this. Builds benchmarks/.venv-bench from
+# requirements.txt (exact pins; aiodcp itself is imported from this checkout's src/ by the
+# workers), installs s3rver from package.json/package-lock.json into node_modules (Node >= 18
+# must be on the machine), then runs bench.py with the arguments given.
+#   BENCH_QUICK=1 make bench                 # a few minutes
+#   make bench BENCH_ARGS="--scenarios partial --repeats 5"
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON="${PYTHON:-python3}"
+VENV=.venv-bench
+STAMP="$VENV/.installed"
+if [ ! -f "$STAMP" ] || [ requirements.txt -nt "$STAMP" ]; then
+    rm -rf "$VENV"
+    "$PYTHON" -m venv "$VENV"
+    "$VENV/bin/pip" install --quiet --upgrade pip
+    "$VENV/bin/pip" install --quiet -r requirements.txt
+    touch "$STAMP"
+fi
+if [ ! -x node_modules/.bin/s3rver ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
+    command -v npm >/dev/null || { echo "npm (Node >= 18) is needed for s3rver" >&2; exit 1; }
+    npm ci --no-audit --no-fund --loglevel=error
+fi
+exec "$VENV/bin/python" bench.py "$@"
