@@ -299,9 +299,10 @@ class S3Store:
             options["signature_version"] = UNSIGNED
         options.update(cfg.extra)
         session = AioSession(profile=cfg.profile)
-        # botocore parses S3's service model (~0.1-0.3 s of JSON) when a client is created;
-        # share one parsed copy per process, loaded in a thread, so the loop never stalls.
-        session.register_component("data_loader", await _shared_loader())
+        # botocore parses S3's service model (~0.1-0.3 s of JSON) for every new session; share
+        # one parsed copy per process. (Parsing it in a thread was worse for the loop: json's C
+        # parser holds the GIL throughout, and the two threads then convoy on the GIL.)
+        session.register_component("data_loader", _load_loader())
         stack = contextlib.AsyncExitStack()
         try:
             self._client = await stack.enter_async_context(
@@ -496,39 +497,6 @@ def _load_loader() -> Any:
                 loader.load_data(name)
         _LOADER = (os.getpid(), loader)
         return loader
-
-
-async def _shared_loader() -> Any:
-    """The shared Loader; the first call parses it in a short-lived thread, off the loop."""
-    cached = _LOADER
-    if cached is not None and cached[0] == os.getpid():
-        return cached[1]
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[Any] = loop.create_future()
-
-    def settle(result: Any, error: BaseException | None) -> None:
-        if done.done():
-            return
-        if error is not None:
-            done.set_exception(error)
-        else:
-            done.set_result(result)
-
-    def work() -> None:
-        try:
-            result = _load_loader()
-        except BaseException as error:
-            loop.call_soon_threadsafe(settle, None, error)
-        else:
-            loop.call_soon_threadsafe(settle, result, None)
-
-    thread = threading.Thread(target=work, name="aiodcp-botocore-models", daemon=True)
-    thread.start()
-    try:
-        return await asyncio.shield(done)
-    finally:
-        if done.done() and not done.cancelled():
-            done.exception()
 
 
 def _ended_early(bucket: str, key: str, start: int, end: int, pos: int) -> TransferError:
