@@ -198,10 +198,6 @@ def translate_error(
             retryable=True,
             **ctx,
         )
-    if isinstance(exc, botocore.exceptions.BotoCoreError):
-        return StorageError(
-            f"reading {where} failed: {type(exc).__name__}: {exc}", retryable=False, **ctx
-        )
     return StorageError(
         f"reading {where} failed: {type(exc).__name__}: {exc}", retryable=False, **ctx
     )
