@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import random
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import aiodcp
+from aiodcp.dcp import _fastdecode
 from aiodcp.dcp._fastdecode import decode_into
 
 from conftest import assert_same, save_checkpoint, upload_dir
@@ -152,3 +154,179 @@ def test_checkpoint_loads_identically_with_and_without_fast_decode(
     # All but the transposed tensor (zeros_like keeps its strides: a non-contiguous destination)
     # and the empty one (DCP plans no read for a tensor without elements).
     assert fast_count == len(sd) - 2
+
+
+# -- the layout cache ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def layouts(monkeypatch: pytest.MonkeyPatch) -> dict[Any, Any]:
+    """An empty layout cache for this test (the module's own is left as it was)."""
+    cache: dict[Any, Any] = {}
+    monkeypatch.setattr(_fastdecode, "_LAYOUTS", cache)
+    return cache
+
+
+def _raw_bits(tensor: torch.Tensor) -> bytes:
+    return tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def _no_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(buffer: aiodcp.ChunkBuffer) -> None:
+        raise AssertionError("parsed although a remembered layout matched")
+
+    monkeypatch.setattr(_fastdecode, "_parse", fail)
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.int64, torch.bool, torch.complex64], ids=str
+)
+@pytest.mark.parametrize("shape", [(), (1,), (4096,), (5, 3), (3, 4, 5)], ids=str)
+def test_cached_layout_decodes_bit_identically(
+    layouts: dict[Any, Any],
+    monkeypatch: pytest.MonkeyPatch,
+    dtype: torch.dtype,
+    shape: tuple[int, ...],
+) -> None:
+    first, *others = [random_tensor(dtype, shape, seed) for seed in range(4)]
+    assert decode_into(saved(first), [0] * len(shape), list(shape), torch.empty(shape, dtype=dtype))
+    assert len(layouts) == 1
+    _no_parsing(monkeypatch)  # every later item must reuse the layout
+    for tensor in others:
+        target = torch.empty(shape, dtype=dtype)
+        assert decode_into(saved(tensor), [0] * len(shape), list(shape), target)
+        expected = reference(tensor, [0] * len(shape), list(shape))
+        assert _raw_bits(target) == _raw_bits(expected)
+    if len(shape) == 3:  # narrowed contiguous regions take the cached layout as well
+        for offsets, lengths in [
+            ([1, 0, 0], [2, 4, 5]),
+            ([2, 0, 0], [1, 4, 5]),
+            ([0, 0, 0], [1, 4, 5]),
+        ]:
+            target = torch.empty(lengths, dtype=dtype)
+            assert decode_into(saved(others[0]), offsets, lengths, target)
+            assert _raw_bits(target) == _raw_bits(reference(others[0], offsets, lengths))
+
+
+def _same_length_layouts(tmp_path: Path) -> dict[str, tuple[aiodcp.ChunkBuffer, torch.Tensor]]:
+    """Items of one length and one end-of-directory record but each a different layout."""
+    items: dict[str, tuple[bytes, torch.Tensor]] = {}
+    for name, tensor in {
+        "float32 (24,)": torch.randn(24),
+        "int32 (24,)": torch.randint(-(2**31), 2**31 - 1, (24,), dtype=torch.int32),
+        "float32 (4, 6)": torch.randn(4, 6),
+        "float32 (6, 4)": torch.randn(6, 4),
+        "float32 (2, 3, 4)": torch.randn(2, 3, 4),
+        "storage offset 1": torch.randn(25)[1:],
+        "storage offset 0 of 25": torch.randn(25)[:-1],
+    }.items():
+        items[name] = (_bytes(tensor), tensor)
+    renamed = torch.randn(24)
+    torch.save(renamed, tmp_path / "aaaaaaa.pt")  # records aaaaaaa/... instead of archive/...
+    items["renamed records"] = ((tmp_path / "aaaaaaa.pt").read_bytes(), renamed)
+    ends = {(len(raw), raw[-22:]) for raw, _ in items.values()}
+    assert len(ends) == 1, "the items should share one cache key"
+    return {name: (aiodcp.ChunkBuffer([raw]), tensor) for name, (raw, tensor) in items.items()}
+
+
+def test_same_length_different_layout_never_reuses_a_wrong_entry(
+    layouts: dict[Any, Any], tmp_path: Path
+) -> None:
+    items = _same_length_layouts(tmp_path)
+    for _ in range(2):  # the second round finds every layout remembered or evicted
+        for cached, primer in items.values():
+            for name, (buffer, tensor) in items.items():
+                # Decode one item (its layout is remembered), then every other one.
+                shape = list(primer.shape)
+                assert decode_into(cached, [0] * len(shape), shape, torch.empty_like(primer))
+                target = torch.empty(tensor.shape, dtype=tensor.dtype)
+                assert decode_into(buffer, [0] * tensor.dim(), list(tensor.shape), target), name
+                assert torch.equal(target, tensor), name
+                # The same bytes read as another dtype or shape would be wrong: refused.
+                other = torch.float32 if tensor.dtype == torch.int32 else torch.int32
+                assert not decode_into(
+                    buffer,
+                    [0] * tensor.dim(),
+                    list(tensor.shape),
+                    torch.empty(tensor.shape, dtype=other),
+                )
+                if tensor.dim() == 2:
+                    flipped = torch.empty(tensor.shape[::-1], dtype=tensor.dtype)
+                    assert not decode_into(buffer, [0, 0], list(flipped.shape), flipped), name
+    assert all(len(kept) <= _fastdecode._LAYOUTS_PER_KEY for kept in layouts.values())
+
+
+def test_cache_checks_every_byte_parsing_relied_on(
+    layouts: dict[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = torch.randn(64), torch.randn(64)
+    assert decode_into(saved(a), [0], [64], torch.empty(64))
+    raw = bytearray(_bytes(b))
+    eocd = len(raw) - 22
+    cd_offset = int.from_bytes(raw[eocd + 16 : eocd + 20], "little")
+    # CRC fields and the serialization id vary per item and are not relied on: still a hit.
+    header = cd_offset - 4
+    for _ in range(7):
+        header = raw.index(b"PK\x01\x02", header + 4)
+        raw[header + 16 : header + 20] = b"\x00\x01\x02\x03"
+    with monkeypatch.context() as patch:
+        _no_parsing(patch)
+        target = torch.empty(64)
+        assert decode_into(aiodcp.ChunkBuffer([bytes(raw)]), [0], [64], target)
+        assert torch.equal(target, b)
+    # A damaged local header, or a changed pickle byte, is not the remembered layout: parsed
+    # again, and refused as parsing refuses it.
+    damaged = bytearray(raw)
+    damaged[damaged.index(b"PK\x03\x04", 10)] = ord("X")
+    assert not decode_into(aiodcp.ChunkBuffer([bytes(damaged)]), [0], [64], torch.empty(64))
+    stored = bytearray(raw)
+    pickle_at = stored.index(b"FloatStorage")
+    stored[pickle_at : pickle_at + 12] = b"FloatStorag\x00"
+    assert not decode_into(aiodcp.ChunkBuffer([bytes(stored)]), [0], [64], torch.empty(64))
+
+
+def test_cache_is_bounded(layouts: dict[Any, Any], tmp_path: Path) -> None:
+    # Distinct lengths: one key each, more than the cache keeps.
+    for k in range(1, _fastdecode._LAYOUT_KEYS + 20):
+        tensor = torch.randn(64 * k)
+        target = torch.empty(64 * k)
+        assert decode_into(saved(tensor), [0], [64 * k], target)
+        assert torch.equal(target, tensor)
+        assert len(layouts) <= _fastdecode._LAYOUT_KEYS
+    assert len(layouts) == _fastdecode._LAYOUT_KEYS
+    # The oldest keys went first: the newest lengths are still there.
+    assert max(length for length, _ in layouts) == len(_bytes(torch.randn(64 * k)))
+    # More layouts under one key than it keeps.
+    for buffer, tensor in _same_length_layouts(tmp_path).values():
+        decode_into(buffer, [0] * tensor.dim(), list(tensor.shape), torch.empty_like(tensor))
+        assert all(len(kept) <= _fastdecode._LAYOUTS_PER_KEY for kept in layouts.values())
+    assert len(layouts) == _fastdecode._LAYOUT_KEYS
+
+
+def test_concurrent_decoders_share_the_cache(
+    layouts: dict[Any, Any], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(_fastdecode, "_LAYOUT_KEYS", 2)  # plenty of evictions
+    monkeypatch.setattr(_fastdecode, "_LAYOUTS_PER_KEY", 2)
+    items = [*_same_length_layouts(tmp_path).values()]
+    items += [(saved(t), t) for t in (torch.randn(64), torch.randn(128), torch.randn(3, 64))]
+    errors: list[BaseException] = []
+
+    def work(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            for _ in range(300):
+                buffer, tensor = rng.choice(items)
+                target = torch.empty_like(tensor, memory_format=torch.contiguous_format)
+                ok = decode_into(buffer, [0] * tensor.dim(), list(tensor.shape), target)
+                assert ok and torch.equal(target, tensor)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(seed,)) for seed in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    assert len(layouts) <= 2
