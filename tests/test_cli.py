@@ -26,7 +26,14 @@ from torch.distributed.checkpoint._extension import ZStandard
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
 import aiodcp
-from aiodcp._cli import main, parse_size
+from aiodcp._cli import main, parse_size, plan_report, render_plan
+from aiodcp._path import parse_checkpoint_path
+from aiodcp._planner import (
+    DEFAULT_MAX_GAP_SIZE_BYTES,
+    MAX_AUTO_GAP_SIZE_BYTES,
+    MIN_AUTO_GAP_SIZE_BYTES,
+    auto_gap_size,
+)
 from aiodcp._store import S3Store
 
 from conftest import S3Server, save_checkpoint, upload_dir
@@ -313,6 +320,60 @@ def test_plan_gap_setting_changes_what_is_fetched(run: Any, ckpts: Fixture) -> N
     assert loose["totals"]["gap_bytes"] > 0 == tight["totals"]["gap_bytes"]
 
 
+def test_plan_resolves_auto_from_its_metadata_request(run: Any, ckpts: Fixture) -> None:
+    keys = ["--keys", *sorted(HALF)]
+    default = run("plan", ckpts.plain.url, "--json", *keys).json()["settings"]
+    explicit = run("plan", ckpts.plain.url, "--json", "--max-gap-size", "AUTO", *keys).json()
+    for settings in (default, explicit["settings"]):
+        assert settings["max_gap_size_policy"] == "auto"
+        latency = settings["request_latency_s"]
+        assert isinstance(latency, float) and latency >= 0
+        assert settings["max_gap_size"] == auto_gap_size(latency)
+        assert MIN_AUTO_GAP_SIZE_BYTES <= settings["max_gap_size"] <= MAX_AUTO_GAP_SIZE_BYTES
+    fixed = run("plan", ckpts.plain.url, "--json", "--max-gap-size", "inf", *keys).json()
+    assert fixed["settings"]["max_gap_size_policy"] == "fixed"
+    assert fixed["settings"]["max_gap_size"] is None  # inf
+    assert isinstance(fixed["settings"]["request_latency_s"], float)  # measured all the same
+    human = run("plan", ckpts.plain.url, *keys)
+    assert human.code == 0, human.err
+    settings_line = human.out.splitlines()[1]
+    assert settings_line.startswith("settings: max_gap_size ")
+    assert " (auto: .metadata GET " in settings_line and " ms), part_size 16.0 MiB" in settings_line
+
+
+def test_plan_and_load_resolve_auto_the_same_way(
+    run: Any, ckpts: Fixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the same measured latency, ``plan`` and a default load send the same GETs."""
+    for where in ("aiodcp._cli", "aiodcp.dcp._storage_reader"):
+        monkeypatch.setattr(f"{where}.request_latency_from_get", lambda *_: 0.0)  # MIN gap
+    report = run("plan", ckpts.plain.url, "--json", "--keys", *sorted(HALF)).json()
+    assert report["settings"]["max_gap_size"] == MIN_AUTO_GAP_SIZE_BYTES
+    parts = sorted(
+        (f["path"], p["start"], p["end"]) for f in report["files"] for g in f["groups"]
+        for p in g["parts"]
+    )  # fmt: skip
+    ckpts.server.clear_log()
+    template = _template(set(report["keys"]))
+    with aiodcp.S3StorageReader(
+        ckpts.plain.url, endpoint_url=ckpts.server.endpoint_url, addressing_style="path"
+    ) as reader:
+        dcp.load(template, storage_reader=reader)
+        stats = reader.stats
+    assert stats is not None and stats.max_gap_size == MIN_AUTO_GAP_SIZE_BYTES
+    assert _wire_ranges(ckpts.server, ckpts.plain) == parts
+    assert stats.bytes_requested == report["totals"]["bytes_requested"]
+
+
+def test_plan_report_without_a_measurement_uses_the_prior(ckpts: Fixture) -> None:
+    path = parse_checkpoint_path(ckpts.plain.url)
+    report = plan_report(ckpts.plain.metadata, path, aiodcp.ReaderConfig())
+    assert report["settings"]["max_gap_size"] == DEFAULT_MAX_GAP_SIZE_BYTES
+    assert report["settings"]["max_gap_size_policy"] == "auto"
+    assert report["settings"]["request_latency_s"] is None
+    assert "(auto: .metadata GET unmeasured)" in render_plan(report).splitlines()[1]
+
+
 def test_plan_table_lists_groups_ranges_and_gets(run: Any, ckpts: Fixture) -> None:
     argv = ("plan", ckpts.plain.url, "--max-gap-size", "0", "--keys", *sorted(HALF))
     report = run(*argv, "--json").json()
@@ -336,10 +397,15 @@ def test_plan_table_lists_groups_ranges_and_gets(run: Any, ckpts: Fixture) -> No
 def test_plan_keys_file_equals_keys(run: Any, ckpts: Fixture, tmp_path: Path) -> None:
     keys_file = tmp_path / "keys.txt"
     keys_file.write_text("# the half\n\n" + "\n".join(sorted(HALF)) + "\n  \n")
-    from_file = run("plan", ckpts.plain.url, "--json", "--keys-file", str(keys_file))
-    from_args = run("plan", ckpts.plain.url, "--json", "--keys", *sorted(HALF))
+    pin = ("--max-gap-size", "1MiB")  # "auto" would follow each run's measured latency
+    from_file = run("plan", ckpts.plain.url, "--json", *pin, "--keys-file", str(keys_file))
+    from_args = run("plan", ckpts.plain.url, "--json", *pin, "--keys", *sorted(HALF))
     assert from_file.code == from_args.code == 0
-    assert from_file.json() == from_args.json()
+    first, second = from_file.json(), from_args.json()
+    for report in (first, second):
+        latency = report["settings"].pop("request_latency_s")
+        assert isinstance(latency, float) and latency >= 0
+    assert first == second
     assert from_file.json()["totals"]["keys"] == 4
 
 
@@ -386,6 +452,7 @@ class _Evil:
         ("bad-url", 2, "is not an S3 URL"),
         ("bad-bucket-name", 2, "has no valid bucket name"),
         ("bad-size", 2, "argument --part-size: invalid size '12XB'"),
+        ("bad-gap", 2, "argument --max-gap-size: invalid size 'soon'"),
         ("bad-concurrency", 2, "max_concurrency must be a positive int"),
         (
             "unknown-key",
@@ -411,6 +478,8 @@ def test_errors_exit_with_their_code_and_one_clear_line(
         argv = ("plan", "s3://-x/ckpt")
     elif case == "bad-size":
         argv = ("plan", url, "--part-size", "12XB")
+    elif case == "bad-gap":
+        argv = ("plan", url, "--max-gap-size", "soon")
     elif case == "bad-concurrency":
         argv = ("plan", url, "--max-concurrency", "0")
     elif case == "unknown-key":

@@ -20,15 +20,23 @@ from hypothesis import strategies as st
 
 from aiodcp._errors import AiodcpError, ConfigError, InvalidRangeError
 from aiodcp._planner import (
+    ASSUMED_CONNECTION_BANDWIDTH_BYTES_PER_S,
+    ASSUMED_REQUEST_LATENCY_S,
     DEFAULT_MAX_GAP_SIZE_BYTES,
     DEFAULT_PART_SIZE_BYTES,
+    MAX_AUTO_GAP_SIZE_BYTES,
+    MIN_AUTO_GAP_SIZE_BYTES,
     FilePlan,
     ItemRange,
     Part,
     RangeGroup,
+    auto_gap_size,
     coalesce,
     plan_file,
+    request_latency_from_get,
+    resolve_max_gap_size,
     split_into_parts,
+    validate_gap_setting,
     validate_max_gap_size,
     validate_part_size,
 )
@@ -63,8 +71,12 @@ def gc_enabled() -> Iterator[None]:
 
 
 def test_defaults() -> None:
-    assert DEFAULT_MAX_GAP_SIZE_BYTES == 32 * MiB
+    # The prior of the "auto" gap policy: 25 ms x 85 MB/s (see auto_gap_size's docstring).
+    assert DEFAULT_MAX_GAP_SIZE_BYTES == 2_125_000 == auto_gap_size(None)
     assert DEFAULT_PART_SIZE_BYTES == 16 * MiB
+    assert MIN_AUTO_GAP_SIZE_BYTES == 256 * 1024
+    assert MAX_AUTO_GAP_SIZE_BYTES == 16 * MiB == DEFAULT_PART_SIZE_BYTES
+    assert MIN_AUTO_GAP_SIZE_BYTES < DEFAULT_MAX_GAP_SIZE_BYTES < MAX_AUTO_GAP_SIZE_BYTES
 
 
 def test_module_imports_only_stdlib_and_errors() -> None:
@@ -193,6 +205,98 @@ def test_validate_max_gap_size_rejects(value: object) -> None:
     assert "max_gap_size" in message and "non-negative" in message and "inf" in message
     assert repr(value) in message
     assert exc.field == "max_gap_size"  # type: ignore[attr-defined]
+
+
+# ----------------------------------------------------------------------------- gap policy
+
+
+def test_auto_gap_is_latency_times_bandwidth() -> None:
+    assert auto_gap_size(0.02) == 1_700_000  # 20 ms x 85 MB/s (the benchmark's S3 shape)
+    assert auto_gap_size(0.02, 80_000_000) == 1_600_000
+    assert auto_gap_size(0.05, 100_000_000) == 5_000_000
+    assert auto_gap_size(ASSUMED_REQUEST_LATENCY_S) == round(
+        ASSUMED_REQUEST_LATENCY_S * ASSUMED_CONNECTION_BANDWIDTH_BYTES_PER_S
+    )
+    assert type(auto_gap_size(0.0123)) is int
+
+
+@pytest.mark.parametrize("latency", [None, math.nan])
+def test_auto_gap_without_a_measurement_is_the_prior(latency: float | None) -> None:
+    assert auto_gap_size(latency) == DEFAULT_MAX_GAP_SIZE_BYTES
+
+
+@pytest.mark.parametrize(
+    ("latency", "expected"),
+    [
+        (0.0, MIN_AUTO_GAP_SIZE_BYTES),  # a loopback server answers in ~1 ms
+        (-1.0, MIN_AUTO_GAP_SIZE_BYTES),
+        (0.001, MIN_AUTO_GAP_SIZE_BYTES),
+        (0.5, MAX_AUTO_GAP_SIZE_BYTES),  # a cold first request (TLS, credentials...)
+        (30.0, MAX_AUTO_GAP_SIZE_BYTES),
+        (math.inf, MAX_AUTO_GAP_SIZE_BYTES),
+    ],
+)
+def test_auto_gap_is_clamped(latency: float, expected: int) -> None:
+    assert auto_gap_size(latency) == expected
+
+
+@pytest.mark.parametrize("bandwidth", [0, -1.0, math.inf, math.nan])
+def test_auto_gap_rejects_a_bad_bandwidth(bandwidth: float) -> None:
+    with pytest.raises(ValueError, match="bandwidth"):
+        auto_gap_size(0.02, bandwidth)
+
+
+@given(
+    st.floats(min_value=0, max_value=1e3, allow_nan=False),
+    st.floats(min_value=0, max_value=1e3, allow_nan=False),
+    st.floats(min_value=1e3, max_value=1e11, allow_nan=False),
+)
+def test_auto_gap_is_monotone_and_bounded(a: float, b: float, bandwidth: float) -> None:
+    low, high = sorted((a, b))
+    gap_low, gap_high = auto_gap_size(low, bandwidth), auto_gap_size(high, bandwidth)
+    assert gap_low <= gap_high
+    for gap in (gap_low, gap_high):
+        assert MIN_AUTO_GAP_SIZE_BYTES <= gap <= MAX_AUTO_GAP_SIZE_BYTES
+
+
+def test_request_latency_from_get_subtracts_the_body() -> None:
+    assert request_latency_from_get(0.03, 0) == 0.03
+    bandwidth = ASSUMED_CONNECTION_BANDWIDTH_BYTES_PER_S
+    assert request_latency_from_get(0.03, bandwidth // 100) == pytest.approx(0.02)
+    assert request_latency_from_get(0.001, 10 * MiB) == 0.0  # never negative
+    assert request_latency_from_get(0.03, 1_000_000, 1e8) == pytest.approx(0.02)
+
+
+def test_resolve_max_gap_size() -> None:
+    assert resolve_max_gap_size("auto", 0.02) == auto_gap_size(0.02)
+    assert resolve_max_gap_size("auto", None) == DEFAULT_MAX_GAP_SIZE_BYTES
+    for fixed in (0, 7, 64 * MiB):
+        assert resolve_max_gap_size(fixed, 0.02) == fixed
+        assert resolve_max_gap_size(fixed, None) == fixed
+    assert resolve_max_gap_size(math.inf, 0.5) == math.inf
+    assert type(resolve_max_gap_size(3.0, None)) is int
+    with pytest.raises(ConfigError, match="auto"):
+        resolve_max_gap_size("sometimes", 0.02)  # type: ignore[arg-type]
+
+
+def test_validate_gap_setting() -> None:
+    assert validate_gap_setting("auto") == "auto"
+    assert validate_gap_setting(0) == 0
+    assert validate_gap_setting(math.inf) == math.inf
+    for bad in ("AUTO", "", "2MiB", "0", None, -1, math.nan, 1.5, False, b"auto"):
+        with pytest.raises(ConfigError) as info:
+            validate_gap_setting(bad)
+        message = str(info.value)
+        assert '"auto"' in message and "non-negative" in message and repr(bad) in message
+        assert info.value.field == "max_gap_size"  # type: ignore[attr-defined]
+
+
+def test_the_planner_itself_needs_a_number() -> None:
+    # "auto" is resolved before planning: coalesce and plan_file never guess.
+    with pytest.raises(ConfigError):
+        plan_file([R(0, 1)], max_gap_size="auto")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError):
+        coalesce([R(0, 1)], "auto")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("value", [1, 7, DEFAULT_PART_SIZE_BYTES, 2**40])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 import pytest
@@ -57,3 +58,12 @@ def test_config_is_frozen_and_keyword_only() -> None:
     with pytest.raises(TypeError):
         aiodcp.ReaderConfig("us-east-1")  # type: ignore[misc]
     assert config.replace(part_size=1024).part_size == 1024
+
+
+def test_max_gap_size_takes_auto_everywhere() -> None:
+    for entry in (aiodcp.S3StorageReader, aiodcp.load_checkpoint, aiodcp.prefetch):
+        param = inspect.signature(entry).parameters["max_gap_size"]
+        assert param.kind is param.KEYWORD_ONLY and param.default is None, entry
+        assert str(param.annotation) == "int | float | str | None", entry
+    assert aiodcp.ReaderConfig().max_gap_size == "auto"
+    assert "max_gap_size" in {f.name for f in dataclasses.fields(aiodcp.LoadStats)}

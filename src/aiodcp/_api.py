@@ -1,7 +1,8 @@
 """``await load_checkpoint(state_dict, "s3://bucket/ckpt")``: DCP loading for asyncio programs.
 
 Data flow: on the caller's loop, open an ``S3Store`` and read ``.metadata`` (so a wrong path,
-missing bucket or access problem raises aiodcp's own error at once) -> run the blocking
+missing bucket or access problem raises aiodcp's own error at once; its time is the request
+latency ``max_gap_size="auto"`` is resolved with) -> run the blocking
 ``dcp.load`` in a dedicated worker thread with an ``S3StorageReader`` whose I/O is submitted back
 to the caller's loop (``BorrowedLoopDriver``): the download runs on the caller's loop, the
 decoding in the worker thread, so the loop stays responsive -> unwrap torch's
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -27,6 +29,7 @@ from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from ._config import ReaderConfig
 from ._driver import BorrowedLoopDriver
 from ._path import parse_checkpoint_path
+from ._planner import request_latency_from_get
 from ._stats import LoadStats, StatsRecorder
 from ._store import S3Store
 from .dcp._metadata import load_metadata
@@ -47,7 +50,7 @@ async def load_checkpoint(
     planner: LoadPlanner | None = None,
     process_group: dist.ProcessGroup | None = None,
     no_dist: bool = False,
-    max_gap_size: int | float | None = None,
+    max_gap_size: int | float | str | None = None,
     part_size: int | None = None,
     max_concurrency: int | None = None,
     memory_budget: int | None = None,
@@ -63,6 +66,8 @@ async def load_checkpoint(
     Raises aiodcp's errors directly (``NotFoundError``, ``AccessDeniedError``...), not torch's
     ``CheckpointException``; other errors from ``dcp.load`` (a key missing from the checkpoint)
     are re-raised as they were raised on this rank. ``progress=True`` shows a tqdm bar.
+    ``max_gap_size`` defaults to ``"auto"``: chosen from the measured latency of the
+    ``.metadata`` GET; the stats' ``max_gap_size`` is the value used.
     """
     cfg = ReaderConfig.from_kwargs(
         config,
@@ -81,14 +86,16 @@ async def load_checkpoint(
     await store.open()
     try:
         key = path.key(".metadata")
+        started = time.perf_counter()
         data = await store.get_object(path.bucket, key, stats=recorder)
+        latency = request_latency_from_get(time.perf_counter() - started, len(data))
         # Unpickling the metadata of a checkpoint with many items takes long: not on the loop.
         metadata = await _run_in_thread(
             lambda: load_metadata(data, f"s3://{path.bucket}/{key}"), on_cancel=lambda: None
         )
         recorder.add(requests=1, bytes_received=len(data))
         reader = S3StorageReader._with_driver(
-            path, cfg, BorrowedLoopDriver(loop, store), metadata, recorder
+            path, cfg, BorrowedLoopDriver(loop, store), metadata, recorder, latency
         )
         reader.progress = progress
 

@@ -24,14 +24,17 @@ Data flow::
 ``key + "."`` (so ``--keys model`` selects ``model.*``), then plans each data file exactly as
 ``S3StorageReader._group`` does: identical ranges once, zero-length items skipped, and
 ``_planner.plan_file`` with the given ``max_gap_size`` and ``part_size``. Files are in path
-order, as a load consumes them.
+order, as a load consumes them. ``--max-gap-size auto`` (the default, as in a load) is resolved
+as a load resolves it: from the time of the ``.metadata`` GET (``_planner.auto_gap_size``); a
+load measures its own request, so its automatic gap can differ a little (pass a size to pin it).
 
 Sizes on the command line are a whole number of bytes with an optional unit: ``B``;
 ``K``/``KiB``, ``M``/``MiB``, ``G``/``GiB``, ``T``/``TiB`` (powers of 1024); ``KB``, ``MB``,
 ``GB``, ``TB`` (powers of 1000); ``1.5GiB`` is fine when it is a whole number of bytes.
-``--max-gap-size`` also takes ``inf`` (merge every range of a file).
+``--max-gap-size`` also takes ``inf`` (merge every range of a file) and ``auto``.
 
-JSON output (``--json``), stable; sizes and offsets are bytes, ranges are ``[start, end)``::
+JSON output (``--json``), stable within a schema version (a version may gain keys; a key never
+changes meaning); sizes and offsets are bytes, ranges are ``[start, end)``::
 
     inspect: {"schema": "aiodcp.inspect/1",
               "checkpoint": "s3://bucket/ckpt",
@@ -50,7 +53,9 @@ JSON output (``--json``), stable; sizes and offsets are bytes, ranges are ``[sta
               "checkpoint": "s3://bucket/ckpt",
               "requested_keys": [key, ...] | null,          null: all keys
               "keys": [fqn, ...],                           the keys selected, sorted
-              "settings": {"max_gap_size": int | null,      null: inf
+              "settings": {"max_gap_size": int | null,      the gap planned with; null: inf
+                           "max_gap_size_policy": "auto" | "fixed",
+                           "request_latency_s": float | null,   the timed .metadata GET
                            "part_size": int, "max_concurrency": int},
               "files": [{"path": "__0_0.distcp", "key": "ckpt/__0_0.distcp",
                          "bytes_needed": int, "bytes_requested": int, "gap_bytes": int,
@@ -85,6 +90,7 @@ import json
 import os
 import re
 import sys
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -110,7 +116,13 @@ from ._errors import (
     NotFoundError,
 )
 from ._path import CheckpointPath, parse_checkpoint_path
-from ._planner import ItemRange, plan_file
+from ._planner import (
+    AUTO_GAP_SIZE,
+    ItemRange,
+    plan_file,
+    request_latency_from_get,
+    resolve_max_gap_size,
+)
 from ._store import S3Store
 from .dcp._metadata import load_metadata
 
@@ -189,11 +201,13 @@ def _size_arg(text: str) -> int | float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _gap_arg(text: str) -> int | float:
+def _gap_arg(text: str) -> int | float | str:
+    if text.strip().lower() == AUTO_GAP_SIZE:
+        return AUTO_GAP_SIZE
     try:
         return parse_size(text, allow_inf=True)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+        raise argparse.ArgumentTypeError(f"{exc}, or 'auto' (the default)") from None
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -260,8 +274,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "--max-gap-size",
         type=_gap_arg,
         metavar="SIZE",
-        help="ranges whose gap is <= SIZE share a request; 0 = only adjacent, inf = all "
-        "(default: 32MiB)",
+        help="ranges whose gap is <= SIZE share a request; 0 = only adjacent, inf = all, "
+        "auto = latency of the .metadata GET x 85 MB/s, within 256KiB..16MiB (default: auto)",
     )
     plan.add_argument(
         "--part-size",
@@ -310,13 +324,19 @@ def _requested_keys(args: argparse.Namespace) -> list[str] | None:
 # ---------------------------------------------------------------------------------- metadata
 
 
-def read_metadata(path: CheckpointPath, config: ReaderConfig) -> tuple[Metadata, int]:
-    """GET and unpickle ``.metadata``; returns it and its size in bytes."""
+def read_metadata(path: CheckpointPath, config: ReaderConfig) -> tuple[Metadata, int, float]:
+    """GET and unpickle ``.metadata``; returns it, its size in bytes and the GET's estimated time
+    to first byte in seconds (what ``max_gap_size="auto"`` is resolved with)."""
     key = path.key(_METADATA_NAME)
+    elapsed = 0.0
 
     async def fetch() -> bytes:
+        nonlocal elapsed
         async with S3Store(config) as store:
-            return await store.get_object(path.bucket, key)
+            started = time.perf_counter()
+            data = await store.get_object(path.bucket, key)
+            elapsed = time.perf_counter() - started
+            return data
 
     try:
         data = asyncio.run(fetch())
@@ -329,7 +349,8 @@ def read_metadata(path: CheckpointPath, config: ReaderConfig) -> tuple[Metadata,
             bucket=path.bucket,
             key=key,
         ) from exc
-    return load_metadata(data, f"s3://{path.bucket}/{key}"), len(data)
+    metadata = load_metadata(data, f"s3://{path.bucket}/{key}")
+    return metadata, len(data), request_latency_from_get(elapsed, len(data))
 
 
 @dataclass(frozen=True, slots=True)
@@ -486,8 +507,12 @@ def plan_report(
     path: CheckpointPath,
     config: ReaderConfig,
     requested: Sequence[str] | None = None,
+    request_latency_s: float | None = None,
 ) -> dict[str, Any]:
-    """The ``plan --json`` document: what a load of ``requested`` (None: all) would fetch."""
+    """The ``plan --json`` document: what a load of ``requested`` (None: all) would fetch.
+
+    ``request_latency_s`` is the measured time to first byte ``max_gap_size="auto"`` is
+    resolved with (None: the prior, as ``_planner.auto_gap_size``)."""
     where = f"s3://{path.bucket}/{path.key(_METADATA_NAME)}"
     stored = _stored_items(metadata, where)
     fqns = set(metadata.state_dict_metadata) | {item.fqn for item in stored}
@@ -501,12 +526,11 @@ def plan_report(
             item_range = ItemRange(item.offset, item.offset + item.length)
             per_file.setdefault(item.path, {}).setdefault(item_range, []).append(item.fqn)
 
+    gap = resolve_max_gap_size(config.max_gap_size, request_latency_s)
     files: list[dict[str, Any]] = []
     for name, by_range in per_file.items():
         try:
-            file_plan = plan_file(
-                by_range.keys(), max_gap_size=config.max_gap_size, part_size=config.part_size
-            )
+            file_plan = plan_file(by_range.keys(), max_gap_size=gap, part_size=config.part_size)
         except InvalidRangeError as exc:
             raise CheckpointFormatError(
                 f"{where}: data file {name!r} has stored items that cannot be served ({exc}); "
@@ -547,7 +571,6 @@ def plan_report(
         )
 
     requests = sum(f["requests"] for f in files)
-    gap = config.max_gap_size
     return {
         "schema": _PLAN_SCHEMA,
         "checkpoint": path.url,
@@ -555,6 +578,8 @@ def plan_report(
         "keys": sorted(selected),
         "settings": {
             "max_gap_size": None if gap == float("inf") else int(gap),
+            "max_gap_size_policy": "auto" if config.max_gap_size == AUTO_GAP_SIZE else "fixed",
+            "request_latency_s": request_latency_s,
             "part_size": config.part_size,
             "max_concurrency": config.max_concurrency,
         },
@@ -674,12 +699,17 @@ def render_plan(report: dict[str, Any]) -> str:
     settings = report["settings"]
     totals = report["totals"]
     gap = settings["max_gap_size"]
+    how = ""
+    if settings.get("max_gap_size_policy") == "auto":
+        latency = settings.get("request_latency_s")
+        measured = "unmeasured" if latency is None else f"{latency * 1000:.1f} ms"
+        how = f" (auto: .metadata GET {measured})"
     keys = _n(totals["keys"], "key")
     which = f"all {keys}" if report["requested_keys"] is None else f"{keys} selected"
     lines = [
         f"plan for {report['checkpoint']}: {which}, "
         f"{_n(totals['ranges'], 'stored item')} in {_n(totals['files'], 'file')}",
-        f"settings: max_gap_size {human_size(float('inf') if gap is None else gap)}, "
+        f"settings: max_gap_size {human_size(float('inf') if gap is None else gap)}{how}, "
         f"part_size {human_size(settings['part_size'])}, "
         f"max_concurrency {settings['max_concurrency']}",
         "",
@@ -745,12 +775,12 @@ def _run(args: argparse.Namespace) -> str:
     config = _config(args)
     path = parse_checkpoint_path(args.checkpoint)
     requested = _requested_keys(args) if args.command == "plan" else None
-    metadata, size = read_metadata(path, config)
+    metadata, size, latency = read_metadata(path, config)
     if args.command == "inspect":
         report = inspect_report(metadata, path, size)
         render = render_inspect
     else:
-        report = plan_report(metadata, path, config, requested)
+        report = plan_report(metadata, path, config, requested, latency)
         render = render_plan
     if args.json:
         return json.dumps(report, indent=2, allow_nan=False) + "\n"

@@ -3,7 +3,8 @@
 Data flow::
 
     handle = prefetch("s3://bucket/ckpt", keys=[...])     returns at once
-        private I/O loop thread: GET .metadata -> select the stored items of ``keys``
+        private I/O loop thread: GET .metadata (timed: max_gap_size "auto" -> bytes)
+        -> select the stored items of ``keys``
         -> FetchEngine over them with a budget equal to their size (nothing waits for a
            consumer: the handle holds every requested byte until it is loaded or cancelled)
         -> tqdm progress bar (``progress=False`` to hide it)
@@ -23,6 +24,7 @@ import concurrent.futures
 import functools
 import os
 import threading
+import time
 import weakref
 from collections.abc import Callable, Generator, Iterable
 from types import TracebackType
@@ -40,7 +42,7 @@ from ._driver import PrivateLoopDriver
 from ._engine import FetchEngine, FileFetch
 from ._errors import ConfigError
 from ._path import CheckpointPath, parse_checkpoint_path
-from ._planner import ItemRange, plan_file
+from ._planner import ItemRange, plan_file, request_latency_from_get, resolve_max_gap_size
 from ._progress import track_progress
 from ._reader import ChunkBuffer
 from ._stats import LoadStats, StatsRecorder
@@ -59,7 +61,7 @@ def prefetch(
     endpoint_url: str | None = None,
     config: ReaderConfig | None = None,
     progress: bool = True,
-    max_gap_size: int | float | None = None,
+    max_gap_size: int | float | str | None = None,
     part_size: int | None = None,
     max_concurrency: int | None = None,
     **options: Any,
@@ -71,6 +73,8 @@ def prefetch(
 
     Memory: the handle holds the bytes of the requested keys, no more, until ``load``/``aload``
     consumed them or ``cancel()``/``close()`` is called. ``memory_budget`` does not apply.
+    ``max_gap_size`` defaults to ``"auto"`` (chosen from the measured latency of the
+    ``.metadata`` GET, as in a load; ``stats.max_gap_size`` shows the value used).
     """
     cfg = ReaderConfig.from_kwargs(
         config,
@@ -119,6 +123,7 @@ class PrefetchHandle:
         # Resolved once the metadata is read and the engine exists (or that failed).
         self._ready: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._metadata: Metadata | None = None
+        self._request_latency_s: float | None = None
         self._engine: FetchEngine | None = None
         self._index: dict[tuple[str, ItemRange], tuple[int, int]] = {}
         self._cancelled = False
@@ -133,10 +138,15 @@ class PrefetchHandle:
         try:
             key = path.key(".metadata")
             recorder.add(requests=1)
+            started = time.perf_counter()
             data = await store.get_object(path.bucket, key, stats=recorder)
+            latency = request_latency_from_get(time.perf_counter() - started, len(data))
             recorder.add(bytes_received=len(data))
             metadata = load_metadata(data, f"s3://{path.bucket}/{key}")
-            files, index = self._select(metadata)
+            self._request_latency_s = latency
+            max_gap_size = resolve_max_gap_size(self._config.max_gap_size, latency)
+            recorder.max_gap_size = max_gap_size
+            files, index = self._select(metadata, max_gap_size)
             total = sum(f.plan.item_bytes for f in files)
             config = self._config.replace(memory_budget=max(total, 1))
             engine = FetchEngine(store, path.bucket, files, config, recorder)
@@ -157,7 +167,7 @@ class PrefetchHandle:
         return recorder.finish()
 
     def _select(
-        self, metadata: Metadata
+        self, metadata: Metadata, max_gap_size: int | float
     ) -> tuple[list[FileFetch], dict[tuple[str, ItemRange], tuple[int, int]]]:
         keys = self._keys
         wanted: dict[str, set[ItemRange]] = {}
@@ -187,7 +197,7 @@ class PrefetchHandle:
         for relative_path in sorted(wanted):
             plan = plan_file(
                 wanted[relative_path],
-                max_gap_size=self._config.max_gap_size,
+                max_gap_size=max_gap_size,
                 part_size=self._config.part_size,
             )
             for item_index, item_range in enumerate(plan.items):
@@ -251,7 +261,12 @@ class PrefetchHandle:
             if metadata is None and not self._cancelled:
                 self._future.result()  # the metadata read failed: raise its error
         reader = S3StorageReader._with_driver(
-            self._path, self._config, self._driver, metadata, StatsRecorder()
+            self._path,
+            self._config,
+            self._driver,
+            metadata,
+            StatsRecorder(),
+            self._request_latency_s,
         )
         if not self._cancelled:
             reader._source = self

@@ -36,6 +36,9 @@ class LoadStats:
     """Seconds from the start of the load to the first data byte."""
     wall_time_s: float = 0.0
     """Seconds from the start to the end of the load."""
+    max_gap_size: int | float | None = None
+    """Bytes: the gap size the load planned its requests with (``ReaderConfig.max_gap_size``,
+    with ``"auto"`` resolved from the measured latency); None if the load planned nothing."""
 
     @property
     def gap_bytes(self) -> int:
@@ -49,8 +52,16 @@ class LoadStats:
             f"requested in {self.requests} requests ({self.retries} retries), "
             f"{self.items} items from {self.files} files, "
             f"first byte {self.time_to_first_byte_s * 1000:.0f} ms, "
-            f"wall {self.wall_time_s:.3f} s"
+            f"wall {self.wall_time_s:.3f} s{_gap_text(self.max_gap_size)}"
         )
+
+
+def _gap_text(gap: int | float | None) -> str:
+    if gap is None:
+        return ""
+    if gap == float("inf"):
+        return ", max gap inf"
+    return f", max gap {gap / (1024 * 1024):.2f} MiB"
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +99,7 @@ class StatsRecorder:
         "bytes_used",
         "files",
         "items",
+        "max_gap_size",
         "peak_buffered_bytes",
         "requests",
         "resumed_bytes",
@@ -108,6 +120,7 @@ class StatsRecorder:
         self.items = 0
         self.files = 0
         self.peak_buffered_bytes = 0
+        self.max_gap_size: int | float | None = None
 
     def add(self, **counts: int) -> None:
         with self._lock:
@@ -145,4 +158,5 @@ class StatsRecorder:
                 peak_buffered_bytes=self.peak_buffered_bytes,
                 time_to_first_byte_s=ttfb,
                 wall_time_s=stop - self._start,
+                max_gap_size=self.max_gap_size,
             )

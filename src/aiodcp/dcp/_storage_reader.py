@@ -3,11 +3,13 @@
 Call tree under ``dcp.load(state_dict, storage_reader=S3StorageReader("s3://b/ckpt"))``::
 
     reset(checkpoint_id)                 new load id, fresh state; re-targets when given an id
-    read_metadata(rank=None)             GET .metadata (or __{rank}.metadata), restricted unpickle
+    read_metadata(rank=None)             GET .metadata (or __{rank}.metadata), restricted unpickle;
+                                         its time is the request latency "auto" gaps are chosen by
     set_up_storage_reader(md, ...)       keeps md.storage_data (MetadataIndex -> _StorageInfo)
     prepare_local_plan(plan)             items sorted per file by offset
     prepare_global_plan(plans)           unchanged
     read_data(final_plan, planner)
+        -> max_gap_size "auto" -> bytes (_planner.resolve_max_gap_size, the measured latency)
         -> per file: ItemRange per ReadItem -> planner.plan_file (dedupe, coalesce, parts)
         -> FetchEngine.run() submitted to the driver's loop (concurrent GETs, byte budget)
         -> this thread decodes in plan order while later items download:
@@ -29,6 +31,7 @@ import io
 import logging
 import os
 import threading
+import time
 import uuid
 import weakref
 from collections.abc import Callable, Sequence
@@ -52,7 +55,7 @@ from .._driver import Driver, PrivateLoopDriver
 from .._engine import FetchEngine, FileFetch
 from .._errors import CheckpointFormatError, MissingDependencyError
 from .._path import CheckpointPath, is_checkpoint_path, parse_checkpoint_path
-from .._planner import ItemRange, plan_file
+from .._planner import ItemRange, plan_file, request_latency_from_get, resolve_max_gap_size
 from .._progress import track_progress
 from .._reader import ChunkBuffer, SequentialReader
 from .._stats import LoadStats, StatsRecorder
@@ -79,6 +82,10 @@ class S3StorageReader(StorageReader):
     resolution (``AWS_REGION``, ``AWS_ENDPOINT_URL``...). Every other option is a field of
     :class:`aiodcp.ReaderConfig`; pass a ``config`` or the common knobs as keywords (a keyword
     overrides the same field of ``config``).
+
+    ``max_gap_size`` is ``"auto"`` unless given: the gap size is then chosen from the measured
+    latency of the ``.metadata`` GET (see :attr:`aiodcp.ReaderConfig.max_gap_size`); the
+    value used is in ``stats.max_gap_size``.
     """
 
     def __init__(
@@ -88,7 +95,7 @@ class S3StorageReader(StorageReader):
         region: str | None = None,
         endpoint_url: str | None = None,
         config: ReaderConfig | None = None,
-        max_gap_size: int | float | None = None,
+        max_gap_size: int | float | str | None = None,
         part_size: int | None = None,
         max_concurrency: int | None = None,
         memory_budget: int | None = None,
@@ -113,6 +120,8 @@ class S3StorageReader(StorageReader):
         self._driver_lock = threading.Lock()
         self._owns_driver = True
         self._metadata: Metadata | None = None
+        # Time to first byte of the last .metadata GET: what max_gap_size="auto" is chosen by.
+        self._request_latency_s: float | None = None
         self._engine: FetchEngine | None = None
         self._stats: LoadStats | None = None
         self._recorder = StatsRecorder()
@@ -132,13 +141,16 @@ class S3StorageReader(StorageReader):
         driver: Driver,
         metadata: Metadata | None,
         recorder: StatsRecorder,
+        request_latency_s: float | None = None,
     ) -> S3StorageReader:
-        """A reader running its I/O through ``driver`` (not owned), for ``load_checkpoint``."""
+        """A reader running its I/O through ``driver`` (not owned), for ``load_checkpoint``;
+        ``metadata`` was fetched by the caller, with ``request_latency_s`` (None: unmeasured)."""
         reader = cls(path.url, config=config)
         reader._recorder = recorder
         reader._driver = driver
         reader._owns_driver = False
         reader._metadata = metadata
+        reader._request_latency_s = request_latency_s
         return reader
 
     @property
@@ -215,7 +227,11 @@ class S3StorageReader(StorageReader):
 
             async def fetch(store: S3Store) -> bytes:
                 recorder.add(requests=1)
+                started = time.perf_counter()
                 data = await store.get_object(bucket, key, stats=recorder)
+                self._request_latency_s = request_latency_from_get(
+                    time.perf_counter() - started, len(data)
+                )
                 recorder.add(bytes_received=len(data))
                 return data
 
@@ -270,7 +286,7 @@ class S3StorageReader(StorageReader):
 
     # ------------------------------------------------------------------ the load
 
-    def _group(self, plan: LoadPlan) -> _Grouped:
+    def _group(self, plan: LoadPlan, max_gap_size: int | float) -> _Grouped:
         """Split the plan: items served by a prefetch, zero-length items, and per file the
         ReadItems of each planned item range (files in first-use order)."""
         grouped = _Grouped()
@@ -302,17 +318,27 @@ class S3StorageReader(StorageReader):
                     grouped.prefetched.append((waiter, from_source[where]))
                     continue
             per_file.setdefault(info.relative_path, {}).setdefault(item_range, []).append(req)
-        cfg = self.config
         for relative_path, by_range in per_file.items():
             file_plan = plan_file(
-                by_range.keys(), max_gap_size=cfg.max_gap_size, part_size=cfg.part_size
+                by_range.keys(), max_gap_size=max_gap_size, part_size=self.config.part_size
             )
             grouped.files.append(FileFetch(self._path.key(relative_path), file_plan))
             grouped.readers.append([by_range[r] for r in file_plan.items])
         return grouped
 
     def _read_data(self, plan: LoadPlan, planner: LoadPlanner, recorder: StatsRecorder) -> None:
-        grouped = self._group(plan)
+        max_gap_size = resolve_max_gap_size(self.config.max_gap_size, self._request_latency_s)
+        recorder.max_gap_size = max_gap_size
+        logger.debug(
+            "%s: max_gap_size %s (setting %r, request latency %s)",
+            self._path.url,
+            max_gap_size,
+            self.config.max_gap_size,
+            "unmeasured"
+            if self._request_latency_s is None
+            else f"{self._request_latency_s * 1000:.1f} ms",
+        )
+        grouped = self._group(plan, max_gap_size)
         for req in grouped.empty:
             self._decode(req, ChunkBuffer([]), planner)
         files, readers = grouped.files, grouped.readers
