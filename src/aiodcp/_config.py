@@ -136,6 +136,11 @@ class ReaderConfig:
     """Decode plain stored tensors straight into their destination (one copy, no temporary)
     instead of ``torch.load`` + ``copy_``; anything unusual falls back to ``torch.load``.
     Default True; False always uses ``torch.load``."""
+    fast_http: bool = True
+    """Send data GETs through aiodcp's own HTTP/1.1 path (URLs presigned once per object,
+    bodies received straight into item memory) instead of botocore/aiohttp, which costs several
+    times more CPU per byte. Anything unusual (proxies, client certificates, redirects, odd
+    responses) still goes through botocore. Default True; False sends every GET via botocore."""
     safe_bytes: bool = False
     """Non-tensor values (BYTE_IO items) are unpickled by torch's load planner with
     ``torch.load(weights_only=False)``, which runs whatever the pickle says. With True, each
@@ -187,6 +192,12 @@ class ReaderConfig:
                 f"fast_decode must be a bool, got {self.fast_decode!r}",
                 field="fast_decode",
                 value=self.fast_decode,
+            )
+        if not isinstance(self.fast_http, bool):
+            raise ConfigError(
+                f"fast_http must be a bool, got {self.fast_http!r}",
+                field="fast_http",
+                value=self.fast_http,
             )
         if not isinstance(self.unsigned, bool):
             raise ConfigError(

@@ -5,6 +5,15 @@ on) -> ``get_object(bucket, key)`` for small objects such as ``.metadata`` -> ``
 key, start, end, if_match)`` for ranged GETs, returning a ``RangeStream`` whose ``read_chunk()``
 hands out the body as the network delivered it (one ``bytes`` per socket read, never joined).
 
+Data GETs take the fast path when they can: ``fetch_range(bucket, key, start, end, sink)``
+presigns the object's URL once (``_fast_url``, reused for half its life) and hands the request
+to ``_http.RangeClient``, which writes the body straight into the engine's sink. Proxies and
+client certificates (seen in botocore's resolved HTTP settings), ``fast_http=False``, and any
+response that is not the plain case go through ``open_range`` (botocore) instead; an error
+response that may be the presigning's fault (``_maybe_ours``: expiry, signature, redirects) is
+sent again through botocore, others are translated as botocore would have raised them
+(``_client_error``). After ``_FAST_FALLBACK_LIMIT`` such fallbacks a store stays on botocore.
+
 Every botocore/aiohttp exception is translated here, at one boundary, into the most specific
 ``aiodcp`` error (``translate_error``), with bucket and key in the message, marked ``retryable``
 when a new request can fix it (``is_retryable``).
@@ -27,7 +36,9 @@ import contextlib
 import os
 import random
 import re
+import ssl
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -38,6 +49,7 @@ import botocore.loaders
 from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession
 from botocore import UNSIGNED
+from botocore.httpsession import get_cert_path
 
 from ._config import ReaderConfig
 from ._errors import (
@@ -51,11 +63,13 @@ from ._errors import (
     TransferError,
     TruncatedObjectError,
 )
+from ._http import FallbackRequired, HttpError, RangeClient, RangeSink, Url
 
 if TYPE_CHECKING:
     from ._stats import StatsRecorder
 
 __all__ = [
+    "RangeSink",
     "RangeStream",
     "S3Store",
     "exhausted",
@@ -266,6 +280,10 @@ class S3Store:
         self.config = config
         self._stack: contextlib.AsyncExitStack | None = None
         self._client: Any = None
+        self._fast: RangeClient | None = None
+        self._proxy_config: Any = None
+        self._urls: dict[tuple[str, str], tuple[Url | None, float]] = {}
+        self._fast_fallbacks = 0
 
     async def __aenter__(self) -> S3Store:
         await self.open()
@@ -322,9 +340,48 @@ class S3Store:
             await stack.aclose()
             raise
         self._stack = stack
+        self._fast = self._fast_client()
+
+    def _fast_client(self) -> RangeClient | None:
+        """The fast ranged-GET path, unless this client's set-up needs botocore's HTTP stack
+        (a client certificate, or settings we cannot see); proxies are checked per URL."""
+        session = getattr(getattr(self._client, "_endpoint", None), "http_session", None)
+        proxy_config = getattr(session, "_proxy_config", None)
+        if (
+            session is None
+            or proxy_config is None
+            or not hasattr(proxy_config, "proxy_url_for")
+            or getattr(session, "_cert_file", None)
+            or not self.config.fast_http
+        ):
+            return None
+        self._proxy_config = proxy_config
+        verify: bool | str = getattr(session, "_verify", self.config.verify)
+
+        def ssl_context() -> ssl.SSLContext:
+            if verify is False:
+                context = ssl.create_default_context()
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+                return context
+            return ssl.create_default_context(cafile=get_cert_path(verify))
+
+        from . import __version__
+
+        return RangeClient(
+            ssl_context=ssl_context,
+            max_idle=self.config.max_concurrency,
+            connect_timeout=self.config.connect_timeout_s,
+            read_timeout=self.config.read_timeout_s,
+            user_agent=f"aiodcp/{__version__}",
+        )
 
     async def close(self) -> None:
         stack, self._stack, self._client = self._stack, None, None
+        fast, self._fast = self._fast, None
+        self._urls.clear()
+        if fast is not None:
+            fast.close()
         if stack is not None:
             await stack.aclose()
 
@@ -431,6 +488,81 @@ class S3Store:
         await self.retrying(attempt_once)
         return b"".join(parts)[: end - start], (etag[0] if etag else None)
 
+    async def fetch_range(
+        self,
+        bucket: str,
+        key: str,
+        start: int,
+        end: int,
+        *,
+        if_match: str | None,
+        sink: RangeSink,
+    ) -> None:
+        """One attempt at bytes ``[start, end)`` into ``sink``; raises translated errors.
+
+        ``sink.begin(etag)`` is called once the response headers are in, then the body goes
+        into ``sink.buffer(pos)`` views. Through the fast path (``_http``) when it applies,
+        otherwise (or when the response is not the plain case) through botocore.
+        """
+        url = await self._fast_url(bucket, key) if self._fast is not None else None
+        if url is not None and self._fast is not None:
+            try:
+                await self._fast.fetch(url, start, end, if_match, sink)
+                return
+            except HttpError as exc:
+                error = _client_error(exc)
+                if not _maybe_ours(error):
+                    raise translate_error(error, bucket, key, (start, end)) from error
+                self._urls.pop((bucket, key), None)
+                self._fast_fallbacks += 1
+            except FallbackRequired:
+                self._urls.pop((bucket, key), None)
+                self._fast_fallbacks += 1
+            except AiodcpError:
+                raise
+            except Exception as exc:
+                raise translate_error(exc, bucket, key, (start, end)) from exc
+            if self._fast_fallbacks >= _FAST_FALLBACK_LIMIT:
+                self._fast = None  # this store keeps answering oddly: botocore from now on
+        stream = await self.open_range(bucket, key, start, end, if_match=if_match)
+        try:
+            sink.begin(stream.etag)
+            pos = start
+            while pos < end:
+                chunk = await stream.read_chunk()
+                if not chunk:
+                    raise _ended_early(bucket, key, start, end, pos)
+                view = memoryview(chunk)
+                while view and pos < end:
+                    target = sink.buffer(pos)
+                    n = min(len(target), len(view), end - pos)
+                    target[:n] = view[:n]
+                    sink.written(pos, n)
+                    pos += n
+                    view = view[n:]
+        finally:
+            stream.close()
+
+    async def _fast_url(self, bucket: str, key: str) -> Url | None:
+        """The presigned URL of an object for the fast path (cached), or None to use botocore."""
+        now = time.monotonic()
+        cached = self._urls.get((bucket, key))
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        try:
+            text = await self.client.generate_presigned_url(
+                "get_object",
+                Params={"Bucket": bucket, "Key": key},
+                ExpiresIn=_PRESIGN_EXPIRES_S,
+            )
+        except Exception as exc:
+            raise translate_error(exc, bucket, key) from exc
+        url: Url | None = Url.parse(text)
+        if self._proxy_config.proxy_url_for(text):
+            url = None  # botocore knows how to go through the proxy
+        self._urls[(bucket, key)] = (url, now + _PRESIGN_REUSE_S)
+        return url
+
     async def open_range(
         self, bucket: str, key: str, start: int, end: int, *, if_match: str | None = None
     ) -> RangeStream:
@@ -470,6 +602,58 @@ class S3Store:
             )
         etag = response.get("ETag")
         return RangeStream(body, bucket=bucket, key=key, start=start, end=end, etag=etag)
+
+
+_PRESIGN_EXPIRES_S = 3600
+_PRESIGN_REUSE_S = 1800.0
+"""A presigned URL is used for half its life: credentials may rotate, clocks drift."""
+_FALLBACK_CODES = frozenset(
+    {
+        "AuthorizationHeaderMalformed",
+        "AuthorizationQueryParametersError",
+        "ExpiredToken",
+        "IllegalLocationConstraintException",
+        "InvalidToken",
+        "PermanentRedirect",
+        "SignatureDoesNotMatch",
+        "TemporaryRedirect",
+        "TokenRefreshRequired",
+    }
+)
+"""Error codes that may be the fast path's own doing (an expired presigned URL, credentials
+that rotated, a bucket in another region): the request is sent again through botocore, which
+signs afresh and follows region redirects."""
+_FAST_FALLBACK_LIMIT = 3
+_XML_CODE_RE = re.compile(r"<Code>([^<]{0,200})</Code>")
+_XML_MESSAGE_RE = re.compile(r"<Message>([^<]{0,2000})</Message>")
+
+
+def _maybe_ours(error: botocore.exceptions.ClientError) -> bool:
+    """Whether an error response to a presigned GET may be the presigning's fault."""
+    detail = error.response["Error"]
+    status = error.response["ResponseMetadata"]["HTTPStatusCode"]
+    code = detail["Code"]
+    return (
+        status in (301, 307)
+        or code in _FALLBACK_CODES
+        or (
+            status in (400, 403) and (code == str(status) or "expired" in detail["Message"].lower())
+        )
+    )
+
+
+def _client_error(exc: HttpError) -> botocore.exceptions.ClientError:
+    """The ClientError botocore would have raised for this error response."""
+    text = exc.body.decode("utf-8", "replace")
+    code_match = _XML_CODE_RE.search(text)
+    message_match = _XML_MESSAGE_RE.search(text)
+    code = code_match.group(1).strip() if code_match else ""
+    message = message_match.group(1).strip() if message_match else ""
+    response: Any = {
+        "Error": {"Code": code or str(exc.status), "Message": message},
+        "ResponseMetadata": {"HTTPStatusCode": exc.status, "HTTPHeaders": exc.headers},
+    }
+    return botocore.exceptions.ClientError(response, "GetObject")
 
 
 _LOADER_LOCK = threading.Lock()

@@ -1,0 +1,465 @@
+"""The fast path for ranged GETs: HTTP/1.1 over asyncio, received straight into item memory.
+
+Why: a full load is bound by the event-loop thread. Through aiobotocore, every ranged GET costs
+~0.9 ms of CPU to build and sign the request (botocore), and every socket read costs a ``bytes``
+object, a pass through aiohttp's parser and stream reader, and a slice per item. Here a GET is
+one ``transport.write`` of a request line for a URL presigned once per object, and the body is
+received with ``sock.recv_into`` straight into the memory the item will be decoded from
+(``asyncio.BufferedProtocol``): no per-chunk objects, no copy besides the kernel's.
+
+Data flow::
+
+    S3Store.fetch_range(bucket, key, start, end, sink)
+        -> RangeClient.fetch(url, start, end, if_match, sink)
+            -> _Pool.acquire(origin)         an idle keep-alive connection or a new one
+            -> _Connection.request()         "GET <presigned path> HTTP/1.1", Range, If-Match
+            -> get_buffer()/buffer_updated() the status line and headers into a small buffer,
+                                             then sink.begin(etag), then the body straight into
+                                             sink.buffer(pos) views; sink.written(pos, n)
+            -> _Pool.release()               back to the pool if the response allowed it
+
+Scope: only the plain case is handled here, and everything else is reported to the caller
+(``FallbackRequired``), which then sends the request through botocore as before: a response that
+is not ``206`` with the exact ``Content-Range`` and ``Content-Length`` asked for, a chunked or
+encoded body, or headers over 64 KiB. Error statuses whose meaning is certain (S3's XML error
+body) are translated here, exactly as botocore's would be (``_store.translate_error``). Proxies
+and client certificates never take this path (the store checks before using it).
+
+Invariants: a connection goes back to the pool only after its whole response was received and
+the response did not ask to close; anything else (an error, a timeout, a cancellation) aborts
+it. Exceptions never escape the protocol callbacks (asyncio would log them as fatal errors):
+they are stored, the transport is aborted, and the waiting request raises them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+from urllib.parse import urlsplit
+
+__all__ = ["FallbackRequired", "HttpError", "RangeClient", "RangeSink", "Url"]
+
+_MAX_HEADER_BYTES = 64 * 1024
+_HEADER_BUFFER_BYTES = 8 * 1024
+_CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+_ERROR_BODY_LIMIT = 64 * 1024
+_IDLE, _HEAD, _BODY, _ERROR_BODY, _DONE = range(5)
+
+
+class RangeSink(Protocol):
+    """Where the body of one ranged GET goes (implemented by the fetch engine)."""
+
+    def begin(self, etag: str | None) -> None:
+        """The response headers arrived (the first byte); may raise to refuse the body."""
+
+    def buffer(self, pos: int) -> memoryview:
+        """A writable, non-empty view for the bytes from file offset ``pos`` on."""
+        ...
+
+    def written(self, pos: int, n: int) -> None:
+        """``n`` bytes from file offset ``pos`` were written into the last ``buffer``."""
+
+
+class FallbackRequired(Exception):
+    """The response is not the plain case this client handles: send it through botocore."""
+
+
+class HttpError(Exception):
+    """An error response (status, headers, the start of its body), for ``translate_error``."""
+
+    def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        super().__init__(f"HTTP {status}")
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+
+@dataclass(frozen=True, slots=True)
+class Url:
+    """A presigned URL split for sending: where to connect, what to ask for."""
+
+    scheme: str
+    host: str
+    port: int
+    host_header: str
+    target: str
+
+    @classmethod
+    def parse(cls, url: str) -> Url:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) URL: {url!r}")
+        default_port = 443 if parts.scheme == "https" else 80
+        target = parts.path or "/"
+        if parts.query:
+            target += "?" + parts.query
+        return cls(
+            scheme=parts.scheme,
+            host=parts.hostname,
+            port=parts.port or default_port,
+            # As botocore signs it: the port only when it is not the scheme's default.
+            host_header=(
+                parts.netloc.rpartition("@")[2]
+                if parts.port not in (None, default_port)
+                else (f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname)
+            ),
+            target=target,
+        )
+
+
+class _Connection(asyncio.BufferedProtocol):
+    """One keep-alive connection; one request at a time."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.origin: tuple[str, str, int] = ("", "", 0)
+        self.lost = False
+        self.used = False
+        self.reusable = False
+        self._state = _IDLE
+        self._head = bytearray(_HEADER_BUFFER_BYTES)
+        self._head_len = 0
+        self._scratch = bytearray(4096)
+        self._sink: RangeSink | None = None
+        self._pos = 0
+        self._end = 0
+        self._start = 0
+        self._error_status = 0
+        self._error_headers: dict[str, str] = {}
+        self._error_body = bytearray()
+        self._error_left = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._last_activity = 0.0
+        self._timeout = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+
+    # ------------------------------------------------------------- asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if self._state not in (_IDLE, _DONE):
+            self._finish(exc or ConnectionResetError("the server closed the connection"))
+
+    def eof_received(self) -> bool:
+        return False  # close the transport; connection_lost reports an unfinished response
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        state = self._state
+        try:
+            if state == _BODY:
+                assert self._sink is not None
+                view = self._sink.buffer(self._pos)
+                left = self._end - self._pos
+                return view if len(view) <= left else view[:left]
+            if state == _HEAD:
+                if self._head_len == len(self._head):
+                    if len(self._head) >= _MAX_HEADER_BYTES:
+                        raise FallbackRequired(f"response headers over {_MAX_HEADER_BYTES} bytes")
+                    self._head.extend(bytes(len(self._head)))
+                return memoryview(self._head)[self._head_len :]
+        except BaseException as exc:
+            self._finish(exc)
+        return memoryview(self._scratch)  # idle, failed or error body: read and drop/keep
+
+    def buffer_updated(self, nbytes: int) -> None:
+        state = self._state
+        try:
+            if state == _BODY:
+                assert self._sink is not None
+                self._last_activity = self._loop.time()
+                self._sink.written(self._pos, nbytes)
+                self._pos += nbytes
+                if self._pos >= self._end:
+                    self._finish(None)
+            elif state == _HEAD:
+                self._last_activity = self._loop.time()
+                self._head_len += nbytes
+                self._on_head_bytes(nbytes)
+            elif state == _ERROR_BODY:
+                self._last_activity = self._loop.time()
+                self._error_body += self._scratch[:nbytes]
+                self._error_left -= nbytes
+                if self._error_left <= 0 or len(self._error_body) >= _ERROR_BODY_LIMIT:
+                    self._finish_error()
+            elif state == _IDLE:
+                # Bytes nobody asked for: the connection is out of step; never reuse it.
+                self.reusable = False
+                if self.transport is not None:
+                    self.transport.abort()
+        except BaseException as exc:
+            self._finish(exc)
+
+    # ------------------------------------------------------------- parsing
+
+    def _on_head_bytes(self, nbytes: int) -> None:
+        head = self._head
+        end = head.find(b"\r\n\r\n", max(0, self._head_len - nbytes - 3), self._head_len)
+        if end < 0:
+            return
+        lines = bytes(head[:end]).decode("latin-1").split("\r\n")
+        status_line = lines[0].split(" ", 2)
+        if len(status_line) < 2 or not status_line[0].startswith("HTTP/1."):
+            raise FallbackRequired(f"not an HTTP/1.x response: {lines[0][:80]!r}")
+        if not status_line[1].isdigit():
+            raise FallbackRequired(f"malformed status line: {lines[0][:80]!r}")
+        status = int(status_line[1])
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if sep:
+                headers[name.strip().lower()] = value.strip()
+        keep_alive = (
+            status_line[0] == "HTTP/1.1" and "close" not in headers.get("connection", "").lower()
+        )
+        if "transfer-encoding" in headers or headers.get("content-encoding", "identity") not in (
+            "identity",
+            "",
+        ):
+            raise FallbackRequired("chunked or encoded response body")
+        length_text = headers.get("content-length")
+        length = int(length_text) if length_text is not None and length_text.isdigit() else -1
+        rest = bytes(head[end + 4 : self._head_len])
+        if status != 206:
+            if status < 300 or length < 0:
+                raise FallbackRequired(f"status {status} to a ranged GET")
+            self._error_status, self._error_headers = status, headers
+            self._error_body = bytearray(rest)
+            self._error_left = length - len(rest)
+            self.reusable = keep_alive and length <= _ERROR_BODY_LIMIT
+            self._state = _ERROR_BODY
+            if self._error_left <= 0 or len(self._error_body) >= _ERROR_BODY_LIMIT:
+                self._finish_error()
+            return
+        match = _CONTENT_RANGE_RE.match(headers.get("content-range", ""))
+        if (
+            match is None
+            or int(match.group(1)) != self._start
+            or int(match.group(2)) + 1 != self._end
+            or length != self._end - self._start
+        ):
+            raise FallbackRequired("Content-Range/Content-Length differ from the range asked for")
+        self.reusable = keep_alive
+        assert self._sink is not None
+        self._sink.begin(headers.get("etag"))
+        self._state = _BODY
+        sink = self._sink
+        view = memoryview(rest)
+        while view and self._state == _BODY:
+            target = sink.buffer(self._pos)
+            n = min(len(target), len(view), self._end - self._pos)
+            target[:n] = view[:n]
+            sink.written(self._pos, n)
+            self._pos += n
+            view = view[n:]
+            if self._pos >= self._end:
+                if len(view) > n:
+                    self.reusable = False  # bytes beyond the response: out of step
+                self._finish(None)
+
+    def _finish_error(self) -> None:
+        self._finish(
+            HttpError(self._error_status, self._error_headers, bytes(self._error_body)),
+            reusable=self._error_left <= 0 and self.reusable,
+        )
+
+    # ------------------------------------------------------------- request side
+
+    def _finish(self, exc: BaseException | None, *, reusable: bool | None = None) -> None:
+        if self._state in (_IDLE, _DONE):
+            return
+        self._state = _DONE
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if exc is not None and not isinstance(exc, HttpError):
+            self.reusable = False
+        elif reusable is not None:
+            self.reusable = reusable
+        if not self.reusable and self.transport is not None:
+            self.transport.abort()
+        elif exc is None or isinstance(exc, HttpError):
+            self._state = _IDLE  # any byte from now on is unrequested: see buffer_updated
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            if exc is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(exc)
+
+    def _check_timeout(self) -> None:
+        self._timer = None
+        if self._state in (_IDLE, _DONE):
+            return
+        idle = self._loop.time() - self._last_activity
+        if idle >= self._timeout:
+            self._finish(TimeoutError(f"no data for {self._timeout:g} s (read_timeout_s)"))
+        else:
+            self._timer = self._loop.call_later(self._timeout - idle, self._check_timeout)
+
+    async def request(
+        self,
+        url: Url,
+        start: int,
+        end: int,
+        if_match: str | None,
+        sink: RangeSink,
+        read_timeout: float,
+        user_agent: str,
+    ) -> None:
+        """Send one ranged GET and receive its body into ``sink``; raises on any failure."""
+        assert self.transport is not None and self._state in (_IDLE, _DONE)
+        self.used = True
+        self.reusable = False
+        self._sink, self._start, self._pos, self._end = sink, start, start, end
+        self._head_len = 0
+        self._state = _HEAD
+        self._waiter = self._loop.create_future()
+        self._timeout = read_timeout
+        self._last_activity = self._loop.time()
+        self._timer = self._loop.call_later(read_timeout, self._check_timeout)
+        lines = [
+            f"GET {url.target} HTTP/1.1",
+            f"Host: {url.host_header}",
+            f"Range: bytes={start}-{end - 1}",
+            "Accept-Encoding: identity",
+            f"User-Agent: {user_agent}",
+        ]
+        if if_match is not None:
+            lines.append(f"If-Match: {if_match}")
+        try:
+            self.transport.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+            await self._waiter
+        except HttpError:
+            raise  # the error body was read whole: the connection may be reused
+        except BaseException as exc:
+            # Cancelled, or failed: the connection is in an unknown state.
+            self._finish(exc if isinstance(exc, Exception) else ConnectionAbortedError())
+            self.reusable = False
+            if self.transport is not None:
+                self.transport.abort()
+            raise
+        finally:
+            self._sink = None
+            self._waiter = None
+
+    @property
+    def received_nothing(self) -> bool:
+        """No byte of the last response arrived (a stale keep-alive connection's symptom)."""
+        return self._head_len == 0 and self._pos == self._start
+
+
+class RangeClient:
+    """Connection pool plus ranged GETs; one per ``S3Store`` (so one per event loop)."""
+
+    def __init__(
+        self,
+        *,
+        ssl_context: Callable[[], ssl.SSLContext],
+        max_idle: int,
+        connect_timeout: float,
+        read_timeout: float,
+        user_agent: str,
+    ) -> None:
+        self._ssl_context_factory = ssl_context
+        self._ssl_context: ssl.SSLContext | None = None
+        self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
+        self._busy: set[_Connection] = set()
+        self._max_idle = max_idle
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
+        self._user_agent = user_agent
+        self._closed = False
+
+    async def fetch(
+        self, url: Url, start: int, end: int, if_match: str | None, sink: RangeSink
+    ) -> None:
+        """Bytes ``[start, end)`` of ``url`` into ``sink``. One attempt (plus one silent resend
+        when a reused keep-alive connection turns out closed before any byte came back)."""
+        for resend in (True, False):
+            connection = await self._acquire(url, fresh=not resend)
+            reused = connection.used
+            try:
+                await connection.request(
+                    url, start, end, if_match, sink, self._read_timeout, self._user_agent
+                )
+            except OSError as exc:
+                self._release(connection)
+                stale = reused and connection.received_nothing and not isinstance(exc, TimeoutError)
+                if resend and stale:
+                    self._drop_idle(connection.origin)  # they idled as long: likely dead too
+                    continue
+                raise
+            except BaseException:
+                self._release(connection)
+                raise
+            self._release(connection)
+            return
+
+    def _drop_idle(self, origin: tuple[str, str, int]) -> None:
+        for connection in self._idle.pop(origin, []):
+            if connection.transport is not None:
+                connection.transport.abort()
+
+    async def _acquire(self, url: Url, *, fresh: bool = False) -> _Connection:
+        if self._closed:
+            raise ConnectionAbortedError("the store is closed")
+        origin = (url.scheme, url.host, url.port)
+        idle = None if fresh else self._idle.get(origin)
+        while idle:
+            connection = idle.pop()
+            if not connection.lost and connection.transport is not None:
+                self._busy.add(connection)
+                return connection
+        loop = asyncio.get_running_loop()
+        context = None
+        if url.scheme == "https":
+            if self._ssl_context is None:
+                self._ssl_context = self._ssl_context_factory()
+            context = self._ssl_context
+        _, protocol = await asyncio.wait_for(
+            loop.create_connection(
+                lambda: _Connection(loop),
+                url.host,
+                url.port,
+                ssl=context,
+                server_hostname=url.host if context is not None else None,
+            ),
+            self._connect_timeout,
+        )
+        protocol.origin = origin
+        self._busy.add(protocol)
+        return protocol
+
+    def _release(self, connection: _Connection) -> None:
+        self._busy.discard(connection)
+        if self._closed or connection.lost or not connection.reusable:
+            if connection.transport is not None:
+                connection.transport.abort()
+            return
+        idle = self._idle.setdefault(connection.origin, [])
+        if len(idle) < self._max_idle:
+            idle.append(connection)
+        elif connection.transport is not None:
+            connection.transport.abort()
+
+    def close(self) -> None:
+        """Abort every connection (idle or busy)."""
+        self._closed = True
+        for idle in self._idle.values():
+            for connection in idle:
+                if connection.transport is not None:
+                    connection.transport.abort()
+        self._idle.clear()
+        for connection in list(self._busy):
+            if connection.transport is not None:
+                connection.transport.abort()
+        self._busy.clear()
