@@ -394,6 +394,10 @@ class S3StorageReader(StorageReader):
                         buffer = reader.current_buffer()
                         for req in readers[file_index][item_index]:
                             self._decode(req, buffer, planner)
+                        # Hand the GIL over between items: an event loop thread waiting for
+                        # it gets it now rather than at the next 5 ms switch interval (the
+                        # caller's loop under load_checkpoint, the I/O loop otherwise).
+                        time.sleep(0)
             finished = True
         finally:
             if not finished:
