@@ -346,28 +346,10 @@ class FetchEngine:
                         byte_range=(part.start, part.end),
                         retryable=True,
                     )
-                self._report(
-                    key,
-                    sent_from,
-                    part.end,
-                    sink.pos - sent_from,
-                    attempt,
-                    sent_at,
-                    sink.first_at,
-                    None,
-                )
+                self._report(key, sink, sent_from, attempt, sent_at, None)
                 return
             except AiodcpError as error:
-                self._report(
-                    key,
-                    sent_from,
-                    part.end,
-                    sink.pos - sent_from,
-                    attempt,
-                    sent_at,
-                    sink.first_at,
-                    error,
-                )
+                self._report(key, sink, sent_from, attempt, sent_at, error)
                 if not is_retryable(error):
                     raise
                 if attempt >= attempts:
@@ -387,14 +369,13 @@ class FetchEngine:
     def _report(
         self,
         key: str,
+        sink: _PartSink,
         start: int,
-        end: int,
-        received: int,
         attempt: int,
         sent_at: float,
-        first_at: float,
         error: BaseException | None,
     ) -> None:
+        """Call the ``on_request`` hook for one attempt that asked for ``[start, sink.end)``."""
         hook = self._config.on_request
         if hook is None:
             return
@@ -403,11 +384,11 @@ class FetchEngine:
             bucket=self._bucket,
             key=key,
             start=start,
-            end=end,
-            bytes_received=received,
+            end=sink.end,
+            bytes_received=sink.pos - start,
             attempt=attempt,
             latency_s=now - sent_at,
-            time_to_first_byte_s=(first_at - sent_at) if first_at else None,
+            time_to_first_byte_s=(sink.first_at - sent_at) if sink.first_at else None,
             error=None if error is None else f"{type(error).__name__}: {error}",
         )
         try:
