@@ -201,7 +201,7 @@ def test_prefetch_and_its_load_plan_with_the_prefetch_measurement(
         template = {k: torch.zeros_like(v) for k, v in sd.items()}
         loaded = handle.load(template)  # b is not prefetched: the load fetches it
     finally:
-        handle.cancel()
+        handle.close()
     assert_same(template, sd)
     # The load reads no .metadata of its own: it plans b with the prefetch's latency.
     assert loaded.max_gap_size == MAX_AUTO_GAP_SIZE_BYTES
