@@ -41,10 +41,12 @@ GET (``_planner.auto_gap_size``); ``DEFAULT_MAX_GAP_SIZE_BYTES`` without a measu
 DEFAULT_MAX_CONCURRENCY = 8
 """Concurrent ranged GETs (and pooled connections) per load."""
 DEFAULT_MEMORY_BUDGET_BYTES = DEFAULT_MAX_CONCURRENCY * DEFAULT_PART_SIZE_BYTES
-"""Bytes buffered ahead of the item being decoded: 128 MiB, one default part for each default
-connection, so every connection can have a part in flight. Measured (2-core box, s3rver, 1 GiB
-in 8 files): 256 MiB held 167 MiB of peak RSS above the state dict, 128 MiB 144 MiB at the same
-wall time within noise; 64 MiB fell to ~80 MiB but slowed the S3-shaped load (fewer parts in
+"""Bytes buffered ahead of the item being decoded: 64 MiB, one default part (8 MiB) for each
+default connection, so every connection can have a part in flight. Measured (2-core box,
+s3rver, same runs against s3torchconnector's dcp_optimized): 1 GiB in 8 files, peak RSS above
+the state dict 167 MiB with 256 MiB / 16 MiB parts, 144 MiB with 128 MiB / 16 MiB, 82 MiB with
+64 MiB / 8 MiB at the same wall time within noise (0.83-0.97x dcp_optimized either way, S3-shaped
+load 0.63-0.99x vs 0.78-0.90x); 64 MiB with 16 MiB parts slowed the S3-shaped load (4 parts in
 flight)."""
 DEFAULT_MAX_ATTEMPTS = 5
 """Attempts per request, the first included, whatever failed (error responses, timeouts, bodies
@@ -125,17 +127,17 @@ class ReaderConfig:
     dropped). ``0`` merges only adjacent ranges, ``float("inf")`` merges all. Default
     ``"auto"``: each load times its ``.metadata`` GET (time to first byte, connection set-up
     included) and merges gaps that download faster than one more request would take, i.e.
-    latency x 85 MB/s per connection, clamped to 256 KiB..16 MiB (~2 MiB at S3's typical
+    latency x 85 MB/s per connection, clamped to 256 KiB..8 MiB (~2 MiB at S3's typical
     25 ms); ``LoadStats.max_gap_size`` shows what was used. A single GET never spans more than
     ``part_size`` bytes, so a gap larger than ``part_size`` is never downloaded."""
     part_size: int = DEFAULT_PART_SIZE_BYTES
     """Bytes: the largest span one ranged GET asks for; larger spans run as concurrent parts.
-    Default 16 MiB."""
+    Default 8 MiB."""
     max_concurrency: int = DEFAULT_MAX_CONCURRENCY
     """Ranged GETs in flight at once (across all files of a load). Default 8."""
     memory_budget: int = DEFAULT_MEMORY_BUDGET_BYTES
     """Bytes: downloaded item bytes buffered ahead of decoding. An item larger than the budget is
-    still served, alone. Default 128 MiB (``max_concurrency`` x ``part_size`` defaults)."""
+    still served, alone. Default 64 MiB (``max_concurrency`` x ``part_size`` defaults)."""
     fast_decode: bool = True
     """Decode plain stored tensors straight into their destination (one copy, no temporary)
     instead of ``torch.load`` + ``copy_``; anything unusual falls back to ``torch.load``.

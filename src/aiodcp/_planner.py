@@ -76,7 +76,7 @@ ASSUMED_CONNECTION_BANDWIDTH_BYTES_PER_S = 85_000_000
 from an EC2 instance in the bucket's region (the S3-shaped benchmark paces at 80 MB/s)."""
 MIN_AUTO_GAP_SIZE_BYTES = 256 * 1024
 """The smallest gap ``"auto"`` merges over, however fast the store answers."""
-MAX_AUTO_GAP_SIZE_BYTES = 16 * 1024 * 1024
+MAX_AUTO_GAP_SIZE_BYTES = 8 * 1024 * 1024
 """The largest gap ``"auto"`` merges over, however slow the measured request was."""
 DEFAULT_MAX_GAP_SIZE_BYTES = round(
     ASSUMED_REQUEST_LATENCY_S * ASSUMED_CONNECTION_BANDWIDTH_BYTES_PER_S
@@ -84,8 +84,10 @@ DEFAULT_MAX_GAP_SIZE_BYTES = round(
 """The gap ``"auto"`` picks without a measurement (2,125,000 bytes, ~2 MiB), and the default of
 ``coalesce``/``plan_file``: two needed ranges whose gap is at most this many bytes are fetched
 as one span."""
-DEFAULT_PART_SIZE_BYTES = 16 * 1024 * 1024
-"""The largest span one ranged GET asks for."""
+DEFAULT_PART_SIZE_BYTES = 8 * 1024 * 1024
+"""The largest span one ranged GET asks for: 8 MiB, as the AWS CRT's default part size. With
+the default 8 connections, 64 MiB of parts keep every connection busy (see
+``_config.DEFAULT_MEMORY_BUDGET_BYTES``)."""
 
 _SORT_KEY = attrgetter("start")
 
@@ -299,14 +301,14 @@ def auto_gap_size(
     took up to ~16x longer than the request they saved.
 
     The result is clamped to [``MIN_AUTO_GAP_SIZE_BYTES``, ``MAX_AUTO_GAP_SIZE_BYTES``] =
-    [256 KiB, 16 MiB]:
+    [256 KiB, 8 MiB]:
 
     * below 256 KiB a request costs more than its latency suggests (signing, headers, request
       pricing, ~3 ms of a 85 MB/s stream), and a fast local store (MinIO, moto: a few ms)
       would otherwise split every non-adjacent pair of items;
-    * above 16 MiB the measurement says more about the set-up than about S3 (the timed request
-      is the first of the process: DNS, TCP and TLS set-up, credential lookup, retries all
-      lengthen it, which errs on the side of merging), and 16 MiB is the default
+    * above 8 MiB (a ~100 ms request) the measurement says more about the set-up than about S3
+      (the timed request is the first of the process: DNS, TCP and TLS set-up, credential
+      lookup, retries all lengthen it, which errs on the side of merging), and 8 MiB is the default
       ``part_size``: a gap longer than ``part_size`` is never downloaded anyway, since no GET
       spans more than ``part_size`` bytes.
 
