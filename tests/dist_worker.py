@@ -84,3 +84,9 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    # Skip interpreter and C++ static teardown: a gloo rank aborted there once in CI
+    # ("terminate called without an active exception", SIGABRT) after printing OK and
+    # destroying its process group. The load was checked above; teardown is torch's.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

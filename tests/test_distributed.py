@@ -47,10 +47,16 @@ def run_ranks(world: int, args: list[str], extra_env: dict[str, str]) -> list[st
             )
         )
     outputs = []
-    for proc in procs:
-        out, _ = proc.communicate(timeout=180)
-        outputs.append(out)
-        assert proc.returncode == 0, out[-3000:]
+    try:
+        for proc in procs:
+            out, _ = proc.communicate(timeout=180)
+            outputs.append(out)
+            assert proc.returncode == 0, out[-3000:]
+    finally:
+        for proc in procs:  # one rank failed: do not leave the others running
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
     return outputs
 
 
