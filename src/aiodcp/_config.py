@@ -45,9 +45,9 @@ DEFAULT_MEMORY_BUDGET_BYTES = DEFAULT_MAX_CONCURRENCY * DEFAULT_PART_SIZE_BYTES
 default connection, so every connection can have a part in flight. Measured (2-core box,
 s3rver, same runs against s3torchconnector's dcp_optimized): 1 GiB in 8 files, peak RSS above
 the state dict 167 MiB with 256 MiB / 16 MiB parts, 144 MiB with 128 MiB / 16 MiB, 82 MiB with
-64 MiB / 8 MiB at the same wall time within noise (0.83-0.97x dcp_optimized either way, S3-shaped
-load 0.63-0.99x vs 0.78-0.90x); 64 MiB with 16 MiB parts slowed the S3-shaped load (4 parts in
-flight)."""
+64 MiB / 8 MiB, with wall times overlapping (same 2-repeat run, x dcp_optimized: 0.83-0.97x
+with 64 MiB / 8 MiB against 0.70-1.15x with 128 MiB / 16 MiB; S3-shaped load 0.89-0.99x against
+0.60-0.90x); 64 MiB with 16 MiB parts slowed the S3-shaped load (4 parts in flight)."""
 DEFAULT_MAX_ATTEMPTS = 5
 """Attempts per request, the first included, whatever failed (error responses, timeouts, bodies
 broken mid-stream, which resume at the next byte needed)."""

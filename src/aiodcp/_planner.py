@@ -85,7 +85,8 @@ DEFAULT_MAX_GAP_SIZE_BYTES = round(
 ``coalesce``/``plan_file``: two needed ranges whose gap is at most this many bytes are fetched
 as one span."""
 DEFAULT_PART_SIZE_BYTES = 8 * 1024 * 1024
-"""The largest span one ranged GET asks for: 8 MiB, as the AWS CRT's default part size. With
+"""The largest span one ranged GET asks for: 8 MiB, as boto3's and the AWS CLI's default
+``multipart_chunksize``. With
 the default 8 connections, 64 MiB of parts keep every connection busy (see
 ``_config.DEFAULT_MEMORY_BUDGET_BYTES``)."""
 
