@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import urlsplit
 
-__all__ = ["FallbackRequired", "HttpError", "RangeClient", "RangeSink", "Url"]
+__all__ = ["FallbackRequired", "HttpError", "RangeClient", "RangeSink", "Url", "feed"]
 
 _MAX_HEADER_BYTES = 64 * 1024
 _HEADER_BUFFER_BYTES = 8 * 1024
@@ -62,6 +62,21 @@ class RangeSink(Protocol):
 
     def written(self, pos: int, n: int) -> None:
         """``n`` bytes from file offset ``pos`` were written into the last ``buffer``."""
+
+
+def feed(sink: RangeSink, pos: int, end: int, data: bytes) -> int:
+    """Copy ``data`` (the body from file offset ``pos`` on) into ``sink``, up to ``end``; return
+    the offset reached. For bytes that arrived outside ``recv_into`` (after the headers, or
+    through botocore)."""
+    view = memoryview(data)
+    while view and pos < end:
+        target = sink.buffer(pos)
+        n = min(len(target), len(view), end - pos)
+        target[:n] = view[:n]
+        sink.written(pos, n)
+        pos += n
+        view = view[n:]
+    return pos
 
 
 class FallbackRequired(Exception):
@@ -251,18 +266,11 @@ class _Connection(asyncio.BufferedProtocol):
         assert self._sink is not None
         self._sink.begin(headers.get("etag"))
         self._state = _BODY
-        sink = self._sink
-        view = memoryview(rest)
-        while view and self._state == _BODY:
-            target = sink.buffer(self._pos)
-            n = min(len(target), len(view), self._end - self._pos)
-            target[:n] = view[:n]
-            sink.written(self._pos, n)
-            self._pos += n
-            view = view[n:]
+        if rest:
+            self._pos = feed(self._sink, self._pos, self._end, rest)
+            if len(rest) > self._end - self._start:
+                self.reusable = False  # bytes beyond the response: out of step
             if self._pos >= self._end:
-                if len(view) > n:
-                    self.reusable = False  # bytes beyond the response: out of step
                 self._finish(None)
 
     def _finish_error(self) -> None:

@@ -63,7 +63,7 @@ from ._errors import (
     TransferError,
     TruncatedObjectError,
 )
-from ._http import FallbackRequired, HttpError, RangeClient, RangeSink, Url
+from ._http import FallbackRequired, HttpError, RangeClient, RangeSink, Url, feed
 
 if TYPE_CHECKING:
     from ._stats import StatsRecorder
@@ -532,14 +532,7 @@ class S3Store:
                 chunk = await stream.read_chunk()
                 if not chunk:
                     raise _ended_early(bucket, key, start, end, pos)
-                view = memoryview(chunk)
-                while view and pos < end:
-                    target = sink.buffer(pos)
-                    n = min(len(target), len(view), end - pos)
-                    target[:n] = view[:n]
-                    sink.written(pos, n)
-                    pos += n
-                    view = view[n:]
+                pos = feed(sink, pos, end, chunk)
         finally:
             stream.close()
 
