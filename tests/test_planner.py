@@ -416,19 +416,38 @@ def test_coalesce_rejects_non_item_ranges() -> None:
 # ----------------------------------------------------------------------------- split_into_parts
 
 
-def test_split_packs_items_into_parts() -> None:
+def test_split_fills_parts_and_cuts_inside_items() -> None:
     group = RangeGroup((R(0, 4), R(4, 8), R(10, 14)))
-    assert part_spans(split_into_parts(group, 10)) == [(0, 8, 2), (10, 14, 1)]
-    # the boundary is inclusive: item.end - part.start == part_size joins the part
+    # parts run to part_size wherever items run on; the cut falls inside an item
+    assert part_spans(split_into_parts(group, 11)) == [(0, 11, 3), (11, 14, 1)]
     assert part_spans(split_into_parts(group, 14)) == [(0, 14, 3)]
-    assert part_spans(split_into_parts(group, 13)) == [(0, 8, 2), (10, 14, 1)]
+    assert part_spans(split_into_parts(group, 13)) == [(0, 13, 3), (13, 14, 1)]
     assert part_spans(split_into_parts(group, 4)) == [(0, 4, 1), (4, 8, 1), (10, 14, 1)]
+    # a part ends early where the next item starts beyond its reach (a gap is never cut)
+    assert part_spans(split_into_parts(group, 9)) == [(0, 8, 2), (10, 14, 1)]
+    assert part_spans(split_into_parts(group, 10)) == [(0, 8, 2), (10, 14, 1)]
 
 
-def test_split_part_items_are_the_group_items() -> None:
+def test_split_equal_items_take_file_size_over_part_size_gets() -> None:
+    fives = RangeGroup(tuple(R(5 * i, 5 * i + 5) for i in range(8)))
+    parts = split_into_parts(fives, 8)
+    # A carry part (it starts inside an item) never begins an item it does not end: the next
+    # item starts the next part instead.
+    assert part_spans(parts) == [
+        (0, 8, 2),
+        (8, 15, 2),
+        (15, 23, 2),
+        (23, 30, 2),
+        (30, 38, 2),
+        (38, 40, 1),
+    ]
+    # item-aligned parts would have taken 8 GETs; these take 6, ceil(40 / 8) + 1
+
+
+def test_split_part_items_are_the_items_it_overlaps() -> None:
     a, b, c = R(0, 4), R(4, 8), R(10, 14)
-    parts = split_into_parts(RangeGroup((a, b, c)), 10)
-    assert [p.items for p in parts] == [(a, b), (c,)]
+    parts = split_into_parts(RangeGroup((a, b, c)), 12)
+    assert [p.items for p in parts] == [(a, b, c), (c,)]
 
 
 def test_split_item_of_exactly_part_size_is_one_part() -> None:
@@ -448,12 +467,18 @@ def test_split_big_item_between_small_items() -> None:
     small1, big, small2 = R(0, 3), R(5, 30), R(32, 35)
     parts = split_into_parts(RangeGroup((small1, big, small2)), 10)
     assert parts == [
-        Part(0, 3, (small1,)),
-        Part(5, 15, (big,)),
-        Part(15, 25, (big,)),
-        Part(25, 30, (big,)),
+        Part(0, 10, (small1, big)),
+        Part(10, 20, (big,)),
+        Part(20, 30, (big,)),  # a carry part: small2 would run past 30, so it starts anew
         Part(32, 35, (small2,)),
     ]
+    # the carry part [22, 30) would reach 33, but small2 ends at 35: it waits for its own part
+    parts = split_into_parts(RangeGroup((small1, big, small2)), 11)
+    assert part_spans(parts) == [(0, 11, 2), (11, 22, 1), (22, 30, 1), (32, 35, 1)]
+    # one that ends within reach joins the carry part
+    tiny = R(31, 33)
+    parts = split_into_parts(RangeGroup((small1, big, tiny)), 11)
+    assert part_spans(parts) == [(0, 11, 2), (11, 22, 1), (22, 33, 2)]
 
 
 def test_split_part_size_one() -> None:
@@ -613,18 +638,20 @@ def check_parts(group: RangeGroup, parts: list[Part], part_size: int) -> None:
             if p.start < item.end and item.start < p.end
         )
         assert covered == item.length
-        holders = [p for p in parts if item in p.items]
-        if item.length <= part_size:  # item-aligned: a small item is never cut
-            assert len(holders) == 1
-            assert holders[0].start <= item.start and item.end <= holders[0].end
-        else:  # a big item: part_size slices, alone in their parts
-            assert [p.start for p in holders] == list(range(item.start, item.end, part_size))
-            assert all(p.items == (item,) for p in holders)
-            assert all(p.length == part_size for p in holders[:-1])
-    # greedy packing: a part of small items ends only because the next item did not fit
-    for before, after in pairwise(parts):
-        if before.items[-1].length <= part_size and after.items[0].length <= part_size:
-            assert after.items[0].end - before.start > part_size
+    for index, part in enumerate(parts):
+        head = part.items[0]
+        reach = part.start + part_size
+        later = [i for i in items if i.start >= part.end]
+        if part.start > head.start:
+            # a carry part continues the previous part and begins only items it also ends
+            assert index > 0 and parts[index - 1].end == part.start
+            assert all(i.end <= part.end for i in part.items[1:])
+        if not any(i.end == part.end for i in items):
+            assert part.length == part_size  # a cut inside an item comes only at full size
+        elif part.length < part_size and later:
+            # it ended early only because the next item was out of reach
+            nxt = later[0]
+            assert nxt.start >= reach or (part.start > head.start and nxt.end > reach)
 
 
 @given(requests(), max_gaps)

@@ -17,9 +17,12 @@ Data flow::
         release_item(f, i) drops its memory and returns its bytes to the budget (batched).
 
 Invariants: the budget is reserved in consumption order, so the item the consumer waits for
-always holds its reservation and the engine cannot deadlock; an item larger than the whole budget
-is reserved only when nothing else is (it is served alone). Memory held = reserved bytes, never
-more than ``max(memory_budget, largest item)``. The first failure cancels every other fetch and
+always holds its reservation and the engine cannot deadlock. A part that finishes an item an
+earlier part began (a carry part) cannot wait for that item's release (the consumer needs the
+part first): when its new items do not fit beside it, the carried rest is fetched alone and the
+new items wait (``_schedule``). An item larger than the whole budget is reserved only when
+nothing else is. Memory held = reserved bytes, never more than ``max(memory_budget, largest
+item)``. The first failure cancels every other fetch and
 is re-raised to the consumer; ``abort()`` (consumer side) cancels everything as well.
 """
 
@@ -63,14 +66,28 @@ class _ByteBudget:
         self._waiter: asyncio.Future[None] | None = None
 
     async def acquire(self, n: int) -> None:
-        # n == 0: the rest of an item already reserved. Otherwise wait for room, or for an
-        # empty budget when the item alone is larger than the whole budget.
-        while n and self.used and self.used + n > self.limit:
+        """Reserve ``n`` bytes once they fit, or once nothing is held (an item larger than the
+        whole budget is served alone)."""
+        await self.acquire_beside(n, 0)
+
+    async def acquire_beside(self, n: int, carried: int) -> bool:
+        """Reserve ``n`` bytes once they fit and return True; or return False, reserving
+        nothing, once no more than ``carried`` bytes are held.
+
+        ``carried``: the bytes of an item the caller's part finishes. The consumer cannot
+        release them before that part is fetched, so waiting for them would deadlock.
+        """
+        while n and self.used + n > self.limit:
+            if self.used <= carried:
+                if carried:
+                    return False
+                break  # nothing held: serve it alone
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
         self.used += n
         if self.used > self.peak:
             self.peak = self.used
+        return True
 
     def release(self, n: int) -> None:
         self.used -= n
@@ -245,12 +262,7 @@ class FetchEngine:
         try:
             for file_index, fetch in enumerate(self._files):
                 for part in fetch.plan.parts:
-                    reserve = sum(r.length for r in part.items if r.start >= part.start)
-                    await self._budget.acquire(reserve)
-                    await connections.acquire()
-                    task = asyncio.create_task(self._fetch_part(file_index, part, connections))
-                    self._tasks.add(task)
-                    task.add_done_callback(self._task_done)
+                    await self._schedule(file_index, part, connections)
             while self._tasks:
                 await asyncio.wait(set(self._tasks))
         except asyncio.CancelledError as exc:
@@ -271,6 +283,68 @@ class FetchEngine:
             self._stats.observe_peak(self._budget.peak)
         if self._error is not None:
             raise self._error
+
+    async def _schedule(self, file_index: int, part: Part, connections: asyncio.Semaphore) -> None:
+        """Reserve the memory of the items ``part`` begins, then start its GET.
+
+        A part is sent as planned unless the budget cannot hold it: when a carry part's new
+        items do not fit beside the item it finishes, that item's rest is fetched alone first;
+        when a part begins more items than even an empty budget holds, it is sent as several
+        GETs, cut at item starts. Either way no more than ``max(memory_budget, largest item)``
+        is ever reserved.
+        """
+        items = part.items
+        begins = items if items[0].start >= part.start else items[1:]
+        if not begins:  # the middle of an item already reserved
+            await self._start(file_index, part, 0, connections)
+            return
+        reserve = sum(r.length for r in begins)
+        if begins is not items:
+            carried = items[0]
+            if await self._budget.acquire_beside(reserve, carried.length):
+                await self._start(file_index, part, reserve, connections, reserved=True)
+                return
+            await self._start(file_index, Part(part.start, carried.end, (carried,)), 0, connections)
+            part = Part(begins[0].start, part.end, begins)
+        if reserve <= self._budget.limit or len(begins) == 1:
+            await self._start(file_index, part, reserve, connections)
+            return
+        piece: list[ItemRange] = []
+        held = 0
+        for item in begins:  # cut at item starts into pieces the budget can hold
+            if piece and held + item.length > self._budget.limit:
+                await self._start_piece(file_index, piece, part.end, held, connections)
+                piece, held = [], 0
+            piece.append(item)
+            held += item.length
+        await self._start_piece(file_index, piece, part.end, held, connections)
+
+    async def _start_piece(
+        self,
+        file_index: int,
+        piece: list[ItemRange],
+        part_end: int,
+        reserve: int,
+        connections: asyncio.Semaphore,
+    ) -> None:
+        end = min(piece[-1].end, part_end)
+        await self._start(file_index, Part(piece[0].start, end, tuple(piece)), reserve, connections)
+
+    async def _start(
+        self,
+        file_index: int,
+        part: Part,
+        reserve: int,
+        connections: asyncio.Semaphore,
+        *,
+        reserved: bool = False,
+    ) -> None:
+        if not reserved:
+            await self._budget.acquire(reserve)
+        await connections.acquire()
+        task = asyncio.create_task(self._fetch_part(file_index, part, connections))
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)

@@ -9,8 +9,9 @@ Data flow::
         -> coalesce()    sort, drop identical ranges, reject partial overlaps, and join ranges
                          whose gap is <= ``max_gap_size`` into RangeGroups (one contiguous span)
         -> split_into_parts()
-                         cut every group into item-aligned Parts of at most ``part_size`` bytes;
-                         an item larger than ``part_size`` is sliced into ``part_size`` pieces
+                         cut every group into Parts of at most ``part_size`` bytes: full-size
+                         parts wherever items run on, so a part may end inside an item and the
+                         next part carry on with the rest of it
     FilePlan             items (unique, sorted) + groups + parts (file order); byte accounting
 
 Invariants of a plan:
@@ -19,7 +20,15 @@ Invariants of a plan:
   group are ``<= max_gap_size``, gaps between consecutive groups are ``> max_gap_size``;
 * every item byte is in exactly one part; parts are sorted, disjoint, ``<= part_size`` bytes long
   and never start or end inside a gap (a gap is fetched only when it lies inside one part);
-* ``Part.items`` is exactly the items that overlap the part, in file order.
+* ``Part.items`` is exactly the items that overlap the part, in file order;
+* a part that starts inside an item (a *carry* part: it holds the rest of an item an earlier
+  part began) never begins an item it does not also end. So the memory a carry part reserves
+  for new items stays under ``part_size``, beside the item it finishes (which the fetch engine
+  cannot free before the part arrives, see ``_engine.FetchEngine._schedule``);
+* a part shorter than ``part_size`` ends at an item's end, and the group's next item either
+  starts at or beyond ``part.start + part_size`` or the part is a carry part and the next item
+  does not end within ``part.start + part_size``. So parts are full wherever items run on: a
+  1 GiB file of items of any size takes ~1 GiB / ``part_size`` GETs, not one GET per item.
 
 Everything is ``O(n log n)`` in the number of ranges (the sort), linear afterwards; no side
 effects.
@@ -395,11 +404,13 @@ def coalesce(
 
 
 def split_into_parts(group: RangeGroup, part_size: int = DEFAULT_PART_SIZE_BYTES) -> list[Part]:
-    """Cut ``group`` into item-aligned Parts of at most ``part_size`` bytes, in file order.
+    """Cut ``group`` into Parts of at most ``part_size`` bytes, in file order.
 
-    A part starts at an item's start; the next item joins it while the part stays within
-    ``part_size``. An item longer than ``part_size`` becomes consecutive ``part_size`` slices
-    (the last one shorter), each its own part.
+    A part covers ``part_size`` bytes from its start and ends early only at an item's end: where
+    the group ends, where the next item starts beyond the part's reach, or, in a part that
+    starts inside an item (a carry part), before an item that would run past its end (that
+    item then starts the next part). Otherwise the cut falls inside an item, whose rest starts
+    the next part. An item may so be split over several parts.
     """
     size = validate_part_size(part_size)
     if not isinstance(group, RangeGroup):
@@ -411,24 +422,34 @@ def split_into_parts(group: RangeGroup, part_size: int = DEFAULT_PART_SIZE_BYTES
 
 def _split_items(items: tuple[ItemRange, ...], size: int, parts: list[Part]) -> None:
     """Append the parts of one group's ``items`` (validated, sorted) to ``parts``."""
-    first = 0  # index of the first item of the part being built
     count = len(items)
+    first = 0  # index of the first item the part being built overlaps
+    start = items[0].start if count else 0  # where that part starts (inside items[first])
     while first < count:
-        item = items[first]
-        start = item.start
-        if item.end - start > size:
-            only = (item,)
-            end = item.end
-            parts.extend(
-                Part(offset, min(offset + size, end), only) for offset in range(start, end, size)
-            )
-            first += 1
+        limit = start + size
+        head = items[first]
+        if head.end >= limit:  # the first item fills the part
+            parts.append(Part(start, limit, (head,)))
+            if head.end == limit:
+                first += 1
+                if first < count:
+                    start = items[first].start
+            else:
+                start = limit
             continue
-        last = first + 1  # one past the last item of the part
-        while last < count and items[last].end - start <= size:
+        last = first + 1  # one past the last item that ends within the part
+        while last < count and items[last].end <= limit:
             last += 1
+        if last < count and items[last].start < limit and start == head.start:
+            # The next item starts inside the part and runs past it: cut it at the limit. (A
+            # carry part never does this, see the invariants in the module docstring.)
+            parts.append(Part(start, limit, items[first : last + 1]))
+            first, start = last, limit
+            continue
         parts.append(Part(start, items[last - 1].end, items[first:last]))
         first = last
+        if first < count:
+            start = items[first].start
 
 
 def plan_file(
