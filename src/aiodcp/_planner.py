@@ -21,13 +21,8 @@ Invariants of a plan:
 * every item byte is in exactly one part; parts are sorted, disjoint, ``<= part_size`` bytes long
   and never start or end inside a gap (a gap is fetched only when it lies inside one part);
 * ``Part.items`` is exactly the items that overlap the part, in file order;
-* a part that starts inside an item (a *carry* part: it holds the rest of an item an earlier
-  part began) never begins an item it does not also end. So the memory a carry part reserves
-  for new items stays under ``part_size``, beside the item it finishes (which the fetch engine
-  cannot free before the part arrives, see ``_engine.FetchEngine._schedule``);
-* a part shorter than ``part_size`` ends at an item's end, and the group's next item either
-  starts at or beyond ``part.start + part_size`` or the part is a carry part and the next item
-  does not end within ``part.start + part_size``. So parts are full wherever items run on: a
+* a part shorter than ``part_size`` ends at an item's end, and the group's next item starts at
+  or beyond ``part.start + part_size``. So parts are full wherever items run on: a
   1 GiB file of items of any size takes ~1 GiB / ``part_size`` GETs, not one GET per item.
 
 Everything is ``O(n log n)`` in the number of ranges (the sort), linear afterwards; no side
@@ -406,11 +401,11 @@ def coalesce(
 def split_into_parts(group: RangeGroup, part_size: int = DEFAULT_PART_SIZE_BYTES) -> list[Part]:
     """Cut ``group`` into Parts of at most ``part_size`` bytes, in file order.
 
-    A part covers ``part_size`` bytes from its start and ends early only at an item's end: where
-    the group ends, where the next item starts beyond the part's reach, or, in a part that
-    starts inside an item (a carry part), before an item that would run past its end (that
-    item then starts the next part). Otherwise the cut falls inside an item, whose rest starts
-    the next part. An item may so be split over several parts.
+    A part covers ``part_size`` bytes from its start and ends early only at an item's end,
+    where the group ends or the next item starts beyond the part's reach. Otherwise the cut
+    falls inside an item, whose rest starts the next part: an item may be split over several
+    parts, and a part may finish one item and begin others (``_engine.FetchEngine._schedule``
+    reserves memory for such parts without deadlock).
     """
     size = validate_part_size(part_size)
     if not isinstance(group, RangeGroup):
@@ -427,27 +422,16 @@ def _split_items(items: tuple[ItemRange, ...], size: int, parts: list[Part]) -> 
     start = items[0].start if count else 0  # where that part starts (inside items[first])
     while first < count:
         limit = start + size
-        head = items[first]
-        if head.end >= limit:  # the first item fills the part
-            parts.append(Part(start, limit, (head,)))
-            if head.end == limit:
-                first += 1
-                if first < count:
-                    start = items[first].start
-            else:
-                start = limit
-            continue
-        last = first + 1  # one past the last item that ends within the part
-        while last < count and items[last].end <= limit:
+        last = first  # the last item that starts before the limit
+        while last + 1 < count and items[last + 1].start < limit:
             last += 1
-        if last < count and items[last].start < limit and start == head.start:
-            # The next item starts inside the part and runs past it: cut it at the limit. (A
-            # carry part never does this, see the invariants in the module docstring.)
+        end = items[last].end
+        if end > limit:  # cut inside that item; its rest starts the next part
             parts.append(Part(start, limit, items[first : last + 1]))
             first, start = last, limit
             continue
-        parts.append(Part(start, items[last - 1].end, items[first:last]))
-        first = last
+        parts.append(Part(start, end, items[first : last + 1]))  # ends where the item ends
+        first = last + 1
         if first < count:
             start = items[first].start
 
