@@ -4,26 +4,28 @@ Data flow::
 
     FileFetch(key, FilePlan) x N files          (planner output, in consumption order)
         -> run(): one scheduler walks every Part of every file in order; for each part it
-           reserves the bytes of the items that *start* in it from the ByteBudget, takes a
-           connection slot, and starts a fetch task       (backpressure: budget + semaphore)
+           reserves the item bytes the part holds from the ByteBudget (an item split over
+           several parts is reserved slice by slice), takes a connection slot, and starts a
+           fetch task                                    (backpressure: budget + semaphore)
         -> _fetch(): a ranged GET (``S3Store.fetch_range``) whose body is written by the store
-           into a ``_PartSink``: item bytes into the item's own memory (allocated at its first
-           byte; a part may fill a slice of a larger item), gap bytes into a scratch buffer;
+           into a ``_PartSink``: item bytes into the item's own memory (1 MiB blocks taken as
+           their first byte arrives, see ``_BlockPool``), gap bytes into a scratch buffer;
            an interrupted body resumes at the next byte it still needs, pinned to the first
            ETag seen for the object (If-Match); a part gets at most ``max_attempts`` GETs,
            with backoff (``_store.retry_delay``)
-        -> an item whose last byte arrived becomes a one-chunk ChunkBuffer and is published
+        -> an item whose last byte arrived becomes a ChunkBuffer over its blocks and is
+           published
     consumer thread (torch decode): wait_item(f, i) blocks until item i of file f is published;
         release_item(f, i) drops its memory and returns its bytes to the budget (batched).
 
 Invariants: the budget is reserved in consumption order, so the item the consumer waits for
-always holds its reservation and the engine cannot deadlock. A part that finishes an item an
-earlier part began (a carry part) cannot wait for that item's release (the consumer needs the
-part first): when its new items do not fit beside it, the carried rest is fetched alone and the
-new items wait (``_schedule``). An item larger than the whole budget is reserved only when
-nothing else is. Memory held = reserved bytes, never more than ``max(memory_budget, largest
-item)``. The first failure cancels every other fetch and
-is re-raised to the consumer; ``abort()`` (consumer side) cancels everything as well.
+always holds its reservation and the engine cannot deadlock. A part that carries on with an
+item an earlier part began cannot wait for that item's release (the consumer needs the part
+first): once nothing else is held, the carried slice is fetched alone and the items after it
+wait (``_schedule``). An item larger than the whole budget is reserved only when nothing else
+is. Reserved bytes never exceed ``max(memory_budget, largest item)``; memory held is the
+reserved bytes plus at most one partly filled block per item being received. The first failure
+cancels every other fetch and is re-raised to the consumer; ``abort()`` (consumer side) cancels everything as well.
 """
 
 from __future__ import annotations
@@ -84,10 +86,14 @@ class _ByteBudget:
                 break  # nothing held: serve it alone
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
+        self.force(n)
+        return True
+
+    def force(self, n: int) -> None:
+        """Reserve ``n`` bytes now, whatever is held (the caller knows waiting would deadlock)."""
         self.used += n
         if self.used > self.peak:
             self.peak = self.used
-        return True
 
     def release(self, n: int) -> None:
         self.used -= n
@@ -106,8 +112,8 @@ class _BlockPool:
     Fresh memory is expensive: the kernel zeroes every page on its first touch, which cost
     ~1.2 s per GiB here against ~0.07 s to write the same bytes into memory already mapped.
     So items of at least half a block are received into blocks that go back to this pool when
-    the item is released and serve the next items; the pool never holds more than the bytes
-    reserved at the peak (the byte budget), and is freed with the engine. Smaller items take a
+    the item is released and serve the next items; the pool holds about the bytes reserved at
+    the peak (the byte budget), and is freed with the engine. Smaller items take a
     ``bytearray`` from the heap, which recycles them by itself. Taken on the loop, given back
     from the consumer thread (``list`` appends and pops are atomic).
     """
@@ -115,21 +121,22 @@ class _BlockPool:
     def __init__(self) -> None:
         self._free: list[memoryview] = []
 
-    def take(self, length: int) -> list[memoryview]:
-        """Memory for an item of ``length`` bytes: whole blocks, or one exact heap buffer."""
+    def slots(self, length: int) -> list[memoryview | None]:
+        """Memory for an item of ``length`` bytes: one exact heap buffer for a small item, or a
+        slot per block, filled by ``block()`` when the first byte of that block arrives (an item
+        split over several GETs holds memory only for the bytes that came)."""
         if length < _BLOCK_BYTES // 2:
             return [memoryview(bytearray(length))]
-        blocks = []
-        for _ in range(-(-length // _BLOCK_BYTES)):
-            try:
-                blocks.append(self._free.pop())
-            except IndexError:
-                blocks.append(memoryview(mmap.mmap(-1, _BLOCK_BYTES)))
-        return blocks
+        return [None] * -(-length // _BLOCK_BYTES)
 
-    def give(self, blocks: list[memoryview]) -> None:
-        if len(blocks[0]) == _BLOCK_BYTES:
-            self._free.extend(blocks)
+    def block(self) -> memoryview:
+        try:
+            return self._free.pop()
+        except IndexError:
+            return memoryview(mmap.mmap(-1, _BLOCK_BYTES))
+
+    def give(self, blocks: list[memoryview | None]) -> None:
+        self._free.extend(b for b in blocks if b is not None and len(b) == _BLOCK_BYTES)
 
 
 class _Item:
@@ -139,7 +146,7 @@ class _Item:
 
     def __init__(self, item_range: ItemRange) -> None:
         self.range = item_range
-        self.blocks: list[memoryview] | None = None
+        self.blocks: list[memoryview | None] | None = None
         self.missing = item_range.length
         self.buffer: ChunkBuffer | None = None
 
@@ -188,9 +195,12 @@ class _PartSink:
             if start <= pos:
                 blocks = item.blocks
                 if blocks is None:
-                    blocks = item.blocks = self._engine._pool.take(item.range.length)
+                    blocks = item.blocks = self._engine._pool.slots(item.range.length)
                 block, offset = divmod(pos - start, _BLOCK_BYTES)
-                view = blocks[block][offset:]
+                memory = blocks[block]
+                if memory is None:
+                    memory = blocks[block] = self._engine._pool.block()
+                view = memory[offset:]
                 limit = min(item.range.end, self.end) - pos
                 return view if len(view) <= limit else view[:limit]
             gap_end = start
@@ -285,38 +295,51 @@ class FetchEngine:
             raise self._error
 
     async def _schedule(self, file_index: int, part: Part, connections: asyncio.Semaphore) -> None:
-        """Reserve the memory of the items ``part`` begins, then start its GET.
+        """Reserve memory for the item bytes ``part`` holds, then start its GET.
 
-        A part is sent as planned unless the budget cannot hold it: when a carry part's new
-        items do not fit beside the item it finishes, that item's rest is fetched alone first;
-        when a part begins more items than even an empty budget holds, it is sent as several
-        GETs, cut at item starts. Either way no more than ``max(memory_budget, largest item)``
-        is ever reserved.
+        Memory is reserved per part, for the slices of items the part holds (an item split over
+        several parts is reserved slice by slice), and released per item, when the consumer is
+        done with it. A part is sent as planned unless the budget cannot hold it:
+
+        - a part that carries on with an item an earlier part began cannot wait for that item's
+          release (the consumer needs the part first). Once nothing else is held and the part
+          still does not fit, the carried item's slice is fetched alone, beyond the budget if it
+          must (an item larger than the whole budget is served alone), and the items after it
+          wait for their own GET;
+        - a part whose slices exceed even an empty budget is sent as several GETs, cut at item
+          starts.
+
+        So no more than ``max(memory_budget, largest item)`` is ever reserved.
         """
+        budget = self._budget
         items = part.items
-        begins = items if items[0].start >= part.start else items[1:]
-        if not begins:  # the middle of an item already reserved
-            await self._start(file_index, part, 0, connections)
-            return
-        reserve = sum(r.length for r in begins)
-        if begins is not items:
-            carried = items[0]
-            if await self._budget.acquire_beside(reserve, carried.length):
-                await self._start(file_index, part, reserve, connections, reserved=True)
+        first = items[0]
+        reserve = sum(min(r.end, part.end) - max(r.start, part.start) for r in items)
+        if first.start < part.start:
+            if await budget.acquire_beside(reserve, part.start - first.start):
+                await self._start(file_index, part, connections)
                 return
-            await self._start(file_index, Part(part.start, carried.end, (carried,)), 0, connections)
-            part = Part(begins[0].start, part.end, begins)
-        if reserve <= self._budget.limit or len(begins) == 1:
-            await self._start(file_index, part, reserve, connections)
+            end = min(first.end, part.end)
+            budget.force(end - part.start)
+            await self._start(file_index, Part(part.start, end, (first,)), connections)
+            if len(items) == 1:
+                return
+            reserve -= end - part.start
+            items = items[1:]
+            part = Part(items[0].start, part.end, items)
+        if reserve <= budget.limit or len(items) == 1:
+            await budget.acquire(reserve)
+            await self._start(file_index, part, connections)
             return
         piece: list[ItemRange] = []
         held = 0
-        for item in begins:  # cut at item starts into pieces the budget can hold
-            if piece and held + item.length > self._budget.limit:
+        for item in items:  # cut at item starts into pieces the budget can hold
+            size = min(item.end, part.end) - item.start
+            if piece and held + size > budget.limit:
                 await self._start_piece(file_index, piece, part.end, held, connections)
                 piece, held = [], 0
             piece.append(item)
-            held += item.length
+            held += size
         await self._start_piece(file_index, piece, part.end, held, connections)
 
     async def _start_piece(
@@ -327,20 +350,12 @@ class FetchEngine:
         reserve: int,
         connections: asyncio.Semaphore,
     ) -> None:
+        await self._budget.acquire(reserve)
         end = min(piece[-1].end, part_end)
-        await self._start(file_index, Part(piece[0].start, end, tuple(piece)), reserve, connections)
+        await self._start(file_index, Part(piece[0].start, end, tuple(piece)), connections)
 
-    async def _start(
-        self,
-        file_index: int,
-        part: Part,
-        reserve: int,
-        connections: asyncio.Semaphore,
-        *,
-        reserved: bool = False,
-    ) -> None:
-        if not reserved:
-            await self._budget.acquire(reserve)
+    async def _start(self, file_index: int, part: Part, connections: asyncio.Semaphore) -> None:
+        """Start the GET of ``part`` (its memory is reserved) once a connection slot is free."""
         await connections.acquire()
         task = asyncio.create_task(self._fetch_part(file_index, part, connections))
         self._tasks.add(task)
@@ -488,9 +503,11 @@ class FetchEngine:
         """The item's last byte arrived: hand it to the consumer."""
         blocks = item.blocks
         assert blocks is not None
+        full: list[memoryview] = [b for b in blocks if b is not None]
+        assert len(full) == len(blocks)  # every byte arrived, so every block is there
         length = item.range.length
-        tail = length - (len(blocks) - 1) * _BLOCK_BYTES
-        chunks = [*blocks[:-1], blocks[-1][:tail]] if len(blocks[-1]) != tail else blocks
+        tail = length - (len(full) - 1) * _BLOCK_BYTES
+        chunks = [*full[:-1], full[-1][:tail]] if len(full[-1]) != tail else full
         buffer = ChunkBuffer(chunks, length)
         with self._cond:
             item.buffer = buffer
