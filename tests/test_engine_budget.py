@@ -53,7 +53,7 @@ def layouts(draw: st.DrawFn) -> list[ItemRange]:
 
 def load(
     bucket: str, endpoint: str, items: list[ItemRange], config: ReaderConfig
-) -> tuple[list[bytes], int]:
+) -> tuple[list[bytes], int, int]:
     """Run the engine on a loop thread; consume in order on this thread like the decoder."""
     plan = plan_file(items, max_gap_size=config.max_gap_size, part_size=config.part_size)
     recorder = StatsRecorder()
@@ -90,7 +90,7 @@ def load(
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         loop.close()
-    return got, recorder.snapshot().peak_buffered_bytes
+    return got, recorder.snapshot().peak_buffered_bytes, engine._pool.created
 
 
 @settings(
@@ -120,7 +120,33 @@ def test_engine_any_layout_exact_bytes_no_deadlock_within_budget(
         max_gap_size=gap,
         max_concurrency=3,
     )
-    got, peak = load(bucket, reader_kwargs["endpoint_url"], layout, config)
+    got, peak, _ = load(bucket, reader_kwargs["endpoint_url"], layout, config)
     assert got == [data[r.start : r.end] for r in layout]
     largest = max(r.length for r in layout)
     assert 0 < peak <= max(budget, largest)
+
+
+@pytest.fixture(scope="module")
+def big_blob(s3_server: Any) -> tuple[str, bytes]:
+    s3 = s3_server.client()
+    bucket = "engine-budget-blocks"
+    s3.create_bucket(Bucket=bucket)
+    data = os.urandom(6 * 1024 * 1024)
+    s3.put_object(Bucket=bucket, Key=KEY, Body=data)
+    return bucket, data
+
+
+def test_budget_counts_whole_blocks(big_blob: tuple[str, bytes], reader_kwargs: dict[str, Any]):
+    """Items of 600 KiB live in 1 MiB blocks: the budget must count the blocks, not the bytes,
+    or 2 MiB of budget would hold ~3.4 MiB of memory."""
+    bucket, data = big_blob
+    kib = 1024
+    layout = [ItemRange(i * 600 * kib, (i + 1) * 600 * kib) for i in range(10)]
+    budget = 2 * 1024 * kib
+    config = ReaderConfig(
+        **reader_kwargs, part_size=1024 * kib, memory_budget=budget, max_gap_size=0
+    )
+    got, peak, blocks = load(bucket, reader_kwargs["endpoint_url"], layout, config)
+    assert got == [data[r.start : r.end] for r in layout]
+    assert peak <= budget
+    assert 0 < blocks * 1024 * kib <= budget  # the memory actually mapped

@@ -136,8 +136,9 @@ class ReaderConfig:
     max_concurrency: int = DEFAULT_MAX_CONCURRENCY
     """Ranged GETs in flight at once (across all files of a load). Default 8."""
     memory_budget: int = DEFAULT_MEMORY_BUDGET_BYTES
-    """Bytes: downloaded item bytes buffered ahead of decoding. An item larger than the budget is
-    still served, alone. Default 64 MiB (``max_concurrency`` x ``part_size`` defaults)."""
+    """Bytes: memory for downloaded items buffered ahead of decoding (items of 512 KiB or more
+    count in whole 1 MiB blocks). An item larger than the budget is still served, alone.
+    Default 64 MiB (``max_concurrency`` x ``part_size`` defaults)."""
     fast_decode: bool = True
     """Decode plain stored tensors straight into their destination (one copy, no temporary)
     instead of ``torch.load`` + ``copy_``; anything unusual falls back to ``torch.load``.

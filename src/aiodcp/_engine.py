@@ -4,8 +4,8 @@ Data flow::
 
     FileFetch(key, FilePlan) x N files          (planner output, in consumption order)
         -> run(): one scheduler walks every Part of every file in order; for each part it
-           reserves the item bytes the part holds from the ByteBudget (an item split over
-           several parts is reserved slice by slice), takes a connection slot, and starts a
+           reserves the item memory the part's bytes take from the ByteBudget (an item split
+           over several parts is reserved slice by slice), takes a connection slot, and starts a
            fetch task                                    (backpressure: budget + semaphore)
         -> _fetch(): a ranged GET (``S3Store.fetch_range``) whose body is written by the store
            into a ``_PartSink``: item bytes into the item's own memory (1 MiB blocks taken as
@@ -23,9 +23,10 @@ always holds its reservation and the engine cannot deadlock. A part that carries
 item an earlier part began cannot wait for that item's release (the consumer needs the part
 first): once nothing else is held, the carried slice is fetched alone and the items after it
 wait (``_schedule``). An item larger than the whole budget is reserved only when nothing else
-is. Reserved bytes never exceed ``max(memory_budget, largest item)``; memory held is the
-reserved bytes plus at most one partly filled block per item being received. The first failure
-cancels every other fetch and is re-raised to the consumer; ``abort()`` (consumer side) cancels everything as well.
+is. Reservations count item memory, whole 1 MiB blocks for all but small items (``_memory``),
+so memory held is what is reserved, and never exceeds ``max(memory_budget, largest item's
+memory)``. The first failure cancels every other fetch and is re-raised to the consumer;
+``abort()`` (consumer side) cancels everything as well.
 """
 
 from __future__ import annotations
@@ -120,6 +121,7 @@ class _BlockPool:
 
     def __init__(self) -> None:
         self._free: list[memoryview] = []
+        self.created = 0  # blocks mapped so far: the pool's memory
 
     def slots(self, length: int) -> list[memoryview | None]:
         """Memory for an item of ``length`` bytes: one exact heap buffer for a small item, or a
@@ -133,10 +135,26 @@ class _BlockPool:
         try:
             return self._free.pop()
         except IndexError:
+            self.created += 1
             return memoryview(mmap.mmap(-1, _BLOCK_BYTES))
 
     def give(self, blocks: list[memoryview | None]) -> None:
         self._free.extend(b for b in blocks if b is not None and len(b) == _BLOCK_BYTES)
+
+
+def _memory(item: ItemRange, start: int, end: int) -> int:
+    """Bytes of memory that receiving bytes ``[start, end)`` of ``item`` takes first.
+
+    A small item is one heap buffer, taken with its first byte. A larger one is 1 MiB blocks,
+    each charged to the bytes that hold its first byte. Summed over any cut of the item into
+    consecutive ranges this is the memory the whole item holds, so the budget counts memory,
+    not bytes (an item of 600 KiB holds a whole block).
+    """
+    if item.length < _BLOCK_BYTES // 2:
+        return item.length if start <= item.start < end else 0
+    first = -(-(start - item.start) // _BLOCK_BYTES)  # first block starting at or after start
+    stop = -(-(end - item.start) // _BLOCK_BYTES)
+    return (stop - first) * _BLOCK_BYTES
 
 
 class _Item:
@@ -297,9 +315,9 @@ class FetchEngine:
     async def _schedule(self, file_index: int, part: Part, connections: asyncio.Semaphore) -> None:
         """Reserve memory for the item bytes ``part`` holds, then start its GET.
 
-        Memory is reserved per part, for the slices of items the part holds (an item split over
-        several parts is reserved slice by slice), and released per item, when the consumer is
-        done with it. A part is sent as planned unless the budget cannot hold it:
+        Memory is reserved per part, for the item memory its bytes take first (``_memory``: an
+        item split over several parts is reserved slice by slice), and released per item, when
+        the consumer is done with it. A part is sent as planned unless the budget cannot hold it:
 
         - a part that carries on with an item an earlier part began cannot wait for that item's
           release (the consumer needs the part first). Once nothing else is held and the part
@@ -309,22 +327,23 @@ class FetchEngine:
         - a part whose slices exceed even an empty budget is sent as several GETs, cut at item
           starts.
 
-        So no more than ``max(memory_budget, largest item)`` is ever reserved.
+        So no more than ``max(memory_budget, largest item's memory)`` is ever reserved.
         """
         budget = self._budget
         items = part.items
         first = items[0]
-        reserve = sum(min(r.end, part.end) - max(r.start, part.start) for r in items)
+        reserve = sum(_memory(r, max(r.start, part.start), min(r.end, part.end)) for r in items)
         if first.start < part.start:
-            if await budget.acquire_beside(reserve, part.start - first.start):
+            if await budget.acquire_beside(reserve, _memory(first, first.start, part.start)):
                 await self._start(file_index, part, connections)
                 return
             end = min(first.end, part.end)
-            budget.force(end - part.start)
+            carried = _memory(first, part.start, end)
+            budget.force(carried)
             await self._start(file_index, Part(part.start, end, (first,)), connections)
             if len(items) == 1:
                 return
-            reserve -= end - part.start
+            reserve -= carried
             items = items[1:]
             part = Part(items[0].start, part.end, items)
         if reserve <= budget.limit or len(items) == 1:
@@ -334,7 +353,7 @@ class FetchEngine:
         piece: list[ItemRange] = []
         held = 0
         for item in items:  # cut at item starts into pieces the budget can hold
-            size = min(item.end, part.end) - item.start
+            size = _memory(item, item.start, min(item.end, part.end))
             if piece and held + size > budget.limit:
                 await self._start_piece(file_index, piece, part.end, held, connections)
                 piece, held = [], 0
@@ -550,7 +569,7 @@ class FetchEngine:
         if blocks is not None:
             self._pool.give(blocks)
         with self._release_lock:
-            self._released += item.range.length
+            self._released += _memory(item.range, item.range.start, item.range.end)
             if self._release_pending:
                 return
             self._release_pending = True

@@ -28,8 +28,9 @@ class LoadStats:
     items: int = 0
     """Stored items fetched."""
     peak_buffered_bytes: int = 0
-    """Most downloaded item bytes held at once (reserved from the memory budget); at most
-    ``max(memory_budget, largest item)``."""
+    """Most memory held at once for downloaded items (reserved from the memory budget: an item
+    of 512 KiB or more counts in whole 1 MiB blocks); at most ``max(memory_budget, largest
+    item)``, the largest item rounded up to whole MiB."""
     files: int = 0
     """Data files touched."""
     time_to_first_byte_s: float = 0.0
