@@ -168,3 +168,45 @@ def test_reader_forked_before_first_use(
         state = blank(sd)
         dcp.load(state, storage_reader=reader)
     assert_same(state, sd)
+
+
+def test_fork_while_another_thread_holds_the_readers_lock(
+    checkpoint: tuple[str, dict[str, Any]], reader_kwargs: dict[str, Any]
+) -> None:
+    """The child of a fork made while a parent thread was inside the reader (holding its lock)
+    must still be able to use the reader: that thread does not exist in the child."""
+    url, sd = checkpoint
+    reader = aiodcp.S3StorageReader(url, **reader_kwargs)
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with reader._driver_lock:
+            held.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert held.wait(10)
+        read_fd, write_fd = os.pipe()
+        pid = fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.close(read_fd)
+                child_state = blank(sd)
+                dcp.load(child_state, storage_reader=reader)
+                assert_same(child_state, sd)
+                reader.close()
+                code = 0
+            except BaseException:
+                os.write(write_fd, traceback.format_exc().encode())
+            finally:
+                os._exit(code)
+        os.close(write_fd)
+        code, report = wait_child(pid, read_fd)
+        assert code == 0, f"child failed:\n{report}"
+    finally:
+        release.set()
+        holder.join(10)
+        reader.close()
