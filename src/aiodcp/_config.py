@@ -41,8 +41,10 @@ GET (``_planner.auto_gap_size``); ``DEFAULT_MAX_GAP_SIZE_BYTES`` without a measu
 DEFAULT_MAX_CONCURRENCY = 8
 """Concurrent ranged GETs (and pooled connections) per load."""
 DEFAULT_MEMORY_BUDGET_BYTES = DEFAULT_MAX_CONCURRENCY * DEFAULT_PART_SIZE_BYTES
-"""Bytes buffered ahead of the item being decoded: 64 MiB, one default part (8 MiB) for each
-default connection, so every connection can have a part in flight. Measured (2-core box,
+"""Item memory buffered ahead of the item being decoded: 64 MiB, one default part (8 MiB) for
+each default connection. Memory is counted in the 1 MiB blocks items are received into, and a
+part's bytes can start a block more than their size per item they touch, so on the benchmark's
+~7 MiB items 7-8 GETs are in flight, not always 8. Measured (2-core box,
 s3rver, same runs against s3torchconnector's dcp_optimized): 1 GiB in 8 files, peak RSS above
 the state dict 167 MiB with 256 MiB / 16 MiB parts, 144 MiB with 128 MiB / 16 MiB, 82 MiB with
 64 MiB / 8 MiB, with wall times overlapping (same 2-repeat run, x dcp_optimized: 0.83-0.97x

@@ -91,7 +91,7 @@ as one span."""
 DEFAULT_PART_SIZE_BYTES = 8 * 1024 * 1024
 """The largest span one ranged GET asks for: 8 MiB, as boto3's and the AWS CLI's default
 ``multipart_chunksize``. With
-the default 8 connections, 64 MiB of parts keep every connection busy (see
+the default 8 connections, the default 64 MiB budget holds about one part per connection (see
 ``_config.DEFAULT_MEMORY_BUDGET_BYTES``)."""
 
 _SORT_KEY = attrgetter("start")
