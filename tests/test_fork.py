@@ -17,7 +17,7 @@ import threading
 import time
 import traceback
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +79,36 @@ def wait_child(pid: int, read_fd: int) -> tuple[int, str]:
     return os.waitstatus_to_exitcode(status), report
 
 
+def load_in_child(
+    reader: aiodcp.S3StorageReader,
+    sd: dict[str, Any],
+    check: Callable[[], None] = lambda: None,
+) -> None:
+    """Fork; the child loads ``sd``'s checkpoint through ``reader``, checks it (and runs
+    ``check``), closes the reader, checks no I/O thread is left, and reports; fails the test if
+    the child failed or hung."""
+    read_fd, write_fd = os.pipe()
+    pid = fork()
+    if pid == 0:  # the child: report through the pipe, never return into pytest
+        code = 1
+        try:
+            os.close(read_fd)
+            child_state = blank(sd)
+            dcp.load(child_state, storage_reader=reader)
+            assert_same(child_state, sd)
+            check()
+            reader.close()
+            assert [t for t in threading.enumerate() if t.name == "aiodcp-io"] == []
+            code = 0
+        except BaseException:
+            os.write(write_fd, traceback.format_exc().encode())
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    code, report = wait_child(pid, read_fd)
+    assert code == 0, f"child failed:\n{report}"
+
+
 def test_reader_reused_in_forked_child_and_then_in_parent(
     checkpoint: tuple[str, dict[str, Any]], reader_kwargs: dict[str, Any], proxy: FaultProxy
 ) -> None:
@@ -98,29 +128,12 @@ def test_reader_reused_in_forked_child_and_then_in_parent(
         pooled = established_to(port)
         assert pooled > 0, "the parent should keep pooled keep-alive connections"
 
-        read_fd, write_fd = os.pipe()
-        pid = fork()
-        if pid == 0:  # the child: report through the pipe, never return into pytest
-            code = 1
-            try:
-                os.close(read_fd)
-                child_state = blank(sd)
-                dcp.load(child_state, storage_reader=reader)
-                assert_same(child_state, sd)
-                child_loop = reader._io.loop
-                assert child_loop is not parent_loop, "the child reused the parent's loop"
-                assert reader.stats is not None and reader.stats.items == len(sd)
-                gc.collect()  # whatever the child dropped of the parent's must stay untouched
-                reader.close()
-                assert [t for t in threading.enumerate() if t.name == "aiodcp-io"] == []
-                code = 0
-            except BaseException:
-                os.write(write_fd, traceback.format_exc().encode())
-            finally:
-                os._exit(code)
-        os.close(write_fd)
-        code, report = wait_child(pid, read_fd)
-        assert code == 0, f"child failed:\n{report}"
+        def in_child() -> None:
+            assert reader._io.loop is not parent_loop, "the child reused the parent's loop"
+            assert reader.stats is not None and reader.stats.items == len(sd)
+            gc.collect()  # whatever the child dropped of the parent's must stay untouched
+
+        load_in_child(reader, sd, in_child)
 
         # The parent: same loop, same thread, its pooled connections still alive and usable.
         assert reader._io.loop is parent_loop
@@ -145,24 +158,7 @@ def test_reader_forked_before_first_use(
     """A reader made (not used) in the parent: the child starts its loop lazily, as usual."""
     url, sd = checkpoint
     reader = aiodcp.S3StorageReader(url, **reader_kwargs)
-    read_fd, write_fd = os.pipe()
-    pid = fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.close(read_fd)
-            child_state = blank(sd)
-            dcp.load(child_state, storage_reader=reader)
-            assert_same(child_state, sd)
-            reader.close()
-            code = 0
-        except BaseException:
-            os.write(write_fd, traceback.format_exc().encode())
-        finally:
-            os._exit(code)
-    os.close(write_fd)
-    code, report = wait_child(pid, read_fd)
-    assert code == 0, f"child failed:\n{report}"
+    load_in_child(reader, sd)
     assert aiodcp_threads() == []  # the parent never started anything
     with reader:
         state = blank(sd)
@@ -188,24 +184,7 @@ def test_fork_while_another_thread_holds_the_readers_lock(
     holder.start()
     try:
         assert held.wait(10)
-        read_fd, write_fd = os.pipe()
-        pid = fork()
-        if pid == 0:
-            code = 1
-            try:
-                os.close(read_fd)
-                child_state = blank(sd)
-                dcp.load(child_state, storage_reader=reader)
-                assert_same(child_state, sd)
-                reader.close()
-                code = 0
-            except BaseException:
-                os.write(write_fd, traceback.format_exc().encode())
-            finally:
-                os._exit(code)
-        os.close(write_fd)
-        code, report = wait_child(pid, read_fd)
-        assert code == 0, f"child failed:\n{report}"
+        load_in_child(reader, sd)
     finally:
         release.set()
         holder.join(10)
