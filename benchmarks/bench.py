@@ -110,9 +110,11 @@ def wait_port(port: int, proc: subprocess.Popen[Any], what: str, timeout: float 
 class Servers:
     """s3rver and the counting proxy, both on 127.0.0.1, stopped by pid on exit."""
 
-    def __init__(self, data: Path) -> None:
+    def __init__(self, data: Path, *, direct: bool = False) -> None:
         self.data = data
+        self.direct = direct
         self.procs: list[subprocess.Popen[Any]] = []
+        self._counted_by_proxy = True
 
     def __enter__(self) -> Servers:
         s3rver = HERE / "node_modules" / ".bin" / "s3rver"
@@ -121,17 +123,24 @@ class Servers:
         (self.data / "s3rver").mkdir(parents=True, exist_ok=True)
         self.s3_port = free_port()
         log = open(self.data / "s3rver.log", "ab")
-        server = subprocess.Popen(
-            [
+        if self.direct:  # s3rver counting its own traffic (s3rver_counting.js)
+            self.stats_port = free_port()
+            cmd = [
+                "node",
+                str(HERE / "s3rver_counting.js"),
+                *(str(self.data / "s3rver"), str(self.s3_port), BUCKET, str(self.stats_port)),
+            ]
+        else:
+            cmd = [
                 str(s3rver),
                 *("-d", str(self.data / "s3rver"), "-a", "127.0.0.1", "-p", str(self.s3_port)),
                 *("--silent", "--configure-bucket", BUCKET),
-            ],
-            stdout=log,
-            stderr=log,
-        )
+            ]
+        server = subprocess.Popen(cmd, stdout=log, stderr=log)
         self.procs.append(server)
         wait_port(self.s3_port, server, "s3rver")
+        if self.direct:
+            wait_port(self.stats_port, server, "s3rver's counters")
         proxy = subprocess.Popen(
             [sys.executable, str(HERE / "s3proxy.py"), "--upstream-port", str(self.s3_port)],
             stdout=subprocess.PIPE,
@@ -164,9 +173,19 @@ class Servers:
     def proxy_url(self) -> str:
         return f"http://127.0.0.1:{self.proxy_port}"
 
+    def endpoint(self, shaping: dict[str, float] | None) -> str:
+        """Where a loader sends its requests: the proxy, unless ``--direct`` and no shaping."""
+        return self.direct_url if self.direct and not shaping else self.proxy_url
+
     def control(self, action: str, **query: float) -> dict[str, Any]:
-        qs = "&".join(f"{k}={v}" for k, v in query.items())
-        url = f"{self.proxy_url}/__bench__/{action}" + (f"?{qs}" if qs else "")
+        """``reset`` (with the shaping, if any) or ``stats`` of whichever counts the run."""
+        if action == "reset":
+            self._counted_by_proxy = not (self.direct and not query)
+        if self._counted_by_proxy:
+            qs = "&".join(f"{k}={v}" for k, v in query.items())
+            url = f"{self.proxy_url}/__bench__/{action}" + (f"?{qs}" if qs else "")
+        else:
+            url = f"http://127.0.0.1:{self.stats_port}/{action}"
         with urllib.request.urlopen(url, timeout=10) as response:
             return dict(json.loads(response.read()))
 
@@ -394,7 +413,7 @@ class Runner:
         job = {
             "loader": loader,
             "url": ckpt.url,
-            "endpoint": self.servers.proxy_url,
+            "endpoint": self.servers.endpoint(shaping),
             "local_dir": str(ckpt.local_dir),
             "tmp_dir": str(self.data / "tmp"),
             "tensors": ckpt.tensors,
@@ -516,6 +535,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="before each run, wait up to this many seconds for other processes to go quiet "
         "(default 5, quick 0)",
     )
+    p.add_argument(
+        "--direct",
+        action="store_true",
+        help="loaders talk to s3rver directly, which counts its own traffic "
+        "(s3rver_counting.js); only the S3-shaped scenario goes through the proxy",
+    )
     p.add_argument("--run-timeout", type=float, default=900.0, help="seconds per run")
     p.add_argument("--out", default=str(HERE / "results"))
     p.add_argument("--name", default="latest", help="results/<name>.json/.md/.png")
@@ -608,6 +633,7 @@ def main(argv: list[str] | None = None) -> None:
     src, aiodcp_desc = aiodcp_source(args.aiodcp_src, data)
     env = child_env(src)
     meta = machine_info(aiodcp_desc)
+    meta["direct"] = bool(args.direct)
     log(f"aiodcp {aiodcp_desc}; torch {meta['torch']}; {meta['server']}; {meta['cpu_model']}")
     scenarios = args.scenarios
     big_specs = layer_specs(args.size_mib)
@@ -637,7 +663,7 @@ def main(argv: list[str] | None = None) -> None:
         "scenarios": {},
     }
     started = time.perf_counter()
-    with Servers(data) as servers:
+    with Servers(data, direct=args.direct) as servers:
         with timed("checkpoints"):
             for name in sorted(needed_ckpts):
                 ckpts[name].ensure(data, servers, sys.executable, env)

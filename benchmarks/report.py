@@ -230,7 +230,14 @@ def markdown(results: dict[str, Any]) -> str:
     cfg = results["config"]
     lines = [
         f"Measured {m['date']} on {m['nproc']} cores ({m['cpu_model']}), {m['memory_gib']} GiB "
-        f"RAM, no GPU; server {m['server']} behind the counting proxy, all on 127.0.0.1. "
+        f"RAM, no GPU; server {m['server']} "
+        + (
+            "counting its own traffic, loaders connected directly (`--direct`; the S3-shaped "
+            "scenario still through the shaping proxy)"
+            if m.get("direct")
+            else "behind the counting proxy"
+        )
+        + ", all on 127.0.0.1. "
         f"Python {m['python']}, torch {m['torch']}, aiodcp {m['aiodcp']}, s3torchconnector "
         f"{m['s3torchconnector']}, s3fs {m['s3fs']} (fsspec {m['fsspec']}), aiobotocore "
         f"{m['aiobotocore']}, boto3 {m['boto3']}.",
@@ -238,7 +245,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"Median of {cfg['repeats']} paired repeat(s), each loader in a fresh process; "
         "`x dcp_opt` / `x local` are medians of per-repeat ratios to s3torchconnector's "
         "dcp_optimized reader and to `FileSystemReader` on a page-cached local copy. Fetched = "
-        "response body bytes counted by the proxy; RSS = peak RSS above the RSS measured after "
+        "response body bytes counted on the wire (by the proxy, or by s3rver with `--direct`); "
+        "RSS = peak RSS above the RSS measured after "
         f"allocating the destination state dict. fsspec_tuned: block size "
         f"{cfg['fsspec_block_mib']:g} MiB. Total run time {results.get('total_s', 0) / 60:.0f} "
         "min.",
