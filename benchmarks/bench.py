@@ -108,7 +108,8 @@ def wait_port(port: int, proc: subprocess.Popen[Any], what: str, timeout: float 
 
 
 class Servers:
-    """s3rver and the counting proxy, both on 127.0.0.1, stopped by pid on exit."""
+    """s3rver and the counting proxy, both on 127.0.0.1, stopped by pid on exit. With
+    ``direct``, s3rver counts its own traffic and only shaped runs go through the proxy."""
 
     def __init__(self, data: Path, *, direct: bool = False) -> None:
         self.data = data
@@ -173,14 +174,18 @@ class Servers:
     def proxy_url(self) -> str:
         return f"http://127.0.0.1:{self.proxy_port}"
 
+    def _proxied(self, shaping: dict[str, float] | None) -> bool:
+        """Whether a run goes through the proxy: always, unless ``--direct`` and no shaping."""
+        return not self.direct or bool(shaping)
+
     def endpoint(self, shaping: dict[str, float] | None) -> str:
-        """Where a loader sends its requests: the proxy, unless ``--direct`` and no shaping."""
-        return self.direct_url if self.direct and not shaping else self.proxy_url
+        """Where a loader sends its requests."""
+        return self.proxy_url if self._proxied(shaping) else self.direct_url
 
     def control(self, action: str, **query: float) -> dict[str, Any]:
         """``reset`` (with the shaping, if any) or ``stats`` of whichever counts the run."""
         if action == "reset":
-            self._counted_by_proxy = not (self.direct and not query)
+            self._counted_by_proxy = self._proxied(query)
         if self._counted_by_proxy:
             qs = "&".join(f"{k}={v}" for k, v in query.items())
             url = f"{self.proxy_url}/__bench__/{action}" + (f"?{qs}" if qs else "")

@@ -19,12 +19,12 @@ function fresh() {
     by_method: {},
     ranged_gets: 0,
     body_bytes: 0,
-    header_bytes: 0,
-    request_bytes: 0,
+    header_bytes: null, // not counted here (the proxy counts them)
+    request_bytes: null,
     connections: 0,
     max_in_flight: 0,
     statuses: {},
-    upstream_reconnects: 0,
+    upstream_reconnects: null, // no upstream
     client_aborts: 0,
   };
 }
