@@ -2,12 +2,20 @@
 
 ``make bench`` (or ``benchmarks/run.sh``) builds the venv and runs this. What it does:
 
-1. starts s3rver (Node, serves ranged GETs from files in O(range)) on 127.0.0.1 and, in front of
-   it, ``s3proxy.py``: every loader goes through the proxy, which counts requests and response
-   bytes for all of them alike and, for the S3-shaped scenario, adds time to first byte and a
-   per-connection bandwidth cap;
+1. starts the S3 server on 127.0.0.1 (``--server``):
+
+   - ``nginx`` (default): nginx serving the checkpoint files read-only at S3 path-style URLs
+     (``GET``/``HEAD``, ``Range``, ``ETag``/``If-Match``; signatures are not checked) with
+     ``sendfile``, so the server spends almost no CPU and the loaders, not the server, share
+     the two cores. Requests and body bytes are counted from its access log;
+   - ``s3rver``: a full S3 implementation in Node (uploads, listing, signatures) that costs
+     about a core per GiB/s; loaders reach it through ``s3proxy.py``, which counts requests
+     and bytes on the wire (``--direct``: s3rver counts its own traffic instead);
+
+   and ``s3proxy.py`` in front of the server for the S3-shaped scenario, which adds time to
+   first byte and a per-connection bandwidth cap (and counts that scenario's traffic);
 2. saves the checkpoints with ``dcp.save`` under ``benchmarks/.data`` (kept between runs, keyed by
-   their shape) and uploads them;
+   their shape) and, for s3rver, uploads them;
 3. for each scenario and repeat, runs every loader once, interleaved (the order rotates with the
    repeat), each in a fresh ``worker.py`` process that checks every loaded tensor bit for bit;
 4. writes ``results/latest.json``, ``latest.md`` and ``latest.png`` (``report.py``).
@@ -107,22 +115,202 @@ def wait_port(port: int, proc: subprocess.Popen[Any], what: str, timeout: float 
 # ------------------------------------------------------------------------------ servers
 
 
-class Servers:
-    """s3rver and the counting proxy, both on 127.0.0.1, stopped by pid on exit. With
-    ``direct``, s3rver counts its own traffic and only shaped runs go through the proxy."""
+NGINX_CONF = """\
+{load_echo}
+worker_processes 1;
+daemon off;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    log_format counted '$msec $request_time $connection $status $body_bytes_sent '
+                       '$request_method "$http_range"';
+    access_log {prefix}/access.log counted;
+    default_type application/octet-stream;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 100000;
+    client_body_temp_path {prefix}/tmp/body;
+    proxy_temp_path {prefix}/tmp/proxy;
+    fastcgi_temp_path {prefix}/tmp/fastcgi;
+    uwsgi_temp_path {prefix}/tmp/uwsgi;
+    scgi_temp_path {prefix}/tmp/scgi;
+    root {prefix}/root;
+    server {{
+        listen 127.0.0.1:{port};
+        location /{bucket}/ {{
+            limit_except GET {{ deny all; }}
+        }}
+    }}
+{shaped}
+}}
+"""
+# The S3-shaped server: the echo module's echo_sleep holds each request for the time to first
+# byte, then hands it to a location that paces the body with limit_rate. nginx sends up to
+# sendfile_max_chunk (1 MiB), then waits chunk / rate (in whole ms: 13 ms per MiB at 80 MB/s):
+# the same shape as s3proxy.py's pacing (a first 1 MiB at once, then the rate).
+NGINX_SHAPED = """\
+    server {{
+        listen 127.0.0.1:{port};
+        location /{bucket}/ {{
+            limit_except GET {{ deny all; }}
+            echo_sleep {latency_s};
+            echo_exec @paced;
+        }}
+        location @paced {{
+            limit_rate {bandwidth};
+            sendfile_max_chunk 1m;
+        }}
+    }}
+"""
+NGINX_ECHO_MODULE = Path("/usr/lib/nginx/modules/ngx_http_echo_module.so")
 
-    def __init__(self, data: Path, *, direct: bool = False) -> None:
+
+def access_log_stats(lines: list[str]) -> dict[str, Any]:
+    """The proxy's counters (``s3proxy.Counters``) from nginx access-log lines in the
+    ``counted`` format: ``msec request_time connection status body_bytes method "range"``."""
+    stats: dict[str, Any] = {
+        "requests": 0,
+        "by_method": {},
+        "ranged_gets": 0,
+        "body_bytes": 0,
+        "header_bytes": None,  # not in the log format (the proxy counts them)
+        "request_bytes": None,
+        "connections": 0,
+        "max_in_flight": 0,
+        "statuses": {},
+        "upstream_reconnects": None,  # no upstream
+        "client_aborts": 0,
+    }
+    connections: set[str] = set()
+    events: list[tuple[float, int]] = []
+    for line in lines:
+        head, _, quoted = line.partition(' "')
+        fields = head.split()
+        if len(fields) != 6:
+            continue
+        end, duration, connection, status, body, method = fields
+        stats["requests"] += 1
+        stats["by_method"][method] = stats["by_method"].get(method, 0) + 1
+        if method == "GET" and quoted.rstrip('"\n') not in ("", "-"):
+            stats["ranged_gets"] += 1
+        stats["body_bytes"] += int(body)
+        stats["statuses"][status] = stats["statuses"].get(status, 0) + 1
+        if status == "499":  # nginx: the client closed the connection first
+            stats["client_aborts"] += 1
+        connections.add(connection)
+        events += [(float(end) - float(duration), 1), (float(end), -1)]
+    stats["connections"] = len(connections)
+    active = 0
+    for _, step in sorted(events, key=lambda e: (e[0], e[1])):  # ends before starts on ties
+        active += step
+        stats["max_in_flight"] = max(stats["max_in_flight"], active)
+    return stats
+
+
+class Servers:
+    """The S3 server and the shaping/counting proxy, all on 127.0.0.1, stopped on exit.
+
+    ``kind="nginx"``: nginx serves ``data/ckpt`` as bucket ``bench`` (read-only, files in
+    place, nothing uploaded) and counts in its access log; only shaped runs go through the
+    proxy. ``kind="s3rver"``: every run goes through the counting proxy unless ``direct``, where
+    s3rver counts its own traffic (``s3rver_counting.js``) and only shaped runs use the proxy.
+    """
+
+    def __init__(
+        self,
+        data: Path,
+        *,
+        kind: str = "nginx",
+        direct: bool = False,
+        shaping: dict[str, float] | None = None,
+    ) -> None:
         self.data = data
-        self.direct = direct
+        self.kind = kind
+        self.direct = direct or kind == "nginx"
+        self.shaping = shaping or {}
         self.procs: list[subprocess.Popen[Any]] = []
         self._counted_by_proxy = True
+        self._log_offset = 0
+        self.shaped_port: int | None = None  # nginx shapes itself when it has the echo module
+
+    @property
+    def uploads(self) -> bool:
+        """Whether checkpoints must be uploaded (nginx serves the saved files in place)."""
+        return self.kind != "nginx"
 
     def __enter__(self) -> Servers:
+        self.s3_port = free_port()
+        if self.kind == "nginx":
+            server = self._start_nginx()
+        else:
+            server = self._start_s3rver()
+        proxy = subprocess.Popen(
+            [sys.executable, str(HERE / "s3proxy.py"), "--upstream-port", str(self.s3_port)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.procs.append(proxy)
+        assert proxy.stdout is not None
+        line = proxy.stdout.readline()
+        if not line.startswith("PORT "):
+            raise SystemExit(f"the proxy did not start: {line!r}")
+        self.proxy_port = int(line.split()[1])
+        self.server_proc = psutil.Process(server.pid)
+        self.proxy_proc = psutil.Process(proxy.pid)
+        return self
+
+    def _start_nginx(self) -> subprocess.Popen[Any]:
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        if not Path(nginx).exists():
+            raise SystemExit(
+                "nginx is not installed: `apt-get install nginx-light` (run.sh does it when it "
+                "can), or run with --server s3rver"
+            )
+        prefix = self.data / "nginx"
+        for sub in ("tmp", "conf", "root"):
+            (prefix / sub).mkdir(parents=True, exist_ok=True)
+        self.access_log = prefix / "access.log"
+        self.access_log.write_bytes(b"")
+        (self.data / "ckpt").mkdir(parents=True, exist_ok=True)
+        bucket_dir = prefix / "root" / BUCKET  # s3://bench/<prefix>/<name> is ckpt/<prefix>/<name>
+        if bucket_dir.is_symlink() or bucket_dir.exists():
+            bucket_dir.unlink()
+        bucket_dir.symlink_to(self.data / "ckpt", target_is_directory=True)
+        shaped = ""
+        if self.shaping and NGINX_ECHO_MODULE.exists():
+            self.shaped_port = free_port()
+            shaped = NGINX_SHAPED.format(
+                port=self.shaped_port,
+                bucket=BUCKET,
+                latency_s=f"{self.shaping['latency_ms'] / 1000:.3f}",
+                bandwidth=int(self.shaping["bandwidth"]),
+            )
+        conf = prefix / "conf" / "nginx.conf"
+        conf.write_text(
+            NGINX_CONF.format(
+                load_echo=f"load_module {NGINX_ECHO_MODULE};" if shaped else "",
+                prefix=prefix,
+                port=self.s3_port,
+                bucket=BUCKET,
+                shaped=shaped,
+            )
+        )
+        log = open(prefix / "stdout.log", "ab")
+        server = subprocess.Popen(
+            [nginx, "-p", str(prefix), "-c", str(conf)], stdout=log, stderr=log
+        )
+        self.procs.append(server)
+        wait_port(self.s3_port, server, "nginx")
+        if self.shaped_port is not None:
+            wait_port(self.shaped_port, server, "nginx (shaped)")
+        return server
+
+    def _start_s3rver(self) -> subprocess.Popen[Any]:
         s3rver = HERE / "node_modules" / ".bin" / "s3rver"
         if not s3rver.exists():
             raise SystemExit("s3rver is not installed: run `make bench` or `npm ci` in benchmarks/")
         (self.data / "s3rver").mkdir(parents=True, exist_ok=True)
-        self.s3_port = free_port()
         log = open(self.data / "s3rver.log", "ab")
         if self.direct:  # s3rver counting its own traffic (s3rver_counting.js)
             self.stats_port = free_port()
@@ -142,20 +330,7 @@ class Servers:
         wait_port(self.s3_port, server, "s3rver")
         if self.direct:
             wait_port(self.stats_port, server, "s3rver's counters")
-        proxy = subprocess.Popen(
-            [sys.executable, str(HERE / "s3proxy.py"), "--upstream-port", str(self.s3_port)],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        self.procs.append(proxy)
-        assert proxy.stdout is not None
-        line = proxy.stdout.readline()
-        if not line.startswith("PORT "):
-            raise SystemExit(f"the proxy did not start: {line!r}")
-        self.proxy_port = int(line.split()[1])
-        self.server_proc = psutil.Process(server.pid)
-        self.proxy_proc = psutil.Process(proxy.pid)
-        return self
+        return server
 
     def __exit__(self, *exc: object) -> None:
         for proc in reversed(self.procs):
@@ -166,6 +341,16 @@ class Servers:
                 except subprocess.TimeoutExpired:
                     proc.kill()
 
+    def describe(self) -> str:
+        if self.kind == "nginx":
+            version = subprocess.run(
+                [shutil.which("nginx") or "/usr/sbin/nginx", "-v"], capture_output=True, text=True
+            ).stderr.strip()
+            return f"{version.split(': ')[-1]} (read-only S3 GET endpoint, sendfile)"
+        s3rver_pkg = json.loads((HERE / "node_modules" / "s3rver" / "package.json").read_text())
+        node = subprocess.run(["node", "--version"], capture_output=True, text=True).stdout
+        return f"s3rver {s3rver_pkg['version']} (node {node.strip()})"
+
     @property
     def direct_url(self) -> str:
         return f"http://127.0.0.1:{self.s3_port}"
@@ -175,31 +360,65 @@ class Servers:
         return f"http://127.0.0.1:{self.proxy_port}"
 
     def _proxied(self, shaping: dict[str, float] | None) -> bool:
-        """Whether a run goes through the proxy: always, unless ``--direct`` and no shaping."""
+        """Whether a run goes through the proxy: always, unless direct and no shaping (or the
+        shaping is nginx's own)."""
+        if shaping and self.shaped_port is not None:
+            return False
         return not self.direct or bool(shaping)
 
     def endpoint(self, shaping: dict[str, float] | None) -> str:
         """Where a loader sends its requests."""
+        if shaping and self.shaped_port is not None:
+            return f"http://127.0.0.1:{self.shaped_port}"
         return self.proxy_url if self._proxied(shaping) else self.direct_url
+
+    def shaped_by(self) -> str:
+        if self.shaped_port is not None:
+            return "nginx (echo_sleep, limit_rate)"
+        return "s3proxy.py"
 
     def control(self, action: str, **query: float) -> dict[str, Any]:
         """``reset`` (with the shaping, if any) or ``stats`` of whichever counts the run."""
         if action == "reset":
             self._counted_by_proxy = self._proxied(query)
+            if self.kind == "nginx" and not self._counted_by_proxy:
+                self._log_offset = self.access_log.stat().st_size
+                return {}
         if self._counted_by_proxy:
             qs = "&".join(f"{k}={v}" for k, v in query.items())
             url = f"{self.proxy_url}/__bench__/{action}" + (f"?{qs}" if qs else "")
+        elif self.kind == "nginx":
+            return access_log_stats(self._new_log_lines())
         else:
             url = f"http://127.0.0.1:{self.stats_port}/{action}"
         with urllib.request.urlopen(url, timeout=10) as response:
             return dict(json.loads(response.read()))
+
+    def _new_log_lines(self) -> list[str]:
+        """Access-log lines since the last reset. nginx logs a request when it completes, which
+        can follow the client's exit by a moment: read until the log stops growing."""
+        size, deadline = -1, time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+            now = self.access_log.stat().st_size
+            if now == size:
+                break
+            size = now
+        with open(self.access_log, "rb") as f:
+            f.seek(self._log_offset)
+            return f.read().decode("latin-1").splitlines()
 
     def cpu_seconds(self) -> tuple[float, float]:
         def total(p: psutil.Process) -> float:
             t = p.cpu_times()
             return float(t.user + t.system)
 
-        return total(self.server_proc), total(self.proxy_proc)
+        def tree(p: psutil.Process) -> float:  # nginx's master and its worker
+            with contextlib.suppress(psutil.Error):
+                return total(p) + sum(total(c) for c in p.children())
+            return 0.0
+
+        return tree(self.server_proc), total(self.proxy_proc)
 
 
 # ------------------------------------------------------------------------------ checkpoints
@@ -241,6 +460,9 @@ class Checkpoint:
                 run_ranks([*worker, "save-dist", str(job)], self.ranks, env)
             done.write_text("")
             log(f"  saved {self.prefix} in {time.perf_counter() - t0:.1f} s")
+        self._warm()
+        if not servers.uploads:
+            return
         s3 = boto3.client(
             "s3",
             endpoint_url=servers.direct_url,
@@ -256,10 +478,12 @@ class Checkpoint:
             for n in names:
                 s3.upload_file(str(self.local_dir / n), BUCKET, f"{self.prefix}/{n}")
             log(f"  uploaded {self.prefix} in {time.perf_counter() - t0:.1f} s")
+
+    def _warm(self) -> None:
         with open(self.local_dir / ".metadata", "rb") as f:
             self.metadata = pickle.load(f)  # our own file, just written by dcp.save
-        for n in names:  # warm the page cache for the local floor
-            with open(self.local_dir / n, "rb") as f:
+        for p in self.local_dir.iterdir():  # warm the page cache (local floor; nginx)
+            with open(p, "rb") as f:
                 while f.read(16 * MIB):
                     pass
 
@@ -541,10 +765,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(default 5, quick 0)",
     )
     p.add_argument(
+        "--server",
+        choices=["nginx", "s3rver"],
+        default="nginx",
+        help="nginx (default): read-only S3 GETs with sendfile, almost no server CPU; s3rver: a "
+        "full S3 implementation in Node that takes about a core per GiB/s",
+    )
+    p.add_argument(
         "--direct",
         action="store_true",
-        help="loaders talk to s3rver directly, which counts its own traffic "
-        "(s3rver_counting.js); only the S3-shaped scenario goes through the proxy",
+        help="with --server s3rver: loaders talk to s3rver directly, which counts its own "
+        "traffic (s3rver_counting.js); only the S3-shaped scenario goes through the proxy "
+        "(always so with nginx)",
     )
     p.add_argument("--run-timeout", type=float, default=900.0, help="seconds per run")
     p.add_argument("--out", default=str(HERE / "results"))
@@ -595,8 +827,6 @@ def machine_info(aiodcp_desc: str) -> dict[str, Any]:
         except importlib.metadata.PackageNotFoundError:
             return "not installed"
 
-    s3rver_pkg = json.loads((HERE / "node_modules" / "s3rver" / "package.json").read_text())
-    node = subprocess.run(["node", "--version"], capture_output=True, text=True).stdout.strip()
     return {
         "nproc": os.cpu_count(),
         "cpu_model": cpu,
@@ -612,7 +842,6 @@ def machine_info(aiodcp_desc: str) -> dict[str, Any]:
         "fsspec": version("fsspec"),
         "aiobotocore": version("aiobotocore"),
         "boto3": version("boto3"),
-        "server": f"s3rver {s3rver_pkg['version']} (node {node})",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
 
@@ -638,8 +867,6 @@ def main(argv: list[str] | None = None) -> None:
     src, aiodcp_desc = aiodcp_source(args.aiodcp_src, data)
     env = child_env(src)
     meta = machine_info(aiodcp_desc)
-    meta["direct"] = bool(args.direct)
-    log(f"aiodcp {aiodcp_desc}; torch {meta['torch']}; {meta['server']}; {meta['cpu_model']}")
     scenarios = args.scenarios
     big_specs = layer_specs(args.size_mib)
     ckpts = {
@@ -668,7 +895,13 @@ def main(argv: list[str] | None = None) -> None:
         "scenarios": {},
     }
     started = time.perf_counter()
-    with Servers(data, direct=args.direct) as servers:
+    shaping = {"latency_ms": args.shaped_latency_ms, "bandwidth": args.shaped_mbps * 1e6}
+    with Servers(data, kind=args.server, direct=args.direct, shaping=shaping) as servers:
+        meta["server"] = servers.describe()
+        meta["server_kind"] = servers.kind
+        meta["direct"] = servers.direct
+        meta["shaped_by"] = servers.shaped_by()
+        log(f"aiodcp {aiodcp_desc}; torch {meta['torch']}; {meta['server']}; {meta['cpu_model']}")
         with timed("checkpoints"):
             for name in sorted(needed_ckpts):
                 ckpts[name].ensure(data, servers, sys.executable, env)

@@ -232,8 +232,11 @@ def markdown(results: dict[str, Any]) -> str:
         f"Measured {m['date']} on {m['nproc']} cores ({m['cpu_model']}), {m['memory_gib']} GiB "
         f"RAM, no GPU; server {m['server']} "
         + (
-            "counting its own traffic, loaders connected directly (`--direct`; the S3-shaped "
-            "scenario still through the shaping proxy)"
+            "counting requests and bytes in its access log, loaders connected directly (the "
+            "S3-shaped scenario through the shaping proxy)"
+            if m.get("server_kind", "s3rver") == "nginx"
+            else "counting its own traffic, loaders connected directly (`--direct`; the "
+            "S3-shaped scenario still through the shaping proxy)"
             if m.get("direct")
             else "behind the counting proxy"
         )
@@ -245,7 +248,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"Median of {cfg['repeats']} paired repeat(s), each loader in a fresh process; "
         "`x dcp_opt` / `x local` are medians of per-repeat ratios to s3torchconnector's "
         "dcp_optimized reader and to `FileSystemReader` on a page-cached local copy. Fetched = "
-        "response body bytes counted on the wire (by the proxy, or by s3rver with `--direct`); "
+        "response body bytes counted on the wire (nginx's access log, the proxy, or s3rver with "
+        "`--direct`); "
         "RSS = peak RSS above the RSS measured after "
         f"allocating the destination state dict. fsspec_tuned: block size "
         f"{cfg['fsspec_block_mib']:g} MiB. Total run time {results.get('total_s', 0) / 60:.0f} "
@@ -329,7 +333,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ax.axis("off")
     m = results["meta"]
     fig.suptitle(
-        f"DCP loads from s3rver on 127.0.0.1 - {m['nproc']} cores {m['cpu_model']}, "
+        f"DCP loads from {m['server'].split(' (')[0]} on 127.0.0.1 - {m['nproc']} cores "
+        f"{m['cpu_model']}, "
         f"torch {m['torch']}, aiodcp {m['aiodcp']}",
         fontsize=9,
     )

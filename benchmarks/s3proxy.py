@@ -1,7 +1,9 @@
 """A counting, shaping HTTP/1.1 proxy on 127.0.0.1 in front of the local S3 server.
 
-Every loader of the benchmark talks to the S3 server through this proxy, so requests and bytes
-are counted the same way for all of them, on the wire. It can also make loopback look like S3:
+With ``--server s3rver`` every loader of the benchmark talks to the S3 server through this
+proxy, so requests and bytes are counted the same way for all of them, on the wire. (The default
+server, nginx, counts in its access log and shapes the S3-shaped scenario itself; the proxy
+shapes for it only where nginx lacks its echo module.) It can also make loopback look like S3:
 
 - ``latency_ms``: the first byte of every response leaves the proxy no earlier than this long
   after the request arrived (S3's time to first byte is ~10-30 ms);

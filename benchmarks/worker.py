@@ -165,6 +165,8 @@ def load_fsspec_tuned(state: dict[str, Any], job: dict[str, Any]) -> dict[str, A
 
 
 def load_boto3_then_fs(state: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
+    """``download_file`` of ``.metadata``, then of every data file it names (no LIST: the
+    nginx server serves no listing), then ``FileSystemReader`` on the copy."""
     import boto3
     from botocore.config import Config
     from torch.distributed.checkpoint import FileSystemReader
@@ -178,12 +180,12 @@ def load_boto3_then_fs(state: dict[str, Any], job: dict[str, Any]) -> dict[str, 
     )
     directory = tempfile.mkdtemp(dir=job["tmp_dir"])
     try:
-        pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/")
-        for page in pages:
-            for obj in page.get("Contents", []):
-                name = obj["Key"][len(prefix) + 1 :]
-                s3.download_file(bucket, obj["Key"], os.path.join(directory, name))
-        dcp.load(state, storage_reader=FileSystemReader(directory))
+        s3.download_file(bucket, f"{prefix}/.metadata", os.path.join(directory, ".metadata"))
+        reader = FileSystemReader(directory)
+        files = {info.relative_path for info in reader.read_metadata().storage_data.values()}
+        for name in sorted(files):
+            s3.download_file(bucket, f"{prefix}/{name}", os.path.join(directory, name))
+        dcp.load(state, storage_reader=reader)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     return {}
