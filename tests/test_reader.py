@@ -34,6 +34,7 @@ from aiodcp._errors import (
     SequentialAccessError,
 )
 from aiodcp._reader import (
+    _UNLOCKED_COPY_BYTES,
     FALLBACK_HINT,
     SEQUENTIAL_ACCESS_CONTRACT,
     ChunkBuffer,
@@ -228,6 +229,52 @@ def test_chunkbuffer_readinto_destinations() -> None:
     assert shared[8:].tolist() == [0] * 8
     assert buf.tell() == 40
     assert buf.readinto(bytearray(3)) == 0
+
+
+@pytest.mark.parametrize("source", ["writable", "read-only", "mixed"])
+def test_chunkbuffer_large_readinto_is_exact_whichever_copy_runs(
+    source: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Runs of _UNLOCKED_COPY_BYTES or more between writable memory go through ctypes.memmove
+    (GIL released); read-only chunks and short runs through slice assignment. Every offset and
+    chunk boundary combination must give the same bytes."""
+    moves: list[int] = []
+    memmove = ctypes.memmove
+
+    def counting_memmove(dst: int, src: int, count: int) -> Any:
+        moves.append(count)
+        return memmove(dst, src, count)
+
+    monkeypatch.setattr(ctypes, "memmove", counting_memmove)
+    rng = random.Random(7)
+    big = _UNLOCKED_COPY_BYTES
+    sizes = [big * 2, 13, big + 5, big - 1, 3 * big]
+    data = bytes(rng.getrandbits(8) for _ in range(sum(sizes)))
+    chunks: list[Any] = []
+    at = 0
+    for index, size in enumerate(sizes):
+        piece = data[at : at + size]
+        at += size
+        readonly = source == "read-only" or (source == "mixed" and index % 2)
+        chunks.append(piece if readonly else memoryview(bytearray(piece)))
+    buf = ChunkBuffer(chunks)
+    cuts = [0, 1, big - 1, big, 2 * big, 2 * big + 13, 3 * big + 18, len(data) - 1, len(data)]
+    for start in cuts:
+        for end in cuts:
+            if end <= start:
+                continue
+            buf.seek(start)
+            tensor = torch.zeros(end - start, dtype=torch.uint8)
+            assert buf.readinto(_tensor_bytes_view(tensor)) == end - start
+            assert bytes(_tensor_bytes_view(tensor)) == data[start:end], (start, end)
+            buf.seek(start)
+            target = bytearray(end - start)
+            assert buf.readinto(target) == end - start
+            assert target == data[start:end], (start, end)
+    if source == "read-only":
+        assert not moves  # ctypes cannot take a read-only buffer's address: slices copied
+    else:
+        assert moves and min(moves) >= big
 
 
 @pytest.mark.parametrize(
