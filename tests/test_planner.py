@@ -73,9 +73,9 @@ def gc_enabled() -> Iterator[None]:
 def test_defaults() -> None:
     # The prior of the "auto" gap policy: 25 ms x 85 MB/s (see auto_gap_size's docstring).
     assert DEFAULT_MAX_GAP_SIZE_BYTES == 2_125_000 == auto_gap_size(None)
-    assert DEFAULT_PART_SIZE_BYTES == 8 * MiB
+    assert DEFAULT_PART_SIZE_BYTES == 2 * MiB
     assert MIN_AUTO_GAP_SIZE_BYTES == 256 * 1024
-    assert MAX_AUTO_GAP_SIZE_BYTES == 8 * MiB == DEFAULT_PART_SIZE_BYTES
+    assert MAX_AUTO_GAP_SIZE_BYTES == 8 * MiB
     assert MIN_AUTO_GAP_SIZE_BYTES < DEFAULT_MAX_GAP_SIZE_BYTES < MAX_AUTO_GAP_SIZE_BYTES
 
 
@@ -505,7 +505,7 @@ def test_plan_file_empty() -> None:
 def test_plan_file_defaults() -> None:
     plan = plan_file([R(0, 40 * MiB), R(40 * MiB + 5, 40 * MiB + 10)])
     assert len(plan.groups) == 1
-    assert [p.length for p in plan.parts] == [8 * MiB] * 5 + [5]
+    assert [p.length for p in plan.parts] == [2 * MiB] * 20 + [5]
     assert max(p.length for p in plan.parts) == DEFAULT_PART_SIZE_BYTES
 
 

@@ -88,11 +88,13 @@ DEFAULT_MAX_GAP_SIZE_BYTES = round(
 """The gap ``"auto"`` picks without a measurement (2,125,000 bytes, ~2 MiB), and the default of
 ``coalesce``/``plan_file``: two needed ranges whose gap is at most this many bytes are fetched
 as one span."""
-DEFAULT_PART_SIZE_BYTES = 8 * 1024 * 1024
-"""The largest span one ranged GET asks for: 8 MiB, as boto3's and the AWS CLI's default
-``multipart_chunksize``. With
-the default 8 connections, the default 64 MiB budget holds about one part per connection (see
-``_config.DEFAULT_MEMORY_BUDGET_BYTES``)."""
+DEFAULT_PART_SIZE_BYTES = 2 * 1024 * 1024
+"""The largest span one ranged GET asks for: 2 MiB. A store that answers each GET after a time
+to first byte and streams each connection at a capped rate (S3: tens of ms, 80-100 MB/s) is
+fastest, within a memory budget, with the most GETs in flight: throughput is about
+``memory_budget / (latency + part_size / per-connection bandwidth)``, so for the same 64 MiB
+smaller parts on more connections win. 2 MiB parts on the default 32 connections fill the
+default budget (``_config.DEFAULT_MEMORY_BUDGET_BYTES``); the measurements are there."""
 
 _SORT_KEY = attrgetter("start")
 
@@ -313,9 +315,9 @@ def auto_gap_size(
       would otherwise split every non-adjacent pair of items;
     * above 8 MiB (a ~100 ms request) the measurement says more about the set-up than about S3
       (the timed request is the first of the process: DNS, TCP and TLS set-up, credential
-      lookup, retries all lengthen it, which errs on the side of merging), and 8 MiB is the default
-      ``part_size``: a gap longer than ``part_size`` is never downloaded anyway, since no GET
-      spans more than ``part_size`` bytes.
+      lookup, retries all lengthen it, which errs on the side of merging). A gap longer than
+      ``part_size`` (default 2 MiB) is never downloaded anyway, since no GET spans more than
+      ``part_size`` bytes.
 
     Monotone: a slower request never gives a smaller gap.
     """
