@@ -199,10 +199,13 @@ def access_log_stats(lines: list[str]) -> dict[str, Any]:
         if status == "499":  # nginx: the client closed the connection first
             stats["client_aborts"] += 1
         connections.add(connection)
-        events += [(float(end) - float(duration), 1), (float(end), -1)]
+        # Both fields have a 1 ms resolution: a request logged as taking 0 ms still took up to
+        # 1 ms, so every request counts as in flight during at least that millisecond.
+        finished = float(end)
+        events += [(finished - max(float(duration), 0.001), 1), (finished, -1)]
     stats["connections"] = len(connections)
     active = 0
-    for _, step in sorted(events, key=lambda e: (e[0], e[1])):  # ends before starts on ties
+    for _, step in sorted(events, key=lambda e: (e[0], -e[1])):  # starts before ends on ties
         active += step
         stats["max_in_flight"] = max(stats["max_in_flight"], active)
     return stats

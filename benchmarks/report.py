@@ -233,7 +233,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"RAM, no GPU; server {m['server']} "
         + (
             "counting requests and bytes in its access log, loaders connected directly (the "
-            "S3-shaped scenario through the shaping proxy)"
+            f"S3-shaped scenario shaped by {m.get('shaped_by', 's3proxy.py')})"
             if m.get("server_kind", "s3rver") == "nginx"
             else "counting its own traffic, loaders connected directly (`--direct`; the "
             "S3-shaped scenario still through the shaping proxy)"
