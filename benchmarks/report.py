@@ -121,7 +121,8 @@ def scenario_table(name: str, entry: dict[str, Any]) -> list[str]:
             )
         lines.append("")
         lines.append(
-            "aiodcp_async: `await load_checkpoint` (I/O on the loop, decode in a worker thread); "
+            "aiodcp_async: `await load_checkpoint` (decode in a worker thread; I/O on the "
+            "awaiting loop up to aiodcp 262be04, on aiodcp's own I/O thread after it); "
             "the other two run `dcp.load` in `asyncio.to_thread`."
         )
         return [*lines, ""]

@@ -1,4 +1,4 @@
-"""load_checkpoint on the caller's loop: responsiveness, cancellation, cleanup."""
+"""load_checkpoint from the caller's loop: responsiveness, cancellation, cleanup."""
 
 from __future__ import annotations
 
@@ -53,6 +53,29 @@ async def test_event_loop_stays_responsive(
     assert stats.files == 4 and stats.items == 96
     assert len(lags) > 10, "the heartbeat barely ran: the loop was blocked"
     assert max(lags) < 0.100, f"event loop lagged {max(lags) * 1000:.0f} ms"
+
+
+async def test_requests_run_on_aiodcp_io_thread_not_the_callers_loop(
+    big_checkpoint: tuple[str, dict[str, Any]], reader_kwargs: dict[str, Any]
+) -> None:
+    """The caller's loop only awaits: every request's hook runs on aiodcp's I/O thread, so a
+    busy receive loop (GIL hand-overs on every recv_into) cannot hold up the caller's tasks."""
+    import threading
+
+    url, sd = big_checkpoint
+    threads: set[str] = set()
+    state = {k: torch.zeros_like(v) for k, v in list(sd.items())[:20]}
+    stats = await aiodcp.load_checkpoint(
+        state,
+        url,
+        on_request=lambda metrics: threads.add(threading.current_thread().name),
+        **reader_kwargs,
+    )
+    assert_same(state, {k: sd[k] for k in state})
+    assert stats.requests > 1
+    assert threads == {"aiodcp-io"}, threads
+    assert threading.current_thread().name not in threads
+    assert aiodcp_threads() == []
 
 
 async def test_cancel_stops_everything_promptly(

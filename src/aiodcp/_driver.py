@@ -6,9 +6,8 @@ which runs them on an event loop that is not the calling thread's, and blocks fo
 - ``PrivateLoopDriver``: a private loop on a daemon thread, created lazily and rebuilt after
   ``os.fork`` (a forked child gets a loop and connections of its own; the parent's are never
   touched). Used by plain ``dcp.load(..., storage_reader=S3StorageReader(...))``, including from
-  a notebook cell whose own loop is running.
-- ``BorrowedLoopDriver``: the caller's running loop, for ``await load_checkpoint(...)``, where
-  ``dcp.load`` itself runs in a worker thread and the I/O stays on the caller's loop.
+  a notebook cell whose own loop is running, by ``await load_checkpoint(...)`` (which only
+  awaits it from the caller's loop, see ``_api``) and by prefetch handles.
 
 Each driver owns one ``S3Store`` opened on its loop (an aiobotocore client belongs to one loop).
 Every coroutine submitted is tracked, so ``cancel_all()`` stops all work of a load at once.
@@ -27,7 +26,7 @@ from typing import Any, TypeVar
 from ._config import ReaderConfig
 from ._store import S3Store
 
-__all__ = ["BorrowedLoopDriver", "Driver", "PrivateLoopDriver"]
+__all__ = ["Driver", "PrivateLoopDriver"]
 
 T = TypeVar("T")
 StoreCall = Callable[[S3Store], Awaitable[T]]
@@ -191,22 +190,3 @@ class PrivateLoopDriver(Driver):
         thread.join(timeout=10)
         if not thread.is_alive():
             loop.close()
-
-
-class BorrowedLoopDriver(Driver):
-    """The caller's running loop and a store already opened on it (owned by the caller)."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, store: S3Store) -> None:
-        super().__init__()
-        self._loop = loop
-        self._store = store
-
-    @property
-    def loop(self) -> asyncio.AbstractEventLoop:
-        return self._loop
-
-    async def _get_store(self) -> S3Store:
-        return self._store
-
-    def close(self) -> None:
-        self.cancel_all()
