@@ -62,9 +62,9 @@ _SEEK_END = 2
 
 _UNLOCKED_COPY_BYTES = 64 * 1024
 """Copies at least this long go through ``ctypes.memmove`` with the GIL released. A slice
-assignment holds the GIL for the whole memcpy: 1 GiB of tensors copied that way kept the
-receiving thread waiting ~0.1-0.2 s per GiB; below this size, releasing and taking the GIL back
-costs more than the copy."""
+assignment holds the GIL for the whole memcpy, and the receiving thread waits meanwhile: 1 GiB
+loads from a local nginx took a median 0.81 s that way and 0.72 s with unlocked copies (8 paired
+loads). Shorter copies keep the slice assignment, cheaper than a GIL release and re-take."""
 
 
 def _address(view: memoryview) -> int:
