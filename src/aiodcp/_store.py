@@ -672,6 +672,13 @@ def _load_loader() -> Any:
         return loader
 
 
+# Parsed when aiodcp is imported, not when the first load creates its client: json's C parser,
+# and the garbage collections the ~30,000 new objects trigger beside torch's, hold the GIL for
+# ~0.1-0.3 s in a fresh process, stalling every other thread meanwhile, including the event loop
+# of an `await load_checkpoint` caller (a 1 ms heartbeat measured a 244 ms gap on CI).
+_load_loader()
+
+
 def _ended_early(bucket: str, key: str, start: int, end: int, pos: int) -> TransferError:
     return TransferError(
         f"{_where(bucket, key, (start, end))}: the body ended at byte {pos}, before the end of "
