@@ -166,6 +166,11 @@ NGINX_SHAPED = """\
 NGINX_ECHO_MODULE = Path("/usr/lib/nginx/modules/ngx_http_echo_module.so")
 
 
+def nginx_binary() -> str:
+    """nginx on PATH, or Debian's place for it (root's PATH has /usr/sbin, others may not)."""
+    return shutil.which("nginx") or "/usr/sbin/nginx"
+
+
 def access_log_stats(lines: list[str]) -> dict[str, Any]:
     """The proxy's counters (``s3proxy.Counters``) from nginx access-log lines in the
     ``counted`` format: ``msec request_time connection status body_bytes method "range"``."""
@@ -264,7 +269,7 @@ class Servers:
         return self
 
     def _start_nginx(self) -> subprocess.Popen[Any]:
-        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        nginx = nginx_binary()
         if not Path(nginx).exists():
             raise SystemExit(
                 "nginx is not installed: `apt-get install nginx-light` (run.sh does it when it "
@@ -347,7 +352,7 @@ class Servers:
     def describe(self) -> str:
         if self.kind == "nginx":
             version = subprocess.run(
-                [shutil.which("nginx") or "/usr/sbin/nginx", "-v"], capture_output=True, text=True
+                [nginx_binary(), "-v"], capture_output=True, text=True
             ).stderr.strip()
             return f"{version.split(': ')[-1]} (read-only S3 GET endpoint, sendfile)"
         s3rver_pkg = json.loads((HERE / "node_modules" / "s3rver" / "package.json").read_text())

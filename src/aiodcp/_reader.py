@@ -205,15 +205,16 @@ class ChunkBuffer:
     def _copy_into(self, pos: int, end: int, dst: memoryview) -> None:
         """Copy ``[pos, end)`` into ``dst`` (a flat byte view of exactly ``end - pos`` bytes).
 
-        Runs of ``_UNLOCKED_COPY_BYTES`` or more between writable chunks and a writable ``dst``
-        are copied by ``ctypes.memmove`` with the GIL released; the rest by slice assignment.
+        Runs of ``_UNLOCKED_COPY_BYTES`` or more out of writable chunks are copied by
+        ``ctypes.memmove`` with the GIL released (``dst`` is writable: every caller checks);
+        the rest by slice assignment.
         """
         starts = self._starts
         ends = self._ends
         chunks = self._chunks
         i = bisect_right(starts, pos) - 1
         base = starts[i]
-        if end - pos < _UNLOCKED_COPY_BYTES or dst.readonly:
+        if end - pos < _UNLOCKED_COPY_BYTES:
             if end <= ends[i]:
                 dst[:] = chunks[i][pos - base : end - base]
                 return
