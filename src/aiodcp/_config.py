@@ -146,13 +146,19 @@ class ReaderConfig:
     memory_budget: int = DEFAULT_MEMORY_BUDGET_BYTES
     """Bytes: memory for downloaded items buffered ahead of decoding (items of 512 KiB or more
     count in whole 1 MiB blocks). An item larger than the budget is still served, alone.
+    Items received straight into their destination (see ``fast_decode``) take none of it.
     Default 64 MiB (``max_concurrency`` x ``part_size`` defaults). Against a store with a time
-    to first byte, throughput is about ``memory_budget / (latency + part_size / bandwidth per
-    connection)``: raise it on hosts with a faster network than ~1 GB/s."""
+    to first byte, the throughput of buffered items is about ``memory_budget / (latency +
+    part_size / bandwidth per connection)``: raise it on hosts with a faster network than
+    ~1 GB/s when most of a checkpoint is small tensors or is read through a custom planner."""
     fast_decode: bool = True
     """Decode plain stored tensors straight into their destination (one copy, no temporary)
     instead of ``torch.load`` + ``copy_``; anything unusual falls back to ``torch.load``.
-    Default True; False always uses ``torch.load``."""
+    With ``torch``'s ``DefaultLoadPlanner``, a stored tensor of 512 KiB or more read whole
+    into a contiguous CPU tensor is received from the network straight into that tensor (no
+    copy, no item memory, nothing held against ``memory_budget``); its zip directory is
+    checked once it arrived, and an archive laid out otherwise is fetched again for
+    ``torch.load``. Default True; False always uses ``torch.load``."""
     fast_http: bool = True
     """Send data GETs through aiodcp's own HTTP/1.1 path (URLs presigned once per object,
     bodies received straight into item memory) instead of botocore/aiohttp, which costs several

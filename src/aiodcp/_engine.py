@@ -15,6 +15,13 @@ Data flow::
            with backoff (``_store.retry_delay``)
         -> an item whose last byte arrived becomes a ChunkBuffer over its blocks and is
            published
+        -> a direct item (``FileFetch.direct``: a large plain tensor whose destination is known)
+           takes no item memory and no budget: its first bytes go to a small head buffer until
+           ``DirectTarget.locate`` says where its storage bytes begin, then those go from the
+           socket straight into the destination tensor, and the ~1 KB after them into a tail
+           buffer; bytes of a later part that arrive before the start is known are kept aside
+           (``_Direct.spill``) and put in place once it is. The consumer verifies head and
+           tail (``direct_result``), or fetches the item again for the buffered path
     consumer thread (torch decode): wait_item(f, i) blocks until item i of file f is published;
         release_item(f, i) drops its memory and returns its bytes to the budget (batched).
 
@@ -25,19 +32,22 @@ first): once nothing else is held, the carried slice is fetched alone and the it
 wait (``_schedule``). An item larger than the whole budget is reserved only when nothing else
 is. Reservations count item memory, whole 1 MiB blocks for all but small items (``_memory``),
 so memory held is what is reserved, and never exceeds ``max(memory_budget, largest item's
-memory)``. The first failure cancels every other fetch and is re-raised to the consumer;
-``abort()`` (consumer side) cancels everything as well.
+memory)``; direct items hold none (their head and tail, ~1-4 KB each, are not counted). The
+first failure cancels every other fetch and is re-raised to the consumer; ``abort()``
+(consumer side) cancels everything as well.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import mmap
 import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
 
 from ._config import ReaderConfig
 from ._errors import AiodcpError, LoadCancelledError, ObjectChangedError, TransferError
@@ -51,12 +61,29 @@ __all__ = ["FetchEngine", "FileFetch"]
 logger = logging.getLogger(__name__)
 
 
+class DirectTarget(Protocol):
+    """Where an item's payload goes instead of item memory (``dcp._fastdecode.DirectReceive``).
+
+    ``locate(head)`` is given the item's first bytes (at most ``head_bytes``) as they arrive and
+    answers the item offset at which ``memory`` begins (None: not yet known; -1: this item is
+    not for direct receipt). The item's bytes before that offset (``head``) and after
+    ``memory`` (``tail``, at most ``tail_bytes``) are kept for the consumer to verify."""
+
+    head_bytes: int
+    tail_bytes: int
+    memory: memoryview
+
+    def locate(self, head: bytes) -> int | None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class FileFetch:
-    """One data file of a load: its key and its planned ranges."""
+    """One data file of a load: its key, its planned ranges and, by item index, the items to
+    receive straight into their destination (``DirectTarget``) rather than into item memory."""
 
     key: str
     plan: FilePlan
+    direct: Mapping[int, DirectTarget] = field(default_factory=dict)
 
 
 class _ByteBudget:
@@ -102,6 +129,9 @@ class _ByteBudget:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
+
+_NO_BYTES = ChunkBuffer([])
+"""What a direct item publishes: its bytes are in its destination (see ``direct_result``)."""
 
 _BLOCK_BYTES = 1024 * 1024
 """Item memory comes in blocks of this size, recycled between items (``_BlockPool``)."""
@@ -157,16 +187,125 @@ def _memory(item: ItemRange, start: int, end: int) -> int:
     return (stop - first) * _BLOCK_BYTES
 
 
+class _Direct:
+    """An item received into its ``DirectTarget``: the state of one item, on the loop.
+
+    Until ``locate`` answers, the first ``head_bytes`` go into ``head`` and any later byte
+    (a part that starts inside the item can arrive first) is kept aside in ``spills``. Once
+    located, bytes go straight to the target's memory, the few after it into ``tail``, and
+    what was kept aside is put in place. An item ``locate`` refuses is ``failed``: its bytes are
+    dropped and the consumer fetches it again for the buffered path.
+    """
+
+    __slots__ = ("failed", "have", "head", "length", "spills", "start", "stop", "tail", "target")
+
+    def __init__(self, target: DirectTarget, length: int) -> None:
+        self.target = target
+        self.length = length
+        self.head = bytearray(min(length, target.head_bytes))
+        self.have = bytearray(len(self.head))  # 1 for every head byte received
+        self.start = -1  # item offset of the target's memory, -1 until located
+        self.stop = -1
+        self.tail = bytearray()
+        self.spills: list[tuple[int, bytes]] = []
+        self.failed = False
+
+    def view(self, offset: int, limit: int) -> memoryview | None:
+        """Where the item's bytes from ``offset`` on go (at most ``limit``); None: drop them
+        into scratch (failed), or keep them aside (``spill``) while the start is unknown."""
+        if self.failed:
+            return None
+        start = self.start
+        if start < 0:
+            if offset >= len(self.head):
+                return None
+            view = memoryview(self.head)[offset:]
+        elif offset < start:  # not after locating (every head byte came before): drop
+            return None
+        elif offset < self.stop:
+            view = self.target.memory[offset - start :]
+        else:
+            view = memoryview(self.tail)[offset - self.stop :]
+        return view if len(view) <= limit else view[:limit]
+
+    def written(self, offset: int, n: int) -> None:
+        """``n`` bytes arrived at ``offset`` in the view given for it."""
+        if self.start >= 0 or self.failed or offset >= len(self.head):
+            return
+        have = self.have
+        have[offset : offset + n] = b"\x01" * n
+        received = have.find(0)
+        if received < 0:
+            received = len(have)
+        if received <= offset:  # an earlier byte is still missing
+            return
+        found = self.target.locate(bytes(self.head[:received]))
+        if found is None:
+            return
+        if found < 0 or found > received:
+            self._fail()
+            return
+        stop = found + len(self.target.memory)
+        if not 0 <= self.length - stop <= self.target.tail_bytes:
+            self._fail()
+            return
+        head = self.head
+        self.head = bytearray(head[:found])
+        self.start, self.stop = found, stop
+        self.tail = bytearray(self.length - stop)
+        at = found
+        while at < len(have):  # head bytes past the start: into the memory or the tail
+            at = have.find(1, at)
+            if at < 0:
+                break
+            end = have.find(0, at)
+            end = len(have) if end < 0 else end
+            self._place(at, memoryview(head)[at:end])
+            at = end
+        self.have = bytearray()
+        spills, self.spills = self.spills, []
+        for offset_, data in spills:
+            self._place(offset_, memoryview(data))
+
+    def spill(self, offset: int, data: memoryview) -> None:
+        """Bytes that arrived before the start was known (or, failed, are not needed)."""
+        if self.failed:
+            return
+        if self.start >= 0:
+            self._place(offset, data)
+        else:
+            self.spills.append((offset, bytes(data)))
+
+    def _place(self, offset: int, data: memoryview) -> None:
+        while data:
+            view = self.view(offset, len(data))
+            if view is None:
+                return
+            n = len(view)
+            view[:] = data[:n]
+            offset += n
+            data = data[n:]
+
+    def _fail(self) -> None:
+        self.failed = True
+        self.head = bytearray()
+        self.have = bytearray()
+        self.tail = bytearray()
+        self.spills = []
+
+
 class _Item:
-    """One stored item being downloaded into its own memory (see ``_BlockPool``)."""
+    """One stored item being downloaded into its own memory (see ``_BlockPool``), or straight
+    into its destination (``direct``)."""
 
-    __slots__ = ("blocks", "buffer", "missing", "range")
+    __slots__ = ("blocks", "buffer", "direct", "missing", "range")
 
-    def __init__(self, item_range: ItemRange) -> None:
+    def __init__(self, item_range: ItemRange, direct: DirectTarget | None = None) -> None:
         self.range = item_range
         self.blocks: list[memoryview | None] | None = None
         self.missing = item_range.length
         self.buffer: ChunkBuffer | None = None
+        self.direct = None if direct is None else _Direct(direct, item_range.length)
 
 
 class _PartSink:
@@ -177,6 +316,7 @@ class _PartSink:
         "_engine",
         "_key",
         "_scratch",
+        "_spilling",
         "_t",
         "_targets",
         "end",
@@ -192,6 +332,7 @@ class _PartSink:
         self._targets = targets
         self._t = 0  # first target that may still hold bytes at or after pos
         self._scratch: memoryview | None = None
+        self._spilling = False  # the last view given was scratch for a direct item's bytes
         self.pos = 0
         self.end = end
         self.first_at = 0.0
@@ -210,6 +351,14 @@ class _PartSink:
         if t < len(targets):
             item = targets[t]
             start = item.range.start
+            if start <= pos and item.direct is not None:
+                limit = min(item.range.end, self.end) - pos
+                view = item.direct.view(pos - start, limit)
+                if view is not None:
+                    self._spilling = False
+                    return view
+                self._spilling = True
+                return self._scratch_view(limit)
             if start <= pos:
                 blocks = item.blocks
                 if blocks is None:
@@ -224,10 +373,13 @@ class _PartSink:
             gap_end = start
         else:
             gap_end = self.end
+        return self._scratch_view(gap_end - pos)
+
+    def _scratch_view(self, limit: int) -> memoryview:
         scratch = self._scratch
         if scratch is None:
             scratch = self._scratch = memoryview(bytearray(self._SCRATCH_BYTES))
-        return scratch[: min(gap_end - pos, self._SCRATCH_BYTES)]
+        return scratch[: min(limit, self._SCRATCH_BYTES)]
 
     def written(self, pos: int, n: int) -> None:
         self.pos = pos + n
@@ -238,6 +390,14 @@ class _PartSink:
         if t < len(targets):
             item = targets[t]
             if item.range.start <= pos < item.range.end:
+                direct = item.direct
+                if direct is not None:
+                    offset = pos - item.range.start
+                    if self._spilling:
+                        assert self._scratch is not None
+                        direct.spill(offset, self._scratch[:n])
+                    else:
+                        direct.written(offset, n)
                 item.missing -= n
                 if item.missing == 0:
                     engine._publish(item)
@@ -259,9 +419,14 @@ class FetchEngine:
         self._files = list(files)
         self._config = config
         self._stats = stats
-        self._items: list[list[_Item]] = [[_Item(r) for r in f.plan.items] for f in self._files]
+        self._items: list[list[_Item]] = [
+            [_Item(r, f.direct.get(i)) for i, r in enumerate(f.plan.items)] for f in self._files
+        ]
         self._index: list[dict[ItemRange, int]] = [
             {r: i for i, r in enumerate(f.plan.items)} for f in self._files
+        ]
+        self._direct: list[dict[ItemRange, bool]] = [
+            {f.plan.items[i]: True for i in f.direct} for f in self._files
         ]
         self._etags: dict[str, str] = {}
         self._cond = threading.Condition()
@@ -332,13 +497,14 @@ class FetchEngine:
         budget = self._budget
         items = part.items
         first = items[0]
-        reserve = sum(_memory(r, max(r.start, part.start), min(r.end, part.end)) for r in items)
+        held = functools.partial(self._held, file_index)
+        reserve = sum(held(r, max(r.start, part.start), min(r.end, part.end)) for r in items)
         if first.start < part.start:
-            if await budget.acquire_beside(reserve, _memory(first, first.start, part.start)):
+            if await budget.acquire_beside(reserve, held(first, first.start, part.start)):
                 await self._start(file_index, part, connections)
                 return
             end = min(first.end, part.end)
-            carried = _memory(first, part.start, end)
+            carried = held(first, part.start, end)
             budget.force(carried)
             await self._start(file_index, Part(part.start, end, (first,)), connections)
             if len(items) == 1:
@@ -351,15 +517,22 @@ class FetchEngine:
             await self._start(file_index, part, connections)
             return
         piece: list[ItemRange] = []
-        held = 0
+        piece_held = 0
         for item in items:  # cut at item starts into pieces the budget can hold
-            size = _memory(item, item.start, min(item.end, part.end))
-            if piece and held + size > budget.limit:
-                await self._start_piece(file_index, piece, part.end, held, connections)
-                piece, held = [], 0
+            size = held(item, item.start, min(item.end, part.end))
+            if piece and piece_held + size > budget.limit:
+                await self._start_piece(file_index, piece, part.end, piece_held, connections)
+                piece, piece_held = [], 0
             piece.append(item)
-            held += size
-        await self._start_piece(file_index, piece, part.end, held, connections)
+            piece_held += size
+        await self._start_piece(file_index, piece, part.end, piece_held, connections)
+
+    def _held(self, file_index: int, item: ItemRange, start: int, end: int) -> int:
+        """Budget that receiving bytes ``[start, end)`` of ``item`` takes (``_memory``); none
+        for an item received into its destination, whose few header bytes are not counted."""
+        if self._files[file_index].direct and self._direct[file_index].get(item):
+            return 0
+        return _memory(item, start, end)
 
     async def _start_piece(
         self,
@@ -520,6 +693,12 @@ class FetchEngine:
 
     def _publish(self, item: _Item) -> None:
         """The item's last byte arrived: hand it to the consumer."""
+        if item.direct is not None:
+            with self._cond:
+                item.buffer = _NO_BYTES
+                self._cond.notify_all()
+            self._stats.add(items=1, bytes_used=item.range.length)
+            return
         blocks = item.blocks
         assert blocks is not None
         full: list[memoryview] = [b for b in blocks if b is not None]
@@ -557,6 +736,15 @@ class FetchEngine:
             raise LoadCancelledError("the load was cancelled")
         raise error  # type: ignore[misc]
 
+    def direct_result(self, file_index: int, item_index: int) -> tuple[bytes, bytes] | None:
+        """For a downloaded direct item: its bytes before and after the target's memory, or
+        None if it could not be received directly (fetch it again for the buffered path)."""
+        direct = self._items[file_index][item_index].direct
+        assert direct is not None
+        if direct.failed or direct.start < 0:
+            return None
+        return bytes(direct.head), bytes(direct.tail)
+
     def release_item(self, file_index: int, item_index: int) -> None:
         """Drop the item's bytes and give them back to the budget (any thread).
 
@@ -565,6 +753,9 @@ class FetchEngine:
         """
         item = self._items[file_index][item_index]
         item.buffer = None
+        if item.direct is not None:
+            item.direct = None  # holds no budget (see _held)
+            return
         blocks, item.blocks = item.blocks, None
         if blocks is not None:
             self._pool.give(blocks)

@@ -57,7 +57,7 @@ import torch
 
 from .._reader import ChunkBuffer
 
-__all__ = ["decode_into"]
+__all__ = ["HEAD_BYTES", "DirectReceive", "decode_into"]
 
 _EOCD = struct.Struct("<IHHHHIIH")  # end of central directory, 22 bytes
 _CDIR = struct.Struct("<IHHHHHHIIIHHHHHII")  # central directory header, 46 bytes
@@ -94,6 +94,7 @@ class _Unusual(Exception):
 class _StorageRef:
     dtype: torch.dtype
     key: str
+    numel: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +132,8 @@ class _MetaUnpickler(pickle.Unpickler):
             and isinstance(pid[1], _StorageType)
             and pid[3] == "cpu"
         ):
-            return _StorageRef(pid[1].dtype, str(pid[2]))
+            numel = pid[4] if type(pid[4]) is int else None
+            return _StorageRef(pid[1].dtype, str(pid[2]), numel)
         raise _Unusual(f"persistent id {pid!r}")
 
 
@@ -395,3 +397,224 @@ def decode_into(
         if buffer.readinto(destination) != nbytes:
             return False
     return True
+
+
+# -- receiving a stored tensor straight into its destination ----------------------------------
+
+HEAD_BYTES = 4096
+"""Bytes at the start of an item within which the storage record must begin (see
+``DirectReceive``). A ``torch.save`` of one tensor puts its data at ~600-1000 bytes."""
+TAIL_BYTES = 64 * 1024
+"""Most bytes an item may hold after its storage bytes (the last records, the directory)."""
+_DESCRIPTOR = struct.Struct("<IIII")  # data descriptor with its signature: sig, crc, sizes
+_DESCRIPTOR_SIG = 0x08074B50
+_DESCRIPTOR_MARK = b"PK\x07\x08"
+_HAS_DESCRIPTOR = 0x08  # general purpose flag: sizes follow the data
+_ENCRYPTED = 0x01
+
+
+class DirectReceive:
+    """Receives one stored tensor's bytes straight into its destination tensor's memory.
+
+    The fetch engine gives the first bytes of the item to :meth:`locate` until it answers where
+    the storage bytes begin. It then receives them into :attr:`memory` (the destination's own
+    bytes: no buffer, no copy) and keeps only the bytes before (``head``) and after (``tail``).
+    Once every byte arrived, :meth:`verify` checks the zip's central directory against what
+    ``locate`` read from the local headers, so the bytes are exactly the ones ``torch.load``
+    would read. ``locate`` answering "unusual" or ``verify`` failing sends the item back to
+    the buffered path (``torch.load``).
+
+    Used only where the read item is the whole stored tensor, the destination is a C-contiguous
+    CPU tensor of the stored dtype and shape, and the item is between ``HEAD_BYTES`` and 4 GiB
+    (checked by the caller, from the checkpoint metadata, before the load).
+
+    ``locate`` relies on the local headers, written by ``torch.save`` in this order: ``data.pkl``
+    first (its size is where its pickle stops), small records, then ``data/<key>``; each
+    followed by a data descriptor (``torch.save`` streams, so local headers carry no sizes).
+    """
+
+    __slots__ = ("_records", "length", "memory", "tensor")
+
+    head_bytes = HEAD_BYTES
+    tail_bytes = TAIL_BYTES
+
+    def __init__(self, tensor: torch.Tensor, length: int) -> None:
+        self.tensor = tensor
+        nbytes = tensor.numel() * tensor.element_size()
+        self.memory = memoryview((ctypes.c_ubyte * nbytes).from_address(tensor.data_ptr()))
+        self.memory = self.memory.cast("B")
+        self.length = length
+        # name -> (local header offset, size) of each record located, the storage record last
+        self._records: dict[str, tuple[int, int]] = {}
+
+    def locate(self, head: bytes) -> int | None:
+        """Item offset where the storage bytes begin; None if ``head`` (the item's first bytes)
+        is too short to tell; -1 if the item is not the layout this path handles."""
+        try:
+            return self._locate(head)
+        except _Unusual:
+            return -1
+
+    def _locate(self, head: bytes) -> int | None:
+        records: dict[str, tuple[int, int]] = {}
+        complete = len(head) >= HEAD_BYTES
+        pos = 0
+        prefix = storage = ""
+        while True:
+            if pos + _LOCAL.size > len(head):
+                return _short(complete)
+            sig, _, flags, method, _, _, _, csize, usize, name_len, extra_len = _LOCAL.unpack_from(
+                head, pos
+            )
+            if sig != _LOCAL_SIG or method != 0 or flags & _ENCRYPTED:
+                raise _Unusual("not a plain local header")
+            data = pos + _LOCAL.size + name_len + extra_len
+            if data > len(head):
+                return _short(complete)
+            try:
+                name = head[pos + _LOCAL.size : pos + _LOCAL.size + name_len].decode("utf-8")
+            except UnicodeDecodeError:
+                raise _Unusual("record name") from None
+            if not prefix:  # torch.save writes data.pkl first
+                if not name.endswith("/data.pkl") or name.count("/") != 1:
+                    raise _Unusual("data.pkl is not the first record")
+                prefix = name[: -len("data.pkl")]
+                stream = io.BytesIO(head[data:])
+                try:
+                    record = _MetaUnpickler(stream).load()
+                except (pickle.UnpicklingError, EOFError, struct.error, ValueError):
+                    return _short(complete)  # cut off (or damaged: fails once head is full)
+                size = stream.tell()
+                storage = f"{prefix}data/{self._check(record)}"
+            elif name == storage:
+                size = self.memory.nbytes
+                if not flags & _HAS_DESCRIPTOR and not csize == usize == size:
+                    raise _Unusual("storage record size")
+                if data + size + _DESCRIPTOR.size > self.length - _EOCD.size:
+                    raise _Unusual("storage record past the end")
+                records[name] = (pos, size)
+                self._records = records
+                return int(data)
+            elif flags & _HAS_DESCRIPTOR:
+                described = _described_size(head, data)
+                if described is None:
+                    return _short(complete)
+                size = described
+            else:
+                size = csize
+            if name == f"{prefix}byteorder":
+                if data + size > len(head):
+                    return _short(complete)
+                if head[data : data + size] != b"little":
+                    raise _Unusual("byte order")
+            if name in records:
+                raise _Unusual("duplicate record")
+            records[name] = (pos, size)
+            pos = data + size
+            if flags & _HAS_DESCRIPTOR:
+                if pos + _DESCRIPTOR.size > len(head):
+                    return _short(complete)
+                sig, _, csize, usize = _DESCRIPTOR.unpack_from(head, pos)
+                if sig != _DESCRIPTOR_SIG or not csize == usize == size:
+                    raise _Unusual("data descriptor")
+                pos += _DESCRIPTOR.size
+            elif csize != usize:
+                raise _Unusual("compressed record")
+
+    def _check(self, record: Any) -> str:
+        """The storage key of the rebuild ``record`` if it rebuilds exactly the destination."""
+        tensor = self.tensor
+        if not isinstance(record, _Rebuild) or not isinstance(record.storage, _StorageRef):
+            raise _Unusual("not a plain tensor")
+        if (
+            record.storage.dtype != tensor.dtype
+            or record.offset != 0
+            or record.size != tuple(tensor.shape)
+            or record.stride != _contiguous_strides(record.size)
+            or record.storage.numel != tensor.numel()
+        ):
+            raise _Unusual("not the destination's dtype, shape or storage")
+        return record.storage.key
+
+    def verify(self, head: bytes, tail: bytes) -> bool:
+        """Whether the item's central directory (in ``tail``, the bytes after the storage
+        bytes) names the same records at the same places and sizes that ``locate`` read in
+        ``head``, the bytes before them; anything else would make ``torch.load`` read others."""
+        records = self._records
+        if not records:
+            return False
+        tail_start = self.length - len(tail)
+        try:
+            directory = _directory(tail, tail_start)
+        except (_Unusual, struct.error, UnicodeDecodeError):
+            return False
+        pickles = [n for n in directory if n.endswith("/data.pkl") and n.count("/") == 1]
+        if len(pickles) != 1 or pickles[0] not in records:
+            return False
+        prefix = pickles[0][: -len("data.pkl")]
+        byteorder = f"{prefix}byteorder"
+        if byteorder in directory and byteorder not in records:
+            return False
+        relied = [pickles[0], byteorder, next(reversed(records))]
+        for name in relied:
+            if name not in records:
+                continue
+            entry = directory.get(name)
+            if entry is None or entry != records[name]:
+                return False
+        return len(head) == self.length - len(tail) - self.memory.nbytes
+
+
+def _short(complete: bool) -> int | None:
+    """``head`` ended too early: wait for more bytes, unless it is all there is to look at."""
+    if complete:
+        raise _Unusual("the storage record does not begin within HEAD_BYTES")
+    return None
+
+
+def _described_size(head: bytes, data: int) -> int | None:
+    """Size of a small record whose sizes follow it in a data descriptor: the first descriptor
+    mark after ``data`` whose sizes equal its distance from ``data``; None if none is in
+    ``head`` yet (``verify`` later checks the result against the central directory)."""
+    at = head.find(_DESCRIPTOR_MARK, data)
+    while at >= 0 and at + _DESCRIPTOR.size <= len(head):
+        _, _, csize, usize = _DESCRIPTOR.unpack_from(head, at)
+        if csize == usize == at - data:
+            return at - data
+        at = head.find(_DESCRIPTOR_MARK, at + 1)
+    return None
+
+
+def _directory(tail: bytes, tail_start: int) -> dict[str, tuple[int, int]]:
+    """name -> (local header offset, size) of every entry in the central directory, which
+    with its end record must lie in ``tail`` (bytes ``[tail_start, ...)`` of the item, running
+    to its end). Raises ``_Unusual`` for anything but plain STORED entries."""
+    if len(tail) < _EOCD.size:
+        raise _Unusual("too short")
+    sig, _, _, _, count, cd_size, cd_offset, comment = _EOCD.unpack_from(tail, len(tail) - 22)
+    if sig != _EOCD_SIG or comment or cd_offset == _ZIP64 or cd_size == _ZIP64:
+        raise _Unusual("no plain end-of-directory record")
+    pos = cd_offset - tail_start
+    if pos < 0 or pos + cd_size > len(tail) - _EOCD.size:
+        raise _Unusual("central directory outside the tail")
+    entries: dict[str, tuple[int, int]] = {}
+    for _ in range(count):
+        fields = _CDIR.unpack_from(tail, pos)
+        csize, usize, name_len, extra_len, comment_len, local = (
+            fields[8],
+            fields[9],
+            fields[10],
+            fields[11],
+            fields[12],
+            fields[16],
+        )
+        if fields[0] != _CDIR_SIG or fields[4] != 0 or csize != usize or local == _ZIP64:
+            raise _Unusual("compressed, zip64 or damaged entry")
+        name = tail[pos + _CDIR.size : pos + _CDIR.size + name_len].decode("utf-8")
+        if name in entries:
+            raise _Unusual("duplicate entry")
+        entries[name] = (local, usize)
+        pos += _CDIR.size + name_len + extra_len + comment_len
+    if pos > cd_offset - tail_start + cd_size:
+        raise _Unusual("damaged central directory")
+    return entries

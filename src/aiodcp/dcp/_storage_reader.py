@@ -11,10 +11,15 @@ Call tree under ``dcp.load(state_dict, storage_reader=S3StorageReader("s3://b/ck
     read_data(final_plan, planner)
         -> max_gap_size "auto" -> bytes (_planner.resolve_max_gap_size, the measured latency)
         -> per file: ItemRange per ReadItem -> planner.plan_file (dedupe, coalesce, parts)
+        -> _direct_targets: large items that are a whole plain tensor for a contiguous CPU
+           destination (DefaultLoadPlanner only) get a DirectReceive over the destination
         -> FetchEngine.run() submitted to the driver's loop (concurrent GETs, byte budget)
         -> this thread decodes in plan order while later items download:
-           SequentialReader(file) -> ChunkBuffer(item) -> transforms (zstd) -> torch.load
-           -> narrow -> copy_ into the destination -> commit; BYTE_IO -> planner.load_bytes
+           direct item -> wait, verify its zip directory -> commit (or fetch it again and
+           decode it below when the archive is unusual)
+           other item -> SequentialReader(file) -> ChunkBuffer(item) -> transforms (zstd)
+           -> decode_into, else torch.load -> narrow -> copy_ into the destination -> commit;
+           BYTE_IO -> planner.load_bytes
         -> returns a completed torch.futures.Future
 
 The reader is reusable across loads (state is reset per load) and owns a private I/O loop
@@ -36,10 +41,11 @@ import uuid
 import weakref
 from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import IO, TYPE_CHECKING, Any, Protocol, cast
+from typing import IO, TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 import torch
 from torch.distributed.checkpoint._extension import ExtensionRegistry, StreamTransformExtension
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, StorageMeta
 from torch.distributed.checkpoint.planner import (
     LoadItemType,
@@ -60,7 +66,7 @@ from .._progress import track_progress
 from .._reader import ChunkBuffer, SequentialReader
 from .._stats import LoadStats, StatsRecorder
 from .._store import S3Store
-from ._fastdecode import decode_into
+from ._fastdecode import DirectReceive, decode_into
 from ._metadata import load_metadata
 
 if TYPE_CHECKING:
@@ -74,6 +80,8 @@ _YIELD_EVERY_S = 0.002
 logger = logging.getLogger(__name__)
 
 _METADATA_NAME = ".metadata"
+
+_T = TypeVar("_T")
 
 
 _READERS: weakref.WeakSet[S3StorageReader] = weakref.WeakSet()
@@ -144,10 +152,14 @@ class S3StorageReader(StorageReader):
         self._stats: LoadStats | None = None
         self._recorder = StatsRecorder()
         self.storage_data: dict[MetadataIndex, _StorageInfo] = {}
+        self._tensor_metadata: dict[str, Any] = {}
         self.load_id = uuid.uuid4().hex
         self.rank: int | None = None
         self._extensions = ExtensionRegistry()
-        self._fast_decoded = 0  # items decoded without torch.load (for tests and profiling)
+        # Items decoded without torch.load, and of those, received straight into their
+        # destination (for tests and profiling).
+        self._fast_decoded = 0
+        self._direct_received = 0
 
     # ------------------------------------------------------------------ plumbing
 
@@ -271,6 +283,7 @@ class S3StorageReader(StorageReader):
                 key=self._path.key(_METADATA_NAME),
             )
         self.storage_data = storage_data
+        self._tensor_metadata = getattr(metadata, "state_dict_metadata", None) or {}
         self.rank = kwargs.get("rank")
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
@@ -366,15 +379,17 @@ class S3StorageReader(StorageReader):
                 for req in reqs:
                     self._decode(req, buffer, planner)
             return
+        direct = self._direct_targets(grouped, planner)
+        files = [
+            FileFetch(f.key, f.plan, {i: d for i, (_, d) in targets.items()})
+            for f, targets in zip(files, direct, strict=True)
+        ]
         driver = self._io
         progress_total = sum(f.plan.requested_bytes for f in files) if self.progress else 0
 
-        async def opened(store: S3Store) -> S3Store:
-            return store
-
         # Built here, not on the loop: a checkpoint of many items makes this the slow part,
         # and the loop may be the caller's (load_checkpoint), which must stay responsive.
-        engine = FetchEngine(driver.run(opened), self._path.bucket, files, self.config, recorder)
+        engine = FetchEngine(driver.run(_opened), self._path.bucket, files, self.config, recorder)
         self._engine = engine
 
         async def start(store: S3Store) -> None:
@@ -401,14 +416,23 @@ class S3StorageReader(StorageReader):
                     self._decode(req, buffer, planner)
             yielded = time.perf_counter()
             for file_index, fetch in enumerate(files):
+                # Direct items are waited for apart; the reader serves the buffered ones.
+                buffered = [i for i in range(len(fetch.plan.items)) if i not in fetch.direct]
                 reader = SequentialReader(
-                    fetch.plan.items,
-                    functools.partial(engine.wait_item, file_index),
-                    functools.partial(engine.release_item, file_index),
+                    [fetch.plan.items[i] for i in buffered],
+                    functools.partial(_nth, engine.wait_item, file_index, buffered),
+                    functools.partial(_nth, engine.release_item, file_index, buffered),
                     name=f"s3://{self._path.bucket}/{fetch.key}",
                 )
                 with reader:
                     for item_index, item_range in enumerate(fetch.plan.items):
+                        if item_index in fetch.direct:
+                            req, receive = direct[file_index][item_index]
+                            if self._finish_direct(engine, file_index, item_index, fetch, receive):
+                                self._direct_received += 1
+                                self._fast_decoded += 1
+                            planner.commit_tensor(req, receive.tensor)
+                            continue
                         reader.seek(item_range.start)
                         buffer = reader.current_buffer()
                         for req in readers[file_index][item_index]:
@@ -432,6 +456,130 @@ class S3StorageReader(StorageReader):
                 if finished:
                     raise
             self._engine = None
+
+    def _direct_targets(
+        self, grouped: _Grouped, planner: LoadPlanner
+    ) -> list[dict[int, tuple[ReadItem, DirectReceive]]]:
+        """Per file, the items to receive straight into their destination, by item index: each
+        the whole of one stored tensor, read by one read item into a C-contiguous CPU tensor of
+        its dtype and shape, at least half a MiB (below that the copy costs less than the
+        bookkeeping). Only with a planner whose ``resolve_tensor`` is ``DefaultLoadPlanner``'s,
+        a pure look-up, so that it may be called before the item is downloaded."""
+        chosen: list[dict[int, tuple[ReadItem, DirectReceive]]] = [{} for _ in grouped.files]
+        if not self.config.fast_decode or not _pure_resolve(planner):
+            return chosen
+        for file_index, (fetch, reqs_per_item) in enumerate(
+            zip(grouped.files, grouped.readers, strict=True)
+        ):
+            for item_index, (item_range, reqs) in enumerate(
+                zip(fetch.plan.items, reqs_per_item, strict=True)
+            ):
+                if (
+                    len(reqs) != 1
+                    or reqs[0].type != LoadItemType.TENSOR
+                    or not _DIRECT_MIN_BYTES <= item_range.length < _DIRECT_MAX_BYTES
+                ):
+                    continue
+                req = reqs[0]
+                info = self.storage_data[req.storage_index]
+                if getattr(info, "transform_descriptors", None):
+                    continue
+                dtype = self._stored_whole(req)
+                if dtype is None:
+                    continue
+                target = planner.resolve_tensor(req).detach()
+                if (
+                    type(target) is not torch.Tensor
+                    or target.device.type != "cpu"
+                    or target.dtype != dtype
+                    or tuple(target.shape) != tuple(req.lengths)
+                    or not target.is_contiguous()
+                    or target.numel() == 0
+                ):
+                    continue
+                chosen[file_index][item_index] = (req, DirectReceive(target, item_range.length))
+        return chosen
+
+    def _stored_whole(self, req: ReadItem) -> torch.dtype | None:
+        """The stored dtype if ``req`` reads the whole of its stored tensor, else None."""
+        index = req.storage_index
+        md = self._tensor_metadata.get(index.fqn)
+        chunks = getattr(md, "chunks", None)
+        if md is None or not chunks or any(req.storage_offsets):
+            return None
+        offset = tuple(index.offset) if index.offset is not None else None
+        hint = index.index
+        if hint is not None and 0 <= hint < len(chunks):
+            candidates = [chunks[hint], *chunks]
+        else:
+            candidates = list(chunks)
+        for chunk in candidates:
+            if offset is None or tuple(chunk.offsets) == offset:
+                if tuple(chunk.sizes) != tuple(req.lengths):
+                    return None
+                return cast(torch.dtype, md.properties.dtype)
+        return None
+
+    def _finish_direct(
+        self,
+        engine: FetchEngine,
+        file_index: int,
+        item_index: int,
+        fetch: FileFetch,
+        receive: DirectReceive,
+    ) -> bool:
+        """Wait for a direct item and check it (True); or, if it was not the plain layout or
+        its directory disagrees with what was located, fetch it again and decode it (False)."""
+        engine.wait_item(file_index, item_index)
+        try:
+            result = engine.direct_result(file_index, item_index)
+            if result is not None and receive.verify(*result):
+                return True
+        finally:
+            engine.release_item(file_index, item_index)
+        item_range = fetch.plan.items[item_index]
+        logger.debug(
+            "s3://%s/%s bytes [%d, %d): not received directly (%s); fetching it again",
+            self._path.bucket,
+            fetch.key,
+            item_range.start,
+            item_range.end,
+            "unusual layout" if result is None else "directory disagrees",
+        )
+        buffer = self._fetch_alone(fetch.key, item_range)
+        target = receive.tensor
+        if decode_into(buffer, [0] * target.dim(), target.shape, target):
+            self._fast_decoded += 1
+            return False
+        buffer.seek(0)
+        tensor = torch.load(cast(IO[bytes], buffer), map_location="cpu", weights_only=True)
+        if not isinstance(tensor, torch.Tensor) or tensor.shape != target.shape:
+            raise CheckpointFormatError(
+                f"s3://{self._path.bucket}/{fetch.key} bytes [{item_range.start}, "
+                f"{item_range.end}): not a tensor of shape {tuple(target.shape)}",
+                bucket=self._path.bucket,
+                key=fetch.key,
+            )
+        target.copy_(tensor)
+        return False
+
+    def _fetch_alone(self, key: str, item_range: ItemRange) -> ChunkBuffer:
+        """One item, fetched by an engine of its own (same retries, budget and statistics)."""
+        plan = plan_file([item_range], max_gap_size=0, part_size=self.config.part_size)
+        engine = FetchEngine(
+            self._io.run(_opened),
+            self._path.bucket,
+            [FileFetch(key, plan)],
+            self.config,
+            self._recorder,
+        )
+
+        async def run(store: S3Store) -> None:
+            await engine.run()
+
+        self._io.run(run)
+        buffer = engine.wait_item(0, 0)
+        return buffer
 
     def _decode(self, req: ReadItem, buffer: ChunkBuffer, planner: LoadPlanner) -> None:
         info = self.storage_data[req.storage_index]
@@ -511,6 +659,29 @@ class S3StorageReader(StorageReader):
             if isinstance(extension, StreamTransformExtension):
                 stream = extension.transform_from(stream)
         return stream
+
+
+_DIRECT_MIN_BYTES = 512 * 1024
+_DIRECT_MAX_BYTES = 4 * 1024**3 - 1024**2  # beyond, torch.save writes zip64 records
+
+
+def _pure_resolve(planner: LoadPlanner) -> bool:
+    """Whether ``planner.resolve_tensor`` is ``DefaultLoadPlanner``'s (a look-up and a narrow,
+    no side effect), so it may be called ahead, before the item's bytes are there."""
+    planner_type = type(planner)
+    return isinstance(planner, DefaultLoadPlanner) and all(
+        getattr(planner_type, name) is getattr(DefaultLoadPlanner, name)
+        for name in ("resolve_tensor", "lookup_tensor", "transform_tensor")
+    )
+
+
+def _nth(call: Callable[[int, int], _T], file_index: int, indexes: list[int], nth: int) -> _T:
+    """``call(file_index, indexes[nth])``: the reader's nth item is the file's ``indexes[nth]``."""
+    return call(file_index, indexes[nth])
+
+
+async def _opened(store: S3Store) -> S3Store:
+    return store
 
 
 def _narrow(

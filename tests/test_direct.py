@@ -1,0 +1,395 @@
+"""Stored tensors received straight into their destination (``DirectReceive`` in the engine).
+
+Large plain items skip item memory: their storage bytes go from the socket into the destination
+tensor, located from the zip's local headers and checked against its central directory once
+all arrived. These tests load through moto (and the fault proxy) and compare every tensor with
+what was saved and with the ``torch.load`` path (``fast_decode=False``); odd archives must take
+the buffered path again and still load exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+import struct
+import zipfile
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+import aiodcp
+from aiodcp import _engine
+from aiodcp.dcp._fastdecode import HEAD_BYTES, DirectReceive
+
+from conftest import S3Server, assert_same, save_checkpoint, upload_dir
+from faultproxy import Fault, FaultProxy
+
+MIB = 1024 * 1024
+
+
+def big_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "w_f32": torch.randn(512, 640, generator=g),  # 1.25 MiB
+        "w_bf16": torch.randn(1024, 768, generator=g).to(torch.bfloat16),  # 1.5 MiB
+        "w_i64": torch.randint(-(2**40), 2**40, (80_000,), generator=g),  # 625 KiB
+        "bias": torch.randn(300, generator=g),  # small: the buffered path
+        "w_3d": torch.randn(16, 128, 96, generator=g),  # 768 KiB
+    }
+
+
+def zeros(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: torch.zeros_like(v) for k, v in sd.items()}
+
+
+def load(
+    url: str, sd: dict[str, torch.Tensor], **kwargs: Any
+) -> tuple[dict[str, torch.Tensor], aiodcp.S3StorageReader]:
+    state = zeros(sd)
+    reader = aiodcp.S3StorageReader(url, **kwargs)
+    with reader:
+        dcp.load(state, storage_reader=reader)
+    return state, reader
+
+
+@pytest.fixture
+def spills(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts bytes kept aside because they came before their item's start was located."""
+    seen: list[int] = []
+    original = _engine._Direct.spill
+
+    def spill(self: Any, offset: int, data: memoryview) -> None:
+        seen.append(len(data))
+        original(self, offset, data)
+
+    monkeypatch.setattr(_engine._Direct, "spill", spill)
+    return seen
+
+
+def test_large_items_are_received_into_the_destination(
+    tmp_path: Path, s3: Any, bucket: str, reader_kwargs: dict[str, Any]
+) -> None:
+    sd = big_state()
+    upload_dir(s3, save_checkpoint(copy.deepcopy(sd), tmp_path / "c"), bucket, "c")
+    url = f"s3://{bucket}/c"
+    # Parts of 300 KiB: every large item spans several GETs, received concurrently.
+    direct, reader = load(url, sd, part_size=300 * 1024, **reader_kwargs)
+    plain, plain_reader = load(url, sd, fast_decode=False, **reader_kwargs)
+    assert_same(direct, sd)
+    assert_same(plain, sd)
+    assert reader._direct_received == 4  # every tensor of 512 KiB or more
+    assert plain_reader._direct_received == 0
+    stats = reader.stats
+    assert stats is not None
+    # Only the small tensor was buffered: no large item held item memory.
+    assert stats.peak_buffered_bytes < 64 * 1024
+
+
+def test_destination_views_and_other_planners_keep_the_buffered_path(
+    tmp_path: Path, s3: Any, bucket: str, reader_kwargs: dict[str, Any]
+) -> None:
+    sd = big_state(1)
+    upload_dir(s3, save_checkpoint(copy.deepcopy(sd), tmp_path / "c"), bucket, "c")
+    url = f"s3://{bucket}/c"
+
+    class Counting(DefaultLoadPlanner):
+        """A planner whose resolve_tensor has a side effect: it must be called in order."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.resolved: list[str] = []
+
+        def resolve_tensor(self, read_item: Any) -> torch.Tensor:
+            self.resolved.append(read_item.dest_index.fqn)
+            return super().resolve_tensor(read_item)
+
+    state = zeros(sd)
+    planner = Counting()
+    with aiodcp.S3StorageReader(url, **reader_kwargs) as reader:
+        dcp.load(state, storage_reader=reader, planner=planner)
+    assert_same(state, sd)
+    assert reader._direct_received == 0
+    assert len(planner.resolved) == len(sd)
+
+    # A non-contiguous destination (a transposed view) cannot take the bytes in file order.
+    state = zeros(sd)
+    state["w_f32"] = torch.zeros(640, 512).t()
+    with aiodcp.S3StorageReader(url, **reader_kwargs) as reader:
+        dcp.load(state, storage_reader=reader)
+    assert_same(state, sd)
+    assert reader._direct_received == 3
+
+
+def test_bytes_that_arrive_before_their_header_are_kept_and_placed(
+    tmp_path: Path, s3: Any, bucket: str, s3_server: S3Server, spills: list[int]
+) -> None:
+    """The GET holding an item's first bytes is held back, so the item's later parts (and the
+    rest of its header, cut by a part boundary) arrive first."""
+    g = torch.Generator().manual_seed(5)
+    sd = {"a": torch.randn(50_000, generator=g), "b": torch.randn(200_000, generator=g)}
+    local = save_checkpoint(copy.deepcopy(sd), tmp_path / "c")
+    upload_dir(s3, local, bucket, "c")
+    infos = _storage(local)
+    (name, a), (_, b) = sorted(
+        ((i.relative_path, (i.offset, i.length)) for i in infos.values()), key=lambda x: x[1]
+    )
+    assert a[0] + a[1] == b[0]  # adjacent: one group, parts cut from a's start
+    part_size = b[0] - a[0] + 300  # the first part ends 300 bytes into b's header
+    held = f"bytes={a[0]}-"
+
+    with FaultProxy(s3_server.endpoint_url) as proxy:
+        rule = proxy.add(
+            Fault.stall(0.5),
+            path_suffix=name,
+            predicate=lambda r: (r.range or "").startswith(held),
+        )
+        state, reader = load(
+            f"s3://{bucket}/c",
+            sd,
+            endpoint_url=proxy.endpoint_url,
+            region="us-east-1",
+            addressing_style="path",
+            part_size=part_size,
+        )
+    assert rule.hits == 1
+    assert_same(state, sd)
+    assert reader._direct_received == 1  # b; a is under half a MiB
+    assert sum(spills) > HEAD_BYTES  # b's later parts came before its start was known
+
+
+def test_an_interrupted_body_resumes_into_the_destination(
+    tmp_path: Path, s3: Any, bucket: str, s3_server: S3Server
+) -> None:
+    sd = big_state(2)
+    local = save_checkpoint(copy.deepcopy(sd), tmp_path / "c")
+    upload_dir(s3, local, bucket, "c")
+    data = next(p.name for p in local.iterdir() if p.suffix == ".distcp")
+    with FaultProxy(s3_server.endpoint_url) as proxy:
+        # Cut bodies inside a header (200 bytes in) and inside storage bytes (100 KiB in).
+        proxy.add(Fault.drop(200), path_suffix=data, nth=[1, 3])
+        proxy.add(Fault.drop(100 * 1024), path_suffix=data, nth=[5, 7])
+        state, reader = load(
+            f"s3://{bucket}/c",
+            sd,
+            endpoint_url=proxy.endpoint_url,
+            region="us-east-1",
+            addressing_style="path",
+            part_size=512 * 1024,
+        )
+        assert proxy.faults["drop"] == 4
+    assert_same(state, sd)
+    assert reader._direct_received == 4
+    stats = reader.stats
+    assert stats is not None and stats.retries >= 4
+
+
+# -- archives the direct path must not trust -----------------------------------------------
+
+
+def _storage(local: Path) -> dict[Any, Any]:
+    with open(local / ".metadata", "rb") as f:
+        return pickle.load(f).storage_data  # type: ignore[no-any-return]
+
+
+def _zip(records: list[tuple[str, bytes]], directory: list[int] | None = None) -> bytes:
+    """A STORED zip of ``records`` (sizes in the local headers); its central directory lists
+    the records at the indexes in ``directory`` (default: all, in order)."""
+    out = bytearray()
+    local: list[tuple[int, bytes, int, int]] = []
+    for name, data in records:
+        raw, crc = name.encode(), zlib.crc32(data)
+        local.append((len(out), raw, crc, len(data)))
+        out += struct.pack(
+            "<IHHHHHIIIHH", 0x04034B50, 20, 0, 0, 0, 0, crc, len(data), len(data), len(raw), 0
+        )
+        out += raw + data
+    start = len(out)
+    listed = list(range(len(records))) if directory is None else directory
+    for i in listed:
+        offset, raw, crc, size = local[i]
+        out += struct.pack(
+            "<IHHHHHHIIIHHHHHII",
+            *(0x02014B50, 20, 20, 0, 0, 0, 0, crc, size, size, len(raw)),
+            *(0, 0, 0, 0, 0, offset),
+        )
+        out += raw
+    count, size = len(listed), len(out) - start
+    out += struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, count, count, size, start, 0)
+    return bytes(out)
+
+
+def _records(tensor: torch.Tensor) -> dict[str, bytes]:
+    saved = io.BytesIO()
+    torch.save(tensor, saved)
+    archive = zipfile.ZipFile(io.BytesIO(saved.getvalue()))
+    return {i.filename: archive.read(i) for i in archive.infolist()}
+
+
+def _oddities(tensor: torch.Tensor) -> dict[str, bytes]:
+    """Archives ``torch.load`` reads as ``tensor`` but the local headers alone misdescribe."""
+    r = _records(tensor)
+    names = ["archive/data.pkl", "archive/byteorder", "archive/data/0", "archive/version"]
+    decoy = bytes(len(r["archive/data/0"]))
+    return {
+        # data.pkl after the storage: locate refuses, the item is fetched again
+        "reordered": _zip([(n, r[n]) for n in reversed(names)]),
+        # a first data/0 the directory does not list: locate finds it, verify refuses it
+        "decoy": _zip(
+            [
+                (names[0], r[names[0]]),
+                (names[1], r[names[1]]),
+                (names[2], decoy),
+                (names[2], r[names[2]]),
+                (names[3], r[names[3]]),
+            ],
+            directory=[0, 1, 3, 4],
+        ),
+    }
+
+
+@pytest.fixture
+def odd_checkpoint(
+    tmp_path: Path, s3: Any, bucket: str
+) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+    """A checkpoint whose ``w_f32`` and ``w_3d`` items are replaced by odd (valid) archives,
+    appended to the data file with the metadata pointing at them."""
+    sd = big_state(3)
+    local = save_checkpoint(copy.deepcopy(sd), tmp_path / "odd")
+    with open(local / ".metadata", "rb") as f:
+        metadata = pickle.load(f)
+    odd = {"w_f32": "reordered", "w_3d": "decoy"}
+    for index, info in list(metadata.storage_data.items()):
+        if index.fqn in odd:
+            blob = _oddities(sd[index.fqn])[odd[index.fqn]]
+            assert torch.equal(torch.load(io.BytesIO(blob)), sd[index.fqn])
+            path = local / info.relative_path
+            offset = path.stat().st_size
+            with open(path, "ab") as f:
+                f.write(blob)
+            metadata.storage_data[index] = type(info)(info.relative_path, offset, len(blob))
+    with open(local / ".metadata", "wb") as f:
+        pickle.dump(metadata, f)
+    upload_dir(s3, local, bucket, "odd")
+    yield f"s3://{bucket}/odd", sd
+
+
+def test_archives_the_headers_misdescribe_are_loaded_by_torch_load(
+    odd_checkpoint: tuple[str, dict[str, torch.Tensor]],
+    reader_kwargs: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    url, sd = odd_checkpoint
+    fetched_again: list[tuple[int, int]] = []
+    fetch_alone = aiodcp.S3StorageReader._fetch_alone
+
+    def spy(self: aiodcp.S3StorageReader, key: str, item_range: Any) -> Any:
+        fetched_again.append((item_range.start, item_range.end))
+        return fetch_alone(self, key, item_range)
+
+    monkeypatch.setattr(aiodcp.S3StorageReader, "_fetch_alone", spy)
+    state, reader = load(url, sd, **reader_kwargs)
+    assert_same(state, sd)  # the decoy's zeros never survive
+    assert reader._direct_received == 2  # w_bf16 and w_i64
+    # The two odd items were fetched again and decoded from their directory; the rest
+    # (the small bias included) took a fast path.
+    assert len(fetched_again) == 2 and reader._fast_decoded == len(sd)
+    plain, _ = load(url, sd, fast_decode=False, **reader_kwargs)
+    assert_same(plain, state)
+
+
+async def test_load_checkpoint_receives_directly(
+    tmp_path: Path, s3: Any, bucket: str, reader_kwargs: dict[str, Any]
+) -> None:
+    sd = big_state(4)
+    upload_dir(s3, save_checkpoint(copy.deepcopy(sd), tmp_path / "c"), bucket, "c")
+    state = zeros(sd)
+    stats = await aiodcp.load_checkpoint(state, f"s3://{bucket}/c", **reader_kwargs)
+    assert_same(state, sd)
+    assert stats.peak_buffered_bytes < 64 * 1024
+
+
+# -- DirectReceive on its own ----------------------------------------------------------------
+
+
+def _saved(tensor: torch.Tensor) -> bytes:
+    out = io.BytesIO()
+    torch.save(tensor, out)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(
+    "tensor",
+    [
+        torch.randn(64, 33),
+        torch.arange(1000, dtype=torch.int64).reshape(10, 10, 10),
+        torch.randn(7).to(torch.bfloat16),
+        torch.tensor(3.5),
+    ],
+    ids=["f32", "i64-3d", "bf16", "scalar"],
+)
+def test_locate_finds_the_storage_bytes_in_any_prefix(tensor: torch.Tensor) -> None:
+    blob = _saved(tensor)
+    receive = DirectReceive(torch.zeros_like(tensor), len(blob))
+    start = receive.locate(blob[:HEAD_BYTES])
+    assert start is not None and start > 0
+    for cut in range(0, start, 7):  # every shorter prefix: not yet known
+        assert DirectReceive(torch.zeros_like(tensor), len(blob)).locate(blob[:cut]) is None
+    end = start + receive.memory.nbytes
+    receive.memory[:] = blob[start:end]
+    assert torch.equal(receive.tensor, tensor)
+    assert receive.verify(blob[:start], blob[end:])
+    # Every single-byte change of the directory region is either harmless or refused; a
+    # change of a name, offset or size the load relies on is refused.
+    tail = bytearray(blob[end:])
+    directory_start = struct.unpack_from("<I", tail, len(tail) - 6)[0] - end
+    for at in range(directory_start, len(tail)):
+        tail[at] ^= 0xFF
+        accepted = receive.verify(blob[:start], bytes(tail))
+        tail[at] ^= 0xFF
+        if accepted:
+            assert at - directory_start not in _relied_offsets(blob, end, directory_start)
+
+
+def _relied_offsets(blob: bytes, end: int, directory_start: int) -> set[int]:
+    """Offsets (from the directory's start) of the signature, method, sizes, name lengths,
+    local offsets and names of the entries ``verify`` relies on."""
+    relied: set[int] = set()
+    pos = 0
+    tail = blob[end:]
+    while tail[directory_start + pos : directory_start + pos + 4] == b"PK\x01\x02":
+        at = directory_start + pos
+        name_len, extra_len, comment_len = struct.unpack_from("<HHH", tail, at + 28)
+        name = tail[at + 46 : at + 46 + name_len].decode()
+        if name.endswith(("data.pkl", "byteorder", "data/0")):
+            for offset in [*range(4), 10, 11, *range(20, 30), *range(42, 46 + name_len)]:
+                relied.add(pos + offset)
+        pos += 46 + name_len + extra_len + comment_len
+    return relied
+
+
+def test_locate_refuses_other_dtypes_shapes_and_layouts() -> None:
+    tensor = torch.randn(32, 32)
+    blob = _saved(tensor)
+    assert DirectReceive(torch.zeros(32, 32, dtype=torch.float64), len(blob)).locate(blob) == -1
+    assert DirectReceive(torch.zeros(1024), len(blob)).locate(blob) == -1
+    assert DirectReceive(torch.zeros(32, 32), len(blob)).locate(b"not a zip" * 500) == -1
+    odd = _oddities(torch.randn(256, 1024))
+    target = torch.zeros(256, 1024)
+    assert DirectReceive(target, len(odd["reordered"])).locate(odd["reordered"][:HEAD_BYTES]) == -1
+    decoy = odd["decoy"]
+    receive = DirectReceive(target, len(decoy))
+    start = receive.locate(decoy[:HEAD_BYTES])
+    assert start is not None and start > 0
+    end = start + receive.memory.nbytes
+    assert not receive.verify(decoy[:start], decoy[end:])
+    # A storage slice (a view saved without its base) is not the destination's storage.
+    view = torch.randn(100)[10:20]
+    blob = _saved(view)
+    assert DirectReceive(torch.zeros(10), len(blob)).locate(blob) == -1
