@@ -730,6 +730,7 @@ class Runner:
         row["rss_above"] = max(r["rss_above"] for r in results)
         row["rss_baseline"] = max(r["rss_baseline"] for r in results)
         row["mismatched"] = sorted({m for r in results for m in r.get("mismatched", [])})
+        row["gc_s"] = max(r.get("gc_s", 0.0) for r in results)  # garbage collection in the load
         for key in ("aiodcp_stats", "lag_ms"):
             if key in results[0]:
                 row[key] = results[0][key] if len(results) == 1 else [r[key] for r in results]

@@ -40,7 +40,7 @@ def describe_run(row: dict[str, Any]) -> str:
         f"  {row['scenario']:<12} r{row['repeat']} {row['loader']:<20} "
         f"{row['wall_s']:7.2f} s  {row['fetched_bytes'] / MIB:8.1f} MiB "
         f"{row['requests']:6d} req  rss +{row['rss_above'] / MIB:7.1f} MiB "
-        f"(foreign cpu {row.get('foreign_cpu_share', 0):.0%}){lag}"
+        f"gc {row.get('gc_s', 0.0):.2f} s (foreign cpu {row.get('foreign_cpu_share', 0):.0%}){lag}"
     )
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import json
 import os
 import shutil
@@ -315,6 +316,30 @@ async def _heartbeat(lags: list[float], stop: asyncio.Event) -> None:
         lags.append(loop.time() - t - 0.001)
 
 
+class _GcTimer:
+    """Time the garbage collector ran during a block (every thread; ``gc.callbacks``)."""
+
+    def __init__(self) -> None:
+        self.total_s = 0.0
+        self.max_s = 0.0
+        self._started = 0.0
+
+    def _callback(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            spent = time.perf_counter() - self._started
+            self.total_s += spent
+            self.max_s = max(self.max_s, spent)
+
+    def __enter__(self) -> _GcTimer:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._callback)
+
+
 def _percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -333,7 +358,8 @@ def run_load(job: dict[str, Any]) -> dict[str, Any]:
     extra: dict[str, Any] = {}
     if job.get("dist"):
         dist.barrier()
-    with PeakRSS() as rss:
+    gc_time = _GcTimer()
+    with PeakRSS() as rss, gc_time:
         t0 = time.perf_counter()
         if asyncio.iscoroutinefunction(fn) or job.get("lag"):
 
@@ -363,6 +389,8 @@ def run_load(job: dict[str, Any]) -> dict[str, Any]:
         "ok": not bad,
         "mismatched": bad[:10],
         "tensors_checked": len(state),
+        "gc_s": gc_time.total_s,
+        "gc_max_s": gc_time.max_s,
         **(extra or {}),
     }
     if lags:
