@@ -393,3 +393,25 @@ def test_locate_refuses_other_dtypes_shapes_and_layouts() -> None:
     view = torch.randn(100)[10:20]
     blob = _saved(view)
     assert DirectReceive(torch.zeros(10), len(blob)).locate(blob) == -1
+
+
+def test_tied_destinations_are_written_in_plan_order(
+    tmp_path: Path, s3: Any, bucket: str, reader_kwargs: dict[str, Any]
+) -> None:
+    """Two keys sharing one tensor (tied weights), saved with different values: the result is
+    what FileSystemReader gives, not whichever GET finished last."""
+    sd = big_state(6)
+    sd["w_f32_copy"] = sd["w_f32"] * 2  # saved untied
+    local = save_checkpoint(copy.deepcopy(sd), tmp_path / "c")
+    upload_dir(s3, local, bucket, "c")
+    tied = zeros(sd)
+    tied["w_f32_copy"] = tied["w_f32"]
+    expected = copy.deepcopy(tied)  # deepcopy keeps the tie
+    assert expected["w_f32_copy"] is expected["w_f32"]
+    dcp.load(expected, storage_reader=dcp.FileSystemReader(str(local)))
+    with aiodcp.S3StorageReader(f"s3://{bucket}/c", part_size=256 * 1024, **reader_kwargs) as r:
+        dcp.load(tied, storage_reader=r)
+    assert torch.equal(tied["w_f32"], expected["w_f32"])
+    others = [k for k in sd if not k.startswith("w_f32")]
+    assert_same({k: tied[k] for k in others}, {k: sd[k] for k in others})
+    assert r._direct_received == 3  # not the two tied ones

@@ -498,6 +498,7 @@ class S3StorageReader(StorageReader):
                 ):
                     continue
                 chosen[file_index][item_index] = (req, DirectReceive(target, item_range.length))
+        _drop_overlapping(chosen)
         return chosen
 
     def _stored_whole(self, req: ReadItem) -> torch.dtype | None:
@@ -663,6 +664,26 @@ class S3StorageReader(StorageReader):
 
 _DIRECT_MIN_BYTES = 512 * 1024
 _DIRECT_MAX_BYTES = 4 * 1024**3 - 1024**2  # beyond, torch.save writes zip64 records
+
+
+def _drop_overlapping(chosen: list[dict[int, tuple[ReadItem, DirectReceive]]]) -> None:
+    """Keep out of ``chosen`` every item whose destination memory overlaps another's (tied
+    weights: two keys, one tensor). Direct items arrive in any order; the buffered path writes
+    them in plan order, so the result is the same as ``FileSystemReader``'s."""
+    spans = sorted(
+        (receive.tensor.data_ptr(), len(receive.memory), file_index, item_index)
+        for file_index, items in enumerate(chosen)
+        for item_index, (_, receive) in items.items()
+    )
+    overlapping: set[tuple[int, int]] = set()
+    reach, holder = -1, (-1, -1)  # the furthest end so far, and whose it is
+    for start, length, file_index, item_index in spans:
+        if start < reach:
+            overlapping.update({holder, (file_index, item_index)})
+        if start + length > reach:
+            reach, holder = start + length, (file_index, item_index)
+    for file_index, item_index in overlapping:
+        del chosen[file_index][item_index]
 
 
 def _pure_resolve(planner: LoadPlanner) -> bool:
