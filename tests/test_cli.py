@@ -338,7 +338,10 @@ def test_plan_resolves_auto_from_its_metadata_request(run: Any, ckpts: Fixture) 
     assert human.code == 0, human.err
     settings_line = human.out.splitlines()[1]
     assert settings_line.startswith("settings: max_gap_size ")
-    assert " (auto: .metadata GET " in settings_line and " ms), part_size 2.0 MiB" in settings_line
+    assert (
+        " (auto: .metadata GET " in settings_line
+        and " ms), part_size 8.0 MiB (buffered 2.0 MiB)" in settings_line
+    )
 
 
 def test_plan_and_load_resolve_auto_the_same_way(
@@ -384,7 +387,7 @@ def test_plan_table_lists_groups_ranges_and_gets(run: Any, ckpts: Fixture) -> No
     assert lines[0] == (
         f"plan for {ckpts.plain.url}: 4 keys selected, {totals['ranges']} stored items in 2 files"
     )
-    assert lines[1].startswith("settings: max_gap_size 0 B, part_size 2.0 MiB")
+    assert lines[1].startswith("settings: max_gap_size 0 B, part_size 8.0 MiB (buffered 2.0 MiB)")
     total = next(line for line in lines if line.startswith("total")).split()
     assert total[1:4] == [str(totals["ranges"]), str(totals["groups"]), str(totals["requests"])]
     assert sum(line.lstrip().startswith("GET ") for line in lines) == totals["requests"]

@@ -73,7 +73,7 @@ def gc_enabled() -> Iterator[None]:
 def test_defaults() -> None:
     # The prior of the "auto" gap policy: 25 ms x 85 MB/s (see auto_gap_size's docstring).
     assert DEFAULT_MAX_GAP_SIZE_BYTES == 2_125_000 == auto_gap_size(None)
-    assert DEFAULT_PART_SIZE_BYTES == 2 * MiB
+    assert DEFAULT_PART_SIZE_BYTES == 8 * MiB
     assert MIN_AUTO_GAP_SIZE_BYTES == 256 * 1024
     assert MAX_AUTO_GAP_SIZE_BYTES == 8 * MiB
     assert MIN_AUTO_GAP_SIZE_BYTES < DEFAULT_MAX_GAP_SIZE_BYTES < MAX_AUTO_GAP_SIZE_BYTES
@@ -505,7 +505,7 @@ def test_plan_file_empty() -> None:
 def test_plan_file_defaults() -> None:
     plan = plan_file([R(0, 40 * MiB), R(40 * MiB + 5, 40 * MiB + 10)])
     assert len(plan.groups) == 1
-    assert [p.length for p in plan.parts] == [2 * MiB] * 20 + [5]
+    assert [p.length for p in plan.parts] == [8 * MiB] * 5 + [5]
     assert max(p.length for p in plan.parts) == DEFAULT_PART_SIZE_BYTES
 
 
@@ -710,3 +710,36 @@ def test_overlap_detection_matches_brute_force(ranges: list[ItemRange], gap: flo
     first, second = info.value.ranges  # type: ignore[attr-defined]
     assert (first, second) in overlapping
     assert repr(first) in str(info.value) and repr(second) in str(info.value)
+
+
+def test_unbuffered_items_take_longer_parts() -> None:
+    """Parts that start inside an item received into its destination span the larger size;
+    the others keep ``part_size``, and the items (so their indexes) do not change."""
+    small = [ItemRange(i * 100, i * 100 + 100) for i in range(4)]  # 0..400
+    big = ItemRange(400, 2_400)
+    tail = [ItemRange(2_400 + i * 100, 2_500 + i * 100) for i in range(3)]  # 2400..2700
+    ranges = [*small, big, *tail]
+    plain = plan_file(ranges, max_gap_size=0, part_size=300)
+    mixed = plan_file(
+        ranges, max_gap_size=0, part_size=300, unbuffered={big}, unbuffered_part_size=1_000
+    )
+    assert mixed.items == plain.items
+    assert [(p.start, p.end) for p in mixed.parts] == [
+        (0, 300),
+        (300, 600),  # starts in a buffered item: 300 bytes, though it goes on into big
+        (600, 1_600),  # starts inside big: 1,000
+        (1_600, 2_600),  # still inside big: runs on into the buffered items after it
+        (2_600, 2_700),
+    ]
+    assert all(p.end - p.start <= 300 for p in plain.parts)
+    assert sum(p.end - p.start for p in mixed.parts) == 2_700
+
+
+def test_buffered_part_size_fits_a_get_per_connection_in_the_budget() -> None:
+    from aiodcp import ReaderConfig
+
+    assert ReaderConfig().part_size == 8 * MiB
+    assert ReaderConfig().buffered_part_size == 2 * MiB  # 64 MiB over 32 connections
+    assert ReaderConfig(memory_budget=512 * MiB).buffered_part_size == 8 * MiB  # part_size caps
+    assert ReaderConfig(memory_budget=MiB).buffered_part_size == MiB  # not below 1 MiB...
+    assert ReaderConfig(memory_budget=MiB, part_size=4096).buffered_part_size == 4096  # ...unless

@@ -23,7 +23,9 @@ Data flow::
 ``plan`` selects every stored item whose ``MetadataIndex.fqn`` equals a given key or starts with
 ``key + "."`` (so ``--keys model`` selects ``model.*``), then plans each data file exactly as
 ``S3StorageReader._group`` does: identical ranges once, zero-length items skipped, and
-``_planner.plan_file`` with the given ``max_gap_size`` and ``part_size``. Files are in path
+``_planner.plan_file`` with the given ``max_gap_size`` and ``buffered_part_size`` (a load gives
+large tensors it receives straight into the state dict whole ``part_size`` GETs, which a plan
+without a state dict cannot tell; it shows the buffered parts). Files are in path
 order, as a load consumes them. ``--max-gap-size auto`` (the default, as in a load) is resolved
 as a load resolves it: from the time of the ``.metadata`` GET (``_planner.auto_gap_size``); a
 load measures its own request, so its automatic gap can differ a little (pass a size to pin it).
@@ -56,7 +58,8 @@ changes meaning); sizes and offsets are bytes, ranges are ``[start, end)``::
               "settings": {"max_gap_size": int | null,      the gap planned with; null: inf
                            "max_gap_size_policy": "auto" | "fixed",
                            "request_latency_s": float | null,   the timed .metadata GET
-                           "part_size": int, "max_concurrency": int},
+                           "part_size": int, "buffered_part_size": int,
+                           "max_concurrency": int},
               "files": [{"path": "__0_0.distcp", "key": "ckpt/__0_0.distcp",
                          "bytes_needed": int, "bytes_requested": int, "gap_bytes": int,
                          "requests": int,
@@ -530,7 +533,9 @@ def plan_report(
     files: list[dict[str, Any]] = []
     for name, by_range in per_file.items():
         try:
-            file_plan = plan_file(by_range.keys(), max_gap_size=gap, part_size=config.part_size)
+            file_plan = plan_file(
+                by_range.keys(), max_gap_size=gap, part_size=config.buffered_part_size
+            )
         except InvalidRangeError as exc:
             raise CheckpointFormatError(
                 f"{where}: data file {name!r} has stored items that cannot be served ({exc}); "
@@ -581,6 +586,7 @@ def plan_report(
             "max_gap_size_policy": "auto" if config.max_gap_size == AUTO_GAP_SIZE else "fixed",
             "request_latency_s": request_latency_s,
             "part_size": config.part_size,
+            "buffered_part_size": config.buffered_part_size,
             "max_concurrency": config.max_concurrency,
         },
         "files": files,
@@ -710,7 +716,8 @@ def render_plan(report: dict[str, Any]) -> str:
         f"plan for {report['checkpoint']}: {which}, "
         f"{_n(totals['ranges'], 'stored item')} in {_n(totals['files'], 'file')}",
         f"settings: max_gap_size {human_size(float('inf') if gap is None else gap)}{how}, "
-        f"part_size {human_size(settings['part_size'])}, "
+        f"part_size {human_size(settings['part_size'])} "
+        f"(buffered {human_size(settings['buffered_part_size'])}), "
         f"max_concurrency {settings['max_concurrency']}",
         "",
     ]

@@ -56,6 +56,9 @@ part_size / per-connection bandwidth)``: ~1.2 GB/s at 30 ms and 90 MB/s; raise i
 700-1,000 MiB for dcp_optimized; on an unpaced local store the 32 x 2 MiB defaults were
 ~10 % slower than 8 x 8 MiB (0.72-1.09 s against 0.65-0.94 s per GiB), the price of 4x the
 requests, and 2.2x faster once each GET waits 20 ms for its first byte."""
+_MIN_BUFFERED_PART = 1024 * 1024
+"""Buffered GETs are not cut below this (unless ``part_size`` is): a tiny budget over many
+connections would otherwise mean a request per few KiB."""
 DEFAULT_MAX_ATTEMPTS = 5
 """Attempts per request, the first included, whatever failed (error responses, timeouts, bodies
 broken mid-stream, which resume at the next byte needed)."""
@@ -140,17 +143,20 @@ class ReaderConfig:
     ``part_size`` bytes, so a gap larger than ``part_size`` is never downloaded."""
     part_size: int = DEFAULT_PART_SIZE_BYTES
     """Bytes: the largest span one ranged GET asks for; larger spans run as concurrent parts.
-    Default 2 MiB."""
+    GETs into buffered item memory are further cut to ``memory_budget / max_concurrency``
+    (``buffered_part_size``, 2 MiB with the defaults); items received straight into their
+    destination (see ``fast_decode``) take whole parts. Default 8 MiB."""
     max_concurrency: int = DEFAULT_MAX_CONCURRENCY
     """Ranged GETs in flight at once (across all files of a load). Default 32."""
     memory_budget: int = DEFAULT_MEMORY_BUDGET_BYTES
     """Bytes: memory for downloaded items buffered ahead of decoding (items of 512 KiB or more
     count in whole 1 MiB blocks). An item larger than the budget is still served, alone.
     Items received straight into their destination (see ``fast_decode``) take none of it.
-    Default 64 MiB (``max_concurrency`` x ``part_size`` defaults). Against a store with a time
+    Default 64 MiB (a 2 MiB buffered GET per default connection). Against a store with a time
     to first byte, the throughput of buffered items is about ``memory_budget / (latency +
-    part_size / bandwidth per connection)``: raise it on hosts with a faster network than
-    ~1 GB/s when most of a checkpoint is small tensors or is read through a custom planner."""
+    buffered_part_size / bandwidth per connection)``: raise it on hosts with a faster network
+    than ~1 GB/s when most of a checkpoint is small tensors, partial reads or is read through a
+    custom planner."""
     fast_decode: bool = True
     """Decode plain stored tensors straight into their destination (one copy, no temporary)
     instead of ``torch.load`` + ``copy_``; anything unusual falls back to ``torch.load``.
@@ -251,6 +257,15 @@ class ReaderConfig:
     def replace(self, **changes: Any) -> ReaderConfig:
         """A copy with some fields changed (validated again)."""
         return replace(self, **changes)
+
+    @property
+    def buffered_part_size(self) -> int:
+        """Bytes: the largest GET into buffered item memory: ``part_size``, cut so that one
+        GET per connection fits ``memory_budget`` (at least 1 MiB). Within a budget, GETs in
+        flight make the throughput against a store with a time to first byte; items received
+        straight into their destination hold no budget and take whole ``part_size`` GETs."""
+        per_connection = max(self.memory_budget // self.max_concurrency, _MIN_BUFFERED_PART)
+        return min(self.part_size, per_connection)
 
     @classmethod
     def from_kwargs(cls, base: ReaderConfig | None, **kwargs: Any) -> ReaderConfig:

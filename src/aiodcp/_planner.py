@@ -37,7 +37,7 @@ concrete number.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from itertools import pairwise
 from operator import attrgetter
@@ -88,13 +88,15 @@ DEFAULT_MAX_GAP_SIZE_BYTES = round(
 """The gap ``"auto"`` picks without a measurement (2,125,000 bytes, ~2 MiB), and the default of
 ``coalesce``/``plan_file``: two needed ranges whose gap is at most this many bytes are fetched
 as one span."""
-DEFAULT_PART_SIZE_BYTES = 2 * 1024 * 1024
-"""The largest span one ranged GET asks for: 2 MiB. A store that answers each GET after a time
-to first byte and streams each connection at a capped rate (S3: tens of ms, 80-100 MB/s) is
-fastest, within a memory budget, with the most GETs in flight: throughput is about
-``memory_budget / (latency + part_size / per-connection bandwidth)``, so for the same 64 MiB
-smaller parts on more connections win. 2 MiB parts on the default 32 connections fill the
-default budget (``_config.DEFAULT_MEMORY_BUDGET_BYTES``); the measurements are there."""
+DEFAULT_PART_SIZE_BYTES = 8 * 1024 * 1024
+"""The largest span one ranged GET asks for: 8 MiB. A store that answers each GET after a time
+to first byte and streams each connection at a capped rate (S3: tens of ms, 80-100 MB/s)
+spends the first byte's wait once per GET, so large parts waste less of each connection; but
+GETs into buffered item memory are bounded by the memory budget, and there more, smaller GETs
+win (throughput about ``memory_budget / (latency + part / per-connection bandwidth)``). So
+this size applies to items received straight into their destination, and buffered parts are
+cut to ``ReaderConfig.buffered_part_size`` (2 MiB with the default budget and concurrency).
+Measurements in ``_config``."""
 
 _SORT_KEY = attrgetter("start")
 
@@ -417,13 +419,20 @@ def split_into_parts(group: RangeGroup, part_size: int = DEFAULT_PART_SIZE_BYTES
     return parts
 
 
-def _split_items(items: tuple[ItemRange, ...], size: int, parts: list[Part]) -> None:
-    """Append the parts of one group's ``items`` (validated, sorted) to ``parts``."""
+def _split_items(
+    items: tuple[ItemRange, ...],
+    size: int,
+    parts: list[Part],
+    unbuffered: Collection[ItemRange] = (),
+    unbuffered_size: int = 0,
+) -> None:
+    """Append the parts of one group's ``items`` (validated, sorted) to ``parts``; a part that
+    starts inside an item of ``unbuffered`` spans up to ``unbuffered_size`` bytes."""
     count = len(items)
     first = 0  # index of the first item the part being built overlaps
     start = items[0].start if count else 0  # where that part starts (inside items[first])
     while first < count:
-        limit = start + size
+        limit = start + (unbuffered_size if items[first] in unbuffered else size)
         last = first  # the last item that starts before the limit
         while last + 1 < count and items[last + 1].start < limit:
             last += 1
@@ -443,13 +452,18 @@ def plan_file(
     *,
     max_gap_size: int | float = DEFAULT_MAX_GAP_SIZE_BYTES,
     part_size: int = DEFAULT_PART_SIZE_BYTES,
+    unbuffered: Collection[ItemRange] = (),
+    unbuffered_part_size: int | None = None,
 ) -> FilePlan:
-    """Plan one file: coalesce ``ranges`` into groups, then split every group into parts."""
+    """Plan one file: coalesce ``ranges`` into groups, then split every group into parts of
+    ``part_size``; a part that starts inside an item of ``unbuffered`` (received straight into
+    its destination, so it holds no memory budget) may span ``unbuffered_part_size``."""
     size = validate_part_size(part_size)
+    large = size if unbuffered_part_size is None else validate_part_size(unbuffered_part_size)
     groups = coalesce(ranges, max_gap_size)
     items: list[ItemRange] = []
     parts: list[Part] = []
     for group in groups:
         items.extend(group.items)
-        _split_items(group.items, size, parts)
+        _split_items(group.items, size, parts, unbuffered, large)
     return FilePlan(items=tuple(items), groups=tuple(groups), parts=tuple(parts))

@@ -198,7 +198,7 @@ class PrefetchHandle:
             plan = plan_file(
                 wanted[relative_path],
                 max_gap_size=max_gap_size,
-                part_size=self._config.part_size,
+                part_size=self._config.buffered_part_size,
             )
             for item_index, item_range in enumerate(plan.items):
                 positions[(relative_path, item_range)] = (len(files), item_index)

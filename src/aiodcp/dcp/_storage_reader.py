@@ -351,7 +351,9 @@ class S3StorageReader(StorageReader):
             per_file.setdefault(info.relative_path, {}).setdefault(item_range, []).append(req)
         for relative_path, by_range in per_file.items():
             file_plan = plan_file(
-                by_range.keys(), max_gap_size=max_gap_size, part_size=self.config.part_size
+                by_range.keys(),
+                max_gap_size=max_gap_size,
+                part_size=self.config.buffered_part_size,
             )
             grouped.files.append(FileFetch(self._path.key(relative_path), file_plan))
             grouped.readers.append([by_range[r] for r in file_plan.items])
@@ -381,8 +383,8 @@ class S3StorageReader(StorageReader):
             return
         direct = self._direct_targets(grouped, planner)
         files = [
-            FileFetch(f.key, f.plan, {i: d for i, (_, d) in targets.items()})
-            for f, targets in zip(files, direct, strict=True)
+            self._with_direct(fetch, targets, max_gap_size)
+            for fetch, targets in zip(files, direct, strict=True)
         ]
         driver = self._io
         progress_total = sum(f.plan.requested_bytes for f in files) if self.progress else 0
@@ -501,6 +503,28 @@ class S3StorageReader(StorageReader):
         _drop_overlapping(chosen)
         return chosen
 
+    def _with_direct(
+        self,
+        fetch: FileFetch,
+        targets: dict[int, tuple[ReadItem, DirectReceive]],
+        max_gap_size: int | float,
+    ) -> FileFetch:
+        """``fetch`` with its direct items, re-planned so that parts starting in them take
+        whole ``part_size`` GETs (they hold no budget: fewer, longer GETs waste less time to
+        first byte); the items, and so their indexes, stay as they were."""
+        if not targets:
+            return fetch
+        items = fetch.plan.items
+        plan = plan_file(
+            items,
+            max_gap_size=max_gap_size,
+            part_size=self.config.buffered_part_size,
+            unbuffered={items[i] for i in targets},
+            unbuffered_part_size=self.config.part_size,
+        )
+        assert plan.items == items
+        return FileFetch(fetch.key, plan, {i: receive for i, (_, receive) in targets.items()})
+
     def _stored_whole(self, req: ReadItem) -> torch.dtype | None:
         """The stored dtype if ``req`` reads the whole of its stored tensor, else None."""
         index = req.storage_index
@@ -566,7 +590,7 @@ class S3StorageReader(StorageReader):
 
     def _fetch_alone(self, key: str, item_range: ItemRange) -> ChunkBuffer:
         """One item, fetched by an engine of its own (same retries, budget and statistics)."""
-        plan = plan_file([item_range], max_gap_size=0, part_size=self.config.part_size)
+        plan = plan_file([item_range], max_gap_size=0, part_size=self.config.buffered_part_size)
         engine = FetchEngine(
             self._io.run(_opened),
             self._path.bucket,
