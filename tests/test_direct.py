@@ -59,6 +59,20 @@ def load(
     return state, reader
 
 
+def load_through(
+    proxy: FaultProxy, url: str, sd: dict[str, torch.Tensor], **kwargs: Any
+) -> tuple[dict[str, torch.Tensor], aiodcp.S3StorageReader]:
+    """``load`` with every request going through the fault proxy."""
+    return load(
+        url,
+        sd,
+        endpoint_url=proxy.endpoint_url,
+        region="us-east-1",
+        addressing_style="path",
+        **kwargs,
+    )
+
+
 @pytest.fixture
 def spills(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts bytes kept aside because they came before their item's start was located."""
@@ -150,14 +164,7 @@ def test_bytes_that_arrive_before_their_header_are_kept_and_placed(
             path_suffix=name,
             predicate=lambda r: (r.range or "").startswith(held),
         )
-        state, reader = load(
-            f"s3://{bucket}/c",
-            sd,
-            endpoint_url=proxy.endpoint_url,
-            region="us-east-1",
-            addressing_style="path",
-            part_size=part_size,
-        )
+        state, reader = load_through(proxy, f"s3://{bucket}/c", sd, part_size=part_size)
     assert rule.hits == 1
     assert_same(state, sd)
     assert reader._direct_received == 1  # b; a is under half a MiB
@@ -175,14 +182,7 @@ def test_an_interrupted_body_resumes_into_the_destination(
         # Cut bodies inside a header (200 bytes in) and inside storage bytes (100 KiB in).
         proxy.add(Fault.drop(200), path_suffix=data, nth=[1, 3])
         proxy.add(Fault.drop(100 * 1024), path_suffix=data, nth=[5, 7])
-        state, reader = load(
-            f"s3://{bucket}/c",
-            sd,
-            endpoint_url=proxy.endpoint_url,
-            region="us-east-1",
-            addressing_style="path",
-            part_size=512 * 1024,
-        )
+        state, reader = load_through(proxy, f"s3://{bucket}/c", sd, part_size=512 * 1024)
         assert proxy.faults["drop"] == 4
     assert_same(state, sd)
     assert reader._direct_received == 4
