@@ -415,3 +415,17 @@ def test_tied_destinations_are_written_in_plan_order(
     others = [k for k in sd if not k.startswith("w_f32")]
     assert_same({k: tied[k] for k in others}, {k: sd[k] for k in others})
     assert r._direct_received == 3  # not the two tied ones
+
+
+def test_compressed_items_keep_the_buffered_path(
+    tmp_path: Path, s3: Any, bucket: str, reader_kwargs: dict[str, Any]
+) -> None:
+    pytest.importorskip("zstandard")
+    from torch.distributed.checkpoint._extension import ZStandard
+
+    sd = big_state(7)
+    local = save_checkpoint(copy.deepcopy(sd), tmp_path / "z", _extensions=[ZStandard()])
+    upload_dir(s3, local, bucket, "z")
+    state, reader = load(f"s3://{bucket}/z", sd, **reader_kwargs)
+    assert_same(state, sd)
+    assert reader._direct_received == 0  # the stored bytes are zstd frames, not the tensor's
