@@ -522,6 +522,9 @@ def run_ranks(cmd: list[str], world: int, env: dict[str, str], timeout: float = 
     for rank in range(world):
         rank_env = dict(
             env,
+            # As torchrun does with several processes per node: one intra-op thread per rank
+            # (2 ranks x 2 OpenMP threads on 2 cores made torch's copies spin against each other).
+            OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"),
             RANK=str(rank),
             LOCAL_RANK=str(rank),
             WORLD_SIZE=str(world),
