@@ -318,8 +318,8 @@ def auto_gap_size(
     * above 8 MiB (a ~100 ms request) the measurement says more about the set-up than about S3
       (the timed request is the first of the process: DNS, TCP and TLS set-up, credential
       lookup, retries all lengthen it, which errs on the side of merging). A gap longer than
-      ``part_size`` (default 2 MiB) is never downloaded anyway, since no GET spans more than
-      ``part_size`` bytes.
+      a part (default 8 MiB, 2 MiB into buffered memory) is never downloaded anyway, since no
+      GET spans more than one part.
 
     Monotone: a slower request never gives a smaller gap.
     """
