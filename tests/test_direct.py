@@ -289,9 +289,10 @@ def test_archives_the_headers_misdescribe_are_loaded_by_torch_load(
     fetched_again: list[tuple[int, int]] = []
     fetch_alone = aiodcp.S3StorageReader._fetch_alone
 
-    def spy(self: aiodcp.S3StorageReader, key: str, item_range: Any) -> Any:
+    def spy(self: aiodcp.S3StorageReader, key: str, item_range: Any, etag: Any) -> Any:
         fetched_again.append((item_range.start, item_range.end))
-        return fetch_alone(self, key, item_range)
+        assert etag is not None  # pinned to the version the rest of the load read
+        return fetch_alone(self, key, item_range, etag)
 
     monkeypatch.setattr(aiodcp.S3StorageReader, "_fetch_alone", spy)
     state, reader = load(url, sd, **reader_kwargs)
@@ -429,3 +430,26 @@ def test_compressed_items_keep_the_buffered_path(
     state, reader = load(f"s3://{bucket}/z", sd, **reader_kwargs)
     assert_same(state, sd)
     assert reader._direct_received == 0  # the stored bytes are zstd frames, not the tensor's
+
+
+def test_an_item_fetched_again_is_pinned_to_the_version_already_read(
+    odd_checkpoint: tuple[str, dict[str, torch.Tensor]], s3: Any, s3_server: S3Server
+) -> None:
+    """The second GET of a refused item carries If-Match with the ETag the load began with, so
+    an object replaced meanwhile fails the load instead of mixing two versions."""
+    url, sd = odd_checkpoint
+    bucket, prefix = url[len("s3://") :].split("/", 1)
+    data = next(
+        o["Key"]
+        for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]
+        if o["Key"].endswith(".distcp")
+    )
+    etag = s3.head_object(Bucket=bucket, Key=data)["ETag"]
+    with FaultProxy(s3_server.endpoint_url) as proxy:
+        state, reader = load_through(proxy, url, sd)
+        gets = [r for r in proxy.requests if r.method == "GET" and r.path.endswith(data)]
+    assert_same(state, sd)
+    assert reader._direct_received == 2
+    first, again = gets[: len(gets) - 2], gets[len(gets) - 2 :]  # the two refused items, last
+    assert {r.if_match for r in again} == {etag}
+    assert all(r.range for r in first + again)

@@ -413,6 +413,7 @@ class FetchEngine:
         files: Sequence[FileFetch],
         config: ReaderConfig,
         stats: StatsRecorder,
+        etags: Mapping[str, str] | None = None,
     ) -> None:
         self._store = store
         self._bucket = bucket
@@ -428,7 +429,8 @@ class FetchEngine:
         self._direct: list[dict[ItemRange, bool]] = [
             {f.plan.items[i]: True for i in f.direct} for f in self._files
         ]
-        self._etags: dict[str, str] = {}
+        # key -> the ETag every GET of it must match (If-Match): the first one seen, or given
+        self._etags: dict[str, str] = dict(etags or {})
         self._cond = threading.Condition()
         self._error: BaseException | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -735,6 +737,10 @@ class FetchEngine:
         if isinstance(error, asyncio.CancelledError):
             raise LoadCancelledError("the load was cancelled")
         raise error  # type: ignore[misc]
+
+    def etag(self, key: str) -> str | None:
+        """The ETag the load's GETs of ``key`` are pinned to (None before the first response)."""
+        return self._etags.get(key)
 
     def direct_result(self, file_index: int, item_index: int) -> tuple[bytes, bytes] | None:
         """For a downloaded direct item: its bytes before and after the target's memory, or

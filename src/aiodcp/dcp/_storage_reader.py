@@ -571,7 +571,7 @@ class S3StorageReader(StorageReader):
             item_range.end,
             "unusual layout" if result is None else "directory disagrees",
         )
-        buffer = self._fetch_alone(fetch.key, item_range)
+        buffer = self._fetch_alone(fetch.key, item_range, engine.etag(fetch.key))
         target = receive.tensor
         if decode_into(buffer, [0] * target.dim(), target.shape, target):
             self._fast_decoded += 1
@@ -588,8 +588,9 @@ class S3StorageReader(StorageReader):
         target.copy_(tensor)
         return False
 
-    def _fetch_alone(self, key: str, item_range: ItemRange) -> ChunkBuffer:
-        """One item, fetched by an engine of its own (same retries, budget and statistics)."""
+    def _fetch_alone(self, key: str, item_range: ItemRange, etag: str | None) -> ChunkBuffer:
+        """One item, fetched by an engine of its own (same retries, budget and statistics),
+        from the same version of the object as the rest of the load (If-Match ``etag``)."""
         plan = plan_file([item_range], max_gap_size=0, part_size=self.config.buffered_part_size)
         engine = FetchEngine(
             self._io.run(_opened),
@@ -597,6 +598,7 @@ class S3StorageReader(StorageReader):
             [FileFetch(key, plan)],
             self.config,
             self._recorder,
+            {key: etag} if etag is not None else None,
         )
 
         async def run(store: S3Store) -> None:
