@@ -426,8 +426,8 @@ class FetchEngine:
         self._index: list[dict[ItemRange, int]] = [
             {r: i for i, r in enumerate(f.plan.items)} for f in self._files
         ]
-        self._direct: list[dict[ItemRange, bool]] = [
-            {f.plan.items[i]: True for i in f.direct} for f in self._files
+        self._direct: list[frozenset[ItemRange]] = [
+            frozenset(f.plan.items[i] for i in f.direct) for f in self._files
         ]
         # key -> the ETag every GET of it must match (If-Match): the first one seen, or given
         self._etags: dict[str, str] = dict(etags or {})
@@ -532,7 +532,7 @@ class FetchEngine:
     def _held(self, file_index: int, item: ItemRange, start: int, end: int) -> int:
         """Budget that receiving bytes ``[start, end)`` of ``item`` takes (``_memory``); none
         for an item received into its destination, whose few header bytes are not counted."""
-        if self._files[file_index].direct and self._direct[file_index].get(item):
+        if item in self._direct[file_index]:
             return 0
         return _memory(item, start, end)
 

@@ -15,8 +15,8 @@ Call tree under ``dcp.load(state_dict, storage_reader=S3StorageReader("s3://b/ck
            destination (DefaultLoadPlanner only) get a DirectReceive over the destination
         -> FetchEngine.run() submitted to the driver's loop (concurrent GETs, byte budget)
         -> this thread decodes in plan order while later items download:
-           direct item -> wait, verify its zip directory -> commit (or fetch it again and
-           decode it below when the archive is unusual)
+           direct item -> wait, verify its zip directory -> commit (or, when the archive is
+           unusual, fetch it again and decode it as any other item)
            other item -> SequentialReader(file) -> ChunkBuffer(item) -> transforms (zstd)
            -> decode_into, else torch.load -> narrow -> copy_ into the destination -> commit;
            BYTE_IO -> planner.load_bytes
@@ -430,10 +430,14 @@ class S3StorageReader(StorageReader):
                     for item_index, item_range in enumerate(fetch.plan.items):
                         if item_index in fetch.direct:
                             req, receive = direct[file_index][item_index]
-                            if self._finish_direct(engine, file_index, item_index, fetch, receive):
+                            if self._received_directly(engine, file_index, item_index, receive):
                                 self._direct_received += 1
                                 self._fast_decoded += 1
-                            planner.commit_tensor(req, receive.tensor)
+                                planner.commit_tensor(req, receive.tensor)
+                            else:
+                                etag = engine.etag(fetch.key)
+                                again = self._fetch_alone(fetch.key, item_range, etag)
+                                self._decode(req, again, planner)
                             continue
                         reader.seek(item_range.start)
                         buffer = reader.current_buffer()
@@ -545,52 +549,29 @@ class S3StorageReader(StorageReader):
                 return cast(torch.dtype, md.properties.dtype)
         return None
 
-    def _finish_direct(
-        self,
-        engine: FetchEngine,
-        file_index: int,
-        item_index: int,
-        fetch: FileFetch,
-        receive: DirectReceive,
+    def _received_directly(
+        self, engine: FetchEngine, file_index: int, item_index: int, receive: DirectReceive
     ) -> bool:
-        """Wait for a direct item and check it (True); or, if it was not the plain layout or
-        its directory disagrees with what was located, fetch it again and decode it (False)."""
+        """Wait for a direct item; whether it arrived in the plain layout and its zip directory
+        agrees with what was located (else its destination holds nothing to trust)."""
         engine.wait_item(file_index, item_index)
         try:
             result = engine.direct_result(file_index, item_index)
-            if result is not None and receive.verify(*result):
-                return True
+            return result is not None and receive.verify(*result)
         finally:
             engine.release_item(file_index, item_index)
-        item_range = fetch.plan.items[item_index]
-        logger.debug(
-            "s3://%s/%s bytes [%d, %d): not received directly (%s); fetching it again",
-            self._path.bucket,
-            fetch.key,
-            item_range.start,
-            item_range.end,
-            "unusual layout" if result is None else "directory disagrees",
-        )
-        buffer = self._fetch_alone(fetch.key, item_range, engine.etag(fetch.key))
-        target = receive.tensor
-        if decode_into(buffer, [0] * target.dim(), target.shape, target):
-            self._fast_decoded += 1
-            return False
-        buffer.seek(0)
-        tensor = torch.load(cast(IO[bytes], buffer), map_location="cpu", weights_only=True)
-        if not isinstance(tensor, torch.Tensor) or tensor.shape != target.shape:
-            raise CheckpointFormatError(
-                f"s3://{self._path.bucket}/{fetch.key} bytes [{item_range.start}, "
-                f"{item_range.end}): not a tensor of shape {tuple(target.shape)}",
-                bucket=self._path.bucket,
-                key=fetch.key,
-            )
-        target.copy_(tensor)
-        return False
 
     def _fetch_alone(self, key: str, item_range: ItemRange, etag: str | None) -> ChunkBuffer:
         """One item, fetched by an engine of its own (same retries, budget and statistics),
-        from the same version of the object as the rest of the load (If-Match ``etag``)."""
+        from the same version of the object as the rest of the load (If-Match ``etag``): a
+        direct item whose archive is laid out otherwise, for the buffered path."""
+        logger.debug(
+            "s3://%s/%s bytes [%d, %d): not the plain layout; fetching it again for torch.load",
+            self._path.bucket,
+            key,
+            item_range.start,
+            item_range.end,
+        )
         plan = plan_file([item_range], max_gap_size=0, part_size=self.config.buffered_part_size)
         engine = FetchEngine(
             self._io.run(_opened),
@@ -605,8 +586,7 @@ class S3StorageReader(StorageReader):
             await engine.run()
 
         self._io.run(run)
-        buffer = engine.wait_item(0, 0)
-        return buffer
+        return engine.wait_item(0, 0)
 
     def _decode(self, req: ReadItem, buffer: ChunkBuffer, planner: LoadPlanner) -> None:
         info = self.storage_data[req.storage_index]
