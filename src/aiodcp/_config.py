@@ -127,6 +127,9 @@ class ReaderConfig:
     """A named botocore profile. Default: the standard credential chain."""
     unsigned: bool = False
     """Send unsigned requests (public buckets, no credentials needed). Default False."""
+    request_payer: Literal["requester"] | None = None
+    """``"requester"`` to read from a Requester Pays bucket (your account pays for the
+    requests and the transfer; S3 refuses every request without it). Default None."""
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     """Attempts per request including the first, for errors before and during the body (a
     broken body resumes where it stopped). Retries wait with exponential backoff and full
@@ -230,6 +233,12 @@ class ReaderConfig:
                 f"fast_http must be a bool, got {self.fast_http!r}",
                 field="fast_http",
                 value=self.fast_http,
+            )
+        if self.request_payer not in (None, "requester"):
+            raise ConfigError(
+                f"request_payer must be None or 'requester', got {self.request_payer!r}",
+                field="request_payer",
+                value=self.request_payer,
             )
         if not isinstance(self.unsigned, bool):
             raise ConfigError(

@@ -54,7 +54,7 @@ from ._errors import AiodcpError, LoadCancelledError, ObjectChangedError, Transf
 from ._planner import FilePlan, ItemRange, Part
 from ._reader import ChunkBuffer
 from ._stats import RequestMetrics, StatsRecorder
-from ._store import S3Store, exhausted, is_retryable, retry_delay
+from ._store import S3Store, exhausted, is_retryable, is_throttling, retry_delay
 
 __all__ = ["FetchEngine", "FileFetch"]
 
@@ -604,10 +604,12 @@ class FetchEngine:
         attempts = self._config.max_attempts
         stats.add(bytes_requested=part.end - part.start)
         attempt = 0
+        limiter = self._store.limiter
         while True:
             attempt += 1
             if attempt > 1:
                 stats.add(retries=1, resumed_bytes=sink.pos - part.start)
+            started = await limiter.acquire()
             stats.add(requests=1)
             sent_at, sent_from = time.perf_counter(), sink.pos
             sink.first_at = 0.0
@@ -618,7 +620,9 @@ class FetchEngine:
                     sent_from,
                     part.end,
                     if_match=self._etags.get(key),
+                    unmodified_since=self._store.load_started(self._bucket, key),
                     sink=sink,
+                    stats=stats,
                 )
                 if sink.pos < part.end:  # the store's contract, checked: never publish a hole
                     raise TransferError(
@@ -630,9 +634,14 @@ class FetchEngine:
                         retryable=True,
                     )
                 self._report(key, sink, sent_from, attempt, sent_at, None)
+                limiter.succeeded()
                 return
             except AiodcpError as error:
                 self._report(key, sink, sent_from, attempt, sent_at, error)
+                if is_throttling(error):
+                    limiter.throttled(started)
+                    stats.add(throttled=1)
+                    stats.observe_rate(limiter.limit)
                 if not is_retryable(error):
                     raise
                 if attempt >= attempts:

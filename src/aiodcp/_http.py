@@ -13,6 +13,7 @@ Data flow::
         -> RangeClient.fetch(url, start, end, if_match, sink)
             -> _Pool.acquire(origin)         an idle keep-alive connection or a new one
             -> _Connection.request()         "GET <presigned path> HTTP/1.1", Range, If-Match
+                                             (or If-Unmodified-Since)
             -> get_buffer()/buffer_updated() the status line and headers into a small buffer,
                                              then sink.begin(etag), then the body straight into
                                              sink.buffer(pos) views; sink.written(pos, n)
@@ -322,6 +323,7 @@ class _Connection(asyncio.BufferedProtocol):
         sink: RangeSink,
         read_timeout: float,
         user_agent: str,
+        unmodified_since: str | None = None,
     ) -> None:
         """Send one ranged GET and receive its body into ``sink``; raises on any failure."""
         assert self.transport is not None and self._state in (_IDLE, _DONE)
@@ -343,6 +345,8 @@ class _Connection(asyncio.BufferedProtocol):
         ]
         if if_match is not None:
             lines.append(f"If-Match: {if_match}")
+        elif unmodified_since is not None:
+            lines.append(f"If-Unmodified-Since: {unmodified_since}")
         try:
             self.transport.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
             await self._waiter
@@ -388,7 +392,13 @@ class RangeClient:
         self._closed = False
 
     async def fetch(
-        self, url: Url, start: int, end: int, if_match: str | None, sink: RangeSink
+        self,
+        url: Url,
+        start: int,
+        end: int,
+        if_match: str | None,
+        sink: RangeSink,
+        unmodified_since: str | None = None,
     ) -> None:
         """Bytes ``[start, end)`` of ``url`` into ``sink``. One attempt (plus one silent resend
         when a reused keep-alive connection turns out closed before any byte came back)."""
@@ -397,7 +407,14 @@ class RangeClient:
             reused = connection.used
             try:
                 await connection.request(
-                    url, start, end, if_match, sink, self._read_timeout, self._user_agent
+                    url,
+                    start,
+                    end,
+                    if_match,
+                    sink,
+                    self._read_timeout,
+                    self._user_agent,
+                    unmodified_since,
                 )
             except OSError as exc:
                 self._release(connection)

@@ -40,6 +40,15 @@ class LoadStats:
     max_gap_size: int | float | None = None
     """Bytes: the gap size the load planned its requests with (``ReaderConfig.max_gap_size``,
     with ``"auto"`` resolved from the measured latency); None if the load planned nothing."""
+    throttled: int = 0
+    """Requests the store refused for their rate (503 ``SlowDown`` and other throttling
+    replies); each was retried after the load lowered its request rate."""
+    min_request_rate: float | None = None
+    """Requests per second: the lowest rate the load limited itself to after throttling
+    replies; None if the store never throttled it."""
+    resigned: int = 0
+    """Requests signed again and resent because the store refused their signature as expired
+    (credentials that expired or rotated mid-load); not counted as failed attempts."""
 
     @property
     def gap_bytes(self) -> int:
@@ -101,10 +110,13 @@ class StatsRecorder:
         "files",
         "items",
         "max_gap_size",
+        "min_request_rate",
         "peak_buffered_bytes",
         "requests",
+        "resigned",
         "resumed_bytes",
         "retries",
+        "throttled",
     )
 
     def __init__(self) -> None:
@@ -122,11 +134,22 @@ class StatsRecorder:
         self.files = 0
         self.peak_buffered_bytes = 0
         self.max_gap_size: int | float | None = None
+        self.throttled = 0
+        self.resigned = 0
+        self.min_request_rate: float | None = None
 
     def add(self, **counts: int) -> None:
         with self._lock:
             for name, value in counts.items():
                 setattr(self, name, getattr(self, name) + value)
+
+    def observe_rate(self, limit: float | None) -> None:
+        """The request-rate limit now in force (None: unlimited); the lowest one is kept."""
+        if limit is None:
+            return
+        with self._lock:
+            if self.min_request_rate is None or limit < self.min_request_rate:
+                self.min_request_rate = limit
 
     def observe_peak(self, buffered: int) -> None:
         with self._lock:
@@ -160,4 +183,7 @@ class StatsRecorder:
                 time_to_first_byte_s=ttfb,
                 wall_time_s=stop - self._start,
                 max_gap_size=self.max_gap_size,
+                throttled=self.throttled,
+                min_request_rate=self.min_request_rate,
+                resigned=self.resigned,
             )

@@ -33,13 +33,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
+import email.utils
+import logging
 import os
+import posixpath
 import random
 import re
 import ssl
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -64,6 +69,7 @@ from ._errors import (
     TruncatedObjectError,
 )
 from ._http import FallbackRequired, HttpError, RangeClient, RangeSink, Url, feed
+from ._throttle import AdaptiveRate
 
 if TYPE_CHECKING:
     from ._stats import StatsRecorder
@@ -74,11 +80,14 @@ __all__ = [
     "S3Store",
     "exhausted",
     "is_retryable",
+    "is_throttling",
     "retry_delay",
     "translate_error",
 ]
 
 T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
 
 RETRY_BACKOFF_BASE_S = 0.25
 """Seconds: the first retry waits up to this long, each later one up to twice as long."""
@@ -158,10 +167,20 @@ def translate_error(
         code = str(error.get("Code", ""))
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
         detail = f"{code or status}: {error.get('Message', '') or exc}"
+        ctx["code"] = code or None
         if code == "NoSuchBucket":
             return NoSuchBucketError(
                 f"bucket {bucket!r} does not exist (while reading {where}); check the bucket "
                 f"name and the endpoint/region ({detail})",
+                status=status,
+                retryable=False,
+                **ctx,
+            )
+        if code in _STALE_CREDENTIAL_CODES:
+            return AccessDeniedError(
+                f"the store refused the credentials used to read {where} as expired ({detail}); "
+                "the credential provider did not supply fresh ones: refresh the credentials "
+                "(or the profile's credential source) and load again",
                 status=status,
                 retryable=False,
                 **ctx,
@@ -220,6 +239,26 @@ def translate_error(
 def is_retryable(exc: BaseException) -> bool:
     """Whether a new request can fix the failure (translated errors only)."""
     return bool(getattr(exc, "retryable", False))
+
+
+_THROTTLING_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "ThrottledException",
+        "RequestThrottledException",
+        "TooManyRequestsException",
+        "RequestLimitExceeded",
+        "RequestThrottled",
+    }
+)
+
+
+def is_throttling(exc: BaseException) -> bool:
+    """Whether the store refused a request for its rate (503 SlowDown, 429, Throttling...)."""
+    code = getattr(exc, "code", None)
+    return code in _THROTTLING_CODES or getattr(exc, "status", None) in (429, 503)
 
 
 def retry_delay(attempt: int) -> float:
@@ -282,8 +321,15 @@ class S3Store:
         self._client: Any = None
         self._fast: RangeClient | None = None
         self._proxy_config: Any = None
-        self._urls: dict[tuple[str, str], tuple[Url | None, float]] = {}
+        self._urls: dict[tuple[str, str], _Signed] = {}
         self._fast_fallbacks = 0
+        self._started: dict[tuple[str, str], str] = {}  # (bucket, dir) -> .metadata GET's Date
+        self._refreshed: set[str] = set()  # access keys a refusal made us refresh already
+        self._payer: dict[str, str] = (
+            {} if config.request_payer is None else {"RequestPayer": config.request_payer}
+        )
+        self.limiter = AdaptiveRate()
+        """Request starts per second for this store, lowered when it answers SlowDown."""
 
     async def __aenter__(self) -> S3Store:
         await self.open()
@@ -341,6 +387,8 @@ class S3Store:
             raise
         self._stack = stack
         self._fast = self._fast_client()
+        if self._fast is not None:
+            _presign_as_requests(self._client)
 
     def _fast_client(self) -> RangeClient | None:
         """The fast ranged-GET path, unless this client's set-up needs botocore's HTTP stack
@@ -429,9 +477,12 @@ class S3Store:
         async def attempt_once() -> bytes:
             body = None
             try:
-                response = await self.client.get_object(Bucket=bucket, Key=key)
+                response = await self.client.get_object(Bucket=bucket, Key=key, **self._payer)
                 body = response["Body"]
                 data: bytes = await body.read()
+                date = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+                if key.rsplit("/", 1)[-1] == ".metadata" and isinstance(date, str):
+                    self._started[(bucket, posixpath.dirname(key))] = date
             except Exception as exc:
                 raise translate_error(exc, bucket, key) from exc
             finally:
@@ -450,12 +501,19 @@ class S3Store:
 
         async def attempt_once() -> int:
             try:
-                response = await self.client.head_object(Bucket=bucket, Key=key)
+                response = await self.client.head_object(Bucket=bucket, Key=key, **self._payer)
             except Exception as exc:
                 raise translate_error(exc, bucket, key) from exc
             return int(response["ContentLength"])
 
         return await self.retrying(attempt_once)
+
+    def load_started(self, bucket: str, key: str) -> str | None:
+        """When the load of the checkpoint holding ``key`` began, in the store's clock: the
+        ``Date`` of its latest ``.metadata`` GET (None if unknown). A data file modified after
+        that is not the version the metadata describes: data GETs send it as
+        ``If-Unmodified-Since`` until they pin the file's ETag."""
+        return self._started.get((bucket, posixpath.dirname(key)))
 
     async def read_range(
         self, bucket: str, key: str, start: int, end: int, *, if_match: str | None = None
@@ -497,34 +555,27 @@ class S3Store:
         *,
         if_match: str | None,
         sink: RangeSink,
+        unmodified_since: str | None = None,
+        stats: StatsRecorder | None = None,
     ) -> None:
         """One attempt at bytes ``[start, end)`` into ``sink``; raises translated errors.
+
+        ``if_match`` pins the object to an ETag; without one, ``unmodified_since`` (an HTTP
+        date, see ``load_started``) makes the store refuse an object replaced after that time.
 
         ``sink.begin(etag)`` is called once the response headers are in, then the body goes
         into ``sink.buffer(pos)`` views. Through the fast path (``_http``) when it applies,
         otherwise (or when the response is not the plain case) through botocore.
         """
-        url = await self._fast_url(bucket, key) if self._fast is not None else None
-        if url is not None and self._fast is not None:
-            try:
-                await self._fast.fetch(url, start, end, if_match, sink)
-                return
-            except HttpError as exc:
-                error = _client_error(exc)
-                if not _maybe_ours(error):
-                    raise translate_error(error, bucket, key, (start, end)) from error
-                self._urls.pop((bucket, key), None)
-                self._fast_fallbacks += 1
-            except FallbackRequired:
-                self._urls.pop((bucket, key), None)
-                self._fast_fallbacks += 1
-            except AiodcpError:
-                raise
-            except Exception as exc:
-                raise translate_error(exc, bucket, key, (start, end)) from exc
-            if self._fast_fallbacks >= _FAST_FALLBACK_LIMIT:
-                self._fast = None  # this store keeps answering oddly: botocore from now on
-        stream = await self.open_range(bucket, key, start, end, if_match=if_match)
+        if if_match is not None:
+            unmodified_since = None
+        if self._fast is not None and await self._fetch_fast(
+            bucket, key, start, end, if_match, unmodified_since, sink, stats
+        ):
+            return
+        stream = await self.open_range(
+            bucket, key, start, end, if_match=if_match, unmodified_since=unmodified_since
+        )
         try:
             sink.begin(stream.etag)
             pos = start
@@ -536,33 +587,144 @@ class S3Store:
         finally:
             stream.close()
 
-    async def _fast_url(self, bucket: str, key: str) -> Url | None:
-        """The presigned URL of an object for the fast path (cached), or None to use botocore."""
+    async def _fetch_fast(
+        self,
+        bucket: str,
+        key: str,
+        start: int,
+        end: int,
+        if_match: str | None,
+        unmodified_since: str | None,
+        sink: RangeSink,
+        stats: StatsRecorder | None,
+    ) -> bool:
+        """One attempt through the fast path; False: send it through botocore instead.
+
+        A refusal that says the signature went stale (an expired token or URL) is not a failed
+        attempt: the URL is signed again, with credentials refreshed if the refused ones are
+        still current, and the request resent (``_RESIGNS`` times at most). A refusal that a
+        botocore request can fix (a bucket in another region: botocore follows S3's redirect
+        and remembers the region, and the next URL is signed for it) goes through botocore
+        once. Anything else that is not the plain case goes through botocore too, and after
+        ``_FAST_FALLBACK_LIMIT`` of those this store stays on botocore.
+        """
+        fast = self._fast
+        for _ in range(_RESIGNS + 1):
+            signed = await self._fast_url(bucket, key)
+            if signed.url is None or self._fast is None:
+                return False
+            try:
+                await fast.fetch(  # type: ignore[union-attr]
+                    signed.url, start, end, if_match, sink, unmodified_since
+                )
+                return True
+            except HttpError as exc:
+                error = _client_error(exc)
+                kind = _refusal_kind(error)
+                if kind is None:
+                    raise translate_error(error, bucket, key, (start, end)) from error
+                self._urls.pop((bucket, key), None)
+                if kind in ("stale", "resign"):
+                    if stats is not None:
+                        stats.add(resigned=1)
+                    if kind == "stale":
+                        await self._refresh_credentials(signed.access_key)
+                    continue
+                if kind == "fallback":
+                    self._fast_fallbacks += 1
+            except FallbackRequired:
+                self._urls.pop((bucket, key), None)
+                self._fast_fallbacks += 1
+            except AiodcpError:
+                raise
+            except Exception as exc:
+                raise translate_error(exc, bucket, key, (start, end)) from exc
+            break
+        if self._fast_fallbacks >= _FAST_FALLBACK_LIMIT:
+            self._fast = None  # this store keeps answering oddly: botocore from now on
+        return False
+
+    async def _fast_url(self, bucket: str, key: str) -> _Signed:
+        """The presigned URL of an object for the fast path (cached), ``url`` None to use
+        botocore. It is signed the way the client signs its own requests (SigV4, the client's
+        endpoint, the bucket's region once botocore learnt it, see ``_presign_as_requests``),
+        lives at most as long as the credentials that signed it, and is reused for at most half
+        of the life it has left."""
         now = time.monotonic()
         cached = self._urls.get((bucket, key))
-        if cached is not None and cached[1] > now:
-            return cached[0]
+        if cached is not None and cached.reuse_until > now:
+            return cached
+        params: dict[str, Any] = {"Bucket": bucket, "Key": key, **self._payer}
+        credentials = _signer_credentials(self._client)
         try:
+            access_key = await _current_access_key(credentials)
+            lifetime = _PRESIGN_EXPIRES_S
+            credentials_left = _seconds_left(credentials)
+            if credentials_left is not None:
+                lifetime = int(min(lifetime, credentials_left - _CREDENTIAL_MARGIN_S))
+            if _is_directory_bucket(bucket):
+                lifetime = min(lifetime, _DIRECTORY_SESSION_S)
+            if lifetime < _MIN_PRESIGN_S:
+                # Credentials about to expire: botocore refreshes them on its own requests.
+                signed = _Signed(None, now + _MIN_PRESIGN_S / 2, access_key)
+                self._urls[(bucket, key)] = signed
+                return signed
             text = await self.client.generate_presigned_url(
-                "get_object",
-                Params={"Bucket": bucket, "Key": key},
-                ExpiresIn=_PRESIGN_EXPIRES_S,
+                "get_object", Params=params, ExpiresIn=lifetime
             )
         except Exception as exc:
             raise translate_error(exc, bucket, key) from exc
         url: Url | None = Url.parse(text)
         if self._proxy_config.proxy_url_for(text):
             url = None  # botocore knows how to go through the proxy
-        self._urls[(bucket, key)] = (url, now + _PRESIGN_REUSE_S)
-        return url
+        signed = _Signed(url, now + min(_PRESIGN_REUSE_S, lifetime / 2), access_key)
+        self._urls[(bucket, key)] = signed
+        return signed
+
+    async def _refresh_credentials(self, refused_key: str | None) -> None:
+        """The store refused ``refused_key`` as expired: have the client's credential provider
+        fetch new credentials, once per refused key (a burst of 32 refusals refreshes once).
+        Credentials that cannot refresh (static keys) stay as they are."""
+        credentials = _signer_credentials(self._client)
+        if refused_key is None or credentials is None or refused_key in self._refreshed:
+            return
+        if await _current_access_key(credentials) != refused_key:
+            return  # refreshed meanwhile
+        self._refreshed.add(refused_key)
+        refresh = getattr(credentials, "_protected_refresh", None)
+        lock = getattr(credentials, "_refresh_lock", None)
+        if refresh is None or lock is None:
+            return
+        try:
+            async with lock:
+                if await _current_access_key(credentials) == refused_key:
+                    await refresh(is_mandatory=True)
+        except Exception:
+            logger.warning(
+                "refreshing credentials after an ExpiredToken reply failed", exc_info=True
+            )
 
     async def open_range(
-        self, bucket: str, key: str, start: int, end: int, *, if_match: str | None = None
+        self,
+        bucket: str,
+        key: str,
+        start: int,
+        end: int,
+        *,
+        if_match: str | None = None,
+        unmodified_since: str | None = None,
     ) -> RangeStream:
         """Start a GET of bytes ``[start, end)``; checks the store served that whole range."""
-        kwargs: dict[str, Any] = {"Bucket": bucket, "Key": key, "Range": f"bytes={start}-{end - 1}"}
+        kwargs: dict[str, Any] = {
+            "Bucket": bucket,
+            "Key": key,
+            "Range": f"bytes={start}-{end - 1}",
+            **self._payer,
+        }
         if if_match is not None:
             kwargs["IfMatch"] = if_match
+        elif unmodified_since is not None:
+            kwargs["IfUnmodifiedSince"] = email.utils.parsedate_to_datetime(unmodified_since)
         try:
             response = await self.client.get_object(**kwargs)
         except Exception as exc:
@@ -599,40 +761,126 @@ class S3Store:
 
 _PRESIGN_EXPIRES_S = 3600
 _PRESIGN_REUSE_S = 1800.0
-"""A presigned URL is used for half its life: credentials may rotate, clocks drift."""
-_FALLBACK_CODES = frozenset(
-    {
-        "AuthorizationHeaderMalformed",
-        "AuthorizationQueryParametersError",
-        "ExpiredToken",
-        "IllegalLocationConstraintException",
-        "InvalidToken",
-        "PermanentRedirect",
-        "SignatureDoesNotMatch",
-        "TemporaryRedirect",
-        "TokenRefreshRequired",
-    }
-)
-"""Error codes that may be the fast path's own doing (an expired presigned URL, credentials
-that rotated, a bucket in another region): the request is sent again through botocore, which
-signs afresh and follows region redirects."""
+"""A presigned URL is used for half the life it has left (at most this long): credentials
+rotate, clocks drift, and a request may wait in a queue before it is sent."""
+_CREDENTIAL_MARGIN_S = 60.0
+"""Seconds: a URL expires at least this long before the temporary credentials that signed it."""
+_MIN_PRESIGN_S = 10
+"""Seconds: credentials with less life left than this sign no URL (botocore, which refreshes
+them before each request, sends the GET instead)."""
+_DIRECTORY_SESSION_S = 120
+"""Seconds: the longest a URL for an S3 Express directory bucket lives. Its session
+credentials (CreateSession) last 5 minutes and their expiry is not visible to us."""
+_RESIGNS = 2
+"""Times one request is signed again after the store refused its signature as expired."""
 _FAST_FALLBACK_LIMIT = 3
 _XML_CODE_RE = re.compile(r"<Code>([^<]{0,200})</Code>")
 _XML_MESSAGE_RE = re.compile(r"<Message>([^<]{0,2000})</Message>")
 
+_STALE_CREDENTIAL_CODES = frozenset({"ExpiredToken", "TokenRefreshRequired"})
+"""S3 codes saying the credentials that signed a request have expired."""
+_REGION_CODES = frozenset(
+    {
+        "AuthorizationHeaderMalformed",
+        "AuthorizationQueryParametersError",
+        "IllegalLocationConstraintException",
+        "PermanentRedirect",
+        "TemporaryRedirect",
+    }
+)
+"""S3 codes saying the request went to, or was signed for, another region than the bucket's."""
+_FALLBACK_CODES = frozenset({"SignatureDoesNotMatch", "InvalidToken"})
+"""Codes that may be the fast path's own doing (a URL that a proxy or the store's host
+handling mangled): botocore signs the request itself."""
 
-def _maybe_ours(error: botocore.exceptions.ClientError) -> bool:
-    """Whether an error response to a presigned GET may be the presigning's fault."""
+
+@dataclass(frozen=True, slots=True)
+class _Signed:
+    """A presigned URL (None: use botocore), when to stop reusing it, and the access key that
+    signed it (None for unsigned requests)."""
+
+    url: Url | None
+    reuse_until: float
+    access_key: str | None
+
+
+def _refusal_kind(error: botocore.exceptions.ClientError) -> str | None:
+    """What an error response to a presigned GET calls for: ``"stale"`` (expired credentials:
+    refresh them and sign again), ``"resign"`` (the URL expired: sign again), ``"region"``
+    (botocore learns the bucket's region), ``"fallback"`` (botocore signs it itself), or None
+    (a real error, raised)."""
     detail = error.response["Error"]
     status = error.response["ResponseMetadata"]["HTTPStatusCode"]
     code = detail["Code"]
-    return (
-        status in (301, 307)
-        or code in _FALLBACK_CODES
-        or (
-            status in (400, 403) and (code == str(status) or "expired" in detail["Message"].lower())
-        )
-    )
+    message = detail["Message"].lower()
+    if code in _STALE_CREDENTIAL_CODES:
+        return "stale"
+    if code == "AccessDenied" and "request has expired" in message:
+        return "resign"
+    if status in (301, 307) or code in _REGION_CODES:
+        return "region"
+    if code in _FALLBACK_CODES or (status in (400, 403) and code == str(status)):
+        return "fallback"
+    return None
+
+
+def _presign_as_requests(client: Any) -> None:
+    """Make ``generate_presigned_url`` sign as the client signs its own requests.
+
+    botocore presigns S3 URLs with Signature Version 2 in the regions that once accepted it
+    (``us-east-1``, ``us-west-2``...), points them at the global endpoint ``s3.amazonaws.com``,
+    and signs them for the client's region even after its region redirector learnt that the
+    bucket lives elsewhere. S3 refuses SigV2 for every bucket created since 2020. These two
+    handlers keep the client's own signature version (SigV4, or S3 Express session auth), its
+    endpoint, and the bucket's region as botocore resolved it for the request.
+    """
+    events = client.meta.events
+    region = client.meta.region_name
+
+    def keep_signature_version(signature_version: Any, **kwargs: Any) -> Any:
+        if isinstance(signature_version, str) and signature_version.endswith("-query"):
+            if "v4" in signature_version:
+                return signature_version
+        return None
+
+    def endpoint_and_region(builtins: Any, context: Any, **kwargs: Any) -> None:
+        if not isinstance(context, dict) or not context.get("is_presign_request"):
+            return
+        context["use_global_endpoint"] = False
+        resolved = builtins.get("AWS::Region") if isinstance(builtins, dict) else None
+        if resolved and resolved != region and resolved != "aws-global":
+            context.setdefault("signing", {})["region"] = resolved
+
+    events.register_first("choose-signer.s3", keep_signature_version)
+    events.register_last("before-endpoint-resolution.s3", endpoint_and_region)
+
+
+def _signer_credentials(client: Any) -> Any:
+    """The credentials object the client signs with (refreshable or not), or None."""
+    return getattr(getattr(client, "_request_signer", None), "_credentials", None)
+
+
+async def _current_access_key(credentials: Any) -> str | None:
+    if credentials is None:
+        return None
+    frozen = credentials.get_frozen_credentials()
+    if asyncio.iscoroutine(frozen):
+        frozen = await frozen
+    return getattr(frozen, "access_key", None)
+
+
+def _seconds_left(credentials: Any) -> float | None:
+    """Seconds until temporary credentials expire (None: they do not, or we cannot tell)."""
+    expiry = getattr(credentials, "_expiry_time", None)
+    if not isinstance(expiry, datetime.datetime):
+        return None
+    now = datetime.datetime.now(expiry.tzinfo or datetime.UTC)
+    return (expiry - now).total_seconds()
+
+
+def _is_directory_bucket(bucket: str) -> bool:
+    """S3 Express One Zone directory buckets are named ``name--zone-id--x-s3``."""
+    return bucket.endswith("--x-s3")
 
 
 def _client_error(exc: HttpError) -> botocore.exceptions.ClientError:
