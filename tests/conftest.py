@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ import boto3
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from botocore.config import Config
 
 HERE = Path(__file__).parent
 
@@ -128,3 +130,129 @@ def assert_same(actual: Any, expected: Any, path: str = "") -> None:
             assert_same(a, e, f"{path}[{i}]")
     else:
         assert actual == expected, path
+
+
+# --------------------------------------------------------------------------- strict S3 (auth)
+
+
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+@dataclass
+class StrictServer:
+    """tests/strictstore.py: S3's authentication rules in front of moto (HTTP and HTTPS)."""
+
+    endpoint_url: str
+    tls_endpoint_url: str
+    ca_path: Path
+    log_path: Path
+
+    def requests(self) -> list[dict[str, Any]]:
+        if not self.log_path.exists():
+            return []
+        with self.log_path.open() as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def clear_log(self) -> None:
+        self.log_path.write_text("")
+
+    def client(self, region: str = "us-east-1", *, tls: bool = False, **kwargs: Any) -> Any:
+        """A boto3 S3 client signing SigV4 with path addressing; ``kwargs`` go to boto3.client
+        (a ``config`` is merged over the default one)."""
+        config = Config(signature_version="s3v4", s3={"addressing_style": "path"})
+        if "config" in kwargs:
+            config = config.merge(kwargs.pop("config"))
+        if tls:
+            kwargs.setdefault("endpoint_url", self.tls_endpoint_url)
+            kwargs.setdefault("verify", str(self.ca_path))
+        kwargs.setdefault("endpoint_url", self.endpoint_url)
+        return boto3.client("s3", region_name=region, config=config, **kwargs)
+
+    def control(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(
+            f"{self.endpoint_url}/_strict/{path}", data=data, method=method
+        )
+        with _NO_PROXY.open(request, timeout=10) as response:
+            return json.loads(response.read())
+
+    def mint_credentials(self, ttl: float, advertised_ttl: float | None = None) -> dict[str, Any]:
+        """Temporary credentials in credential_process format; the server enforces ``ttl``,
+        ``Expiration`` says ``advertised_ttl`` (default ``ttl``)."""
+        body: dict[str, Any] = {"ttl": ttl}
+        if advertised_ttl is not None:
+            body["advertised_ttl"] = advertised_ttl
+        result: dict[str, Any] = self.control("POST", "credentials", body)
+        return result
+
+    def revoke(self, access_key_id: str | None = None, *, all_temporary: bool = False) -> list[str]:
+        body = {"access_key_id": access_key_id, "all_temporary": all_temporary}
+        revoked: list[str] = self.control("POST", "revoke", body)["revoked"]
+        return revoked
+
+    def throttle(self, bucket: str, rate: float | None) -> None:
+        self.control("PUT", f"buckets/{bucket}", {"rate": rate})
+
+    def requester_pays(self, bucket: str, on: bool = True) -> None:
+        self.control("PUT", f"buckets/{bucket}", {"requester_pays": on})
+
+    def public(self, bucket: str, on: bool = True) -> None:
+        self.control("PUT", f"buckets/{bucket}", {"public": on})
+
+    def region_mode(self, mode: int) -> None:
+        """400: AuthorizationHeaderMalformed with <Region>; 301: PermanentRedirect."""
+        self.control("PUT", "config", {"region_mode": mode})
+
+    def counters(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.control("GET", "counters")
+        return result
+
+    def reset_counters(self) -> None:
+        self.control("DELETE", "counters")
+
+    def reset(self) -> None:
+        """Bucket settings cleared, region mode 400, the default credentials restored."""
+        self.control("POST", "reset")
+
+
+@pytest.fixture(scope="session")
+def strict_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StrictServer]:
+    root = tmp_path_factory.mktemp("strict")
+    log = root / "requests.jsonl"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(HERE / "strictstore.py"),
+            "--log",
+            str(log),
+            "--ca-dir",
+            str(root / "ca"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line.startswith("PORTS "):
+            raise RuntimeError(f"strict S3 server did not start: {line!r}")
+        http_port, https_port = (int(p) for p in line.split()[1:3])
+        yield StrictServer(
+            f"http://127.0.0.1:{http_port}",
+            f"https://localhost:{https_port}",
+            root / "ca" / "ca.pem",
+            log,
+        )
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+@pytest.fixture
+def strict_bucket(strict_server: StrictServer) -> str:
+    name = f"strict-{uuid.uuid4().hex[:12]}"
+    strict_server.client().create_bucket(Bucket=name)
+    return name
