@@ -103,6 +103,8 @@ class Url:
     port: int
     host_header: str
     target: str
+    headers: tuple[str, ...] = ()
+    """Header lines the signature covers besides ``host`` (e.g. ``x-amz-request-payer``)."""
 
     @classmethod
     def parse(cls, url: str) -> Url:
@@ -342,6 +344,7 @@ class _Connection(asyncio.BufferedProtocol):
             f"Range: bytes={start}-{end - 1}",
             "Accept-Encoding: identity",
             f"User-Agent: {user_agent}",
+            *url.headers,
         ]
         if if_match is not None:
             lines.append(f"If-Match: {if_match}")

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import email.utils
 import logging
@@ -672,9 +673,22 @@ class S3Store:
             text = await self.client.generate_presigned_url(
                 "get_object", Params=params, ExpiresIn=lifetime
             )
-        except Exception as exc:
+        except botocore.exceptions.NoCredentialsError as exc:
             raise translate_error(exc, bucket, key) from exc
+        except Exception as exc:
+            # Whatever botocore cannot presign (an S3 Express session it could not create, a
+            # credential source that failed) it may still send: its request raises the real
+            # error, if there is one.
+            logger.debug("presigning s3://%s/%s failed (%r): botocore sends it", bucket, key, exc)
+            signed = _Signed(None, now + _MIN_PRESIGN_S, None)
+            self._urls[(bucket, key)] = signed
+            return signed
         url: Url | None = Url.parse(text)
+        if url is not None and self.config.request_payer is not None:
+            # signed as a header (X-Amz-SignedHeaders), so it must be sent as one
+            url = dataclasses.replace(
+                url, headers=(f"x-amz-request-payer: {self.config.request_payer}",)
+            )
         if self._proxy_config.proxy_url_for(text):
             url = None  # botocore knows how to go through the proxy
         signed = _Signed(url, now + min(_PRESIGN_REUSE_S, lifetime / 2), access_key)
@@ -838,9 +852,13 @@ def _presign_as_requests(client: Any) -> None:
     region = client.meta.region_name
 
     def keep_signature_version(signature_version: Any, **kwargs: Any) -> Any:
-        if isinstance(signature_version, str) and signature_version.endswith("-query"):
-            if "v4" in signature_version:
-                return signature_version
+        # The presign of a SigV4 client arrives as "v4-query" (generic SigV4, which would sign
+        # an empty payload hash: S3 refuses that) or "s3v4-query": S3's query form signs
+        # UNSIGNED-PAYLOAD. S3 Express ("v4-s3express-query") is botocore's as it is.
+        if signature_version in ("v4-query", "s3v4-query"):
+            return "s3v4-query"
+        if isinstance(signature_version, str) and signature_version.startswith("v4-s3express"):
+            return signature_version
         return None
 
     def endpoint_and_region(builtins: Any, context: Any, **kwargs: Any) -> None:
