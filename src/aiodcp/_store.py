@@ -6,13 +6,23 @@ key, start, end, if_match)`` for ranged GETs, returning a ``RangeStream`` whose 
 hands out the body as the network delivered it (one ``bytes`` per socket read, never joined).
 
 Data GETs take the fast path when they can: ``fetch_range(bucket, key, start, end, sink)``
-presigns the object's URL once (``_fast_url``, reused for half its life) and hands the request
-to ``_http.RangeClient``, which writes the body straight into the engine's sink. Proxies and
-client certificates (seen in botocore's resolved HTTP settings), ``fast_http=False``, and any
-response that is not the plain case go through ``open_range`` (botocore) instead; an error
-response that may be the presigning's fault (``_maybe_ours``: expiry, signature, redirects) is
-sent again through botocore, others are translated as botocore would have raised them
-(``_client_error``). After ``_FAST_FALLBACK_LIMIT`` such fallbacks a store stays on botocore.
+presigns the object's URL (``_fast_url``, reused for half the life it has left) and hands the
+request to ``_http.RangeClient``, which writes the body straight into the engine's sink. URLs
+are signed as the client signs its own requests (``_presign_as_requests``: SigV4 query form, the
+client's endpoint, the bucket's region as botocore resolved it) and never outlive the
+credentials that signed them. Proxies and client certificates (seen in botocore's resolved HTTP
+settings), ``fast_http=False``, and any response that is not the plain case go through
+``open_range`` (botocore) instead. An error response is sorted by ``_refusal_kind``: an expired
+signature is signed again (credentials refreshed once per refused key) and resent without
+counting as an attempt; a region refusal goes through botocore, which follows S3's redirect and
+remembers the region; a possibly mangled URL goes through botocore too, and after
+``_FAST_FALLBACK_LIMIT`` of those a store stays on botocore; anything else is translated as
+botocore would have raised it (``_client_error``). ``limiter`` (``_throttle.AdaptiveRate``) is
+the store's request rate, which the engine lowers on SlowDown.
+
+Data GETs are conditional: ``If-Match`` once the object's ETag is known, else
+``If-Unmodified-Since`` with the time the checkpoint's ``.metadata`` was served
+(``load_started``), so no load mixes two versions of a checkpoint.
 
 Every botocore/aiohttp exception is translated here, at one boundary, into the most specific
 ``aiodcp`` error (``translate_error``), with bucket and key in the message, marked ``retryable``
@@ -325,7 +335,8 @@ class S3Store:
         self._urls: dict[tuple[str, str], _Signed] = {}
         self._fast_fallbacks = 0
         self._started: dict[tuple[str, str], str] = {}  # (bucket, dir) -> .metadata GET's Date
-        self._refreshed: set[str] = set()  # access keys a refusal made us refresh already
+        # access key the store refused as expired -> the refresh it caused (one per key)
+        self._refreshing: dict[str, asyncio.Future[None]] = {}
         self._payer: dict[str, str] = (
             {} if config.request_payer is None else {"RequestPayer": config.request_payer}
         )
@@ -429,6 +440,9 @@ class S3Store:
         stack, self._stack, self._client = self._stack, None, None
         fast, self._fast = self._fast, None
         self._urls.clear()
+        for refresh in self._refreshing.values():
+            refresh.cancel()
+        self._refreshing.clear()
         if fast is not None:
             fast.close()
         if stack is not None:
@@ -628,8 +642,9 @@ class S3Store:
                 if kind in ("stale", "resign"):
                     if stats is not None:
                         stats.add(resigned=1)
-                    if kind == "stale":
-                        await self._refresh_credentials(signed.access_key)
+                    if kind == "stale" and not await self._refresh_credentials(signed.access_key):
+                        # the provider has nothing newer: signing again cannot help
+                        raise translate_error(error, bucket, key, (start, end)) from error
                     continue
                 if kind == "fallback":
                     self._fast_fallbacks += 1
@@ -695,16 +710,23 @@ class S3Store:
         self._urls[(bucket, key)] = signed
         return signed
 
-    async def _refresh_credentials(self, refused_key: str | None) -> None:
+    async def _refresh_credentials(self, refused_key: str | None) -> bool:
         """The store refused ``refused_key`` as expired: have the client's credential provider
-        fetch new credentials, once per refused key (a burst of 32 refusals refreshes once).
-        Credentials that cannot refresh (static keys) stay as they are."""
+        fetch new credentials, once per refused key. A burst of refusals (32 GETs in flight)
+        shares one refresh, and every request waits for it before it is signed again. Returns
+        whether the client now signs with other credentials (static keys cannot refresh)."""
+        if refused_key is None:
+            return False
+        refresh = self._refreshing.get(refused_key)
+        if refresh is None:
+            refresh = asyncio.ensure_future(self._refresh(refused_key))
+            self._refreshing[refused_key] = refresh
+        await asyncio.shield(refresh)
+        current = await _current_access_key(_signer_credentials(self._client))
+        return current is not None and current != refused_key
+
+    async def _refresh(self, refused_key: str) -> None:
         credentials = _signer_credentials(self._client)
-        if refused_key is None or credentials is None or refused_key in self._refreshed:
-            return
-        if await _current_access_key(credentials) != refused_key:
-            return  # refreshed meanwhile
-        self._refreshed.add(refused_key)
         refresh = getattr(credentials, "_protected_refresh", None)
         lock = getattr(credentials, "_refresh_lock", None)
         if refresh is None or lock is None:
@@ -715,7 +737,7 @@ class S3Store:
                     await refresh(is_mandatory=True)
         except Exception:
             logger.warning(
-                "refreshing credentials after an ExpiredToken reply failed", exc_info=True
+                "refreshing credentials after an expired-token reply failed", exc_info=True
             )
 
     async def open_range(
