@@ -495,25 +495,28 @@ async def test_object_replaced_mid_load_raises_object_changed(
 
 
 @pytest.fixture
-def two_file_checkpoint(tmp_path: Path, s3: Any, bucket: str) -> Checkpoint:
-    """Two data files of 4 x 64 KiB each, to have one overwritten before its first GET."""
+def two_file_checkpoint(tmp_path: Path, s3: Any, bucket: str) -> tuple[Checkpoint, Path]:
+    """Two data files of 4 x 64 KiB each, to have one overwritten before its first GET, and the
+    same state dict saved again with other values (a job re-saving to the same path)."""
     g = torch.Generator().manual_seed(9)
     sd = {f"w{i}": torch.randn(64, 256, generator=g) for i in range(8)}
     local = save_checkpoint(copy.deepcopy(sd), tmp_path / "ck", thread_count=2)
+    resaved = save_checkpoint({k: v + 1 for k, v in sd.items()}, tmp_path / "v2", thread_count=2)
     upload_dir(s3, local, bucket, "ck")
     keys = sorted(f"ck/{p.name}" for p in local.iterdir() if p.suffix == ".distcp")
     assert len(keys) == 2
-    return Checkpoint(f"s3://{bucket}/ck", "ck", sd, keys)
+    return Checkpoint(f"s3://{bucket}/ck", "ck", sd, keys), resaved
 
 
 @pytest.mark.parametrize("mode", MODES)
 async def test_file_replaced_before_its_first_get_raises_object_changed(
-    mode: str, two_file_checkpoint: Checkpoint, s3: Any, proxy: FaultProxy
+    mode: str, two_file_checkpoint: tuple[Checkpoint, Path], s3: Any, proxy: FaultProxy
 ) -> None:
     """A job re-saving to the same path while a load runs: the file the load has not reached
-    yet is replaced. Its first GET has no ETag to pin to, so it carries If-Unmodified-Since
-    (the .metadata GET's Date) and the store refuses the new version: no mix of versions."""
-    ck = two_file_checkpoint
+    yet is replaced by the same file of a new save (same layout, other values: it would decode
+    fine). Its first GET has no ETag to pin to, so it carries If-Unmodified-Since (the
+    .metadata GET's Date) and the store refuses the new version: no mix of versions."""
+    ck, resaved = two_file_checkpoint
     first, second = ck.data_keys
     bucket = ck.url.split("/")[2]
     release = threading.Event()
@@ -522,8 +525,8 @@ async def test_file_replaced_before_its_first_get_raises_object_changed(
     try:
         assert await asyncio.to_thread(rule.triggered.wait, 30)
         await asyncio.sleep(1.1)  # Last-Modified has one-second resolution
-        body = (await asyncio.to_thread(s3.get_object, Bucket=bucket, Key=second))["Body"].read()
-        await asyncio.to_thread(s3.put_object, Bucket=bucket, Key=second, Body=body[::-1])
+        body = (resaved / second.rsplit("/", 1)[1]).read_bytes()
+        await asyncio.to_thread(s3.put_object, Bucket=bucket, Key=second, Body=body)
     finally:
         release.set()
     with pytest.raises(aiodcp.ObjectChangedError, match=f"s3://{bucket}/{second}"):

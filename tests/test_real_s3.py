@@ -347,3 +347,61 @@ def test_ranks_load_through_the_strict_store(
     assert_no_refusals(strict_server)
     gets = data_gets(strict_server)
     assert gets and all(r["auth"] == "v4-query" for r in gets)
+
+
+# --------------------------------------------------------------------------- endpoints
+
+
+@pytest.mark.parametrize("region", ["us-east-1", "us-west-2", "eu-central-1", "ap-southeast-2"])
+@pytest.mark.parametrize("addressing_style", ["auto", "path", "virtual"])
+@pytest.mark.parametrize("bucket", ["plain-bucket-name", "dotted.bucket.name"])
+async def test_presigned_urls_go_where_the_clients_requests_go(
+    region: str, addressing_style: str, bucket: str
+) -> None:
+    """For AWS endpoints (no endpoint_url): the fast path's URL has the scheme, host and path
+    of the request botocore itself would send for the same GET (regional endpoint, virtual or
+    path style, path style for dotted names), and is signed SigV4 for the client's region.
+    Offline: botocore's request is stopped before it is sent."""
+    from aiodcp._store import S3Store
+
+    config = aiodcp.ReaderConfig(region=region, addressing_style=addressing_style)  # type: ignore[arg-type]
+    async with S3Store(config) as store:
+        sent: list[str] = []
+
+        def stop(request: Any, **kwargs: Any) -> None:
+            sent.append(request.url)
+            raise RuntimeError("not sent")
+
+        store.client.meta.events.register_first("before-send.s3", stop)
+        with pytest.raises(Exception, match="not sent"):
+            await store.client.get_object(Bucket=bucket, Key="ck/__0_0.distcp")
+        signed = await store._fast_url(bucket, "ck/__0_0.distcp")
+    assert signed.url is not None
+    own = sent[0].split("?")[0]
+    assert f"{signed.url.scheme}://{signed.url.host_header}{signed.url.target}".startswith(
+        own + "?"
+    )
+    query = signed.url.target.split("?", 1)[1]
+    assert "X-Amz-Algorithm=AWS4-HMAC-SHA256" in query and "Signature=" in query
+    assert f"%2F{region}%2Fs3%2Faws4_request" in query
+    assert "AWSAccessKeyId" not in query
+    if region != "us-east-1":
+        assert region in signed.url.host  # never the global endpoint
+
+
+async def test_endpoint_from_aws_endpoint_url(
+    saved: tuple[dict[str, Any], Path],
+    strict_server: StrictServer,
+    strict_bucket: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No endpoint_url: botocore's AWS_ENDPOINT_URL is where every request goes, fast path
+    included, all SigV4."""
+    state, local = saved
+    url = upload(strict_server, local, strict_bucket)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", strict_server.endpoint_url)
+    out, _ = await aload(state, url, region="us-east-1", addressing_style="path")
+    assert_same(out, state)
+    assert_no_refusals(strict_server)
+    gets = data_gets(strict_server)
+    assert gets and all(r["auth"] == "v4-query" for r in gets)

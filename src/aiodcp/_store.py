@@ -883,16 +883,22 @@ def _presign_as_requests(client: Any) -> None:
             return signature_version
         return None
 
-    def endpoint_and_region(builtins: Any, context: Any, **kwargs: Any) -> None:
+    def client_endpoint(context: Any = None, **kwargs: Any) -> None:
+        # read when the endpoint is resolved, so set before: at parameter build
+        if isinstance(context, dict) and context.get("is_presign_request"):
+            context["use_global_endpoint"] = False
+
+    def resolved_region(builtins: Any = None, context: Any = None, **kwargs: Any) -> None:
+        # the region redirector has put the bucket's known region into the builtins by now
         if not isinstance(context, dict) or not context.get("is_presign_request"):
             return
-        context["use_global_endpoint"] = False
         resolved = builtins.get("AWS::Region") if isinstance(builtins, dict) else None
         if resolved and resolved != region and resolved != "aws-global":
             context.setdefault("signing", {})["region"] = resolved
 
     events.register_first("choose-signer.s3", keep_signature_version)
-    events.register_last("before-endpoint-resolution.s3", endpoint_and_region)
+    events.register_last("before-parameter-build.s3", client_endpoint)
+    events.register_last("before-endpoint-resolution.s3", resolved_region)
 
 
 def _signer_credentials(client: Any) -> Any:
