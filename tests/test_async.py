@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import copy
 import gc
+import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -14,7 +16,7 @@ import torch
 import aiodcp
 
 from conftest import S3Server, assert_same, save_checkpoint, upload_dir
-from faultproxy import aiodcp_threads, established_to
+from faultproxy import Fault, FaultProxy, ProxyRequest, aiodcp_threads, established_to
 
 
 @pytest.fixture(scope="module")
@@ -161,3 +163,76 @@ def test_sync_reader_close_releases_thread_and_connections(
     assert aiodcp_threads() == []
     assert established_to(port) == 0
     assert_same(state, {k: sd[k] for k in state})
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(
+    tmp_path_factory: pytest.TempPathFactory, s3_server: S3Server
+) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Two small checkpoints, "a" and "b", with different tensors."""
+    s3 = s3_server.client()
+    s3.create_bucket(Bucket="pair-bucket")
+    out = {}
+    for seed, name in enumerate(("a", "b")):
+        g = torch.Generator().manual_seed(20 + seed)
+        sd = {f"{name}{i}": torch.randn(64, 256, generator=g) for i in range(6)}
+        local = tmp_path_factory.mktemp(f"pair-{name}") / "ck"
+        save_checkpoint(copy.deepcopy(sd), local, thread_count=2)
+        upload_dir(s3, local, "pair-bucket", name)
+        out[name] = (f"s3://pair-bucket/{name}", sd)
+    return out
+
+
+async def test_cancelling_one_load_leaves_a_concurrent_one_alone(
+    two_checkpoints: dict[str, tuple[str, dict[str, Any]]], s3_server: S3Server
+) -> None:
+    """Two load_checkpoint calls sharing nothing, each with a GET held by the proxy: the one
+    cancelled raises CancelledError promptly, the other completes with the right tensors."""
+    (url_a, sd_a), (url_b, sd_b) = two_checkpoints["a"], two_checkpoints["b"]
+
+    def data_of(prefix: str) -> Callable[[ProxyRequest], bool]:
+        def matches(request: ProxyRequest) -> bool:
+            path = request.path
+            return path.startswith(f"/pair-bucket/{prefix}/") and path.endswith(".distcp")
+
+        return matches
+
+    hold_a, hold_b = threading.Event(), threading.Event()
+    with FaultProxy(s3_server.endpoint_url, seed=3) as proxy:
+        options = {
+            "endpoint_url": proxy.endpoint_url,
+            "region": "us-east-1",
+            "addressing_style": "path",
+        }
+        held_a = proxy.add(Fault.stall(60, release=hold_a), predicate=data_of("a"))
+        held_b = proxy.add(Fault.stall(60, release=hold_b), predicate=data_of("b"), times=1)
+        state_a = {k: torch.zeros_like(v) for k, v in sd_a.items()}
+        state_b = {k: torch.zeros_like(v) for k, v in sd_b.items()}
+        task_a = asyncio.create_task(aiodcp.load_checkpoint(state_a, url_a, **options))
+        task_b = asyncio.create_task(aiodcp.load_checkpoint(state_b, url_b, **options))
+        try:
+            for rule in (held_a, held_b):
+                assert await asyncio.to_thread(rule.triggered.wait, 30), "no GET was held"
+            started = time.perf_counter()
+            task_a.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(task_a, 30)
+            elapsed = time.perf_counter() - started
+            assert not task_b.done(), "the other load ended with the cancelled one"
+            hold_b.set()
+            stats_b = await asyncio.wait_for(task_b, 30)
+        finally:
+            hold_a.set()
+            hold_b.set()
+            for task in (task_a, task_b):
+                if not task.done():
+                    task.cancel()
+            await asyncio.gather(task_a, task_b, return_exceptions=True)
+        assert elapsed < 30.0
+        assert_same(state_b, sd_b)
+        assert stats_b.items == len(sd_b)
+        assert not any(torch.equal(state_a[k], sd_a[k]) for k in sd_a)  # A was held throughout
+        assert aiodcp_threads() == []
+        assert [t for t in asyncio.all_tasks() if t is not asyncio.current_task()] == []
+        assert proxy.wait_idle(5.0), f"{proxy.open_connections} connections left open"
+        assert established_to(proxy.port) == 0

@@ -1,10 +1,15 @@
-"""prefetch: background download, loads that reuse it, no byte fetched twice."""
+"""prefetch: background download, loads that reuse it, no byte fetched twice; cancelling a
+load on the handle cancels that load only (tests/faultproxy.py holds a GET so the cancel lands
+mid-download)."""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
 import copy
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +19,9 @@ import torch
 import aiodcp
 
 from conftest import S3Server, assert_same, save_checkpoint, upload_dir
+from faultproxy import Fault, FaultProxy, aiodcp_threads, established_to
+
+HANG_GUARD_S = 30.0  # generous: a hang fails the test, a slow machine does not
 
 
 @pytest.fixture
@@ -141,3 +149,152 @@ def test_progress_bar_is_shown(
         dcp.load(state, storage_reader=reader)
     assert "aiodcp s3://" in capsys.readouterr().err
     assert_same(state, sd)
+
+
+# --------------------------------------------------------------------------- cancelled loads
+
+
+@pytest.fixture
+def proxy(s3_server: S3Server) -> Iterator[FaultProxy]:
+    with FaultProxy(s3_server.endpoint_url, seed=7) as p:
+        yield p
+
+
+def through(proxy: FaultProxy) -> dict[str, Any]:
+    return {"endpoint_url": proxy.endpoint_url, "region": "us-east-1", "addressing_style": "path"}
+
+
+async def wait_for_event(event: threading.Event) -> None:
+    assert await asyncio.to_thread(event.wait, HANG_GUARD_S), "the held request never came"
+
+
+async def gather_result(task: asyncio.Future[Any]) -> Any:
+    """The task's result; a bare CancelledError (the bug) becomes a test failure."""
+    try:
+        return await asyncio.wait_for(task, HANG_GUARD_S)
+    except (asyncio.CancelledError, concurrent.futures.CancelledError) as exc:
+        pytest.fail(f"raised a bare {type(exc).__module__}.{type(exc).__name__}")
+
+
+def assert_clean(proxy: FaultProxy) -> None:
+    """No aiodcp thread, no connection to the proxy, no task left on the test's loop."""
+    current = asyncio.current_task()
+    assert [t for t in asyncio.all_tasks() if t is not current] == []
+    deadline = time.monotonic() + 5
+    while aiodcp_threads() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert aiodcp_threads() == []
+    assert proxy.wait_idle(5.0), f"{proxy.open_connections} connections left open"
+    assert established_to(proxy.port) == 0
+
+
+@pytest.mark.parametrize("second", ["load", "aload"])
+@pytest.mark.parametrize("held", ["data", "metadata"])
+async def test_cancelled_aload_leaves_the_prefetch_to_later_loads(
+    held: str,
+    second: str,
+    ckpt: tuple[str, dict[str, Any]],
+    s3_server: S3Server,
+    proxy: FaultProxy,
+) -> None:
+    """aload cancelled while the prefetch's GET (of data, or of .metadata) is held: the
+    download goes on, and a later load/aload gets exactly the saved tensors from it, every
+    byte fetched once."""
+    url, sd = ckpt
+    release = threading.Event()
+    suffix = ".distcp" if held == "data" else "/.metadata"
+    rule = proxy.add(Fault.stall(60, release=release), path_suffix=suffix, times=1)
+    s3_server.clear_log()
+    handle = aiodcp.prefetch(url, progress=False, **through(proxy))
+    try:
+        await wait_for_event(rule.triggered)
+        task = asyncio.create_task(handle.aload(blank(sd)))
+        await asyncio.sleep(0.3)  # the aload now waits for the held bytes
+        assert not task.done()
+        started = time.perf_counter()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, HANG_GUARD_S)
+        assert time.perf_counter() - started < 5.0, "the cancelled aload did not stop promptly"
+        assert not handle.done(), "cancelling the aload stopped the prefetch"
+
+        state = blank(sd)
+        later: asyncio.Future[Any]
+        if second == "aload":
+            later = asyncio.ensure_future(handle.aload(state))
+        else:
+            later = asyncio.ensure_future(asyncio.to_thread(handle.load, state))
+        await asyncio.sleep(0.2)
+        assert not later.done(), "the later load did not wait for the held download"
+        release.set()
+        stats = await gather_result(later)
+    finally:
+        release.set()
+        handle.close()
+    assert_same(state, sd)
+    assert stats.requests == 0  # everything came from the prefetch
+    # The held GET was answered, not abandoned: every request reached the server once, and
+    # no byte was requested twice.
+    assert len(proxy.requests) == len(s3_server.requests())
+    seen: set[tuple[str, int]] = set()
+    for path, lo, hi in data_bytes(s3_server):
+        for b in range(lo, hi):
+            assert (path, b) not in seen, f"{path} byte {b} fetched twice"
+            seen.add((path, b))
+    metadata_gets = [r for r in s3_server.requests() if r["path"].endswith(".metadata")]
+    assert len(metadata_gets) == 1
+    assert_clean(proxy)
+
+
+async def test_cancelled_await_of_the_handle_leaves_the_download_running(
+    ckpt: tuple[str, dict[str, Any]], s3_server: S3Server, proxy: FaultProxy
+) -> None:
+    url, sd = ckpt
+    release = threading.Event()
+    rule = proxy.add(Fault.stall(60, release=release), path_suffix=".distcp", times=1)
+    handle = aiodcp.prefetch(url, progress=False, **through(proxy))
+
+    async def wait() -> aiodcp.LoadStats:
+        return await handle
+
+    try:
+        await wait_for_event(rule.triggered)
+        waiter = asyncio.create_task(wait())
+        await asyncio.sleep(0.1)
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(waiter, HANG_GUARD_S)
+        assert not handle.done()
+        release.set()
+        stats = await gather_result(asyncio.ensure_future(wait()))
+        assert stats.bytes_used > 0
+        state = blank(sd)
+        assert (await handle.aload(state)).requests == 0
+    finally:
+        release.set()
+        handle.close()
+    assert_same(state, sd)
+    assert_clean(proxy)
+
+
+async def test_close_during_an_aload_stops_everything(
+    ckpt: tuple[str, dict[str, Any]], proxy: FaultProxy
+) -> None:
+    """close() while an aload waits for a held GET: the aload raises LoadCancelledError (not
+    a bare CancelledError), and no thread, task or connection is left."""
+    url, sd = ckpt
+    release = threading.Event()
+    rule = proxy.add(Fault.stall(60, release=release), path_suffix=".distcp")
+    handle = aiodcp.prefetch(url, progress=False, **through(proxy))
+    try:
+        await wait_for_event(rule.triggered)
+        task = asyncio.create_task(handle.aload(blank(sd)))
+        await asyncio.sleep(0.3)
+        assert not task.done()
+        await asyncio.to_thread(handle.close)
+        with pytest.raises(aiodcp.LoadCancelledError, match="prefetch was cancelled"):
+            await gather_result(task)
+    finally:
+        release.set()
+        handle.close()
+    assert_clean(proxy)

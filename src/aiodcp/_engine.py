@@ -45,7 +45,7 @@ import logging
 import mmap
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -731,14 +731,22 @@ class FetchEngine:
 
     # ----------------------------------------------------------------- consumer side
 
-    def wait_item(self, file_index: int, item_index: int) -> ChunkBuffer:
-        """Block (in a worker thread) until the item is downloaded; raise the load's failure."""
+    def wait_item(
+        self, file_index: int, item_index: int, stop: Callable[[], bool] | None = None
+    ) -> ChunkBuffer:
+        """Block (in a worker thread) until the item is downloaded; raise the load's failure.
+
+        ``stop``: checked whenever the waiter wakes (see ``wake``); once it returns True the
+        wait ends with ``LoadCancelledError`` and the engine goes on (one caller's cancelled
+        wait, not the download)."""
         item = self._items[file_index][item_index]
         buffer = item.buffer
         if buffer is not None:
             return buffer
         with self._cond:
             while item.buffer is None and self._error is None:
+                if stop is not None and stop():
+                    raise LoadCancelledError("this wait was cancelled; the download goes on")
                 self._cond.wait()
             if item.buffer is not None:
                 return item.buffer
@@ -746,6 +754,11 @@ class FetchEngine:
         if isinstance(error, asyncio.CancelledError):
             raise LoadCancelledError("the load was cancelled")
         raise error  # type: ignore[misc]
+
+    def wake(self) -> None:
+        """Wake every ``wait_item`` so that each checks its ``stop`` again (any thread)."""
+        with self._cond:
+            self._cond.notify_all()
 
     def etag(self, key: str) -> str | None:
         """The ETag the load's GETs of ``key`` are pinned to (None before the first response)."""

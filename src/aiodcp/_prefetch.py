@@ -15,6 +15,13 @@ Data flow::
 
 The handle works from plain code and from a notebook cell whose loop is running, because its
 I/O runs on its own loop thread. ``cancel()`` stops the downloads and frees the buffers.
+
+Cancellation is scoped to the call cancelled (``_LoadScope``): cancelling an ``aload`` (or a task
+awaiting the handle) cancels that call's own work only, i.e. its decoding, its waits for
+prefetched items and the requests it sent itself (through a ``_LoadDriver``: the handle's loop
+and connections, but its own set of submitted coroutines). The prefetch's download goes on, so
+a later ``load``/``aload`` takes the same bytes, none fetched twice. Only ``cancel()`` and
+``close()`` stop the download; a load waiting for it then raises ``LoadCancelledError``.
 """
 
 from __future__ import annotations
@@ -38,9 +45,9 @@ from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
 from ._api import _run_in_thread, _unwrap
 from ._config import ReaderConfig
-from ._driver import PrivateLoopDriver
+from ._driver import Driver, PrivateLoopDriver
 from ._engine import FetchEngine, FileFetch
-from ._errors import ConfigError
+from ._errors import ConfigError, LoadCancelledError
 from ._path import CheckpointPath, parse_checkpoint_path
 from ._planner import ItemRange, plan_file, request_latency_from_get, resolve_max_gap_size
 from ._progress import track_progress
@@ -212,16 +219,20 @@ class PrefetchHandle:
 
     # ------------------------------------------------------------------ source for loads
 
-    def lookup(self, relative_path: str, item_range: ItemRange) -> Callable[[], ChunkBuffer] | None:
-        """A waiter for an item this prefetch holds or is downloading; None otherwise."""
+    def _position(
+        self, relative_path: str, item_range: ItemRange
+    ) -> tuple[FetchEngine, int, int] | None:
+        """The engine and (file, item) indexes of an item this prefetch holds or is still
+        downloading; None if it has not (a load then fetches the item itself)."""
         with self._lock:
             engine = self._engine
             position = self._index.get((relative_path, item_range))
         if engine is None or position is None or self._cancelled:
             return None
-        if self._future.done() and self._future.exception() is not None:
-            return None  # the prefetch failed: the load fetches for itself
-        return functools.partial(engine.wait_item, *position)
+        future = self._future
+        if future.done() and (future.cancelled() or future.exception() is not None):
+            return None  # the prefetch failed or was stopped: the load fetches for itself
+        return engine, *position
 
     # ------------------------------------------------------------------ public
 
@@ -247,9 +258,11 @@ class PrefetchHandle:
         return self._future.result(timeout)
 
     def __await__(self) -> Generator[Any, None, LoadStats]:
-        return asyncio.wrap_future(self._future).__await__()
+        # Shielded: cancelling a task that awaits the handle stops that wait, not the
+        # download (``cancel()`` does that).
+        return asyncio.shield(asyncio.wrap_future(self._future)).__await__()
 
-    def _reader(self) -> S3StorageReader:
+    def _reader(self, scope: _LoadScope) -> S3StorageReader:
         metadata: Metadata | None = None
         if not self._cancelled:
             try:
@@ -259,17 +272,22 @@ class PrefetchHandle:
             with self._lock:
                 metadata = self._metadata
             if metadata is None and not self._cancelled:
-                self._future.result()  # the metadata read failed: raise its error
+                try:
+                    error = self._future.exception()  # blocks until the prefetch ended
+                except concurrent.futures.CancelledError:
+                    error = None  # stopped before reading it: the load reads it itself
+                if error is not None:
+                    raise error  # the metadata read failed: raise its error
         reader = S3StorageReader._with_driver(
             self._path,
             self._config,
-            self._driver,
+            scope.driver,
             metadata,
             StatsRecorder(),
             self._request_latency_s,
         )
         if not self._cancelled:
-            reader._source = self
+            reader._source = scope
         return reader
 
     def load(
@@ -283,7 +301,7 @@ class PrefetchHandle:
     ) -> LoadStats:
         """``dcp.load`` into ``state_dict`` from what was prefetched, fetching only what is
         missing. Afterwards the prefetched bytes are freed unless ``keep=True``."""
-        reader = self._reader()
+        reader = self._reader(_LoadScope(self))
         return self._load(reader, state_dict, planner, process_group, no_dist, keep)
 
     async def aload(
@@ -295,12 +313,24 @@ class PrefetchHandle:
         no_dist: bool = False,
         keep: bool = False,
     ) -> LoadStats:
-        """:meth:`load` without blocking the caller's event loop."""
-        await asyncio.wrap_future(self._ready)
-        reader = self._reader()
+        """:meth:`load` without blocking the caller's event loop.
+
+        Cancelling it cancels this load only (its decoding, its waits for prefetched items and
+        the requests it sent itself): the prefetch's download goes on, and a later ``load`` or
+        ``aload`` takes its bytes."""
+        # Shielded: wrap_future would pass the caller's cancellation on to ``_ready``, which
+        # belongs to the handle (every later aload would then raise CancelledError).
+        await asyncio.shield(asyncio.wrap_future(self._ready))
+        scope = _LoadScope(self)
+        reader = self._reader(scope)
+
+        def abort() -> None:
+            scope.cancel()
+            reader.abort()  # its own engine, and its own requests (scope.driver) only
+
         return await _run_in_thread(
             lambda: self._load(reader, state_dict, planner, process_group, no_dist, keep),
-            on_cancel=reader.abort,
+            on_cancel=abort,
         )
 
     def _load(
@@ -355,3 +385,77 @@ class PrefetchHandle:
     def __repr__(self) -> str:
         state = "cancelled" if self._cancelled else "done" if self.done() else "running"
         return f"<PrefetchHandle {self._path.url} {state} {self.stats}>"
+
+
+class _LoadDriver(Driver):
+    """One load's view of the handle's driver: the same loop and store (connections), but its
+    own set of submitted coroutines, so that the load's abort (``cancel_all``) cancels its own
+    requests only, never the prefetch's download or another load's requests.
+
+    Its coroutines are tasks of the handle's loop, so ``PrefetchHandle.close()`` (which cancels
+    every task of that loop before closing it) stops them too."""
+
+    def __init__(self, shared: PrivateLoopDriver) -> None:
+        super().__init__()
+        self._shared = shared
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self._shared.loop
+
+    async def _get_store(self) -> S3Store:
+        return await self._shared._get_store()
+
+    def close(self) -> None:
+        """Cancel this load's requests; the loop and connections are the handle's to close."""
+        self.cancel_all()
+
+
+class _LoadScope:
+    """What cancelling one ``load``/``aload`` on a handle stops: the requests it sent through
+    ``driver``, and its waits for the prefetch's items (the reader's prefetch source, see
+    ``S3StorageReader._group``). The prefetch's download is not the load's and goes on."""
+
+    def __init__(self, handle: PrefetchHandle) -> None:
+        self.handle = handle
+        self.driver = _LoadDriver(handle._driver)
+        self._cancelled = False
+        self._lock = threading.Lock()
+        self._engines: set[FetchEngine] = set()
+
+    def lookup(self, relative_path: str, item_range: ItemRange) -> Callable[[], ChunkBuffer] | None:
+        """A waiter for an item the prefetch holds or is downloading; None otherwise."""
+        found = self.handle._position(relative_path, item_range)
+        if found is None:
+            return None
+        engine, file_index, item_index = found
+        with self._lock:
+            self._engines.add(engine)
+        return functools.partial(self._wait, engine, file_index, item_index)
+
+    def cancel(self) -> None:
+        """Stop this load's waits (thread-safe): they raise ``LoadCancelledError``."""
+        self._cancelled = True
+        with self._lock:
+            engines = list(self._engines)
+        for engine in engines:
+            engine.wake()
+
+    def _wait(self, engine: FetchEngine, file_index: int, item_index: int) -> ChunkBuffer:
+        """``engine.wait_item``, except that cancelling this load ends the wait (and only this
+        wait: the engine goes on for the prefetch and for other loads)."""
+        try:
+            return engine.wait_item(file_index, item_index, stop=lambda: self._cancelled)
+        except LoadCancelledError:
+            if self._cancelled:
+                raise LoadCancelledError(
+                    f"{self.handle.checkpoint_id}: this load was cancelled; the prefetch goes on "
+                    "(load again to use it)"
+                ) from None
+            if self.handle._cancelled:
+                raise LoadCancelledError(
+                    f"{self.handle.checkpoint_id}: the prefetch was cancelled (cancel(), "
+                    "close(), or a load without keep=True finished) while this load waited "
+                    "for its bytes; load again: a load after cancel() fetches everything itself"
+                ) from None
+            raise
