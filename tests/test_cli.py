@@ -616,3 +616,13 @@ def test_cli_walkthrough_example_runs() -> None:
     total = next(line for line in out.splitlines() if line.startswith("total")).split()
     assert total[1:4] == ["3", "3", "3"]
     assert out.count("(exit code 0)") == 2
+
+
+def test_plan_help_states_the_defaults_in_force(capsys: pytest.CaptureFixture[str]) -> None:
+    """The help text is made from the defaults themselves, so it cannot go stale."""
+    assert main(["plan", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    defaults = aiodcp.ReaderConfig()
+    assert f"(default: {defaults.max_concurrency})" in text
+    assert f"(default: {defaults.part_size / 2**20:.1f} MiB;" in text
+    assert "256.0 KiB..8.0 MiB" in text

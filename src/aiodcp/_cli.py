@@ -106,7 +106,7 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
-from ._config import ReaderConfig
+from ._config import DEFAULT_MAX_CONCURRENCY, ReaderConfig
 from ._errors import (
     AccessDeniedError,
     AiodcpError,
@@ -120,7 +120,11 @@ from ._errors import (
 )
 from ._path import CheckpointPath, parse_checkpoint_path
 from ._planner import (
+    ASSUMED_CONNECTION_BANDWIDTH_BYTES_PER_S,
     AUTO_GAP_SIZE,
+    DEFAULT_PART_SIZE_BYTES,
+    MAX_AUTO_GAP_SIZE_BYTES,
+    MIN_AUTO_GAP_SIZE_BYTES,
     ItemRange,
     plan_file,
     request_latency_from_get,
@@ -278,16 +282,22 @@ def _build_parser() -> argparse.ArgumentParser:
         type=_gap_arg,
         metavar="SIZE",
         help="ranges whose gap is <= SIZE share a request; 0 = only adjacent, inf = all, "
-        "auto = latency of the .metadata GET x 85 MB/s, within 256KiB..16MiB (default: auto)",
+        f"auto = latency of the .metadata GET x {ASSUMED_CONNECTION_BANDWIDTH_BYTES_PER_S // 10**6}"
+        f" MB/s, within {human_size(MIN_AUTO_GAP_SIZE_BYTES)}.."
+        f"{human_size(MAX_AUTO_GAP_SIZE_BYTES)} (default: auto)",
     )
     plan.add_argument(
         "--part-size",
         type=_size_arg,
         metavar="SIZE",
-        help="largest span of one GET (default: 16MiB)",
+        help=f"largest span of one GET (default: {human_size(DEFAULT_PART_SIZE_BYTES)}; "
+        "buffered GETs are cut to memory_budget / max_concurrency)",
     )
     plan.add_argument(
-        "--max-concurrency", type=int, metavar="N", help="GETs in flight at once (default: 8)"
+        "--max-concurrency",
+        type=int,
+        metavar="N",
+        help=f"GETs in flight at once (default: {DEFAULT_MAX_CONCURRENCY})",
     )
     return parser
 
