@@ -405,3 +405,21 @@ async def test_endpoint_from_aws_endpoint_url(
     assert_no_refusals(strict_server)
     gets = data_gets(strict_server)
     assert gets and all(r["auth"] == "v4-query" for r in gets)
+
+
+def test_cli_reads_a_requester_pays_bucket(
+    saved: tuple[dict[str, Any], Path],
+    strict_server: StrictServer,
+    strict_bucket: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from aiodcp._cli import EXIT_ACCESS_DENIED, main
+
+    _, local = saved
+    url = upload(strict_server, local, strict_bucket)
+    strict_server.requester_pays(strict_bucket)
+    where = ["--endpoint-url", strict_server.endpoint_url, "--region", "us-east-1"]
+    assert main(["inspect", url, *where]) == EXIT_ACCESS_DENIED
+    capsys.readouterr()
+    assert main(["inspect", url, *where, "--request-payer", "requester", "--json"]) == 0
+    assert "big" in capsys.readouterr().out

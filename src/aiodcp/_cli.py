@@ -229,6 +229,11 @@ def _build_parser() -> argparse.ArgumentParser:
         "--unsigned", action="store_true", help="send unsigned requests (public buckets)"
     )
     store.add_argument(
+        "--request-payer",
+        choices=("requester",),
+        help="read a Requester Pays bucket (your account pays for the requests)",
+    )
+    store.add_argument(
         "--addressing-style",
         choices=("auto", "path", "virtual"),
         help="'path' for most S3-compatible stores (default: auto)",
@@ -309,6 +314,7 @@ def _config(args: argparse.Namespace) -> ReaderConfig:
         region=args.region,
         profile=args.profile,
         unsigned=True if args.unsigned else None,
+        request_payer=args.request_payer,
         addressing_style=args.addressing_style,
         max_gap_size=getattr(args, "max_gap_size", None),
         part_size=getattr(args, "part_size", None),
