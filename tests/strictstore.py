@@ -40,8 +40,6 @@ S3's UriEncode (an encoded ``/`` stays encoded); the canonical query is every pa
 re-encoded, sorted, without X-Amz-Signature; ``+`` in a query is taken literally (``%2B``). The Host
 header is used exactly as received.
 
-Choices and uncertainties (where this store may differ from S3):
-
 Control API (JSON in and out, unauthenticated; ``_`` cannot start a bucket name)::
 
     POST   /_strict/credentials      {"ttl": s, "advertised_ttl": s?} -> credential_process JSON
@@ -60,6 +58,8 @@ Control API (JSON in and out, unauthenticated; ``_`` cannot start a bucket name)
 Credentials known from the start: access key ``testing``, secret ``testing``, session token
 ``testing``, no expiry (what tests/conftest.py puts in the environment). ``payload`` in the log is
 the x-amz-content-sha256 keyword, ``"sha256"`` for a hex hash, or null.
+
+Choices and uncertainties (where this store may differ from S3):
 
 * Check order is the list above. In particular the bucket-region check comes before the access key
   lookup, and token expiry (ExpiredToken) before presigned URL expiry ("Request has expired").
