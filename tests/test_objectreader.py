@@ -81,8 +81,10 @@ def test_missing_object_and_bad_arguments(bucket: str, reader_kwargs: dict[str, 
             reader.read(10)
         with pytest.raises(aiodcp.ReaderTypeError):
             reader.read("10")  # type: ignore[arg-type]
-        with pytest.raises(ValueError, match="whence"):
-            reader.seek(0, 7)
+        with pytest.raises(aiodcp.SequentialAccessError, match="whence"):
+            reader.seek(0, 7)  # a ValueError too
+        with pytest.raises(aiodcp.SequentialAccessError, match="negative seek position -1"):
+            reader.seek(-1)
     with pytest.raises(aiodcp.InvalidPathError, match="not an object"):
         aiodcp.S3ObjectReader(f"s3://{bucket}")
 

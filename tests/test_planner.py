@@ -242,7 +242,7 @@ def test_auto_gap_is_clamped(latency: float, expected: int) -> None:
 
 @pytest.mark.parametrize("bandwidth", [0, -1.0, math.inf, math.nan])
 def test_auto_gap_rejects_a_bad_bandwidth(bandwidth: float) -> None:
-    with pytest.raises(ValueError, match="bandwidth"):
+    with pytest.raises(ConfigError, match="bandwidth"):  # a ValueError too
         auto_gap_size(0.02, bandwidth)
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from ._config import ReaderConfig
 from ._driver import PrivateLoopDriver
-from ._errors import InvalidPathError, ReaderTypeError
+from ._errors import InvalidPathError, ReaderTypeError, SequentialAccessError
 from ._path import parse_checkpoint_path
 from ._store import S3Store
 
@@ -95,9 +95,11 @@ class S3ObjectReader(io.RawIOBase):
         elif whence == io.SEEK_END:
             target = self.size + offset
         else:
-            raise ValueError(f"invalid whence {whence!r}: use SEEK_SET, SEEK_CUR or SEEK_END")
+            raise SequentialAccessError(
+                f"invalid whence {whence!r}: use SEEK_SET, SEEK_CUR or SEEK_END", whence=whence
+            )
         if target < 0:
-            raise ValueError(f"negative seek position {target}")
+            raise SequentialAccessError(f"negative seek position {target}", position=target)
         self._pos = target
         return target
 

@@ -324,7 +324,11 @@ def auto_gap_size(
     Monotone: a slower request never gives a smaller gap.
     """
     if not (math.isfinite(bandwidth_bytes_per_s) and bandwidth_bytes_per_s > 0):
-        raise ValueError(f"bandwidth must be a positive number, got {bandwidth_bytes_per_s!r}")
+        raise ConfigError(
+            f"bandwidth must be a positive number, got {bandwidth_bytes_per_s!r}",
+            field="bandwidth_bytes_per_s",
+            value=bandwidth_bytes_per_s,
+        )
     latency = ASSUMED_REQUEST_LATENCY_S
     if request_latency_s is not None and not math.isnan(request_latency_s):
         latency = max(0.0, request_latency_s)
