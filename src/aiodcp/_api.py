@@ -11,10 +11,8 @@ so callers see the original error -> close the driver (its loop, thread and conn
 Why not the caller's loop: every ``recv_into`` on the loop that receives the data gives up the
 GIL, and while the decode thread is busy (many small tensors) getting it back can take up to the
 ~2 ms the decoder holds it; with 32 connections one loop iteration could wait for that dozens of
-times, and every task of the caller's loop with it (heartbeat p99 45 ms against 10-15 ms with
-the I/O on its own thread, 20,000 tensors of 16 KiB from nginx on 127.0.0.1, same run). Creating
-the S3 client (~0.1-0.3 s of botocore model parsing in a fresh process) is off the caller's loop
-too.
+times, and every task of the caller's loop with it (the loop-lag scenario of benchmarks/README.md
+measures it). Creating the S3 client is off the caller's loop too.
 
 Cancelling the awaiting task cancels every request at once, lets the item being decoded finish,
 waits for the worker thread to leave ``dcp.load``, closes every connection and stops the I/O

@@ -41,24 +41,15 @@ GET (``_planner.auto_gap_size``); ``DEFAULT_MAX_GAP_SIZE_BYTES`` without a measu
 DEFAULT_MAX_CONCURRENCY = 32
 """Concurrent ranged GETs (and pooled connections) per load. S3 streams each connection at
 80-100 MB/s after a time to first byte of tens of ms, so throughput comes from connections in
-flight: s3torchconnector's CRT client keeps ~25 busy. Measured (2-core box, nginx on 127.0.0.1
-pacing 80 MB/s per connection after 20 ms, 1 GiB in one file, 2 repeats): 8 GETs of 8 MiB took
-2.9-3.0 s, 16 of 4 MiB 1.8-1.9 s, 32 of 2 MiB 1.25-1.35 s. s3torchconnector's dcp_optimized
-was not in those runs; in the full benchmark run that followed it took 1.90 s (median of 3),
-the 32 x 2 MiB defaults 1.15-1.19 s. Since tensors are received straight into their
-destination (no budget held), 32 connections with 8 MiB parts for them took 0.62-0.67 s (2
-MiB: 0.83-0.93 s; 64 connections of 2 MiB: 0.61-0.74 s, with more RSS and slower unpaced)."""
+flight (s3torchconnector's CRT client keeps ~25 busy). How 32 was chosen, with the figures:
+benchmarks/README.md, "Choosing the defaults"."""
 DEFAULT_MEMORY_BUDGET_BYTES = 64 * 1024 * 1024
 """Item memory buffered ahead of the item being decoded: 64 MiB, one buffered part (2 MiB,
 ``ReaderConfig.buffered_part_size``) for each default connection. Memory is counted in the
 1 MiB blocks items are received into. The budget caps the throughput of buffered items against
 a distant store at about ``memory_budget / (latency + buffered part / per-connection
-bandwidth)``: ~1.2 GB/s at 30 ms and 90 MB/s; raise it (with
-``max_concurrency``) on instances whose network is faster. Measured (same box and runs as
-``DEFAULT_MAX_CONCURRENCY``): peak RSS above the state dict ~80 MiB with 64 MiB, against
-700-1,000 MiB for dcp_optimized; on an unpaced local store the 32 x 2 MiB defaults were
-~10 % slower than 8 x 8 MiB (0.72-1.09 s against 0.65-0.94 s per GiB), the price of 4x the
-requests, and 2.2x faster once each GET waits 20 ms for its first byte."""
+bandwidth)``: ~1.2 GB/s at 30 ms and 90 MB/s; raise it (with ``max_concurrency``) on instances
+whose network is faster. Figures: benchmarks/README.md, "Choosing the defaults"."""
 _MIN_BUFFERED_PART = 1024 * 1024
 """Buffered GETs are not cut below this (unless ``part_size`` is): a tiny budget over many
 connections would otherwise mean a request per few KiB."""

@@ -96,7 +96,7 @@ GETs into buffered item memory are bounded by the memory budget, and there more,
 win (throughput about ``memory_budget / (latency + part / per-connection bandwidth)``). So
 this size applies to items received straight into their destination, and buffered parts are
 cut to ``ReaderConfig.buffered_part_size`` (2 MiB with the default budget and concurrency).
-Measurements in ``_config``."""
+Figures: benchmarks/README.md, "Choosing the defaults"."""
 
 _SORT_KEY = attrgetter("start")
 
