@@ -33,6 +33,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 import aiodcp
+import aiodcp._http
 import aiodcp._store
 from aiodcp._http import Url
 
@@ -917,3 +918,27 @@ def test_resend_after_a_stale_connection_uses_a_fresh_one(
         stats = in_thread(load_one)  # a single data GET
         assert proxy.stale_resets >= 1
         assert stats.retries == 0, f"{proxy.stale_resets} stale connections tried"
+
+
+def test_idle_connections_past_the_keepalive_expiry_are_not_reused(
+    checkpoint: Checkpoint, proxy: WireProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pooled connection idle longer than ``KEEPALIVE_EXPIRY_S`` is closed, not reused: no
+    GET goes out on one (the server may be closing it), so none needs a resend. (Without the
+    expiry, the same GETs meet the forgotten connections: see the test above.)"""
+    monkeypatch.setattr(aiodcp._http, "KEEPALIVE_EXPIRY_S", 0.2)
+    with aiodcp.S3StorageReader(checkpoint.url, **options(proxy.endpoint_url)) as reader:
+        state, _ = in_thread(lambda: dcp_load(reader, checkpoint))
+        assert_same(state, checkpoint.state)
+        first = proxy.accepted
+        assert first >= 3  # botocore's + at least 2 pooled fast-path connections
+        time.sleep(0.5)  # longer than the expiry
+        proxy.forget_open_connections()  # a GET on any of them would get a RST and no answer
+        proxy.clear()
+        state, stats = in_thread(lambda: dcp_load(reader, checkpoint))
+        assert_same(state, checkpoint.state)
+        assert proxy.stale_resets == 0
+        assert stats.retries == 0
+        assert proxy.accepted > first  # new connections
+        assert stats.requests == len(data_gets(proxy)) + 1  # no GET was sent twice
+    assert established_to(proxy.port) == 0

@@ -11,13 +11,29 @@ Data flow::
 
     S3Store.fetch_range(bucket, key, start, end, sink)
         -> RangeClient.fetch(url, start, end, if_match, sink)
-            -> _Pool.acquire(origin)         an idle keep-alive connection or a new one
+            -> RangeClient._acquire(url)     an idle keep-alive connection or a new one
             -> _Connection.request()         "GET <presigned path> HTTP/1.1", Range, If-Match
                                              (or If-Unmodified-Since)
             -> get_buffer()/buffer_updated() the status line and headers into a small buffer,
                                              then sink.begin(etag), then the body straight into
                                              sink.buffer(pos) views; sink.written(pos, n)
-            -> _Pool.release()               back to the pool if the response allowed it
+            -> RangeClient._release()        back to the pool if the connection is IDLE
+
+Connection states (``_State``, one value per connection, as in httpcore's HTTP/1.1 one)::
+
+    NEW ---request()--+            +--206-----------> BODY --------+
+                      +--> HEAD ---+                               +--> _end_response()
+    IDLE --request()--+            +--3xx/4xx/5xx---> ERROR_BODY --+           |
+     ^                                                                         |
+     +------------ received whole and in step, and keep-alive allowed ---------+
+                                                                               |
+    CLOSED <------ anything else: failed, cut short, timed out, cancelled -----+
+    CLOSED <------ close(), the server closing, an unrequested byte (from any state)
+
+HEAD, BODY and ERROR_BODY are the active states (the request is written in one synchronous
+``transport.write``: sending is no state of its own). ``_end_response`` is the one place that
+decides between IDLE and CLOSED; the pool only asks ``is_available()`` (IDLE) and
+``has_expired()`` (idle over ``KEEPALIVE_EXPIRY_S``), and calls ``close()`` on the rest.
 
 Scope: only the plain case is handled here, and everything else is reported to the caller
 (``FallbackRequired``), which then sends the request through botocore as before: a response that
@@ -35,6 +51,7 @@ they are stored, the transport is aborted, and the waiting request raises them.
 from __future__ import annotations
 
 import asyncio
+import enum
 import re
 import ssl
 from collections.abc import Callable
@@ -48,7 +65,10 @@ _MAX_HEADER_BYTES = 64 * 1024
 _HEADER_BUFFER_BYTES = 8 * 1024
 _CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 _ERROR_BODY_LIMIT = 64 * 1024
-_IDLE, _HEAD, _BODY, _ERROR_BODY, _DONE = range(5)
+KEEPALIVE_EXPIRY_S = 12.0
+"""Seconds: a pooled connection idle longer than this is closed rather than reused. S3 closes
+idle keep-alive connections after about 20 s, and a request written as it does needs a resend;
+12 s is aiobotocore's ``keepalive_timeout``, which the botocore path uses."""
 
 
 class RangeSink(Protocol):
@@ -129,17 +149,48 @@ class Url:
         )
 
 
+class _State(enum.Enum):
+    """Where a connection is in its life: the one value that says it (module docstring)."""
+
+    NEW = enum.auto()
+    """Connected; no request sent on it yet."""
+    HEAD = enum.auto()
+    """Active: the request was written, the status line and headers are being read."""
+    BODY = enum.auto()
+    """Active: a ``206``; its body is being received straight into the sink."""
+    ERROR_BODY = enum.auto()
+    """Active: an error status; its body is being read into memory for ``HttpError``."""
+    IDLE = enum.auto()
+    """The last response ended whole and in step, and allowed keep-alive: reusable."""
+    CLOSED = enum.auto()
+    """Aborted, or closed by the server: never used again."""
+
+
+# Module-level names for the hot callbacks: one global load and an identity test each.
+_NEW = _State.NEW
+_HEAD = _State.HEAD
+_BODY = _State.BODY
+_ERROR_BODY = _State.ERROR_BODY
+_IDLE = _State.IDLE
+_CLOSED = _State.CLOSED
+_ACTIVE = frozenset({_HEAD, _BODY, _ERROR_BODY})
+
+
 class _Connection(asyncio.BufferedProtocol):
-    """One keep-alive connection; one request at a time."""
+    """One keep-alive connection; one request at a time. Its state is ``_state`` alone: only
+    ``request`` makes it active, only ``_end_response`` ends a response (and decides between
+    IDLE and CLOSED), and ``close`` (or the transport going away) makes it CLOSED."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self.transport: asyncio.Transport | None = None
         self.origin: tuple[str, str, int] = ("", "", 0)
-        self.lost = False
-        self.used = False
-        self.reusable = False
-        self._state = _IDLE
+        self._state = _NEW
+        self._requests = 0
+        self._keep_alive = False
+        """The current response lets the connection be reused once received whole: HTTP/1.1
+        without ``Connection: close``, no byte beyond it came with its head, and (an error) a
+        body short enough to read whole. Set from the head; read only by ``_end_response``."""
         self._head = bytearray(_HEADER_BUFFER_BYTES)
         self._head_len = 0
         self._scratch = bytearray(4096)
@@ -156,6 +207,30 @@ class _Connection(asyncio.BufferedProtocol):
         self._timeout = 0.0
         self._timer: asyncio.TimerHandle | None = None
 
+    # ------------------------------------------------------------- what the pool asks
+
+    def is_available(self) -> bool:
+        """Idle: the last response ended whole and in step, and nothing closed it since."""
+        return self._state is _IDLE
+
+    def has_expired(self) -> bool:
+        """Idle for over ``KEEPALIVE_EXPIRY_S``: the server may be closing it right now."""
+        return self._state is _IDLE and self._loop.time() - self._last_activity > KEEPALIVE_EXPIRY_S
+
+    @property
+    def went_stale(self) -> bool:
+        """The last request went out on a reused connection and no byte of its response came
+        back: what a keep-alive connection the server had closed while idle looks like."""
+        return self._requests > 1 and self._head_len == 0 and self._pos == self._start
+
+    def close(self) -> None:
+        """Abort the connection (CLOSED); a response still under way fails."""
+        if self._state in _ACTIVE:
+            self._end_response(ConnectionAbortedError("the connection was closed"))
+        self._state = _CLOSED
+        if self.transport is not None:
+            self.transport.abort()
+
     # ------------------------------------------------------------- asyncio callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -163,58 +238,58 @@ class _Connection(asyncio.BufferedProtocol):
         self.transport = transport
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
-        if self._state not in (_IDLE, _DONE):
-            self._finish(exc or ConnectionResetError("the server closed the connection"))
+        if self._state in _ACTIVE:
+            self._end_response(exc or ConnectionResetError("the server closed the connection"))
+        self._state = _CLOSED
 
     def eof_received(self) -> bool:
+        if self._state is _IDLE or self._state is _NEW:
+            self._state = _CLOSED  # the server's keep-alive timeout: not reused from now on
         return False  # close the transport; connection_lost reports an unfinished response
 
     def get_buffer(self, sizehint: int) -> memoryview:
         state = self._state
         try:
-            if state == _BODY:
+            if state is _BODY:
                 assert self._sink is not None
                 view = self._sink.buffer(self._pos)
                 left = self._end - self._pos
                 return view if len(view) <= left else view[:left]
-            if state == _HEAD:
+            if state is _HEAD:
                 if self._head_len == len(self._head):
                     if len(self._head) >= _MAX_HEADER_BYTES:
                         raise FallbackRequired(f"response headers over {_MAX_HEADER_BYTES} bytes")
                     self._head.extend(bytes(len(self._head)))
                 return memoryview(self._head)[self._head_len :]
         except BaseException as exc:
-            self._finish(exc)
-        return memoryview(self._scratch)  # idle, failed or error body: read and drop/keep
+            self._end_response(exc)
+        return memoryview(self._scratch)  # not reading a body or head: read and drop/keep
 
     def buffer_updated(self, nbytes: int) -> None:
         state = self._state
         try:
-            if state == _BODY:
+            if state is _BODY:
                 assert self._sink is not None
                 self._last_activity = self._loop.time()
                 self._sink.written(self._pos, nbytes)
                 self._pos += nbytes
                 if self._pos >= self._end:
-                    self._finish(None)
-            elif state == _HEAD:
+                    self._end_response(None)
+            elif state is _HEAD:
                 self._last_activity = self._loop.time()
                 self._head_len += nbytes
                 self._on_head_bytes(nbytes)
-            elif state == _ERROR_BODY:
+            elif state is _ERROR_BODY:
                 self._last_activity = self._loop.time()
                 self._error_body += self._scratch[:nbytes]
                 self._error_left -= nbytes
                 if self._error_left <= 0 or len(self._error_body) >= _ERROR_BODY_LIMIT:
-                    self._finish_error()
-            elif state == _IDLE:
+                    self._end_error()
+            elif state is _IDLE or state is _NEW:
                 # Bytes nobody asked for: the connection is out of step; never reuse it.
-                self.reusable = False
-                if self.transport is not None:
-                    self.transport.abort()
+                self.close()
         except BaseException as exc:
-            self._finish(exc)
+            self._end_response(exc)
 
     # ------------------------------------------------------------- parsing
 
@@ -252,10 +327,10 @@ class _Connection(asyncio.BufferedProtocol):
             self._error_status, self._error_headers = status, headers
             self._error_body = bytearray(rest)
             self._error_left = length - len(rest)
-            self.reusable = keep_alive and length <= _ERROR_BODY_LIMIT
+            self._keep_alive = keep_alive and length <= _ERROR_BODY_LIMIT
             self._state = _ERROR_BODY
             if self._error_left <= 0 or len(self._error_body) >= _ERROR_BODY_LIMIT:
-                self._finish_error()
+                self._end_error()
             return
         match = _CONTENT_RANGE_RE.match(headers.get("content-range", ""))
         if (
@@ -265,40 +340,46 @@ class _Connection(asyncio.BufferedProtocol):
             or length != self._end - self._start
         ):
             raise FallbackRequired("Content-Range/Content-Length differ from the range asked for")
-        self.reusable = keep_alive
+        # Bytes beyond the response came with its head: out of step.
+        self._keep_alive = keep_alive and len(rest) <= length
         assert self._sink is not None
         self._sink.begin(headers.get("etag"))
         self._state = _BODY
         if rest:
             self._pos = feed(self._sink, self._pos, self._end, rest)
-            if len(rest) > self._end - self._start:
-                self.reusable = False  # bytes beyond the response: out of step
             if self._pos >= self._end:
-                self._finish(None)
+                self._end_response(None)
 
-    def _finish_error(self) -> None:
-        self._finish(
-            HttpError(self._error_status, self._error_headers, bytes(self._error_body)),
-            reusable=self._error_left <= 0 and self.reusable,
+    def _end_error(self) -> None:
+        self._end_response(
+            HttpError(self._error_status, self._error_headers, bytes(self._error_body))
         )
 
     # ------------------------------------------------------------- request side
 
-    def _finish(self, exc: BaseException | None, *, reusable: bool | None = None) -> None:
-        if self._state in (_IDLE, _DONE):
+    def _end_response(self, exc: BaseException | None) -> None:
+        """The response ended: ``exc`` is None (the body arrived), an ``HttpError`` (an error
+        response, its body read), or why it failed. The one place that decides what becomes of
+        the connection: IDLE if the response was received whole and in step and allowed
+        keep-alive, CLOSED otherwise. Then the waiting request is woken."""
+        state = self._state
+        if state not in _ACTIVE:
             return
-        self._state = _DONE
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if exc is not None and not isinstance(exc, HttpError):
-            self.reusable = False
-        elif reusable is not None:
-            self.reusable = reusable
-        if not self.reusable and self.transport is not None:
-            self.transport.abort()
-        elif exc is None or isinstance(exc, HttpError):
+        if exc is None:
+            whole = state is _BODY and self._pos == self._end
+        elif isinstance(exc, HttpError):
+            whole = state is _ERROR_BODY and self._error_left == 0  # all of it, nothing more
+        else:
+            whole = False  # failed, timed out or cancelled part way: in an unknown state
+        if whole and self._keep_alive:
             self._state = _IDLE  # any byte from now on is unrequested: see buffer_updated
+        else:
+            self._state = _CLOSED
+            if self.transport is not None:
+                self.transport.abort()
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             if exc is None:
@@ -308,11 +389,11 @@ class _Connection(asyncio.BufferedProtocol):
 
     def _check_timeout(self) -> None:
         self._timer = None
-        if self._state in (_IDLE, _DONE):
+        if self._state not in _ACTIVE:
             return
         idle = self._loop.time() - self._last_activity
         if idle >= self._timeout:
-            self._finish(TimeoutError(f"no data for {self._timeout:g} s (read_timeout_s)"))
+            self._end_response(TimeoutError(f"no data for {self._timeout:g} s (read_timeout_s)"))
         else:
             self._timer = self._loop.call_later(self._timeout - idle, self._check_timeout)
 
@@ -327,10 +408,13 @@ class _Connection(asyncio.BufferedProtocol):
         user_agent: str,
         unmodified_since: str | None = None,
     ) -> None:
-        """Send one ranged GET and receive its body into ``sink``; raises on any failure."""
-        assert self.transport is not None and self._state in (_IDLE, _DONE)
-        self.used = True
-        self.reusable = False
+        """Send one ranged GET (NEW or IDLE -> HEAD) and receive its body into ``sink``; raises
+        on any failure. Returns or raises with the connection IDLE or CLOSED."""
+        if self._state is _CLOSED:  # closed by the server before its first request was sent
+            raise ConnectionResetError("the server closed the connection")
+        assert self.transport is not None and (self._state is _NEW or self._state is _IDLE)
+        self._requests += 1
+        self._keep_alive = False
         self._sink, self._start, self._pos, self._end = sink, start, start, end
         self._head_len = 0
         self._state = _HEAD
@@ -354,22 +438,16 @@ class _Connection(asyncio.BufferedProtocol):
             self.transport.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
             await self._waiter
         except HttpError:
-            raise  # the error body was read whole: the connection may be reused
+            raise  # the error body was read whole: the connection may be IDLE
         except BaseException as exc:
-            # Cancelled, or failed: the connection is in an unknown state.
-            self._finish(exc if isinstance(exc, Exception) else ConnectionAbortedError())
-            self.reusable = False
-            if self.transport is not None:
-                self.transport.abort()
+            # Cancelled, or failed: the connection is in an unknown state (even when the
+            # response had ended: a cancellation can arrive after it did).
+            self._end_response(exc if isinstance(exc, Exception) else ConnectionAbortedError())
+            self.close()
             raise
         finally:
             self._sink = None
             self._waiter = None
-
-    @property
-    def received_nothing(self) -> bool:
-        """No byte of the last response arrived (a stale keep-alive connection's symptom)."""
-        return self._head_len == 0 and self._pos == self._start
 
 
 class RangeClient:
@@ -407,7 +485,6 @@ class RangeClient:
         when a reused keep-alive connection turns out closed before any byte came back)."""
         for resend in (True, False):
             connection = await self._acquire(url, fresh=not resend)
-            reused = connection.used
             try:
                 await connection.request(
                     url,
@@ -421,8 +498,7 @@ class RangeClient:
                 )
             except OSError as exc:
                 self._release(connection)
-                stale = reused and connection.received_nothing and not isinstance(exc, TimeoutError)
-                if resend and stale:
+                if resend and connection.went_stale and not isinstance(exc, TimeoutError):
                     self._drop_idle(connection.origin)  # they idled as long: likely dead too
                     continue
                 raise
@@ -434,8 +510,7 @@ class RangeClient:
 
     def _drop_idle(self, origin: tuple[str, str, int]) -> None:
         for connection in self._idle.pop(origin, []):
-            if connection.transport is not None:
-                connection.transport.abort()
+            connection.close()
 
     async def _acquire(self, url: Url, *, fresh: bool = False) -> _Connection:
         if self._closed:
@@ -444,9 +519,10 @@ class RangeClient:
         idle = None if fresh else self._idle.get(origin)
         while idle:
             connection = idle.pop()
-            if not connection.lost and connection.transport is not None:
+            if connection.is_available() and not connection.has_expired():
                 self._busy.add(connection)
                 return connection
+            connection.close()
         loop = asyncio.get_running_loop()
         context = None
         if url.scheme == "https":
@@ -469,25 +545,22 @@ class RangeClient:
 
     def _release(self, connection: _Connection) -> None:
         self._busy.discard(connection)
-        if self._closed or connection.lost or not connection.reusable:
-            if connection.transport is not None:
-                connection.transport.abort()
+        if self._closed or not connection.is_available():
+            connection.close()
             return
         idle = self._idle.setdefault(connection.origin, [])
         if len(idle) < self._max_idle:
             idle.append(connection)
-        elif connection.transport is not None:
-            connection.transport.abort()
+        else:
+            connection.close()
 
     def close(self) -> None:
         """Abort every connection (idle or busy)."""
         self._closed = True
         for idle in self._idle.values():
             for connection in idle:
-                if connection.transport is not None:
-                    connection.transport.abort()
+                connection.close()
         self._idle.clear()
         for connection in list(self._busy):
-            if connection.transport is not None:
-                connection.transport.abort()
+            connection.close()
         self._busy.clear()
