@@ -50,6 +50,7 @@ from botocore.config import Config
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
+import cold  # noqa: E402
 import report  # noqa: E402
 from common import MIB, layer_specs, small_specs, spec_bytes  # noqa: E402
 
@@ -74,6 +75,7 @@ ALL_SCENARIOS = [
     "s3_shaped",
     "dist",
     "loop_lag",
+    "cold",
 ]
 SCENARIO_TEXT = {
     "full_1file": "full load, ~{size} MiB, 1 data file",
@@ -85,6 +87,7 @@ SCENARIO_TEXT = {
     "dist": "2 gloo ranks load (DTensor Shard(1)) a ~{dist_size} MiB checkpoint saved by 4 ranks "
     "(Shard(0))",
     "loop_lag": "1 ms heartbeat on the event loop during the full 1-file and many-small loads",
+    "cold": "fresh processes: import time, first load vs warm loads, `aiodcp inspect` (cold.py)",
 }
 # Loaders that make no sense in a scenario (see README).
 SKIP = {
@@ -587,6 +590,15 @@ def child_env(aiodcp_src: Path) -> dict[str, str]:
     return env
 
 
+def compile_bytecode(src: Path) -> None:
+    """Compile aiodcp's modules (as pip does on install): the cold scenario times imports, and
+    PYTHONDONTWRITEBYTECODE (set here) would make every process compile them again."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    subprocess.run(
+        [sys.executable, "-m", "compileall", "-q", str(src / "aiodcp")], env=env, check=True
+    )
+
+
 def aiodcp_source(rev: str, data: Path) -> tuple[Path, str]:
     """Where children import aiodcp from, and a description of that code."""
     head = subprocess.run(
@@ -754,6 +766,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--small-kib", type=int, default=16, help="size of each small tensor")
     p.add_argument("--dist-size-mib", type=float, help="checkpoint size for the dist scenario")
     p.add_argument("--repeats", type=int, help="paired repeats (median reported)")
+    p.add_argument(
+        "--cold-size-mib", type=float, help="checkpoint size for the cold scenario (default 400)"
+    )
+    p.add_argument(
+        "--cold-loads", type=int, default=3, help="loads per process in the cold scenario"
+    )
+    p.add_argument(
+        "--cold-gap-s",
+        type=float,
+        default=0.0,
+        help="cold scenario: seconds of sleep between building the state dict and the first "
+        "load (other work the caller does first; default 0)",
+    )
     p.add_argument("--shaped-latency-ms", type=float, default=20.0)
     p.add_argument("--shaped-mbps", type=float, default=80.0, help="MB/s per connection")
     p.add_argument(
@@ -800,12 +825,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     args = p.parse_args(argv)
     defaults = (
-        {"size_mib": 128, "small_count": 2000, "dist_size_mib": 64, "repeats": 1, "quiet_wait": 0}
+        {
+            "size_mib": 128,
+            "small_count": 2000,
+            "dist_size_mib": 64,
+            "cold_size_mib": 128,
+            "repeats": 1,
+            "quiet_wait": 0,
+        }
         if args.quick
         else {
             "size_mib": 1024,
             "small_count": 20000,
             "dist_size_mib": 512,
+            "cold_size_mib": 400,
             "repeats": 3,
             "quiet_wait": 5,
         }
@@ -878,6 +911,7 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     src, aiodcp_desc = aiodcp_source(args.aiodcp_src, data)
     env = child_env(src)
+    compile_bytecode(src)
     meta = machine_info(aiodcp_desc)
     scenarios = args.scenarios
     big_specs = layer_specs(args.size_mib)
@@ -886,6 +920,8 @@ def main(argv: list[str] | None = None) -> None:
         "big8": Checkpoint("big8", big_specs, files=8),
         "small": Checkpoint("small", small_specs(args.small_count, args.small_kib)),
         "dist": Checkpoint("dist", layer_specs(args.dist_size_mib, dist=True), ranks=4),
+        "cold": Checkpoint("cold", layer_specs(args.cold_size_mib), files=1),
+        "tiny": Checkpoint("tiny", small_specs(64, 16), files=1),
     }
     uses = {
         "full_1file": "big1",
@@ -895,8 +931,10 @@ def main(argv: list[str] | None = None) -> None:
         "s3_shaped": "big1",
         "dist": "dist",
         "loop_lag": "big1",
+        "cold": "cold",
     }
     needed_ckpts = {uses[s] for s in scenarios} | ({"small"} if "loop_lag" in scenarios else set())
+    needed_ckpts |= {"tiny"} if "cold" in scenarios else set()
     results: dict[str, Any] = {
         "meta": meta,
         "config": {
@@ -918,7 +956,7 @@ def main(argv: list[str] | None = None) -> None:
             for name in sorted(needed_ckpts):
                 ckpts[name].ensure(data, servers, sys.executable, env)
         runner = Runner(args, servers, env, data)
-        for scenario in scenarios:
+        for scenario in [s for s in scenarios if s != "cold"]:
             ckpt = ckpts[uses[scenario]]
             keys: list[str] | None = None
             if scenario == "partial":
@@ -972,6 +1010,28 @@ def main(argv: list[str] | None = None) -> None:
                             log(report.describe_run(row))
             results["total_s"] = time.perf_counter() - started
             report.write(results, out, args.name)  # after every scenario: partial results
+        if "cold" in scenarios:
+            with timed("scenario cold"):
+                results["cold"] = cold.run(
+                    loaders=[x for x in cold.COLD_LOADERS if x in args.loaders],
+                    repeats=args.repeats,
+                    loads=args.cold_loads,
+                    gap_s=args.cold_gap_s,
+                    ckpt=ckpts["cold"],
+                    tiny=ckpts["tiny"],
+                    endpoint=servers.direct_url,
+                    env=env,
+                    jobs=runner.jobs,
+                    tmp=data / "tmp",
+                    wait_quiet=runner.wait_quiet,
+                    log=log,
+                )
+            results["total_s"] = time.perf_counter() - started
+            report.write(results, out, args.name)
+            section = cold.markdown(results["cold"])
+            with open(out / f"{args.name}.md", "a") as f:
+                f.write("\n" + section)
+            log(section)
     log(f"total {time.perf_counter() - started:.0f} s; results in {out}/{args.name}.*")
 
 
