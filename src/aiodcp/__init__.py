@@ -34,9 +34,8 @@ from ._planner import ItemRange, RangeGroup
 from ._prefetch import PrefetchHandle, prefetch
 from ._reader import ChunkBuffer, SequentialReader
 from ._stats import LoadStats, RequestMetrics
+from ._version import __version__
 from .dcp import S3StorageReader
-
-__version__ = "0.1.0.dev0"
 
 __all__ = [
     "AccessDeniedError",

@@ -218,7 +218,7 @@ def _gap_arg(text: str) -> int | float | str:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from ._version import __version__
 
     common = argparse.ArgumentParser(add_help=False)
     store = common.add_argument_group("connection")

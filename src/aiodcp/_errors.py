@@ -93,7 +93,12 @@ class ReaderTypeError(AiodcpError, TypeError):
 
 
 class StorageError(AiodcpError):
-    """Talking to the object store failed. ``bucket`` and ``key`` say where."""
+    """Talking to the object store failed. ``bucket`` and ``key`` say where.
+
+    ``retryable``: whether a new request can fix it (a connection that broke, a 5xx or
+    throttling reply); set where the error is translated, False unless said."""
+
+    retryable: bool = False
 
 
 class NotFoundError(StorageError, FileNotFoundError):

@@ -249,7 +249,7 @@ def translate_error(
 
 def is_retryable(exc: BaseException) -> bool:
     """Whether a new request can fix the failure (translated errors only)."""
-    return bool(getattr(exc, "retryable", False))
+    return isinstance(exc, StorageError) and exc.retryable
 
 
 _THROTTLING_CODES = frozenset(
@@ -426,7 +426,7 @@ class S3Store:
                 return context
             return ssl.create_default_context(cafile=get_cert_path(verify))
 
-        from . import __version__
+        from ._version import __version__
 
         return RangeClient(
             ssl_context=ssl_context,
@@ -451,7 +451,12 @@ class S3Store:
     @property
     def client(self) -> Any:
         if self._client is None:
-            raise RuntimeError("S3Store is not open")
+            raise StorageError(
+                "the S3 store is closed (the reader or load that owned it ended); open a new "
+                "reader or start a new load",
+                bucket="",
+                key="",
+            )
         return self._client
 
     async def retrying(
