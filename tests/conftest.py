@@ -34,8 +34,9 @@ for _var in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
 
 
 @dataclass
-class S3Server:
-    endpoint_url: str
+class _LoggedServer:
+    """A server process that appends one JSON line per request to ``log_path``."""
+
     log_path: Path
 
     def requests(self) -> list[dict[str, Any]]:
@@ -46,6 +47,11 @@ class S3Server:
 
     def clear_log(self) -> None:
         self.log_path.write_text("")
+
+
+@dataclass
+class S3Server(_LoggedServer):
+    endpoint_url: str
 
     def client(self) -> Any:
         return boto3.client("s3", endpoint_url=self.endpoint_url, region_name="us-east-1")
@@ -65,7 +71,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         line = proc.stdout.readline()
         if not line.startswith("PORT "):
             raise RuntimeError(f"moto server did not start: {line!r}")
-        yield S3Server(f"http://127.0.0.1:{int(line.split()[1])}", log)
+        yield S3Server(endpoint_url=f"http://127.0.0.1:{int(line.split()[1])}", log_path=log)
     finally:
         proc.terminate()
         proc.wait(timeout=10)
@@ -139,22 +145,12 @@ _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 @dataclass
-class StrictServer:
+class StrictServer(_LoggedServer):
     """tests/strictstore.py: S3's authentication rules in front of moto (HTTP and HTTPS)."""
 
     endpoint_url: str
     tls_endpoint_url: str
     ca_path: Path
-    log_path: Path
-
-    def requests(self) -> list[dict[str, Any]]:
-        if not self.log_path.exists():
-            return []
-        with self.log_path.open() as f:
-            return [json.loads(line) for line in f if line.strip()]
-
-    def clear_log(self) -> None:
-        self.log_path.write_text("")
 
     def client(self, region: str = "us-east-1", *, tls: bool = False, **kwargs: Any) -> Any:
         """A boto3 S3 client signing SigV4 with path addressing; ``kwargs`` go to boto3.client
@@ -239,10 +235,10 @@ def strict_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StrictSe
             raise RuntimeError(f"strict S3 server did not start: {line!r}")
         http_port, https_port = (int(p) for p in line.split()[1:3])
         yield StrictServer(
-            f"http://127.0.0.1:{http_port}",
-            f"https://localhost:{https_port}",
-            root / "ca" / "ca.pem",
-            log,
+            endpoint_url=f"http://127.0.0.1:{http_port}",
+            tls_endpoint_url=f"https://localhost:{https_port}",
+            ca_path=root / "ca" / "ca.pem",
+            log_path=log,
         )
     finally:
         proc.terminate()

@@ -121,15 +121,8 @@ _TRANSIENT = (
     botocore.exceptions.IncompleteReadError,
 )
 
-# Error responses a new request can fix: botocore standard mode's transient and throttling
-# lists, and the status codes it retries (plus 408 and 429).
-_RETRYABLE_CODES = frozenset(
+_THROTTLING_CODES = frozenset(
     {
-        "RequestTimeout",
-        "RequestTimeoutException",
-        "PriorRequestNotComplete",
-        "InternalError",
-        "ServiceUnavailable",
         "SlowDown",
         "Throttling",
         "ThrottlingException",
@@ -145,6 +138,17 @@ _RETRYABLE_CODES = frozenset(
         "EC2ThrottledException",
     }
 )
+"""Error codes of a request refused for its rate: botocore standard mode's throttling list. The
+load lowers its request rate on them (``is_throttling``)."""
+# Error responses a new request can fix: botocore standard mode's transient and throttling
+# lists, and the status codes it retries (plus 408 and 429).
+_RETRYABLE_CODES = _THROTTLING_CODES | {
+    "RequestTimeout",
+    "RequestTimeoutException",
+    "PriorRequestNotComplete",
+    "InternalError",
+    "ServiceUnavailable",
+}
 _RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 
 
@@ -250,20 +254,6 @@ def translate_error(
 def is_retryable(exc: BaseException) -> bool:
     """Whether a new request can fix the failure (translated errors only)."""
     return isinstance(exc, StorageError) and exc.retryable
-
-
-_THROTTLING_CODES = frozenset(
-    {
-        "SlowDown",
-        "Throttling",
-        "ThrottlingException",
-        "ThrottledException",
-        "RequestThrottledException",
-        "TooManyRequestsException",
-        "RequestLimitExceeded",
-        "RequestThrottled",
-    }
-)
 
 
 def is_throttling(exc: BaseException) -> bool:
