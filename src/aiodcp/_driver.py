@@ -36,14 +36,20 @@ StoreCall = Callable[[S3Store], Awaitable[T]]
 # and closing one unregisters its socket from the epoll instance the child shares with the
 # parent, so the parent's loop would stop seeing replies on its pooled connections.
 _INHERITED_FROM_PARENT: list[object] = []
-_PRIVATE_DRIVERS: weakref.WeakSet[PrivateLoopDriver] = weakref.WeakSet()
+_FORK_LOCKS: weakref.WeakKeyDictionary[object, tuple[str, ...]] = weakref.WeakKeyDictionary()
+
+
+def renew_locks_after_fork(owner: object, *names: str) -> None:
+    """Give ``owner`` new locks in the attributes ``names`` in a forked child. Another thread of
+    the parent may have held one when it forked; in the child that thread does not exist, so
+    the lock would never be released. (Drivers and readers both register here: one handler.)"""
+    _FORK_LOCKS[owner] = names
 
 
 def _after_fork_in_child() -> None:
-    # Another thread of the parent may have held a driver's lock when it forked.
-    for driver in list(_PRIVATE_DRIVERS):
-        driver._lock = threading.Lock()
-        driver._pending_lock = threading.Lock()
+    for owner, names in list(_FORK_LOCKS.items()):
+        for name in names:
+            setattr(owner, name, threading.Lock())
 
 
 if hasattr(os, "register_at_fork"):
@@ -122,7 +128,7 @@ class PrivateLoopDriver(Driver):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._store: S3Store | None = None
-        _PRIVATE_DRIVERS.add(self)
+        renew_locks_after_fork(self, "_lock", "_pending_lock")
 
     def _forget_parent(self) -> None:
         """In a forked child: drop the parent's loop, thread and store without touching them."""

@@ -361,10 +361,6 @@ class ChunkBuffer:
         """The non-empty chunks, as read-only flat byte views (empty once closed)."""
         return self._chunks
 
-    def getbuffer_chunks(self) -> tuple[memoryview, ...]:
-        """Same as :attr:`chunks`."""
-        return self._chunks
-
     def __len__(self) -> int:
         return self._length
 

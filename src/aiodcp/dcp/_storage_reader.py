@@ -57,7 +57,7 @@ from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
 from .._config import ReaderConfig
-from .._driver import Driver, PrivateLoopDriver
+from .._driver import Driver, PrivateLoopDriver, renew_locks_after_fork
 from .._engine import FetchEngine, FileFetch
 from .._errors import CheckpointFormatError, MissingDependencyError
 from .._path import CheckpointPath, is_checkpoint_path, parse_checkpoint_path
@@ -82,20 +82,6 @@ logger = logging.getLogger(__name__)
 _METADATA_NAME = ".metadata"
 
 _T = TypeVar("_T")
-
-
-_READERS: weakref.WeakSet[S3StorageReader] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    # Another thread of the parent may have held a reader's lock when it forked; in the child
-    # that thread does not exist, so the lock would never be released.
-    for reader in list(_READERS):
-        reader._driver_lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class S3StorageReader(StorageReader):
@@ -143,7 +129,7 @@ class S3StorageReader(StorageReader):
         self._path: CheckpointPath = parse_checkpoint_path(path)
         self._driver: Driver | None = None
         self._driver_lock = threading.Lock()
-        _READERS.add(self)
+        renew_locks_after_fork(self, "_driver_lock")
         self._owns_driver = True
         self._metadata: Metadata | None = None
         # Time to first byte of the last .metadata GET: what max_gap_size="auto" is chosen by.
