@@ -20,6 +20,7 @@ name) and open client connections, so tests can assert what happened on the wire
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import random
 import select
@@ -40,6 +41,7 @@ __all__ = [
     "ProxyRequest",
     "Rule",
     "aiodcp_threads",
+    "assert_clean",
     "established_to",
 ]
 
@@ -79,6 +81,19 @@ def established_to(port: int) -> int:
 
 def aiodcp_threads() -> list[str]:
     return [t.name for t in threading.enumerate() if t.name.startswith("aiodcp")]
+
+
+def assert_clean(proxy: FaultProxy) -> None:
+    """No aiodcp thread, no client connection to the proxy, no connection held by the proxy,
+    no task left on the calling test's loop."""
+    current = asyncio.current_task()
+    assert [t for t in asyncio.all_tasks() if t is not current] == []
+    deadline = time.monotonic() + 5
+    while aiodcp_threads() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert aiodcp_threads() == []
+    assert proxy.wait_idle(5.0), f"{proxy.open_connections} connections left open"
+    assert established_to(proxy.port) == 0
 
 
 # --------------------------------------------------------------------------- faults and rules

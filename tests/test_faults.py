@@ -26,7 +26,7 @@ import aiodcp
 import aiodcp._store
 
 from conftest import S3Server, assert_same, save_checkpoint, upload_dir
-from faultproxy import Fault, FaultProxy, aiodcp_threads, established_to
+from faultproxy import Fault, FaultProxy, aiodcp_threads, assert_clean
 
 BUCKET = "faults-bucket"
 LOAD_TIMEOUT_S = 60.0  # generous: a hang fails the test, a slow machine does not
@@ -133,19 +133,6 @@ async def load(
     if mode == "async":
         return await aload(ck, proxy, **extra)
     return await asyncio.to_thread(sload, ck, proxy, **extra)
-
-
-def assert_clean(proxy: FaultProxy) -> None:
-    """No aiodcp thread, no client connection to the proxy, no connection held by the proxy,
-    no task left on the test's loop."""
-    current = asyncio.current_task()
-    assert [t for t in asyncio.all_tasks() if t is not current] == []
-    deadline = time.monotonic() + 5
-    while aiodcp_threads() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert aiodcp_threads() == []
-    assert proxy.wait_idle(5.0), f"{proxy.open_connections} connections left open"
-    assert established_to(proxy.port) == 0
 
 
 def data_gets(proxy: FaultProxy, key: str | None = None) -> list[Any]:

@@ -19,7 +19,7 @@ import torch
 import aiodcp
 
 from conftest import S3Server, assert_same, save_checkpoint, upload_dir
-from faultproxy import Fault, FaultProxy, aiodcp_threads, established_to
+from faultproxy import Fault, FaultProxy, assert_clean
 
 HANG_GUARD_S = 30.0  # generous: a hang fails the test, a slow machine does not
 
@@ -174,18 +174,6 @@ async def gather_result(task: asyncio.Future[Any]) -> Any:
         return await asyncio.wait_for(task, HANG_GUARD_S)
     except (asyncio.CancelledError, concurrent.futures.CancelledError) as exc:
         pytest.fail(f"raised a bare {type(exc).__module__}.{type(exc).__name__}")
-
-
-def assert_clean(proxy: FaultProxy) -> None:
-    """No aiodcp thread, no connection to the proxy, no task left on the test's loop."""
-    current = asyncio.current_task()
-    assert [t for t in asyncio.all_tasks() if t is not current] == []
-    deadline = time.monotonic() + 5
-    while aiodcp_threads() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert aiodcp_threads() == []
-    assert proxy.wait_idle(5.0), f"{proxy.open_connections} connections left open"
-    assert established_to(proxy.port) == 0
 
 
 @pytest.mark.parametrize("second", ["load", "aload"])
