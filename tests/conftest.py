@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -57,26 +58,31 @@ class S3Server(_LoggedServer):
         return boto3.client("s3", endpoint_url=self.endpoint_url, region_name="us-east-1")
 
 
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    log = tmp_path_factory.mktemp("s3log") / "requests.jsonl"
+@contextlib.contextmanager
+def server_process(args: list[str], banner: str) -> Iterator[list[int]]:
+    """Run ``python <args>`` until the block ends; yields the ports it prints after ``banner``
+    (its first line of output, once it listens)."""
     proc = subprocess.Popen(
-        [sys.executable, str(HERE / "s3server.py"), "--log", str(log)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
+        [sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
     )
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
-        if not line.startswith("PORT "):
-            raise RuntimeError(f"moto server did not start: {line!r}")
-        yield S3Server(endpoint_url=f"http://127.0.0.1:{int(line.split()[1])}", log_path=log)
+        if not line.startswith(f"{banner} "):
+            raise RuntimeError(f"{args[0]} did not start: {line!r}")
+        yield [int(p) for p in line.split()[1:]]
     finally:
         proc.terminate()
         proc.wait(timeout=10)
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    log = tmp_path_factory.mktemp("s3log") / "requests.jsonl"
+    with server_process([str(HERE / "s3server.py"), "--log", str(log)], "PORT") as (port,):
+        yield S3Server(endpoint_url=f"http://127.0.0.1:{port}", log_path=log)
 
 
 @pytest.fixture
@@ -215,36 +221,14 @@ class StrictServer(_LoggedServer):
 def strict_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StrictServer]:
     root = tmp_path_factory.mktemp("strict")
     log = root / "requests.jsonl"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            str(HERE / "strictstore.py"),
-            "--log",
-            str(log),
-            "--ca-dir",
-            str(root / "ca"),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        if not line.startswith("PORTS "):
-            raise RuntimeError(f"strict S3 server did not start: {line!r}")
-        http_port, https_port = (int(p) for p in line.split()[1:3])
+    args = [str(HERE / "strictstore.py"), "--log", str(log), "--ca-dir", str(root / "ca")]
+    with server_process(args, "PORTS") as (http_port, https_port):
         yield StrictServer(
             endpoint_url=f"http://127.0.0.1:{http_port}",
             tls_endpoint_url=f"https://localhost:{https_port}",
             ca_path=root / "ca" / "ca.pem",
             log_path=log,
         )
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        if proc.stdout is not None:
-            proc.stdout.close()
 
 
 @pytest.fixture
