@@ -792,10 +792,10 @@ def test_temporary_credentials_expire(
     strict_server: StrictServer, obj: tuple[str, str, bytes]
 ) -> None:
     bucket, key, data = obj
-    minted = strict_server.mint_credentials(ttl=2)
+    minted = strict_server.mint_credentials(ttl=3)
     assert minted["Version"] == 1 and minted["AccessKeyId"].startswith("ASIA")
     expiration = dt.datetime.fromisoformat(minted["Expiration"].replace("Z", "+00:00"))
-    assert 0 < (expiration - dt.datetime.now(dt.UTC)).total_seconds() <= 2
+    assert 0 < (expiration - dt.datetime.now(dt.UTC)).total_seconds() <= 3
     creds = Credentials(minted["AccessKeyId"], minted["SecretAccessKey"], minted["SessionToken"])
     client = strict_server.client(
         aws_access_key_id=creds.access_key,
@@ -804,12 +804,14 @@ def test_temporary_credentials_expire(
         config=NO_RETRY,
     )
     assert client.get_object(Bucket=bucket, Key=key)["Body"].read() == data
-    url = presign(object_url(strict_server, bucket, key), credentials=creds, expires=1)
+    # X-Amz-Date has whole seconds, so a URL signed late in a second has lost up to
+    # one second of its X-Amz-Expires: 2 s leaves at least 1 s to send it.
+    url = presign(object_url(strict_server, bucket, key), credentials=creds, expires=2)
     long_url = strict_server.client().generate_presigned_url(
-        "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=1
+        "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=2
     )  # signed with the long-term key
     assert send(url).body == data
-    time.sleep(2.1)
+    time.sleep(3.1)
     error = client_error(client.get_object, Bucket=bucket, Key=key)["Error"]
     assert (error["Code"], error["Message"]) == ("ExpiredToken", "The provided token has expired.")
     # Both the token and the URL have expired: the token's expiry is reported first.
