@@ -132,7 +132,7 @@ def test_the_measured_latency_decides_whether_a_gap_is_fetched(
     merged: bool,
 ) -> None:
     url, sd, needed = ckpt
-    monkeypatch.setattr("aiodcp.dcp._storage_reader.request_latency_from_get", lambda *_: latency_s)
+    monkeypatch.setattr("aiodcp.dcp._session.request_latency_from_get", lambda *_: latency_s)
     wanted = _ends(sd)
     with aiodcp.S3StorageReader(url, **reader_kwargs) as reader:
         dcp.load(wanted, storage_reader=reader)
@@ -152,7 +152,7 @@ def test_a_fixed_gap_ignores_the_latency(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     url, sd, needed = ckpt
-    monkeypatch.setattr("aiodcp.dcp._storage_reader.request_latency_from_get", lambda *_: 1.0)
+    monkeypatch.setattr("aiodcp.dcp._session.request_latency_from_get", lambda *_: 1.0)
     wanted = _ends(sd)
     with aiodcp.S3StorageReader(url, max_gap_size=0, **reader_kwargs) as reader:
         dcp.load(wanted, storage_reader=reader)
@@ -167,7 +167,7 @@ async def test_load_checkpoint_resolves_auto(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     url, sd, needed = ckpt
-    monkeypatch.setattr("aiodcp._api.request_latency_from_get", lambda *_: 1.0)
+    monkeypatch.setattr("aiodcp.dcp._session.request_latency_from_get", lambda *_: 1.0)
     wanted = _ends(sd)
     stats = await aiodcp.load_checkpoint(wanted, url, **reader_kwargs)
     assert_same(wanted, {"a": sd["a"], "c": sd["c"]})
@@ -192,7 +192,7 @@ def test_prefetch_and_its_load_plan_with_the_prefetch_measurement(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     url, sd, needed = ckpt
-    monkeypatch.setattr("aiodcp._prefetch.request_latency_from_get", lambda *_: 1.0)
+    monkeypatch.setattr("aiodcp.dcp._session.request_latency_from_get", lambda *_: 1.0)
     handle = aiodcp.prefetch(url, keys=["a", "c"], progress=False, **reader_kwargs)
     try:
         prefetched = handle.wait(timeout=60)

@@ -23,23 +23,18 @@ from __future__ import annotations
 
 import asyncio
 import os
-import threading
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import torch.distributed as dist
-from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.planner import LoadPlanner
-from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
 from ._config import ReaderConfig
 from ._driver import PrivateLoopDriver
 from ._path import parse_checkpoint_path
-from ._planner import request_latency_from_get
 from ._stats import LoadStats, StatsRecorder
 from ._store import S3Store
-from .dcp._metadata import load_metadata
+from .dcp._session import fetch_metadata, run_dcp_load, run_in_thread
 from .dcp._storage_reader import S3StorageReader
 
 __all__ = ["load_checkpoint"]
@@ -91,41 +86,29 @@ async def load_checkpoint(
     recorder = StatsRecorder()
     driver = PrivateLoopDriver(cfg)
     try:
-        key = path.key(".metadata")
-
-        async def fetch(store: S3Store) -> tuple[bytes, float]:
-            started = time.perf_counter()
-            data = await store.get_object(path.bucket, key, stats=recorder)
-            return data, request_latency_from_get(time.perf_counter() - started, len(data))
-
-        data, latency = await _on_driver(driver, fetch)
+        fetched = await _on_driver(driver, lambda store: fetch_metadata(store, path, recorder))
         # Unpickling the metadata of a checkpoint with many items takes long: not on the loop.
-        metadata = await _run_in_thread(
-            lambda: load_metadata(data, f"s3://{path.bucket}/{key}"), on_cancel=lambda: None
+        metadata = await run_in_thread(fetched.parse, on_cancel=lambda: None)
+        reader = S3StorageReader._with_driver(
+            path, cfg, driver, metadata, recorder, fetched.request_latency_s
         )
-        recorder.add(requests=1, bytes_received=len(data))
-        reader = S3StorageReader._with_driver(path, cfg, driver, metadata, recorder, latency)
         reader.progress = progress
-
-        def load() -> None:
-            try:
-                dcp_load(
-                    state_dict,
-                    storage_reader=reader,
-                    planner=planner,
-                    process_group=process_group,
-                    no_dist=no_dist,
-                )
-            except CheckpointException as exc:
-                raise _unwrap(exc) from None
-
-        await _run_in_thread(load, on_cancel=reader.abort)
+        await run_in_thread(
+            lambda: run_dcp_load(
+                state_dict,
+                reader,
+                planner=planner,
+                process_group=process_group,
+                no_dist=no_dist,
+            ),
+            on_cancel=reader.abort,
+        )
         stats = reader.stats
         return stats if stats is not None else LoadStats()
     finally:
         # Stops the I/O loop and joins its thread (closing the connections first): in a
         # thread, so the caller's loop keeps running meanwhile, even while being cancelled.
-        await _run_in_thread(driver.close, on_cancel=lambda: None)
+        await run_in_thread(driver.close, on_cancel=lambda: None)
 
 
 async def _on_driver(driver: PrivateLoopDriver, fn: Callable[[S3Store], Awaitable[T]]) -> T:
@@ -136,56 +119,3 @@ async def _on_driver(driver: PrivateLoopDriver, fn: Callable[[S3Store], Awaitabl
     except asyncio.CancelledError:
         driver.cancel_all()
         raise
-
-
-def _unwrap(exc: CheckpointException) -> BaseException:
-    """The original exception inside torch's ``CheckpointException`` (this rank's first)."""
-    failures = exc.failures
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    ordered = sorted(failures.items(), key=lambda kv: (kv[0] != rank, kv[0]))
-    for _, failure in ordered:
-        inner = failure[0] if isinstance(failure, tuple) else failure
-        if isinstance(inner, BaseException):
-            return inner
-    return exc
-
-
-async def _run_in_thread(fn: Callable[[], T], *, on_cancel: Callable[[], None]) -> T:
-    """Run ``fn`` in a fresh thread; on cancellation call ``on_cancel`` and wait for the thread."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[T] = loop.create_future()
-
-    def settle(result: T | None, error: BaseException | None) -> None:
-        if done.done():
-            return
-        if error is not None:
-            done.set_exception(error)
-        else:
-            done.set_result(result)  # type: ignore[arg-type]
-
-    def target() -> None:
-        try:
-            result = fn()
-        except BaseException as error:
-            loop.call_soon_threadsafe(settle, None, error)
-        else:
-            loop.call_soon_threadsafe(settle, result, None)
-
-    thread = threading.Thread(target=target, name="aiodcp-load", daemon=True)
-    thread.start()
-    try:
-        return await asyncio.shield(done)
-    except asyncio.CancelledError:
-        on_cancel()
-        while not done.done():
-            try:
-                await asyncio.shield(done)
-            except asyncio.CancelledError:
-                on_cancel()
-            except BaseException:
-                break
-        raise
-    finally:
-        if done.done() and not done.cancelled():
-            done.exception()  # retrieved: no "exception was never retrieved" warning
-        thread.join(timeout=1.0)

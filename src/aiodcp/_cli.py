@@ -15,7 +15,7 @@ restricted unpickler (``dcp._metadata.load_metadata``); no data file is touched.
 Data flow::
 
     argv -> argparse -> ReaderConfig (validated) + CheckpointPath (parsed)
-         -> asyncio.run(S3Store.get_object(.metadata)) -> load_metadata -> Metadata
+         -> asyncio.run(dcp._session.fetch_metadata) -> FetchedMetadata.parse() -> Metadata
          -> _stored_items(): one validated record per storage_data entry
          -> inspect_report() | plan_report()       pure, JSON-ready dicts (the --json output)
          -> render_inspect() | render_plan()       the human tables, drawn from those dicts
@@ -93,7 +93,6 @@ import json
 import os
 import re
 import sys
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -115,7 +114,6 @@ from ._errors import (
     InvalidPathError,
     InvalidRangeError,
     NoCredentialsError,
-    NoSuchBucketError,
     NotFoundError,
 )
 from ._path import CheckpointPath, parse_checkpoint_path
@@ -127,11 +125,10 @@ from ._planner import (
     MIN_AUTO_GAP_SIZE_BYTES,
     ItemRange,
     plan_file,
-    request_latency_from_get,
     resolve_max_gap_size,
 )
 from ._store import S3Store
-from .dcp._metadata import load_metadata
+from .dcp._session import METADATA_NAME, FetchedMetadata, fetch_metadata
 
 __all__ = [
     "EXIT_ACCESS_DENIED",
@@ -159,7 +156,6 @@ EXIT_ACCESS_DENIED = 4
 EXIT_CORRUPT = 5
 
 _PROG = "aiodcp"
-_METADATA_NAME = ".metadata"
 _INSPECT_SCHEMA = "aiodcp.inspect/1"
 _PLAN_SCHEMA = "aiodcp.plan/1"
 _MAX_FILES_SHOWN = 2  # human table: files listed per key before "+N more"
@@ -346,30 +342,13 @@ def _requested_keys(args: argparse.Namespace) -> list[str] | None:
 def read_metadata(path: CheckpointPath, config: ReaderConfig) -> tuple[Metadata, int, float]:
     """GET and unpickle ``.metadata``; returns it, its size in bytes and the GET's estimated time
     to first byte in seconds (what ``max_gap_size="auto"`` is resolved with)."""
-    key = path.key(_METADATA_NAME)
-    elapsed = 0.0
 
-    async def fetch() -> bytes:
-        nonlocal elapsed
+    async def fetch() -> FetchedMetadata:
         async with S3Store(config) as store:
-            started = time.perf_counter()
-            data = await store.get_object(path.bucket, key)
-            elapsed = time.perf_counter() - started
-            return data
+            return await fetch_metadata(store, path)
 
-    try:
-        data = asyncio.run(fetch())
-    except NoSuchBucketError:
-        raise
-    except NotFoundError as exc:
-        raise NotFoundError(
-            f"no .metadata at {path.url}, is this a DCP checkpoint? "
-            f"(s3://{path.bucket}/{key} does not exist)",
-            bucket=path.bucket,
-            key=key,
-        ) from exc
-    metadata = load_metadata(data, f"s3://{path.bucket}/{key}")
-    return metadata, len(data), request_latency_from_get(elapsed, len(data))
+    fetched = asyncio.run(fetch())
+    return fetched.parse(), len(fetched.data), fetched.request_latency_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -427,7 +406,7 @@ def _file_key(path: CheckpointPath, relative_path: str) -> str:
 
 def inspect_report(metadata: Metadata, path: CheckpointPath, metadata_bytes: int) -> dict[str, Any]:
     """The ``inspect --json`` document (schema in the module docstring)."""
-    where = f"s3://{path.bucket}/{path.key(_METADATA_NAME)}"
+    where = f"s3://{path.bucket}/{path.key(METADATA_NAME)}"
     stored = _stored_items(metadata, where)
     by_key: dict[str, list[_Stored]] = {}
     files: dict[str, list[_Stored]] = {}
@@ -465,7 +444,7 @@ def inspect_report(metadata: Metadata, path: CheckpointPath, metadata_bytes: int
     return {
         "schema": _INSPECT_SCHEMA,
         "checkpoint": path.url,
-        "metadata": {"key": path.key(_METADATA_NAME), "bytes": metadata_bytes},
+        "metadata": {"key": path.key(METADATA_NAME), "bytes": metadata_bytes},
         "keys": keys,
         "files": [
             {
@@ -532,7 +511,7 @@ def plan_report(
 
     ``request_latency_s`` is the measured time to first byte ``max_gap_size="auto"`` is
     resolved with (None: the prior, as ``_planner.auto_gap_size``)."""
-    where = f"s3://{path.bucket}/{path.key(_METADATA_NAME)}"
+    where = f"s3://{path.bucket}/{path.key(METADATA_NAME)}"
     stored = _stored_items(metadata, where)
     fqns = set(metadata.state_dict_metadata) | {item.fqn for item in stored}
     selected = fqns if requested is None else _select(requested, fqns)
@@ -557,7 +536,7 @@ def plan_report(
                 f"{where}: data file {name!r} has stored items that cannot be served ({exc}); "
                 "the metadata is corrupt",
                 bucket=path.bucket,
-                key=path.key(_METADATA_NAME),
+                key=path.key(METADATA_NAME),
             ) from exc
         parts = iter(file_plan.parts)
         groups = []

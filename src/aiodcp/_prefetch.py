@@ -31,30 +31,26 @@ import concurrent.futures
 import functools
 import os
 import threading
-import time
 import weakref
 from collections.abc import Callable, Generator, Iterable
 from types import TracebackType
 from typing import Any
 
 import torch.distributed as dist
-from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.planner import LoadPlanner
-from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
-from ._api import _run_in_thread, _unwrap
 from ._config import ReaderConfig
 from ._driver import Driver, PrivateLoopDriver
 from ._engine import FetchEngine, FileFetch
 from ._errors import ConfigError, LoadCancelledError
 from ._path import CheckpointPath, parse_checkpoint_path
-from ._planner import ItemRange, plan_file, request_latency_from_get, resolve_max_gap_size
+from ._planner import ItemRange, plan_file, resolve_max_gap_size
 from ._progress import track_progress
 from ._reader import ChunkBuffer
 from ._stats import LoadStats, StatsRecorder
 from ._store import S3Store
-from .dcp._metadata import load_metadata
+from .dcp._session import fetch_metadata, run_dcp_load, run_in_thread
 from .dcp._storage_reader import S3StorageReader
 
 __all__ = ["PrefetchHandle", "prefetch"]
@@ -143,13 +139,9 @@ class PrefetchHandle:
     async def _run(self, store: S3Store) -> LoadStats:
         path, recorder = self._path, self._recorder
         try:
-            key = path.key(".metadata")
-            recorder.add(requests=1)
-            started = time.perf_counter()
-            data = await store.get_object(path.bucket, key, stats=recorder)
-            latency = request_latency_from_get(time.perf_counter() - started, len(data))
-            recorder.add(bytes_received=len(data))
-            metadata = load_metadata(data, f"s3://{path.bucket}/{key}")
+            fetched = await fetch_metadata(store, path, recorder)
+            latency = fetched.request_latency_s
+            metadata = fetched.parse()
             self._request_latency_s = latency
             max_gap_size = resolve_max_gap_size(self._config.max_gap_size, latency)
             recorder.max_gap_size = max_gap_size
@@ -328,7 +320,7 @@ class PrefetchHandle:
             scope.cancel()
             reader.abort()  # its own engine, and its own requests (scope.driver) only
 
-        return await _run_in_thread(
+        return await run_in_thread(
             lambda: self._load(reader, state_dict, planner, process_group, no_dist, keep),
             on_cancel=abort,
         )
@@ -342,16 +334,13 @@ class PrefetchHandle:
         no_dist: bool,
         keep: bool,
     ) -> LoadStats:
-        try:
-            dcp_load(
-                state_dict,
-                storage_reader=reader,
-                planner=planner,
-                process_group=process_group,
-                no_dist=no_dist,
-            )
-        except CheckpointException as exc:
-            raise _unwrap(exc) from None
+        run_dcp_load(
+            state_dict,
+            reader,
+            planner=planner,
+            process_group=process_group,
+            no_dist=no_dist,
+        )
         if not keep:
             self.cancel()
         stats = reader.stats

@@ -61,13 +61,13 @@ from .._driver import Driver, PrivateLoopDriver, renew_locks_after_fork
 from .._engine import FetchEngine, FileFetch
 from .._errors import CheckpointFormatError, MissingDependencyError
 from .._path import CheckpointPath, is_checkpoint_path, parse_checkpoint_path
-from .._planner import ItemRange, plan_file, request_latency_from_get, resolve_max_gap_size
+from .._planner import ItemRange, plan_file, resolve_max_gap_size
 from .._progress import track_progress
 from .._reader import ChunkBuffer, SequentialReader
 from .._stats import LoadStats, StatsRecorder
 from .._store import S3Store
 from ._fastdecode import DirectReceive, decode_into
-from ._metadata import load_metadata
+from ._session import METADATA_NAME, fetch_metadata
 
 if TYPE_CHECKING:
     from torch.distributed.checkpoint.filesystem import _StorageInfo
@@ -78,8 +78,6 @@ _YIELD_EVERY_S = 0.002
 """Seconds of decoding after which the decode thread hands the GIL over (see _read_data)."""
 
 logger = logging.getLogger(__name__)
-
-_METADATA_NAME = ".metadata"
 
 _T = TypeVar("_T")
 
@@ -236,23 +234,10 @@ class S3StorageReader(StorageReader):
             # The first call of every dcp.load (which calls reset() only when given a
             # checkpoint_id): statistics start here.
             self._recorder = StatsRecorder()
-            name = _METADATA_NAME if rank is None else f"__{int(rank)}{_METADATA_NAME}"
-            key = self._path.key(name)
-            bucket = self._path.bucket
-            recorder = self._recorder
-
-            async def fetch(store: S3Store) -> bytes:
-                recorder.add(requests=1)
-                started = time.perf_counter()
-                data = await store.get_object(bucket, key, stats=recorder)
-                self._request_latency_s = request_latency_from_get(
-                    time.perf_counter() - started, len(data)
-                )
-                recorder.add(bytes_received=len(data))
-                return data
-
-            data = self._io.run(fetch)
-            metadata = load_metadata(data, f"s3://{bucket}/{key}")
+            path, recorder = self._path, self._recorder
+            fetched = self._io.run(lambda store: fetch_metadata(store, path, recorder, rank=rank))
+            self._request_latency_s = fetched.request_latency_s
+            metadata = fetched.parse()
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         cast(StorageMeta, metadata.storage_meta).load_id = self.load_id
@@ -266,7 +251,7 @@ class S3StorageReader(StorageReader):
             raise CheckpointFormatError(
                 f"{self._path.url}: the checkpoint metadata has no storage_data",
                 bucket=self._path.bucket,
-                key=self._path.key(_METADATA_NAME),
+                key=self._path.key(METADATA_NAME),
             )
         self.storage_data = storage_data
         self._tensor_metadata = getattr(metadata, "state_dict_metadata", None) or {}
@@ -318,7 +303,7 @@ class S3StorageReader(StorageReader):
                     f"{self._path.url}: the load plan asks for {req.storage_index}, which the "
                     "checkpoint metadata does not list",
                     bucket=self._path.bucket,
-                    key=self._path.key(_METADATA_NAME),
+                    key=self._path.key(METADATA_NAME),
                 ) from None
             if info.length == 0:  # nothing to fetch (DCP never writes one, but be exact)
                 grouped.empty.append(req)
