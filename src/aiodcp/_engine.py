@@ -12,7 +12,7 @@ Data flow::
            their first byte arrives, see ``_BlockPool``), gap bytes into a scratch buffer;
            an interrupted body resumes at the next byte it still needs, pinned to the first
            ETag seen for the object (If-Match); a part gets at most ``max_attempts`` GETs,
-           with backoff (``_store.retry_delay``)
+           under the store's one retry policy (``S3Store.retrying``: backoff, give-up error)
         -> an item whose last byte arrived becomes a ChunkBuffer over its blocks and is
            published
         -> a direct item (``FileFetch.direct``: a large plain tensor whose destination is known)
@@ -54,7 +54,7 @@ from ._errors import AiodcpError, LoadCancelledError, ObjectChangedError, Transf
 from ._planner import FilePlan, ItemRange, Part
 from ._reader import ChunkBuffer
 from ._stats import RequestMetrics, StatsRecorder
-from ._store import S3Store, exhausted, is_retryable, is_throttling, retry_delay
+from ._store import S3Store, is_throttling
 
 __all__ = ["FetchEngine", "FileFetch"]
 
@@ -592,8 +592,9 @@ class FetchEngine:
     async def _fetch(self, file_index: int, part: Part) -> None:
         """Fetch one part into its items; resume a broken body at the next byte still needed.
 
-        Every attempt (a new GET, whatever failed before it) counts towards ``max_attempts``;
-        attempts are separated by ``retry_delay`` (exponential backoff, full jitter).
+        Every attempt (a new GET, whatever failed before it) counts towards ``max_attempts``,
+        under the store's one retry policy (``S3Store.retrying``); each waits for the store's
+        request-rate limiter, and a throttling reply lowers its rate.
         """
         key = self._files[file_index].key
         items = self._items[file_index]
@@ -601,12 +602,10 @@ class FetchEngine:
         sink = _PartSink(self, key, [items[index[r]] for r in part.items], part.end)
         sink.pos = part.start
         stats = self._stats
-        attempts = self._config.max_attempts
         stats.add(bytes_requested=part.end - part.start)
-        attempt = 0
         limiter = self._store.limiter
-        while True:
-            attempt += 1
+
+        async def attempt_once(attempt: int) -> None:
             if attempt > 1:
                 stats.add(retries=1, resumed_bytes=sink.pos - part.start)
             started = await limiter.acquire()
@@ -633,30 +632,20 @@ class FetchEngine:
                         byte_range=(part.start, part.end),
                         retryable=True,
                     )
-                self._report(key, sink, sent_from, attempt, sent_at, None)
-                limiter.succeeded()
-                return
             except AiodcpError as error:
                 self._report(key, sink, sent_from, attempt, sent_at, error)
                 if is_throttling(error):
                     limiter.throttled(started)
                     stats.add(throttled=1)
                     stats.observe_rate(limiter.limit)
-                if not is_retryable(error):
-                    raise
-                if attempt >= attempts:
-                    raise exhausted(error, attempt) from error
-                logger.debug(
-                    "s3://%s/%s bytes [%d, %d): attempt %d/%d failed (%s); retrying",
-                    self._bucket,
-                    key,
-                    sink.pos,
-                    part.end,
-                    attempt,
-                    attempts,
-                    error,
-                )
-            await asyncio.sleep(retry_delay(attempt))
+                raise
+            self._report(key, sink, sent_from, attempt, sent_at, None)
+            limiter.succeeded()
+
+        await self._store.retrying(
+            attempt_once,
+            what=f"s3://{self._bucket}/{key} bytes [{part.start}, {part.end})",
+        )
 
     def _report(
         self,

@@ -451,26 +451,33 @@ class S3Store:
 
     async def retrying(
         self,
-        attempt_once: Callable[[], Awaitable[T]],
+        attempt_once: Callable[[int], Awaitable[T]],
         *,
         on_retry: Callable[[int], None] | None = None,
+        what: str = "request",
     ) -> T:
-        """``await attempt_once()`` until it succeeds, fails for good, or ``max_attempts`` ran.
+        """The one retry policy of every request: ``await attempt_once(attempt)`` (1-based)
+        until it succeeds, fails for good, or ``max_attempts`` attempts ran.
 
         ``attempt_once`` raises translated errors; a retryable one is retried after
-        ``retry_delay``, calling ``on_retry(attempt)`` first. Cancellation stops at once.
+        ``retry_delay`` (exponential backoff, full jitter), calling ``on_retry(next_attempt)``
+        first; the last one raises ``exhausted(...)``. ``what`` names the request in the
+        DEBUG line of each retry. Cancellation stops at once.
         """
         attempts = self.config.max_attempts
         attempt = 0
         while True:
             attempt += 1
             try:
-                return await attempt_once()
+                return await attempt_once(attempt)
             except AiodcpError as error:
                 if not is_retryable(error):
                     raise
                 if attempt >= attempts:
                     raise exhausted(error, attempt) from error
+                logger.debug(
+                    "%s: attempt %d/%d failed (%s); retrying", what, attempt, attempts, error
+                )
             await asyncio.sleep(retry_delay(attempt))
             if on_retry is not None:
                 on_retry(attempt + 1)
@@ -484,7 +491,7 @@ class S3Store:
         request itself).
         """
 
-        async def attempt_once() -> bytes:
+        async def attempt_once(attempt: int) -> bytes:
             body = None
             try:
                 response = await self.client.get_object(Bucket=bucket, Key=key, **self._payer)
@@ -504,19 +511,19 @@ class S3Store:
             if stats is not None:
                 stats.add(requests=1, retries=1)
 
-        return await self.retrying(attempt_once, on_retry=on_retry)
+        return await self.retrying(attempt_once, on_retry=on_retry, what=f"s3://{bucket}/{key}")
 
     async def object_size(self, bucket: str, key: str) -> int:
         """The object's size in bytes (HEAD)."""
 
-        async def attempt_once() -> int:
+        async def attempt_once(attempt: int) -> int:
             try:
                 response = await self.client.head_object(Bucket=bucket, Key=key, **self._payer)
             except Exception as exc:
                 raise translate_error(exc, bucket, key) from exc
             return int(response["ContentLength"])
 
-        return await self.retrying(attempt_once)
+        return await self.retrying(attempt_once, what=f"HEAD s3://{bucket}/{key}")
 
     def load_started(self, bucket: str, key: str) -> str | None:
         """When the load of the checkpoint holding ``key`` began, in the store's clock: the
@@ -536,7 +543,7 @@ class S3Store:
         received = 0
         etag: list[str] = [if_match] if if_match is not None else []
 
-        async def attempt_once() -> None:
+        async def attempt_once(attempt: int) -> None:
             nonlocal received
             stream = await self.open_range(
                 bucket, key, start + received, end, if_match=etag[0] if etag else None
@@ -553,7 +560,9 @@ class S3Store:
             finally:
                 stream.close()
 
-        await self.retrying(attempt_once)
+        await self.retrying(
+            attempt_once, what=f"s3://{bucket}/{key} bytes [{start + received}, {end})"
+        )
         return b"".join(parts)[: end - start], (etag[0] if etag else None)
 
     async def fetch_range(
