@@ -46,7 +46,7 @@ from ._engine import FetchEngine, FileFetch
 from ._errors import ConfigError, LoadCancelledError
 from ._path import CheckpointPath, parse_checkpoint_path
 from ._planner import ItemRange, plan_file, resolve_max_gap_size
-from ._progress import track_progress
+from ._progress import with_progress
 from ._reader import ChunkBuffer
 from ._stats import LoadStats, StatsRecorder
 from ._store import S3Store
@@ -154,15 +154,8 @@ class PrefetchHandle:
                 self._total = sum(f.plan.requested_bytes for f in files)
         finally:
             self._set_ready()
-        bar = None
-        if self._progress and self._total:
-            bar = asyncio.create_task(track_progress(recorder, self._total, f"prefetch {path.url}"))
-        try:
-            await engine.run()
-        finally:
-            if bar is not None:
-                bar.cancel()
-                await asyncio.gather(bar, return_exceptions=True)
+        total = self._total if self._progress else 0
+        await with_progress(engine.run(), recorder, total, f"prefetch {path.url}")
         return recorder.finish()
 
     def _select(

@@ -7,11 +7,14 @@ A small coroutine polls the ``StatsRecorder`` of a load ten times a second and m
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 from ._stats import StatsRecorder
 
-__all__ = ["track_progress"]
+__all__ = ["track_progress", "with_progress"]
+
+T = TypeVar("T")
 
 _INTERVAL_S = 0.1
 
@@ -38,3 +41,15 @@ async def track_progress(recorder: StatsRecorder, total: int, desc: str) -> None
         if done > shown:
             bar.update(done - shown)
         bar.close()
+
+
+async def with_progress(work: Awaitable[T], recorder: StatsRecorder, total: int, desc: str) -> T:
+    """``await work`` with a bar of ``recorder``'s bytes against ``total`` (none if 0)."""
+    if not total:
+        return await work
+    bar = asyncio.create_task(track_progress(recorder, total, desc))
+    try:
+        return await work
+    finally:
+        bar.cancel()
+        await asyncio.gather(bar, return_exceptions=True)

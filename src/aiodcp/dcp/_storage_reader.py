@@ -29,7 +29,6 @@ thread with its connections, released by ``close()`` or the context manager. Und
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import functools
 import io
@@ -62,7 +61,7 @@ from .._engine import FetchEngine, FileFetch
 from .._errors import CheckpointFormatError, MissingDependencyError
 from .._path import CheckpointPath, is_checkpoint_path, parse_checkpoint_path
 from .._planner import ItemRange, plan_file, resolve_max_gap_size
-from .._progress import track_progress
+from .._progress import with_progress
 from .._reader import ChunkBuffer, SequentialReader
 from .._stats import LoadStats, StatsRecorder
 from .._store import S3Store
@@ -366,17 +365,8 @@ class S3StorageReader(StorageReader):
         self._engine = engine
 
         async def start(store: S3Store) -> None:
-            bar = None
-            if progress_total:
-                bar = asyncio.create_task(
-                    track_progress(recorder, progress_total, f"aiodcp {self._path.url}")
-                )
-            try:
-                await engine.run()
-            finally:
-                if bar is not None:
-                    bar.cancel()
-                    await asyncio.gather(bar, return_exceptions=True)
+            label = f"aiodcp {self._path.url}"
+            await with_progress(engine.run(), recorder, progress_total, label)
 
         future = driver.submit(start)
         finished = False
