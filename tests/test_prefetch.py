@@ -126,8 +126,10 @@ def test_unknown_key_is_reported(
 ) -> None:
     url, _ = ckpt
     with aiodcp.prefetch(url, keys=["modle"], progress=False, **reader_kwargs) as handle:
-        with pytest.raises(aiodcp.ConfigError, match="modle"):
+        with pytest.raises(aiodcp.ConfigError, match="modle") as info:
             handle.wait(timeout=30)
+    # The same key selection as `aiodcp plan --keys`: close matches are named.
+    assert "'modle' (did you mean 'model'" in str(info.value)
     with pytest.raises(aiodcp.ConfigError, match="list"):
         aiodcp.prefetch(url, keys="model")  # type: ignore[arg-type]
 

@@ -88,7 +88,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import difflib
 import json
 import os
 import re
@@ -128,7 +127,7 @@ from ._planner import (
     resolve_max_gap_size,
 )
 from ._store import S3Store
-from .dcp._session import METADATA_NAME, FetchedMetadata, fetch_metadata
+from .dcp._session import METADATA_NAME, FetchedMetadata, fetch_metadata, select_keys
 
 __all__ = [
     "EXIT_ACCESS_DENIED",
@@ -473,29 +472,11 @@ def _dtype_name(dtype: object) -> str:
 
 def _select(requested: Sequence[str], fqns: Iterable[str]) -> set[str]:
     """The fqns each requested key selects (itself, or below it); UsageError for unknown keys."""
-    known = set(fqns)
-    below: dict[str, set[str]] = {}
-    for fqn in known:
-        parts = fqn.split(".")
-        for n in range(1, len(parts)):
-            below.setdefault(".".join(parts[:n]), set()).add(fqn)
-    selected: set[str] = set()
-    unknown: list[str] = []
-    for key in requested:
-        found = below.get(key, set()) | ({key} if key in known else set())
-        if not found:
-            unknown.append(key)
-        selected |= found
+    selected, unknown = select_keys(requested, fqns)
     if unknown:
-        candidates = sorted(known | set(below))
-        hints = []
-        for key in unknown:
-            close = difflib.get_close_matches(key, candidates, n=3, cutoff=0.6)
-            hint = f"did you mean {', '.join(map(repr, close))}?" if close else "no close match"
-            hints.append(f"{key!r} ({hint})")
         noun = "key" if len(unknown) == 1 else "keys"
         raise UsageError(
-            f"unknown {noun} {'; '.join(hints)}; `aiodcp inspect` lists the checkpoint's keys"
+            f"unknown {noun} {'; '.join(unknown)}; `aiodcp inspect` lists the checkpoint's keys"
         )
     return selected
 

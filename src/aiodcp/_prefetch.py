@@ -50,7 +50,7 @@ from ._progress import with_progress
 from ._reader import ChunkBuffer
 from ._stats import LoadStats, StatsRecorder
 from ._store import S3Store
-from .dcp._session import fetch_metadata, run_dcp_load, run_in_thread
+from .dcp._session import fetch_metadata, run_dcp_load, run_in_thread, select_keys
 from .dcp._storage_reader import S3StorageReader
 
 __all__ = ["PrefetchHandle", "prefetch"]
@@ -162,27 +162,23 @@ class PrefetchHandle:
         self, metadata: Metadata, max_gap_size: int | float
     ) -> tuple[list[FileFetch], dict[tuple[str, ItemRange], tuple[int, int]]]:
         keys = self._keys
+        selected: set[str] | None = None
+        if keys is not None:
+            selected, unknown = select_keys(keys, {i.fqn for i in metadata.storage_data})
+            if unknown:
+                raise ConfigError(
+                    f"{self._path.url} has no key(s) {'; '.join(unknown)}; "
+                    "`python -m aiodcp inspect` lists the keys it has",
+                    field="keys",
+                    value=keys,
+                )
         wanted: dict[str, set[ItemRange]] = {}
-        matched: set[str] = set()
         for index, info in metadata.storage_data.items():
-            fqn = index.fqn
-            if keys is not None:
-                hit = next((k for k in keys if fqn == k or fqn.startswith(k + ".")), None)
-                if hit is None:
-                    continue
-                matched.add(hit)
+            if selected is not None and index.fqn not in selected:
+                continue
             if info.length:
                 wanted.setdefault(info.relative_path, set()).add(
                     ItemRange(info.offset, info.offset + info.length)
-                )
-        if keys is not None:
-            missing = [k for k in keys if k not in matched]
-            if missing:
-                raise ConfigError(
-                    f"{self._path.url} has no key(s) {missing}; "
-                    "`python -m aiodcp inspect` lists the keys it has",
-                    field="keys",
-                    value=missing,
                 )
         files: list[FileFetch] = []
         positions: dict[tuple[str, ItemRange], tuple[int, int]] = {}

@@ -11,6 +11,9 @@ Data flow::
         -> dcp._metadata.load_metadata                   takes long to unpickle)
     run_dcp_load(state_dict, reader, ...)                in the thread that decodes
         -> torch's dcp.load; its CheckpointException is unwrapped to this rank's own error
+    select_keys(requested, fqns)                         prefetch(keys=...), aiodcp plan --keys
+        -> the fqns the keys select (a key selects itself and every fqn below ``key.``),
+           and for each unknown key its close matches
     run_in_thread(fn, on_cancel=...)                     from a coroutine
         -> fn in a fresh thread; cancelling the awaiting task calls on_cancel and waits for
            the thread to finish before re-raising
@@ -22,9 +25,10 @@ CLI's ``inspect``/``plan``.
 from __future__ import annotations
 
 import asyncio
+import difflib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -48,6 +52,7 @@ __all__ = [
     "fetch_metadata",
     "run_dcp_load",
     "run_in_thread",
+    "select_keys",
 ]
 
 METADATA_NAME = ".metadata"
@@ -103,6 +108,28 @@ async def fetch_metadata(
     if recorder is not None:
         recorder.add(bytes_received=len(data))
     return FetchedMetadata(data, path.bucket, key, latency)
+
+
+def select_keys(requested: Sequence[str], fqns: Iterable[str]) -> tuple[set[str], list[str]]:
+    """The fqns that ``requested`` keys select (each key itself, or every fqn below it:
+    ``model`` selects ``model.encoder.weight``), and one description per unknown key, with
+    its close matches (``"'model.wieght' (did you mean 'model.weight'?)"``)."""
+    known = set(fqns)
+    below: dict[str, set[str]] = {}
+    for fqn in known:
+        parts = fqn.split(".")
+        for n in range(1, len(parts)):
+            below.setdefault(".".join(parts[:n]), set()).add(fqn)
+    selected: set[str] = set()
+    unknown: list[str] = []
+    for key in requested:
+        found = below.get(key, set()) | ({key} if key in known else set())
+        if not found:
+            close = difflib.get_close_matches(key, sorted(known | set(below)), n=3, cutoff=0.6)
+            hint = f"did you mean {', '.join(map(repr, close))}?" if close else "no close match"
+            unknown.append(f"{key!r} ({hint})")
+        selected |= found
+    return selected, unknown
 
 
 def run_dcp_load(
