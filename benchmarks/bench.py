@@ -95,6 +95,9 @@ SKIP = {
     "many_small": {"fetch_only"},
     "dist": {"boto3_then_fs", "fetch_only"},
 }
+BASE_SUFFIX = "@base"
+"""Suffix of a loader run from the ``--baseline`` revision's aiodcp."""
+
 LAG_LOADERS = ["aiodcp_async", "aiodcp_sync", "s3tc_dcp_optimized"]
 
 
@@ -626,11 +629,17 @@ def aiodcp_source(rev: str, data: Path) -> tuple[Path, str]:
 
 class Runner:
     def __init__(
-        self, args: argparse.Namespace, servers: Servers, env: dict[str, str], data: Path
+        self,
+        args: argparse.Namespace,
+        servers: Servers,
+        env: dict[str, str],
+        data: Path,
+        base_env: dict[str, str] | None = None,
     ) -> None:
         self.args = args
         self.servers = servers
         self.env = env
+        self.base_env = base_env
         self.data = data
         self.jobs = data / "jobs"
         self.jobs.mkdir(parents=True, exist_ok=True)
@@ -662,8 +671,13 @@ class Runner:
         result_path = self.jobs / f"{scenario}-{loader}.result"
         for stale in self.jobs.glob(f"{scenario}-{loader}.result*"):
             stale.unlink()
+        env = self.env
+        if loader.endswith(BASE_SUFFIX):
+            if self.base_env is None:
+                raise ValueError(f"{loader}: no --baseline revision given")
+            env = self.base_env
         job = {
-            "loader": loader,
+            "loader": loader.removesuffix(BASE_SUFFIX),
             "url": ckpt.url,
             "endpoint": self.servers.endpoint(shaping),
             "local_dir": str(ckpt.local_dir),
@@ -704,9 +718,9 @@ class Runner:
         error = None
         try:
             if ckpt.ranks > 1:
-                run_ranks(cmd, 2, self.env, timeout=self.args.run_timeout)
+                run_ranks(cmd, 2, env, timeout=self.args.run_timeout)
             else:
-                subprocess.run(cmd, env=self.env, check=True, timeout=self.args.run_timeout)
+                subprocess.run(cmd, env=env, check=True, timeout=self.args.run_timeout)
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired, RuntimeError) as exc:
             error = str(exc)
         elapsed = time.perf_counter() - t0
@@ -796,6 +810,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="'worktree' (this checkout's src/) or a git revision to benchmark (git archive)",
     )
     p.add_argument(
+        "--baseline",
+        default="",
+        help="a git revision (e.g. main, a commit): its aiodcp loaders run too, as "
+        "'<loader>@base', interleaved with the others in the same run, so 'x base' ratios "
+        "compare two versions of aiodcp on the same server and machine",
+    )
+    p.add_argument(
         "--quiet-wait",
         type=float,
         help="before each run, wait up to this many seconds for other processes to go quiet "
@@ -852,8 +873,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for s in args.scenarios:
         if s not in ALL_SCENARIOS:
             p.error(f"unknown scenario {s!r}; choose from {ALL_SCENARIOS}")
+    if args.baseline:
+        args.loaders += [f"{x}{BASE_SUFFIX}" for x in args.loaders if x.startswith("aiodcp_")]
     for x in args.loaders:
-        if x not in ALL_LOADERS:
+        if x.removesuffix(BASE_SUFFIX) not in ALL_LOADERS:
             p.error(f"unknown loader {x!r}; choose from {ALL_LOADERS}")
     return args
 
@@ -912,7 +935,13 @@ def main(argv: list[str] | None = None) -> None:
     src, aiodcp_desc = aiodcp_source(args.aiodcp_src, data)
     env = child_env(src)
     compile_bytecode(src)
+    base_env = None
     meta = machine_info(aiodcp_desc)
+    if args.baseline:
+        base_src, base_desc = aiodcp_source(args.baseline, data)
+        compile_bytecode(base_src)
+        base_env = child_env(base_src)
+        meta["aiodcp_baseline"] = base_desc
     scenarios = args.scenarios
     big_specs = layer_specs(args.size_mib)
     ckpts = {
@@ -951,11 +980,13 @@ def main(argv: list[str] | None = None) -> None:
         meta["server_kind"] = servers.kind
         meta["direct"] = servers.direct
         meta["shaped_by"] = servers.shaped_by()
+        if base_env is not None:
+            log(f"baseline (loaders {BASE_SUFFIX}): aiodcp {meta['aiodcp_baseline']}")
         log(f"aiodcp {aiodcp_desc}; torch {meta['torch']}; {meta['server']}; {meta['cpu_model']}")
         with timed("checkpoints"):
             for name in sorted(needed_ckpts):
                 ckpts[name].ensure(data, servers, sys.executable, env)
-        runner = Runner(args, servers, env, data)
+        runner = Runner(args, servers, env, data, base_env)
         for scenario in [s for s in scenarios if s != "cold"]:
             ckpt = ckpts[uses[scenario]]
             keys: list[str] | None = None

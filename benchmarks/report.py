@@ -17,6 +17,7 @@ from typing import Any
 MIB = 1024 * 1024
 REF = "s3tc_dcp_optimized"
 FLOOR = "local_fs"
+BASE_SUFFIX = "@base"  # as bench.BASE_SUFFIX: a loader run from the --baseline revision
 NUMBER = {
     "full_1file": 1,
     "full_8files": 2,
@@ -85,6 +86,9 @@ def summarize(entry: dict[str, Any]) -> list[dict[str, Any]]:
             "x_ref": paired(ckpt, loader, REF, "wall_s"),
             "x_floor": paired(ckpt, loader, FLOOR, "wall_s"),
             "rss_x_ref": paired(ckpt, loader, REF, "rss_above"),
+            # Against the same loader from the --baseline revision, same repeats.
+            "x_base": paired(ckpt, loader, loader + BASE_SUFFIX, "wall_s"),
+            "rss_x_base": paired(ckpt, loader, loader + BASE_SUFFIX, "rss_above"),
         }
         if row["fetched_bytes"] is not None and entry.get("needed_bytes"):
             row["fetched_x_needed"] = row["fetched_bytes"] / entry["needed_bytes"]
@@ -127,6 +131,18 @@ def scenario_table(name: str, entry: dict[str, Any]) -> list[str]:
         )
         return [*lines, ""]
     needed = entry.get("needed_bytes")
+    if any(r["x_base"] is not None for r in rows):
+        lines += [
+            "Against the `--baseline` revision's same loader (`<loader>@base`), paired per "
+            "repeat: "
+            + "; ".join(
+                f"{r['loader']} wall x{_f(r['x_base'])}, peak RSS x{_f(r['rss_x_base'])}"
+                for r in rows
+                if r["x_base"] is not None
+            )
+            + ".",
+            "",
+        ]
     lines += [
         f"Needed: {_mib(needed)} MiB ({entry['keys_loaded']} tensors"
         + (", both ranks)" if name == "dist" else ")"),
@@ -242,7 +258,9 @@ def markdown(results: dict[str, Any]) -> str:
             else "behind the counting proxy"
         )
         + ", all on 127.0.0.1. "
-        f"Python {m['python']}, torch {m['torch']}, aiodcp {m['aiodcp']}, s3torchconnector "
+        f"Python {m['python']}, torch {m['torch']}, aiodcp {m['aiodcp']}"
+        + (f" (baseline: aiodcp {m['aiodcp_baseline']})" if m.get("aiodcp_baseline") else "")
+        + ", s3torchconnector "
         f"{m['s3torchconnector']}, s3fs {m['s3fs']} (fsspec {m['fsspec']}), aiobotocore "
         f"{m['aiobotocore']}, boto3 {m['boto3']}.",
         "",
