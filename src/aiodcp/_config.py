@@ -167,6 +167,12 @@ class ReaderConfig:
     bodies received straight into item memory) instead of botocore/aiohttp, which costs several
     times more CPU per byte. Anything unusual (proxies, client certificates, redirects, odd
     responses) still goes through botocore. Default True; False sends every GET via botocore."""
+    share_across_ranks: bool = True
+    """In a multi-rank load (``dcp.load`` or ``load_checkpoint`` with a process group of 2 or
+    more ranks whose backend moves CPU tensors, i.e. gloo), fetch ``.metadata`` and every
+    stored item the ranks need once per job, and send it to the other ranks that need it over
+    the process group, instead of every rank fetching its own copy. Default True; False makes
+    each rank load for itself. Single-process loads are the same either way."""
     safe_bytes: bool = False
     """Non-tensor values (BYTE_IO items) are unpickled by torch's load planner with
     ``torch.load(weights_only=False)``, which runs whatever the pickle says. With True, each
@@ -218,6 +224,12 @@ class ReaderConfig:
                 f"fast_decode must be a bool, got {self.fast_decode!r}",
                 field="fast_decode",
                 value=self.fast_decode,
+            )
+        if not isinstance(self.share_across_ranks, bool):
+            raise ConfigError(
+                f"share_across_ranks must be a bool, got {self.share_across_ranks!r}",
+                field="share_across_ranks",
+                value=self.share_across_ranks,
             )
         if not isinstance(self.fast_http, bool):
             raise ConfigError(

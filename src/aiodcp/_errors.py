@@ -19,7 +19,8 @@ Every error aiodcp raises derives from :class:`AiodcpError`. The tree::
     │   └── TransferError                          network failure after all attempts
     ├── CheckpointFormatError               ``.metadata`` is not a DCP metadata pickle
     ├── MissingDependencyError (ImportError) an optional dependency (zstandard) is needed
-    └── LoadCancelledError                  the load was aborted (another part failed)
+    ├── LoadCancelledError                  the load was aborted (another part failed)
+    └── PeerLoadError                       another rank of a shared multi-rank load failed
 
 Errors carry their context as attributes (``bucket``, ``key``, ``byte_range``...) and in their
 message, because ``dcp.load`` wraps reader errors and sometimes keeps only their text. They pickle
@@ -43,6 +44,7 @@ __all__ = [
     "NoSuchBucketError",
     "NotFoundError",
     "ObjectChangedError",
+    "PeerLoadError",
     "ReaderTypeError",
     "SequentialAccessError",
     "StorageError",
@@ -139,3 +141,8 @@ class MissingDependencyError(AiodcpError, ImportError):
 
 class LoadCancelledError(AiodcpError):
     """The load was aborted before this item was fetched (another part failed or was cancelled)."""
+
+
+class PeerLoadError(AiodcpError):
+    """Another rank of a multi-rank load that shares fetched bytes failed, so this rank stops
+    too. ``rank`` is the failing rank (in the load's process group), ``cause`` its error."""

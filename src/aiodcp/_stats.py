@@ -49,6 +49,19 @@ class LoadStats:
     resigned: int = 0
     """Requests signed again and resent because the store refused their signature as expired
     (credentials that expired or rotated mid-load); not counted as failed attempts."""
+    bytes_from_peers: int = 0
+    """Stored item bytes this rank received from other ranks instead of the store (a shared
+    multi-rank load, ``share_across_ranks``)."""
+    bytes_to_peers: int = 0
+    """Stored item bytes this rank fetched and sent to other ranks (counted once per
+    receiving rank)."""
+    ranks: int = 1
+    """Ranks whose counters these are: 1 for one rank's own statistics, the world size for
+    ``job``."""
+    job: LoadStats | None = None
+    """In a shared multi-rank load, the whole job's statistics, the same on every rank: byte
+    and request counts summed over the ranks, times and peaks the largest of any rank. None
+    otherwise (each rank's own statistics are the only ones)."""
 
     @property
     def gap_bytes(self) -> int:
@@ -104,11 +117,14 @@ class StatsRecorder:
         "_lock",
         "_start",
         "_stop",
+        "bytes_from_peers",
         "bytes_received",
         "bytes_requested",
+        "bytes_to_peers",
         "bytes_used",
         "files",
         "items",
+        "job",
         "max_gap_size",
         "min_request_rate",
         "peak_buffered_bytes",
@@ -137,6 +153,9 @@ class StatsRecorder:
         self.throttled = 0
         self.resigned = 0
         self.min_request_rate: float | None = None
+        self.bytes_from_peers = 0
+        self.bytes_to_peers = 0
+        self.job: LoadStats | None = None
 
     def add(self, **counts: int) -> None:
         with self._lock:
@@ -186,4 +205,54 @@ class StatsRecorder:
                 throttled=self.throttled,
                 min_request_rate=self.min_request_rate,
                 resigned=self.resigned,
+                bytes_from_peers=self.bytes_from_peers,
+                bytes_to_peers=self.bytes_to_peers,
+                job=self.job,
             )
+
+
+_SUMMED = (
+    "bytes_requested",
+    "bytes_used",
+    "bytes_received",
+    "requests",
+    "retries",
+    "resumed_bytes",
+    "items",
+    "peak_buffered_bytes",
+    "files",
+    "throttled",
+    "resigned",
+    "bytes_from_peers",
+    "bytes_to_peers",
+)
+"""The counters a job's statistics sum over its ranks, in the order ranks exchange them."""
+
+_LARGEST = ("peak_buffered_bytes",)
+
+
+def counters(stats: LoadStats) -> list[int]:
+    """``stats``' integer counters, in the order of ``_SUMMED``, plus its times in ns."""
+    return [
+        *(int(getattr(stats, name)) for name in _SUMMED),
+        int(stats.time_to_first_byte_s * 1e9),
+        int(stats.wall_time_s * 1e9),
+    ]
+
+
+def job_stats(rows: list[list[int]], template: LoadStats) -> LoadStats:
+    """The job's statistics from every rank's ``counters``: counts summed, peaks and times the
+    largest; the gap and request-rate settings are ``template``'s (this rank's)."""
+    values: dict[str, int] = {}
+    for i, name in enumerate(_SUMMED):
+        column = [row[i] for row in rows]
+        values[name] = max(column) if name in _LARGEST else sum(column)
+    n = len(_SUMMED)
+    return LoadStats(
+        **values,  # type: ignore[arg-type]
+        time_to_first_byte_s=max(row[n] for row in rows) / 1e9,
+        wall_time_s=max(row[n + 1] for row in rows) / 1e9,
+        max_gap_size=template.max_gap_size,
+        min_request_rate=template.min_request_rate,
+        ranks=len(rows),
+    )

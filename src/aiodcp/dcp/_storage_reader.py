@@ -43,6 +43,7 @@ from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 import torch
+import torch.distributed as dist
 from torch.distributed.checkpoint._extension import ExtensionRegistry, StreamTransformExtension
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, StorageMeta
@@ -63,10 +64,19 @@ from .._path import CheckpointPath, is_checkpoint_path, parse_checkpoint_path
 from .._planner import ItemRange, plan_file, resolve_max_gap_size
 from .._progress import with_progress
 from .._reader import ChunkBuffer, SequentialReader
-from .._stats import LoadStats, StatsRecorder
+from .._stats import LoadStats, StatsRecorder, counters, job_stats
 from .._store import S3Store
 from ._fastdecode import DirectReceive, decode_into
-from ._session import METADATA_NAME, fetch_metadata
+from ._session import METADATA_NAME, FetchedMetadata, fetch_metadata
+from ._sharing import (
+    Exchange,
+    RankShare,
+    StoredItem,
+    item_memory,
+    load_group,
+    plan_sharing,
+    share_metadata,
+)
 
 if TYPE_CHECKING:
     from torch.distributed.checkpoint.filesystem import _StorageInfo
@@ -132,6 +142,7 @@ class S3StorageReader(StorageReader):
         # Time to first byte of the last .metadata GET: what max_gap_size="auto" is chosen by.
         self._request_latency_s: float | None = None
         self._engine: FetchEngine | None = None
+        self._share_group: dist.ProcessGroup | None = None
         self._stats: LoadStats | None = None
         self._recorder = StatsRecorder()
         self.storage_data: dict[MetadataIndex, _StorageInfo] = {}
@@ -227,6 +238,11 @@ class S3StorageReader(StorageReader):
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         rank = kwargs.get("rank")
+        # The process group to share this load's bytes over (None: this rank loads alone).
+        # Rank-local metadata (rank=...) means a load without collectives.
+        self._share_group = (
+            load_group() if rank is None and self.config.share_across_ranks else None
+        )
         if rank is None and self._metadata is not None:
             metadata = self._metadata  # prefetched by load_checkpoint, which counted it
         else:
@@ -234,7 +250,13 @@ class S3StorageReader(StorageReader):
             # checkpoint_id): statistics start here.
             self._recorder = StatsRecorder()
             path, recorder = self._path, self._recorder
-            fetched = self._io.run(lambda store: fetch_metadata(store, path, recorder, rank=rank))
+
+            def fetch() -> FetchedMetadata:
+                return self._io.run(lambda store: fetch_metadata(store, path, recorder, rank=rank))
+
+            group = self._share_group
+            # Shared: rank 0 GETs it, every rank gets its bytes (one GET per job).
+            fetched = fetch() if group is None else share_metadata(group, fetch)
             self._request_latency_s = fetched.request_latency_s
             metadata = fetched.parse()
         if getattr(metadata, "storage_meta", None) is None:
@@ -255,22 +277,65 @@ class S3StorageReader(StorageReader):
         self.storage_data = storage_data
         self._tensor_metadata = getattr(metadata, "state_dict_metadata", None) or {}
         self.rank = kwargs.get("rank")
+        if kwargs.get("use_collectives") is False:
+            self._share_group = None
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
         def order(item: ReadItem) -> tuple[str, int]:
             info = self.storage_data[item.storage_index]
             return (info.relative_path, info.offset)
 
-        return dataclasses.replace(plan, items=sorted(plan.items, key=order))
+        # Marked when this rank can take part in a shared load: the coordinator shares only
+        # if every rank's plan says so (same group found, sharing not switched off).
+        marker = _CAN_SHARE if self._share_group is not None else plan.storage_data
+        return dataclasses.replace(plan, items=sorted(plan.items, key=order), storage_data=marker)
 
     def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
-        return plans
+        """Unchanged, unless every rank can share: then each plan carries its rank's part of
+        the job's sharing (``_sharing.plan_sharing``)."""
+        plain = [
+            dataclasses.replace(p, storage_data=None) if p.storage_data == _CAN_SHARE else p
+            for p in plans
+        ]
+        group = self._share_group
+        if (
+            group is None
+            or len(plans) != dist.get_world_size(group)
+            or any(p.storage_data != _CAN_SHARE for p in plans)
+        ):
+            return plain
+        needs: list[set[StoredItem]] = []
+        for plan in plans:
+            items: set[StoredItem] = set()
+            for req in plan.items:
+                info = self.storage_data.get(req.storage_index)
+                if info is None:
+                    return plain  # each rank's own load raises the precise error
+                items.add(StoredItem(info.relative_path, info.offset, info.offset + info.length))
+            needs.append(items)
+        shares = plan_sharing(needs, round_bytes=self._round_bytes)
+        if shares is None:
+            return plain
+        return [
+            dataclasses.replace(p, storage_data=share)
+            for p, share in zip(plain, shares, strict=True)
+        ]
+
+    @property
+    def _round_bytes(self) -> int:
+        """Item memory a rank sends (and receives) per exchange round: half the budget; the
+        shared phase's engine holds the other half."""
+        return max(self.config.memory_budget // 2, 1)
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         recorder = self._recorder
         logger.debug("%s: read_data of %d read items", self._path.url, len(plan.items))
         try:
-            self._read_data(plan, planner, recorder)
+            share = plan.storage_data
+            if isinstance(share, RankShare) and self._share_group is not None:
+                self._read_data_shared(plan, planner, recorder, share, self._share_group)
+            else:
+                self._read_data(plan, planner, recorder)
         except BaseException as exc:
             self._stats = recorder.finish()
             logger.debug("%s: load failed after %s: %r", self._path.url, self._stats, exc)
@@ -423,6 +488,106 @@ class S3StorageReader(StorageReader):
                 if finished:
                     raise
             self._engine = None
+
+    def _read_data_shared(
+        self,
+        plan: LoadPlan,
+        planner: LoadPlanner,
+        recorder: StatsRecorder,
+        share: RankShare,
+        group: dist.ProcessGroup,
+    ) -> None:
+        """A load whose shared items come through the exchange (``_sharing``): this rank
+        fetches its share and sends it, receives the rest, round by round; then it loads the
+        items only it needs as a single-process load does."""
+        exchange = Exchange(group, share)
+        reqs_of: dict[StoredItem, list[ReadItem]] = {}
+        private: list[ReadItem] = []
+        for req in plan.items:
+            info = self.storage_data[req.storage_index]
+            item = StoredItem(info.relative_path, info.offset, info.offset + info.length)
+            if item in share.shared:
+                reqs_of.setdefault(item, []).append(req)
+            else:
+                private.append(req)
+        error: BaseException | None = None
+        engine: FetchEngine | None = None
+        future: Any = None
+        where: dict[StoredItem, tuple[int, int]] = {}
+        try:
+            if share.fetch:
+                engine, where = self._share_engine(share, recorder)
+                self._engine = engine
+
+                async def start(store: S3Store) -> None:
+                    await engine.run()
+
+                future = self._io.submit(start)
+        except BaseException as exc:
+            error = exc
+        try:
+            for k, part in enumerate(share.rounds):
+                sending: dict[StoredItem, ChunkBuffer] = {}
+                if error is None and engine is not None:
+                    try:
+                        for item, _ in part.sends:
+                            sending[item] = engine.wait_item(*where[item])
+                    except BaseException as exc:
+                        error = exc
+                exchange.status(error)  # raises on every rank if any rank failed
+                received = exchange.transfer(k, sending)
+                recorder.observe_peak(sum(item_memory(i.length) for i in [*received, *sending]))
+                try:
+                    for item, buffer in [*received.items(), *sending.items()]:
+                        for req in reqs_of.get(item, ()):
+                            self._decode(req, buffer, planner)
+                except BaseException as exc:
+                    error = exc
+                finally:
+                    received.clear()
+                    if engine is not None:
+                        for item in sending:
+                            engine.release_item(*where[item])
+            if error is None and private:
+                try:
+                    self._read_data(dataclasses.replace(plan, items=private), planner, recorder)
+                except BaseException as exc:
+                    error = exc
+            recorder.bytes_from_peers = exchange.bytes_received
+            recorder.bytes_to_peers = exchange.bytes_sent
+            rows = exchange.status(error, counters(recorder.snapshot()))
+            recorder.job = job_stats(rows, recorder.snapshot())
+        finally:
+            if engine is not None:
+                engine.abort()  # a no-op once everything was fetched
+                try:
+                    future.result()
+                except BaseException:
+                    pass  # its failure, if any, was raised through wait_item and shared
+            self._engine = None
+
+    def _share_engine(
+        self, share: RankShare, recorder: StatsRecorder
+    ) -> tuple[FetchEngine, dict[StoredItem, tuple[int, int]]]:
+        """The engine that fetches this rank's share, files in path order and items in offset
+        order (the order the rounds send them in), within half the memory budget."""
+        max_gap_size = resolve_max_gap_size(self.config.max_gap_size, self._request_latency_s)
+        recorder.max_gap_size = max_gap_size
+        config = self.config.replace(memory_budget=self._round_bytes)
+        per_file: dict[str, list[ItemRange]] = {}
+        for item in share.fetch:
+            per_file.setdefault(item.path, []).append(ItemRange(item.start, item.end))
+        files: list[FileFetch] = []
+        where: dict[StoredItem, tuple[int, int]] = {}
+        for path in sorted(per_file):
+            file_plan = plan_file(
+                per_file[path], max_gap_size=max_gap_size, part_size=config.buffered_part_size
+            )
+            for index, item_range in enumerate(file_plan.items):
+                where[StoredItem(path, item_range.start, item_range.end)] = (len(files), index)
+            files.append(FileFetch(self._path.key(path), file_plan))
+        store = self._io.run(_opened)
+        return FetchEngine(store, self._path.bucket, files, config, recorder), where
 
     def _direct_targets(
         self, grouped: _Grouped, planner: LoadPlanner
@@ -628,6 +793,9 @@ class S3StorageReader(StorageReader):
                 stream = extension.transform_from(stream)
         return stream
 
+
+_CAN_SHARE = "aiodcp:can-share"
+"""A local plan's ``storage_data`` when its rank can take part in a shared load."""
 
 _DIRECT_MIN_BYTES = 512 * 1024
 _DIRECT_MAX_BYTES = 4 * 1024**3 - 1024**2  # beyond, torch.save writes zip64 records

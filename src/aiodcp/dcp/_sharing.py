@@ -1,0 +1,354 @@
+"""Multi-rank loads: every stored byte fetched once per job, shared over the process group.
+
+When several ranks of a ``dcp.load`` need the same stored items (data-parallel replicas, a
+resharded load in which each rank needs part of every stored chunk), each would fetch them from
+the store. Here the job fetches each once and torch.distributed carries it to the other ranks
+that need it; torch.distributed is the transport, nothing of our own.
+
+Data flow, on every rank of the load's process group (``load_group`` finds it: the group
+``dcp.load`` itself runs on)::
+
+    read_metadata()             rank 0 GETs .metadata; share_metadata broadcasts the bytes and
+                                the GET's latency, or its error, to every rank (1 GET per job)
+    prepare_global_plan(plans)  coordinator (rank 0) only, pure: plan_sharing(needs per rank)
+                                -> one RankShare per rank, carried in LoadPlan.storage_data:
+                                which shared items the rank fetches, and per round what it sends
+                                to whom and receives from whom
+    read_data(plan)             the rank's engine fetches its share, in round order; per round:
+                                wait for what it sends -> Exchange.status (all_gather of one
+                                flag per rank: if any rank failed, every rank raises now) ->
+                                isend/irecv in 1 MiB segments -> decode what it needs -> release;
+                                then the items only this rank needs load as in a
+                                single-process load; a last Exchange.status carries the ranks'
+                                counters, so every rank's LoadStats holds the job's totals
+
+Invariants: an item is shared when two or more ranks need it, fetched by one of them (the one
+with the fewest bytes to fetch so far), and sent in one round to every other rank that needs
+it. Per round a rank sends at most ``round_bytes`` of item memory (what its engine holds at
+once) and receives at most ``round_bytes`` (or one larger item alone), so a rank holds at most
+about its ``memory_budget`` plus the item in hand, whatever the world size. A rank's items are
+sent in (file, offset) order, the order its engine fetches them in, so the engine's budget is
+always released by the next round: no deadlock. Every rank takes part in every round's
+collectives in the same order; a rank that failed (fetch, decode, cancellation) still takes
+part in the next status round and says so, so no rank waits in a receive for the process
+group's timeout.
+"""
+
+from __future__ import annotations
+
+import pickle
+import sys
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from .._errors import AiodcpError, PeerLoadError
+from .._reader import ChunkBuffer
+
+__all__ = [
+    "SEGMENT_BYTES",
+    "Exchange",
+    "RankShare",
+    "Round",
+    "StoredItem",
+    "item_memory",
+    "load_group",
+    "plan_sharing",
+    "share_metadata",
+    "will_share",
+]
+
+T = TypeVar("T")
+
+SEGMENT_BYTES = 1024 * 1024
+"""Items cross the process group in messages of this size (the engine's item blocks)."""
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class StoredItem:
+    """One stored item: bytes ``[start, end)`` of the data file ``path`` (relative)."""
+
+    path: str
+    start: int
+    end: int
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True, slots=True)
+class Round:
+    """One rank's part of one exchange round."""
+
+    sends: tuple[tuple[StoredItem, tuple[int, ...]], ...] = ()
+    """Items this rank sends, each with the ranks it goes to, in (file, offset) order."""
+    receives: tuple[tuple[StoredItem, int], ...] = ()
+    """Items this rank receives, each with the rank it comes from, in (file, offset) order."""
+
+
+@dataclass(frozen=True, slots=True)
+class RankShare:
+    """What one rank's load plan carries (``LoadPlan.storage_data``) when the job shares."""
+
+    rank: int
+    world: int
+    fetch: tuple[StoredItem, ...]
+    """Shared items this rank fetches from the store, in the order it sends them."""
+    shared: frozenset[StoredItem]
+    """Every stored item this rank needs that goes through the exchange (fetched here and
+    sent, or received); the rank's other items load as in a single-process load."""
+    rounds: tuple[Round, ...]
+    """As many on every rank: round k of every rank is one step of the job."""
+
+
+def item_memory(length: int) -> int:
+    """Bytes of memory an item of ``length`` bytes holds once received: whole 1 MiB blocks for
+    items of half a block or more, as the fetch engine and the receive buffers hold them."""
+    if length < SEGMENT_BYTES // 2:
+        return length
+    return -(-length // SEGMENT_BYTES) * SEGMENT_BYTES
+
+
+def plan_sharing(
+    needs: Sequence[Collection[StoredItem]], *, round_bytes: int
+) -> list[RankShare] | None:
+    """Assign every stored item that two or more ranks need to one of them, and schedule its
+    transfers in rounds. ``needs[r]``: the stored items rank ``r`` reads. None when no item is
+    needed by two ranks (nothing to share: every rank loads alone).
+
+    Balanced by bytes: items are assigned largest first, each to the rank that needs it with
+    the fewest bytes to fetch so far (its own items included).
+    """
+    world = len(needs)
+    holders: dict[StoredItem, list[int]] = {}
+    for rank, items in enumerate(needs):
+        for item in set(items):
+            if item.length > 0:
+                holders.setdefault(item, []).append(rank)
+    shared = {item: sorted(ranks) for item, ranks in holders.items() if len(ranks) > 1}
+    if not shared:
+        return None
+    load = [0] * world
+    for item, ranks in holders.items():
+        if len(ranks) == 1:
+            load[ranks[0]] += item.length
+    fetcher: dict[StoredItem, int] = {}
+    for item in sorted(shared, key=lambda i: (-i.length, i)):
+        chosen = min(shared[item], key=lambda r: (load[r], r))
+        fetcher[item] = chosen
+        load[chosen] += item.length
+
+    sent: list[list[float]] = []  # per round, per rank: item memory sent / received
+    got: list[list[float]] = []
+    placed: list[list[tuple[StoredItem, int, tuple[int, ...]]]] = []
+    next_round = [0] * world  # a rank's items go in (file, offset) order, rounds never back
+    for item in sorted(shared):
+        src = fetcher[item]
+        dsts = tuple(r for r in shared[item] if r != src)
+        size = item_memory(item.length)
+        k = next_round[src]
+        while True:
+            if k == len(placed):
+                sent.append([0] * world)
+                got.append([0] * world)
+                placed.append([])
+            if _fits(sent[k][src], size, round_bytes) and all(
+                _fits(got[k][d], size, round_bytes) for d in dsts
+            ):
+                break
+            k += 1
+        sent[k][src] += size
+        for d in dsts:
+            got[k][d] += size
+        placed[k].append((item, src, dsts))
+        next_round[src] = k
+
+    shares = []
+    for rank in range(world):
+        rounds = [
+            Round(
+                sends=tuple((item, dsts) for item, src, dsts in entries if src == rank),
+                receives=tuple((item, src) for item, src, dsts in entries if rank in dsts),
+            )
+            for entries in placed
+        ]
+        shares.append(
+            RankShare(
+                rank=rank,
+                world=world,
+                fetch=tuple(item for item in sorted(shared) if fetcher[item] == rank),
+                shared=frozenset(item for item in shared if rank in shared[item]),
+                rounds=tuple(rounds),
+            )
+        )
+    return shares
+
+
+def _fits(held: float, size: int, limit: int) -> bool:
+    """Whether ``size`` more bytes fit beside ``held`` (an item alone always fits)."""
+    return held == 0 or held + size <= limit
+
+
+# ----------------------------------------------------------------------------- collectives
+
+
+def _shareable(group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
+    """``group`` (None: the default group) if it has two or more ranks and moves CPU tensors
+    (a gloo backend; NCCL alone cannot), else None."""
+    group = group or dist.group.WORLD
+    if group is None or dist.get_world_size(group) < 2:
+        return None
+    backend = str(dist.get_backend(group)).lower()
+    return group if "gloo" in backend else None
+
+
+def will_share(process_group: dist.ProcessGroup | None, no_dist: bool) -> bool:
+    """Whether a ``dcp.load`` with these arguments would share its bytes (see load_group)."""
+    if no_dist or not (dist.is_available() and dist.is_initialized()):
+        return False
+    return _shareable(process_group) is not None
+
+
+def load_group() -> dist.ProcessGroup | None:
+    """The process group of the ``dcp.load`` this call runs under, when that load synchronises
+    its ranks (not ``no_dist``) and has two or more of them; else None.
+
+    torch does not tell a storage reader which group the load runs on, and a collective on any
+    other group (or in a load only some ranks run, as ``no_dist=True`` loads on one rank) would
+    hang. So this looks for torch's ``_load_state_dict`` frame up the stack and reads its
+    ``_DistWrapper``: outside it (a direct call, another torch) nothing is shared.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "_load_state_dict" and "distW" in frame.f_locals:
+            wrapper = frame.f_locals["distW"]
+            if not getattr(wrapper, "use_dist", False):
+                return None
+            return _shareable(getattr(wrapper, "group", None))
+        frame = frame.f_back  # type: ignore[assignment]
+    return None
+
+
+def _portable(error: BaseException) -> BaseException:
+    """``error`` if it pickles (aiodcp's errors do), else an AiodcpError with its text."""
+    try:
+        pickle.dumps(error)
+    except Exception:
+        return AiodcpError(f"{type(error).__name__}: {error}")
+    return error
+
+
+def share_metadata(group: dist.ProcessGroup, fetch: Callable[[], T]) -> T:
+    """``fetch()`` on the group's rank 0 only, its result (or its error) broadcast to every
+    rank of ``group``: one ``.metadata`` GET per job. Every rank must call it."""
+    payload: list[Any] = [None]
+    if dist.get_rank(group) == 0:
+        try:
+            payload[0] = ("ok", fetch())
+        except Exception as exc:
+            payload[0] = ("error", _portable(exc))
+    dist.broadcast_object_list(payload, src=dist.get_global_rank(group, 0), group=group)
+    status, value = payload[0]
+    if status == "error":
+        raise value
+    return value  # type: ignore[no-any-return]
+
+
+class Exchange:
+    """The collectives of one rank's shared load over ``group`` (see the module docstring)."""
+
+    def __init__(self, group: dist.ProcessGroup, share: RankShare) -> None:
+        self.group = group
+        self.share = share
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    def _global(self, rank: int) -> int:
+        return dist.get_global_rank(self.group, rank)
+
+    def status(self, error: BaseException | None, counters: Sequence[int] = ()) -> list[list[int]]:
+        """Every rank's ``counters`` (after a flag: did it fail); if any rank failed, raise
+        now, on every rank: a rank's own error, else ``PeerLoadError`` naming the first
+        failed rank and its cause."""
+        row = torch.tensor([1 if error is not None else 0, *counters], dtype=torch.int64)
+        rows = [torch.zeros_like(row) for _ in range(self.share.world)]
+        dist.all_gather(rows, row, group=self.group)
+        table = [[int(x) for x in r.tolist()] for r in rows]
+        failed = [rank for rank, r in enumerate(table) if r[0]]
+        if not failed:
+            return [r[1:] for r in table]
+        errors: list[Any] = [None] * self.share.world
+        dist.all_gather_object(
+            errors, None if error is None else _portable(error), group=self.group
+        )
+        if error is not None:
+            raise error
+        rank = failed[0]
+        cause = errors[rank]
+        raise PeerLoadError(
+            f"rank {rank} of {self.share.world} failed, so this rank (rank {self.share.rank}) "
+            f"stopped its part of the shared load: {type(cause).__name__}: {cause}",
+            rank=rank,
+            cause=cause,
+        )
+
+    def transfer(
+        self, k: int, sending: Mapping[StoredItem, ChunkBuffer]
+    ) -> dict[StoredItem, ChunkBuffer]:
+        """Round ``k``: send ``sending`` (this round's items, downloaded) to their ranks and
+        receive this round's items from theirs; returns the received items."""
+        part = self.share.rounds[k]
+        works: list[Any] = []
+        # Messages between two ranks match by tag: the n-th segment this rank receives from a
+        # peer is the n-th that peer sends to it (both enumerate the round's items in order).
+        counts: dict[tuple[str, int], int] = {}
+
+        def tag(direction: str, peer: int) -> int:
+            n = counts.get((direction, peer), 0)
+            counts[(direction, peer)] = n + 1
+            return n
+
+        received: dict[StoredItem, torch.Tensor] = {}
+        for item, src in part.receives:
+            buffer = torch.empty(item.length, dtype=torch.uint8)
+            for start in range(0, item.length, SEGMENT_BYTES):
+                segment = buffer[start : start + SEGMENT_BYTES]
+                works.append(dist.irecv(segment, self._global(src), self.group, tag("in", src)))
+            received[item] = buffer
+        for item, dsts in part.sends:
+            segments = _segments(sending[item], item.length)
+            for dst in dsts:
+                works.extend(
+                    dist.isend(segment, self._global(dst), self.group, tag("out", dst))
+                    for segment in segments
+                )
+                self.bytes_sent += item.length
+        for work in works:
+            work.wait()
+        self.bytes_received += sum(item.length for item in received)
+        return {
+            item: ChunkBuffer([memoryview(t.numpy())])  # type: ignore[arg-type]
+            for item, t in received.items()
+        }
+
+
+def _segments(buffer: ChunkBuffer, length: int) -> list[torch.Tensor]:
+    """The item's bytes as ``SEGMENT_BYTES`` tensors over its own memory when its chunks are
+    those segments (the engine's 1 MiB blocks), else over one contiguous copy."""
+    chunks = buffer.chunks
+    aligned = (
+        sum(len(c) for c in chunks) == length
+        and all(len(c) == SEGMENT_BYTES for c in chunks[:-1])
+        and all(not c.readonly and c.contiguous for c in chunks)
+        and len(chunks) == max(1, -(-length // SEGMENT_BYTES))
+    )
+    if aligned:
+        return [torch.frombuffer(c, dtype=torch.uint8) for c in chunks]
+    whole = torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8)
+    return [whole[s : s + SEGMENT_BYTES] for s in range(0, length, SEGMENT_BYTES)]

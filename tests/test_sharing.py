@@ -1,0 +1,271 @@
+"""Shared multi-rank loads (gloo): every stored byte fetched once per job, sent to the ranks
+that need it over the process group, every tensor as ``FileSystemReader`` loads it.
+
+Each test runs real ranks (``share_worker.py`` subprocesses) against moto, then checks the
+server's request log: which byte ranges of which data files were requested, summed over the
+job, and how many ``.metadata`` GETs there were.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from torch.distributed.checkpoint import FileSystemReader
+
+from conftest import S3Server, upload_dir
+from faultproxy import Fault, FaultProxy, ProxyRequest
+
+WORKER = Path(__file__).parent / "share_worker.py"
+RANK_TIMEOUT_S = 240  # a hang guard only
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_ranks(world: int, args: list[str], env: dict[str, str] | None = None) -> list[str]:
+    """Run ``world`` gloo ranks of share_worker.py; their outputs (each must exit 0)."""
+    port = free_port()
+    procs = []
+    for rank in range(world):
+        rank_env = dict(os.environ)
+        rank_env.update(
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            GLOO_SOCKET_IFNAME="lo",
+            RANK=str(rank),
+            WORLD_SIZE=str(world),
+            LOCAL_RANK=str(rank),
+            OMP_NUM_THREADS="1",
+            PYTHONWARNINGS="ignore",
+            **(env or {}),
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(WORKER), *args],
+                env=rank_env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    outputs = []
+    try:
+        for proc in procs:
+            out, _ = proc.communicate(timeout=RANK_TIMEOUT_S)
+            outputs.append(out)
+            assert proc.returncode == 0, out[-3000:]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    return outputs
+
+
+def results(outputs: list[str]) -> list[dict[str, Any]]:
+    found = []
+    for out in outputs:
+        lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
+        assert len(lines) == 1, out[-3000:]
+        found.append(json.loads(lines[0].removeprefix("RESULT ")))
+    return sorted(found, key=lambda r: r["rank"])
+
+
+@dataclass
+class Saved:
+    url: str
+    local: Path
+    bucket: str
+    prefix: str
+
+    def stored_items(self) -> list[tuple[str, int, int]]:
+        """(file, start, end) of every stored item of the checkpoint."""
+        md = FileSystemReader(str(self.local)).read_metadata()
+        return sorted(
+            (info.relative_path, info.offset, info.offset + info.length)
+            for info in md.storage_data.values()
+        )
+
+
+def save(tmp_path: Path, s3_server: S3Server, layout: str, world: int) -> Saved:
+    local = tmp_path / f"{layout}-{world}"
+    run_ranks(world, ["save", layout, str(local)])
+    bucket = f"share-{uuid.uuid4().hex[:12]}"
+    s3 = s3_server.client()
+    s3.create_bucket(Bucket=bucket)
+    upload_dir(s3, local, bucket, "ck")
+    return Saved(f"s3://{bucket}/ck", local, bucket, "ck")
+
+
+def requested(server: S3Server, saved: Saved) -> tuple[Counter[tuple[str, int]], int]:
+    """Per (data file, byte): how many times the job's ranged GETs asked for it; and the
+    number of ``.metadata`` GETs."""
+    per_byte: Counter[tuple[str, int]] = Counter()
+    metadata = 0
+    for r in server.requests():
+        path = r["path"]
+        if r["method"] != "GET" or not path.startswith(f"/{saved.bucket}/{saved.prefix}/"):
+            continue
+        name = path.rsplit("/", 1)[1]
+        if name == ".metadata":
+            metadata += 1
+        elif r["range"]:
+            first, last = r["range"].removeprefix("bytes=").split("-")
+            for b in range(int(first), int(last) + 1):
+                per_byte[(name, b)] += 1
+    return per_byte, metadata
+
+
+def load(
+    server: S3Server,
+    saved: Saved,
+    layout: str,
+    world: int,
+    api: str,
+    *,
+    endpoint_url: str | None = None,
+    cancel_after_s: float = 0.0,
+    **options: Any,
+) -> list[dict[str, Any]]:
+    server.clear_log()
+    env = {
+        "TEST_S3_ENDPOINT": endpoint_url or server.endpoint_url,
+        "SHARE_OPTIONS": json.dumps({"max_gap_size": 0, **options}),
+        "SHARE_CANCEL_AFTER_S": str(cancel_after_s),
+    }
+    return results(run_ranks(world, ["load", layout, saved.url, str(saved.local), api], env))
+
+
+CASES = [
+    # layout, ranks that save, ranks that load, API
+    ("replicated", 1, 4, "async"),
+    ("replicated", 1, 2, "sync"),
+    ("dim0", 2, 4, "sync"),
+    ("dim1", 2, 2, "async"),
+    ("fsdp", 2, 2, "sync"),
+    ("hsdp", 4, 4, "async"),
+]
+
+
+@pytest.mark.parametrize(("layout", "save_world", "world", "api"), CASES)
+def test_shared_load_fetches_each_stored_byte_once(
+    tmp_path: Path, s3_server: S3Server, layout: str, save_world: int, world: int, api: str
+) -> None:
+    saved = save(tmp_path, s3_server, layout, save_world)
+    got = load(s3_server, saved, layout, world, api)
+    for r in got:
+        assert "error" not in r, r
+        assert r["mismatched"] == [], r
+    per_byte, metadata_gets = requested(s3_server, saved)
+    assert metadata_gets == 1  # one .metadata GET for the whole job
+    assert per_byte, "nothing was fetched"
+    assert max(per_byte.values()) == 1  # no stored byte requested twice in the job
+    # Every byte fetched belongs to a stored item (max_gap_size=0: no gap bytes).
+    items = saved.stored_items()
+    fetched_files = {f for f, _ in per_byte}
+    for name in fetched_files:
+        spans = [(s, e) for f, s, e in items if f == name]
+        assert all(any(s <= b < e for s, e in spans) for f, b in per_byte if f == name)
+    job = got[0]["job"]
+    assert job is not None and job["ranks"] == world
+    assert all(r["job"] == job for r in got)  # the job's totals, the same on every rank
+    assert job["bytes_requested"] == sum(r["stats"]["bytes_requested"] for r in got)
+    assert job["bytes_requested"] == sum(per_byte.values())
+    assert job["bytes_from_peers"] == job["bytes_to_peers"]
+    if layout in ("replicated", "dim1", "hsdp"):  # every rank needs what others fetch
+        assert all(r["stats"]["bytes_from_peers"] > 0 for r in got)
+
+
+def test_sharing_off_fetches_per_rank(tmp_path: Path, s3_server: S3Server) -> None:
+    saved = save(tmp_path, s3_server, "replicated", 1)
+    got = load(s3_server, saved, "replicated", 2, "sync", share_across_ranks=False)
+    for r in got:
+        assert r["mismatched"] == [] and r["job"] is None
+        assert r["stats"]["bytes_from_peers"] == 0
+    per_byte, metadata_gets = requested(s3_server, saved)
+    assert metadata_gets == 2
+    assert set(per_byte.values()) == {2}  # each rank fetched every byte itself
+
+
+def test_memory_per_rank_stays_within_the_budget(tmp_path: Path, s3_server: S3Server) -> None:
+    """4 replicas, a 1 MiB budget: the rounds keep each rank's item memory (fetched, sent and
+    received) within the budget plus the item in hand, the largest of which (2 MiB + its
+    archive's ~1.5 KB) takes 3 whole 1 MiB blocks."""
+    saved = save(tmp_path, s3_server, "replicated", 1)
+    budget, largest = 1024 * 1024, 3 * 1024 * 1024
+    got = load(s3_server, saved, "replicated", 4, "sync", memory_budget=budget)
+    for r in got:
+        assert r["mismatched"] == [], r
+        assert 0 < r["stats"]["peak_buffered_bytes"] <= budget + largest, r
+    # Every rank received the large item (3 of them from its fetcher), in a round of its own.
+    assert sorted(r["stats"]["peak_buffered_bytes"] >= largest for r in got) == [True] * 4
+
+
+def _overlaps(request: ProxyRequest, path: str, start: int, end: int) -> bool:
+    if not request.path.endswith("/" + path) or not request.range:
+        return False
+    first, last = request.range.removeprefix("bytes=").split("-")
+    return int(first) < end and start <= int(last)
+
+
+@pytest.mark.parametrize("api", ["sync", "async"])
+def test_a_rank_whose_share_fails_stops_every_rank(
+    tmp_path: Path, s3_server: S3Server, api: str
+) -> None:
+    """The store refuses (403, for good) every GET of the largest stored item: the rank that
+    fetches it raises AccessDeniedError, and every other rank raises PeerLoadError naming that
+    rank and the cause, within seconds, not at the process group's timeout (30 min)."""
+    saved = save(tmp_path, s3_server, "replicated", 1)
+    md = FileSystemReader(str(saved.local)).read_metadata()
+    big = next(info for index, info in md.storage_data.items() if index.fqn == "big")
+    span = (big.relative_path, big.offset, big.offset + big.length)
+    with FaultProxy(s3_server.endpoint_url) as proxy:
+        proxy.add(Fault.access_denied(), predicate=lambda r: _overlaps(r, *span))
+        got = load(s3_server, saved, "replicated", 4, api, endpoint_url=proxy.endpoint_url)
+        assert proxy.fault_count >= 1
+    failed = [r for r in got if r.get("error") == "AccessDeniedError"]
+    assert len(failed) == 1, got
+    culprit = failed[0]["rank"]
+    for r in got:
+        assert r["elapsed_s"] < 30, r  # a hang guard: measured ~1 s
+        if r["rank"] != culprit:
+            assert r["error"] == "PeerLoadError", r
+            assert r["peer_rank"] == culprit, r
+            assert f"rank {culprit} of 4 failed" in r["message"], r
+            assert "AccessDenied" in r["message"], r
+
+
+def test_cancelling_every_rank_stops_the_job(tmp_path: Path, s3_server: S3Server) -> None:
+    """Every data GET stalls; each rank cancels its ``await load_checkpoint`` after 1 s: every
+    rank raises CancelledError promptly and leaves no aiodcp thread behind."""
+    saved = save(tmp_path, s3_server, "replicated", 1)
+    with FaultProxy(s3_server.endpoint_url) as proxy:
+        proxy.add(Fault.stall(60.0), path_suffix=".distcp")
+        got = load(
+            s3_server,
+            saved,
+            "replicated",
+            4,
+            "async",
+            endpoint_url=proxy.endpoint_url,
+            cancel_after_s=1.0,
+        )
+    for r in got:
+        assert r.get("error") == "CancelledError", r
+        assert r["elapsed_s"] < 20, r  # cancelled at 1 s; the stall lasts 60 s
+        assert r["threads"] == [], r
