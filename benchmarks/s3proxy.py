@@ -8,12 +8,14 @@ shapes for it only where nginx lacks its echo module.) It can also make loopback
 - ``latency_ms``: the first byte of every response leaves the proxy no earlier than this long
   after the request arrived (S3's time to first byte is ~10-30 ms);
 - ``bandwidth``: bytes per second per client connection (S3 serves ~50-100 MB/s per connection),
-  paced with a token bucket that never banks credit across idle time.
+  paced with a token bucket that never banks credit across idle time;
+- ``total_bandwidth``: bytes per second summed over every connection (a node's NIC that all
+  its ranks share): body bytes leave one after another on one shared timeline.
 
 Run: ``python s3proxy.py --upstream-port N`` prints ``PORT <p>`` once it listens. Control (never
 forwarded): ``GET /__bench__/stats`` returns the counters as JSON; ``GET /__bench__/reset?
-latency_ms=20&bandwidth=80000000`` returns them, zeroes them and sets the shaping (omitted values
-mean no shaping). Only 127.0.0.1 is ever contacted.
+latency_ms=20&bandwidth=80000000&total_bandwidth=200000000`` returns them, zeroes them and sets
+the shaping (omitted values mean no shaping). Only 127.0.0.1 is ever contacted.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class Counters:
         self.statuses: dict[str, int] = {}
         self.upstream_reconnects = 0
         self.client_aborts = 0
+        self.metadata_gets = 0
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -60,6 +63,7 @@ class Counters:
             "statuses": self.statuses,
             "upstream_reconnects": self.upstream_reconnects,
             "client_aborts": self.client_aborts,
+            "metadata_gets": self.metadata_gets,
         }
 
 
@@ -84,6 +88,8 @@ class Proxy:
         self.counters = Counters()
         self.latency_s = 0.0
         self.bandwidth = 0.0
+        self.total_bandwidth = 0.0
+        self._line = 0.0  # loop time at which the shared link is free again
 
     async def handle(self, creader: asyncio.StreamReader, cwriter: asyncio.StreamWriter) -> None:
         self.counters.connections += 1
@@ -111,6 +117,8 @@ class Proxy:
                 c.by_method[method] = c.by_method.get(method, 0) + 1
                 if method == "GET" and "range" in headers:
                     c.ranged_gets += 1
+                if method == "GET" and target.split("?", 1)[0].endswith("/.metadata"):
+                    c.metadata_gets += 1
                 c.request_bytes += len(head) + len(body)
                 c.active += 1
                 c.max_active = max(c.max_active, c.active)
@@ -214,10 +222,15 @@ class Proxy:
                 self.send(cwriter, data)
                 c.body_bytes += size
                 sent += size
+                delay = 0.0
                 if bandwidth:
                     delay = start + sent / bandwidth - loop.time()
-                    if delay > 0:
-                        await asyncio.sleep(delay)
+                if self.total_bandwidth:
+                    now = loop.time()
+                    self._line = max(self._line, now) + size / self.total_bandwidth
+                    delay = max(delay, self._line - now)
+                if delay > 0:
+                    await asyncio.sleep(delay)
                 await cwriter.drain()
             except ConnectionError:
                 raise ClientGone from None
@@ -259,6 +272,8 @@ class Proxy:
             query = parse_qs(url.query)
             self.latency_s = float(query.get("latency_ms", ["0"])[0]) / 1000.0
             self.bandwidth = float(query.get("bandwidth", ["0"])[0])
+            self.total_bandwidth = float(query.get("total_bandwidth", ["0"])[0])
+            self._line = 0.0
             self.counters.reset()
         cwriter.write(
             b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"

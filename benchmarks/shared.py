@@ -1,0 +1,237 @@
+"""Multi-rank loads through one bandwidth cap: a shared load against every rank for itself.
+
+Two loads, as in the issue that asked for sharing (each in a fresh gloo job per run):
+
+- ``replicated``: 4 ranks each load a whole plain state dict (data-parallel replicas), saved by
+  one process;
+- ``dim1``: 2 ranks load DTensors sharded on dim 1 from a checkpoint saved by 2 ranks sharded
+  on dim 0 (every rank needs a column half of every stored chunk).
+
+The ranks reach nginx through ``s3proxy.py`` with ``total_bandwidth`` (default 200 MB/s) capping
+the sum of every connection, a node's NIC that its ranks share, and ``latency_ms`` (default 20)
+before each response. Variants, interleaved per repeat (order rotating), each on the same
+server in the same run:
+
+- ``shared``: this checkout's aiodcp, defaults (``share_across_ranks=True``);
+- ``per_rank``: this checkout's aiodcp with ``share_across_ranks=False``;
+- ``base``: the ``--baseline`` revision's aiodcp (default ``be52019``, main before sharing),
+  defaults.
+
+Per run: the slowest rank's wall time (``await load_checkpoint``, started after a barrier), the
+largest peak RSS above the state dict of any rank, bytes and requests the proxy served, and its
+count of ``.metadata`` GETs; every rank checks every tensor it loaded against its expected
+value. Figures: medians over the repeats of per-repeat ratios against ``base``.
+
+Run from the checkout (it uses benchmarks/.venv-bench, built by ``make bench``)::
+
+    benchmarks/.venv-bench/bin/python benchmarks/shared.py [--size-mib 256] [--repeats 3]
+
+Everything listens on 127.0.0.1; the processes it starts are stopped when it ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import bench  # noqa: E402
+from common import MIB, layer_specs  # noqa: E402
+from torch.distributed.checkpoint import FileSystemReader  # noqa: E402
+
+LOADS = {"replicated": 4, "dim1": 2}
+"""Load name -> ranks that load it."""
+VARIANTS = ("shared", "per_rank", "base")
+
+
+def run_ranks(world: int, args: list[str], env: dict[str, str], timeout: float) -> list[str]:
+    port = bench.free_port()
+    procs = []
+    for rank in range(world):
+        rank_env = dict(env)
+        rank_env.update(
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            GLOO_SOCKET_IFNAME="lo",
+            RANK=str(rank),
+            WORLD_SIZE=str(world),
+            LOCAL_RANK=str(rank),
+            OMP_NUM_THREADS="1",
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(HERE / "shared_worker.py"), *args],
+                env=rank_env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    outputs = []
+    try:
+        for proc in procs:
+            out, _ = proc.communicate(timeout=timeout)
+            if proc.returncode != 0:
+                raise RuntimeError(f"a rank failed:\n{out[-3000:]}")
+            outputs.append(out)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    return outputs
+
+
+def rank_results(outputs: list[str]) -> list[dict[str, Any]]:
+    found = []
+    for out in outputs:
+        lines = [x for x in out.splitlines() if x.startswith("RESULT ")]
+        if len(lines) != 1:
+            raise RuntimeError(f"no result:\n{out[-3000:]}")
+        found.append(json.loads(lines[0].removeprefix("RESULT ")))
+    return found
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size-mib", type=float, default=256)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--total-mbps", type=float, default=200.0, help="MB/s over all connections")
+    p.add_argument("--latency-ms", type=float, default=20.0)
+    p.add_argument("--baseline", default="be52019")
+    p.add_argument("--loads", default=",".join(LOADS))
+    p.add_argument("--out", default=str(HERE / "results" / "shared"))
+    args = p.parse_args()
+    for var in [k for k in os.environ if k.startswith("AWS_")]:
+        del os.environ[var]
+    os.environ.update(bench.CREDENTIALS, AWS_EC2_METADATA_DISABLED="true")
+    data = HERE / ".data"
+    data.mkdir(exist_ok=True)
+    src, desc = bench.aiodcp_source("worktree", data)
+    base_src, base_desc = bench.aiodcp_source(args.baseline, data)
+    for s in (src, base_src):
+        bench.compile_bytecode(s)
+    envs = {"shared": bench.child_env(src), "per_rank": bench.child_env(src)}
+    envs["base"] = bench.child_env(base_src)
+    specs = layer_specs(args.size_mib, dist=True)
+    shaping = {"latency_ms": args.latency_ms, "total_bandwidth": args.total_mbps * 1e6}
+    rows: list[dict[str, Any]] = []
+    with bench.Servers(data, kind="nginx") as servers:
+        meta = bench.machine_info(desc)
+        meta["server"] = servers.describe()
+        bench.log(f"aiodcp {desc} (base: {base_desc}); {meta['server']}; {meta['cpu_model']}")
+        saved: dict[str, str] = {}
+        needed: dict[str, int] = {}
+        for load in args.loads.split(","):
+            prefix = f"shared-{load}-{int(args.size_mib)}"
+            local = data / "ckpt" / prefix
+            if not (local / ".metadata").exists():
+                job = {"tensors": specs, "out": str(local), "layout": load}
+                job_path = data / f"{prefix}-save.json"
+                job_path.write_text(json.dumps(job))
+                world = 1 if load == "replicated" else 2
+                run_ranks(world, ["save", str(job_path)], envs["shared"], 1800)
+            saved[load] = f"s3://{bench.BUCKET}/{prefix}"
+            # Both loads need every stored item: the checkpoint's stored bytes.
+            md = FileSystemReader(str(local)).read_metadata()
+            needed[load] = sum(info.length for info in md.storage_data.values())
+        for repeat in range(args.repeats):
+            for load, world in LOADS.items():
+                if load not in saved:
+                    continue
+                order = list(VARIANTS[repeat % 3 :] + VARIANTS[: repeat % 3])
+                for variant in order:
+                    job = {
+                        "url": saved[load],
+                        "endpoint": servers.proxy_url,
+                        "tensors": specs,
+                        "layout": load,
+                        "needed_bytes": needed[load],
+                        "options": {"share_across_ranks": False} if variant == "per_rank" else {},
+                    }
+                    job_path = data / f"shared-{load}-{variant}.json"
+                    job_path.write_text(json.dumps(job))
+                    servers.control("reset", **shaping)
+                    t0 = time.perf_counter()
+                    results = rank_results(
+                        run_ranks(world, ["load", str(job_path)], envs[variant], 1800)
+                    )
+                    traffic = servers.control("stats")
+                    row = {
+                        "load": load,
+                        "variant": variant,
+                        "repeat": repeat,
+                        "ranks": world,
+                        "process_s": time.perf_counter() - t0,
+                        "wall_s": max(r["wall_s"] for r in results),
+                        "rss_above": max(r["rss_above"] for r in results),
+                        "ok": all(r["ok"] for r in results),
+                        "fetched_bytes": traffic["body_bytes"],
+                        "requests": traffic["requests"],
+                        "metadata_gets": traffic["metadata_gets"],
+                        "needed_bytes": results[0]["needed_bytes"],
+                        "from_peers": sum(r.get("from_peers", 0) for r in results),
+                    }
+                    rows.append(row)
+                    bench.log(
+                        f"  {load:<10} r{repeat} {variant:<9} {row['wall_s']:6.2f} s  "
+                        f"{row['fetched_bytes'] / MIB:8.1f} MiB fetched "
+                        f"({row['fetched_bytes'] / row['needed_bytes']:.2f}x needed), "
+                        f"{row['requests']} req, {row['metadata_gets']} .metadata, "
+                        f"rss +{row['rss_above'] / MIB:.1f} MiB, ok={row['ok']}"
+                    )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = {"meta": meta, "config": vars(args), "base": base_desc, "rows": rows}
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    text = markdown(result)
+    out.with_suffix(".md").write_text(text)
+    print(text)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    m, cfg, rows = result["meta"], result["config"], result["rows"]
+    lines = [
+        f"Measured {m['date']} on {m['nproc']} cores ({m['cpu_model']}), {m['memory_gib']} GiB "
+        f"RAM; nginx {m['server']} behind s3proxy.py capping all connections together at "
+        f"{cfg['total_mbps']:.0f} MB/s with {cfg['latency_ms']:.0f} ms before each response, "
+        f"127.0.0.1. aiodcp {m['aiodcp']}; base = aiodcp {result['base']}. torch {m['torch']}. "
+        f"{cfg['repeats']} repeats, medians; ratios are medians of per-repeat ratios to base.",
+        "",
+        "| load | variant | ranks | wall s (slowest rank) | x base | fetched / needed "
+        "| requests | .metadata GETs | from peers MiB | peak RSS above state MiB (max rank) "
+        "| RSS - base MiB | correct |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for load in LOADS:
+        base = {r["repeat"]: r for r in rows if r["load"] == load and r["variant"] == "base"}
+        for variant in VARIANTS:
+            rs = [r for r in rows if r["load"] == load and r["variant"] == variant]
+            if not rs:
+                continue
+            med = statistics.median
+            ratio = med([r["wall_s"] / base[r["repeat"]]["wall_s"] for r in rs])
+            rss_delta = med([r["rss_above"] - base[r["repeat"]]["rss_above"] for r in rs])
+            lines.append(
+                f"| {load} | {variant} | {rs[0]['ranks']} | {med([r['wall_s'] for r in rs]):.2f} "
+                f"| {ratio:.2f} | {med([r['fetched_bytes'] / r['needed_bytes'] for r in rs]):.2f} "
+                f"| {med([r['requests'] for r in rs]):.0f} "
+                f"| {med([r['metadata_gets'] for r in rs]):.0f} "
+                f"| {med([r['from_peers'] for r in rs]) / MIB:.0f} "
+                f"| {med([r['rss_above'] for r in rs]) / MIB:.0f} | {rss_delta / MIB:+.0f} "
+                f"| {sum(r['ok'] for r in rs)}/{len(rs)} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
