@@ -156,8 +156,11 @@ CASES = [
     ("replicated", 1, 4, "async"),
     ("replicated", 1, 2, "sync"),
     ("dim0", 2, 4, "sync"),
+    ("dim0", 4, 2, "async"),
     ("dim1", 2, 2, "async"),
+    ("dim1", 2, 4, "sync"),
     ("fsdp", 2, 2, "sync"),
+    ("fsdp", 2, 4, "async"),
     ("hsdp", 4, 4, "async"),
 ]
 

@@ -36,9 +36,11 @@ group's timeout.
 
 from __future__ import annotations
 
+import mmap
 import pickle
 import sys
-from collections.abc import Callable, Collection, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -261,13 +263,20 @@ def share_metadata(group: dist.ProcessGroup, fetch: Callable[[], T]) -> T:
 
 
 class Exchange:
-    """The collectives of one rank's shared load over ``group`` (see the module docstring)."""
+    """The collectives of one rank's shared load over ``group`` (see the module docstring).
+
+    Items are received into 1 MiB blocks (a heap buffer for items under half a block), one
+    message per block; released blocks serve the next rounds, so the memory received items
+    hold is what a round holds (fresh memory costs a page fault per page, and memory freed to
+    the allocator may not go back to the system)."""
 
     def __init__(self, group: dist.ProcessGroup, share: RankShare) -> None:
         self.group = group
         self.share = share
         self.bytes_sent = 0
         self.bytes_received = 0
+        self._free: list[memoryview] = []
+        self._lent: dict[StoredItem, list[memoryview]] = {}
 
     def _global(self, rank: int) -> int:
         return dist.get_global_rank(self.group, rank)
@@ -298,11 +307,29 @@ class Exchange:
             cause=cause,
         )
 
+    def _memory(self, item: StoredItem) -> list[memoryview]:
+        """Buffers for a received item: one per message, lent until ``release``."""
+        if item.length < SEGMENT_BYTES // 2:
+            return [memoryview(bytearray(item.length))]
+        views, blocks = [], []
+        for start in range(0, item.length, SEGMENT_BYTES):
+            block = self._free.pop() if self._free else memoryview(mmap.mmap(-1, SEGMENT_BYTES))
+            blocks.append(block)
+            views.append(block[: min(SEGMENT_BYTES, item.length - start)])
+        self._lent[item] = blocks
+        return views
+
+    def release(self, received: Iterable[StoredItem]) -> None:
+        """Take back the blocks of decoded received items, for the next rounds."""
+        for item in received:
+            self._free.extend(self._lent.pop(item, ()))
+
     def transfer(
         self, k: int, sending: Mapping[StoredItem, ChunkBuffer]
     ) -> dict[StoredItem, ChunkBuffer]:
         """Round ``k``: send ``sending`` (this round's items, downloaded) to their ranks and
-        receive this round's items from theirs; returns the received items."""
+        receive this round's items from theirs; returns the received items (``release``
+        them once decoded)."""
         part = self.share.rounds[k]
         works: list[Any] = []
         # Messages between two ranks match by tag: the n-th segment this rank receives from a
@@ -314,13 +341,13 @@ class Exchange:
             counts[(direction, peer)] = n + 1
             return n
 
-        received: dict[StoredItem, torch.Tensor] = {}
+        received: dict[StoredItem, ChunkBuffer] = {}
         for item, src in part.receives:
-            buffer = torch.empty(item.length, dtype=torch.uint8)
-            for start in range(0, item.length, SEGMENT_BYTES):
-                segment = buffer[start : start + SEGMENT_BYTES]
+            views = self._memory(item)
+            for view in views:
+                segment = torch.frombuffer(view, dtype=torch.uint8)
                 works.append(dist.irecv(segment, self._global(src), self.group, tag("in", src)))
-            received[item] = buffer
+            received[item] = ChunkBuffer(views)
         for item, dsts in part.sends:
             segments = _segments(sending[item], item.length)
             for dst in dsts:
@@ -332,23 +359,25 @@ class Exchange:
         for work in works:
             work.wait()
         self.bytes_received += sum(item.length for item in received)
-        return {
-            item: ChunkBuffer([memoryview(t.numpy())])  # type: ignore[arg-type]
-            for item, t in received.items()
-        }
+        return received
 
 
 def _segments(buffer: ChunkBuffer, length: int) -> list[torch.Tensor]:
     """The item's bytes as ``SEGMENT_BYTES`` tensors over its own memory when its chunks are
-    those segments (the engine's 1 MiB blocks), else over one contiguous copy."""
+    those segments (the engine's 1 MiB blocks, or one buffer for a small item), else over one
+    contiguous copy. Only sent: nothing writes to them."""
     chunks = buffer.chunks
     aligned = (
         sum(len(c) for c in chunks) == length
         and all(len(c) == SEGMENT_BYTES for c in chunks[:-1])
-        and all(not c.readonly and c.contiguous for c in chunks)
+        and all(c.contiguous for c in chunks)
         and len(chunks) == max(1, -(-length // SEGMENT_BYTES))
     )
-    if aligned:
+    if not aligned:
+        whole = torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8)
+        return [whole[s : s + SEGMENT_BYTES] for s in range(0, length, SEGMENT_BYTES)]
+    with warnings.catch_warnings():
+        # The chunks are read-only views; torch warns that it cannot make them so. A send
+        # only reads them.
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
         return [torch.frombuffer(c, dtype=torch.uint8) for c in chunks]
-    whole = torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8)
-    return [whole[s : s + SEGMENT_BYTES] for s in range(0, length, SEGMENT_BYTES)]

@@ -544,6 +544,7 @@ class S3StorageReader(StorageReader):
                 except BaseException as exc:
                     error = exc
                 finally:
+                    exchange.release(received)
                     received.clear()
                     if engine is not None:
                         for item in sending:
