@@ -209,6 +209,8 @@ class _Direct:
         self.tail = bytearray()
         self.spills: list[tuple[int, bytes]] = []
         self.failed = False
+        if not self.head:  # nothing to locate from (a run): the target says where it begins
+            self._locate(0)
 
     def view(self, offset: int, limit: int) -> memoryview | None:
         """Where the item's bytes from ``offset`` on go (at most ``limit``); None: drop them
@@ -239,6 +241,12 @@ class _Direct:
             received = len(have)
         if received <= offset:  # an earlier byte is still missing
             return
+        self._locate(received)
+
+    def _locate(self, received: int) -> None:
+        """Ask the target where its memory begins, from the first ``received`` head bytes;
+        once it knows, put every byte received so far in place."""
+        have = self.have
         found = self.target.locate(bytes(self.head[:received]))
         if found is None:
             return
@@ -748,6 +756,11 @@ class FetchEngine:
         """Wake every ``wait_item`` so that each checks its ``stop`` again (any thread)."""
         with self._cond:
             self._cond.notify_all()
+
+    def etags(self) -> dict[str, str]:
+        """key -> the ETag the load's GETs of it were pinned to, for a later engine of the same
+        load (a copy)."""
+        return dict(self._etags)
 
     def etag(self, key: str) -> str | None:
         """The ETag the load's GETs of ``key`` are pinned to (None before the first response)."""

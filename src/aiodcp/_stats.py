@@ -49,6 +49,12 @@ class LoadStats:
     resigned: int = 0
     """Requests signed again and resent because the store refused their signature as expired
     (credentials that expired or rotated mid-load); not counted as failed attempts."""
+    sliced_items: int = 0
+    """Stored items of which only the runs of bytes the read items need were fetched (a
+    resharded load), plus their head and tail to locate and verify them."""
+    slice_saved_bytes: int = 0
+    """Bytes of the sliced items that were not requested: their length minus the runs and the
+    head and tail probes (what fetching them whole would have added to ``bytes_requested``)."""
     bytes_from_peers: int = 0
     """Stored item bytes this rank received from other ranks instead of the store (a shared
     multi-rank load, ``share_across_ranks``)."""
@@ -132,6 +138,8 @@ class StatsRecorder:
         "resigned",
         "resumed_bytes",
         "retries",
+        "slice_saved_bytes",
+        "sliced_items",
         "throttled",
     )
 
@@ -152,6 +160,8 @@ class StatsRecorder:
         self.max_gap_size: int | float | None = None
         self.throttled = 0
         self.resigned = 0
+        self.sliced_items = 0
+        self.slice_saved_bytes = 0
         self.min_request_rate: float | None = None
         self.bytes_from_peers = 0
         self.bytes_to_peers = 0
@@ -205,6 +215,8 @@ class StatsRecorder:
                 throttled=self.throttled,
                 min_request_rate=self.min_request_rate,
                 resigned=self.resigned,
+                sliced_items=self.sliced_items,
+                slice_saved_bytes=self.slice_saved_bytes,
                 bytes_from_peers=self.bytes_from_peers,
                 bytes_to_peers=self.bytes_to_peers,
                 job=self.job,
@@ -225,6 +237,8 @@ _SUMMED = (
     "resigned",
     "bytes_from_peers",
     "bytes_to_peers",
+    "sliced_items",
+    "slice_saved_bytes",
 )
 """The counters a job's statistics sum over its ranks, in the order ranks exchange them."""
 

@@ -57,7 +57,14 @@ import torch
 
 from .._reader import ChunkBuffer
 
-__all__ = ["HEAD_BYTES", "DirectReceive", "decode_into"]
+__all__ = [
+    "HEAD_BYTES",
+    "TAIL_BYTES",
+    "DirectReceive",
+    "RunReceive",
+    "StoredTensorLocator",
+    "decode_into",
+]
 
 _EOCD = struct.Struct("<IHHHHIIH")  # end of central directory, 22 bytes
 _CDIR = struct.Struct("<IHHHHHHIIIHHHHHII")  # central directory header, 46 bytes
@@ -413,36 +420,31 @@ _HAS_DESCRIPTOR = 0x08  # general purpose flag: sizes follow the data
 _ENCRYPTED = 0x01
 
 
-class DirectReceive:
-    """Receives one stored tensor's bytes straight into its destination tensor's memory.
+class StoredTensorLocator:
+    """Where one stored tensor's storage bytes lie in its ``torch.save`` archive.
 
-    The fetch engine gives the first bytes of the item to :meth:`locate` until it answers where
-    the storage bytes begin. It then receives them into :attr:`memory` (the destination's own
-    bytes: no buffer, no copy) and keeps only the bytes before (``head``) and after (``tail``).
-    Once every byte arrived, :meth:`verify` checks the zip's central directory against what
-    ``locate`` read from the local headers, so the bytes are exactly the ones ``torch.load``
-    would read. ``locate`` answering "unusual" or ``verify`` failing sends the item back to
-    the buffered path (``torch.load``).
-
-    Used only where the read item is the whole stored tensor, the destination is a C-contiguous
-    CPU tensor of the stored dtype and shape, and the item is between ``HEAD_BYTES`` and 4 GiB
-    (checked by the caller, from the checkpoint metadata, before the load).
+    :meth:`locate` reads the item's first bytes (its head: the local headers and the
+    ``data.pkl`` pickle, which must rebuild exactly ``dtype`` and ``shape``, C-contiguous, from
+    storage offset 0) and answers the item offset at which the ``nbytes`` storage bytes begin.
+    :meth:`verify` then checks the zip's central directory, in the bytes after the storage
+    bytes (its tail), against what ``locate`` read, so those are exactly the bytes
+    ``torch.load`` would read. Neither needs the storage bytes themselves: a slice of the
+    tensor (``DirectReceive`` is the whole of it) is a computable run of them.
 
     ``locate`` relies on the local headers, written by ``torch.save`` in this order: ``data.pkl``
     first (its size is where its pickle stops), small records, then ``data/<key>``; each
     followed by a data descriptor (``torch.save`` streams, so local headers carry no sizes).
     """
 
-    __slots__ = ("_records", "length", "memory", "tensor")
+    __slots__ = ("_records", "dtype", "length", "nbytes", "shape")
 
-    head_bytes = HEAD_BYTES
-    tail_bytes = TAIL_BYTES
-
-    def __init__(self, tensor: torch.Tensor, length: int) -> None:
-        self.tensor = tensor
-        nbytes = tensor.numel() * tensor.element_size()
-        self.memory = memoryview((ctypes.c_ubyte * nbytes).from_address(tensor.data_ptr()))
-        self.memory = self.memory.cast("B")
+    def __init__(self, dtype: torch.dtype, shape: Sequence[int], length: int) -> None:
+        self.dtype = dtype
+        self.shape = tuple(shape)
+        numel = 1
+        for dim in self.shape:
+            numel *= dim
+        self.nbytes = numel * dtype.itemsize
         self.length = length
         # name -> (local header offset, size) of each record located, the storage record last
         self._records: dict[str, tuple[int, int]] = {}
@@ -487,7 +489,7 @@ class DirectReceive:
                 size = stream.tell()
                 storage = f"{prefix}data/{self._check(record)}"
             elif name == storage:
-                size = self.memory.nbytes
+                size = self.nbytes
                 if not flags & _HAS_DESCRIPTOR and not csize == usize == size:
                     raise _Unusual("storage record size")
                 if data + size + _DESCRIPTOR.size > self.length - _EOCD.size:
@@ -522,18 +524,18 @@ class DirectReceive:
                 raise _Unusual("compressed record")
 
     def _check(self, record: Any) -> str:
-        """The storage key of the rebuild ``record`` if it rebuilds exactly the destination."""
-        tensor = self.tensor
+        """The storage key of the rebuild ``record`` if it rebuilds exactly the stored tensor
+        expected (dtype, shape, contiguous, the whole storage from its start)."""
         if not isinstance(record, _Rebuild) or not isinstance(record.storage, _StorageRef):
             raise _Unusual("not a plain tensor")
         if (
-            record.storage.dtype != tensor.dtype
+            record.storage.dtype != self.dtype
             or record.offset != 0
-            or record.size != tuple(tensor.shape)
+            or record.size != self.shape
             or record.stride != _contiguous_strides(record.size)
-            or record.storage.numel != tensor.numel()
+            or record.storage.numel != self.nbytes // self.dtype.itemsize
         ):
-            raise _Unusual("not the destination's dtype, shape or storage")
+            raise _Unusual("not the expected dtype, shape or storage")
         return record.storage.key
 
     def verify(self, head: bytes, tail: bytes) -> bool:
@@ -562,7 +564,62 @@ class DirectReceive:
             entry = directory.get(name)
             if entry is None or entry != records[name]:
                 return False
-        return len(head) == self.length - len(tail) - self.memory.nbytes
+        return len(head) == self.length - len(tail) - self.nbytes
+
+
+class DirectReceive(StoredTensorLocator):
+    """Receives one stored tensor's bytes straight into its destination tensor's memory.
+
+    The fetch engine gives the first bytes of the item to :meth:`locate` until it answers where
+    the storage bytes begin. It then receives them into :attr:`memory` (the destination's own
+    bytes: no buffer, no copy) and keeps only the bytes before (``head``) and after (``tail``).
+    Once every byte arrived, :meth:`verify` checks the zip's central directory against what
+    ``locate`` read from the local headers (see ``StoredTensorLocator``). ``locate`` answering
+    "unusual" or ``verify`` failing sends the item back to the buffered path (``torch.load``).
+
+    Used only where the read item is the whole stored tensor, the destination is a C-contiguous
+    CPU tensor of the stored dtype and shape, and the item is between ``HEAD_BYTES`` and 4 GiB
+    (checked by the caller, from the checkpoint metadata, before the load).
+    """
+
+    __slots__ = ("memory", "tensor")
+
+    head_bytes = HEAD_BYTES
+    tail_bytes = TAIL_BYTES
+
+    def __init__(self, tensor: torch.Tensor, length: int) -> None:
+        super().__init__(tensor.dtype, tuple(tensor.shape), length)
+        self.tensor = tensor
+        self.memory = _memory_of(tensor)
+
+
+class RunReceive:
+    """Receives one contiguous run of a stored tensor's storage bytes (a slice, already located
+    and verified from the item's head and tail) straight into its destination tensor.
+
+    The run is the whole of what the engine fetches for it, so its memory begins at offset 0
+    (``head_bytes`` 0: nothing to locate) and there is nothing around it to verify."""
+
+    __slots__ = ("memory", "tensor")
+
+    head_bytes = 0
+    tail_bytes = 0
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+        self.memory = _memory_of(tensor)
+
+    def locate(self, head: bytes) -> int:
+        return 0
+
+    def verify(self, head: bytes, tail: bytes) -> bool:
+        return not head and not tail
+
+
+def _memory_of(tensor: torch.Tensor) -> memoryview:
+    """The bytes of a C-contiguous CPU ``tensor``, writable in place."""
+    nbytes = tensor.numel() * tensor.element_size()
+    return memoryview((ctypes.c_ubyte * nbytes).from_address(tensor.data_ptr())).cast("B")
 
 
 def _short(complete: bool) -> int | None:
