@@ -4,6 +4,11 @@
 ``load``: ranks load the uploaded checkpoint from S3 into DTensors sharded along dim 1 (a
 resharded load) with aiodcp, through ``dcp.load`` or ``await load_checkpoint``, and check every
 local shard against the full tensors, which each rank rebuilds from the same seed.
+``save-big`` / ``load-slices S3_URL LOCAL_DIR DIM``: larger tensors of several dtypes, saved
+sharded along dim 0, loaded sharded along ``DIM`` through ``dcp.load`` with aiodcp (sharing
+across ranks only when ``TEST_SHARE=1``); each rank
+compares its local shards with what ``FileSystemReader`` loads from the same directory and
+prints one JSON line of its load statistics and the bytes its shards hold.
 """
 
 from __future__ import annotations
@@ -29,10 +34,22 @@ def full_tensors() -> dict[str, torch.Tensor]:
     }
 
 
-def sharded(placement: Shard, world: int, zero: bool) -> dict[str, Any]:
+def big_tensors() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(4321)
+    return {
+        "w_f32": torch.randn(1024, 512, generator=g),  # 2 MiB
+        "w_bf16": torch.randn(4096, 256, generator=g).bfloat16(),  # 2 MiB
+        "w_i8": torch.randint(-128, 127, (1024, 8, 256), generator=g, dtype=torch.int8),
+        "w_c64": torch.randn(256, 4, 4, 64, generator=g, dtype=torch.complex64),  # 2 MiB
+    }
+
+
+def sharded(
+    placement: Shard, world: int, zero: bool, tensors: dict[str, torch.Tensor] | None = None
+) -> dict[str, Any]:
     mesh = init_device_mesh("cpu", (world,))
     out: dict[str, Any] = {}
-    for name, full in full_tensors().items():
+    for name, full in (full_tensors() if tensors is None else tensors).items():
         source = torch.zeros_like(full) if zero else full
         out[name] = distribute_tensor(source, mesh, [placement])
     out["step"] = 0 if zero else 77
@@ -47,7 +64,17 @@ def main() -> None:
         if mode == "save":
             dcp.save(sharded(Shard(0), world, zero=False), checkpoint_id=directory)
             return
+        if mode == "save-big":
+            dcp.save(
+                sharded(Shard(0), world, zero=False, tensors=big_tensors()),
+                checkpoint_id=directory,
+            )
+            return
         import aiodcp
+
+        if mode == "load-slices":
+            load_slices(directory, sys.argv[3], int(sys.argv[4]), world)
+            return
 
         options = {
             "endpoint_url": os.environ["TEST_S3_ENDPOINT"],
@@ -80,6 +107,50 @@ def main() -> None:
         print(f"rank {dist.get_rank()} OK", flush=True)  # noqa: T201
     finally:
         dist.destroy_process_group()
+
+
+def load_slices(url: str, local: str, dim: int, world: int) -> None:
+    import json
+
+    import aiodcp
+
+    options = {
+        "endpoint_url": os.environ["TEST_S3_ENDPOINT"],
+        "region": "us-east-1",
+        "addressing_style": "path",
+        "max_gap_size": 256 * 1024,  # fixed: "auto" follows each rank's measured latency
+        "share_across_ranks": os.environ.get("TEST_SHARE") == "1",
+    }
+    big = big_tensors()
+    state = sharded(Shard(dim), world, zero=True, tensors=big)
+    with aiodcp.S3StorageReader(url, **options) as reader:
+        dcp.load(state, storage_reader=reader)
+        stats = reader.stats
+    expected = sharded(Shard(dim), world, zero=True, tensors=big)
+    dcp.load(expected, storage_reader=dcp.FileSystemReader(local))
+    needed = 0
+    for name, full in big.items():
+        got, want = state[name].to_local(), expected[name].to_local()
+        if got.dtype != want.dtype or not torch.equal(got, want):
+            raise SystemExit(f"rank {dist.get_rank()}: {name} differs from FileSystemReader's")
+        if not torch.equal(state[name].full_tensor(), full):
+            raise SystemExit(f"rank {dist.get_rank()}: {name} differs from what was saved")
+        needed += got.numel() * got.element_size()
+    if stats is None:
+        raise SystemExit("no statistics")
+    record = {
+        "rank": dist.get_rank(),
+        "needed": needed,
+        "requested": stats.bytes_requested,
+        "requests": stats.requests,
+        "retries": stats.retries,
+        "items": stats.items,
+        "sliced_items": stats.sliced_items,
+        "slice_saved_bytes": stats.slice_saved_bytes,
+        "runs_received": reader._runs_received,
+        "bytes_from_peers": stats.bytes_from_peers,
+    }
+    print(json.dumps(record), flush=True)  # noqa: T201
 
 
 if __name__ == "__main__":
