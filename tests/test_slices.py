@@ -282,6 +282,97 @@ def test_slices_in_other_dims_load_exactly(
             assert_same_shards(state, reference(template, local))
 
 
+def grid(full: torch.Tensor, rows: int, cols: int) -> ShardedTensor:
+    """``full`` as a ShardedTensor of ``rows`` x ``cols`` shards over its first two dims."""
+    shards = []
+    for r0, r1 in bounds(full.shape[0], rows):
+        for c0, c1 in bounds(full.shape[1], cols):
+            local = full[r0:r1, c0:c1].clone()
+            offsets = [r0, c0] + [0] * (full.dim() - 2)
+            shards.append(Shard(local, ShardMetadata(offsets, list(local.shape), "rank:0/cpu")))
+    return init_from_local_shards(shards, *full.shape)
+
+
+class OneBox(DefaultLoadPlanner):
+    """Plans only the read items of the destination shard at ``offset`` (every dim)."""
+
+    def __init__(self, offset: tuple[int, ...]) -> None:
+        super().__init__()
+        self.offset = offset
+
+    def create_local_plan(self) -> LoadPlan:
+        plan = super().create_local_plan()
+        items = [i for i in plan.items if tuple(i.dest_index.offset) == self.offset]
+        return LoadPlan(items, plan.storage_data, plan.planner_data)
+
+
+def test_wide_rows_sliced_on_an_inner_dim_are_fetched_as_runs(
+    tmp_path: Path, s3: Any, bucket: str, reader_kwargs: dict[str, Any], s3_server: S3Server
+) -> None:
+    """Half of dim 1 (runs of 256 KiB, 256 KiB apart) or dim 2 (128 KiB apart). Where a
+    gap costs more than a request (max_gap_size 64 KiB) each row's run is its own GET;
+    where it costs less (512 KiB) the item is fetched whole, as slicing would save less than
+    the requests cost."""
+    g = torch.Generator().manual_seed(13)
+    full = torch.randn(4, 2, 65536, generator=g)
+    local = tmp_path / "c"
+    url = save({"w": sharded(full, 0, 1)}, local, s3, bucket)
+    (info,) = storage(local).values()
+    for dim in (1, 2):
+        template = {"w": zeros_like_sharded(full, dim, 2)}
+        for index in (0, 1):
+            start = bounds(full.shape[dim], 2)[index][0]
+            expected = reference(template, local, OneShard(start, dim))
+            s3_server.clear_log()
+            state, reader = load(
+                url, template, OneShard(start, dim), max_gap_size=64 * 1024, **reader_kwargs
+            )
+            assert_same_shards(state, expected)
+            stats = reader.stats
+            assert stats is not None and stats.sliced_items == 1
+            runs = 4 if dim == 1 else 8  # per row of dim 0 (dim 1), per (dim 0, dim 1) row
+            ranges = requested_ranges(s3_server, info.relative_path)
+            big = [r for r in ranges if r[1] - r[0] > 8192]
+            assert len(big) == runs
+            assert sum(end - begin for begin, end in big) == full.numel() * 4 // 2
+            assert stats.bytes_requested == full.numel() * 4 // 2 + 2 * overhead(info, full)
+        state, reader = load(
+            url, template, OneShard(0, dim), max_gap_size=512 * 1024, **reader_kwargs
+        )
+        assert_same_shards(state, reference(template, local, OneShard(0, dim)))
+        assert reader.stats is not None and reader.stats.sliced_items == 0
+
+
+def test_a_box_sliced_in_two_dims_loads_exactly(
+    tmp_path: Path, s3: Any, bucket: str, reader_kwargs: dict[str, Any]
+) -> None:
+    """A 2-D mesh's shard (rows and columns narrowed at once), from a 1-chunk and a 2-chunk
+    save, at gaps that fetch it as one span, as a run per row, or whole."""
+    g = torch.Generator().manual_seed(14)
+    full = torch.randn(64, 4096, generator=g).to(torch.bfloat16)  # rows of 8 KiB
+    for saved in (1, 2):
+        local = tmp_path / f"c{saved}"
+        url = save({"w": sharded(full, 0, saved)}, local, s3, bucket)
+        template = {"w": grid(torch.zeros_like(full), 2, 2)}
+        for offset in [(0, 0), (32, 2048), (0, 2048)]:
+            for gap in (0, 4096, 64 * 1024):
+                expected = reference(template, local, OneBox(offset))
+                state, reader = load(
+                    url, template, OneBox(offset), max_gap_size=gap, **reader_kwargs
+                )
+                assert_same_shards(state, expected)
+                (shard,) = [
+                    s
+                    for s in state["w"].local_shards()
+                    if tuple(s.metadata.shard_offsets) == offset
+                ]
+                want = full[offset[0] : offset[0] + 32, offset[1] : offset[1] + 2048]
+                assert torch.equal(shard.tensor, want)
+                assert reader.stats is not None
+                if gap == 0:
+                    assert reader.stats.sliced_items >= 1
+
+
 def test_worth_slicing_follows_the_gap_cost_model(
     tmp_path: Path, s3: Any, bucket: str, reader_kwargs: dict[str, Any]
 ) -> None:

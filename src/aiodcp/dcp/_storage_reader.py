@@ -166,6 +166,8 @@ class S3StorageReader(StorageReader):
         self._direct_received = 0
         # Runs of sliced items received straight into their destination.
         self._runs_received = 0
+        # id(read item) -> blocks of a sliced read item not decoded yet (this load's)
+        self._blocks_left: dict[int, int] = {}
 
     # ------------------------------------------------------------------ plumbing
 
@@ -428,6 +430,7 @@ class S3StorageReader(StorageReader):
         etags = self._slice(grouped, planner, max_gap_size, recorder)
         self._plan_files(grouped, max_gap_size)
         files, readers, slices = grouped.files, grouped.readers, grouped.slices
+        self._blocks_left = grouped.blocks_left
         if not files:
             for waiter, reqs in grouped.prefetched:
                 buffer = waiter()
@@ -491,8 +494,8 @@ class S3StorageReader(StorageReader):
                             continue
                         reader.seek(item_range.start)
                         buffer = reader.current_buffer()
-                        for req in readers[file_index][item_index]:
-                            self._decode(req, buffer, planner, sliced)
+                        for nth, req in enumerate(readers[file_index][item_index]):
+                            self._decode(req, buffer, planner, sliced, nth)
                         # Hand the GIL over every ~2 ms of decoding: an event loop thread
                         # waiting for it (the I/O loop, or the caller's loop) gets it then,
                         # not at the next 5 ms switch interval.
@@ -686,16 +689,22 @@ class S3StorageReader(StorageReader):
             reqs = by_range.pop(item_range)
             runs: set[ItemRange] = set()
             itemsize = candidate.dtype.itemsize
-            for req, (first, stop) in zip(reqs, candidate.spans, strict=True):
-                run = ItemRange(
-                    item_range.start + start + first * itemsize,
-                    item_range.start + start + stop * itemsize,
-                )
-                by_range.setdefault(run, []).append(req)
-                grouped.slices[key, run] = _Slice(
-                    candidate.dtype, candidate.shape, _contiguous_strides(candidate.shape), first
-                )
-                runs.add(run)
+            strides = _contiguous_strides(candidate.shape)
+            for req, blocks in zip(reqs, candidate.blocks, strict=True):
+                grouped.blocks_left[id(req)] = len(blocks)
+                for first, stop, prefix in blocks:
+                    run = ItemRange(
+                        item_range.start + start + first * itemsize,
+                        item_range.start + start + stop * itemsize,
+                    )
+                    by_range.setdefault(run, []).append(req)
+                    sliced = grouped.slices.get((key, run))
+                    if sliced is None:
+                        sliced = grouped.slices[key, run] = _Slice(
+                            candidate.dtype, candidate.shape, strides, first
+                        )
+                    sliced.prefixes.append(prefix)
+                    runs.add(run)
             saved = item_range.length - sum(r.length for r in runs)
             recorder.add(
                 sliced_items=1,
@@ -708,15 +717,14 @@ class S3StorageReader(StorageReader):
     ) -> _Candidate | None:
         """The slicing of one stored item, if it is worth it; None to fetch it whole.
 
-        A stored tensor item (not transformed, plain dtype, under 4 GiB) is sliced when every
-        read item on it covers part of it, the region each needs spans a run of its storage
-        bytes (first to last element; a dim-0 slice is exactly its run), those runs are
-        identical or disjoint, its archive overhead (length minus storage bytes) is at most
-        ``TAIL_BYTES``, and the bytes slicing leaves out (the item minus the runs and the head
-        and tail probes) exceed ``max_gap_size``: the bytes a request's time to first
-        byte is worth in the gap policy's cost model, which is what the probe request costs.
-        So a slice that is most of its item, or a small item, is fetched whole, and
-        ``max_gap_size=inf`` turns slicing off.
+        A stored tensor item (not transformed, plain dtype, under 4 GiB, its archive overhead
+        at most ``TAIL_BYTES``) is sliced when every read item on it covers part of it, the
+        runs of storage bytes their regions take (``_blocks``: one run for a dim-0 slice) are
+        identical or disjoint, and the bytes slicing leaves out (the item minus the runs and
+        the head and tail probes) exceed ``max_gap_size`` per run: in the gap policy's cost
+        model ``max_gap_size`` is what one request's time to first byte is worth, and each run
+        is one more request than fetching the item whole. So a slice that is most of its item,
+        or a small item, is fetched whole, and ``max_gap_size=inf`` turns slicing off.
         """
         if not _SLICE_MIN_BYTES < item_range.length < _DIRECT_MAX_BYTES:
             return None
@@ -731,7 +739,13 @@ class S3StorageReader(StorageReader):
         if not shape or dtype not in _SLICE_DTYPES:
             return None
         strides = _contiguous_strides(shape)
-        spans: list[tuple[int, int]] = []
+        numel = 1
+        for dim in shape:
+            numel *= dim
+        overhead = item_range.length - numel * dtype.itemsize
+        if not 0 < overhead <= TAIL_BYTES:
+            return None  # not one plain tensor's archive: fetched whole
+        blocks: list[list[tuple[int, int, tuple[int, ...]]]] = []
         for req in reqs:
             offsets, lengths = tuple(req.storage_offsets), tuple(req.lengths)
             if (
@@ -746,24 +760,16 @@ class S3StorageReader(StorageReader):
                 )
             ):
                 return None
-            first = sum(o * s for o, s in zip(offsets, strides, strict=True))
-            last = sum((o + n - 1) * s for o, n, s in zip(offsets, lengths, strides, strict=True))
-            spans.append((first, last + 1))
-        unique = sorted(set(spans))
-        if any(b[0] < a[1] for a, b in itertools.pairwise(unique)):
+            blocks.append(_blocks(shape, strides, offsets, lengths, dtype.itemsize, max_gap_size))
+        spans = sorted({(first, stop) for req_blocks in blocks for first, stop, _ in req_blocks})
+        if any(b[0] < a[1] for a, b in itertools.pairwise(spans)):
             return None  # runs that overlap without being identical: one fetch of the item
-        numel = 1
-        for dim in shape:
-            numel *= dim
-        overhead = item_range.length - numel * dtype.itemsize
-        if not 0 < overhead <= TAIL_BYTES:
-            return None  # not one plain tensor's archive: fetched whole
         probes = _probes(item_range, overhead)
-        needed = sum(stop - first for first, stop in unique) * dtype.itemsize
+        needed = sum(stop - first for first, stop in spans) * dtype.itemsize
         left_out = item_range.length - needed - sum(p.length for p in probes)
-        if left_out <= max_gap_size:
+        if left_out <= max_gap_size * len(spans):
             return None
-        return _Candidate(dtype, shape, tuple(spans), probes)
+        return _Candidate(dtype, shape, tuple(tuple(b) for b in blocks), probes)
 
     def _unusual(self, relative_path: str, item_range: ItemRange, why: str) -> None:
         logger.debug(
@@ -781,7 +787,7 @@ class S3StorageReader(StorageReader):
         """A run to receive straight into its destination: one read item, at least
         ``_DIRECT_MIN_BYTES``, whose region is the whole run (a dim-0 slice), for a C-contiguous
         CPU tensor of the stored dtype (``_direct_targets`` checked the planner)."""
-        if len(reqs) != 1 or run.length < _DIRECT_MIN_BYTES:
+        if len(reqs) != 1 or run.length < _DIRECT_MIN_BYTES or sliced.prefixes != [()]:
             return None
         req = reqs[0]
         if sliced.element(req.storage_offsets) != sliced.first:
@@ -942,11 +948,12 @@ class S3StorageReader(StorageReader):
         buffer: ChunkBuffer,
         planner: LoadPlanner,
         sliced: _Slice | None = None,
+        nth: int = 0,
     ) -> None:
-        """Decode one read item from ``buffer``: its stored item, or the run of it that was
-        fetched (``sliced``)."""
+        """Decode one read item from ``buffer``: its stored item, or a run of it that was
+        fetched (``sliced``, of which ``req`` is the ``nth`` reader)."""
         if sliced is not None:
-            self._decode_run(req, buffer, sliced, planner)
+            self._decode_run(req, buffer, sliced, planner, nth)
             return
         info = self.storage_data[req.storage_index]
         buffer.seek(0)
@@ -987,12 +994,13 @@ class S3StorageReader(StorageReader):
         planner.commit_tensor(req, target)
 
     def _decode_run(
-        self, req: ReadItem, buffer: ChunkBuffer, sliced: _Slice, planner: LoadPlanner
+        self, req: ReadItem, buffer: ChunkBuffer, sliced: _Slice, planner: LoadPlanner, nth: int
     ) -> None:
-        """Copy the region ``req`` reads out of the run fetched for it (bytes of the stored
-        storage from element ``sliced.first`` on) into its destination: straight into it when
-        it is a contiguous CPU tensor of the stored dtype and the region is the whole run, else
-        through a temporary the size of the run, viewed with the stored tensor's strides."""
+        """Copy the block of the region ``req`` reads that the run fetched for it holds (bytes
+        of the stored storage from element ``sliced.first`` on; its ``nth`` reader) into its
+        destination: straight into it when it is a contiguous CPU tensor of the stored dtype
+        and the region is the whole run, else through a temporary the size of the run, viewed
+        with the stored tensor's strides. The read item is committed with its last block."""
         target = planner.resolve_tensor(req).detach()
         if tuple(target.shape) != tuple(req.lengths):
             info = self.storage_data[req.storage_index]
@@ -1003,25 +1011,35 @@ class S3StorageReader(StorageReader):
                 bucket=self._path.bucket,
                 key=self._path.key(info.relative_path),
             )
+        prefix = sliced.prefixes[nth]
+        offsets = [o + p for o, p in zip(req.storage_offsets, prefix, strict=False)]
+        offsets += req.storage_offsets[len(prefix) :]
+        lengths = (1,) * len(prefix) + tuple(req.lengths[len(prefix) :])
+        destination = target
+        for dim, index in enumerate(prefix):
+            destination = destination.narrow(dim, index, 1)
         dtype = sliced.dtype
         count = len(buffer) // dtype.itemsize
-        offset = sliced.element(req.storage_offsets) - sliced.first
+        offset = sliced.element(offsets) - sliced.first
         buffer.seek(0)
         if (
             offset == 0
-            and count == target.numel()
-            and type(target) is torch.Tensor
-            and target.device.type == "cpu"
-            and target.dtype == dtype
-            and target.is_contiguous()
+            and count == destination.numel()
+            and type(destination) is torch.Tensor
+            and destination.device.type == "cpu"
+            and destination.dtype == dtype
+            and destination.is_contiguous()
         ):
-            _read_into(buffer, target)
+            _read_into(buffer, destination)
         else:
             run = torch.empty(count, dtype=dtype)
             _read_into(buffer, run)
-            target.copy_(run.as_strided(tuple(req.lengths), sliced.strides, offset))
-        self._fast_decoded += 1
-        planner.commit_tensor(req, target)
+            destination.copy_(run.as_strided(lengths, sliced.strides, offset))
+        left = self._blocks_left[id(req)] - 1
+        self._blocks_left[id(req)] = left
+        if not left:
+            self._fast_decoded += 1
+            planner.commit_tensor(req, target)
 
     def _check_bytes(self, req: ReadItem, data: bytes, info: _StorageInfo) -> None:
         """safe_bytes: refuse a value that torch's weights_only unpickler would not load."""
@@ -1121,27 +1139,80 @@ def _read_into(buffer: ChunkBuffer, tensor: torch.Tensor) -> None:
         raise CheckpointFormatError(f"a fetched run holds fewer than the {nbytes} bytes needed")
 
 
+_MAX_RUNS_PER_ITEM = 64
+"""Most runs one read item's region is fetched in; beyond, runs merge further (so a stored
+item never becomes a flood of small requests, whatever ``max_gap_size`` allows)."""
+
+
+def _blocks(
+    shape: tuple[int, ...],
+    strides: tuple[int, ...],
+    offsets: tuple[int, ...],
+    lengths: tuple[int, ...],
+    itemsize: int,
+    max_gap_size: int | float,
+) -> list[tuple[int, int, tuple[int, ...]]]:
+    """The runs of storage elements ``[first, stop)`` that hold the region ``offsets`` /
+    ``lengths`` of a C-contiguous tensor of ``shape``, each with the index (relative to
+    ``offsets``, over the leading dims) of the block of the region it holds.
+
+    The region is contiguous from its innermost dim out to the first dim ``k`` not taken
+    whole (a dim-0 slice: the whole region is one run). Outside that, consecutive blocks
+    along a dim are merged into one run while the gap between them costs no more than a
+    request (``max_gap_size`` bytes, the gap policy's cost model), and while there would be
+    more than ``_MAX_RUNS_PER_ITEM`` runs; so ``j`` leading dims stay apart and a run is one
+    box of the region over dims ``j`` onwards, fetched with the gaps inside it.
+    """
+    ndim = len(shape)
+
+    def span(level: int) -> int:  # elements from the first to the last of a level block
+        return 1 + sum((lengths[d] - 1) * strides[d] for d in range(level, ndim))
+
+    k = ndim - 1
+    while k > 0 and offsets[k] == 0 and lengths[k] == shape[k]:
+        k -= 1
+    j = k
+    runs = 1
+    for d in range(j):
+        runs *= lengths[d]
+    while j > 0:
+        gap = (strides[j - 1] - span(j)) * itemsize
+        if lengths[j - 1] > 1 and gap > max_gap_size and runs <= _MAX_RUNS_PER_ITEM:
+            break
+        runs //= lengths[j - 1]
+        j -= 1
+    base = sum(o * s for o, s in zip(offsets, strides, strict=True))
+    length = span(j)
+    blocks = []
+    for prefix in itertools.product(*(range(n) for n in lengths[:j])):
+        first = base + sum(i * s for i, s in zip(prefix, strides, strict=False))
+        blocks.append((first, first + length, prefix))
+    return blocks
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Candidate:
     """A stored item to slice: its stored dtype and shape, and per read item (in order) the
-    ``[first, stop)`` elements of the storage its region spans."""
+    runs of storage elements its region takes (``_blocks``)."""
 
     dtype: torch.dtype
     shape: tuple[int, ...]
-    spans: tuple[tuple[int, int], ...]
+    blocks: tuple[tuple[tuple[int, int, tuple[int, ...]], ...], ...]
     probes: tuple[ItemRange, ItemRange]
     """The head and tail to fetch first (``_probes``)."""
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class _Slice:
     """A run fetched from a sliced stored item: the stored tensor's dtype, shape and strides,
-    and ``first``, the storage element the run begins with."""
+    ``first``, the storage element the run begins with, and per reader of the run (in order)
+    the index of the block of its region the run holds (``_blocks``)."""
 
     dtype: torch.dtype
     shape: tuple[int, ...]
     strides: tuple[int, ...]
     first: int
+    prefixes: list[tuple[int, ...]] = dataclasses.field(default_factory=list)
 
     def element(self, offsets: Sequence[int]) -> int:
         """Storage element at ``offsets`` of the stored tensor."""
@@ -1211,6 +1282,8 @@ class _Grouped:
     per_file: dict[str, dict[ItemRange, list[ReadItem]]] = dataclasses.field(default_factory=dict)
     slices: dict[tuple[str, ItemRange], _Slice] = dataclasses.field(default_factory=dict)
     """(key, run's range) -> the stored tensor the run belongs to."""
+    blocks_left: dict[int, int] = dataclasses.field(default_factory=dict)
+    """id(sliced read item) -> its runs (it is committed once all are decoded)."""
     files: list[FileFetch] = dataclasses.field(default_factory=list)
     readers: list[list[list[ReadItem]]] = dataclasses.field(default_factory=list)
     empty: list[ReadItem] = dataclasses.field(default_factory=list)
