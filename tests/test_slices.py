@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 import pickle
 import struct
 import uuid
@@ -743,3 +744,60 @@ def test_an_unusual_layout_is_fetched_whole_and_decoded_normally(
     state, reader = load(url, template, OneShard(0), max_gap_size=0, **reader_kwargs)
     assert_same_shards(state, reference(template, local, OneShard(0)))
     assert reader.stats is not None and reader.stats.sliced_items == 1
+
+
+# -- aiodcp plan --slice ---------------------------------------------------------------------
+
+
+def test_plan_slice_shows_what_the_load_of_that_shard_fetches(
+    tmp_path: Path,
+    s3: Any,
+    bucket: str,
+    s3_server: S3Server,
+    reader_kwargs: dict[str, Any],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``aiodcp plan --slice 0:0:256``: the bytes needed, requested and the requests per file
+    are those of a real load of that shard (rows [0, 256) of every tensor)."""
+    from aiodcp._cli import main
+
+    full = tensors(15)
+    full = {"w_f32": full["w_f32"], "w_bf16": full["w_bf16"], "w_bool": full["w_bool"]}
+    local = tmp_path / "c"
+    state: dict[str, Any] = {k: sharded(v, 0, 1) for k, v in full.items()}
+    state["step"] = 5
+    url = save(state, local, s3, bucket)
+    common = ["--endpoint-url", s3_server.endpoint_url, "--addressing-style", "path"]
+    code = main(["plan", url, "--slice", "0:0:256", "--max-gap-size", "0", "--json", *common])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    report = json.loads(captured.out)
+    totals = report["totals"]
+    assert report["slices"] == [{"dim": 0, "start": 0, "length": 256}]
+
+    # The same shard, loaded: rows [0, 256) of each tensor, one rank's read items.
+    template: dict[str, Any] = {
+        k: zeros_like_sharded(v, 0, v.shape[0] // 256) for k, v in full.items()
+    }
+    template["step"] = 0
+    loaded, reader = load(url, template, OneShard(0), max_gap_size=0, **reader_kwargs)
+    assert_same_shards(loaded, reference(template, local, OneShard(0)))
+    stats = reader.stats
+    assert stats is not None
+    infos = storage(local)
+    step = next(i.length for ix, i in infos.items() if ix.fqn == "step")
+    shard_bytes = sum(v[:256].numel() * v.element_size() for v in full.values())
+    assert totals["bytes_needed"] == shard_bytes + step
+    assert totals["bytes_requested"] == stats.bytes_requested
+    assert totals["requests"] + 1 == stats.requests  # + .metadata
+    assert totals["sliced_items"] == stats.sliced_items == len(full)
+    (entry,) = report["files"]
+    assert entry["requests"] == totals["requests"] and entry["probe_requests"] >= 1
+    assert totals["bytes_requested"] < sum(i.length for i in infos.values())
+
+    # The table says the same; a malformed --slice is a usage error.
+    assert main(["plan", url, "--slice", "0:0:256", "--max-gap-size", "0", *common]) == 0
+    text = capsys.readouterr().out
+    assert f"{len(full)} stored items sliced" in text and "dim 0 [0, 256)" in text
+    assert main(["plan", url, "--slice", "0:x", *common]) == 2
+    assert "DIM:START:LEN" in capsys.readouterr().err

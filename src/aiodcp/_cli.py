@@ -4,13 +4,15 @@ Usage::
 
     aiodcp inspect s3://bucket/ckpt [--json]
     aiodcp plan    s3://bucket/ckpt [--keys K [K ...] | --keys-file FILE]
+                   [--slice DIM:START:LEN ...]
                    [--max-gap-size SIZE] [--part-size SIZE] [--max-concurrency N] [--json]
 
     common: --endpoint-url URL  --region REGION  --profile NAME  --unsigned
             --addressing-style {auto,path,virtual}
 
 (also ``python -m aiodcp``). Both commands read only ``.metadata``: one GET, unpickled with the
-restricted unpickler (``dcp._metadata.load_metadata``); no data file is touched.
+restricted unpickler (``dcp._metadata.load_metadata``); no data file is touched, except by
+``plan --slice``, which GETs the head and tail of each stored item worth slicing, as a load does.
 
 Data flow::
 
@@ -29,6 +31,14 @@ without a state dict cannot tell; it shows the buffered parts). Files are in pat
 order, as a load consumes them. ``--max-gap-size auto`` (the default, as in a load) is resolved
 as a load resolves it: from the time of the ``.metadata`` GET (``_planner.auto_gap_size``); a
 load measures its own request, so its automatic gap can differ a little (pass a size to pin it).
+
+``plan --slice DIM:START:LEN`` (repeatable, one per dim) plans the load of one shard instead:
+elements ``[START, START+LEN)`` of dim ``DIM`` of every selected tensor, clamped to its size
+(tensors without that dim are read whole, a tensor the shard misses is not read). The read items
+are torch's own for that shard (``create_read_items_for_chunk_list``), and ``slice_load`` hands
+them to ``S3StorageReader`` itself, which fetches the heads and tails of the items worth slicing
+and plans their runs. The report then counts, per file, the bytes the read items' regions need,
+and adds the head/tail GETs to the requests and requested bytes.
 
 Sizes on the command line are a whole number of bytes with an optional unit: ``B``;
 ``K``/``KiB``, ``M``/``MiB``, ``G``/``GiB``, ``T``/``TiB`` (powers of 1024); ``KB``, ``MB``,
@@ -71,6 +81,10 @@ changes meaning); sizes and offsets are bytes, ranges are ``[start, end)``::
               "totals": {"files": int, "keys": int, "ranges": int, "groups": int,
                          "requests": int, "bytes_needed": int, "bytes_requested": int,
                          "gap_bytes": int, "max_in_flight": int}}
+             with --slice also: "slices": [{"dim": int, "start": int, "length": int}, ...];
+             per file and in totals "sliced_items", "probe_requests", "probe_bytes" (the
+             heads and tails, included in "requests" and "bytes_requested"); "bytes_needed"
+             is then the bytes of the shard's regions, and a range is a run of a sliced item
 
 ``chunks`` counts stored items (shards) of a key; ``stored_bytes`` is what they occupy in the data
 files (compressed size when compressed). A file's ``bytes`` is the sum of its items. In a plan, a
@@ -122,6 +136,7 @@ from ._planner import (
     DEFAULT_PART_SIZE_BYTES,
     MAX_AUTO_GAP_SIZE_BYTES,
     MIN_AUTO_GAP_SIZE_BYTES,
+    FilePlan,
     ItemRange,
     plan_file,
     resolve_max_gap_size,
@@ -136,6 +151,7 @@ __all__ = [
     "EXIT_NOT_FOUND",
     "EXIT_OK",
     "EXIT_USAGE",
+    "SlicedLoad",
     "UsageError",
     "human_size",
     "inspect_report",
@@ -145,6 +161,7 @@ __all__ = [
     "read_metadata",
     "render_inspect",
     "render_plan",
+    "slice_load",
 ]
 
 EXIT_OK = 0
@@ -278,6 +295,16 @@ def _build_parser() -> argparse.ArgumentParser:
         help="file with one key per line ('#' comments and blank lines ignored; '-' = stdin)",
     )
     plan.add_argument(
+        "--slice",
+        type=_slice_arg,
+        action="append",
+        metavar="DIM:START:LEN",
+        help="plan the load of one shard: elements START..START+LEN of dim DIM of every "
+        "selected tensor (clamped to its size; repeat for several dims). Sliced items take "
+        "only the bytes they need; their heads and tails are fetched to plan it (the only "
+        "data this reads)",
+    )
+    plan.add_argument(
         "--max-gap-size",
         type=_gap_arg,
         metavar="SIZE",
@@ -300,6 +327,19 @@ def _build_parser() -> argparse.ArgumentParser:
         help=f"GETs in flight at once (default: {DEFAULT_MAX_CONCURRENCY})",
     )
     return parser
+
+
+def _slice_arg(text: str) -> tuple[int, int, int]:
+    """``DIM:START:LEN`` (non-negative ints, LEN > 0) for ``--slice``."""
+    try:
+        dim, start, length = (int(p) for p in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected DIM:START:LEN (three integers), got {text!r}"
+        ) from None
+    if dim < 0 or start < 0 or length <= 0:
+        raise argparse.ArgumentTypeError(f"DIM and START must be >= 0 and LEN > 0, got {text!r}")
+    return dim, start, length
 
 
 def _config(args: argparse.Namespace) -> ReaderConfig:
@@ -481,14 +521,106 @@ def _select(requested: Sequence[str], fqns: Iterable[str]) -> set[str]:
     return selected
 
 
+@dataclass(frozen=True, slots=True)
+class SlicedLoad:
+    """What a load of one shard (``--slice``) fetches, from ``slice_load``: per file the ranges
+    planned (runs of sliced items, whole items) with the keys reading them, the heads and
+    tails fetched first, the bytes the read items' regions hold and the items sliced."""
+
+    slices: tuple[tuple[int, int, int], ...]
+    per_file: dict[str, dict[ItemRange, list[str]]]
+    probes: dict[str, FilePlan]
+    needed: dict[str, int]
+    sliced_items: dict[str, int]
+
+
+def slice_load(
+    metadata: Metadata,
+    path: CheckpointPath,
+    config: ReaderConfig,
+    selected: Iterable[str],
+    slices: Sequence[tuple[int, int, int]],
+    request_latency_s: float | None = None,
+) -> SlicedLoad:
+    """Plan the load of one shard of the ``selected`` keys exactly as ``S3StorageReader`` does:
+    torch's read items for the shard (``create_read_items_for_chunk_list``, as
+    ``DefaultLoadPlanner`` makes them), grouped and sliced by the reader itself. Slicing GETs
+    each candidate's head and tail (to locate its storage bytes and verify its directory)."""
+    import torch
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
+    from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
+    from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+    from ._stats import StatsRecorder
+    from .dcp._storage_reader import S3StorageReader
+
+    chosen = set(selected)
+    items: list[ReadItem] = []
+    for fqn, md in metadata.state_dict_metadata.items():
+        if fqn not in chosen:
+            continue
+        if isinstance(md, TensorStorageMetadata):
+            offsets, sizes = [0] * len(md.size), list(md.size)
+            for dim, start, length in slices:
+                if dim < len(sizes):
+                    begin = min(start, md.size[dim])
+                    offsets[dim], sizes[dim] = begin, min(start + length, md.size[dim]) - begin
+            if all(sizes):
+                shard = ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes))
+                items += create_read_items_for_chunk_list(fqn, md, [shard])
+        else:
+            index = MetadataIndex(fqn)  # as planner_helpers._create_read_item_for_byteio
+            zero = torch.Size((0,))
+            items.append(ReadItem(LoadItemType.BYTE_IO, index, zero, index, zero, zero))
+    reader = S3StorageReader(path.url, config=config)
+    try:
+        reader.set_up_storage_reader(metadata, True)
+        plan = reader.prepare_local_plan(LoadPlan(items))
+        grouped = reader._group(plan)
+        gap = resolve_max_gap_size(config.max_gap_size, request_latency_s)
+        reader._slice(grouped, DefaultLoadPlanner(), gap, StatsRecorder())
+    finally:
+        reader.close()
+    per_file: dict[str, dict[ItemRange, list[str]]] = {}
+    needed: dict[str, int] = {}
+    sliced: dict[str, int] = {}
+    for name, by_range in grouped.per_file.items():
+        per_file[name] = {r: [req.dest_index.fqn for req in reqs] for r, reqs in by_range.items()}
+        total = 0
+        for item_range, reqs in by_range.items():
+            for req in reqs:
+                md = metadata.state_dict_metadata[req.dest_index.fqn]
+                if req.type == LoadItemType.BYTE_IO or not isinstance(md, TensorStorageMetadata):
+                    total += item_range.length
+                    continue
+                numel = 1
+                for n in req.lengths:
+                    numel *= n
+                total += numel * md.properties.dtype.itemsize
+        needed[name] = total
+        key = path.key(name)
+        # a sliced stored item's runs share one _Slice per run; count stored items by req
+        stored_items = {
+            req.storage_index
+            for (run_key, run), _ in grouped.slices.items()
+            if run_key == key
+            for req in by_range.get(run, [])
+        }
+        sliced[name] = len(stored_items)
+    return SlicedLoad(tuple(slices), per_file, grouped.probe_plans, needed, sliced)
+
+
 def plan_report(
     metadata: Metadata,
     path: CheckpointPath,
     config: ReaderConfig,
     requested: Sequence[str] | None = None,
     request_latency_s: float | None = None,
+    sliced: SlicedLoad | None = None,
 ) -> dict[str, Any]:
-    """The ``plan --json`` document: what a load of ``requested`` (None: all) would fetch.
+    """The ``plan --json`` document: what a load of ``requested`` (None: all) would fetch;
+    with ``sliced`` (``slice_load``), what the load of that shard would fetch.
 
     ``request_latency_s`` is the measured time to first byte ``max_gap_size="auto"`` is
     resolved with (None: the prior, as ``_planner.auto_gap_size``)."""
@@ -500,10 +632,13 @@ def plan_report(
     # As S3StorageReader._group: per file (in load order) each distinct range once, with the
     # keys that read it; zero-length items need no request.
     per_file: dict[str, dict[ItemRange, list[str]]] = {}
-    for item in stored:
-        if item.fqn in selected and item.length:
-            item_range = ItemRange(item.offset, item.offset + item.length)
-            per_file.setdefault(item.path, {}).setdefault(item_range, []).append(item.fqn)
+    if sliced is not None:
+        per_file = dict(sorted(sliced.per_file.items()))
+    else:
+        for item in stored:
+            if item.fqn in selected and item.length:
+                item_range = ItemRange(item.offset, item.offset + item.length)
+                per_file.setdefault(item.path, {}).setdefault(item_range, []).append(item.fqn)
 
     gap = resolve_max_gap_size(config.max_gap_size, request_latency_s)
     files: list[dict[str, Any]] = []
@@ -539,20 +674,29 @@ def plan_report(
                     "parts": group_parts,
                 }
             )
-        files.append(
-            {
-                "path": name,
-                "key": _file_key(path, name),
-                "bytes_needed": file_plan.item_bytes,
-                "bytes_requested": file_plan.requested_bytes,
-                "gap_bytes": file_plan.gap_bytes,
-                "requests": len(file_plan.parts),
-                "groups": groups,
-            }
-        )
+        entry: dict[str, Any] = {
+            "path": name,
+            "key": _file_key(path, name),
+            "bytes_needed": file_plan.item_bytes,
+            "bytes_requested": file_plan.requested_bytes,
+            "gap_bytes": file_plan.gap_bytes,
+            "requests": len(file_plan.parts),
+            "groups": groups,
+        }
+        if sliced is not None:
+            probes = sliced.probes.get(name)
+            probe_requests = 0 if probes is None else len(probes.parts)
+            probe_bytes = 0 if probes is None else probes.requested_bytes
+            entry["bytes_needed"] = sliced.needed[name]
+            entry["bytes_requested"] += probe_bytes
+            entry["requests"] += probe_requests
+            entry["sliced_items"] = sliced.sliced_items[name]
+            entry["probe_requests"] = probe_requests
+            entry["probe_bytes"] = probe_bytes
+        files.append(entry)
 
     requests = sum(f["requests"] for f in files)
-    return {
+    report: dict[str, Any] = {
         "schema": _PLAN_SCHEMA,
         "checkpoint": path.url,
         "requested_keys": None if requested is None else list(requested),
@@ -578,6 +722,13 @@ def plan_report(
             "max_in_flight": min(config.max_concurrency, requests),
         },
     }
+    if sliced is not None:
+        report["slices"] = [
+            {"dim": dim, "start": start, "length": length} for dim, start, length in sliced.slices
+        ]
+        for name in ("sliced_items", "probe_requests", "probe_bytes"):
+            report["totals"][name] = sum(f[name] for f in files)
+    return report
 
 
 # ---------------------------------------------------------------------------------- rendering
@@ -718,6 +869,15 @@ def render_plan(report: dict[str, Any]) -> str:
         f"{totals['max_in_flight']} at "
         f"once) for {human_size(requested)}, {share} of it needed; plus 1 GET of .metadata",
     ]
+    if "slices" in report:
+        shard = ", ".join(
+            f"dim {s['dim']} [{s['start']}, {s['start'] + s['length']})" for s in report["slices"]
+        )
+        lines.append(
+            f"shard {shard}: {_n(totals['sliced_items'], 'stored item')} sliced; their heads "
+            f"and tails come first, in {_n(totals['probe_requests'], 'GET')} "
+            f"({human_size(totals['probe_bytes'])}), counted above"
+        )
     for f in report["files"]:
         lines += ["", f"{f['path']}  (s3 key {f['key']})"]
         for number, g in enumerate(f["groups"], 1):
@@ -763,7 +923,14 @@ def _run(args: argparse.Namespace) -> str:
         report = inspect_report(metadata, path, size)
         render = render_inspect
     else:
-        report = plan_report(metadata, path, config, requested, latency)
+        sliced = None
+        if args.slice:
+            where = f"s3://{path.bucket}/{path.key(METADATA_NAME)}"
+            fqns = set(metadata.state_dict_metadata)
+            fqns |= {item.fqn for item in _stored_items(metadata, where)}
+            selected = fqns if requested is None else _select(requested, fqns)
+            sliced = slice_load(metadata, path, config, selected, args.slice, latency)
+        report = plan_report(metadata, path, config, requested, latency, sliced)
         render = render_plan
     if args.json:
         return json.dumps(report, indent=2, allow_nan=False) + "\n"

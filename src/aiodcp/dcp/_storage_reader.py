@@ -64,7 +64,7 @@ from .._driver import Driver, PrivateLoopDriver, renew_locks_after_fork
 from .._engine import FetchEngine, FileFetch
 from .._errors import CheckpointFormatError, MissingDependencyError
 from .._path import CheckpointPath, is_checkpoint_path, parse_checkpoint_path
-from .._planner import ItemRange, plan_file, resolve_max_gap_size
+from .._planner import FilePlan, ItemRange, plan_file, resolve_max_gap_size
 from .._progress import with_progress
 from .._reader import ChunkBuffer, SequentialReader
 from .._stats import LoadStats, StatsRecorder, counters, job_stats
@@ -657,6 +657,7 @@ class S3StorageReader(StorageReader):
             )
             for relative_path, ranges in probes.items()
         ]
+        grouped.probe_plans = {path: f.plan for path, f in zip(probes, files, strict=True)}
         engine = FetchEngine(self._io.run(_opened), self._path.bucket, files, self.config, recorder)
         self._engine = engine
 
@@ -1284,6 +1285,8 @@ class _Grouped:
     """(key, run's range) -> the stored tensor the run belongs to."""
     blocks_left: dict[int, int] = dataclasses.field(default_factory=dict)
     """id(sliced read item) -> its runs (it is committed once all are decoded)."""
+    probe_plans: dict[str, FilePlan] = dataclasses.field(default_factory=dict)
+    """relative path -> the heads and tails fetched to slice its items (``aiodcp plan``)."""
     files: list[FileFetch] = dataclasses.field(default_factory=list)
     readers: list[list[list[ReadItem]]] = dataclasses.field(default_factory=list)
     empty: list[ReadItem] = dataclasses.field(default_factory=list)
