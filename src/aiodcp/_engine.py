@@ -21,7 +21,9 @@ Data flow::
            socket straight into the destination tensor, and the ~1 KB after them into a tail
            buffer; bytes of a later part that arrive before the start is known are kept aside
            (``_Direct.spill``) and put in place once it is. The consumer verifies head and
-           tail (``direct_result``), or fetches the item again for the buffered path
+           tail (``direct_result``), or fetches the item again for the buffered path. A target
+           with ``head_bytes`` 0 (a run of a sliced item, located beforehand) is located at
+           once: all its bytes go straight to the destination
     consumer thread (torch decode): wait_item(f, i) blocks until item i of file f is published;
         release_item(f, i) drops its memory and returns its bytes to the budget (batched).
 

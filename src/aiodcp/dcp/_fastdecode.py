@@ -1,5 +1,11 @@
 """Decode a stored DCP tensor straight into its destination, without ``torch.load``.
 
+The package's only zip/``torch.save`` parsing, used three ways: ``decode_into`` (a buffered
+item), ``DirectReceive`` (a whole stored tensor received from the socket into its destination)
+and ``StoredTensorLocator`` (where a stored tensor's storage bytes lie, read from the archive's
+head and checked against its tail: what a resharded load slices by, fetching only the runs of
+storage bytes its read items need).
+
 Every stored DCP tensor item is a small ``torch.save`` archive: an uncompressed (STORED) zip
 with ``data.pkl`` (a pickle calling ``torch._utils._rebuild_tensor_v2(storage, offset, size,
 stride, ...)``), ``byteorder`` and ``data/<key>`` (the raw storage bytes). ``torch.load`` builds a

@@ -10,13 +10,23 @@ Call tree under ``dcp.load(state_dict, storage_reader=S3StorageReader("s3://b/ck
     prepare_global_plan(plans)           unchanged
     read_data(final_plan, planner)
         -> max_gap_size "auto" -> bytes (_planner.resolve_max_gap_size, the measured latency)
-        -> per file: ItemRange per ReadItem -> planner.plan_file (dedupe, coalesce, parts)
+        -> _group: per file, the ReadItems of each stored item's ItemRange
+        -> _slice (resharded loads): stored items the read items need only part of, when the
+           bytes left out are worth more than the requests (the gap cost model), get their
+           head and tail fetched first (an engine of their own); StoredTensorLocator finds the
+           storage bytes and checks the zip directory; each read item's region then becomes
+           runs of storage bytes (_blocks: one run for a dim-0 slice) that replace the stored
+           item's range. An unusual archive stays whole. The ETags seen pin the rest.
+        -> _plan_files: per file planner.plan_file (dedupe, coalesce, parts)
         -> _direct_targets: large items that are a whole plain tensor for a contiguous CPU
-           destination (DefaultLoadPlanner only) get a DirectReceive over the destination
+           destination (DefaultLoadPlanner only) get a DirectReceive over the destination,
+           and large dim-0 runs for such a destination a RunReceive
         -> FetchEngine.run() submitted to the driver's loop (concurrent GETs, byte budget)
         -> this thread decodes in plan order while later items download:
            direct item -> wait, verify its zip directory -> commit (or, when the archive is
-           unusual, fetch it again and decode it as any other item)
+           unusual, fetch it again and decode it as any other item); a direct run -> commit
+           run -> _decode_run: its block of the region, copied with the stored strides (or
+           read straight into a contiguous destination); committed with the last block
            other item -> SequentialReader(file) -> ChunkBuffer(item) -> transforms (zstd)
            -> decode_into, else torch.load -> narrow -> copy_ into the destination -> commit;
            BYTE_IO -> planner.load_bytes
@@ -664,7 +674,10 @@ class S3StorageReader(StorageReader):
         async def probe(store: S3Store) -> None:
             await engine.run()
 
-        self._io.run(probe)
+        try:
+            self._io.run(probe)
+        finally:
+            self._engine = None
         fetched: dict[tuple[str, ItemRange], bytes] = {}
         for file_index, (relative_path, fetch) in enumerate(zip(probes, files, strict=True)):
             for item_index, probed in enumerate(fetch.plan.items):
