@@ -374,6 +374,27 @@ def test_a_box_sliced_in_two_dims_loads_exactly(
                     assert reader.stats.sliced_items >= 1
 
 
+def test_runs_into_other_dtypes_and_strided_destinations(
+    tmp_path: Path, s3: Any, bucket: str, reader_kwargs: dict[str, Any]
+) -> None:
+    """A destination of another dtype (a float32 chunk into bfloat16 shards), or a strided one
+    (chunks saved along dim 1, loaded along dim 0: each chunk's rows go to a column band of the
+    shard), cannot take a run's bytes as they are: it is buffered and copied, as
+    FileSystemReader's copy_ would, never received into the destination."""
+    g = torch.Generator().manual_seed(16)
+    full = torch.randn(1024, 512, generator=g)  # 2 MiB; half a chunk's rows: 512 KiB runs
+    for save_dim, dtype in ((0, torch.bfloat16), (1, torch.float32)):
+        local = tmp_path / f"c{save_dim}"
+        url = save({"w": sharded(full, save_dim, 1 + save_dim)}, local, s3, bucket)
+        template = {"w": sharded(torch.zeros(1024, 512, dtype=dtype), 0, 2)}
+        state, reader = load(url, template, OneShard(512), max_gap_size=0, **reader_kwargs)
+        assert_same_shards(state, reference(template, local, OneShard(512)))
+        (shard,) = [s for s in state["w"].local_shards() if s.metadata.shard_offsets[0] == 512]
+        assert torch.equal(shard.tensor, full[512:].to(dtype))
+        assert reader.stats is not None and reader.stats.sliced_items == 1 + save_dim
+        assert reader._runs_received == 0
+
+
 def test_worth_slicing_follows_the_gap_cost_model(
     tmp_path: Path, s3: Any, bucket: str, reader_kwargs: dict[str, Any]
 ) -> None:
