@@ -1,11 +1,16 @@
 """Multi-rank loads through one bandwidth cap: a shared load against every rank for itself.
 
-Two loads, as in the issue that asked for sharing (each in a fresh gloo job per run):
+Loads, as in the issues that asked for sharing and for slicing (each in a fresh gloo job per
+run):
 
 - ``replicated``: 4 ranks each load a whole plain state dict (data-parallel replicas), saved by
   one process;
 - ``dim1``: 2 ranks load DTensors sharded on dim 1 from a checkpoint saved by 2 ranks sharded
-  on dim 0 (every rank needs a column half of every stored chunk).
+  on dim 0 (every rank needs a column half of every stored chunk);
+- ``dim0_2to4``: 4 ranks load DTensors sharded on dim 0 from that checkpoint (FSDP resuming on
+  twice the ranks: every rank needs half the rows of one stored chunk per tensor);
+- ``dim0_1to4``: 4 ranks load DTensors sharded on dim 0 from the plain checkpoint saved by one
+  process (a quarter of the rows of every stored tensor).
 
 The ranks reach nginx through ``s3proxy.py`` with ``total_bandwidth`` (default 200 MB/s) capping
 the sum of every connection, a node's NIC that its ranks share, and ``latency_ms`` (default 20)
@@ -15,7 +20,9 @@ server in the same run:
 - ``shared``: this checkout's aiodcp, defaults (``share_across_ranks=True``);
 - ``per_rank``: this checkout's aiodcp with ``share_across_ranks=False``;
 - ``base``: the ``--baseline`` revision's aiodcp (default ``be52019``, main before sharing),
-  defaults.
+  defaults;
+- ``base_per_rank``: the baseline with ``share_across_ranks=False`` (where it has the option;
+  before sharing that is its default): every rank fetching whole stored chunks for itself.
 
 Per run: the slowest rank's wall time (``await load_checkpoint``, started after a barrier), the
 largest peak RSS above the state dict of any rank, bytes and requests the proxy served, and its
@@ -48,9 +55,12 @@ import bench  # noqa: E402
 from common import MIB, layer_specs  # noqa: E402
 from torch.distributed.checkpoint import FileSystemReader  # noqa: E402
 
-LOADS = {"replicated": 4, "dim1": 2}
+LOADS = {"replicated": 4, "dim1": 2, "dim0_2to4": 4, "dim0_1to4": 4}
 """Load name -> ranks that load it."""
-VARIANTS = ("shared", "per_rank", "base")
+SAVED_BY = {"replicated": "plain", "dim1": "dim0x2", "dim0_2to4": "dim0x2", "dim0_1to4": "plain"}
+"""Load name -> the checkpoint it loads: ``plain`` (saved by one process), ``dim0x2`` (saved
+by 2 ranks as DTensors sharded on dim 0)."""
+VARIANTS = ("shared", "per_rank", "base", "base_per_rank")
 
 
 def run_ranks(world: int, args: list[str], env: dict[str, str], timeout: float) -> list[str]:
@@ -121,7 +131,7 @@ def main() -> None:
     for s in (src, base_src):
         bench.compile_bytecode(s)
     envs = {"shared": bench.child_env(src), "per_rank": bench.child_env(src)}
-    envs["base"] = bench.child_env(base_src)
+    envs["base"] = envs["base_per_rank"] = bench.child_env(base_src)
     specs = layer_specs(args.size_mib, dist=True)
     shaping = {"latency_ms": args.latency_ms, "total_bandwidth": args.total_mbps * 1e6}
     rows: list[dict[str, Any]] = []
@@ -132,13 +142,14 @@ def main() -> None:
         saved: dict[str, str] = {}
         needed: dict[str, int] = {}
         for load in args.loads.split(","):
-            prefix = f"shared-{load}-{int(args.size_mib)}"
+            layout = SAVED_BY[load]
+            prefix = f"shared-{layout}-{int(args.size_mib)}"
             local = data / "ckpt" / prefix
             if not (local / ".metadata").exists():
                 job = {"tensors": specs, "out": str(local), "layout": load}
                 job_path = data / f"{prefix}-save.json"
                 job_path.write_text(json.dumps(job))
-                world = 1 if load == "replicated" else 2
+                world = 1 if layout == "plain" else 2
                 run_ranks(world, ["save", str(job_path)], envs["shared"], 1800)
             saved[load] = f"s3://{bench.BUCKET}/{prefix}"
             # Both loads need every stored item: the checkpoint's stored bytes.
@@ -148,7 +159,8 @@ def main() -> None:
             for load, world in LOADS.items():
                 if load not in saved:
                     continue
-                order = list(VARIANTS[repeat % 3 :] + VARIANTS[: repeat % 3])
+                shift = repeat % len(VARIANTS)
+                order = list(VARIANTS[shift:] + VARIANTS[:shift])
                 for variant in order:
                     job = {
                         "url": saved[load],
@@ -156,7 +168,9 @@ def main() -> None:
                         "tensors": specs,
                         "layout": load,
                         "needed_bytes": needed[load],
-                        "options": {"share_across_ranks": False} if variant == "per_rank" else {},
+                        "options": {"share_across_ranks": False}
+                        if variant.endswith("per_rank")
+                        else {},
                     }
                     job_path = data / f"shared-{load}-{variant}.json"
                     job_path.write_text(json.dumps(job))
@@ -180,6 +194,7 @@ def main() -> None:
                         "metadata_gets": traffic["metadata_gets"],
                         "needed_bytes": results[0]["needed_bytes"],
                         "from_peers": sum(r.get("from_peers", 0) for r in results),
+                        "sliced_items": sum(r.get("sliced_items", 0) for r in results),
                     }
                     rows.append(row)
                     bench.log(
@@ -207,27 +222,38 @@ def markdown(result: dict[str, Any]) -> str:
         f"127.0.0.1. aiodcp {m['aiodcp']}; base = aiodcp {result['base']}. torch {m['torch']}. "
         f"{cfg['repeats']} repeats, medians; ratios are medians of per-repeat ratios to base.",
         "",
-        "| load | variant | ranks | wall s (slowest rank) | x base | fetched / needed "
-        "| requests | .metadata GETs | from peers MiB | peak RSS above state MiB (max rank) "
-        "| RSS - base MiB | correct |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| load | variant | ranks | wall s (slowest rank) | x base | x base_per_rank "
+        "| fetched / needed | requests | .metadata GETs | from peers MiB | sliced items "
+        "| peak RSS above state MiB (max rank) | RSS x base_per_rank | correct |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+        "| ---: | --- |",
     ]
+    med = statistics.median
+
+    def ratio(rs: list[dict[str, Any]], ref: dict[int, dict[str, Any]], key: str) -> str:
+        pairs = [r[key] / ref[r["repeat"]][key] for r in rs if ref.get(r["repeat"])]
+        return f"{med(pairs):.2f}" if pairs else "n/a"
+
     for load in LOADS:
-        base = {r["repeat"]: r for r in rows if r["load"] == load and r["variant"] == "base"}
+        ref = {
+            variant: {r["repeat"]: r for r in rows if r["load"] == load and r["variant"] == variant}
+            for variant in ("base", "base_per_rank")
+        }
         for variant in VARIANTS:
             rs = [r for r in rows if r["load"] == load and r["variant"] == variant]
             if not rs:
                 continue
-            med = statistics.median
-            ratio = med([r["wall_s"] / base[r["repeat"]]["wall_s"] for r in rs])
-            rss_delta = med([r["rss_above"] - base[r["repeat"]]["rss_above"] for r in rs])
             lines.append(
                 f"| {load} | {variant} | {rs[0]['ranks']} | {med([r['wall_s'] for r in rs]):.2f} "
-                f"| {ratio:.2f} | {med([r['fetched_bytes'] / r['needed_bytes'] for r in rs]):.2f} "
+                f"| {ratio(rs, ref['base'], 'wall_s')} "
+                f"| {ratio(rs, ref['base_per_rank'], 'wall_s')} "
+                f"| {med([r['fetched_bytes'] / r['needed_bytes'] for r in rs]):.2f} "
                 f"| {med([r['requests'] for r in rs]):.0f} "
                 f"| {med([r['metadata_gets'] for r in rs]):.0f} "
                 f"| {med([r['from_peers'] for r in rs]) / MIB:.0f} "
-                f"| {med([r['rss_above'] for r in rs]) / MIB:.0f} | {rss_delta / MIB:+.0f} "
+                f"| {med([r.get('sliced_items', 0) for r in rs]):.0f} "
+                f"| {med([r['rss_above'] for r in rs]) / MIB:.0f} "
+                f"| {ratio(rs, ref['base_per_rank'], 'rss_above')} "
                 f"| {sum(r['ok'] for r in rs)}/{len(rs)} |"
             )
     return "\n".join(lines) + "\n"

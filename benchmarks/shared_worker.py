@@ -1,8 +1,9 @@
 """One rank of ``shared.py``'s gloo jobs: save a checkpoint, or load it timed and checked.
 
-``save JOB``: ``replicated`` is saved by one process (plain tensors), ``dim1`` by the job's
-ranks (DTensors sharded on dim 0). ``load JOB``: the rank allocates its state dict (plain
-tensors, or its dim-1 shards of them), reads its RSS, waits at a barrier, runs
+``save JOB``: ``replicated`` and ``dim0_1to4`` are saved by one process (plain tensors),
+``dim1`` and ``dim0_2to4`` by the job's ranks (DTensors sharded on dim 0). ``load JOB``: the
+rank allocates its state dict (plain tensors, or its dim-1 or dim-0 shards of them), reads its
+RSS, waits at a barrier, runs
 ``await aiodcp.load_checkpoint`` (peak RSS sampled), checks every tensor it loaded, and prints
 ``RESULT {json}``.
 """
@@ -30,7 +31,7 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 def main() -> None:
     mode, job = sys.argv[1], json.loads(Path(sys.argv[2]).read_text())
     layout = job["layout"]
-    if mode == "save" and layout == "replicated":
+    if mode == "save" and layout in ("replicated", "dim0_1to4"):
         state = {name: make_tensor(name, shape, dtype) for name, shape, dtype in job["tensors"]}
         dcp.save(state, checkpoint_id=job["out"], no_dist=True)
         return
@@ -55,9 +56,11 @@ def main() -> None:
             if layout == "replicated":
                 state[name] = zeros_like_spec(shape, dtype)
             else:
-                local_shape = [shape[0], shape[1] // world]
+                dim = 1 if layout == "dim1" else 0
+                local_shape = list(shape)
+                local_shape[dim] //= world
                 local = zeros_like_spec(local_shape, dtype)
-                state[name] = DTensor.from_local(local, mesh, [Shard(1)], run_check=False)
+                state[name] = DTensor.from_local(local, mesh, [Shard(dim)], run_check=False)
         options = {"endpoint_url": job["endpoint"], "addressing_style": "path"}
         options.update(region="us-east-1", **job["options"])
         dist.barrier()
@@ -70,7 +73,7 @@ def main() -> None:
             expected = make_tensor(name, shape, dtype)
             got = state[name]
             if layout != "replicated":
-                expected = expected.chunk(world, dim=1)[rank]
+                expected = expected.chunk(world, dim=1 if layout == "dim1" else 0)[rank]
                 got = got.to_local()
             ok = ok and torch.equal(got, expected)
         print(
@@ -82,6 +85,7 @@ def main() -> None:
                     "rss_above": rss.above_baseline,
                     "ok": ok,
                     "from_peers": getattr(stats, "bytes_from_peers", 0),
+                    "sliced_items": getattr(stats, "sliced_items", 0),
                     "needed_bytes": job["needed_bytes"],
                 }
             ),
