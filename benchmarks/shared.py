@@ -22,7 +22,10 @@ server in the same run:
 - ``base``: the ``--baseline`` revision's aiodcp (default ``be52019``, main before sharing),
   defaults;
 - ``base_per_rank``: the baseline with ``share_across_ranks=False`` (where it has the option;
-  before sharing that is its default): every rank fetching whole stored chunks for itself.
+  before sharing that is its default): every rank fetching whole stored chunks for itself;
+- ``per_rank_gap256k``: this checkout, ``share_across_ranks=False`` and ``max_gap_size`` 256
+  KiB (``"auto"`` at its floor: a request worth little, so items are sliced whenever more than
+  that is left out).
 
 Per run: the slowest rank's wall time (``await load_checkpoint``, started after a barrier), the
 largest peak RSS above the state dict of any rank, bytes and requests the proxy served, and its
@@ -60,7 +63,13 @@ LOADS = {"replicated": 4, "dim1": 2, "dim0_2to4": 4, "dim0_1to4": 4}
 SAVED_BY = {"replicated": "plain", "dim1": "dim0x2", "dim0_2to4": "dim0x2", "dim0_1to4": "plain"}
 """Load name -> the checkpoint it loads: ``plain`` (saved by one process), ``dim0x2`` (saved
 by 2 ranks as DTensors sharded on dim 0)."""
-VARIANTS = ("shared", "per_rank", "base", "base_per_rank")
+VARIANTS = ("shared", "per_rank", "base", "base_per_rank", "per_rank_gap256k")
+OPTIONS: dict[str, dict[str, Any]] = {
+    "per_rank": {"share_across_ranks": False},
+    "base_per_rank": {"share_across_ranks": False},
+    "per_rank_gap256k": {"share_across_ranks": False, "max_gap_size": 256 * 1024},
+}
+"""Variant -> aiodcp options (defaults otherwise)."""
 
 
 def run_ranks(world: int, args: list[str], env: dict[str, str], timeout: float) -> list[str]:
@@ -130,7 +139,7 @@ def main() -> None:
     base_src, base_desc = bench.aiodcp_source(args.baseline, data)
     for s in (src, base_src):
         bench.compile_bytecode(s)
-    envs = {"shared": bench.child_env(src), "per_rank": bench.child_env(src)}
+    envs = {v: bench.child_env(src) for v in ("shared", "per_rank", "per_rank_gap256k")}
     envs["base"] = envs["base_per_rank"] = bench.child_env(base_src)
     specs = layer_specs(args.size_mib, dist=True)
     shaping = {"latency_ms": args.latency_ms, "total_bandwidth": args.total_mbps * 1e6}
@@ -168,9 +177,7 @@ def main() -> None:
                         "tensors": specs,
                         "layout": load,
                         "needed_bytes": needed[load],
-                        "options": {"share_across_ranks": False}
-                        if variant.endswith("per_rank")
-                        else {},
+                        "options": OPTIONS.get(variant, {}),
                     }
                     job_path = data / f"shared-{load}-{variant}.json"
                     job_path.write_text(json.dumps(job))
@@ -195,6 +202,7 @@ def main() -> None:
                         "needed_bytes": results[0]["needed_bytes"],
                         "from_peers": sum(r.get("from_peers", 0) for r in results),
                         "sliced_items": sum(r.get("sliced_items", 0) for r in results),
+                        "max_gap_size": [r.get("max_gap_size") for r in results],
                     }
                     rows.append(row)
                     bench.log(

@@ -419,6 +419,38 @@ def test_worth_slicing_follows_the_gap_cost_model(
     assert seen == {True, False}  # the sizes exercise both sides of the rule
 
 
+def test_auto_counts_a_request_at_most_its_prior_when_slicing(
+    tmp_path: Path, s3: Any, bucket: str, s3_server: S3Server
+) -> None:
+    """A slow first request (the .metadata GET held 300 ms) makes "auto" merge gaps up to
+    8 MiB; whether to slice still counts a request at most the prior's ~2 MiB, so half of an
+    8 MiB tensor is sliced. The same 8 MiB given explicitly is taken as given: fetched whole."""
+    g = torch.Generator().manual_seed(17)
+    full = torch.randn(2048, 1024, generator=g)
+    local = tmp_path / "c"
+    url = save({"w": sharded(full, 0, 1)}, local, s3, bucket)
+    template = {"w": zeros_like_sharded(full, 0, 2)}
+    expected = reference(template, local, OneShard())
+    through = {"region": "us-east-1", "addressing_style": "path"}
+    sliced = {}
+    with FaultProxy(s3_server.endpoint_url) as proxy:
+        proxy.add(Fault.stall(0.3), path_suffix=".metadata")
+        for gap in ("auto", 8 * MIB):
+            state, reader = load(
+                url,
+                template,
+                OneShard(),
+                endpoint_url=proxy.endpoint_url,
+                max_gap_size=gap,
+                **through,
+            )
+            assert_same_shards(state, expected)
+            stats = reader.stats
+            assert stats is not None and stats.max_gap_size == 8 * MIB
+            sliced[gap] = stats.sliced_items
+    assert sliced == {"auto": 1, 8 * MIB: 0}
+
+
 def test_load_checkpoint_slices_too(
     tmp_path: Path, s3: Any, bucket: str, reader_kwargs: dict[str, Any]
 ) -> None:

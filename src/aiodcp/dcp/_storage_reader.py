@@ -74,7 +74,14 @@ from .._driver import Driver, PrivateLoopDriver, renew_locks_after_fork
 from .._engine import FetchEngine, FileFetch
 from .._errors import CheckpointFormatError, MissingDependencyError
 from .._path import CheckpointPath, is_checkpoint_path, parse_checkpoint_path
-from .._planner import FilePlan, ItemRange, plan_file, resolve_max_gap_size
+from .._planner import (
+    AUTO_GAP_SIZE,
+    DEFAULT_MAX_GAP_SIZE_BYTES,
+    FilePlan,
+    ItemRange,
+    plan_file,
+    resolve_max_gap_size,
+)
 from .._progress import with_progress
 from .._reader import ChunkBuffer, SequentialReader
 from .._stats import LoadStats, StatsRecorder, counters, job_stats
@@ -726,6 +733,19 @@ class S3StorageReader(StorageReader):
             )
         return engine.etags()
 
+    def _request_worth(self, max_gap_size: int | float) -> int | float:
+        """Bytes one more request is worth when choosing between a slice and its whole item:
+        ``max_gap_size``, except that ``"auto"`` counts at most its prior (25 ms at 85 MB/s,
+        ``DEFAULT_MAX_GAP_SIZE_BYTES``). The measured request is the load's first, connection
+        set-up included, so "auto" leans towards merging: cheap for a gap inside one GET, but
+        here merging means fetching the whole chunk, holding it in buffered memory and
+        copying out of it, on every rank that needs part of it (measured, benchmarks/README.md
+        "Resharded loads": through a 20 ms proxy "auto" resolved high enough that no 2-to-4
+        rank sliced half a chunk of up to 8 MiB)."""
+        if self.config.max_gap_size == AUTO_GAP_SIZE:
+            return min(max_gap_size, DEFAULT_MAX_GAP_SIZE_BYTES)
+        return max_gap_size
+
     def _slice_candidate(
         self, item_range: ItemRange, reqs: list[ReadItem], max_gap_size: int | float
     ) -> _Candidate | None:
@@ -737,8 +757,9 @@ class S3StorageReader(StorageReader):
         identical or disjoint, and the bytes slicing leaves out (the item minus the runs and
         the head and tail probes) exceed ``max_gap_size`` per run: in the gap policy's cost
         model ``max_gap_size`` is what one request's time to first byte is worth, and each run
-        is one more request than fetching the item whole. So a slice that is most of its item,
-        or a small item, is fetched whole, and ``max_gap_size=inf`` turns slicing off.
+        is one more request than fetching the item whole (``_request_worth``: with "auto", at
+        most the prior's worth). So a slice that is most of its item, or a small item, is
+        fetched whole, and ``max_gap_size=inf`` turns slicing off.
         """
         if not _SLICE_MIN_BYTES < item_range.length < _DIRECT_MAX_BYTES:
             return None
@@ -781,7 +802,7 @@ class S3StorageReader(StorageReader):
         probes = _probes(item_range, overhead)
         needed = sum(stop - first for first, stop in spans) * dtype.itemsize
         left_out = item_range.length - needed - sum(p.length for p in probes)
-        if left_out <= max_gap_size * len(spans):
+        if left_out <= self._request_worth(max_gap_size) * len(spans):
             return None
         return _Candidate(dtype, shape, tuple(tuple(b) for b in blocks), probes)
 
