@@ -445,6 +445,11 @@ class S3StorageReader(StorageReader):
         for req in grouped.empty:
             self._decode(req, ChunkBuffer([]), planner)
         etags = self._slice(grouped, planner, max_gap_size, recorder)
+        if grouped.slices:
+            # The runs are planned by what a request was worth when they were chosen: a gap
+            # "auto" would merge but slicing left out is not fetched after all.
+            max_gap_size = self._request_worth(max_gap_size)
+            recorder.max_gap_size = max_gap_size
         self._plan_files(grouped, max_gap_size)
         files, readers, slices = grouped.files, grouped.readers, grouped.slices
         self._blocks_left = grouped.blocks_left
@@ -734,14 +739,16 @@ class S3StorageReader(StorageReader):
         return engine.etags()
 
     def _request_worth(self, max_gap_size: int | float) -> int | float:
-        """Bytes one more request is worth when choosing between a slice and its whole item:
-        ``max_gap_size``, except that ``"auto"`` counts at most its prior (25 ms at 85 MB/s,
-        ``DEFAULT_MAX_GAP_SIZE_BYTES``). The measured request is the load's first, connection
-        set-up included, so "auto" leans towards merging: cheap for a gap inside one GET, but
-        here merging means fetching the whole chunk, holding it in buffered memory and
-        copying out of it, on every rank that needs part of it (measured, benchmarks/README.md
-        "Resharded loads": through a 20 ms proxy "auto" resolved high enough that no 2-to-4
-        rank sliced half a chunk of up to 8 MiB)."""
+        """Bytes one more request is worth when choosing between a slice and its whole item
+        (and then planning a load that slices): ``max_gap_size``, except that ``"auto"``
+        counts at most its prior (25 ms at 85 MB/s, ``DEFAULT_MAX_GAP_SIZE_BYTES``).
+
+        The request "auto" measures is the load's first, connection set-up included, so it
+        leans towards merging: cheap for a gap inside one GET, but here merging means
+        fetching the whole chunk, holding it in buffered memory and copying out of it, on
+        every rank that needs part of it (measured, benchmarks/README.md "Resharded loads":
+        through a 20 ms proxy "auto" resolved high enough that no 2-to-4 rank sliced half a
+        chunk of up to 8 MiB)."""
         if self.config.max_gap_size == AUTO_GAP_SIZE:
             return min(max_gap_size, DEFAULT_MAX_GAP_SIZE_BYTES)
         return max_gap_size
@@ -763,6 +770,7 @@ class S3StorageReader(StorageReader):
         """
         if not _SLICE_MIN_BYTES < item_range.length < _DIRECT_MAX_BYTES:
             return None
+        worth = self._request_worth(max_gap_size)
         first_req = reqs[0]
         info = self.storage_data[first_req.storage_index]
         if getattr(info, "transform_descriptors", None):
@@ -795,14 +803,14 @@ class S3StorageReader(StorageReader):
                 )
             ):
                 return None
-            blocks.append(_blocks(shape, strides, offsets, lengths, dtype.itemsize, max_gap_size))
+            blocks.append(_blocks(shape, strides, offsets, lengths, dtype.itemsize, worth))
         spans = sorted({(first, stop) for req_blocks in blocks for first, stop, _ in req_blocks})
         if any(b[0] < a[1] for a, b in itertools.pairwise(spans)):
             return None  # runs that overlap without being identical: one fetch of the item
         probes = _probes(item_range, overhead)
         needed = sum(stop - first for first, stop in spans) * dtype.itemsize
         left_out = item_range.length - needed - sum(p.length for p in probes)
-        if left_out <= self._request_worth(max_gap_size) * len(spans):
+        if left_out <= worth * len(spans):
             return None
         return _Candidate(dtype, shape, tuple(tuple(b) for b in blocks), probes)
 
