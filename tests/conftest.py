@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -56,6 +57,59 @@ class S3Server(_LoggedServer):
 
     def client(self) -> Any:
         return boto3.client("s3", endpoint_url=self.endpoint_url, region_name="us-east-1")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_ranks(
+    worker: Path,
+    world: int,
+    args: list[str],
+    env: dict[str, str] | None = None,
+    timeout: float = 240,
+) -> list[str]:
+    """Run ``world`` gloo ranks of ``python worker *args`` on 127.0.0.1; their outputs, each
+    checked to exit 0 (``timeout``: a hang guard). A rank that fails stops the others."""
+    port = free_port()
+    procs = []
+    for rank in range(world):
+        rank_env = dict(os.environ)
+        rank_env.update(
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            GLOO_SOCKET_IFNAME="lo",
+            RANK=str(rank),
+            WORLD_SIZE=str(world),
+            LOCAL_RANK=str(rank),
+            OMP_NUM_THREADS="1",
+            PYTHONWARNINGS="ignore",
+            **(env or {}),
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(worker), *args],
+                env=rank_env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    outputs = []
+    try:
+        for proc in procs:
+            out, _ = proc.communicate(timeout=timeout)
+            outputs.append(out)
+            assert proc.returncode == 0, out[-3000:]
+    finally:
+        for proc in procs:  # one rank failed: do not leave the others running
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    return outputs
 
 
 @contextlib.contextmanager

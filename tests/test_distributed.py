@@ -4,62 +4,18 @@ and larger tensors saved by 1 or 2 ranks, loaded by 2 or 4 fetching only their s
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+import conftest
 from conftest import S3Server, upload_dir
 
 WORKER = Path(__file__).parent / "dist_worker.py"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def run_ranks(world: int, args: list[str], extra_env: dict[str, str]) -> list[str]:
-    port = free_port()
-    procs = []
-    for rank in range(world):
-        env = dict(os.environ)
-        env.update(
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            GLOO_SOCKET_IFNAME="lo",
-            RANK=str(rank),
-            WORLD_SIZE=str(world),
-            LOCAL_RANK=str(rank),
-            OMP_NUM_THREADS="1",
-            PYTHONWARNINGS="ignore",
-            **extra_env,
-        )
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, str(WORKER), *args],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-    outputs = []
-    try:
-        for proc in procs:
-            out, _ = proc.communicate(timeout=180)
-            outputs.append(out)
-            assert proc.returncode == 0, out[-3000:]
-    finally:
-        for proc in procs:  # one rank failed: do not leave the others running
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
-    return outputs
+    return conftest.run_ranks(WORKER, world, args, extra_env, timeout=180)
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,6 @@ job, and how many ``.metadata`` GETs there were.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import uuid
 from collections import Counter
 from dataclasses import dataclass
@@ -22,6 +18,7 @@ from typing import Any
 import pytest
 from torch.distributed.checkpoint import FileSystemReader
 
+import conftest
 from conftest import S3Server, upload_dir
 from faultproxy import Fault, FaultProxy, ProxyRequest
 
@@ -31,50 +28,9 @@ RANK_TIMEOUT_S = 240  # a hang guard only
 pytestmark = pytest.mark.slow
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def run_ranks(world: int, args: list[str], env: dict[str, str] | None = None) -> list[str]:
     """Run ``world`` gloo ranks of share_worker.py; their outputs (each must exit 0)."""
-    port = free_port()
-    procs = []
-    for rank in range(world):
-        rank_env = dict(os.environ)
-        rank_env.update(
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            GLOO_SOCKET_IFNAME="lo",
-            RANK=str(rank),
-            WORLD_SIZE=str(world),
-            LOCAL_RANK=str(rank),
-            OMP_NUM_THREADS="1",
-            PYTHONWARNINGS="ignore",
-            **(env or {}),
-        )
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, str(WORKER), *args],
-                env=rank_env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-    outputs = []
-    try:
-        for proc in procs:
-            out, _ = proc.communicate(timeout=RANK_TIMEOUT_S)
-            outputs.append(out)
-            assert proc.returncode == 0, out[-3000:]
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
-    return outputs
+    return conftest.run_ranks(WORKER, world, args, env, timeout=RANK_TIMEOUT_S)
 
 
 def results(outputs: list[str]) -> list[dict[str, Any]]:
