@@ -1026,15 +1026,21 @@ class S3StorageReader(StorageReader):
         tensor = cast(torch.Tensor, torch.load(stream, map_location="cpu", weights_only=True))
         tensor = _narrow(tensor, req.storage_offsets, req.lengths)
         if target.size() != tensor.size():
-            raise CheckpointFormatError(
-                f"{self._path.url}: stored item {req.storage_index} has shape "
-                f"{tuple(tensor.size())} after narrowing, the destination "
-                f"{req.dest_index.fqn!r} has {tuple(target.size())}",
-                bucket=self._path.bucket,
-                key=self._path.key(info.relative_path),
-            )
+            raise self._shape_error(req, tuple(tensor.size()), target)
         target.copy_(tensor)
         planner.commit_tensor(req, target)
+
+    def _shape_error(
+        self, req: ReadItem, shape: tuple[int, ...], target: torch.Tensor
+    ) -> CheckpointFormatError:
+        """The error for a read item whose narrowed stored shape is not its destination's."""
+        info = self.storage_data[req.storage_index]
+        return CheckpointFormatError(
+            f"{self._path.url}: stored item {req.storage_index} has shape {shape} after "
+            f"narrowing, the destination {req.dest_index.fqn!r} has {tuple(target.size())}",
+            bucket=self._path.bucket,
+            key=self._path.key(info.relative_path),
+        )
 
     def _decode_run(
         self, req: ReadItem, buffer: ChunkBuffer, sliced: _Slice, planner: LoadPlanner, nth: int
@@ -1046,14 +1052,7 @@ class S3StorageReader(StorageReader):
         with the stored tensor's strides. The read item is committed with its last block."""
         target = planner.resolve_tensor(req).detach()
         if tuple(target.shape) != tuple(req.lengths):
-            info = self.storage_data[req.storage_index]
-            raise CheckpointFormatError(
-                f"{self._path.url}: stored item {req.storage_index} has shape "
-                f"{tuple(req.lengths)} after narrowing, the destination "
-                f"{req.dest_index.fqn!r} has {tuple(target.size())}",
-                bucket=self._path.bucket,
-                key=self._path.key(info.relative_path),
-            )
+            raise self._shape_error(req, tuple(req.lengths), target)
         prefix = sliced.prefixes[nth]
         offsets = [o + p for o, p in zip(req.storage_offsets, prefix, strict=False)]
         offsets += req.storage_offsets[len(prefix) :]
