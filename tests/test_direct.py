@@ -13,8 +13,6 @@ import copy
 import io
 import pickle
 import struct
-import zipfile
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ import aiodcp
 from aiodcp import _engine
 from aiodcp.dcp._fastdecode import HEAD_BYTES, DirectReceive
 
+from archives import oddities
 from conftest import S3Server, assert_same, save_checkpoint, upload_dir
 from faultproxy import Fault, FaultProxy
 
@@ -198,62 +197,6 @@ def _storage(local: Path) -> dict[Any, Any]:
         return pickle.load(f).storage_data  # type: ignore[no-any-return]
 
 
-def _zip(records: list[tuple[str, bytes]], directory: list[int] | None = None) -> bytes:
-    """A STORED zip of ``records`` (sizes in the local headers); its central directory lists
-    the records at the indexes in ``directory`` (default: all, in order)."""
-    out = bytearray()
-    local: list[tuple[int, bytes, int, int]] = []
-    for name, data in records:
-        raw, crc = name.encode(), zlib.crc32(data)
-        local.append((len(out), raw, crc, len(data)))
-        out += struct.pack(
-            "<IHHHHHIIIHH", 0x04034B50, 20, 0, 0, 0, 0, crc, len(data), len(data), len(raw), 0
-        )
-        out += raw + data
-    start = len(out)
-    listed = list(range(len(records))) if directory is None else directory
-    for i in listed:
-        offset, raw, crc, size = local[i]
-        out += struct.pack(
-            "<IHHHHHHIIIHHHHHII",
-            *(0x02014B50, 20, 20, 0, 0, 0, 0, crc, size, size, len(raw)),
-            *(0, 0, 0, 0, 0, offset),
-        )
-        out += raw
-    count, size = len(listed), len(out) - start
-    out += struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, count, count, size, start, 0)
-    return bytes(out)
-
-
-def _records(tensor: torch.Tensor) -> dict[str, bytes]:
-    saved = io.BytesIO()
-    torch.save(tensor, saved)
-    archive = zipfile.ZipFile(io.BytesIO(saved.getvalue()))
-    return {i.filename: archive.read(i) for i in archive.infolist()}
-
-
-def _oddities(tensor: torch.Tensor) -> dict[str, bytes]:
-    """Archives ``torch.load`` reads as ``tensor`` but the local headers alone misdescribe."""
-    r = _records(tensor)
-    names = ["archive/data.pkl", "archive/byteorder", "archive/data/0", "archive/version"]
-    decoy = bytes(len(r["archive/data/0"]))
-    return {
-        # data.pkl after the storage: locate refuses, the item is fetched again
-        "reordered": _zip([(n, r[n]) for n in reversed(names)]),
-        # a first data/0 the directory does not list: locate finds it, verify refuses it
-        "decoy": _zip(
-            [
-                (names[0], r[names[0]]),
-                (names[1], r[names[1]]),
-                (names[2], decoy),
-                (names[2], r[names[2]]),
-                (names[3], r[names[3]]),
-            ],
-            directory=[0, 1, 3, 4],
-        ),
-    }
-
-
 @pytest.fixture
 def odd_checkpoint(
     tmp_path: Path, s3: Any, bucket: str
@@ -267,7 +210,7 @@ def odd_checkpoint(
     odd = {"w_f32": "reordered", "w_3d": "decoy"}
     for index, info in list(metadata.storage_data.items()):
         if index.fqn in odd:
-            blob = _oddities(sd[index.fqn])[odd[index.fqn]]
+            blob = oddities(sd[index.fqn])[odd[index.fqn]]
             assert torch.equal(torch.load(io.BytesIO(blob)), sd[index.fqn])
             path = local / info.relative_path
             offset = path.stat().st_size
@@ -381,7 +324,7 @@ def test_locate_refuses_other_dtypes_shapes_and_layouts() -> None:
     assert DirectReceive(torch.zeros(32, 32, dtype=torch.float64), len(blob)).locate(blob) == -1
     assert DirectReceive(torch.zeros(1024), len(blob)).locate(blob) == -1
     assert DirectReceive(torch.zeros(32, 32), len(blob)).locate(b"not a zip" * 500) == -1
-    odd = _oddities(torch.randn(256, 1024))
+    odd = oddities(torch.randn(256, 1024))
     target = torch.zeros(256, 1024)
     assert DirectReceive(target, len(odd["reordered"])).locate(odd["reordered"][:HEAD_BYTES]) == -1
     decoy = odd["decoy"]

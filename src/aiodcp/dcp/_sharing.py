@@ -49,6 +49,7 @@ import torch.distributed as dist
 
 from .._errors import AiodcpError, PeerLoadError
 from .._reader import ChunkBuffer
+from ._fastdecode import DirectReceive
 
 __all__ = [
     "SEGMENT_BYTES",
@@ -313,7 +314,7 @@ class Exchange:
             return [memoryview(bytearray(item.length))]
         views, blocks = [], []
         for start in range(0, item.length, SEGMENT_BYTES):
-            block = self._free.pop() if self._free else memoryview(mmap.mmap(-1, SEGMENT_BYTES))
+            block = self._block()
             blocks.append(block)
             views.append(block[: min(SEGMENT_BYTES, item.length - start)])
         self._lent[item] = blocks
@@ -325,11 +326,21 @@ class Exchange:
             self._free.extend(self._lent.pop(item, ()))
 
     def transfer(
-        self, k: int, sending: Mapping[StoredItem, ChunkBuffer]
-    ) -> dict[StoredItem, ChunkBuffer]:
+        self,
+        k: int,
+        sending: Mapping[StoredItem, ChunkBuffer],
+        direct: Mapping[StoredItem, DirectReceive] | None = None,
+    ) -> tuple[dict[StoredItem, ChunkBuffer], list[StoredItem]]:
         """Round ``k``: send ``sending`` (this round's items, downloaded) to their ranks and
-        receive this round's items from theirs; returns the received items (``release``
-        them once decoded)."""
+        receive this round's items from theirs. Returns the received items to decode
+        (``release`` them once decoded) and the items received straight into their
+        destination (``direct``'s targets, verified: commit them).
+
+        A ``direct`` item's first segment is received first; ``DirectReceive.locate`` reads
+        where its storage bytes begin, and the segments wholly inside them are then received
+        straight into the destination's memory, the others into blocks whose storage bytes are
+        copied there; the zip directory is checked as a fetched direct item's is. An item that
+        does not locate or verify is decoded from its bytes as any other."""
         part = self.share.rounds[k]
         works: list[Any] = []
         # Messages between two ranks match by tag: the n-th segment this rank receives from a
@@ -341,25 +352,118 @@ class Exchange:
             counts[(direction, peer)] = n + 1
             return n
 
+        def recv(view: memoryview, src: int, n: int) -> Any:
+            return dist.irecv(
+                torch.frombuffer(view, dtype=torch.uint8), self._global(src), self.group, n
+            )
+
         received: dict[StoredItem, ChunkBuffer] = {}
+        located: list[_Located] = []
         for item, src in part.receives:
+            target = (direct or {}).get(item)
+            segments = -(-item.length // SEGMENT_BYTES)
+            if target is not None and segments >= 3:
+                tags = [tag("in", src) for _ in range(segments)]
+                first = self._block()
+                work = recv(first, src, tags[0])
+                located.append(_Located(item, src, target, tags, first, work))
+                continue
             views = self._memory(item)
-            for view in views:
-                segment = torch.frombuffer(view, dtype=torch.uint8)
-                works.append(dist.irecv(segment, self._global(src), self.group, tag("in", src)))
+            works.extend(recv(view, src, tag("in", src)) for view in views)
             received[item] = ChunkBuffer(views)
         for item, dsts in part.sends:
-            segments = _segments(sending[item], item.length)
+            segments_of = _segments(sending[item], item.length)
             for dst in dsts:
                 works.extend(
                     dist.isend(segment, self._global(dst), self.group, tag("out", dst))
-                    for segment in segments
+                    for segment in segments_of
                 )
                 self.bytes_sent += item.length
+        for entry in located:
+            entry.first_work.wait()
+            works.extend(entry.post(self, recv))
         for work in works:
             work.wait()
-        self.bytes_received += sum(item.length for item in received)
-        return received
+        done = []
+        for entry in located:
+            buffer = entry.finish(self)
+            if buffer is None:
+                done.append(entry.item)
+            else:
+                received[entry.item] = buffer
+        self.bytes_received += sum(item.length for item, _ in part.receives)
+        return received, done
+
+    def _block(self) -> memoryview:
+        return self._free.pop() if self._free else memoryview(mmap.mmap(-1, SEGMENT_BYTES))
+
+
+class _Located:
+    """One item received straight into its destination (see ``Exchange.transfer``)."""
+
+    def __init__(
+        self,
+        item: StoredItem,
+        src: int,
+        target: DirectReceive,
+        tags: list[int],
+        first: memoryview,
+        first_work: Any,
+    ) -> None:
+        self.item, self.src, self.target, self.tags = item, src, target, tags
+        self.first, self.first_work = first, first_work
+        self.start = -1
+        self.blocks: dict[int, memoryview] = {}  # segment index -> block (not in the target)
+
+    def post(self, exchange: Exchange, recv: Callable[[memoryview, int, int], Any]) -> list[Any]:
+        """The receives of every segment after the first, into the target where they can go."""
+        length, nbytes = self.item.length, self.target.nbytes
+        start = self.target.locate(bytes(self.first))
+        if start is not None and 0 <= start and start + nbytes <= length:
+            self.start = start
+        works = []
+        for i in range(1, len(self.tags)):
+            lo, hi = i * SEGMENT_BYTES, min((i + 1) * SEGMENT_BYTES, length)
+            if self.start >= 0 and self.start <= lo and hi <= self.start + nbytes:
+                view = self.target.memory[lo - self.start : hi - self.start]
+            else:
+                block = exchange._block()
+                self.blocks[i] = block
+                view = block[: hi - lo]
+            works.append(recv(view, self.src, self.tags[i]))
+        return works
+
+    def finish(self, exchange: Exchange) -> ChunkBuffer | None:
+        """None once the target holds the item's storage bytes and its directory agrees; else
+        the item's bytes, to decode the usual way."""
+        length, start, nbytes = self.item.length, self.start, self.target.nbytes
+        segments = {0: self.first, **self.blocks}
+        try:
+            if start >= 0:
+                head, tail = bytearray(), bytearray()
+                memory = self.target.memory
+                for i, block in sorted(segments.items()):
+                    lo, hi = i * SEGMENT_BYTES, min((i + 1) * SEGMENT_BYTES, length)
+                    data = block[: hi - lo]
+                    a, b = max(lo, start), min(hi, start + nbytes)
+                    if a < b:
+                        memory[a - start : b - start] = data[a - lo : b - lo]
+                    if lo < start:
+                        head += data[: min(hi, start) - lo]
+                    if hi > start + nbytes:
+                        tail += data[max(lo, start + nbytes) - lo :]
+                if self.target.verify(bytes(head), bytes(tail)):
+                    return None
+                # Every byte is here, in the target or around it: decode from a copy.
+                return ChunkBuffer([bytes(head), bytes(memory), bytes(tail)])
+            parts = [
+                bytes(block[: min(SEGMENT_BYTES, length - i * SEGMENT_BYTES)])
+                for i, block in sorted(segments.items())
+            ]
+            return ChunkBuffer(parts)
+        finally:
+            exchange._free.append(self.first)
+            exchange._free.extend(self.blocks.values())
 
 
 def _segments(buffer: ChunkBuffer, length: int) -> list[torch.Tensor]:

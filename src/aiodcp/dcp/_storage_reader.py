@@ -559,6 +559,24 @@ class S3StorageReader(StorageReader):
                 reqs_of.setdefault(item, []).append(req)
             else:
                 private.append(req)
+        # Items this rank receives whole into a destination of their own, as direct receipt
+        # would fetch them (Exchange.transfer receives them straight into it).
+        direct: dict[StoredItem, DirectReceive] = {}
+        if self.config.fast_decode and _pure_resolve(planner):
+            fetched = set(share.fetch)
+            candidates: dict[int, tuple[ReadItem, _Receive]] = {}
+            keys: list[StoredItem] = []
+            for item, reqs in reqs_of.items():
+                target = None if item in fetched else self._whole_target(reqs, item.length, planner)
+                if target is not None:
+                    candidates[len(keys)] = (reqs[0], target)
+                    keys.append(item)
+            _drop_overlapping([candidates])
+            direct = {
+                keys[i]: receive
+                for i, (_, receive) in candidates.items()
+                if isinstance(receive, DirectReceive)
+            }
         error: BaseException | None = None
         engine: FetchEngine | None = None
         future: Any = None
@@ -584,9 +602,14 @@ class S3StorageReader(StorageReader):
                     except BaseException as exc:
                         error = exc
                 exchange.status(error)  # raises on every rank if any rank failed
-                received = exchange.transfer(k, sending)
+                received, placed = exchange.transfer(k, sending, direct)
                 recorder.observe_peak(sum(item_memory(i.length) for i in [*received, *sending]))
                 try:
+                    for item in placed:  # received straight into its destination
+                        req = reqs_of[item][0]
+                        self._direct_received += 1
+                        self._fast_decoded += 1
+                        planner.commit_tensor(req, direct[item].tensor)
                     for item, buffer in [*received.items(), *sending.items()]:
                         for req in reqs_of.get(item, ()):
                             self._decode(req, buffer, planner)
@@ -871,32 +894,41 @@ class S3StorageReader(StorageReader):
                     if run is not None:
                         chosen[file_index][item_index] = run
                     continue
-                if (
-                    len(reqs) != 1
-                    or reqs[0].type != LoadItemType.TENSOR
-                    or not _DIRECT_MIN_BYTES <= item_range.length < _DIRECT_MAX_BYTES
-                ):
-                    continue
-                req = reqs[0]
-                info = self.storage_data[req.storage_index]
-                if getattr(info, "transform_descriptors", None):
-                    continue
-                dtype = self._stored_whole(req)
-                if dtype is None:
-                    continue
-                target = planner.resolve_tensor(req).detach()
-                if (
-                    type(target) is not torch.Tensor
-                    or target.device.type != "cpu"
-                    or target.dtype != dtype
-                    or tuple(target.shape) != tuple(req.lengths)
-                    or not target.is_contiguous()
-                    or target.numel() == 0
-                ):
-                    continue
-                chosen[file_index][item_index] = (req, DirectReceive(target, item_range.length))
+                receive = self._whole_target(reqs, item_range.length, planner)
+                if receive is not None:
+                    chosen[file_index][item_index] = (reqs[0], receive)
         _drop_overlapping(chosen)
         return chosen
+
+    def _whole_target(
+        self, reqs: list[ReadItem], length: int, planner: LoadPlanner
+    ) -> DirectReceive | None:
+        """A ``DirectReceive`` for a stored item of ``length`` bytes read by ``reqs``, if it can
+        be received straight into its destination (see ``_direct_targets``), else None."""
+        if (
+            len(reqs) != 1
+            or reqs[0].type != LoadItemType.TENSOR
+            or not _DIRECT_MIN_BYTES <= length < _DIRECT_MAX_BYTES
+        ):
+            return None
+        req = reqs[0]
+        info = self.storage_data[req.storage_index]
+        if getattr(info, "transform_descriptors", None):
+            return None
+        dtype = self._stored_whole(req)
+        if dtype is None:
+            return None
+        target = planner.resolve_tensor(req).detach()
+        if (
+            type(target) is not torch.Tensor
+            or target.device.type != "cpu"
+            or target.dtype != dtype
+            or tuple(target.shape) != tuple(req.lengths)
+            or not target.is_contiguous()
+            or target.numel() == 0
+        ):
+            return None
+        return DirectReceive(target, length)
 
     def _with_direct(
         self,

@@ -1,0 +1,67 @@
+"""Valid ``torch.save`` archives laid out otherwise than torch writes them, for tests: what
+``torch.load`` reads as the tensor, but the local headers alone misdescribe."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zipfile
+import zlib
+
+import torch
+
+
+def _zip(records: list[tuple[str, bytes]], directory: list[int] | None = None) -> bytes:
+    """A STORED zip of ``records`` (sizes in the local headers); its central directory lists
+    the records at the indexes in ``directory`` (default: all, in order)."""
+    out = bytearray()
+    local: list[tuple[int, bytes, int, int]] = []
+    for name, data in records:
+        raw, crc = name.encode(), zlib.crc32(data)
+        local.append((len(out), raw, crc, len(data)))
+        out += struct.pack(
+            "<IHHHHHIIIHH", 0x04034B50, 20, 0, 0, 0, 0, crc, len(data), len(data), len(raw), 0
+        )
+        out += raw + data
+    start = len(out)
+    listed = list(range(len(records))) if directory is None else directory
+    for i in listed:
+        offset, raw, crc, size = local[i]
+        out += struct.pack(
+            "<IHHHHHHIIIHHHHHII",
+            *(0x02014B50, 20, 20, 0, 0, 0, 0, crc, size, size, len(raw)),
+            *(0, 0, 0, 0, 0, offset),
+        )
+        out += raw
+    count, size = len(listed), len(out) - start
+    out += struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, count, count, size, start, 0)
+    return bytes(out)
+
+
+def _records(tensor: torch.Tensor) -> dict[str, bytes]:
+    saved = io.BytesIO()
+    torch.save(tensor, saved)
+    archive = zipfile.ZipFile(io.BytesIO(saved.getvalue()))
+    return {i.filename: archive.read(i) for i in archive.infolist()}
+
+
+def oddities(tensor: torch.Tensor) -> dict[str, bytes]:
+    """Archives ``torch.load`` reads as ``tensor`` but the local headers alone misdescribe."""
+    r = _records(tensor)
+    names = ["archive/data.pkl", "archive/byteorder", "archive/data/0", "archive/version"]
+    decoy = bytes(len(r["archive/data/0"]))
+    return {
+        # data.pkl after the storage: locate refuses, the item is fetched again
+        "reordered": _zip([(n, r[n]) for n in reversed(names)]),
+        # a first data/0 the directory does not list: locate finds it, verify refuses it
+        "decoy": _zip(
+            [
+                (names[0], r[names[0]]),
+                (names[1], r[names[1]]),
+                (names[2], decoy),
+                (names[2], r[names[2]]),
+                (names[3], r[names[3]]),
+            ],
+            directory=[0, 1, 3, 4],
+        ),
+    }
