@@ -17,7 +17,8 @@ Data flow, on every rank of the load's process group (``load_group`` finds it: t
     read_data(plan)             the rank's engine fetches its share, in round order; per round:
                                 wait for what it sends -> Exchange.status (all_gather of one
                                 flag per rank: if any rank failed, every rank raises now) ->
-                                isend/irecv in 1 MiB segments -> decode what it needs -> release;
+                                isend/irecv in 1 MiB segments (a large tensor a rank reads
+                                whole straight into it) -> decode what it needs -> release;
                                 then the items only this rank needs load as in a
                                 single-process load; a last Exchange.status carries the ranks'
                                 counters, so every rank's LoadStats holds the job's totals
