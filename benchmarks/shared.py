@@ -128,6 +128,12 @@ def main() -> None:
     p.add_argument("--latency-ms", type=float, default=20.0)
     p.add_argument("--baseline", default="be52019")
     p.add_argument("--loads", default=",".join(LOADS))
+    p.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help="which variants to run; a baseline from before sharing has no share_across_ranks "
+        "option, so leave out base_per_rank for it",
+    )
     p.add_argument("--out", default=str(HERE / "results" / "shared"))
     args = p.parse_args()
     for var in [k for k in os.environ if k.startswith("AWS_")]:
@@ -168,8 +174,9 @@ def main() -> None:
             for load, world in LOADS.items():
                 if load not in saved:
                     continue
-                shift = repeat % len(VARIANTS)
-                order = list(VARIANTS[shift:] + VARIANTS[:shift])
+                variants = [v for v in VARIANTS if v in args.variants.split(",")]
+                shift = repeat % len(variants)
+                order = variants[shift:] + variants[:shift]
                 for variant in order:
                     job = {
                         "url": saved[load],
