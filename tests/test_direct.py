@@ -26,7 +26,7 @@ import aiodcp
 from aiodcp import _engine
 from aiodcp.dcp._fastdecode import HEAD_BYTES, DirectReceive
 
-from archives import oddities
+from archives import oddities, replace_items
 from conftest import S3Server, assert_same, save_checkpoint, upload_dir
 from faultproxy import Fault, FaultProxy
 
@@ -205,20 +205,8 @@ def odd_checkpoint(
     appended to the data file with the metadata pointing at them."""
     sd = big_state(3)
     local = save_checkpoint(copy.deepcopy(sd), tmp_path / "odd")
-    with open(local / ".metadata", "rb") as f:
-        metadata = pickle.load(f)
-    odd = {"w_f32": "reordered", "w_3d": "decoy"}
-    for index, info in list(metadata.storage_data.items()):
-        if index.fqn in odd:
-            blob = oddities(sd[index.fqn])[odd[index.fqn]]
-            assert torch.equal(torch.load(io.BytesIO(blob)), sd[index.fqn])
-            path = local / info.relative_path
-            offset = path.stat().st_size
-            with open(path, "ab") as f:
-                f.write(blob)
-            metadata.storage_data[index] = type(info)(info.relative_path, offset, len(blob))
-    with open(local / ".metadata", "wb") as f:
-        pickle.dump(metadata, f)
+    written = replace_items(local, {"w_f32": "reordered", "w_3d": "decoy"})
+    assert sorted(written) == ["w_3d", "w_f32"]
     upload_dir(s3, local, bucket, "odd")
     yield f"s3://{bucket}/odd", sd
 

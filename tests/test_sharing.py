@@ -8,9 +8,7 @@ job, and how many ``.metadata`` GETs there were.
 
 from __future__ import annotations
 
-import io
 import json
-import pickle
 import uuid
 from collections import Counter
 from dataclasses import dataclass
@@ -18,11 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from torch.distributed.checkpoint import FileSystemReader
 
 import conftest
-from archives import oddities
+from archives import replace_items
 from conftest import S3Server, upload_dir
 from faultproxy import Fault, FaultProxy, ProxyRequest
 
@@ -74,32 +71,12 @@ def save(
     local = tmp_path / f"{layout}-{world}"
     run_ranks(world, ["save", layout, str(local)])
     if odd is not None:
-        replace_item(local, "big", odd)
+        assert list(replace_items(local, {"big": odd})) == ["big"]
     bucket = f"share-{uuid.uuid4().hex[:12]}"
     s3 = s3_server.client()
     s3.create_bucket(Bucket=bucket)
     upload_dir(s3, local, bucket, "ck")
     return Saved(f"s3://{bucket}/ck", local, bucket, "ck")
-
-
-def replace_item(local: Path, fqn: str, odd: str) -> None:
-    """Append an odd archive of ``fqn``'s saved tensor to its data file and point the metadata
-    at it (the old item stays, unread)."""
-    with open(local / ".metadata", "rb") as f:
-        metadata = pickle.load(f)
-    for index, info in list(metadata.storage_data.items()):
-        if index.fqn == fqn:
-            path = local / info.relative_path
-            with open(path, "rb") as f:
-                f.seek(info.offset)
-                tensor = torch.load(io.BytesIO(f.read(info.length)), weights_only=True)
-            blob = oddities(tensor)[odd]
-            offset = path.stat().st_size
-            with open(path, "ab") as f:
-                f.write(blob)
-            metadata.storage_data[index] = type(info)(info.relative_path, offset, len(blob))
-    with open(local / ".metadata", "wb") as f:
-        pickle.dump(metadata, f)
 
 
 def requested(server: S3Server, saved: Saved) -> tuple[Counter[tuple[str, int]], int]:
