@@ -40,6 +40,7 @@ from torch.distributed.checkpoint.planner import LoadPlan
 import aiodcp
 from aiodcp._planner import DEFAULT_MAX_GAP_SIZE_BYTES
 
+from archives import oddities
 from conftest import S3Server, upload_dir
 from faultproxy import Fault, FaultProxy
 
@@ -756,8 +757,6 @@ def test_an_unusual_layout_is_fetched_whole_and_decoded_normally(
     """A stored chunk rewritten as a valid archive whose records are in another order: its
     head does not locate, so it is fetched whole (pinned to the load's ETag) and decoded by
     torch.load; the other chunk is sliced."""
-    from test_direct import _oddities
-
     full = torch.randn(512, 640, generator=torch.Generator().manual_seed(12))
     local = tmp_path / "c"
     save({"w": sharded(full, 0, 2)}, local, s3, bucket)
@@ -765,7 +764,7 @@ def test_an_unusual_layout_is_fetched_whole_and_decoded_normally(
         metadata = pickle.load(f)
     (odd_index,) = [i for i in metadata.storage_data if i.offset[0] != 0]
     info = metadata.storage_data[odd_index]
-    blob = _oddities(full[256:].clone())["reordered"]
+    blob = oddities(full[256:].clone())["reordered"]
     path = local / info.relative_path
     offset = path.stat().st_size
     with open(path, "ab") as f:
