@@ -149,6 +149,7 @@ def load_slices(url: str, local: str, dim: int, world: int) -> None:
         "slice_saved_bytes": stats.slice_saved_bytes,
         "runs_received": reader._runs_received,
         "bytes_from_peers": stats.bytes_from_peers,
+        "job_ranks": stats.job.ranks if stats.job is not None else None,
     }
     print(json.dumps(record), flush=True)  # noqa: T201
 

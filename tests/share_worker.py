@@ -226,6 +226,7 @@ def main() -> None:
                         "bytes_from_peers": stats.bytes_from_peers,
                         "bytes_to_peers": stats.bytes_to_peers,
                         "peak_buffered_bytes": stats.peak_buffered_bytes,
+                        "sliced_items": stats.sliced_items,
                     },
                     "job": None
                     if job is None

@@ -25,8 +25,12 @@ Data flow, on every rank of the load's process group (``load_group`` finds it: t
 
 Invariants: an item is shared when two or more ranks need it, fetched by one of them (the one
 with the fewest bytes to fetch so far), and sent in one round to every other rank that needs
-it. Per round a rank sends at most ``round_bytes`` of item memory (what its engine holds at
-once) and receives at most ``round_bytes`` (or one larger item alone), so a rank holds at most
+it; unless each of those ranks needs a part of it that no other rank needs and slicing fetches
+just that part (a resharded load on dim 0): then each rank fetches its own part, and no rank
+holds a whole chunk it mostly throws away (each reads the chunk's head and tail, its archive's
+own ~1.6 KB, to find its part: the only bytes such a job fetches more than once). Per round a
+rank sends at most ``round_bytes`` of item memory (what its engine holds at once) and receives
+at most ``round_bytes`` (or one larger item alone), so a rank holds at most
 about its ``memory_budget`` plus the item in hand, whatever the world size. A rank's items are
 sent in (file, offset) order, the order its engine fetches them in, so the engine's budget is
 always released by the next round: no deadlock. Every rank takes part in every round's
@@ -118,11 +122,16 @@ def item_memory(length: int) -> int:
 
 
 def plan_sharing(
-    needs: Sequence[Collection[StoredItem]], *, round_bytes: int
+    needs: Sequence[Collection[StoredItem]],
+    *,
+    round_bytes: int,
+    sliced: Collection[StoredItem] = (),
 ) -> list[RankShare] | None:
     """Assign every stored item that two or more ranks need to one of them, and schedule its
-    transfers in rounds. ``needs[r]``: the stored items rank ``r`` reads. None when no item is
-    needed by two ranks (nothing to share: every rank loads alone).
+    transfers in rounds. ``needs[r]``: the stored items rank ``r`` reads. ``sliced``: items
+    several ranks need parts of that do not overlap, each rank fetching only its own part
+    (slicing, see the storage reader): not shared, loaded by each rank as its own items.
+    None when no item is left to share and none is sliced (every rank loads alone).
 
     Balanced by bytes: items are assigned largest first, each to the rank that needs it with
     the fewest bytes to fetch so far (its own items included).
@@ -133,8 +142,10 @@ def plan_sharing(
         for item in set(items):
             if item.length > 0:
                 holders.setdefault(item, []).append(rank)
+    for item in sliced:
+        holders.pop(item, None)
     shared = {item: sorted(ranks) for item, ranks in holders.items() if len(ranks) > 1}
-    if not shared:
+    if not shared and not sliced:
         return None
     load = [0] * world
     for item, ranks in holders.items():

@@ -323,7 +323,8 @@ class S3StorageReader(StorageReader):
 
     def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
         """Unchanged, unless every rank can share: then each plan carries its rank's part of
-        the job's sharing (``_sharing.plan_sharing``)."""
+        the job's sharing (``_sharing.plan_sharing``); items the ranks slice apart
+        (``_sliced_apart``) are each rank's own."""
         plain = [
             dataclasses.replace(p, storage_data=None) if p.storage_data == _CAN_SHARE else p
             for p in plans
@@ -335,22 +336,61 @@ class S3StorageReader(StorageReader):
             or any(p.storage_data != _CAN_SHARE for p in plans)
         ):
             return plain
-        needs: list[set[StoredItem]] = []
+        reqs_of: list[dict[StoredItem, list[ReadItem]]] = []
         for plan in plans:
-            items: set[StoredItem] = set()
+            items: dict[StoredItem, list[ReadItem]] = {}
             for req in plan.items:
                 info = self.storage_data.get(req.storage_index)
                 if info is None:
                     return plain  # each rank's own load raises the precise error
-                items.add(StoredItem(info.relative_path, info.offset, info.offset + info.length))
-            needs.append(items)
-        shares = plan_sharing(needs, round_bytes=self._round_bytes)
+                item = StoredItem(info.relative_path, info.offset, info.offset + info.length)
+                items.setdefault(item, []).append(req)
+            reqs_of.append(items)
+        shares = plan_sharing(
+            [set(items) for items in reqs_of],
+            round_bytes=self._round_bytes,
+            sliced=self._sliced_apart(reqs_of),
+        )
         if shares is None:
             return plain
         return [
             dataclasses.replace(p, storage_data=share)
             for p, share in zip(plain, shares, strict=True)
         ]
+
+    def _sliced_apart(self, reqs_of: list[dict[StoredItem, list[ReadItem]]]) -> set[StoredItem]:
+        """The stored items that several ranks need parts of, where each rank slices its own
+        part (``_slice_candidate``, with the load's gap, the same on every rank) and no two
+        ranks' runs overlap: each rank fetching its runs fetches every byte of them once in
+        the job, as sharing would, and holds only its part instead of whole chunks.
+
+        The ranks decide the same in their own ``_slice`` (same metadata, latency and
+        configuration); a rank that cannot slice (a planner that resolves tensors itself,
+        ``fast_decode=False``) fetches the item whole, which only costs bytes."""
+        if not self.config.fast_decode or sys.byteorder != "little":
+            return set()
+        max_gap_size = resolve_max_gap_size(self.config.max_gap_size, self._request_latency_s)
+        ranks_of: dict[StoredItem, list[list[ReadItem]]] = {}
+        for items in reqs_of:
+            for item, reqs in items.items():
+                ranks_of.setdefault(item, []).append(reqs)
+        apart: set[StoredItem] = set()
+        for item, per_rank in ranks_of.items():
+            if len(per_rank) < 2:
+                continue
+            spans: list[tuple[int, int]] = []
+            for reqs in per_rank:
+                candidate = self._slice_candidate(
+                    ItemRange(item.start, item.end), reqs, max_gap_size
+                )
+                if candidate is None:
+                    break
+                spans.extend({(b[0], b[1]) for blocks in candidate.blocks for b in blocks})
+            else:
+                spans.sort()
+                if all(b[0] >= a[1] for a, b in itertools.pairwise(spans)):
+                    apart.add(item)
+        return apart
 
     @property
     def _round_bytes(self) -> int:
