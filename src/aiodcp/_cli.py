@@ -579,7 +579,7 @@ def slice_load(
         plan = reader.prepare_local_plan(LoadPlan(items))
         grouped = reader._group(plan)
         gap = resolve_max_gap_size(config.max_gap_size, request_latency_s)
-        reader._slice(grouped, DefaultLoadPlanner(), gap, StatsRecorder())
+        reader._slice(grouped, DefaultLoadPlanner(), gap, StatsRecorder(), {})
     finally:
         reader.close()
     per_file: dict[str, dict[ItemRange, list[str]]] = {}

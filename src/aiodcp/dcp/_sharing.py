@@ -64,6 +64,7 @@ __all__ = [
     "StoredItem",
     "item_memory",
     "load_group",
+    "merge_adjacent",
     "plan_sharing",
     "share_metadata",
     "will_share",
@@ -201,6 +202,23 @@ def plan_sharing(
             )
         )
     return shares
+
+
+def merge_adjacent(items: Mapping[StoredItem, frozenset[int]]) -> dict[StoredItem, frozenset[int]]:
+    """``items`` (each with the ranks that need it), with items that touch (one ends where the
+    next begins, in one file) and that the same ranks need merged into one: one GET for the
+    rank that fetches it."""
+    merged: dict[StoredItem, frozenset[int]] = {}
+    last: StoredItem | None = None
+    for item in sorted(items):
+        ranks = items[item]
+        if last is not None and last.path == item.path and last.end == item.start:
+            if merged[last] == ranks:
+                del merged[last]
+                item = StoredItem(item.path, last.start, item.end)
+        merged[item] = ranks
+        last = item
+    return merged
 
 
 def _fits(held: float, size: int, limit: int) -> bool:

@@ -51,7 +51,8 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Sequence
+from bisect import bisect_right, insort
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any, Protocol, TypeAlias, TypeVar, cast
 
@@ -101,6 +102,7 @@ from ._sharing import (
     StoredItem,
     item_memory,
     load_group,
+    merge_adjacent,
     plan_sharing,
     share_metadata,
 )
@@ -346,11 +348,19 @@ class S3StorageReader(StorageReader):
                 item = StoredItem(info.relative_path, info.offset, info.offset + info.length)
                 items.setdefault(item, []).append(req)
             reqs_of.append(items)
-        shares = plan_sharing(
-            [set(items) for items in reqs_of],
-            round_bytes=self._round_bytes,
-            sliced=self._sliced_apart(reqs_of),
-        )
+        apart = self._sliced_apart(reqs_of)
+        needs = [set(items) for items in reqs_of]
+        probed_by = {
+            probe: frozenset(r for r, items in enumerate(reqs_of) if item in items)
+            for item, probes in apart.items()
+            for probe in probes
+        }
+        # Adjacent probes (one item's tail, the next one's head) travel as one span, so the
+        # rank that fetches them makes one GET of it.
+        for span, ranks in merge_adjacent(probed_by).items():
+            for r in ranks:
+                needs[r].add(span)
+        shares = plan_sharing(needs, round_bytes=self._round_bytes, sliced=apart.keys())
         if shares is None:
             return plain
         return [
@@ -358,27 +368,33 @@ class S3StorageReader(StorageReader):
             for p, share in zip(plain, shares, strict=True)
         ]
 
-    def _sliced_apart(self, reqs_of: list[dict[StoredItem, list[ReadItem]]]) -> set[StoredItem]:
+    def _sliced_apart(
+        self, reqs_of: list[dict[StoredItem, list[ReadItem]]]
+    ) -> dict[StoredItem, tuple[StoredItem, ...]]:
         """The stored items that several ranks need parts of, where each rank slices its own
         part (``_slice_candidate``, with the load's gap, the same on every rank) and no two
-        ranks' runs overlap: each rank fetching its runs fetches every byte of them once in
-        the job, as sharing would, and holds only its part instead of whole chunks.
+        ranks' runs overlap, each with its head and tail probes (``_probes``): each rank
+        fetches its runs, so every byte of them is fetched once in the job, as sharing would,
+        and it holds only its part instead of whole chunks. The probes, which every slicing
+        rank needs, are shared like stored items (one rank GETs them; ``_slice`` takes them
+        from ``known``), unless they overlap (a small item: each rank probes for itself).
 
         The ranks decide the same in their own ``_slice`` (same metadata, latency and
         configuration); a rank that cannot slice (a planner that resolves tensors itself,
         ``fast_decode=False``) fetches the item whole, which only costs bytes."""
         if not self.config.fast_decode or sys.byteorder != "little":
-            return set()
+            return {}
         max_gap_size = resolve_max_gap_size(self.config.max_gap_size, self._request_latency_s)
         ranks_of: dict[StoredItem, list[list[ReadItem]]] = {}
         for items in reqs_of:
             for item, reqs in items.items():
                 ranks_of.setdefault(item, []).append(reqs)
-        apart: set[StoredItem] = set()
+        apart: dict[StoredItem, tuple[StoredItem, ...]] = {}
         for item, per_rank in ranks_of.items():
             if len(per_rank) < 2:
                 continue
             spans: list[tuple[int, int]] = []
+            probes: tuple[ItemRange, ...] = ()
             for reqs in per_rank:
                 candidate = self._slice_candidate(
                     ItemRange(item.start, item.end), reqs, max_gap_size
@@ -386,10 +402,16 @@ class S3StorageReader(StorageReader):
                 if candidate is None:
                     break
                 spans.extend({(b[0], b[1]) for blocks in candidate.blocks for b in blocks})
+                probes = candidate.probes
             else:
                 spans.sort()
                 if all(b[0] >= a[1] for a, b in itertools.pairwise(spans)):
-                    apart.add(item)
+                    head, tail = probes
+                    apart[item] = (
+                        ()
+                        if head.end > tail.start
+                        else tuple(StoredItem(item.path, p.start, p.end) for p in probes)
+                    )
         return apart
 
     @property
@@ -469,7 +491,15 @@ class S3StorageReader(StorageReader):
             grouped.files.append(FileFetch(self._path.key(relative_path), file_plan))
             grouped.readers.append([by_range[r] for r in file_plan.items])
 
-    def _read_data(self, plan: LoadPlan, planner: LoadPlanner, recorder: StatsRecorder) -> None:
+    def _read_data(
+        self,
+        plan: LoadPlan,
+        planner: LoadPlanner,
+        recorder: StatsRecorder,
+        known: Mapping[str, Sequence[tuple[int, bytes]]] | None = None,
+    ) -> None:
+        """Load ``plan``'s items from the store; ``known``: bytes of slicing probes already
+        here (received from the rank that fetched them; see ``_slice``)."""
         max_gap_size = resolve_max_gap_size(self.config.max_gap_size, self._request_latency_s)
         recorder.max_gap_size = max_gap_size
         logger.debug(
@@ -484,7 +514,7 @@ class S3StorageReader(StorageReader):
         grouped = self._group(plan)
         for req in grouped.empty:
             self._decode(req, ChunkBuffer([]), planner)
-        etags = self._slice(grouped, planner, max_gap_size, recorder)
+        etags = self._slice(grouped, planner, max_gap_size, recorder, known or {})
         if grouped.slices:
             # The runs are planned by what a request was worth when they were chosen: a gap
             # "auto" would merge but slicing left out is not fetched after all.
@@ -621,6 +651,7 @@ class S3StorageReader(StorageReader):
         engine: FetchEngine | None = None
         future: Any = None
         where: dict[StoredItem, tuple[int, int]] = {}
+        known: dict[str, list[tuple[int, bytes]]] = {}
         try:
             if share.fetch:
                 engine, where = self._share_engine(share, recorder)
@@ -651,6 +682,8 @@ class S3StorageReader(StorageReader):
                         self._fast_decoded += 1
                         planner.commit_tensor(req, direct[item].tensor)
                     for item, buffer in [*received.items(), *sending.items()]:
+                        if item not in reqs_of:  # probes of chunks this rank slices
+                            insort(known.setdefault(item.path, []), (item.start, buffer.read()))
                         for req in reqs_of.get(item, ()):
                             self._decode(req, buffer, planner)
                 except BaseException as exc:
@@ -661,9 +694,13 @@ class S3StorageReader(StorageReader):
                     if engine is not None:
                         for item in sending:
                             engine.release_item(*where[item])
+            # The probes are not stored items: LoadStats.items counts those the load decoded.
+            recorder.add(items=-sum(1 for item in share.fetch if item not in reqs_of))
             if error is None and private:
                 try:
-                    self._read_data(dataclasses.replace(plan, items=private), planner, recorder)
+                    self._read_data(
+                        dataclasses.replace(plan, items=private), planner, recorder, known
+                    )
                 except BaseException as exc:
                     error = exc
             recorder.bytes_from_peers = exchange.bytes_received
@@ -708,9 +745,12 @@ class S3StorageReader(StorageReader):
         planner: LoadPlanner,
         max_gap_size: int | float,
         recorder: StatsRecorder,
+        known: Mapping[str, Sequence[tuple[int, bytes]]],
     ) -> dict[str, str]:
         """Replace, in ``grouped.per_file``, each stored item worth slicing by the runs of it
         its read items need; returns the ETags the probes were pinned to (the load's).
+        Probes within ``known`` (per file, sorted ``(offset, bytes)`` spans received from
+        another rank of a shared load) are not fetched.
 
         Phase one of a sliced load: the head and tail (``_probes``) of every candidate
         (``_slice_candidate``) are fetched by an engine of their own (the tail of one item and
@@ -731,35 +771,17 @@ class S3StorageReader(StorageReader):
         if not candidates:
             return {}
         probes: dict[str, list[ItemRange]] = {}
-        for relative_path, _, candidate in candidates:
-            probes.setdefault(relative_path, []).extend(candidate.probes)
-        files = [
-            FileFetch(
-                self._path.key(relative_path),
-                plan_file(
-                    ranges, max_gap_size=max_gap_size, part_size=self.config.buffered_part_size
-                ),
-            )
-            for relative_path, ranges in probes.items()
-        ]
-        grouped.probe_plans = {path: f.plan for path, f in zip(probes, files, strict=True)}
-        engine = FetchEngine(self._io.run(_opened), self._path.bucket, files, self.config, recorder)
-        self._engine = engine
-
-        async def probe(store: S3Store) -> None:
-            await engine.run()
-
-        try:
-            self._io.run(probe)
-        finally:
-            self._engine = None
         fetched: dict[tuple[str, ItemRange], bytes] = {}
-        for file_index, (relative_path, fetch) in enumerate(zip(probes, files, strict=True)):
-            for item_index, probed in enumerate(fetch.plan.items):
-                fetched[relative_path, probed] = engine.wait_item(file_index, item_index).read()
-                engine.release_item(file_index, item_index)
-        # The probes are not stored items: LoadStats.items counts those the load decoded.
-        recorder.add(items=-sum(len(f.plan.items) for f in files))
+        for relative_path, _, candidate in candidates:
+            for probe in candidate.probes:
+                data = _within(known, relative_path, probe)
+                if data is None:
+                    probes.setdefault(relative_path, []).append(probe)
+                else:
+                    fetched[relative_path, probe] = data
+        etags = (
+            self._fetch_probes(probes, fetched, grouped, max_gap_size, recorder) if probes else {}
+        )
         for relative_path, item_range, candidate in candidates:
             head_range, tail_range = candidate.probes
             head, tail = fetched[relative_path, head_range], fetched[relative_path, tail_range]
@@ -799,6 +821,44 @@ class S3StorageReader(StorageReader):
                 sliced_items=1,
                 slice_saved_bytes=saved - head_range.length - tail_range.length,
             )
+        return etags
+
+    def _fetch_probes(
+        self,
+        probes: dict[str, list[ItemRange]],
+        fetched: dict[tuple[str, ItemRange], bytes],
+        grouped: _Grouped,
+        max_gap_size: int | float,
+        recorder: StatsRecorder,
+    ) -> dict[str, str]:
+        """Fetch the probes (per file, the heads and tails of items to slice) with an engine
+        of their own into ``fetched``; the ETags they were pinned to (the load's)."""
+        files = [
+            FileFetch(
+                self._path.key(relative_path),
+                plan_file(
+                    ranges, max_gap_size=max_gap_size, part_size=self.config.buffered_part_size
+                ),
+            )
+            for relative_path, ranges in probes.items()
+        ]
+        grouped.probe_plans = {path: f.plan for path, f in zip(probes, files, strict=True)}
+        engine = FetchEngine(self._io.run(_opened), self._path.bucket, files, self.config, recorder)
+        self._engine = engine
+
+        async def probe(store: S3Store) -> None:
+            await engine.run()
+
+        try:
+            self._io.run(probe)
+        finally:
+            self._engine = None
+        for file_index, (relative_path, fetch) in enumerate(zip(probes, files, strict=True)):
+            for item_index, probed in enumerate(fetch.plan.items):
+                fetched[relative_path, probed] = engine.wait_item(file_index, item_index).read()
+                engine.release_item(file_index, item_index)
+        # The probes are not stored items: LoadStats.items counts those the load decoded.
+        recorder.add(items=-sum(len(f.plan.items) for f in files))
         return engine.etags()
 
     def _request_worth(self, max_gap_size: int | float) -> int | float:
@@ -1234,6 +1294,20 @@ def _probes(item_range: ItemRange, overhead: int) -> tuple[ItemRange, ItemRange]
         ItemRange(item_range.start, item_range.start + min(overhead, HEAD_BYTES)),
         ItemRange(item_range.end - overhead, item_range.end),
     )
+
+
+def _within(
+    known: Mapping[str, Sequence[tuple[int, bytes]]], path: str, wanted: ItemRange
+) -> bytes | None:
+    """The bytes of ``wanted`` if one of ``known``'s spans of ``path`` holds them."""
+    spans = known.get(path, ())
+    i = bisect_right(spans, wanted.start, key=lambda span: span[0]) - 1
+    if i < 0:
+        return None
+    start, data = spans[i]
+    if wanted.end > start + len(data):
+        return None
+    return data[wanted.start - start : wanted.end - start]
 
 
 def _contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
