@@ -546,11 +546,33 @@ def test_reader_type_errors(bad: Any) -> None:
     assert rec.fetched == []
 
 
-def test_reader_read_continues_into_an_adjacent_item_only() -> None:
+def _assert_boundary_error(error: SequentialAccessError, position: int, item: int) -> None:
+    message = str(error)
+    assert message.startswith(SEQUENTIAL_ACCESS_CONTRACT.format(name="s3://bucket/__0_0.distcp"))
+    assert message.endswith(FALLBACK_HINT)
+    assert f"read at position {position} crosses" in message
+    assert error.position == position  # type: ignore[attr-defined]
+    assert isinstance(error, ValueError) and isinstance(error, AiodcpError)
+    first, second = ITEMS[item], ITEMS[item + 1]
+    assert (
+        f"crosses the end of item #{item} ItemRange(start={first.start}, end={first.end}) "
+        f"into item #{item + 1} ItemRange(start={second.start}, end={second.end})"
+    ) in str(error)
+    assert f"then read on from position {first.end}." in str(error)
+    assert error.boundary == first.end  # type: ignore[attr-defined]
+
+
+def test_reader_read_across_an_adjacent_boundary_raises() -> None:
     rec = Recorder()
     reader = rec.reader()
     reader.seek(17)
-    assert reader.read(6) == FILE[17:23]  # #0 -> #1 (adjacent)
+    with pytest.raises(SequentialAccessError) as info:
+        reader.read(6)  # #0 -> #1 (adjacent): items are separate buffers
+    _assert_boundary_error(info.value, 17, 0)
+    assert "Read at most 3 bytes here" in str(info.value)
+    assert (reader.tell(), reader.current_index, rec.fetched, rec.released) == (17, 0, [], [])
+    assert reader.read(3) == FILE[17:20]
+    assert reader.read(3) == FILE[20:23]  # at the boundary: from the item starting there
     assert reader.current_index == 1
     assert rec.released == [0]
     assert rec.fetched == [0, 1]
@@ -563,6 +585,9 @@ def test_reader_read_continues_into_an_adjacent_item_only() -> None:
     assert reader.read(10) == FILE[40:50]  # exactly to the end: stays in #2
     assert reader.current_index == 2
     assert reader.seek(41) == 41
+    error = pickle.loads(pickle.dumps(info.value))
+    assert str(error) == str(info.value)
+    assert error.boundary == 20
 
 
 def test_reader_read_at_an_adjacent_boundary_moves_on() -> None:
@@ -583,7 +608,12 @@ def test_reader_readinto_follows_the_same_rules() -> None:
     reader = rec.reader()
     reader.seek(15)
     target = bytearray(b"\xee" * 12)
-    assert reader.readinto(target) == 12  # #0 -> #1
+    with pytest.raises(SequentialAccessError) as info:
+        reader.readinto(target)  # #0 -> #1
+    _assert_boundary_error(info.value, 15, 0)
+    assert target == b"\xee" * 12
+    assert reader.readinto(memoryview(target)[:5]) == 5
+    assert reader.readinto(memoryview(target)[5:]) == 7  # at the boundary: from #1
     assert target == FILE[15:27]
     assert reader.current_index == 1
     words = memoryview(bytearray(b"\xee" * 8)).cast("I")
@@ -592,25 +622,35 @@ def test_reader_readinto_follows_the_same_rules() -> None:
     assert reader.readinto(bytearray(4)) == 0
     reader.seek(68)
     tensor = torch.zeros(3, dtype=torch.int32)
-    assert reader.readinto(_tensor_bytes_view(tensor)) == 12  # #3 -> #4
-    assert tensor.tolist() == array.array("i", FILE[68:80]).tolist()
+    with pytest.raises(SequentialAccessError) as info:
+        reader.readinto(_tensor_bytes_view(tensor))  # #3 -> #4
+    _assert_boundary_error(info.value, 68, 3)
+    assert tensor.tolist() == [0, 0, 0]
+    assert reader.seek(70) == 70  # the end of #3
+    halves = torch.zeros(6, dtype=torch.int16)
+    assert reader.readinto(_tensor_bytes_view(halves)) == 10  # from #4, short at its end
+    assert halves.tolist() == [*array.array("h", FILE[70:80]).tolist(), 0]
     assert reader.tell() == 80
-    assert rec.fetched == [0, 1, 3, 4]
+    assert rec.fetched == [0, 1, 4]  # #3 was never read from
     assert rec.released == [0, 1, 2, 3]
 
 
-def test_reader_failed_fetch_changes_nothing() -> None:
+def test_reader_failed_fetch_at_a_boundary() -> None:
+    """A read at the end of an item moves to the next one as current_buffer() does: it
+    releases the current item first, so a failed fetch leaves the reader on the next one."""
     rec = Recorder()
     reader = rec.reader()
-    reader.seek(58 + 2)
+    reader.seek(60)
     assert reader.read(5) == FILE[60:65]
     rec.fail = {4}
+    with pytest.raises(SequentialAccessError):
+        reader.read(10)  # would cross into #4: refused before any fetch
+    assert (reader.tell(), reader.current_index, rec.released) == (65, 3, [0, 1, 2])
+    assert reader.read(5) == FILE[65:70]
     with pytest.raises(ConnectionError):
-        reader.read(10)  # needs #4, whose fetch fails
-    assert reader.tell() == 65
-    assert reader.current_index == 3
-    assert rec.released == [0, 1, 2]
-    assert reader.read(10) == FILE[65:75]  # retried: the fetch now succeeds
+        reader.read(5)  # needs #4, whose fetch fails
+    assert (reader.tell(), reader.current_index, rec.released) == (70, 4, [0, 1, 2, 3])
+    assert reader.read(10) == FILE[70:80]  # retried: the fetch now succeeds
     assert rec.fetched == [3, 4]
     assert rec.released == [0, 1, 2, 3]
 
@@ -946,11 +986,20 @@ class SequentialReaderMachine(RuleBasedStateMachine):
         candidates = [k for k, s in enumerate(self.spans) if s.start <= position <= s.end]
         return max(candidates)
 
-    def _chain_end(self) -> int:
+    def _adjacent(self, k: int) -> bool:
+        return k + 1 < len(self.spans) and self.spans[k + 1].start == self.spans[k].end
+
+    def _count(self, size: int) -> int | None:
+        """What a ``size``-byte read returns: from the current item, or at its end from the
+        next one if it starts there; short at an item a gap or nothing follows; ``None``
+        (refused) if it would cross into an adjacent item."""
+        position = self.model.tell()
         k = self.cur
-        while k + 1 < len(self.spans) and self.spans[k + 1].start == self.spans[k].end:
+        if position == self.spans[k].end and self._adjacent(k):
             k += 1
-        return self.spans[k].end
+        if position + size <= self.spans[k].end:
+            return size
+        return None if self._adjacent(k) else self.spans[k].end - position
 
     def _consume(self, position: int, count: int) -> None:
         """Bookkeeping for ``count`` bytes read from ``position``."""
@@ -963,13 +1012,16 @@ class SequentialReaderMachine(RuleBasedStateMachine):
             if s.start <= last < s.end:
                 self.cur = k
 
-    def _forbidden(self, call: Callable[[], object], error: type[Exception]) -> None:
+    def _forbidden(
+        self, call: Callable[[], object], error: type[Exception], words: str = ""
+    ) -> None:
         before = (self.reader.tell(), self.reader.current_index)
         calls = (len(self.fetched), len(self.released))
         with pytest.raises(error) as info:
             call()
         assert (self.reader.tell(), self.reader.current_index) == before
         assert (len(self.fetched), len(self.released)) == calls
+        assert words in str(info.value)
         if error is SequentialAccessError:
             message = str(info.value)
             assert message.startswith(SEQUENTIAL_ACCESS_CONTRACT.format(name="m.distcp"))
@@ -1001,7 +1053,10 @@ class SequentialReaderMachine(RuleBasedStateMachine):
     @rule(size=st.integers(0, 90))
     def read(self, size: int) -> None:
         position = self.model.tell()
-        count = min(size, self._chain_end() - position)
+        count = self._count(size)
+        if count is None:
+            self._forbidden(lambda: self.reader.read(size), SequentialAccessError, "crosses")
+            return
         got = self.reader.read(size)
         assert got == self.model.read(count)
         self._consume(position, count)
@@ -1009,8 +1064,12 @@ class SequentialReaderMachine(RuleBasedStateMachine):
     @rule(size=st.integers(0, 90), kind=st.sampled_from(DESTINATIONS))
     def readinto(self, size: int, kind: str) -> None:
         position = self.model.tell()
-        count = min(size, self._chain_end() - position)
+        count = self._count(size)
         target, contents = _destination(kind, size)
+        if count is None:
+            self._forbidden(lambda: self.reader.readinto(target), SequentialAccessError, "crosses")
+            assert contents() == b"\xaa" * size
+            return
         assert self.reader.readinto(target) == count
         assert contents() == self.model.read(count) + b"\xaa" * (size - count)
         self._consume(position, count)

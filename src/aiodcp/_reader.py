@@ -16,12 +16,14 @@ Data flow::
 
 ``torch.load`` calls ``seek``/``tell``/``read``/``readinto`` ~50 times per item, so the hot paths
 here are a bisect over precomputed chunk offsets and one slice copy; a read that spans chunks
-joins only the slices it needs. ``readinto`` copies runs of ``_UNLOCKED_COPY_BYTES`` or more with
-``ctypes.memmove``, which releases the GIL, so the thread receiving the next items (the event
-loop's) is not held up while a tensor's bytes are copied.
+joins only the slices it needs (a read never spans items: each item is its own buffer).
+``readinto`` copies runs of ``_UNLOCKED_COPY_BYTES`` or more with ``ctypes.memmove``, which
+releases the GIL, so the thread receiving the next items (the event loop's) is not held up
+while a tensor's bytes are copied.
 
 Misuse raises :class:`~aiodcp.SequentialAccessError` (a ``ValueError``) or
-:class:`~aiodcp.ReaderTypeError` (a ``TypeError``); a failed call changes nothing.
+:class:`~aiodcp.ReaderTypeError` (a ``TypeError``); a failed call changes nothing (but a move to
+the next item releases the current one before fetching it: see ``current_buffer``).
 """
 
 from __future__ import annotations
@@ -190,17 +192,6 @@ class ChunkBuffer:
             parts.append(chunks[i])
             i += 1
         parts.append(chunks[i][: end - self._starts[i]])
-
-    def _slices(self, pos: int, end: int, parts: list[memoryview]) -> None:
-        """Append views of ``[pos, end)`` to ``parts``; requires ``0 <= pos < end <= len``."""
-        starts = self._starts
-        i = bisect_right(starts, pos) - 1
-        base = starts[i]
-        if end <= self._ends[i]:
-            parts.append(self._chunks[i][pos - base : end - base])
-            return
-        parts.append(self._chunks[i][pos - base :])
-        self._collect(i + 1, end, parts)
 
     def _copy_into(self, pos: int, end: int, dst: memoryview) -> None:
         """Copy ``[pos, end)`` into ``dst`` (a flat byte view of exactly ``end - pos`` bytes).
@@ -392,18 +383,21 @@ class SequentialReader:
       and the skipped ones are never fetched;
     * a seek back before the current item, into a gap, past the last item or relative to the end
       raises :class:`SequentialAccessError`;
-    * ``read(n)``/``readinto(b)`` continue from the end of the current item into the next item
-      only if it starts exactly there; otherwise they stop at the item's end (short read). The
-      item of the last byte read becomes current. Sizes must be ``>= 0``.
+    * ``read(n)``/``readinto(b)`` read from one item: the item :meth:`current_buffer` gives
+      (the current one, or at its end the next if it starts exactly there, which then becomes
+      current). A read past that item's end is short if a gap or nothing follows it, and
+      raises :class:`SequentialAccessError` naming the boundary if the next item starts there:
+      items are separate buffers, so read each on its own (``seek(item.start)`` then
+      :meth:`current_buffer`, as ``dcp.load`` does). Sizes must be ``>= 0``.
 
     ``get_item(i)`` is called once, at the first read from item ``i`` (or :meth:`current_buffer`);
     ``release_item(i)`` exactly once, when the reader moves past item ``i`` or, for the current
     item, on :meth:`close`. A call that raises leaves the position and the current item as they
-    were (an exception from ``release_item`` itself propagates after the move).
+    were, except that a move to the next item releases the current one before fetching it (see
+    :meth:`current_buffer`) and an exception from ``release_item`` propagates after the move.
     """
 
     __slots__ = (
-        "_ahead",
         "_closed",
         "_cur",
         "_cur_buf",
@@ -449,7 +443,6 @@ class SequentialReader:
         self._ends = ends
         self._get_item = get_item
         self._release_item = release_item
-        self._ahead: dict[int, ChunkBuffer] = {}  # fetched by a failed read, not yet current
         self._cur = 0
         self._cur_buf: ChunkBuffer | None = None
         self._closed = False
@@ -519,6 +512,19 @@ class SequentialReader:
             size=size,
         )
 
+    def _boundary_error(self, i: int, size: int) -> SequentialAccessError:
+        pos = self._pos
+        end = self._ends[i]
+        return self._access_error(
+            f"A {size}-byte read at position {pos} crosses the end of {self._describe(i)} "
+            f"into {self._describe(i + 1)}, which starts there: a read comes from one item. "
+            f"Read at most {end - pos} bytes here, then read on from position {end}.",
+            position=pos,
+            size=size,
+            boundary=end,
+            current_item=self._current_range(),
+        )
+
     def _read_size(self, size: object) -> int:
         """Validate a ``read`` size that is not a plain non-negative int (slow path)."""
         checked = None if size is None else _as_int(size, "size", "SequentialReader.read()")
@@ -555,19 +561,7 @@ class SequentialReader:
         return buffer
 
     def _current_buffer(self) -> ChunkBuffer:
-        buffer = self._ahead.pop(self._cur, None)
-        if buffer is None:
-            buffer = self._fetch(self._cur)
-        self._cur_buf = buffer
-        return buffer
-
-    def _buffer(self, i: int) -> ChunkBuffer:
-        """The buffer of item ``i >= cur``; later items are parked in ``_ahead`` until current."""
-        if i == self._cur:
-            return self._cur_buf if self._cur_buf is not None else self._current_buffer()
-        buffer = self._ahead.get(i)
-        if buffer is None:
-            buffer = self._ahead[i] = self._fetch(i)
+        buffer = self._cur_buf = self._fetch(self._cur)
         return buffer
 
     def _move_to(self, j: int, position: int) -> None:
@@ -579,7 +573,7 @@ class SequentialReader:
         self._cur = j
         self._cur_start = self._starts[j]
         self._cur_end = self._ends[j]
-        self._cur_buf = self._ahead.pop(j, None)
+        self._cur_buf = None
         self._release(old, j)
 
     def _release(self, first: int, stop: int) -> None:
@@ -587,7 +581,6 @@ class SequentialReader:
         release = self._release_item
         error: BaseException | None = None
         for i in range(first, stop):
-            self._ahead.pop(i, None)
             if release is not None:
                 try:
                     release(i)
@@ -597,113 +590,55 @@ class SequentialReader:
         if error is not None:
             raise error
 
-    def _segments(self, size: int) -> list[tuple[int, int, int]]:
-        """``(item, start, end)`` pieces (item coordinates) a ``size``-byte read covers."""
-        starts = self._starts
-        ends = self._ends
-        last = len(starts) - 1
-        i = self._cur
-        pos = self._pos
-        remaining = size
-        segments: list[tuple[int, int, int]] = []
-        while True:
-            take = ends[i] - pos
-            if take > remaining:
-                take = remaining
-            if take > 0:
-                segments.append((i, pos - starts[i], pos - starts[i] + take))
-                remaining -= take
-                pos += take
-            if remaining == 0 or i == last or starts[i + 1] != ends[i]:
-                return segments
-            i += 1
-            pos = starts[i]
-
-    def _commit(self, segments: list[tuple[int, int, int]]) -> None:
-        i, _, end = segments[-1]
-        self._move_to(i, self._starts[i] + end)
-
     # -- file API ----------------------------------------------------------------------
 
+    def _source(self, size: int) -> tuple[ChunkBuffer, int, int] | None:
+        """The buffer and the item coordinates ``[a, b)`` of a ``size``-byte read at the
+        position; ``None`` if it reads nothing."""
+        starts = self._starts
+        if not starts:
+            raise self._no_items_error(self._pos)
+        ends = self._ends
+        last = len(starts) - 1
+        pos = self._pos
+        i = self._cur
+        if pos == ends[i] and i < last and starts[i + 1] == pos:
+            i += 1  # at the boundary: the read comes from the item starting there
+        end = pos + size
+        if end > ends[i]:
+            if i < last and starts[i + 1] == ends[i]:
+                raise self._boundary_error(i, size)
+            end = ends[i]  # short: a gap or nothing follows
+        if end == pos:
+            return None
+        buffer = self.current_buffer()  # moves to item i if it is the next one
+        return buffer, pos - starts[i], end - starts[i]
+
     def read(self, size: int | None = -1, /) -> bytes:
-        """``size`` bytes from the position (fewer at the end of a chain of adjacent items)."""
+        """``size`` bytes from the position, out of one item (fewer before a gap or at the end)."""
         if type(size) is not int or size < 0 or self._closed:
             size = self._read_size(size)
-        pos = self._pos
-        end = pos + size
-        if end <= self._cur_end:
-            if size == 0:
-                return b""
-            buffer = self._cur_buf
-            if buffer is None:
-                buffer = self._current_buffer()
-            start = self._cur_start
-            data = buffer._slice(pos - start, end - start)
-            self._pos = end
-            return data
-        return self._read_slow(size)
-
-    def _read_slow(self, size: int) -> bytes:
-        if not self._starts:
-            raise self._no_items_error(self._pos)
-        segments = self._segments(size)
-        if not segments:
+        source = self._source(size)
+        if source is None:
             return b""
-        buffers = [self._buffer(i) for i, _, _ in segments]  # may raise: nothing moved yet
-        if len(segments) == 1:
-            _, start, end = segments[0]
-            data = buffers[0]._slice(start, end)
-        else:
-            parts: list[memoryview] = []
-            for buffer, (_, start, end) in zip(buffers, segments, strict=True):
-                buffer._slices(start, end, parts)
-            data = b"".join(parts)
-        self._commit(segments)
+        buffer, start, end = source
+        data = buffer._slice(start, end)
+        self._pos += end - start
         return data
 
     def readinto(self, buffer: Buffer, /) -> int:
         """Fill ``buffer`` from the position, like :meth:`read`; the number of bytes copied."""
-        if (
-            type(buffer) is memoryview
-            and not buffer.readonly
-            and buffer.ndim == 1
-            and buffer.format == "B"
-            and buffer.c_contiguous
-        ):
-            dst = buffer
-        else:
-            dst = _byte_view(buffer, "SequentialReader.readinto() buffer", writable=True)
+        dst = _byte_view(buffer, "SequentialReader.readinto() buffer", writable=True)
         if self._closed:
             raise self._closed_error()
-        size = len(dst)
-        pos = self._pos
-        end = pos + size
-        if end <= self._cur_end:
-            if size == 0:
-                return 0
-            source = self._cur_buf
-            if source is None:
-                source = self._current_buffer()
-            start = self._cur_start
-            source._copy_into(pos - start, end - start, dst)
-            self._pos = end
-            return size
-        return self._readinto_slow(dst)
-
-    def _readinto_slow(self, dst: memoryview) -> int:
-        if not self._starts:
-            raise self._no_items_error(self._pos)
-        segments = self._segments(len(dst))
-        if not segments:
+        source = self._source(len(dst))
+        if source is None:
             return 0
-        sources = [self._buffer(i) for i, _, _ in segments]  # may raise: nothing moved yet
-        offset = 0
-        for source, (_, start, end) in zip(sources, segments, strict=True):
-            count = end - start
-            source._copy_into(start, end, dst[offset : offset + count])
-            offset += count
-        self._commit(segments)
-        return offset
+        chunks, start, end = source
+        count = end - start
+        chunks._copy_into(start, end, dst[:count])
+        self._pos += count
+        return count
 
     readinto1 = readinto
 
@@ -790,7 +725,6 @@ class SequentialReader:
             return
         self._closed = True
         self._cur_buf = None
-        self._ahead.clear()
         if self._starts and self._release_item is not None:
             self._release_item(self._cur)
 
