@@ -39,8 +39,10 @@ Scope: only the plain case is handled here, and everything else is reported to t
 (``FallbackRequired``), which then sends the request through botocore as before: a response that
 is not ``206`` with the exact ``Content-Range`` and ``Content-Length`` asked for, a chunked or
 encoded body, or headers over 64 KiB. Error statuses whose meaning is certain (S3's XML error
-body) are translated here, exactly as botocore's would be (``_store.translate_error``). Proxies
-and client certificates never take this path (the store checks before using it).
+body) are raised as ``HttpError``, with the facts an error is classified from (status, S3 code,
+message), which the store classifies by the same rules as botocore's errors
+(``_store.classify``). Proxies and client certificates never take this path (the store checks
+before using it).
 
 Invariants: a connection goes back to the pool only after its whole response was received and
 the response did not ask to close; anything else (an error, a timeout, a cancellation) aborts
@@ -56,6 +58,7 @@ import re
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Protocol
 from urllib.parse import urlsplit
 
@@ -65,6 +68,8 @@ _MAX_HEADER_BYTES = 64 * 1024
 _HEADER_BUFFER_BYTES = 8 * 1024
 _CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 _ERROR_BODY_LIMIT = 64 * 1024
+_XML_CODE_RE = re.compile(r"<Code>([^<]{0,200})</Code>")
+_XML_MESSAGE_RE = re.compile(r"<Message>([^<]{0,2000})</Message>")
 KEEPALIVE_EXPIRY_S = 12.0
 """Seconds: a pooled connection idle longer than this is closed rather than reused. S3 closes
 idle keep-alive connections after about 20 s, and a request written as it does needs a resend;
@@ -105,13 +110,28 @@ class FallbackRequired(Exception):
 
 
 class HttpError(Exception):
-    """An error response (status, headers, the start of its body), for ``translate_error``."""
+    """An error response: its status, headers and the start of its body, and the facts the
+    store classifies it from (``_store.classify``). ``code`` and ``message`` are those of S3's
+    XML error body; without them, as botocore reports such a response, the status as the code
+    and its reason phrase as the message."""
 
     def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
         super().__init__(f"HTTP {status}")
         self.status = status
         self.headers = headers
         self.body = body
+        text = body.decode("utf-8", "replace")
+        code = _XML_CODE_RE.search(text)
+        message = _XML_MESSAGE_RE.search(text)
+        self.code = (code.group(1).strip() if code else "") or str(status)
+        self.message = (message.group(1).strip() if message else "") or _reason(status)
+
+
+def _reason(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return f"HTTP {status}"
 
 
 @dataclass(frozen=True, slots=True)

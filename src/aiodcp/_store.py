@@ -16,8 +16,8 @@ settings), ``fast_http=False``, and any response that is not the plain case go t
 signature is signed again (credentials refreshed once per refused key) and resent without
 counting as an attempt; a region refusal goes through botocore, which follows S3's redirect and
 remembers the region; a possibly mangled URL goes through botocore too, and after
-``_FAST_FALLBACK_LIMIT`` of those a store stays on botocore; anything else is translated as
-botocore would have raised it (``_client_error``). ``limiter`` (``_throttle.AdaptiveRate``) is
+``_FAST_FALLBACK_LIMIT`` of those a store stays on botocore; anything else is classified as a
+botocore error response would be (``classify``). ``limiter`` (``_throttle.AdaptiveRate``) is
 the store's request rate, which the engine lowers on SlowDown.
 
 Data GETs are conditional: ``If-Match`` once the object's ETag is known, else
@@ -26,7 +26,9 @@ Data GETs are conditional: ``If-Match`` once the object's ETag is known, else
 
 Every botocore/aiohttp exception is translated here, at one boundary, into the most specific
 ``aiodcp`` error (``translate_error``), with bucket and key in the message, marked ``retryable``
-when a new request can fix it (``is_retryable``).
+when a new request can fix it (``is_retryable``). An error response, botocore's ``ClientError``
+or the fast path's ``HttpError``, is classified from its facts alone (HTTP status, S3 code,
+message) by ``classify``, which holds every rule for error responses.
 
 Retries are ours, not botocore's (its retries are switched off): botocore can only retry up to
 the response headers, while a body that breaks mid-stream must be resumed from the last byte
@@ -159,13 +161,79 @@ def _where(bucket: str, key: str, byte_range: tuple[int, int] | None) -> str:
     return where
 
 
+def classify(status: int, code: str, message: str, where: str, ctx: dict[str, Any]) -> StorageError:
+    """The aiodcp error for an error response, from its facts alone: the HTTP ``status``, the S3
+    error ``code`` ("" if none), its ``message``. ``where`` names the object (and range) in the
+    error's message; ``ctx`` (bucket, key, byte_range) is its context, with ``code`` added.
+    Every rule for error responses is here, whichever client received the response."""
+    detail = f"{code or status}: {message}"
+    ctx = {**ctx, "code": code or None}
+    if code == "NoSuchBucket":
+        return NoSuchBucketError(
+            f"bucket {ctx['bucket']!r} does not exist (while reading {where}); check the bucket "
+            f"name and the endpoint/region ({detail})",
+            status=status,
+            retryable=False,
+            **ctx,
+        )
+    if code in _STALE_CREDENTIAL_CODES:
+        return AccessDeniedError(
+            f"the store refused the credentials used to read {where} as expired ({detail}); "
+            "the credential provider did not supply fresh ones: refresh the credentials "
+            "(or the profile's credential source) and load again",
+            status=status,
+            retryable=False,
+            **ctx,
+        )
+    if code in ("NoSuchKey", "404", "NotFound") or status == 404:
+        return NotFoundError(
+            f"{where} does not exist; check the checkpoint path ({detail})",
+            status=status,
+            retryable=False,
+            **ctx,
+        )
+    if (
+        code in ("AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch")
+        or status == 403
+    ):
+        return AccessDeniedError(
+            f"access denied to {where}; check the credentials and the bucket policy ({detail})",
+            status=status,
+            retryable=False,
+            **ctx,
+        )
+    if code == "PreconditionFailed" or status == 412:
+        return ObjectChangedError(
+            f"{where} was replaced while it was being loaded (its ETag changed); "
+            "load again once the checkpoint is complete",
+            status=status,
+            retryable=False,
+            **ctx,
+        )
+    if code == "InvalidRange" or status == 416:
+        return TruncatedObjectError(
+            f"{where} is shorter than the checkpoint metadata says (the store answered "
+            f"{detail}); the checkpoint is incomplete or corrupt",
+            status=status,
+            retryable=False,
+            **ctx,
+        )
+    return TransferError(
+        f"reading {where} failed: {detail}",
+        status=status,
+        retryable=status in _RETRYABLE_STATUS or code in _RETRYABLE_CODES,
+        **ctx,
+    )
+
+
 def translate_error(
     exc: BaseException,
     bucket: str,
     key: str,
     byte_range: tuple[int, int] | None = None,
 ) -> AiodcpError:
-    """Map a botocore/aiohttp exception to the most specific aiodcp error (``raise ... from``)."""
+    """Map a botocore/aiohttp exception, or the fast path's ``HttpError``, to the most specific
+    aiodcp error (``raise ... from``)."""
     if isinstance(exc, AiodcpError):
         return exc
     where = _where(bucket, key, byte_range)
@@ -179,67 +247,11 @@ def translate_error(
         )
     if isinstance(exc, botocore.exceptions.ClientError):
         error = exc.response.get("Error", {})
-        code = str(error.get("Code", ""))
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-        detail = f"{code or status}: {error.get('Message', '') or exc}"
-        ctx["code"] = code or None
-        if code == "NoSuchBucket":
-            return NoSuchBucketError(
-                f"bucket {bucket!r} does not exist (while reading {where}); check the bucket "
-                f"name and the endpoint/region ({detail})",
-                status=status,
-                retryable=False,
-                **ctx,
-            )
-        if code in _STALE_CREDENTIAL_CODES:
-            return AccessDeniedError(
-                f"the store refused the credentials used to read {where} as expired ({detail}); "
-                "the credential provider did not supply fresh ones: refresh the credentials "
-                "(or the profile's credential source) and load again",
-                status=status,
-                retryable=False,
-                **ctx,
-            )
-        if code in ("NoSuchKey", "404", "NotFound") or status == 404:
-            return NotFoundError(
-                f"{where} does not exist; check the checkpoint path ({detail})",
-                status=status,
-                retryable=False,
-                **ctx,
-            )
-        if (
-            code
-            in ("AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch")
-            or status == 403
-        ):
-            return AccessDeniedError(
-                f"access denied to {where}; check the credentials and the bucket policy ({detail})",
-                status=status,
-                retryable=False,
-                **ctx,
-            )
-        if code == "PreconditionFailed" or status == 412:
-            return ObjectChangedError(
-                f"{where} was replaced while it was being loaded (its ETag changed); "
-                "load again once the checkpoint is complete",
-                status=status,
-                retryable=False,
-                **ctx,
-            )
-        if code == "InvalidRange" or status == 416:
-            return TruncatedObjectError(
-                f"{where} is shorter than the checkpoint metadata says (the store answered "
-                f"{detail}); the checkpoint is incomplete or corrupt",
-                status=status,
-                retryable=False,
-                **ctx,
-            )
-        return TransferError(
-            f"reading {where} failed: {detail}",
-            status=status,
-            retryable=status in _RETRYABLE_STATUS or code in _RETRYABLE_CODES,
-            **ctx,
-        )
+        message = str(error.get("Message", "") or exc)
+        return classify(status, str(error.get("Code", "")), message, where, ctx)
+    if isinstance(exc, HttpError):
+        return classify(exc.status, exc.code, exc.message, where, ctx)
     if isinstance(exc, _TRANSIENT) and not isinstance(exc, botocore.exceptions.SSLError):
         return TransferError(
             f"reading {where} failed: {type(exc).__name__}: {exc}",
@@ -638,17 +650,16 @@ class S3Store:
                 )
                 return True
             except HttpError as exc:
-                error = _client_error(exc)
-                kind = _refusal_kind(error)
+                kind = _refusal_kind(exc.status, exc.code, exc.message)
                 if kind is None:
-                    raise translate_error(error, bucket, key, (start, end)) from error
+                    raise translate_error(exc, bucket, key, (start, end)) from exc
                 self._urls.pop((bucket, key), None)
                 if kind in ("stale", "resign"):
                     if stats is not None:
                         stats.add(resigned=1)
                     if kind == "stale" and not await self._refresh_credentials(signed.access_key):
                         # the provider has nothing newer: signing again cannot help
-                        raise translate_error(error, bucket, key, (start, end)) from error
+                        raise translate_error(exc, bucket, key, (start, end)) from exc
                     continue
                 if kind == "fallback":
                     self._fast_fallbacks += 1
@@ -814,8 +825,6 @@ credentials (CreateSession) last 5 minutes and their expiry is not visible to us
 _RESIGNS = 2
 """Times one request is signed again after the store refused its signature as expired."""
 _FAST_FALLBACK_LIMIT = 3
-_XML_CODE_RE = re.compile(r"<Code>([^<]{0,200})</Code>")
-_XML_MESSAGE_RE = re.compile(r"<Message>([^<]{0,2000})</Message>")
 
 _STALE_CREDENTIAL_CODES = frozenset({"ExpiredToken", "TokenRefreshRequired"})
 """S3 codes saying the credentials that signed a request have expired."""
@@ -844,18 +853,14 @@ class _Signed:
     access_key: str | None
 
 
-def _refusal_kind(error: botocore.exceptions.ClientError) -> str | None:
+def _refusal_kind(status: int, code: str, message: str) -> str | None:
     """What an error response to a presigned GET calls for: ``"stale"`` (expired credentials:
     refresh them and sign again), ``"resign"`` (the URL expired: sign again), ``"region"``
     (botocore learns the bucket's region), ``"fallback"`` (botocore signs it itself), or None
     (a real error, raised)."""
-    detail = error.response["Error"]
-    status = error.response["ResponseMetadata"]["HTTPStatusCode"]
-    code = detail["Code"]
-    message = detail["Message"].lower()
     if code in _STALE_CREDENTIAL_CODES:
         return "stale"
-    if code == "AccessDenied" and "request has expired" in message:
+    if code == "AccessDenied" and "request has expired" in message.lower():
         return "resign"
     if status in (301, 307) or code in _REGION_CODES:
         return "region"
@@ -931,20 +936,6 @@ def _seconds_left(credentials: Any) -> float | None:
 def _is_directory_bucket(bucket: str) -> bool:
     """S3 Express One Zone directory buckets are named ``name--zone-id--x-s3``."""
     return bucket.endswith("--x-s3")
-
-
-def _client_error(exc: HttpError) -> botocore.exceptions.ClientError:
-    """The ClientError botocore would have raised for this error response."""
-    text = exc.body.decode("utf-8", "replace")
-    code_match = _XML_CODE_RE.search(text)
-    message_match = _XML_MESSAGE_RE.search(text)
-    code = code_match.group(1).strip() if code_match else ""
-    message = message_match.group(1).strip() if message_match else ""
-    response: Any = {
-        "Error": {"Code": code or str(exc.status), "Message": message},
-        "ResponseMetadata": {"HTTPStatusCode": exc.status, "HTTPHeaders": exc.headers},
-    }
-    return botocore.exceptions.ClientError(response, "GetObject")
 
 
 _LOADER_LOCK = threading.Lock()
