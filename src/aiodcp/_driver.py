@@ -10,7 +10,25 @@ which runs them on an event loop that is not the calling thread's, and blocks fo
   awaits it from the caller's loop, see ``_api``) and by prefetch handles.
 
 Each driver owns one ``S3Store`` opened on its loop (an aiobotocore client belongs to one loop).
-Every coroutine submitted is tracked, so ``cancel_all()`` stops all work of a load at once.
+Every coroutine submitted is tracked, so ``cancel_all()`` stops all work of a load at once;
+cancelling the future ``submit`` returned cancels that coroutine alone.
+
+Why not anyio's ``start_blocking_portal`` (the same shape: a loop on a daemon thread, calls from
+that thread refused, each call cancellable alone). Measured on the 2-core dev machine, anyio 4.16:
+
+- it does not survive ``os.fork``: a portal started in the parent never answers a call in the
+  child (no loop thread there), so the pid check, rebuild and pinning below would all stay;
+- a call costs twice as much: a no-op coroutine's round trip from a sync thread took a median
+  44-78 us through ``PrivateLoopDriver.run``, 90-149 us through ``BlockingPortal.call`` (3 runs
+  of 7 x 1,000 in one process; a portal hops to the loop once to spawn the call and again for
+  its result). A load makes a few calls, so this alone decides nothing;
+- anyio is not one of our dependencies (aiobotocore does not bring it): it would add a package
+  and 12-19 ms of import to replace the ~20 lines that start the thread.
+
+``await load_checkpoint(...)`` needs asyncio: under trio it raises ``RuntimeError: no running
+event loop``. From trio, run ``dcp.load`` with an ``S3StorageReader`` in
+``trio.to_thread.run_sync`` (tried: it loads). A backend-neutral coroutine would need anyio as a
+dependency; not done.
 """
 
 from __future__ import annotations
