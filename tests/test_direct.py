@@ -25,6 +25,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 import aiodcp
 from aiodcp import _engine
 from aiodcp.dcp._fastdecode import HEAD_BYTES, DirectReceive
+from aiodcp.dcp._load import DcpLoad
 
 from archives import oddities, replace_items
 from conftest import S3Server, assert_same, save_checkpoint, upload_dir
@@ -218,14 +219,14 @@ def test_archives_the_headers_misdescribe_are_loaded_by_torch_load(
 ) -> None:
     url, sd = odd_checkpoint
     fetched_again: list[tuple[int, int]] = []
-    fetch_alone = aiodcp.S3StorageReader._fetch_alone
+    fetch_alone = DcpLoad._fetch_alone
 
-    def spy(self: aiodcp.S3StorageReader, key: str, item_range: Any, etag: Any) -> Any:
+    def spy(self: DcpLoad, key: str, item_range: Any, etag: Any) -> Any:
         fetched_again.append((item_range.start, item_range.end))
         assert etag is not None  # pinned to the version the rest of the load read
         return fetch_alone(self, key, item_range, etag)
 
-    monkeypatch.setattr(aiodcp.S3StorageReader, "_fetch_alone", spy)
+    monkeypatch.setattr(DcpLoad, "_fetch_alone", spy)
     state, reader = load(url, sd, **reader_kwargs)
     assert_same(state, sd)  # the decoy's zeros never survive
     assert reader._direct_received == 2  # w_bf16 and w_i64

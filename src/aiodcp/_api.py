@@ -36,7 +36,7 @@ from ._stats import LoadStats, StatsRecorder
 from ._store import S3Store
 from .dcp._session import fetch_metadata, run_dcp_load, run_in_thread
 from .dcp._sharing import will_share
-from .dcp._storage_reader import S3StorageReader
+from .dcp._storage_reader import attached_reader
 
 __all__ = ["load_checkpoint"]
 
@@ -89,15 +89,20 @@ async def load_checkpoint(
     try:
         if cfg.share_across_ranks and will_share(process_group, no_dist):
             # Rank 0 reads .metadata for the whole job inside dcp.load (dcp._sharing).
-            reader = S3StorageReader._with_driver(path, cfg, driver, None, recorder)
+            reader = attached_reader(path, cfg, driver, recorder, progress=progress)
         else:
             fetched = await _on_driver(driver, lambda store: fetch_metadata(store, path, recorder))
             # Unpickling a large checkpoint's metadata takes long: not on the loop.
             metadata = await run_in_thread(fetched.parse, on_cancel=lambda: None)
-            reader = S3StorageReader._with_driver(
-                path, cfg, driver, metadata, recorder, fetched.request_latency_s
+            reader = attached_reader(
+                path,
+                cfg,
+                driver,
+                recorder,
+                metadata=metadata,
+                request_latency_s=fetched.request_latency_s,
+                progress=progress,
             )
-        reader.progress = progress
         await run_in_thread(
             lambda: run_dcp_load(
                 state_dict,

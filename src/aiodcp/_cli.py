@@ -552,7 +552,9 @@ def slice_load(
     from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
     from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
+    from ._driver import PrivateLoopDriver
     from ._stats import StatsRecorder
+    from .dcp._load import DcpLoad
     from .dcp._storage_reader import S3StorageReader
 
     chosen = set(selected)
@@ -574,13 +576,24 @@ def slice_load(
             zero = torch.Size((0,))
             items.append(ReadItem(LoadItemType.BYTE_IO, index, zero, index, zero, zero))
     reader = S3StorageReader(path.url, config=config)
+    driver = PrivateLoopDriver(config)
     try:
         reader.set_up_storage_reader(metadata, True)
-        plan = reader.prepare_local_plan(LoadPlan(items))
-        grouped = reader._group(plan)
+        plan = reader.prepare_local_plan(LoadPlan(items))  # the reader's item order
+        load = DcpLoad(
+            path=path,
+            config=config,
+            storage_data=metadata.storage_data,
+            tensor_metadata=metadata.state_dict_metadata,
+            driver=driver,
+            recorder=StatsRecorder(),
+            request_latency_s=request_latency_s,
+        )
+        grouped = load.group(plan)
         gap = resolve_max_gap_size(config.max_gap_size, request_latency_s)
-        reader._slice(grouped, DefaultLoadPlanner(), gap, StatsRecorder(), {})
+        load.slice(grouped, DefaultLoadPlanner(), gap, StatsRecorder(), {})
     finally:
+        driver.close()
         reader.close()
     per_file: dict[str, dict[ItemRange, list[str]]] = {}
     needed: dict[str, int] = {}

@@ -51,7 +51,7 @@ from ._reader import ChunkBuffer
 from ._stats import LoadStats, StatsRecorder
 from ._store import S3Store
 from .dcp._session import fetch_metadata, run_dcp_load, run_in_thread, select_keys
-from .dcp._storage_reader import S3StorageReader
+from .dcp._storage_reader import S3StorageReader, attached_reader
 
 __all__ = ["PrefetchHandle", "prefetch"]
 
@@ -259,17 +259,15 @@ class PrefetchHandle:
                     error = None  # stopped before reading it: the load reads it itself
                 if error is not None:
                     raise error  # the metadata read failed: raise its error
-        reader = S3StorageReader._with_driver(
+        return attached_reader(
             self._path,
             self._config,
             scope.driver,
-            metadata,
             StatsRecorder(),
-            self._request_latency_s,
+            metadata=metadata,
+            request_latency_s=self._request_latency_s,
+            source=None if self._cancelled else scope,
         )
-        if not self._cancelled:
-            reader._source = scope
-        return reader
 
     def load(
         self,
@@ -392,7 +390,7 @@ class _LoadDriver(Driver):
 class _LoadScope:
     """What cancelling one ``load``/``aload`` on a handle stops: the requests it sent through
     ``driver``, and its waits for the prefetch's items (the reader's prefetch source, see
-    ``S3StorageReader._group``). The prefetch's download is not the load's and goes on."""
+    ``DcpLoad.group``). The prefetch's download is not the load's and goes on."""
 
     def __init__(self, handle: PrefetchHandle) -> None:
         self.handle = handle

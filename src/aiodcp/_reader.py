@@ -34,7 +34,7 @@ from bisect import bisect_right
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
-from aiodcp._errors import InvalidRangeError, ReaderTypeError, SequentialAccessError
+from ._errors import InvalidRangeError, ReaderTypeError, SequentialAccessError
 
 if TYPE_CHECKING:
     from types import TracebackType

@@ -7,62 +7,37 @@ Call tree under ``dcp.load(state_dict, storage_reader=S3StorageReader("s3://b/ck
                                          its time is the request latency "auto" gaps are chosen by
     set_up_storage_reader(md, ...)       keeps md.storage_data (MetadataIndex -> _StorageInfo)
     prepare_local_plan(plan)             items sorted per file by offset
-    prepare_global_plan(plans)           unchanged
-    read_data(final_plan, planner)
-        -> max_gap_size "auto" -> bytes (_planner.resolve_max_gap_size, the measured latency)
-        -> _group: per file, the ReadItems of each stored item's ItemRange
-        -> _slice (resharded loads): stored items the read items need only part of, when the
-           bytes left out are worth more than the requests (the gap cost model), get their
-           head and tail fetched first (an engine of their own); StoredTensorLocator finds the
-           storage bytes and checks the zip directory; each read item's region then becomes
-           runs of storage bytes (_blocks: one run for a dim-0 slice) that replace the stored
-           item's range. An unusual archive stays whole. The ETags seen pin the rest.
-        -> _plan_files: per file planner.plan_file (dedupe, coalesce, parts)
-        -> _direct_targets: large items that are a whole plain tensor for a contiguous CPU
-           destination (DefaultLoadPlanner only) get a DirectReceive over the destination,
-           and large dim-0 runs for such a destination a RunReceive
-        -> FetchEngine.run() submitted to the driver's loop (concurrent GETs, byte budget)
-        -> this thread decodes in plan order while later items download:
-           direct item -> wait, verify its zip directory -> commit (or, when the archive is
-           unusual, fetch it again and decode it as any other item); a direct run -> commit
-           run -> _decode_run: its block of the region, copied with the stored strides (or
-           read straight into a contiguous destination); committed with the last block
-           other item -> SequentialReader(file) -> ChunkBuffer(item) -> transforms (zstd)
-           -> decode_into, else torch.load -> narrow -> copy_ into the destination -> commit;
-           BYTE_IO -> planner.load_bytes
+    prepare_global_plan(plans)           unchanged, or each rank's part of a shared load (below)
+    read_data(final_plan, planner)       one DcpLoad (dcp/_load.py) for this plan: grouping,
+                                         slicing, direct receipt, the engines, decoding in plan
+                                         order (when the job shares, the exchange rounds first)
         -> returns a completed torch.futures.Future
+
+Multi-rank loads (``_sharing``): ``read_metadata`` shares the ``.metadata`` bytes over the group
+``dcp.load`` runs on, ``prepare_local_plan`` marks a rank that can share, and the coordinator's
+``prepare_global_plan`` assigns the stored items two or more ranks need (``plan_sharing``), except
+those the ranks slice apart (``DcpLoad.sliced_apart``), whose heads and tails are shared instead.
 
 The reader is reusable across loads (state is reset per load) and owns a private I/O loop
 thread with its connections, released by ``close()`` or the context manager. Under
-``aiodcp.load_checkpoint`` and prefetch handles it is given their driver (``_with_driver``).
+``aiodcp.load_checkpoint`` and prefetch handles it is given their driver (``attached_reader``).
 """
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
-import functools
-import io
-import itertools
 import logging
 import os
-import sys
 import threading
-import time
 import uuid
 import weakref
-from bisect import bisect_right, insort
-from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
-from typing import IO, TYPE_CHECKING, Any, Protocol, TypeAlias, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint._extension import ExtensionRegistry, StreamTransformExtension
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint._extension import ExtensionRegistry
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, StorageMeta
 from torch.distributed.checkpoint.planner import (
-    LoadItemType,
     LoadPlan,
     LoadPlanner,
     ReadItem,
@@ -72,35 +47,14 @@ from torch.futures import Future
 
 from .._config import ReaderConfig
 from .._driver import Driver, PrivateLoopDriver, renew_locks_after_fork
-from .._engine import FetchEngine, FileFetch
-from .._errors import CheckpointFormatError, MissingDependencyError
+from .._errors import CheckpointFormatError
 from .._path import CheckpointPath, is_checkpoint_path, parse_checkpoint_path
-from .._planner import (
-    AUTO_GAP_SIZE,
-    DEFAULT_MAX_GAP_SIZE_BYTES,
-    FilePlan,
-    ItemRange,
-    plan_file,
-    resolve_max_gap_size,
-)
-from .._progress import with_progress
-from .._reader import ChunkBuffer, SequentialReader
-from .._stats import LoadStats, StatsRecorder, counters, job_stats
-from .._store import S3Store
-from ._fastdecode import (
-    HEAD_BYTES,
-    TAIL_BYTES,
-    DirectReceive,
-    RunReceive,
-    StoredTensorLocator,
-    decode_into,
-)
+from .._stats import LoadStats, StatsRecorder
+from ._load import DcpLoad, PrefetchSource
 from ._session import METADATA_NAME, FetchedMetadata, fetch_metadata
 from ._sharing import (
-    Exchange,
     RankShare,
     StoredItem,
-    item_memory,
     load_group,
     merge_adjacent,
     plan_sharing,
@@ -110,10 +64,8 @@ from ._sharing import (
 if TYPE_CHECKING:
     from torch.distributed.checkpoint.filesystem import _StorageInfo
 
-__all__ = ["S3StorageReader"]
+__all__ = ["S3StorageReader", "attached_reader"]
 
-_YIELD_EVERY_S = 0.002
-"""Seconds of decoding after which the decode thread hands the GIL over (see _read_data)."""
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +122,7 @@ class S3StorageReader(StorageReader):
         self._metadata: Metadata | None = None
         # Time to first byte of the last .metadata GET: what max_gap_size="auto" is chosen by.
         self._request_latency_s: float | None = None
-        self._engine: FetchEngine | None = None
+        self._load: DcpLoad | None = None  # the load in progress (what abort() stops)
         self._share_group: dist.ProcessGroup | None = None
         self._stats: LoadStats | None = None
         self._recorder = StatsRecorder()
@@ -179,36 +131,14 @@ class S3StorageReader(StorageReader):
         self.load_id = uuid.uuid4().hex
         self.rank: int | None = None
         self._extensions = ExtensionRegistry()
-        # Items decoded without torch.load, and of those, received straight into their
-        # destination (for tests and profiling).
+        # Over the reader's loads (for tests and profiling): items decoded without
+        # torch.load, and of those, received straight into their destination; runs of
+        # sliced items received straight into their destination (DcpLoad counts them).
         self._fast_decoded = 0
         self._direct_received = 0
-        # Runs of sliced items received straight into their destination.
         self._runs_received = 0
-        # id(read item) -> blocks of a sliced read item not decoded yet (this load's)
-        self._blocks_left: dict[int, int] = {}
 
     # ------------------------------------------------------------------ plumbing
-
-    @classmethod
-    def _with_driver(
-        cls,
-        path: CheckpointPath,
-        config: ReaderConfig,
-        driver: Driver,
-        metadata: Metadata | None,
-        recorder: StatsRecorder,
-        request_latency_s: float | None = None,
-    ) -> S3StorageReader:
-        """A reader running its I/O through ``driver`` (not owned), for ``load_checkpoint``;
-        ``metadata`` was fetched by the caller, with ``request_latency_s`` (None: unmeasured)."""
-        reader = cls(path.url, config=config)
-        reader._recorder = recorder
-        reader._driver = driver
-        reader._owns_driver = False
-        reader._metadata = metadata
-        reader._request_latency_s = request_latency_s
-        return reader
 
     @property
     def _io(self) -> Driver:
@@ -250,9 +180,9 @@ class S3StorageReader(StorageReader):
 
     def abort(self) -> None:
         """Cancel the load in progress, from any thread. ``read_data`` then raises."""
-        engine = self._engine
-        if engine is not None:
-            engine.abort()
+        load = self._load
+        if load is not None:
+            load.abort()
         if self._driver is not None:
             self._driver.cancel_all()
 
@@ -348,7 +278,8 @@ class S3StorageReader(StorageReader):
                 item = StoredItem(info.relative_path, info.offset, info.offset + info.length)
                 items.setdefault(item, []).append(req)
             reqs_of.append(items)
-        apart = self._sliced_apart(reqs_of)
+        session = self._session(StatsRecorder())
+        apart = session.sliced_apart(reqs_of)
         needs = [set(items) for items in reqs_of]
         probed_by = {
             probe: frozenset(r for r, items in enumerate(reqs_of) if item in items)
@@ -360,7 +291,7 @@ class S3StorageReader(StorageReader):
         for span, ranks in merge_adjacent(probed_by).items():
             for r in ranks:
                 needs[r].add(span)
-        shares = plan_sharing(needs, round_bytes=self._round_bytes, sliced=apart.keys())
+        shares = plan_sharing(needs, round_bytes=session.round_bytes, sliced=apart.keys())
         if shares is None:
             return plain
         return [
@@ -368,1115 +299,74 @@ class S3StorageReader(StorageReader):
             for p, share in zip(plain, shares, strict=True)
         ]
 
-    def _sliced_apart(
-        self, reqs_of: list[dict[StoredItem, list[ReadItem]]]
-    ) -> dict[StoredItem, tuple[StoredItem, ...]]:
-        """The stored items that several ranks need parts of, where each rank slices its own
-        part (``_slice_candidate``, with the load's gap, the same on every rank) and no two
-        ranks' runs overlap, each with its head and tail probes (``_probes``): each rank
-        fetches its runs, so every byte of them is fetched once in the job, as sharing would,
-        and it holds only its part instead of whole chunks. The probes, which every slicing
-        rank needs, are shared like stored items (one rank GETs them; ``_slice`` takes them
-        from ``known``), unless they overlap (a small item: each rank probes for itself).
-
-        The ranks decide the same in their own ``_slice`` (same metadata, latency and
-        configuration); a rank that cannot slice (a planner that resolves tensors itself,
-        ``fast_decode=False``) fetches the item whole, which only costs bytes."""
-        if not self.config.fast_decode or sys.byteorder != "little":
-            return {}
-        max_gap_size = resolve_max_gap_size(self.config.max_gap_size, self._request_latency_s)
-        ranks_of: dict[StoredItem, list[list[ReadItem]]] = {}
-        for items in reqs_of:
-            for item, reqs in items.items():
-                ranks_of.setdefault(item, []).append(reqs)
-        apart: dict[StoredItem, tuple[StoredItem, ...]] = {}
-        for item, per_rank in ranks_of.items():
-            if len(per_rank) < 2:
-                continue
-            spans: list[tuple[int, int]] = []
-            probes: tuple[ItemRange, ...] = ()
-            for reqs in per_rank:
-                candidate = self._slice_candidate(
-                    ItemRange(item.start, item.end), reqs, max_gap_size
-                )
-                if candidate is None:
-                    break
-                spans.extend({(b[0], b[1]) for blocks in candidate.blocks for b in blocks})
-                probes = candidate.probes
-            else:
-                spans.sort()
-                if all(b[0] >= a[1] for a, b in itertools.pairwise(spans)):
-                    head, tail = probes
-                    apart[item] = (
-                        ()
-                        if head.end > tail.start
-                        else tuple(StoredItem(item.path, p.start, p.end) for p in probes)
-                    )
-        return apart
-
-    @property
-    def _round_bytes(self) -> int:
-        """Item memory a rank sends (and receives) per exchange round: half the budget; the
-        shared phase's engine holds the other half."""
-        return max(self.config.memory_budget // 2, 1)
-
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         recorder = self._recorder
         logger.debug("%s: read_data of %d read items", self._path.url, len(plan.items))
+        load = self._load = self._session(recorder)
         try:
             share = plan.storage_data
             if isinstance(share, RankShare) and self._share_group is not None:
-                self._read_data_shared(plan, planner, recorder, share, self._share_group)
+                load.read_shared(plan, planner, recorder, share, self._share_group)
             else:
-                self._read_data(plan, planner, recorder)
+                load.read(plan, planner, recorder)
         except BaseException as exc:
             self._stats = recorder.finish()
             logger.debug("%s: load failed after %s: %r", self._path.url, self._stats, exc)
             raise
+        finally:
+            self._load = None
+            self._fast_decoded += load.fast_decoded
+            self._direct_received += load.direct_received
+            self._runs_received += load.runs_received
         self._stats = recorder.finish()
         logger.info("%s: loaded: %s", self._path.url, self._stats)
         future: Future[None] = Future()
         future.set_result(None)
         return future
 
+    def _session(self, recorder: StatsRecorder) -> DcpLoad:
+        """The read phase of a load of this reader's checkpoint (``dcp._load``)."""
+        return DcpLoad(
+            path=self._path,
+            config=self.config,
+            storage_data=self.storage_data,
+            tensor_metadata=self._tensor_metadata,
+            driver=self._io,
+            recorder=recorder,
+            request_latency_s=self._request_latency_s,
+            source=self._source,
+            extensions=self._extensions,
+            progress=self.progress,
+        )
+
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
         return is_checkpoint_path(checkpoint_id)
 
-    # ------------------------------------------------------------------ the load
 
-    def _group(self, plan: LoadPlan) -> _Grouped:
-        """Split the plan: items served by a prefetch, zero-length items, and per file the
-        ReadItems of each stored item's range (files in first-use order)."""
-        grouped = _Grouped()
-        per_file: dict[str, dict[ItemRange, list[ReadItem]]] = {}
-        from_source: dict[tuple[str, ItemRange], list[ReadItem]] = {}
-        source = self._source
-        for req in plan.items:
-            try:
-                info = self.storage_data[req.storage_index]
-            except KeyError:
-                raise CheckpointFormatError(
-                    f"{self._path.url}: the load plan asks for {req.storage_index}, which the "
-                    "checkpoint metadata does not list",
-                    bucket=self._path.bucket,
-                    key=self._path.key(METADATA_NAME),
-                ) from None
-            if info.length == 0:  # nothing to fetch (DCP never writes one, but be exact)
-                grouped.empty.append(req)
-                continue
-            item_range = ItemRange(info.offset, info.offset + info.length)
-            where = (info.relative_path, item_range)
-            if where in from_source:
-                from_source[where].append(req)
-                continue
-            if source is not None:
-                waiter = source.lookup(info.relative_path, item_range)
-                if waiter is not None:
-                    from_source[where] = [req]
-                    grouped.prefetched.append((waiter, from_source[where]))
-                    continue
-            per_file.setdefault(info.relative_path, {}).setdefault(item_range, []).append(req)
-        grouped.per_file = per_file
-        return grouped
-
-    def _plan_files(self, grouped: _Grouped, max_gap_size: int | float) -> None:
-        """Plan each file's item ranges (stored items, and the runs of sliced ones)."""
-        for relative_path, by_range in grouped.per_file.items():
-            file_plan = plan_file(
-                by_range.keys(),
-                max_gap_size=max_gap_size,
-                part_size=self.config.buffered_part_size,
-            )
-            grouped.files.append(FileFetch(self._path.key(relative_path), file_plan))
-            grouped.readers.append([by_range[r] for r in file_plan.items])
-
-    def _read_data(
-        self,
-        plan: LoadPlan,
-        planner: LoadPlanner,
-        recorder: StatsRecorder,
-        known: Mapping[str, Sequence[tuple[int, bytes]]] | None = None,
-    ) -> None:
-        """Load ``plan``'s items from the store; ``known``: bytes of slicing probes already
-        here (received from the rank that fetched them; see ``_slice``)."""
-        max_gap_size = resolve_max_gap_size(self.config.max_gap_size, self._request_latency_s)
-        recorder.max_gap_size = max_gap_size
-        logger.debug(
-            "%s: max_gap_size %s (setting %r, request latency %s)",
-            self._path.url,
-            max_gap_size,
-            self.config.max_gap_size,
-            "unmeasured"
-            if self._request_latency_s is None
-            else f"{self._request_latency_s * 1000:.1f} ms",
-        )
-        grouped = self._group(plan)
-        for req in grouped.empty:
-            self._decode(req, ChunkBuffer([]), planner)
-        etags = self._slice(grouped, planner, max_gap_size, recorder, known or {})
-        if grouped.slices:
-            # The runs are planned by what a request was worth when they were chosen: a gap
-            # "auto" would merge but slicing left out is not fetched after all.
-            max_gap_size = self._request_worth(max_gap_size)
-            recorder.max_gap_size = max_gap_size
-        self._plan_files(grouped, max_gap_size)
-        files, readers, slices = grouped.files, grouped.readers, grouped.slices
-        self._blocks_left = grouped.blocks_left
-        if not files:
-            for waiter, reqs in grouped.prefetched:
-                buffer = waiter()
-                for req in reqs:
-                    self._decode(req, buffer, planner)
-            return
-        direct = self._direct_targets(grouped, planner)
-        files = [
-            self._with_direct(fetch, targets, max_gap_size)
-            for fetch, targets in zip(files, direct, strict=True)
-        ]
-        driver = self._io
-        progress_total = sum(f.plan.requested_bytes for f in files) if self.progress else 0
-
-        # Built here, not on the loop: a checkpoint of many items makes this the slow part,
-        # and the loop may be the caller's (load_checkpoint), which must stay responsive.
-        engine = FetchEngine(
-            driver.run(_opened), self._path.bucket, files, self.config, recorder, etags
-        )
-        self._engine = engine
-
-        async def start(store: S3Store) -> None:
-            label = f"aiodcp {self._path.url}"
-            await with_progress(engine.run(), recorder, progress_total, label)
-
-        future = driver.submit(start)
-        finished = False
-        try:
-            # What a prefetch holds first (already downloaded, or downloading on its own
-            # budget) while the engine fetches the rest.
-            for waiter, reqs in grouped.prefetched:
-                buffer = waiter()
-                for req in reqs:
-                    self._decode(req, buffer, planner)
-            yielded = time.perf_counter()
-            for file_index, fetch in enumerate(files):
-                # Direct items are waited for apart; the reader serves the buffered ones.
-                buffered = [i for i in range(len(fetch.plan.items)) if i not in fetch.direct]
-                reader = SequentialReader(
-                    [fetch.plan.items[i] for i in buffered],
-                    functools.partial(_nth, engine.wait_item, file_index, buffered),
-                    functools.partial(_nth, engine.release_item, file_index, buffered),
-                    name=f"s3://{self._path.bucket}/{fetch.key}",
-                )
-                with reader:
-                    for item_index, item_range in enumerate(fetch.plan.items):
-                        sliced = slices.get((fetch.key, item_range))
-                        if item_index in fetch.direct:
-                            req, receive = direct[file_index][item_index]
-                            if self._received_directly(engine, file_index, item_index, receive):
-                                if sliced is None:
-                                    self._direct_received += 1
-                                else:
-                                    self._runs_received += 1
-                                self._fast_decoded += 1
-                                planner.commit_tensor(req, receive.tensor)
-                            else:
-                                etag = engine.etag(fetch.key)
-                                again = self._fetch_alone(fetch.key, item_range, etag)
-                                self._decode(req, again, planner, sliced)
-                            continue
-                        reader.seek(item_range.start)
-                        buffer = reader.current_buffer()
-                        for nth, req in enumerate(readers[file_index][item_index]):
-                            self._decode(req, buffer, planner, sliced, nth)
-                        # Hand the GIL over every ~2 ms of decoding: an event loop thread
-                        # waiting for it (the I/O loop, or the caller's loop) gets it then,
-                        # not at the next 5 ms switch interval.
-                        # (After every item was measured: 20,000 small items took 1.4x as
-                        # long, the GIL ping-ponging.)
-                        now = time.perf_counter()
-                        if now - yielded >= _YIELD_EVERY_S:
-                            time.sleep(0)
-                            yielded = now
-            finished = True
-        finally:
-            if not finished:
-                engine.abort()
-            try:
-                future.result()
-            except BaseException:
-                if finished:
-                    raise
-            self._engine = None
-
-    def _read_data_shared(
-        self,
-        plan: LoadPlan,
-        planner: LoadPlanner,
-        recorder: StatsRecorder,
-        share: RankShare,
-        group: dist.ProcessGroup,
-    ) -> None:
-        """A load whose shared items come through the exchange (``_sharing``): this rank
-        fetches its share and sends it, receives the rest, round by round; then it loads the
-        items only it needs as a single-process load does."""
-        exchange = Exchange(group, share)
-        reqs_of: dict[StoredItem, list[ReadItem]] = {}
-        private: list[ReadItem] = []
-        for req in plan.items:
-            info = self.storage_data[req.storage_index]
-            item = StoredItem(info.relative_path, info.offset, info.offset + info.length)
-            if item in share.shared:
-                reqs_of.setdefault(item, []).append(req)
-            else:
-                private.append(req)
-        # Items this rank receives whole into a destination of their own, as direct receipt
-        # would fetch them (Exchange.transfer receives them straight into it).
-        direct: dict[StoredItem, DirectReceive] = {}
-        if self.config.fast_decode and _pure_resolve(planner):
-            fetched = set(share.fetch)
-            candidates: dict[int, tuple[ReadItem, _Receive]] = {}
-            keys: list[StoredItem] = []
-            for item, reqs in reqs_of.items():
-                target = None if item in fetched else self._whole_target(reqs, item.length, planner)
-                if target is not None:
-                    candidates[len(keys)] = (reqs[0], target)
-                    keys.append(item)
-            _drop_overlapping([candidates])
-            direct = {
-                keys[i]: receive
-                for i, (_, receive) in candidates.items()
-                if isinstance(receive, DirectReceive)
-            }
-        error: BaseException | None = None
-        engine: FetchEngine | None = None
-        future: Any = None
-        where: dict[StoredItem, tuple[int, int]] = {}
-        known: dict[str, list[tuple[int, bytes]]] = {}
-        try:
-            if share.fetch:
-                engine, where = self._share_engine(share, recorder)
-                self._engine = engine
-
-                async def start(store: S3Store) -> None:
-                    await engine.run()
-
-                future = self._io.submit(start)
-        except BaseException as exc:
-            error = exc
-        try:
-            for k, part in enumerate(share.rounds):
-                sending: dict[StoredItem, ChunkBuffer] = {}
-                if error is None and engine is not None:
-                    try:
-                        for item, _ in part.sends:
-                            sending[item] = engine.wait_item(*where[item])
-                    except BaseException as exc:
-                        error = exc
-                exchange.status(error)  # raises on every rank if any rank failed
-                received, placed = exchange.transfer(k, sending, direct)
-                recorder.observe_peak(sum(item_memory(i.length) for i in [*received, *sending]))
-                try:
-                    for item in placed:  # received straight into its destination
-                        req = reqs_of[item][0]
-                        self._direct_received += 1
-                        self._fast_decoded += 1
-                        planner.commit_tensor(req, direct[item].tensor)
-                    for item, buffer in [*received.items(), *sending.items()]:
-                        if item not in reqs_of:  # probes of chunks this rank slices
-                            insort(known.setdefault(item.path, []), (item.start, buffer.read()))
-                        for req in reqs_of.get(item, ()):
-                            self._decode(req, buffer, planner)
-                except BaseException as exc:
-                    error = exc
-                finally:
-                    exchange.release(received)
-                    received.clear()
-                    if engine is not None:
-                        for item in sending:
-                            engine.release_item(*where[item])
-            # The probes are not stored items: LoadStats.items counts those the load decoded.
-            recorder.add(items=-sum(1 for item in share.fetch if item not in reqs_of))
-            if error is None and private:
-                try:
-                    self._read_data(
-                        dataclasses.replace(plan, items=private), planner, recorder, known
-                    )
-                except BaseException as exc:
-                    error = exc
-            recorder.bytes_from_peers = exchange.bytes_received
-            recorder.bytes_to_peers = exchange.bytes_sent
-            rows = exchange.status(error, counters(recorder.snapshot()))
-            recorder.job = job_stats(rows, recorder.snapshot())
-        finally:
-            if engine is not None:
-                engine.abort()  # a no-op once everything was fetched
-                try:
-                    future.result()
-                except BaseException:
-                    pass  # its failure, if any, was raised through wait_item and shared
-            self._engine = None
-
-    def _share_engine(
-        self, share: RankShare, recorder: StatsRecorder
-    ) -> tuple[FetchEngine, dict[StoredItem, tuple[int, int]]]:
-        """The engine that fetches this rank's share, files in path order and items in offset
-        order (the order the rounds send them in), within half the memory budget."""
-        max_gap_size = resolve_max_gap_size(self.config.max_gap_size, self._request_latency_s)
-        recorder.max_gap_size = max_gap_size
-        config = self.config.replace(memory_budget=self._round_bytes)
-        per_file: dict[str, list[ItemRange]] = {}
-        for item in share.fetch:
-            per_file.setdefault(item.path, []).append(ItemRange(item.start, item.end))
-        files: list[FileFetch] = []
-        where: dict[StoredItem, tuple[int, int]] = {}
-        for path in sorted(per_file):
-            file_plan = plan_file(
-                per_file[path], max_gap_size=max_gap_size, part_size=config.buffered_part_size
-            )
-            for index, item_range in enumerate(file_plan.items):
-                where[StoredItem(path, item_range.start, item_range.end)] = (len(files), index)
-            files.append(FileFetch(self._path.key(path), file_plan))
-        store = self._io.run(_opened)
-        return FetchEngine(store, self._path.bucket, files, config, recorder), where
-
-    def _slice(
-        self,
-        grouped: _Grouped,
-        planner: LoadPlanner,
-        max_gap_size: int | float,
-        recorder: StatsRecorder,
-        known: Mapping[str, Sequence[tuple[int, bytes]]],
-    ) -> dict[str, str]:
-        """Replace, in ``grouped.per_file``, each stored item worth slicing by the runs of it
-        its read items need; returns the ETags the probes were pinned to (the load's).
-        Probes within ``known`` (per file, sorted ``(offset, bytes)`` spans received from
-        another rank of a shared load) are not fetched.
-
-        Phase one of a sliced load: the head and tail (``_probes``) of every candidate
-        (``_slice_candidate``) are fetched by an engine of their own (the tail of one item and
-        the head of the next coalesce, as any ranges do). Each head is
-        parsed by ``StoredTensorLocator`` (where the storage bytes begin) and checked against
-        the central directory in its tail; an item that passes has its runs at known file
-        offsets. An item that does not (an unusual layout, a directory that disagrees, more
-        after its storage bytes than the probe holds) stays whole: the main engine fetches and
-        decodes it as usual, pinned to the same ETags."""
-        if not self.config.fast_decode or not _pure_resolve(planner) or sys.byteorder != "little":
-            return {}
-        candidates: list[tuple[str, ItemRange, _Candidate]] = []
-        for relative_path, by_range in grouped.per_file.items():
-            for item_range, reqs in by_range.items():
-                candidate = self._slice_candidate(item_range, reqs, max_gap_size)
-                if candidate is not None:
-                    candidates.append((relative_path, item_range, candidate))
-        if not candidates:
-            return {}
-        probes: dict[str, list[ItemRange]] = {}
-        fetched: dict[tuple[str, ItemRange], bytes] = {}
-        for relative_path, _, candidate in candidates:
-            for probe in candidate.probes:
-                data = _within(known, relative_path, probe)
-                if data is None:
-                    probes.setdefault(relative_path, []).append(probe)
-                else:
-                    fetched[relative_path, probe] = data
-        etags = (
-            self._fetch_probes(probes, fetched, grouped, max_gap_size, recorder) if probes else {}
-        )
-        for relative_path, item_range, candidate in candidates:
-            head_range, tail_range = candidate.probes
-            head, tail = fetched[relative_path, head_range], fetched[relative_path, tail_range]
-            located = StoredTensorLocator(candidate.dtype, candidate.shape, item_range.length)
-            start = located.locate(head)
-            if start is None or start < 0:
-                self._unusual(relative_path, item_range, "its archive is not the plain layout")
-                continue
-            end = start + located.nbytes
-            tail_start = tail_range.start - item_range.start
-            if end < tail_start or not located.verify(head[:start], tail[end - tail_start :]):
-                self._unusual(relative_path, item_range, "its zip directory disagrees")
-                continue
-            key = self._path.key(relative_path)
-            by_range = grouped.per_file[relative_path]
-            reqs = by_range.pop(item_range)
-            runs: set[ItemRange] = set()
-            itemsize = candidate.dtype.itemsize
-            strides = _contiguous_strides(candidate.shape)
-            for req, blocks in zip(reqs, candidate.blocks, strict=True):
-                grouped.blocks_left[id(req)] = len(blocks)
-                for first, stop, prefix in blocks:
-                    run = ItemRange(
-                        item_range.start + start + first * itemsize,
-                        item_range.start + start + stop * itemsize,
-                    )
-                    by_range.setdefault(run, []).append(req)
-                    sliced = grouped.slices.get((key, run))
-                    if sliced is None:
-                        sliced = grouped.slices[key, run] = _Slice(
-                            candidate.dtype, candidate.shape, strides, first
-                        )
-                    sliced.prefixes.append(prefix)
-                    runs.add(run)
-            saved = item_range.length - sum(r.length for r in runs)
-            recorder.add(
-                sliced_items=1,
-                slice_saved_bytes=saved - head_range.length - tail_range.length,
-            )
-        return etags
-
-    def _fetch_probes(
-        self,
-        probes: dict[str, list[ItemRange]],
-        fetched: dict[tuple[str, ItemRange], bytes],
-        grouped: _Grouped,
-        max_gap_size: int | float,
-        recorder: StatsRecorder,
-    ) -> dict[str, str]:
-        """Fetch the probes (per file, the heads and tails of items to slice) with an engine
-        of their own into ``fetched``; the ETags they were pinned to (the load's)."""
-        files = [
-            FileFetch(
-                self._path.key(relative_path),
-                plan_file(
-                    ranges, max_gap_size=max_gap_size, part_size=self.config.buffered_part_size
-                ),
-            )
-            for relative_path, ranges in probes.items()
-        ]
-        grouped.probe_plans = {path: f.plan for path, f in zip(probes, files, strict=True)}
-        engine = FetchEngine(self._io.run(_opened), self._path.bucket, files, self.config, recorder)
-        self._engine = engine
-
-        async def probe(store: S3Store) -> None:
-            await engine.run()
-
-        try:
-            self._io.run(probe)
-        finally:
-            self._engine = None
-        for file_index, (relative_path, fetch) in enumerate(zip(probes, files, strict=True)):
-            for item_index, probed in enumerate(fetch.plan.items):
-                fetched[relative_path, probed] = engine.wait_item(file_index, item_index).read()
-                engine.release_item(file_index, item_index)
-        # The probes are not stored items: LoadStats.items counts those the load decoded.
-        recorder.add(items=-sum(len(f.plan.items) for f in files))
-        return engine.etags()
-
-    def _request_worth(self, max_gap_size: int | float) -> int | float:
-        """Bytes one more request is worth when choosing between a slice and its whole item
-        (and then planning a load that slices): ``max_gap_size``, except that ``"auto"``
-        counts at most its prior (25 ms at 85 MB/s, ``DEFAULT_MAX_GAP_SIZE_BYTES``).
-
-        The request "auto" measures is the load's first, connection set-up included, so it
-        leans towards merging: cheap for a gap inside one GET, but here merging means
-        fetching the whole chunk, holding it in buffered memory and copying out of it, on
-        every rank that needs part of it (measured, benchmarks/README.md "Resharded loads":
-        through a 20 ms proxy "auto" resolved high enough that no 2-to-4 rank sliced half a
-        chunk of up to 8 MiB)."""
-        if self.config.max_gap_size == AUTO_GAP_SIZE:
-            return min(max_gap_size, DEFAULT_MAX_GAP_SIZE_BYTES)
-        return max_gap_size
-
-    def _slice_candidate(
-        self, item_range: ItemRange, reqs: list[ReadItem], max_gap_size: int | float
-    ) -> _Candidate | None:
-        """The slicing of one stored item, if it is worth it; None to fetch it whole.
-
-        A stored tensor item (not transformed, plain dtype, under 4 GiB, its archive overhead
-        at most ``TAIL_BYTES``) is sliced when every read item on it covers part of it, the
-        runs of storage bytes their regions take (``_blocks``: one run for a dim-0 slice) are
-        identical or disjoint, and the bytes slicing leaves out (the item minus the runs and
-        the head and tail probes) exceed ``max_gap_size`` per run: in the gap policy's cost
-        model ``max_gap_size`` is what one request's time to first byte is worth, and each run
-        is one more request than fetching the item whole (``_request_worth``: with "auto", at
-        most the prior's worth). So a slice that is most of its item, or a small item, is
-        fetched whole, and ``max_gap_size=inf`` turns slicing off.
-        """
-        if not _SLICE_MIN_BYTES < item_range.length < _DIRECT_MAX_BYTES:
-            return None
-        worth = self._request_worth(max_gap_size)
-        first_req = reqs[0]
-        info = self.storage_data[first_req.storage_index]
-        if getattr(info, "transform_descriptors", None):
-            return None
-        stored = self._stored_chunk(first_req)
-        if stored is None:
-            return None
-        dtype, shape = stored
-        if not shape or dtype not in _SLICE_DTYPES:
-            return None
-        strides = _contiguous_strides(shape)
-        numel = 1
-        for dim in shape:
-            numel *= dim
-        overhead = item_range.length - numel * dtype.itemsize
-        if not 0 < overhead <= TAIL_BYTES:
-            return None  # not one plain tensor's archive: fetched whole
-        blocks: list[list[tuple[int, int, tuple[int, ...]]]] = []
-        for req in reqs:
-            offsets, lengths = tuple(req.storage_offsets), tuple(req.lengths)
-            if (
-                req.type != LoadItemType.TENSOR
-                or req.storage_index != first_req.storage_index
-                or len(offsets) != len(shape)
-                or len(lengths) != len(shape)
-                or (lengths == shape and not any(offsets))
-                or any(
-                    off < 0 or length <= 0 or off + length > whole
-                    for off, length, whole in zip(offsets, lengths, shape, strict=True)
-                )
-            ):
-                return None
-            blocks.append(_blocks(shape, strides, offsets, lengths, dtype.itemsize, worth))
-        spans = sorted({(first, stop) for req_blocks in blocks for first, stop, _ in req_blocks})
-        if any(b[0] < a[1] for a, b in itertools.pairwise(spans)):
-            return None  # runs that overlap without being identical: one fetch of the item
-        probes = _probes(item_range, overhead)
-        needed = sum(stop - first for first, stop in spans) * dtype.itemsize
-        left_out = item_range.length - needed - sum(p.length for p in probes)
-        if left_out <= worth * len(spans):
-            return None
-        return _Candidate(dtype, shape, tuple(tuple(b) for b in blocks), probes)
-
-    def _unusual(self, relative_path: str, item_range: ItemRange, why: str) -> None:
-        logger.debug(
-            "s3://%s/%s bytes [%d, %d): not sliced, %s; fetching it whole",
-            self._path.bucket,
-            self._path.key(relative_path),
-            item_range.start,
-            item_range.end,
-            why,
-        )
-
-    def _run_target(
-        self, run: ItemRange, reqs: list[ReadItem], sliced: _Slice, planner: LoadPlanner
-    ) -> tuple[ReadItem, _Receive] | None:
-        """A run to receive straight into its destination: one read item, at least
-        ``_DIRECT_MIN_BYTES``, whose region is the whole run (a dim-0 slice), for a C-contiguous
-        CPU tensor of the stored dtype (``_direct_targets`` checked the planner)."""
-        if len(reqs) != 1 or run.length < _DIRECT_MIN_BYTES or sliced.prefixes != [()]:
-            return None
-        req = reqs[0]
-        if sliced.element(req.storage_offsets) != sliced.first:
-            return None
-        target = planner.resolve_tensor(req).detach()
-        if (
-            type(target) is not torch.Tensor
-            or target.device.type != "cpu"
-            or target.dtype != sliced.dtype
-            or tuple(target.shape) != tuple(req.lengths)
-            or not target.is_contiguous()
-            or target.numel() * target.element_size() != run.length
-        ):
-            return None
-        return req, RunReceive(target)
-
-    def _direct_targets(
-        self, grouped: _Grouped, planner: LoadPlanner
-    ) -> list[dict[int, tuple[ReadItem, _Receive]]]:
-        """Per file, the items to receive straight into their destination, by item index: each
-        the whole of one stored tensor, read by one read item into a C-contiguous CPU tensor of
-        its dtype and shape, at least half a MiB (below that the copy costs less than the
-        bookkeeping). Only with a planner whose ``resolve_tensor`` is ``DefaultLoadPlanner``'s,
-        a pure look-up, so that it may be called before the item is downloaded. The run of a
-        sliced item qualifies likewise (``_run_target``)."""
-        chosen: list[dict[int, tuple[ReadItem, _Receive]]] = [{} for _ in grouped.files]
-        if not self.config.fast_decode or not _pure_resolve(planner):
-            return chosen
-        for file_index, (fetch, reqs_per_item) in enumerate(
-            zip(grouped.files, grouped.readers, strict=True)
-        ):
-            for item_index, (item_range, reqs) in enumerate(
-                zip(fetch.plan.items, reqs_per_item, strict=True)
-            ):
-                sliced = grouped.slices.get((fetch.key, item_range))
-                if sliced is not None:
-                    run = self._run_target(item_range, reqs, sliced, planner)
-                    if run is not None:
-                        chosen[file_index][item_index] = run
-                    continue
-                receive = self._whole_target(reqs, item_range.length, planner)
-                if receive is not None:
-                    chosen[file_index][item_index] = (reqs[0], receive)
-        _drop_overlapping(chosen)
-        return chosen
-
-    def _whole_target(
-        self, reqs: list[ReadItem], length: int, planner: LoadPlanner
-    ) -> DirectReceive | None:
-        """A ``DirectReceive`` for a stored item of ``length`` bytes read by ``reqs``, if it can
-        be received straight into its destination (see ``_direct_targets``), else None."""
-        if (
-            len(reqs) != 1
-            or reqs[0].type != LoadItemType.TENSOR
-            or not _DIRECT_MIN_BYTES <= length < _DIRECT_MAX_BYTES
-        ):
-            return None
-        req = reqs[0]
-        info = self.storage_data[req.storage_index]
-        if getattr(info, "transform_descriptors", None):
-            return None
-        dtype = self._stored_whole(req)
-        if dtype is None:
-            return None
-        target = planner.resolve_tensor(req).detach()
-        if (
-            type(target) is not torch.Tensor
-            or target.device.type != "cpu"
-            or target.dtype != dtype
-            or tuple(target.shape) != tuple(req.lengths)
-            or not target.is_contiguous()
-            or target.numel() == 0
-        ):
-            return None
-        return DirectReceive(target, length)
-
-    def _with_direct(
-        self,
-        fetch: FileFetch,
-        targets: dict[int, tuple[ReadItem, _Receive]],
-        max_gap_size: int | float,
-    ) -> FileFetch:
-        """``fetch`` with its direct items, re-planned so that parts starting in them take
-        whole ``part_size`` GETs (they hold no budget: fewer, longer GETs waste less time to
-        first byte); the items, and so their indexes, stay as they were."""
-        if not targets:
-            return fetch
-        items = fetch.plan.items
-        plan = plan_file(
-            items,
-            max_gap_size=max_gap_size,
-            part_size=self.config.buffered_part_size,
-            unbuffered={items[i] for i in targets},
-            unbuffered_part_size=self.config.part_size,
-        )
-        assert plan.items == items
-        return FileFetch(fetch.key, plan, {i: receive for i, (_, receive) in targets.items()})
-
-    def _stored_whole(self, req: ReadItem) -> torch.dtype | None:
-        """The stored dtype if ``req`` reads the whole of its stored tensor, else None."""
-        stored = self._stored_chunk(req)
-        if stored is None or any(req.storage_offsets) or stored[1] != tuple(req.lengths):
-            return None
-        return stored[0]
-
-    def _stored_chunk(self, req: ReadItem) -> tuple[torch.dtype, tuple[int, ...]] | None:
-        """The dtype and shape of the stored chunk ``req`` reads from (checkpoint metadata),
-        None if the metadata does not tell."""
-        index = req.storage_index
-        md = self._tensor_metadata.get(index.fqn)
-        chunks = getattr(md, "chunks", None)
-        if md is None or not chunks:
-            return None
-        offset = tuple(index.offset) if index.offset is not None else None
-        hint = index.index
-        if hint is not None and 0 <= hint < len(chunks):
-            candidates = [chunks[hint], *chunks]
-        else:
-            candidates = list(chunks)
-        for chunk in candidates:
-            if offset is None or tuple(chunk.offsets) == offset:
-                return cast(torch.dtype, md.properties.dtype), tuple(chunk.sizes)
-        return None
-
-    def _received_directly(
-        self, engine: FetchEngine, file_index: int, item_index: int, receive: _Receive
-    ) -> bool:
-        """Wait for a direct item; whether it arrived in the plain layout and its zip directory
-        agrees with what was located (else its destination holds nothing to trust)."""
-        engine.wait_item(file_index, item_index)
-        try:
-            result = engine.direct_result(file_index, item_index)
-            return result is not None and receive.verify(*result)
-        finally:
-            engine.release_item(file_index, item_index)
-
-    def _fetch_alone(self, key: str, item_range: ItemRange, etag: str | None) -> ChunkBuffer:
-        """One item, fetched by an engine of its own (same retries, budget and statistics),
-        from the same version of the object as the rest of the load (If-Match ``etag``): a
-        direct item whose archive is laid out otherwise, for the buffered path."""
-        logger.debug(
-            "s3://%s/%s bytes [%d, %d): not the plain layout; fetching it again for torch.load",
-            self._path.bucket,
-            key,
-            item_range.start,
-            item_range.end,
-        )
-        plan = plan_file([item_range], max_gap_size=0, part_size=self.config.buffered_part_size)
-        engine = FetchEngine(
-            self._io.run(_opened),
-            self._path.bucket,
-            [FileFetch(key, plan)],
-            self.config,
-            self._recorder,
-            {key: etag} if etag is not None else None,
-        )
-
-        async def run(store: S3Store) -> None:
-            await engine.run()
-
-        self._io.run(run)
-        return engine.wait_item(0, 0)
-
-    def _decode(
-        self,
-        req: ReadItem,
-        buffer: ChunkBuffer,
-        planner: LoadPlanner,
-        sliced: _Slice | None = None,
-        nth: int = 0,
-    ) -> None:
-        """Decode one read item from ``buffer``: its stored item, or a run of it that was
-        fetched (``sliced``, of which ``req`` is the ``nth`` reader)."""
-        if sliced is not None:
-            self._decode_run(req, buffer, sliced, planner, nth)
-            return
-        info = self.storage_data[req.storage_index]
-        buffer.seek(0)
-        stream: IO[bytes] = cast(IO[bytes], buffer)
-        descriptors: Sequence[str] = getattr(info, "transform_descriptors", None) or ()
-        if descriptors:
-            stream = self._transform(descriptors, stream, info)
-        if req.type == LoadItemType.BYTE_IO:
-            data = stream.read()
-            if self.config.safe_bytes:
-                self._check_bytes(req, data, info)
-            planner.load_bytes(req, io.BytesIO(data))
-            return
-        target = planner.resolve_tensor(req).detach()
-        if (
-            not descriptors
-            and self.config.fast_decode
-            and decode_into(buffer, req.storage_offsets, req.lengths, target)
-        ):
-            self._fast_decoded += 1
-            planner.commit_tensor(req, target)
-            return
-        if not descriptors:
-            buffer.seek(0)  # decode_into may have moved it
-        if not stream.seekable():
-            stream = io.BytesIO(stream.read())
-        tensor = cast(torch.Tensor, torch.load(stream, map_location="cpu", weights_only=True))
-        tensor = _narrow(tensor, req.storage_offsets, req.lengths)
-        if target.size() != tensor.size():
-            raise self._shape_error(req, tuple(tensor.size()), target)
-        target.copy_(tensor)
-        planner.commit_tensor(req, target)
-
-    def _shape_error(
-        self, req: ReadItem, shape: tuple[int, ...], target: torch.Tensor
-    ) -> CheckpointFormatError:
-        """The error for a read item whose narrowed stored shape is not its destination's."""
-        info = self.storage_data[req.storage_index]
-        return CheckpointFormatError(
-            f"{self._path.url}: stored item {req.storage_index} has shape {shape} after "
-            f"narrowing, the destination {req.dest_index.fqn!r} has {tuple(target.size())}",
-            bucket=self._path.bucket,
-            key=self._path.key(info.relative_path),
-        )
-
-    def _decode_run(
-        self, req: ReadItem, buffer: ChunkBuffer, sliced: _Slice, planner: LoadPlanner, nth: int
-    ) -> None:
-        """Copy the block of the region ``req`` reads that the run fetched for it holds (bytes
-        of the stored storage from element ``sliced.first`` on; its ``nth`` reader) into its
-        destination: straight into it when it is a contiguous CPU tensor of the stored dtype
-        and the region is the whole run, else through a temporary the size of the run, viewed
-        with the stored tensor's strides. The read item is committed with its last block."""
-        target = planner.resolve_tensor(req).detach()
-        if tuple(target.shape) != tuple(req.lengths):
-            raise self._shape_error(req, tuple(req.lengths), target)
-        prefix = sliced.prefixes[nth]
-        offsets = [o + p for o, p in zip(req.storage_offsets, prefix, strict=False)]
-        offsets += req.storage_offsets[len(prefix) :]
-        lengths = (1,) * len(prefix) + tuple(req.lengths[len(prefix) :])
-        destination = target
-        for dim, index in enumerate(prefix):
-            destination = destination.narrow(dim, index, 1)
-        dtype = sliced.dtype
-        count = len(buffer) // dtype.itemsize
-        offset = sliced.element(offsets) - sliced.first
-        buffer.seek(0)
-        if (
-            offset == 0
-            and count == destination.numel()
-            and type(destination) is torch.Tensor
-            and destination.device.type == "cpu"
-            and destination.dtype == dtype
-            and destination.is_contiguous()
-        ):
-            _read_into(buffer, destination)
-        else:
-            run = torch.empty(count, dtype=dtype)
-            _read_into(buffer, run)
-            destination.copy_(run.as_strided(lengths, sliced.strides, offset))
-        left = self._blocks_left[id(req)] - 1
-        self._blocks_left[id(req)] = left
-        if not left:
-            self._fast_decoded += 1
-            planner.commit_tensor(req, target)
-
-    def _check_bytes(self, req: ReadItem, data: bytes, info: _StorageInfo) -> None:
-        """safe_bytes: refuse a value that torch's weights_only unpickler would not load."""
-        try:
-            torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise CheckpointFormatError(
-                f"s3://{self._path.bucket}/{self._path.key(info.relative_path)}: the value of "
-                f"{req.dest_index.fqn!r} is a pickle that needs more than plain data and "
-                f"tensors ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); refused "
-                "because safe_bytes=True. Load it with safe_bytes=False only if you trust "
-                "this checkpoint.",
-                bucket=self._path.bucket,
-                key=self._path.key(info.relative_path),
-                fqn=req.dest_index.fqn,
-            ) from exc
-
-    def _transform(
-        self, descriptors: Sequence[str], stream: IO[bytes], info: _StorageInfo
-    ) -> IO[bytes]:
-        try:
-            extensions = self._extensions.from_descriptor_list(descriptors)
-        except ValueError as exc:
-            where = f"s3://{self._path.bucket}/{self._path.key(info.relative_path)}"
-            if "zstd" in str(exc).lower() or "zstandard" in str(exc).lower():
-                raise MissingDependencyError(
-                    f"{where} is zstd-compressed ({list(descriptors)}) and no zstd module is "
-                    "installed: pip install 'aiodcp[zstd]'",
-                    bucket=self._path.bucket,
-                    key=self._path.key(info.relative_path),
-                ) from exc
-            raise CheckpointFormatError(
-                f"{where}: unsupported stream transform {list(descriptors)} ({exc})",
-                bucket=self._path.bucket,
-                key=self._path.key(info.relative_path),
-            ) from exc
-        for extension in extensions:
-            if isinstance(extension, StreamTransformExtension):
-                stream = extension.transform_from(stream)
-        return stream
+def attached_reader(
+    path: CheckpointPath,
+    config: ReaderConfig,
+    driver: Driver,
+    recorder: StatsRecorder,
+    *,
+    metadata: Metadata | None = None,
+    request_latency_s: float | None = None,
+    source: PrefetchSource | None = None,
+    progress: bool = False,
+) -> S3StorageReader:
+    """A reader running its I/O through ``driver`` (not owned), for ``load_checkpoint`` and
+    prefetch handles: ``metadata`` fetched by the caller, with ``request_latency_s`` (None:
+    unmeasured), counted in ``recorder``; ``source``, a prefetch whose items the load takes."""
+    reader = S3StorageReader(path.url, config=config, progress=progress)
+    reader._recorder = recorder
+    reader._driver = driver
+    reader._owns_driver = False
+    reader._metadata = metadata
+    reader._request_latency_s = request_latency_s
+    reader._source = source
+    return reader
 
 
 _CAN_SHARE = "aiodcp:can-share"
 """A local plan's ``storage_data`` when its rank can take part in a shared load."""
-
-_DIRECT_MIN_BYTES = 512 * 1024
-_DIRECT_MAX_BYTES = 4 * 1024**3 - 1024**2  # beyond, torch.save writes zip64 records
-_SLICE_MIN_BYTES = HEAD_BYTES
-"""Smaller stored items are fetched whole, whatever ``max_gap_size`` says."""
-_SLICE_DTYPES = frozenset(
-    (
-        torch.float32,
-        torch.float64,
-        torch.float16,
-        torch.bfloat16,
-        torch.int64,
-        torch.int32,
-        torch.int16,
-        torch.int8,
-        torch.uint8,
-        torch.bool,
-        torch.complex64,
-        torch.complex128,
-    )
-)
-"""The dtypes whose storage records the archive parser knows (``_fastdecode``)."""
-
-_Receive: TypeAlias = DirectReceive | RunReceive
-"""What a direct item is received by: a whole stored tensor, or the run of a sliced one."""
-
-
-def _probes(item_range: ItemRange, overhead: int) -> tuple[ItemRange, ItemRange]:
-    """The head and tail of a stored item fetched to slice it, ``overhead`` bytes each (at
-    most ``HEAD_BYTES`` for the head): the item's bytes that are not storage bytes, all before
-    or all after them at the extremes. So each probe holds what it must, and reaches into the
-    storage bytes by the other one's size at most (~0.7-0.9 KB for ``torch.save``)."""
-    return (
-        ItemRange(item_range.start, item_range.start + min(overhead, HEAD_BYTES)),
-        ItemRange(item_range.end - overhead, item_range.end),
-    )
-
-
-def _within(
-    known: Mapping[str, Sequence[tuple[int, bytes]]], path: str, wanted: ItemRange
-) -> bytes | None:
-    """The bytes of ``wanted`` if one of ``known``'s spans of ``path`` holds them."""
-    spans = known.get(path, ())
-    i = bisect_right(spans, wanted.start, key=lambda span: span[0]) - 1
-    if i < 0:
-        return None
-    start, data = spans[i]
-    if wanted.end > start + len(data):
-        return None
-    return data[wanted.start - start : wanted.end - start]
-
-
-def _contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
-    strides: list[int] = []
-    step = 1
-    for dim in reversed(shape):
-        strides.append(step)
-        step *= max(dim, 1)
-    return tuple(reversed(strides))
-
-
-def _read_into(buffer: ChunkBuffer, tensor: torch.Tensor) -> None:
-    """Fill the C-contiguous CPU ``tensor`` with the bytes of ``buffer`` from its position."""
-    nbytes = tensor.numel() * tensor.element_size()
-    destination = (ctypes.c_ubyte * nbytes).from_address(tensor.data_ptr())
-    if buffer.readinto(destination) != nbytes:
-        raise CheckpointFormatError(f"a fetched run holds fewer than the {nbytes} bytes needed")
-
-
-_MAX_RUNS_PER_ITEM = 64
-"""Most runs one read item's region is fetched in; beyond, runs merge further (so a stored
-item never becomes a flood of small requests, whatever ``max_gap_size`` allows)."""
-
-
-def _blocks(
-    shape: tuple[int, ...],
-    strides: tuple[int, ...],
-    offsets: tuple[int, ...],
-    lengths: tuple[int, ...],
-    itemsize: int,
-    max_gap_size: int | float,
-) -> list[tuple[int, int, tuple[int, ...]]]:
-    """The runs of storage elements ``[first, stop)`` that hold the region ``offsets`` /
-    ``lengths`` of a C-contiguous tensor of ``shape``, each with the index (relative to
-    ``offsets``, over the leading dims) of the block of the region it holds.
-
-    The region is contiguous from its innermost dim out to the first dim ``k`` not taken
-    whole (a dim-0 slice: the whole region is one run). Outside that, consecutive blocks
-    along a dim are merged into one run while the gap between them costs no more than a
-    request (``max_gap_size`` bytes, the gap policy's cost model), and while there would be
-    more than ``_MAX_RUNS_PER_ITEM`` runs; so ``j`` leading dims stay apart and a run is one
-    box of the region over dims ``j`` onwards, fetched with the gaps inside it.
-    """
-    ndim = len(shape)
-
-    def span(level: int) -> int:  # elements from the first to the last of a level block
-        return 1 + sum((lengths[d] - 1) * strides[d] for d in range(level, ndim))
-
-    k = ndim - 1
-    while k > 0 and offsets[k] == 0 and lengths[k] == shape[k]:
-        k -= 1
-    j = k
-    runs = 1
-    for d in range(j):
-        runs *= lengths[d]
-    while j > 0:
-        gap = (strides[j - 1] - span(j)) * itemsize
-        if lengths[j - 1] > 1 and gap > max_gap_size and runs <= _MAX_RUNS_PER_ITEM:
-            break
-        runs //= lengths[j - 1]
-        j -= 1
-    base = sum(o * s for o, s in zip(offsets, strides, strict=True))
-    length = span(j)
-    blocks = []
-    for prefix in itertools.product(*(range(n) for n in lengths[:j])):
-        first = base + sum(i * s for i, s in zip(prefix, strides, strict=False))
-        blocks.append((first, first + length, prefix))
-    return blocks
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Candidate:
-    """A stored item to slice: its stored dtype and shape, and per read item (in order) the
-    runs of storage elements its region takes (``_blocks``)."""
-
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    blocks: tuple[tuple[tuple[int, int, tuple[int, ...]], ...], ...]
-    probes: tuple[ItemRange, ItemRange]
-    """The head and tail to fetch first (``_probes``)."""
-
-
-@dataclasses.dataclass(slots=True)
-class _Slice:
-    """A run fetched from a sliced stored item: the stored tensor's dtype, shape and strides,
-    ``first``, the storage element the run begins with, and per reader of the run (in order)
-    the index of the block of its region the run holds (``_blocks``)."""
-
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    strides: tuple[int, ...]
-    first: int
-    prefixes: list[tuple[int, ...]] = dataclasses.field(default_factory=list)
-
-    def element(self, offsets: Sequence[int]) -> int:
-        """Storage element at ``offsets`` of the stored tensor."""
-        return sum(o * s for o, s in zip(offsets, self.strides, strict=True))
-
-
-def _drop_overlapping(chosen: list[dict[int, tuple[ReadItem, _Receive]]]) -> None:
-    """Keep out of ``chosen`` every item whose destination memory overlaps another's (tied
-    weights: two keys, one tensor). Direct items arrive in any order; the buffered path writes
-    them in plan order, so the result is the same as ``FileSystemReader``'s."""
-    spans = sorted(
-        (receive.tensor.data_ptr(), len(receive.memory), file_index, item_index)
-        for file_index, items in enumerate(chosen)
-        for item_index, (_, receive) in items.items()
-    )
-    overlapping: set[tuple[int, int]] = set()
-    reach, holder = -1, (-1, -1)  # the furthest end so far, and whose it is
-    for start, length, file_index, item_index in spans:
-        if start < reach:
-            overlapping.update({holder, (file_index, item_index)})
-        if start + length > reach:
-            reach, holder = start + length, (file_index, item_index)
-    for file_index, item_index in overlapping:
-        del chosen[file_index][item_index]
-
-
-def _pure_resolve(planner: LoadPlanner) -> bool:
-    """Whether ``planner.resolve_tensor`` is ``DefaultLoadPlanner``'s (a look-up and a narrow,
-    no side effect), so it may be called ahead, before the item's bytes are there."""
-    planner_type = type(planner)
-    return isinstance(planner, DefaultLoadPlanner) and all(
-        getattr(planner_type, name) is getattr(DefaultLoadPlanner, name)
-        for name in ("resolve_tensor", "lookup_tensor", "transform_tensor")
-    )
-
-
-def _nth(call: Callable[[int, int], _T], file_index: int, indexes: list[int], nth: int) -> _T:
-    """``call(file_index, indexes[nth])``: the reader's nth item is the file's ``indexes[nth]``."""
-    return call(file_index, indexes[nth])
-
-
-async def _opened(store: S3Store) -> S3Store:
-    return store
-
-
-def _narrow(
-    tensor: torch.Tensor, offsets: torch.Size | Sequence[int], lengths: torch.Size | Sequence[int]
-) -> torch.Tensor:
-    """``tensor`` narrowed to ``lengths`` at ``offsets`` (torch's ``narrow_tensor_by_index``)."""
-    for dim, (offset, length) in enumerate(zip(offsets, lengths, strict=True)):
-        if offset != 0 or length != tensor.size(dim):
-            tensor = torch.narrow(tensor, dim, offset, length)
-    return tensor
-
-
-class PrefetchSource(Protocol):
-    """Stored items another download already holds (a prefetch): ``lookup`` returns a call
-    that blocks until the item's buffer is there, or ``None`` if the source does not have it."""
-
-    def lookup(
-        self, relative_path: str, item_range: ItemRange
-    ) -> Callable[[], ChunkBuffer] | None: ...
-
-
-@dataclasses.dataclass
-class _Grouped:
-    per_file: dict[str, dict[ItemRange, list[ReadItem]]] = dataclasses.field(default_factory=dict)
-    slices: dict[tuple[str, ItemRange], _Slice] = dataclasses.field(default_factory=dict)
-    """(key, run's range) -> the stored tensor the run belongs to."""
-    blocks_left: dict[int, int] = dataclasses.field(default_factory=dict)
-    """id(sliced read item) -> its runs (it is committed once all are decoded)."""
-    probe_plans: dict[str, FilePlan] = dataclasses.field(default_factory=dict)
-    """relative path -> the heads and tails fetched to slice its items (``aiodcp plan``)."""
-    files: list[FileFetch] = dataclasses.field(default_factory=list)
-    readers: list[list[list[ReadItem]]] = dataclasses.field(default_factory=list)
-    empty: list[ReadItem] = dataclasses.field(default_factory=list)
-    prefetched: list[tuple[Callable[[], ChunkBuffer], list[ReadItem]]] = dataclasses.field(
-        default_factory=list
-    )
