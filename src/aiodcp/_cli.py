@@ -613,7 +613,7 @@ def slice_load(
                 total += numel * md.properties.dtype.itemsize
         needed[name] = total
         key = path.key(name)
-        # a sliced stored item's runs share one _Slice per run; count stored items by req
+        # a sliced stored item's runs share one Slice per run; count stored items by req
         stored_items = {
             req.storage_index
             for (run_key, run), _ in grouped.slices.items()

@@ -14,7 +14,7 @@ Data flow of ``read(plan, planner)``::
        left out are worth more than the requests (the gap cost model), get their head and tail
        fetched first (an engine of their own; or received from the rank that fetched them, in a
        shared load); StoredTensorLocator finds the storage bytes and checks the zip directory;
-       each read item's region then becomes runs of storage bytes (_blocks: one run for a dim-0
+       each read item's region then becomes runs of storage bytes (region_runs: one run for a dim-0
        slice) that replace the stored item's range. An unusual archive stays whole. The ETags
        seen pin the rest.
     -> _plan_files: per file planner.plan_file (dedupe, coalesce, parts)
@@ -39,7 +39,6 @@ load through ``read``.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import functools
 import io
@@ -47,7 +46,7 @@ import itertools
 import logging
 import sys
 import time
-from bisect import bisect_right, insort
+from bisect import insort
 from collections.abc import Callable, Mapping, Sequence
 from typing import IO, TYPE_CHECKING, Any, Protocol, TypeAlias, TypeVar, cast
 
@@ -81,7 +80,6 @@ from .._reader import ChunkBuffer, SequentialReader
 from .._stats import StatsRecorder, counters, job_stats
 from .._store import S3Store
 from ._fastdecode import (
-    HEAD_BYTES,
     TAIL_BYTES,
     DirectReceive,
     RunReceive,
@@ -94,6 +92,17 @@ from ._sharing import (
     RankShare,
     StoredItem,
     item_memory,
+)
+from ._slicing import (
+    SLICE_DTYPES,
+    SLICE_MIN_BYTES,
+    Candidate,
+    Slice,
+    contiguous_strides,
+    probe_ranges,
+    read_into,
+    region_runs,
+    within,
 )
 
 if TYPE_CHECKING:
@@ -116,153 +125,8 @@ _DIRECT_MIN_BYTES = 512 * 1024
 _DIRECT_MAX_BYTES = 4 * 1024**3 - 1024**2  # beyond, torch.save writes zip64 records
 
 
-_SLICE_MIN_BYTES = HEAD_BYTES
-"""Smaller stored items are fetched whole, whatever ``max_gap_size`` says."""
-
-
-_SLICE_DTYPES = frozenset(
-    (
-        torch.float32,
-        torch.float64,
-        torch.float16,
-        torch.bfloat16,
-        torch.int64,
-        torch.int32,
-        torch.int16,
-        torch.int8,
-        torch.uint8,
-        torch.bool,
-        torch.complex64,
-        torch.complex128,
-    )
-)
-"""The dtypes whose storage records the archive parser knows (``_fastdecode``)."""
-
-
 _Receive: TypeAlias = DirectReceive | RunReceive
 """What a direct item is received by: a whole stored tensor, or the run of a sliced one."""
-
-
-def _probes(item_range: ItemRange, overhead: int) -> tuple[ItemRange, ItemRange]:
-    """The head and tail of a stored item fetched to slice it, ``overhead`` bytes each (at
-    most ``HEAD_BYTES`` for the head): the item's bytes that are not storage bytes, all before
-    or all after them at the extremes. So each probe holds what it must, and reaches into the
-    storage bytes by the other one's size at most (~0.7-0.9 KB for ``torch.save``)."""
-    return (
-        ItemRange(item_range.start, item_range.start + min(overhead, HEAD_BYTES)),
-        ItemRange(item_range.end - overhead, item_range.end),
-    )
-
-
-def _within(
-    known: Mapping[str, Sequence[tuple[int, bytes]]], path: str, wanted: ItemRange
-) -> bytes | None:
-    """The bytes of ``wanted`` if one of ``known``'s spans of ``path`` holds them."""
-    spans = known.get(path, ())
-    i = bisect_right(spans, wanted.start, key=lambda span: span[0]) - 1
-    if i < 0:
-        return None
-    start, data = spans[i]
-    if wanted.end > start + len(data):
-        return None
-    return data[wanted.start - start : wanted.end - start]
-
-
-def _contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
-    strides: list[int] = []
-    step = 1
-    for dim in reversed(shape):
-        strides.append(step)
-        step *= max(dim, 1)
-    return tuple(reversed(strides))
-
-
-def _read_into(buffer: ChunkBuffer, tensor: torch.Tensor) -> None:
-    """Fill the C-contiguous CPU ``tensor`` with the bytes of ``buffer`` from its position."""
-    nbytes = tensor.numel() * tensor.element_size()
-    destination = (ctypes.c_ubyte * nbytes).from_address(tensor.data_ptr())
-    if buffer.readinto(destination) != nbytes:
-        raise CheckpointFormatError(f"a fetched run holds fewer than the {nbytes} bytes needed")
-
-
-_MAX_RUNS_PER_ITEM = 64
-"""Most runs one read item's region is fetched in; beyond, runs merge further (so a stored
-item never becomes a flood of small requests, whatever ``max_gap_size`` allows)."""
-
-
-def _blocks(
-    shape: tuple[int, ...],
-    strides: tuple[int, ...],
-    offsets: tuple[int, ...],
-    lengths: tuple[int, ...],
-    itemsize: int,
-    max_gap_size: int | float,
-) -> list[tuple[int, int, tuple[int, ...]]]:
-    """The runs of storage elements ``[first, stop)`` that hold the region ``offsets`` /
-    ``lengths`` of a C-contiguous tensor of ``shape``, each with the index (relative to
-    ``offsets``, over the leading dims) of the block of the region it holds.
-
-    The region is contiguous from its innermost dim out to the first dim ``k`` not taken
-    whole (a dim-0 slice: the whole region is one run). Outside that, consecutive blocks
-    along a dim are merged into one run while the gap between them costs no more than a
-    request (``max_gap_size`` bytes, the gap policy's cost model), and while there would be
-    more than ``_MAX_RUNS_PER_ITEM`` runs; so ``j`` leading dims stay apart and a run is one
-    box of the region over dims ``j`` onwards, fetched with the gaps inside it.
-    """
-    ndim = len(shape)
-
-    def span(level: int) -> int:  # elements from the first to the last of a level block
-        return 1 + sum((lengths[d] - 1) * strides[d] for d in range(level, ndim))
-
-    k = ndim - 1
-    while k > 0 and offsets[k] == 0 and lengths[k] == shape[k]:
-        k -= 1
-    j = k
-    runs = 1
-    for d in range(j):
-        runs *= lengths[d]
-    while j > 0:
-        gap = (strides[j - 1] - span(j)) * itemsize
-        if lengths[j - 1] > 1 and gap > max_gap_size and runs <= _MAX_RUNS_PER_ITEM:
-            break
-        runs //= lengths[j - 1]
-        j -= 1
-    base = sum(o * s for o, s in zip(offsets, strides, strict=True))
-    length = span(j)
-    blocks = []
-    for prefix in itertools.product(*(range(n) for n in lengths[:j])):
-        first = base + sum(i * s for i, s in zip(prefix, strides, strict=False))
-        blocks.append((first, first + length, prefix))
-    return blocks
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Candidate:
-    """A stored item to slice: its stored dtype and shape, and per read item (in order) the
-    runs of storage elements its region takes (``_blocks``)."""
-
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    blocks: tuple[tuple[tuple[int, int, tuple[int, ...]], ...], ...]
-    probes: tuple[ItemRange, ItemRange]
-    """The head and tail to fetch first (``_probes``)."""
-
-
-@dataclasses.dataclass(slots=True)
-class _Slice:
-    """A run fetched from a sliced stored item: the stored tensor's dtype, shape and strides,
-    ``first``, the storage element the run begins with, and per reader of the run (in order)
-    the index of the block of its region the run holds (``_blocks``)."""
-
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    strides: tuple[int, ...]
-    first: int
-    prefixes: list[tuple[int, ...]] = dataclasses.field(default_factory=list)
-
-    def element(self, offsets: Sequence[int]) -> int:
-        """Storage element at ``offsets`` of the stored tensor."""
-        return sum(o * s for o, s in zip(offsets, self.strides, strict=True))
 
 
 def _drop_overlapping(chosen: list[dict[int, tuple[ReadItem, _Receive]]]) -> None:
@@ -326,7 +190,7 @@ class PrefetchSource(Protocol):
 @dataclasses.dataclass
 class _Grouped:
     per_file: dict[str, dict[ItemRange, list[ReadItem]]] = dataclasses.field(default_factory=dict)
-    slices: dict[tuple[str, ItemRange], _Slice] = dataclasses.field(default_factory=dict)
+    slices: dict[tuple[str, ItemRange], Slice] = dataclasses.field(default_factory=dict)
     """(key, run's range) -> the stored tensor the run belongs to."""
     blocks_left: dict[int, int] = dataclasses.field(default_factory=dict)
     """id(sliced read item) -> its runs (it is committed once all are decoded)."""
@@ -390,7 +254,7 @@ class DcpLoad:
     ) -> dict[StoredItem, tuple[StoredItem, ...]]:
         """The stored items that several ranks need parts of, where each rank slices its own
         part (``_slice_candidate``, with the load's gap, the same on every rank) and no two
-        ranks' runs overlap, each with its head and tail probes (``_probes``): each rank
+        ranks' runs overlap, each with its head and tail probes (``probe_ranges``): each rank
         fetches its runs, so every byte of them is fetched once in the job, as sharing would,
         and it holds only its part instead of whole chunks. The probes, which every slicing
         rank needs, are shared like stored items (one rank GETs them; ``_slice`` takes them
@@ -742,7 +606,7 @@ class DcpLoad:
         Probes within ``known`` (per file, sorted ``(offset, bytes)`` spans received from
         another rank of a shared load) are not fetched.
 
-        Phase one of a sliced load: the head and tail (``_probes``) of every candidate
+        Phase one of a sliced load: the head and tail (``probe_ranges``) of every candidate
         (``_slice_candidate``) are fetched by an engine of their own (the tail of one item and
         the head of the next coalesce, as any ranges do). Each head is
         parsed by ``StoredTensorLocator`` (where the storage bytes begin) and checked against
@@ -752,7 +616,7 @@ class DcpLoad:
         decodes it as usual, pinned to the same ETags."""
         if not self.config.fast_decode or not _pure_resolve(planner) or sys.byteorder != "little":
             return {}
-        candidates: list[tuple[str, ItemRange, _Candidate]] = []
+        candidates: list[tuple[str, ItemRange, Candidate]] = []
         for relative_path, by_range in grouped.per_file.items():
             for item_range, reqs in by_range.items():
                 candidate = self._slice_candidate(item_range, reqs, max_gap_size)
@@ -764,7 +628,7 @@ class DcpLoad:
         fetched: dict[tuple[str, ItemRange], bytes] = {}
         for relative_path, _, candidate in candidates:
             for probe in candidate.probes:
-                data = _within(known, relative_path, probe)
+                data = within(known, relative_path, probe)
                 if data is None:
                     probes.setdefault(relative_path, []).append(probe)
                 else:
@@ -790,7 +654,7 @@ class DcpLoad:
             reqs = by_range.pop(item_range)
             runs: set[ItemRange] = set()
             itemsize = candidate.dtype.itemsize
-            strides = _contiguous_strides(candidate.shape)
+            strides = contiguous_strides(candidate.shape)
             for req, blocks in zip(reqs, candidate.blocks, strict=True):
                 grouped.blocks_left[id(req)] = len(blocks)
                 for first, stop, prefix in blocks:
@@ -801,7 +665,7 @@ class DcpLoad:
                     by_range.setdefault(run, []).append(req)
                     sliced = grouped.slices.get((key, run))
                     if sliced is None:
-                        sliced = grouped.slices[key, run] = _Slice(
+                        sliced = grouped.slices[key, run] = Slice(
                             candidate.dtype, candidate.shape, strides, first
                         )
                     sliced.prefixes.append(prefix)
@@ -868,12 +732,12 @@ class DcpLoad:
 
     def _slice_candidate(
         self, item_range: ItemRange, reqs: list[ReadItem], max_gap_size: int | float
-    ) -> _Candidate | None:
+    ) -> Candidate | None:
         """The slicing of one stored item, if it is worth it; None to fetch it whole.
 
         A stored tensor item (not transformed, plain dtype, under 4 GiB, its archive overhead
         at most ``TAIL_BYTES``) is sliced when every read item on it covers part of it, the
-        runs of storage bytes their regions take (``_blocks``: one run for a dim-0 slice) are
+        runs of storage bytes their regions take (``region_runs``: one run for a dim-0 slice) are
         identical or disjoint, and the bytes slicing leaves out (the item minus the runs and
         the head and tail probes) exceed ``max_gap_size`` per run: in the gap policy's cost
         model ``max_gap_size`` is what one request's time to first byte is worth, and each run
@@ -881,7 +745,7 @@ class DcpLoad:
         most the prior's worth). So a slice that is most of its item, or a small item, is
         fetched whole, and ``max_gap_size=inf`` turns slicing off.
         """
-        if not _SLICE_MIN_BYTES < item_range.length < _DIRECT_MAX_BYTES:
+        if not SLICE_MIN_BYTES < item_range.length < _DIRECT_MAX_BYTES:
             return None
         worth = self._request_worth(max_gap_size)
         first_req = reqs[0]
@@ -892,9 +756,9 @@ class DcpLoad:
         if stored is None:
             return None
         dtype, shape = stored
-        if not shape or dtype not in _SLICE_DTYPES:
+        if not shape or dtype not in SLICE_DTYPES:
             return None
-        strides = _contiguous_strides(shape)
+        strides = contiguous_strides(shape)
         numel = 1
         for dim in shape:
             numel *= dim
@@ -916,16 +780,16 @@ class DcpLoad:
                 )
             ):
                 return None
-            blocks.append(_blocks(shape, strides, offsets, lengths, dtype.itemsize, worth))
+            blocks.append(region_runs(shape, strides, offsets, lengths, dtype.itemsize, worth))
         spans = sorted({(first, stop) for req_blocks in blocks for first, stop, _ in req_blocks})
         if any(b[0] < a[1] for a, b in itertools.pairwise(spans)):
             return None  # runs that overlap without being identical: one fetch of the item
-        probes = _probes(item_range, overhead)
+        probes = probe_ranges(item_range, overhead)
         needed = sum(stop - first for first, stop in spans) * dtype.itemsize
         left_out = item_range.length - needed - sum(p.length for p in probes)
         if left_out <= worth * len(spans):
             return None
-        return _Candidate(dtype, shape, tuple(tuple(b) for b in blocks), probes)
+        return Candidate(dtype, shape, tuple(tuple(b) for b in blocks), probes)
 
     def _unusual(self, relative_path: str, item_range: ItemRange, why: str) -> None:
         logger.debug(
@@ -938,7 +802,7 @@ class DcpLoad:
         )
 
     def _run_target(
-        self, run: ItemRange, reqs: list[ReadItem], sliced: _Slice, planner: LoadPlanner
+        self, run: ItemRange, reqs: list[ReadItem], sliced: Slice, planner: LoadPlanner
     ) -> tuple[ReadItem, _Receive] | None:
         """A run to receive straight into its destination: one read item, at least
         ``_DIRECT_MIN_BYTES``, whose region is the whole run (a dim-0 slice), for a C-contiguous
@@ -1112,7 +976,7 @@ class DcpLoad:
         req: ReadItem,
         buffer: ChunkBuffer,
         planner: LoadPlanner,
-        sliced: _Slice | None = None,
+        sliced: Slice | None = None,
         nth: int = 0,
     ) -> None:
         """Decode one read item from ``buffer``: its stored item, or a run of it that was
@@ -1165,7 +1029,7 @@ class DcpLoad:
         )
 
     def _decode_run(
-        self, req: ReadItem, buffer: ChunkBuffer, sliced: _Slice, planner: LoadPlanner, nth: int
+        self, req: ReadItem, buffer: ChunkBuffer, sliced: Slice, planner: LoadPlanner, nth: int
     ) -> None:
         """Copy the block of the region ``req`` reads that the run fetched for it holds (bytes
         of the stored storage from element ``sliced.first`` on; its ``nth`` reader) into its
@@ -1194,10 +1058,10 @@ class DcpLoad:
             and destination.dtype == dtype
             and destination.is_contiguous()
         ):
-            _read_into(buffer, destination)
+            read_into(buffer, destination)
         else:
             run = torch.empty(count, dtype=dtype)
-            _read_into(buffer, run)
+            read_into(buffer, run)
             destination.copy_(run.as_strided(lengths, sliced.strides, offset))
         left = self._blocks_left[id(req)] - 1
         self._blocks_left[id(req)] = left
