@@ -236,3 +236,16 @@ async def test_cancelling_one_load_leaves_a_concurrent_one_alone(
         assert [t for t in asyncio.all_tasks() if t is not asyncio.current_task()] == []
         assert proxy.wait_idle(5.0), f"{proxy.open_connections} connections left open"
         assert established_to(proxy.port) == 0
+
+
+def test_without_an_asyncio_loop_it_says_so_and_starts_nothing(
+    reader_kwargs: dict[str, Any],
+) -> None:
+    """Driven by a runner that is not asyncio (what trio does: ``send(None)`` with no asyncio
+    loop running), ``load_checkpoint`` raises an aiodcp error saying what to do, before any
+    thread or connection exists."""
+    before = aiodcp_threads()
+    coro = aiodcp.load_checkpoint({}, "s3://bucket/ckpt", **reader_kwargs)
+    with pytest.raises(aiodcp.AiodcpError, match=r"asyncio event loop.*trio\.to_thread"):
+        coro.send(None)
+    assert aiodcp_threads() == before

@@ -31,6 +31,7 @@ from torch.distributed.checkpoint.planner import LoadPlanner
 
 from ._config import ReaderConfig
 from ._driver import PrivateLoopDriver
+from ._errors import AiodcpError
 from ._path import parse_checkpoint_path
 from ._stats import LoadStats, StatsRecorder
 from ._store import S3Store
@@ -73,6 +74,16 @@ async def load_checkpoint(
     ``max_gap_size`` defaults to ``"auto"``: chosen from the measured latency of the
     ``.metadata`` GET; the stats' ``max_gap_size`` is the value used.
     """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        # Checked before anything starts: under another event loop (trio) the I/O thread and
+        # its connections would be left behind, as their cleanup awaits asyncio.
+        raise AiodcpError(
+            "aiodcp.load_checkpoint must be awaited on an asyncio event loop, and none is "
+            "running (trio?); from trio, run dcp.load(state_dict, storage_reader="
+            "aiodcp.S3StorageReader(...)) in trio.to_thread.run_sync"
+        ) from None
     cfg = ReaderConfig.from_kwargs(
         config,
         region=region,
