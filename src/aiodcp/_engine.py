@@ -405,6 +405,8 @@ class _PartSink:
                     offset = pos - item.range.start
                     if self._spilling:
                         assert self._scratch is not None
+                        if direct.start < 0:  # kept aside until the start is located
+                            engine._stats.add(held_aside_bytes=n)
                         direct.spill(offset, self._scratch[:n])
                     else:
                         direct.written(offset, n)

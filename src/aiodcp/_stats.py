@@ -55,6 +55,10 @@ class LoadStats:
     slice_saved_bytes: int = 0
     """Bytes of the sliced items that were not requested: their length minus the runs and the
     head and tail probes (what fetching them whole would have added to ``bytes_requested``)."""
+    held_aside_bytes: int = 0
+    """Bytes of items received straight into their destination that arrived before the item's
+    first bytes said where its storage begins (a later part of the item came first): kept
+    aside, then copied into place."""
     bytes_from_peers: int = 0
     """Stored item bytes this rank received from other ranks instead of the store (a shared
     multi-rank load, ``share_across_ranks``)."""
@@ -129,6 +133,7 @@ class StatsRecorder:
         "bytes_to_peers",
         "bytes_used",
         "files",
+        "held_aside_bytes",
         "items",
         "job",
         "max_gap_size",
@@ -162,6 +167,7 @@ class StatsRecorder:
         self.resigned = 0
         self.sliced_items = 0
         self.slice_saved_bytes = 0
+        self.held_aside_bytes = 0
         self.min_request_rate: float | None = None
         self.bytes_from_peers = 0
         self.bytes_to_peers = 0
@@ -217,6 +223,7 @@ class StatsRecorder:
                 resigned=self.resigned,
                 sliced_items=self.sliced_items,
                 slice_saved_bytes=self.slice_saved_bytes,
+                held_aside_bytes=self.held_aside_bytes,
                 bytes_from_peers=self.bytes_from_peers,
                 bytes_to_peers=self.bytes_to_peers,
                 job=self.job,
@@ -239,6 +246,7 @@ _SUMMED = (
     "bytes_to_peers",
     "sliced_items",
     "slice_saved_bytes",
+    "held_aside_bytes",
 )
 """The counters a job's statistics sum over its ranks, in the order ranks exchange them."""
 
