@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import aiodcp
 from aiodcp.dcp import _fastdecode
-from aiodcp.dcp._fastdecode import decode_into
+from aiodcp.dcp._fastdecode import LayoutCache, decode_into
 
 from conftest import assert_same, save_checkpoint, upload_dir
 
@@ -160,10 +160,10 @@ def test_checkpoint_loads_identically_with_and_without_fast_decode(
 
 
 @pytest.fixture
-def layouts(monkeypatch: pytest.MonkeyPatch) -> dict[Any, Any]:
+def layouts(monkeypatch: pytest.MonkeyPatch) -> LayoutCache:
     """An empty layout cache for this test (the module's own is left as it was)."""
-    cache: dict[Any, Any] = {}
-    monkeypatch.setattr(_fastdecode, "_LAYOUTS", cache)
+    cache = LayoutCache()
+    monkeypatch.setattr(_fastdecode, "LAYOUTS", cache)
     return cache
 
 
@@ -171,27 +171,18 @@ def _raw_bits(tensor: torch.Tensor) -> bytes:
     return tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-def _no_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
-    def fail(buffer: aiodcp.ChunkBuffer) -> None:
-        raise AssertionError("parsed although a remembered layout matched")
-
-    monkeypatch.setattr(_fastdecode, "_parse", fail)
-
-
 @pytest.mark.parametrize(
     "dtype", [torch.float32, torch.bfloat16, torch.int64, torch.bool, torch.complex64], ids=str
 )
 @pytest.mark.parametrize("shape", [(), (1,), (4096,), (5, 3), (3, 4, 5)], ids=str)
 def test_cached_layout_decodes_bit_identically(
-    layouts: dict[Any, Any],
-    monkeypatch: pytest.MonkeyPatch,
+    layouts: LayoutCache,
     dtype: torch.dtype,
     shape: tuple[int, ...],
 ) -> None:
     first, *others = [random_tensor(dtype, shape, seed) for seed in range(4)]
     assert decode_into(saved(first), [0] * len(shape), list(shape), torch.empty(shape, dtype=dtype))
-    assert len(layouts) == 1
-    _no_parsing(monkeypatch)  # every later item must reuse the layout
+    assert len(layouts) == 1 and layouts.parses == 1
     for tensor in others:
         target = torch.empty(shape, dtype=dtype)
         assert decode_into(saved(tensor), [0] * len(shape), list(shape), target)
@@ -206,6 +197,7 @@ def test_cached_layout_decodes_bit_identically(
             target = torch.empty(lengths, dtype=dtype)
             assert decode_into(saved(others[0]), offsets, lengths, target)
             assert _raw_bits(target) == _raw_bits(reference(others[0], offsets, lengths))
+    assert layouts.parses == 1  # every later item reused the layout
 
 
 def _same_length_layouts(tmp_path: Path) -> dict[str, tuple[aiodcp.ChunkBuffer, torch.Tensor]]:
@@ -230,7 +222,7 @@ def _same_length_layouts(tmp_path: Path) -> dict[str, tuple[aiodcp.ChunkBuffer, 
 
 
 def test_same_length_different_layout_never_reuses_a_wrong_entry(
-    layouts: dict[Any, Any], tmp_path: Path
+    layouts: LayoutCache, tmp_path: Path
 ) -> None:
     items = _same_length_layouts(tmp_path)
     for _ in range(2):  # the second round finds every layout remembered or evicted
@@ -253,11 +245,11 @@ def test_same_length_different_layout_never_reuses_a_wrong_entry(
                 if tensor.dim() == 2:
                     flipped = torch.empty(tensor.shape[::-1], dtype=tensor.dtype)
                     assert not decode_into(buffer, [0, 0], list(flipped.shape), flipped), name
-    assert all(len(kept) <= _fastdecode._LAYOUTS_PER_KEY for kept in layouts.values())
+    assert all(len(kept) <= layouts.per_key for kept in layouts.values())
 
 
 def test_cache_checks_every_byte_parsing_relied_on(
-    layouts: dict[Any, Any], monkeypatch: pytest.MonkeyPatch
+    layouts: LayoutCache,
 ) -> None:
     a, b = torch.randn(64), torch.randn(64)
     assert decode_into(saved(a), [0], [64], torch.empty(64))
@@ -269,45 +261,46 @@ def test_cache_checks_every_byte_parsing_relied_on(
     for _ in range(7):
         header = raw.index(b"PK\x01\x02", header + 4)
         raw[header + 16 : header + 20] = b"\x00\x01\x02\x03"
-    with monkeypatch.context() as patch:
-        _no_parsing(patch)
-        target = torch.empty(64)
-        assert decode_into(aiodcp.ChunkBuffer([bytes(raw)]), [0], [64], target)
-        assert torch.equal(target, b)
+    target = torch.empty(64)
+    assert decode_into(aiodcp.ChunkBuffer([bytes(raw)]), [0], [64], target)
+    assert torch.equal(target, b)
+    assert layouts.parses == 1  # a's layout, reused
     # A damaged local header, or a changed pickle byte, is not the remembered layout: parsed
     # again, and refused as parsing refuses it.
     damaged = bytearray(raw)
     damaged[damaged.index(b"PK\x03\x04", 10)] = ord("X")
     assert not decode_into(aiodcp.ChunkBuffer([bytes(damaged)]), [0], [64], torch.empty(64))
+    assert layouts.parses == 2
     stored = bytearray(raw)
     pickle_at = stored.index(b"FloatStorage")
     stored[pickle_at : pickle_at + 12] = b"FloatStorag\x00"
     assert not decode_into(aiodcp.ChunkBuffer([bytes(stored)]), [0], [64], torch.empty(64))
+    assert layouts.parses == 3
 
 
-def test_cache_is_bounded(layouts: dict[Any, Any], tmp_path: Path) -> None:
+def test_cache_is_bounded(layouts: LayoutCache, tmp_path: Path) -> None:
     # Distinct lengths: one key each, more than the cache keeps.
-    for k in range(1, _fastdecode._LAYOUT_KEYS + 20):
+    for k in range(1, layouts.max_keys + 20):
         tensor = torch.randn(64 * k)
         target = torch.empty(64 * k)
         assert decode_into(saved(tensor), [0], [64 * k], target)
         assert torch.equal(target, tensor)
-        assert len(layouts) <= _fastdecode._LAYOUT_KEYS
-    assert len(layouts) == _fastdecode._LAYOUT_KEYS
+        assert len(layouts) <= layouts.max_keys
+    assert len(layouts) == layouts.max_keys
     # The oldest keys went first: the newest lengths are still there.
-    assert max(length for length, _ in layouts) == len(_bytes(torch.randn(64 * k)))
+    assert max(length for length, _ in layouts.keys()) == len(_bytes(torch.randn(64 * k)))
     # More layouts under one key than it keeps.
     for buffer, tensor in _same_length_layouts(tmp_path).values():
         decode_into(buffer, [0] * tensor.dim(), list(tensor.shape), torch.empty_like(tensor))
-        assert all(len(kept) <= _fastdecode._LAYOUTS_PER_KEY for kept in layouts.values())
-    assert len(layouts) == _fastdecode._LAYOUT_KEYS
+        assert all(len(kept) <= layouts.per_key for kept in layouts.values())
+    assert len(layouts) == layouts.max_keys
 
 
 def test_concurrent_decoders_share_the_cache(
-    layouts: dict[Any, Any], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(_fastdecode, "_LAYOUT_KEYS", 2)  # plenty of evictions
-    monkeypatch.setattr(_fastdecode, "_LAYOUTS_PER_KEY", 2)
+    layouts = LayoutCache(max_keys=2, per_key=2)  # plenty of evictions
+    monkeypatch.setattr(_fastdecode, "LAYOUTS", layouts)
     items = [*_same_length_layouts(tmp_path).values()]
     items += [(saved(t), t) for t in (torch.randn(64), torch.randn(128), torch.randn(3, 64))]
     errors: list[BaseException] = []

@@ -26,11 +26,11 @@ The items of one checkpoint nearly all share one zip layout: the same length, th
 a parsed layout is remembered::
 
     decode_into(buffer, offsets, lengths, target)
-      -> _layout(buffer)
+      -> LAYOUTS.layout(buffer)
            key = (len(buffer), the 22-byte end-of-directory record)
-           for each _Layout remembered under key:       (at most _LAYOUTS_PER_KEY)
+           for each _Layout remembered under key:       (at most per_key)
                _Layout.matches(buffer)  -> reuse it      (cache hit: no parsing)
-           _parse(buffer) -> _Layout    -> _remember(key, layout)
+           _parse(buffer) -> _Layout    -> remembered under key
       -> per-call checks (dtype, region, bounds) -> readinto(target's memory)
 
 A ``_Layout`` holds what ``_parse`` concluded (dtype, storage offset, shape, where the storage
@@ -40,10 +40,8 @@ directory except its CRC fields, the signature and name/extra lengths of each lo
 the rest of each local header but ignores them), so an item of the same length that holds those
 same bytes at the same places parses to the same result; ``matches`` compares exactly those bytes
 (read in a few windows, masked) before any reuse. A different dtype, shape, storage offset or
-record name changes one of them and misses. The cache is a plain dict of tuples, bounded
-(``_LAYOUT_KEYS`` keys, oldest dropped first); decode threads read it without a lock (one
-``dict.get``) and replace entries under ``_LAYOUTS_LOCK``, so a reader sees either the old or the
-new tuple, each a valid set of layouts.
+record name changes one of them and misses. The cache (``LayoutCache``) is a dict of tuples,
+bounded (``_LAYOUT_KEYS`` keys, oldest dropped first), read without a lock.
 """
 
 from __future__ import annotations
@@ -65,8 +63,10 @@ from .._reader import ChunkBuffer
 
 __all__ = [
     "HEAD_BYTES",
+    "LAYOUTS",
     "TAIL_BYTES",
     "DirectReceive",
+    "LayoutCache",
     "RunReceive",
     "StoredTensorLocator",
     "decode_into",
@@ -315,35 +315,61 @@ def _parse(buffer: ChunkBuffer) -> _Layout | None:
     )
 
 
-_LAYOUTS: dict[tuple[int, bytes], tuple[_Layout, ...]] = {}
-_LAYOUTS_LOCK = threading.Lock()
+class LayoutCache:
+    """Parsed layouts, remembered per (length, end-of-directory record) key: at most
+    ``max_keys`` keys (the oldest dropped first), ``per_key`` layouts under each (the newest
+    first). ``parses`` counts the items it had to parse (a miss). Decode threads read it
+    without a lock (one ``dict.get``) and replace entries under the lock, so a reader sees
+    either the old or the new tuple, each a valid set of layouts. The module's one instance is
+    ``LAYOUTS``; a test may put a fresh one in its place (the one seam into this cache)."""
+
+    def __init__(self, max_keys: int = _LAYOUT_KEYS, per_key: int = _LAYOUTS_PER_KEY) -> None:
+        self.max_keys = max_keys
+        self.per_key = per_key
+        self.parses = 0
+        self._entries: dict[tuple[int, bytes], tuple[_Layout, ...]] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def keys(self) -> list[tuple[int, bytes]]:
+        return list(self._entries)
+
+    def values(self) -> list[tuple[_Layout, ...]]:
+        return list(self._entries.values())
+
+    def layout(self, buffer: ChunkBuffer) -> _Layout | None:
+        """The layout of the item in ``buffer``: a remembered one it matches, else parsed."""
+        total = len(buffer)
+        if total < _EOCD.size:
+            return None
+        buffer.seek(total - _EOCD.size)
+        key = (total, buffer.read(_EOCD.size))
+        for known in self._entries.get(key, ()):
+            if known.matches(buffer):
+                return known
+        with self._lock:  # a miss: the parse costs far more than the lock
+            self.parses += 1
+        layout = _parse(buffer)
+        if layout is not None:
+            self._remember(key, layout)
+        return layout
+
+    def _remember(self, key: tuple[int, bytes], layout: _Layout) -> None:
+        """Put ``layout`` first under ``key``, keeping the cache within its bounds."""
+        entries = self._entries
+        with self._lock:
+            # Another thread may have parsed an item of the same layout meanwhile: kept once.
+            kept = tuple(known for known in entries.pop(key, ()) if known != layout)
+            kept = kept[: self.per_key - 1]
+            while len(entries) >= self.max_keys:
+                del entries[next(iter(entries))]  # the oldest key; only writers hold the lock
+            entries[key] = (layout, *kept)
 
 
-def _remember(key: tuple[int, bytes], layout: _Layout) -> None:
-    """Put ``layout`` first under ``key``, keeping the cache within its bounds."""
-    with _LAYOUTS_LOCK:
-        # Another thread may have parsed an item of the same layout meanwhile: kept once.
-        kept = tuple(known for known in _LAYOUTS.pop(key, ()) if known != layout)
-        kept = kept[: _LAYOUTS_PER_KEY - 1]
-        while len(_LAYOUTS) >= _LAYOUT_KEYS:
-            del _LAYOUTS[next(iter(_LAYOUTS))]  # the oldest key; only writers hold the lock
-        _LAYOUTS[key] = (layout, *kept)
-
-
-def _layout(buffer: ChunkBuffer) -> _Layout | None:
-    """The layout of the item in ``buffer``: a remembered one it matches, else parsed."""
-    total = len(buffer)
-    if total < _EOCD.size:
-        return None
-    buffer.seek(total - _EOCD.size)
-    key = (total, buffer.read(_EOCD.size))
-    for known in _LAYOUTS.get(key, ()):
-        if known.matches(buffer):
-            return known
-    layout = _parse(buffer)
-    if layout is not None:
-        _remember(key, layout)
-    return layout
+LAYOUTS = LayoutCache()
+"""The layouts remembered in this process."""
 
 
 def _contiguous_strides(size: Sequence[int]) -> tuple[int, ...]:
@@ -393,7 +419,7 @@ def decode_into(
         or sys.byteorder != "little"
     ):
         return False
-    layout = _layout(buffer)
+    layout = LAYOUTS.layout(buffer)
     if layout is None or layout.dtype != target.dtype:
         return False
     element = _region(layout.size, offsets, lengths)
