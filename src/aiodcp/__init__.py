@@ -4,11 +4,19 @@ Two ways in::
 
     await aiodcp.load_checkpoint(state_dict, "s3://bucket/ckpt", region="us-east-1")
     dcp.load(state_dict, storage_reader=aiodcp.S3StorageReader("s3://bucket/ckpt"))
+
+``import aiodcp`` imports only the light modules (errors, configuration, planner, stats, the
+item reader). The names whose modules bring in the S3 stack (botocore, aiobotocore, aiohttp)
+and the DCP adapter (``S3StorageReader``, ``load_checkpoint``, ``prefetch``,
+``PrefetchHandle``, ``S3ObjectReader``) are imported on first access (PEP 562): a process that
+only inspects metadata, or only builds a config, never pays for them.
 """
 
 from __future__ import annotations
 
-from ._api import load_checkpoint
+from typing import TYPE_CHECKING as _TYPE_CHECKING
+from typing import Any as _Any
+
 from ._config import ReaderConfig
 from ._errors import (
     AccessDeniedError,
@@ -30,13 +38,16 @@ from ._errors import (
     TransferError,
     TruncatedObjectError,
 )
-from ._objectreader import S3ObjectReader
 from ._planner import ItemRange, RangeGroup
-from ._prefetch import PrefetchHandle, prefetch
 from ._reader import ChunkBuffer, SequentialReader
 from ._stats import LoadStats, RequestMetrics
 from ._version import __version__
-from .dcp import S3StorageReader
+
+if _TYPE_CHECKING:
+    from ._api import load_checkpoint
+    from ._objectreader import S3ObjectReader
+    from ._prefetch import PrefetchHandle, prefetch
+    from .dcp import S3StorageReader
 
 __all__ = [
     "AccessDeniedError",
@@ -71,3 +82,34 @@ __all__ = [
     "load_checkpoint",
     "prefetch",
 ]
+
+_LAZY = {
+    "load_checkpoint": "._api",
+    "S3ObjectReader": "._objectreader",
+    "PrefetchHandle": "._prefetch",
+    "prefetch": "._prefetch",
+    "S3StorageReader": ".dcp._storage_reader",
+}
+"""Public names imported on first access, and the module that defines each."""
+
+
+def __getattr__(name: str) -> _Any:
+    import importlib
+
+    module = _LAZY.get(name)
+    if module is not None:
+        value = getattr(importlib.import_module(module, __name__), name)
+        globals()[name] = value  # later accesses are plain attribute lookups
+        return value
+    if not name.startswith("__"):
+        # a submodule (``aiodcp.dcp``, ``aiodcp._store``...): as reachable as when this module
+        # imported them all
+        import importlib.util
+
+        if importlib.util.find_spec(f"{__name__}.{name}") is not None:
+            return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))  # the lazy names before their first access

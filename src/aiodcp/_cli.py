@@ -141,7 +141,6 @@ from ._planner import (
     plan_file,
     resolve_max_gap_size,
 )
-from ._store import S3Store
 from .dcp._session import METADATA_NAME, FetchedMetadata, fetch_metadata, select_keys
 
 __all__ = [
@@ -381,6 +380,8 @@ def _requested_keys(args: argparse.Namespace) -> list[str] | None:
 def read_metadata(path: CheckpointPath, config: ReaderConfig) -> tuple[Metadata, int, float]:
     """GET and unpickle ``.metadata``; returns it, its size in bytes and the GET's estimated time
     to first byte in seconds (what ``max_gap_size="auto"`` is resolved with)."""
+
+    from ._store import S3Store  # the S3 stack: only the commands that read a checkpoint
 
     async def fetch() -> FetchedMetadata:
         async with S3Store(config) as store:

@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
@@ -43,8 +43,10 @@ from .._errors import NoSuchBucketError, NotFoundError
 from .._path import CheckpointPath
 from .._planner import request_latency_from_get
 from .._stats import StatsRecorder
-from .._store import S3Store
 from ._metadata import load_metadata
+
+if TYPE_CHECKING:
+    from .._store import S3Store
 
 __all__ = [
     "METADATA_NAME",

@@ -1,0 +1,79 @@
+"""Cold start: what ``import aiodcp`` (and the CLI's module) import, in fresh processes.
+
+``import aiodcp`` must not import the S3 stack (botocore, aiobotocore, aiohttp) nor the DCP
+adapter: the names that need them resolve on first access (PEP 562). See benchmarks/README.md,
+"Cold start".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import aiodcp
+
+SRC = Path(__file__).resolve().parent.parent / "src"
+HEAVY = (
+    "aiobotocore",
+    "aiohttp",
+    "botocore",
+    "aiodcp._store",
+    "aiodcp._engine",
+    "aiodcp.dcp._storage_reader",
+)
+
+
+def _fresh(code: str) -> object:
+    """Run ``code`` in a fresh interpreter (this checkout's aiodcp); its last stdout line."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _imported_after(statement: str) -> object:
+    return _fresh(
+        f"import json, sys\n{statement}\n"
+        f"print(json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)))"
+    )
+
+
+def test_import_aiodcp_leaves_the_s3_stack_out() -> None:
+    assert _imported_after("import aiodcp") == []
+
+
+def test_the_cli_module_imports_the_s3_stack_only_to_read_a_checkpoint() -> None:
+    # `aiodcp --help`, argument errors: no S3 stack (and no DCP adapter)
+    assert _imported_after("import aiodcp._cli") == []
+    assert _imported_after("import aiodcp.dcp._session") == []
+
+
+def test_lazy_names_resolve_and_are_listed_before_first_access() -> None:
+    code = (
+        "import json, aiodcp\n"
+        "listed = set(aiodcp.__all__) <= set(dir(aiodcp))\n"
+        "from aiodcp import S3StorageReader, load_checkpoint, prefetch, PrefetchHandle\n"
+        "from aiodcp import S3ObjectReader\n"
+        "from aiodcp.dcp import S3StorageReader as Adapter\n"
+        "import torch.distributed.checkpoint as dcp\n"
+        "ok = issubclass(S3StorageReader, dcp.StorageReader) and Adapter is S3StorageReader\n"
+        "ok = ok and aiodcp.load_checkpoint is load_checkpoint and callable(prefetch)\n"
+        "print(json.dumps([listed, ok, S3ObjectReader.__module__, PrefetchHandle.__name__]))"
+    )
+    assert _fresh(code) == [True, True, "aiodcp._objectreader", "PrefetchHandle"]
+
+
+def test_unknown_names_still_raise_attribute_error() -> None:
+    with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
+        aiodcp.no_such_name  # noqa: B018
+    assert not hasattr(aiodcp.dcp, "no_such_name")
