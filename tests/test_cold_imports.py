@@ -77,3 +77,25 @@ def test_unknown_names_still_raise_attribute_error() -> None:
     with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
         aiodcp.no_such_name  # noqa: B018
     assert not hasattr(aiodcp.dcp, "no_such_name")
+
+
+def test_ssl_contexts_are_built_once_per_process_and_again_for_a_new_file(
+    tmp_path: Path,
+) -> None:
+    from aiodcp import _store
+
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("one")
+    built: list[object] = []
+
+    def build() -> object:
+        built.append(object())
+        return built[-1]
+
+    key = ("test", str(bundle))
+    first = _store._shared_ssl_context(key, build, str(bundle))
+    assert _store._shared_ssl_context(key, build, str(bundle)) is first
+    assert len(built) == 1
+    bundle.write_text("a replaced bundle")  # another size: a new context, as a new client
+    assert _store._shared_ssl_context(key, build, str(bundle)) is not first
+    assert len(built) == 2

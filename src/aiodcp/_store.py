@@ -66,6 +66,7 @@ import aiohttp
 import botocore.exceptions
 import botocore.loaders
 from aiobotocore.config import AioConfig
+from aiobotocore.httpsession import AIOHTTPSession
 from aiobotocore.session import AioSession
 from botocore import UNSIGNED
 from botocore.httpsession import get_cert_path
@@ -372,6 +373,8 @@ class S3Store:
         }
         if cfg.unsigned:
             options["signature_version"] = UNSIGNED
+        if _SharedSSLSession is not None:
+            options["http_session_cls"] = _SharedSSLSession  # unless ``extra`` names another
         options.update(cfg.extra)
         session = AioSession(profile=cfg.profile)
         # botocore parses S3's service model (~0.1-0.3 s of JSON) for every new session; share
@@ -422,12 +425,8 @@ class S3Store:
         verify: bool | str = getattr(session, "_verify", self.config.verify)
 
         def ssl_context() -> ssl.SSLContext:
-            if verify is False:
-                context = ssl.create_default_context()
-                context.check_hostname = False
-                context.verify_mode = ssl.CERT_NONE
-                return context
-            return ssl.create_default_context(cafile=get_cert_path(verify))
+            ca_file = get_cert_path(verify) if verify is not False else None
+            return _shared_ssl_context(("fast", verify), lambda: _fast_ssl_context(verify), ca_file)
 
         from ._version import __version__
 
@@ -986,6 +985,78 @@ def _load_loader() -> Any:
 # every other thread mid-load, including the loop of an ``await load_checkpoint`` caller (a 1 ms
 # heartbeat measured a 244 ms gap on CI when the parse ran there).
 _load_loader()
+
+
+_SSL_LOCK = threading.Lock()
+_SSL_CONTEXTS: dict[tuple[Any, ...], tuple[int, tuple[Any, ...], Any]] = {}
+"""(who, settings) -> (pid, the files' stat, the contexts built): one build per process."""
+
+
+def _file_stamp(path: Any) -> tuple[Any, ...]:
+    if not isinstance(path, str):
+        return (path,)
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (path, None)
+    return (path, st.st_mtime_ns, st.st_size)
+
+
+def _shared_ssl_context(key: tuple[Any, ...], build: Callable[[], T], *files: Any) -> T:
+    """The SSL context(s) ``build()`` makes for ``key``, built once per process and shared by
+    every client and connection pool that asks with the same settings. Building one loads a CA
+    bundle (~20-35 ms of CPU each time), and each load opens a client of its own. The files it
+    reads (CA bundle, client certificate) are stat'ed at each use: a file replaced on disk
+    gets a new context, as a new client would."""
+    stamp = tuple(_file_stamp(f) for f in files)
+    pid = os.getpid()
+    with _SSL_LOCK:
+        cached = _SSL_CONTEXTS.get(key)
+        if cached is not None and cached[0] == pid and cached[1] == stamp:
+            return cached[2]  # type: ignore[no-any-return]
+    built = build()  # blocking file I/O: the callers run it off the event loop
+    with _SSL_LOCK:
+        _SSL_CONTEXTS[key] = (pid, stamp, built)
+    return built
+
+
+def _fast_ssl_context(verify: bool | str) -> ssl.SSLContext:
+    """The fast path's context: botocore's ``verify`` setting (False, True or a CA bundle)."""
+    if verify is False:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    return ssl.create_default_context(cafile=get_cert_path(verify))
+
+
+def _shared_ssl_session_class() -> Any:
+    """aiobotocore's aiohttp session, with the SSL contexts of its connection pool built once
+    per process (``_shared_ssl_context``) instead of at each client's first request (aiobotocore
+    builds them even for ``http://`` endpoints: a redirect may lead to ``https://``). None when
+    this aiobotocore builds them elsewhere (older versions: in the session's constructor)."""
+    build = getattr(AIOHTTPSession, "_build_ssl_contexts", None)
+    if build is None:
+        return None
+
+    class SharedSSLSession(AIOHTTPSession):  # type: ignore[misc]
+        def _build_ssl_contexts(self, proxy_url: Any, *args: Any, **kwargs: Any) -> Any:
+            if proxy_url is not None or args or kwargs:
+                return super()._build_ssl_contexts(proxy_url, *args, **kwargs)
+            key = ("aiobotocore", self._verify, self._cert_file, self._key_file)
+            files = (
+                get_cert_path(self._verify) if self._verify else None,
+                self._cert_file,
+                self._key_file,
+            )
+            return _shared_ssl_context(
+                key, lambda: super(SharedSSLSession, self)._build_ssl_contexts(None), *files
+            )
+
+    return SharedSSLSession
+
+
+_SharedSSLSession = _shared_ssl_session_class()
 
 
 def _ended_early(bucket: str, key: str, start: int, end: int, pos: int) -> TransferError:
