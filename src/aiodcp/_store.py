@@ -1014,7 +1014,7 @@ def _shared_ssl_context(key: tuple[Any, ...], build: Callable[[], T], *files: An
         cached = _SSL_CONTEXTS.get(key)
         if cached is not None and cached[0] == pid and cached[1] == stamp:
             return cached[2]  # type: ignore[no-any-return]
-    built = build()  # blocking file I/O: the callers run it off the event loop
+    built = build()  # file I/O: aiobotocore runs this in a thread, the fast path on its loop
     with _SSL_LOCK:
         _SSL_CONTEXTS[key] = (pid, stamp, built)
     return built
@@ -1033,8 +1033,9 @@ def _fast_ssl_context(verify: bool | str) -> ssl.SSLContext:
 def _shared_ssl_session_class() -> Any:
     """aiobotocore's aiohttp session, with the SSL contexts of its connection pool built once
     per process (``_shared_ssl_context``) instead of at each client's first request (aiobotocore
-    builds them even for ``http://`` endpoints: a redirect may lead to ``https://``). None when
-    this aiobotocore builds them elsewhere (older versions: in the session's constructor)."""
+    builds them even for ``http://`` endpoints); a proxy still gets contexts of its own. None
+    when this aiobotocore builds them elsewhere (older versions: in the session's constructor).
+    """
     build = getattr(AIOHTTPSession, "_build_ssl_contexts", None)
     if build is None:
         return None
