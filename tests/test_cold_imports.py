@@ -14,8 +14,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import aiodcp
+
+from conftest import S3Server, save_checkpoint, upload_dir
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 HEAVY = (
@@ -99,3 +102,52 @@ def test_ssl_contexts_are_built_once_per_process_and_again_for_a_new_file(
     bundle.write_text("a replaced bundle")  # another size: a new context, as a new client
     assert _store._shared_ssl_context(key, build, str(bundle)) is not first
     assert len(built) == 2
+
+
+def test_load_checkpoint_is_reached_without_the_s3_stack() -> None:
+    # the attribute an async program touches first on its loop imports nothing heavy
+    assert _imported_after("import aiodcp\naiodcp.load_checkpoint") == []
+
+
+def test_a_first_load_imports_the_s3_stack_off_the_callers_loop(
+    tmp_path: Path, s3_server: S3Server
+) -> None:
+    """A fresh process's first ``await aiodcp.load_checkpoint`` imports botocore, aiobotocore
+    and aiohttp (~0.4 s of CPU): in a worker thread, not on the caller's loop (where it
+    stalled every other task for as long). An import hook in the process records which
+    thread imported each."""
+    s3 = s3_server.client()
+    bucket = "cold-loop-import"
+    s3.create_bucket(Bucket=bucket)
+    sd = {"w": torch.randn(256, 256)}
+    upload_dir(s3, save_checkpoint(sd, tmp_path / "c"), bucket, "c")
+    code = f"""
+import asyncio, json, sys, threading
+import torch
+import torch.distributed.checkpoint
+import aiodcp
+
+on_loop = {{}}
+
+class Spy:
+    def find_spec(self, name, path=None, target=None):
+        if name in ("botocore", "aiobotocore", "aiohttp") and name not in on_loop:
+            on_loop[name] = threading.current_thread() is threading.main_thread()
+        return None
+
+sys.meta_path.insert(0, Spy())
+
+async def main():
+    state = {{"w": torch.zeros(256, 256)}}
+    await aiodcp.load_checkpoint(
+        state, "s3://{bucket}/c", endpoint_url={s3_server.endpoint_url!r},
+        region="us-east-1", addressing_style="path",
+    )
+    return float(state["w"].abs().sum())
+
+total = asyncio.run(main())
+print(json.dumps([on_loop, total]))
+"""
+    on_loop, total = _fresh(code)
+    assert total == pytest.approx(float(sd["w"].abs().sum()), rel=1e-5)
+    assert on_loop == {"botocore": False, "aiobotocore": False, "aiohttp": False}

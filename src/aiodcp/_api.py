@@ -1,6 +1,8 @@
 """``await load_checkpoint(state_dict, "s3://bucket/ckpt")``: DCP loading for asyncio programs.
 
-Data flow: start aiodcp's private I/O loop (a ``PrivateLoopDriver``: its own thread, its own
+Data flow: import the S3 stack in a thread (the first load of a process pays ~0.4 s for
+botocore, aiobotocore and aiohttp, which ``import aiodcp`` leaves out; not on the caller's
+loop) -> start aiodcp's private I/O loop (a ``PrivateLoopDriver``: its own thread, its own
 ``S3Store``) and read ``.metadata`` there (so a wrong path, missing bucket or access problem
 raises aiodcp's own error at once; its time is the request latency ``max_gap_size="auto"`` is
 resolved with) -> run the blocking ``dcp.load`` in a dedicated worker thread with an
@@ -24,20 +26,22 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch.distributed as dist
 from torch.distributed.checkpoint.planner import LoadPlanner
 
 from ._config import ReaderConfig
-from ._driver import PrivateLoopDriver
 from ._errors import AiodcpError
 from ._path import parse_checkpoint_path
 from ._stats import LoadStats, StatsRecorder
-from ._store import S3Store
 from .dcp._session import fetch_metadata, run_dcp_load, run_in_thread
 from .dcp._sharing import will_share
-from .dcp._storage_reader import attached_reader
+
+if TYPE_CHECKING:
+    from ._driver import PrivateLoopDriver
+    from ._store import S3Store
+    from .dcp._storage_reader import S3StorageReader
 
 __all__ = ["load_checkpoint"]
 
@@ -96,7 +100,9 @@ async def load_checkpoint(
     )
     path = parse_checkpoint_path(checkpoint_id)
     recorder = StatsRecorder()
-    driver = PrivateLoopDriver(cfg)
+    # The first load of a process imports the S3 stack (~0.4 s): in a thread, not on the loop.
+    loop_driver, attached_reader = await run_in_thread(_s3_stack, on_cancel=lambda: None)
+    driver = loop_driver(cfg)
     try:
         if cfg.share_across_ranks and will_share(process_group, no_dist):
             # Rank 0 reads .metadata for the whole job inside dcp.load (dcp._sharing).
@@ -130,6 +136,15 @@ async def load_checkpoint(
         # Stops the I/O loop and joins its thread (closing the connections first): in a
         # thread, so the caller's loop keeps running meanwhile, even while being cancelled.
         await run_in_thread(driver.close, on_cancel=lambda: None)
+
+
+def _s3_stack() -> tuple[type[PrivateLoopDriver], Callable[..., S3StorageReader]]:
+    """What a load needs from the modules that bring in botocore, aiobotocore and aiohttp
+    (``import aiodcp`` leaves them out, see ``aiodcp/__init__.py``)."""
+    from ._driver import PrivateLoopDriver
+    from .dcp._storage_reader import attached_reader
+
+    return PrivateLoopDriver, attached_reader
 
 
 async def _on_driver(driver: PrivateLoopDriver, fn: Callable[[S3Store], Awaitable[T]]) -> T:
