@@ -237,7 +237,9 @@ def load_local_fs(state: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
 
 
 PREPARE: dict[str, Callable[[], None]] = {
-    "aiodcp": lambda: __import__("aiodcp"),
+    # the S3 stack too, as the other loaders' imports bring theirs: `import aiodcp` alone
+    # leaves it for the first use (the cold scenario times that)
+    "aiodcp": lambda: __import__("aiodcp").S3StorageReader,
     "s3tc": lambda: __import__("s3torchconnector.dcp"),
     "fsspec": lambda: (__import__("s3fs"), __import__("torch.distributed.checkpoint")),
     "boto3": lambda: __import__("boto3"),
