@@ -256,7 +256,7 @@ class S3StorageReader(StorageReader):
     def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
         """Unchanged, unless every rank can share: then each plan carries its rank's part of
         the job's sharing (``_sharing.plan_sharing``); items the ranks slice apart
-        (``_sliced_apart``) are each rank's own."""
+        (``DcpLoad.sliced_apart``) are each rank's own."""
         plain = [
             dataclasses.replace(p, storage_data=None) if p.storage_data == _CAN_SHARE else p
             for p in plans
