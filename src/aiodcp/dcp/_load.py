@@ -251,7 +251,7 @@ class DcpLoad:
 
     def sliced_apart(
         self, reqs_of: list[dict[StoredItem, list[ReadItem]]]
-    ) -> dict[StoredItem, tuple[StoredItem, ...]]:
+    ) -> dict[StoredItem, tuple[tuple[StoredItem, ...], frozenset[int]]]:
         """The stored items that several ranks need parts of, where each rank slices its own
         part (``_slice_candidate``, with the load's gap, the same on every rank) and no two
         ranks' runs overlap, each with its head and tail probes (``probe_ranges``): each rank
@@ -259,6 +259,8 @@ class DcpLoad:
         and it holds only its part instead of whole chunks. The probes, which every slicing
         rank needs, are shared like stored items (one rank GETs them; ``_slice`` takes them
         from ``known``), unless they overlap (a small item: each rank probes for itself).
+        Returned per item: its probes to share and the ranks that slice it (``reqs_of[r]``:
+        rank ``r``'s read items per stored item).
 
         The ranks decide the same in their own ``_slice`` (same metadata, latency and
         configuration); a rank that cannot slice (a planner that resolves tensors itself,
@@ -266,17 +268,17 @@ class DcpLoad:
         if not self.config.fast_decode or sys.byteorder != "little":
             return {}
         max_gap_size = resolve_max_gap_size(self.config.max_gap_size, self._request_latency_s)
-        ranks_of: dict[StoredItem, list[list[ReadItem]]] = {}
-        for items in reqs_of:
+        ranks_of: dict[StoredItem, list[tuple[int, list[ReadItem]]]] = {}
+        for rank, items in enumerate(reqs_of):
             for item, reqs in items.items():
-                ranks_of.setdefault(item, []).append(reqs)
-        apart: dict[StoredItem, tuple[StoredItem, ...]] = {}
+                ranks_of.setdefault(item, []).append((rank, reqs))
+        apart: dict[StoredItem, tuple[tuple[StoredItem, ...], frozenset[int]]] = {}
         for item, per_rank in ranks_of.items():
             if len(per_rank) < 2:
                 continue
             spans: list[tuple[int, int]] = []
             probes: tuple[ItemRange, ...] = ()
-            for reqs in per_rank:
+            for _, reqs in per_rank:
                 candidate = self._slice_candidate(
                     ItemRange(item.start, item.end), reqs, max_gap_size
                 )
@@ -288,11 +290,12 @@ class DcpLoad:
                 spans.sort()
                 if all(b[0] >= a[1] for a, b in itertools.pairwise(spans)):
                     head, tail = probes
-                    apart[item] = (
+                    shared = (
                         ()
                         if head.end > tail.start
                         else tuple(StoredItem(item.path, p.start, p.end) for p in probes)
                     )
+                    apart[item] = (shared, frozenset(rank for rank, _ in per_rank))
         return apart
 
     @property

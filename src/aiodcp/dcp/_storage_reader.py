@@ -281,11 +281,7 @@ class S3StorageReader(StorageReader):
         session = self._session(StatsRecorder())
         apart = session.sliced_apart(reqs_of)
         needs = [set(items) for items in reqs_of]
-        probed_by = {
-            probe: frozenset(r for r, items in enumerate(reqs_of) if item in items)
-            for item, probes in apart.items()
-            for probe in probes
-        }
+        probed_by = {probe: ranks for probes, ranks in apart.values() for probe in probes}
         # Adjacent probes (one item's tail, the next one's head) travel as one span, so the
         # rank that fetches them makes one GET of it.
         for span, ranks in merge_adjacent(probed_by).items():
