@@ -147,7 +147,7 @@ def load_slices(url: str, local: str, dim: int, world: int) -> None:
         "items": stats.items,
         "sliced_items": stats.sliced_items,
         "slice_saved_bytes": stats.slice_saved_bytes,
-        "runs_received": reader._runs_received,
+        "runs_received": stats.direct_runs,
         "bytes_from_peers": stats.bytes_from_peers,
         "job_ranks": stats.job.ranks if stats.job is not None else None,
     }

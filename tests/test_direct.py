@@ -24,7 +24,6 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
 import aiodcp
 from aiodcp.dcp._fastdecode import HEAD_BYTES, DirectReceive
-from aiodcp.dcp._load import DcpLoad
 
 from archives import oddities, replace_items
 from conftest import S3Server, assert_same, save_checkpoint, upload_dir
@@ -83,8 +82,10 @@ def test_large_items_are_received_into_the_destination(
     plain, plain_reader = load(url, sd, fast_decode=False, **reader_kwargs)
     assert_same(direct, sd)
     assert_same(plain, sd)
-    assert reader._direct_received == 4  # every tensor of 512 KiB or more
-    assert plain_reader._direct_received == 0
+    assert reader.stats.direct_items == 4  # every tensor of 512 KiB or more
+    assert reader.stats.refetched_items == 0 and reader.stats.direct_runs == 0
+    assert plain_reader.stats.direct_items == 0
+    assert plain_reader.stats.fast_decoded_items == 0
     stats = reader.stats
     assert stats is not None
     # Only the small tensor was buffered: no large item held item memory.
@@ -114,7 +115,7 @@ def test_destination_views_and_other_planners_keep_the_buffered_path(
     with aiodcp.S3StorageReader(url, **reader_kwargs) as reader:
         dcp.load(state, storage_reader=reader, planner=planner)
     assert_same(state, sd)
-    assert reader._direct_received == 0
+    assert reader.stats.direct_items == 0
     assert len(planner.resolved) == len(sd)
 
     # A non-contiguous destination (a transposed view) cannot take the bytes in file order.
@@ -123,7 +124,7 @@ def test_destination_views_and_other_planners_keep_the_buffered_path(
     with aiodcp.S3StorageReader(url, **reader_kwargs) as reader:
         dcp.load(state, storage_reader=reader)
     assert_same(state, sd)
-    assert reader._direct_received == 3
+    assert reader.stats.direct_items == 3
 
 
 def test_bytes_that_arrive_before_their_header_are_kept_and_placed(
@@ -152,7 +153,7 @@ def test_bytes_that_arrive_before_their_header_are_kept_and_placed(
         state, reader = load_through(proxy, f"s3://{bucket}/c", sd, part_size=part_size)
     assert rule.hits == 1
     assert_same(state, sd)
-    assert reader._direct_received == 1  # b; a is under half a MiB
+    assert reader.stats.direct_items == 1  # b; a is under half a MiB
     # b's later parts came before its start was known: kept aside, then put in place
     assert reader.stats is not None and reader.stats.held_aside_bytes > HEAD_BYTES
 
@@ -171,7 +172,7 @@ def test_an_interrupted_body_resumes_into_the_destination(
         state, reader = load_through(proxy, f"s3://{bucket}/c", sd, part_size=512 * 1024)
         assert proxy.faults["drop"] == 4
     assert_same(state, sd)
-    assert reader._direct_received == 4
+    assert reader.stats.direct_items == 4
     stats = reader.stats
     assert stats is not None and stats.retries >= 4
 
@@ -201,24 +202,16 @@ def odd_checkpoint(
 def test_archives_the_headers_misdescribe_are_loaded_by_torch_load(
     odd_checkpoint: tuple[str, dict[str, torch.Tensor]],
     reader_kwargs: dict[str, Any],
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     url, sd = odd_checkpoint
-    fetched_again: list[tuple[int, int]] = []
-    fetch_alone = DcpLoad._fetch_alone
-
-    def spy(self: DcpLoad, key: str, item_range: Any, etag: Any) -> Any:
-        fetched_again.append((item_range.start, item_range.end))
-        assert etag is not None  # pinned to the version the rest of the load read
-        return fetch_alone(self, key, item_range, etag)
-
-    monkeypatch.setattr(DcpLoad, "_fetch_alone", spy)
     state, reader = load(url, sd, **reader_kwargs)
     assert_same(state, sd)  # the decoy's zeros never survive
-    assert reader._direct_received == 2  # w_bf16 and w_i64
+    assert reader.stats.direct_items == 2  # w_bf16 and w_i64
     # The two odd items were fetched again and decoded from their directory; the rest
     # (the small bias included) took a fast path.
-    assert len(fetched_again) == 2 and reader._fast_decoded == len(sd)
+    # (Pinned to the version the rest of the load read: see the If-Match test below.)
+    assert reader.stats.refetched_items == 2
+    assert reader.stats.fast_decoded_items == len(sd)
     plain, _ = load(url, sd, fast_decode=False, **reader_kwargs)
     assert_same(plain, state)
 
@@ -333,7 +326,7 @@ def test_tied_destinations_are_written_in_plan_order(
     assert torch.equal(tied["w_f32"], expected["w_f32"])
     others = [k for k in sd if not k.startswith("w_f32")]
     assert_same({k: tied[k] for k in others}, {k: sd[k] for k in others})
-    assert r._direct_received == 3  # not the two tied ones
+    assert r.stats.direct_items == 3  # not the two tied ones
 
 
 def test_compressed_items_keep_the_buffered_path(
@@ -347,7 +340,7 @@ def test_compressed_items_keep_the_buffered_path(
     upload_dir(s3, local, bucket, "z")
     state, reader = load(f"s3://{bucket}/z", sd, **reader_kwargs)
     assert_same(state, sd)
-    assert reader._direct_received == 0  # the stored bytes are zstd frames, not the tensor's
+    assert reader.stats.direct_items == 0  # the stored bytes are zstd frames, not the tensor's
 
 
 def test_an_item_fetched_again_is_pinned_to_the_version_already_read(
@@ -367,7 +360,7 @@ def test_an_item_fetched_again_is_pinned_to_the_version_already_read(
         state, reader = load_through(proxy, url, sd)
         gets = [r for r in proxy.requests if r.method == "GET" and r.path.endswith(data)]
     assert_same(state, sd)
-    assert reader._direct_received == 2
+    assert reader.stats.direct_items == 2
     first, again = gets[: len(gets) - 2], gets[len(gets) - 2 :]  # the two refused items, last
     assert {r.if_match for r in again} == {etag}
     assert all(r.range for r in first + again)

@@ -146,7 +146,7 @@ def test_checkpoint_loads_identically_with_and_without_fast_decode(
         state = {k: torch.zeros_like(v) for k, v in sd.items()}
         with aiodcp.S3StorageReader(f"s3://{bucket}/fd", fast_decode=fast, **reader_kwargs) as r:
             dcp.load(state, storage_reader=r)
-            results.append((state, r._fast_decoded))
+            results.append((state, r.stats.fast_decoded_items))
     (fast_state, fast_count), (slow_state, slow_count) = results
     assert_same(fast_state, sd)
     assert_same(slow_state, sd)

@@ -223,7 +223,7 @@ def test_dim0_resharding_fetches_only_the_rows_each_rank_needs(
     one = {"w": zeros_like_sharded(full["w_f32"], 0, 2)}
     state, reader = load(url, one, OneShard(256), max_gap_size=0, **reader_kwargs)
     assert_same_shards(state, reference(one, tmp_path / "one", OneShard(256)))
-    assert reader._runs_received == 1
+    assert reader.stats.direct_runs == 1
     assert reader.stats is not None and reader.stats.peak_buffered_bytes < 8192
 
 
@@ -393,7 +393,7 @@ def test_runs_into_other_dtypes_and_strided_destinations(
         (shard,) = [s for s in state["w"].local_shards() if s.metadata.shard_offsets[0] == 512]
         assert torch.equal(shard.tensor, full[512:].to(dtype))
         assert reader.stats is not None and reader.stats.sliced_items == 1 + save_dim
-        assert reader._runs_received == 0
+        assert reader.stats.direct_runs == 0
 
 
 def test_worth_slicing_follows_the_gap_cost_model(
@@ -706,7 +706,7 @@ def test_a_half_slice_requests_its_half_and_never_the_other(
     stats = reader.stats
     assert stats is not None and stats.sliced_items == 1
     assert stats.bytes_requested == requested
-    assert reader._runs_received == 1  # the run went straight into the shard
+    assert reader.stats.direct_runs == 1  # the run went straight into the shard
 
 
 def test_a_body_cut_inside_a_run_resumes(

@@ -59,6 +59,18 @@ class LoadStats:
     """Bytes of items received straight into their destination that arrived before the item's
     first bytes said where its storage begins (a later part of the item came first): kept
     aside, then copied into place."""
+    fast_decoded_items: int = 0
+    """Read items decoded by aiodcp's own tensor decoder (``fast_decode``) instead of
+    ``torch.load``: plain tensors copied from their stored bytes, and every item below."""
+    direct_items: int = 0
+    """Stored items received straight into their destination tensor's memory (items of 512 KiB
+    or more for a contiguous CPU destination): no buffer, no copy."""
+    direct_runs: int = 0
+    """Runs of sliced items (``sliced_items``) received straight into their destination."""
+    refetched_items: int = 0
+    """Items meant to be received straight into their destination whose archive turned out to
+    be laid out otherwise: fetched again and decoded by ``torch.load`` (their bytes count twice
+    in ``bytes_received``)."""
     bytes_from_peers: int = 0
     """Stored item bytes this rank received from other ranks instead of the store (a shared
     multi-rank load, ``share_across_ranks``)."""
@@ -132,6 +144,9 @@ class StatsRecorder:
         "bytes_requested",
         "bytes_to_peers",
         "bytes_used",
+        "direct_items",
+        "direct_runs",
+        "fast_decoded_items",
         "files",
         "held_aside_bytes",
         "items",
@@ -139,6 +154,7 @@ class StatsRecorder:
         "max_gap_size",
         "min_request_rate",
         "peak_buffered_bytes",
+        "refetched_items",
         "requests",
         "resigned",
         "resumed_bytes",
@@ -168,6 +184,10 @@ class StatsRecorder:
         self.sliced_items = 0
         self.slice_saved_bytes = 0
         self.held_aside_bytes = 0
+        self.fast_decoded_items = 0
+        self.direct_items = 0
+        self.direct_runs = 0
+        self.refetched_items = 0
         self.min_request_rate: float | None = None
         self.bytes_from_peers = 0
         self.bytes_to_peers = 0
@@ -224,6 +244,10 @@ class StatsRecorder:
                 sliced_items=self.sliced_items,
                 slice_saved_bytes=self.slice_saved_bytes,
                 held_aside_bytes=self.held_aside_bytes,
+                fast_decoded_items=self.fast_decoded_items,
+                direct_items=self.direct_items,
+                direct_runs=self.direct_runs,
+                refetched_items=self.refetched_items,
                 bytes_from_peers=self.bytes_from_peers,
                 bytes_to_peers=self.bytes_to_peers,
                 job=self.job,
@@ -247,6 +271,10 @@ _SUMMED = (
     "sliced_items",
     "slice_saved_bytes",
     "held_aside_bytes",
+    "fast_decoded_items",
+    "direct_items",
+    "direct_runs",
+    "refetched_items",
 )
 """The counters a job's statistics sum over its ranks, in the order ranks exchange them."""
 

@@ -236,11 +236,6 @@ class DcpLoad:
         self._engine: FetchEngine | None = None
         # id(read item) -> blocks of a sliced read item not decoded yet
         self._blocks_left: dict[int, int] = {}
-        # Items decoded without torch.load, and of those, received straight into their
-        # destination; runs of sliced items received straight into their destination.
-        self.fast_decoded = 0
-        self.direct_received = 0
-        self.runs_received = 0
 
     def abort(self) -> None:
         """Cancel this load's engine, from any thread (the reader also cancels the driver's
@@ -432,11 +427,10 @@ class DcpLoad:
                         if item_index in fetch.direct:
                             req, receive = direct[file_index][item_index]
                             if self._received_directly(engine, file_index, item_index, receive):
-                                if sliced is None:
-                                    self.direct_received += 1
-                                else:
-                                    self.runs_received += 1
-                                self.fast_decoded += 1
+                                recorder.add(
+                                    fast_decoded_items=1,
+                                    **{"direct_items" if sliced is None else "direct_runs": 1},
+                                )
                                 planner.commit_tensor(req, receive.tensor)
                             else:
                                 etag = engine.etag(fetch.key)
@@ -537,8 +531,7 @@ class DcpLoad:
                 try:
                     for item in placed:  # received straight into its destination
                         req = reqs_of[item][0]
-                        self.direct_received += 1
-                        self.fast_decoded += 1
+                        recorder.add(direct_items=1, fast_decoded_items=1)
                         planner.commit_tensor(req, direct[item].tensor)
                     for item, buffer in [*received.items(), *sending.items()]:
                         if item not in reqs_of:  # probes of chunks this rank slices
@@ -958,6 +951,7 @@ class DcpLoad:
             item_range.start,
             item_range.end,
         )
+        self._recorder.add(refetched_items=1)
         plan = plan_file([item_range], max_gap_size=0, part_size=self.config.buffered_part_size)
         engine = FetchEngine(
             self._io.run(_opened),
@@ -1005,7 +999,7 @@ class DcpLoad:
             and self.config.fast_decode
             and decode_into(buffer, req.storage_offsets, req.lengths, target)
         ):
-            self.fast_decoded += 1
+            self._recorder.add(fast_decoded_items=1)
             planner.commit_tensor(req, target)
             return
         if not descriptors:
@@ -1069,7 +1063,7 @@ class DcpLoad:
         left = self._blocks_left[id(req)] - 1
         self._blocks_left[id(req)] = left
         if not left:
-            self.fast_decoded += 1
+            self._recorder.add(fast_decoded_items=1)
             planner.commit_tensor(req, target)
 
     def _check_bytes(self, req: ReadItem, data: bytes, info: _StorageInfo) -> None:

@@ -131,12 +131,6 @@ class S3StorageReader(StorageReader):
         self.load_id = uuid.uuid4().hex
         self.rank: int | None = None
         self._extensions = ExtensionRegistry()
-        # Over the reader's loads (for tests and profiling): items decoded without
-        # torch.load, and of those, received straight into their destination; runs of
-        # sliced items received straight into their destination (DcpLoad counts them).
-        self._fast_decoded = 0
-        self._direct_received = 0
-        self._runs_received = 0
 
     # ------------------------------------------------------------------ plumbing
 
@@ -311,9 +305,6 @@ class S3StorageReader(StorageReader):
             raise
         finally:
             self._load = None
-            self._fast_decoded += load.fast_decoded
-            self._direct_received += load.direct_received
-            self._runs_received += load.runs_received
         self._stats = recorder.finish()
         logger.info("%s: loaded: %s", self._path.url, self._stats)
         future: Future[None] = Future()
