@@ -132,6 +132,50 @@ async def test_cancel_stops_everything_promptly(
     assert established_to(port) == 0
 
 
+async def test_cancel_while_torch_plans_stops_the_load_before_it_fetches(
+    big_checkpoint: tuple[str, dict[str, Any]], reader_kwargs: dict[str, Any]
+) -> None:
+    """Cancelled after its .metadata GET, while dcp.load is still planning (no request in
+    flight, no engine yet): the load's session refuses the work it would start next, so no
+    data is fetched and the task ends as soon as planning returns."""
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    url, sd = big_checkpoint
+    planning, release = threading.Event(), threading.Event()
+
+    class Parked(DefaultLoadPlanner):
+        def create_local_plan(self) -> Any:
+            planning.set()
+            release.wait(30)
+            return super().create_local_plan()
+
+    keys: list[str] = []
+    state = {k: torch.zeros_like(v) for k, v in sd.items()}
+    task = asyncio.create_task(
+        aiodcp.load_checkpoint(
+            state, url, planner=Parked(), on_request=lambda m: keys.append(m.key), **reader_kwargs
+        )
+    )
+    try:
+        assert await asyncio.to_thread(planning.wait, 30), "planning never started"
+        task.cancel()
+        await asyncio.sleep(0.05)
+        release.set()
+        started = time.perf_counter()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 30)
+        elapsed = time.perf_counter() - started
+    finally:
+        release.set()
+        if not task.done():
+            task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert [k for k in keys if k.endswith(".distcp")] == []
+    assert not any(torch.equal(state[k], sd[k]) for k in sd)
+    assert elapsed < 10.0
+    assert aiodcp_threads() == []
+
+
 async def test_no_connections_or_threads_left_after_a_load(
     big_checkpoint: tuple[str, dict[str, Any]],
     reader_kwargs: dict[str, Any],

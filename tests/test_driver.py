@@ -49,3 +49,39 @@ def test_cancelling_one_call_cancels_it_alone() -> None:
     finally:
         driver.close()
     assert _io_threads() <= before  # the driver's thread is gone
+
+
+def test_a_cancelled_scope_stops_its_own_calls_and_refuses_new_ones() -> None:
+    """A load's scope (``driver.scope()``): cancelling it cancels its coroutines only, and work
+    submitted after the cancellation is refused, so nothing a cancelled load starts later
+    escapes it; another scope on the same loop and connections goes on."""
+    from aiodcp import LoadCancelledError
+
+    driver = PrivateLoopDriver(ReaderConfig(endpoint_url="http://127.0.0.1:9", unsigned=True))
+    parked = threading.Event()
+
+    async def park(store: S3Store) -> None:
+        parked.set()
+        await asyncio.sleep(3600)
+
+    async def answer(store: S3Store) -> int:
+        await asyncio.sleep(0.05)
+        return 42
+
+    try:
+        mine, other = driver.scope(), driver.scope()
+        first = mine.submit(park)
+        second = other.submit(answer)
+        assert parked.wait(10)
+        mine.cancel()
+        with pytest.raises(concurrent.futures.CancelledError):
+            first.result(timeout=10)
+        with pytest.raises(LoadCancelledError, match="cancelled"):
+            mine.submit(answer)
+        with pytest.raises(LoadCancelledError):
+            mine.run(answer)
+        assert second.result(timeout=10) == 42
+        assert other.run(answer) == 42  # the other scope, and the driver, go on
+        assert driver.run(answer) == 42
+    finally:
+        driver.close()

@@ -3,12 +3,13 @@
 Data flow: import the S3 stack in a thread (the first load of a process pays ~0.4 s for
 botocore, aiobotocore and aiohttp, which ``import aiodcp`` leaves out; not on the caller's
 loop) -> start aiodcp's private I/O loop (a ``PrivateLoopDriver``: its own thread, its own
-``S3Store``) and read ``.metadata`` there (so a wrong path, missing bucket or access problem
-raises aiodcp's own error at once; its time is the request latency ``max_gap_size="auto"`` is
-resolved with) -> run the blocking ``dcp.load`` in a dedicated worker thread with an
-``S3StorageReader`` on that driver: the download runs on the I/O loop, the decoding in the worker
-thread, and the caller's loop only awaits the result -> unwrap torch's ``CheckpointException``
-so callers see the original error -> close the driver (its loop, thread and connections).
+``S3Store``) and the load's ``LoadSession`` over it (``dcp._session``) -> read ``.metadata``
+through the session (``aread_metadata``: so a wrong path, missing bucket or access problem raises
+aiodcp's own error at once; its time is the request latency ``max_gap_size="auto"`` is resolved
+with) -> run the blocking ``dcp.load`` in a dedicated worker thread with an ``S3StorageReader``
+attached to the session: the download runs on the I/O loop, the decoding in the worker thread,
+and the caller's loop only awaits the result -> unwrap torch's ``CheckpointException`` so
+callers see the original error -> close the driver (its loop, thread and connections).
 
 Why not the caller's loop: every ``recv_into`` on the loop that receives the data gives up the
 GIL, and while the decode thread is busy (many small tensors) getting it back can take up to the
@@ -16,17 +17,18 @@ GIL, and while the decode thread is busy (many small tensors) getting it back ca
 times, and every task of the caller's loop with it (the loop-lag scenario of benchmarks/README.md
 measures it). Creating the S3 client is off the caller's loop too.
 
-Cancelling the awaiting task cancels every request at once, lets the item being decoded finish,
-waits for the worker thread to leave ``dcp.load``, closes every connection and stops the I/O
-thread, then re-raises.
+Cancelling the awaiting task cancels the session (every request at once, and any the load would
+start later), lets the item being decoded finish, waits for the worker thread to leave
+``dcp.load``, closes every connection and stops the I/O thread, then re-raises. Two concurrent
+calls share nothing (each its own driver and session).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
 from torch.distributed.checkpoint.planner import LoadPlanner
@@ -34,18 +36,15 @@ from torch.distributed.checkpoint.planner import LoadPlanner
 from ._config import ReaderConfig
 from ._errors import AiodcpError
 from ._path import parse_checkpoint_path
-from ._stats import LoadStats, StatsRecorder
-from .dcp._session import fetch_metadata, run_dcp_load, run_in_thread
+from ._stats import LoadStats
+from .dcp._session import LoadSession, run_dcp_load, run_in_thread
 from .dcp._sharing import will_share
 
 if TYPE_CHECKING:
     from ._driver import PrivateLoopDriver
-    from ._store import S3Store
     from .dcp._storage_reader import S3StorageReader
 
 __all__ = ["load_checkpoint"]
-
-T = TypeVar("T")
 
 
 async def load_checkpoint(
@@ -99,27 +98,15 @@ async def load_checkpoint(
         **options,
     )
     path = parse_checkpoint_path(checkpoint_id)
-    recorder = StatsRecorder()
     # The first load of a process imports the S3 stack (~0.4 s): in a thread, not on the loop.
     loop_driver, attached_reader = await run_in_thread(_s3_stack, on_cancel=lambda: None)
     driver = loop_driver(cfg)
     try:
-        if cfg.share_across_ranks and will_share(process_group, no_dist):
-            # Rank 0 reads .metadata for the whole job inside dcp.load (dcp._sharing).
-            reader = attached_reader(path, cfg, driver, recorder, progress=progress)
-        else:
-            fetched = await _on_driver(driver, lambda store: fetch_metadata(store, path, recorder))
-            # Unpickling a large checkpoint's metadata takes long: not on the loop.
-            metadata = await run_in_thread(fetched.parse, on_cancel=lambda: None)
-            reader = attached_reader(
-                path,
-                cfg,
-                driver,
-                recorder,
-                metadata=metadata,
-                request_latency_s=fetched.request_latency_s,
-                progress=progress,
-            )
+        session = LoadSession(path, cfg, driver, progress=progress)
+        if not (cfg.share_across_ranks and will_share(process_group, no_dist)):
+            # (Shared: rank 0 reads .metadata for the whole job inside dcp.load.)
+            await session.aread_metadata()
+        reader = attached_reader(session, driver)
         await run_in_thread(
             lambda: run_dcp_load(
                 state_dict,
@@ -128,10 +115,9 @@ async def load_checkpoint(
                 process_group=process_group,
                 no_dist=no_dist,
             ),
-            on_cancel=reader.abort,
+            on_cancel=session.cancel,
         )
-        stats = reader.stats
-        return stats if stats is not None else LoadStats()
+        return session.stats if session.stats is not None else LoadStats()
     finally:
         # Stops the I/O loop and joins its thread (closing the connections first): in a
         # thread, so the caller's loop keeps running meanwhile, even while being cancelled.
@@ -145,13 +131,3 @@ def _s3_stack() -> tuple[type[PrivateLoopDriver], Callable[..., S3StorageReader]
     from .dcp._storage_reader import attached_reader
 
     return PrivateLoopDriver, attached_reader
-
-
-async def _on_driver(driver: PrivateLoopDriver, fn: Callable[[S3Store], Awaitable[T]]) -> T:
-    """Await ``fn(store)`` running on the driver's loop; cancelling the caller cancels it."""
-    future = driver.submit(fn)
-    try:
-        return await asyncio.wrap_future(future)
-    except asyncio.CancelledError:
-        driver.cancel_all()
-        raise

@@ -17,14 +17,14 @@ restricted unpickler (``dcp._metadata.load_metadata``); no data file is touched,
 Data flow::
 
     argv -> argparse -> ReaderConfig (validated) + CheckpointPath (parsed)
-         -> asyncio.run(dcp._session.fetch_metadata) -> FetchedMetadata.parse() -> Metadata
+         -> dcp._session.LoadSession.read_metadata() (a private I/O loop) -> Metadata
          -> _stored_items(): one validated record per storage_data entry
          -> inspect_report() | plan_report()       pure, JSON-ready dicts (the --json output)
          -> render_inspect() | render_plan()       the human tables, drawn from those dicts
 
 ``plan`` selects every stored item whose ``MetadataIndex.fqn`` equals a given key or starts with
 ``key + "."`` (so ``--keys model`` selects ``model.*``), then plans each data file exactly as
-``S3StorageReader._group`` does: identical ranges once, zero-length items skipped, and
+a load's read phase (``DcpLoad.group``) does: identical ranges once, zero-length items skipped, and
 ``_planner.plan_file`` with the given ``max_gap_size`` and ``buffered_part_size`` (a load gives
 large tensors it receives straight into the state dict whole ``part_size`` GETs, which a plan
 without a state dict cannot tell; it shows the buffered parts). Files are in path
@@ -36,9 +36,10 @@ load measures its own request, so its automatic gap can differ a little (pass a 
 elements ``[START, START+LEN)`` of dim ``DIM`` of every selected tensor, clamped to its size
 (tensors without that dim are read whole, a tensor the shard misses is not read). The read items
 are torch's own for that shard (``create_read_items_for_chunk_list``), and ``slice_load`` hands
-them to ``S3StorageReader`` itself, which fetches the heads and tails of the items worth slicing
-and plans their runs. The report then counts, per file, the bytes the read items' regions need,
-and adds the head/tail GETs to the requests and requested bytes.
+them to a load session's read phase itself (``LoadSession.dcp_load``), which fetches the heads
+and tails of the items worth slicing and plans their runs. The report then counts, per file,
+the bytes the read items' regions need, and adds the head/tail GETs to the requests and
+requested bytes.
 
 Sizes on the command line are a whole number of bytes with an optional unit: ``B``;
 ``K``/``KiB``, ``M``/``MiB``, ``G``/``GiB``, ``T``/``TiB`` (powers of 1024); ``KB``, ``MB``,
@@ -101,7 +102,6 @@ no traceback.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import gc
 import json
 import os
@@ -142,7 +142,7 @@ from ._planner import (
     plan_file,
     resolve_max_gap_size,
 )
-from .dcp._session import METADATA_NAME, FetchedMetadata, fetch_metadata, select_keys
+from .dcp._session import METADATA_NAME, LoadSession, select_keys
 
 __all__ = [
     "EXIT_ACCESS_DENIED",
@@ -382,14 +382,17 @@ def read_metadata(path: CheckpointPath, config: ReaderConfig) -> tuple[Metadata,
     """GET and unpickle ``.metadata``; returns it, its size in bytes and the GET's estimated time
     to first byte in seconds (what ``max_gap_size="auto"`` is resolved with)."""
 
-    from ._store import S3Store  # the S3 stack: only the commands that read a checkpoint
+    from ._driver import PrivateLoopDriver  # the S3 stack: only commands that read a checkpoint
 
-    async def fetch() -> FetchedMetadata:
-        async with S3Store(config) as store:
-            return await fetch_metadata(store, path)
-
-    fetched = asyncio.run(fetch())
-    return fetched.parse(), len(fetched.data), fetched.request_latency_s
+    driver = PrivateLoopDriver(config)
+    try:
+        session = LoadSession(path, config, driver)
+        metadata = session.read_metadata()
+    finally:
+        driver.close()
+    latency = session.request_latency_s
+    assert latency is not None  # measured by the GET
+    return metadata, session.metadata_bytes, latency
 
 
 @dataclass(frozen=True, slots=True)
@@ -556,7 +559,6 @@ def slice_load(
 
     from ._driver import PrivateLoopDriver
     from ._stats import StatsRecorder
-    from .dcp._load import DcpLoad
     from .dcp._storage_reader import S3StorageReader
 
     chosen = set(selected)
@@ -582,15 +584,10 @@ def slice_load(
     try:
         reader.set_up_storage_reader(metadata, True)
         plan = reader.prepare_local_plan(LoadPlan(items))  # the reader's item order
-        load = DcpLoad(
-            path=path,
-            config=config,
-            storage_data=metadata.storage_data,
-            tensor_metadata=metadata.state_dict_metadata,
-            driver=driver,
-            recorder=StatsRecorder(),
-            request_latency_s=request_latency_s,
+        session = LoadSession(
+            path, config, driver, metadata=metadata, request_latency_s=request_latency_s
         )
+        load = session.dcp_load(metadata.storage_data, metadata.state_dict_metadata)
         grouped = load.group(plan)
         gap = resolve_max_gap_size(config.max_gap_size, request_latency_s)
         load.slice(grouped, DefaultLoadPlanner(), gap, StatsRecorder(), {})
@@ -644,7 +641,7 @@ def plan_report(
     fqns = set(metadata.state_dict_metadata) | {item.fqn for item in stored}
     selected = fqns if requested is None else _select(requested, fqns)
 
-    # As S3StorageReader._group: per file (in load order) each distinct range once, with the
+    # As DcpLoad.group: per file (in load order) each distinct range once, with the
     # keys that read it; zero-length items need no request.
     per_file: dict[str, dict[ItemRange, list[str]]] = {}
     if sliced is not None:

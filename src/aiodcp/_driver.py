@@ -9,8 +9,13 @@ which runs them on an event loop that is not the calling thread's, and blocks fo
   a notebook cell whose own loop is running, by ``await load_checkpoint(...)`` (which only
   awaits it from the caller's loop, see ``_api``) and by prefetch handles.
 
-Each driver owns one ``S3Store`` opened on its loop (an aiobotocore client belongs to one loop).
-Every coroutine submitted is tracked, so ``cancel_all()`` stops all work of a load at once;
+- ``ScopedDriver`` (``driver.scope()``): one load's view of another driver, the same loop and
+  store (connections), but its own set of submitted coroutines: its ``cancel_all()`` cancels
+  that load's requests only. Every load session runs through one (``dcp._session``), so
+  cancelling one load never touches another's work, nor a prefetch's download.
+
+Each private loop owns one ``S3Store`` opened on it (an aiobotocore client belongs to one loop).
+Every coroutine submitted is tracked, so ``cancel_all()`` stops all work of a driver at once;
 cancelling the future ``submit`` returned cancels that coroutine alone.
 
 Why not anyio's ``start_blocking_portal`` (the same shape: a loop on a daemon thread, calls from
@@ -25,8 +30,12 @@ that thread refused, each call cancellable alone). Measured on the 2-core dev ma
 - anyio is not one of our dependencies (aiobotocore does not bring it): it would add a package
   and 12-19 ms of import to replace the ~20 lines that start the thread.
 
-``await load_checkpoint(...)`` needs asyncio: under trio it raises ``RuntimeError: no running
-event loop``. From trio, run ``dcp.load`` with an ``S3StorageReader`` in
+Nor anyio's cancel scopes for cancelling one load: a load's work runs on the private loop and in
+a decode thread, not in the caller's task, so a scope in the caller's task could not reach it;
+a ``ScopedDriver`` per load (its own coroutines) does, from any thread.
+
+``await load_checkpoint(...)`` needs asyncio: under trio it raises an ``AiodcpError`` saying so,
+before it starts anything. From trio, run ``dcp.load`` with an ``S3StorageReader`` in
 ``trio.to_thread.run_sync`` (tried: it loads). A backend-neutral coroutine would need anyio as a
 dependency; not done.
 """
@@ -42,9 +51,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from ._config import ReaderConfig
+from ._errors import LoadCancelledError
 from ._store import S3Store
 
-__all__ = ["Driver", "PrivateLoopDriver"]
+__all__ = ["Driver", "PrivateLoopDriver", "ScopedDriver"]
 
 T = TypeVar("T")
 StoreCall = Callable[[S3Store], Awaitable[T]]
@@ -133,6 +143,51 @@ class Driver:
 
     def close(self) -> None:
         raise NotImplementedError
+
+    def scope(self) -> ScopedDriver:
+        """A view of this driver with a set of submitted coroutines of its own."""
+        return ScopedDriver(self)
+
+
+class ScopedDriver(Driver):
+    """One load's view of another driver: the same loop and store (connections), but its own
+    set of submitted coroutines, so that its ``cancel_all`` (the load's cancellation) cancels
+    its own requests only, never another load's or a prefetch's download.
+
+    Its coroutines are tasks of the parent's loop, so closing the parent (which cancels every
+    task of that loop before closing it) stops them too."""
+
+    def __init__(self, parent: Driver) -> None:
+        super().__init__()
+        self._parent = parent
+        self.cancelled = False
+        renew_locks_after_fork(self, "_pending_lock")
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self._parent.loop
+
+    def submit(self, fn: StoreCall[T]) -> concurrent.futures.Future[T]:
+        """As ``Driver.submit``; once the scope is cancelled, raises ``LoadCancelledError``
+        (work that starts after the cancellation would otherwise escape it)."""
+        if self.cancelled:
+            raise LoadCancelledError("aiodcp: this load was cancelled")
+        future = super().submit(fn)
+        if self.cancelled:  # cancelled while it was being submitted
+            future.cancel()
+        return future
+
+    def cancel(self) -> None:
+        """Cancel every coroutine of this scope and refuse new ones (thread-safe)."""
+        self.cancelled = True
+        self.cancel_all()
+
+    async def _get_store(self) -> S3Store:
+        return await self._parent._get_store()
+
+    def close(self) -> None:
+        """Cancel this scope's coroutines; the loop and connections are the parent's."""
+        self.cancel_all()
 
 
 class PrivateLoopDriver(Driver):

@@ -9,19 +9,22 @@ Data flow::
            consumer: the handle holds every requested byte until it is loaded or cancelled)
         -> tqdm progress bar (``progress=False`` to hide it)
     handle.load(state_dict) / await handle.aload(state_dict)
-        -> dcp.load with an S3StorageReader whose prefetch source is this handle: items the
-           prefetch holds (or is still downloading) are waited for, never fetched twice;
-           anything else is fetched by the load itself. The .metadata read is not repeated.
+        -> a LoadSession (dcp._session) over the handle's loop, with the metadata the prefetch
+           read and a _LoadScope of the handle as its prefetch source
+        -> dcp.load with an S3StorageReader attached to that session: items the prefetch holds
+           (or is still downloading) are waited for, never fetched twice; anything else is
+           fetched by the load itself. The .metadata read is not repeated.
 
 The handle works from plain code and from a notebook cell whose loop is running, because its
 I/O runs on its own loop thread. ``cancel()`` stops the downloads and frees the buffers.
 
-Cancellation is scoped to the call cancelled (``_LoadScope``): cancelling an ``aload`` (or a task
-awaiting the handle) cancels that call's own work only, i.e. its decoding, its waits for
-prefetched items and the requests it sent itself (through a ``_LoadDriver``: the handle's loop
-and connections, but its own set of submitted coroutines). The prefetch's download goes on, so
-a later ``load``/``aload`` takes the same bytes, none fetched twice. Only ``cancel()`` and
-``close()`` stop the download; a load waiting for it then raises ``LoadCancelledError``.
+Cancellation is scoped to the call cancelled (its ``LoadSession``): cancelling an ``aload`` (or a
+task awaiting the handle) cancels that call's own work only, i.e. its decoding, its waits for
+prefetched items (``_LoadScope.cancel``) and the requests it sent itself (the session's scope:
+the handle's loop and connections, but its own set of submitted coroutines). The prefetch's
+download goes on, so a later ``load``/``aload`` takes the same bytes, none fetched twice. Only
+``cancel()`` and ``close()`` stop the download; a load waiting for it then raises
+``LoadCancelledError``.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.planner import LoadPlanner
 
 from ._config import ReaderConfig
-from ._driver import Driver, PrivateLoopDriver
+from ._driver import PrivateLoopDriver
 from ._engine import FetchEngine, FileFetch
 from ._errors import ConfigError, LoadCancelledError
 from ._path import CheckpointPath, parse_checkpoint_path
@@ -50,8 +53,8 @@ from ._progress import with_progress
 from ._reader import ChunkBuffer
 from ._stats import LoadStats, StatsRecorder
 from ._store import S3Store
-from .dcp._session import fetch_metadata, run_dcp_load, run_in_thread, select_keys
-from .dcp._storage_reader import S3StorageReader, attached_reader
+from .dcp._session import LoadSession, fetch_metadata, run_dcp_load, run_in_thread, select_keys
+from .dcp._storage_reader import attached_reader
 
 __all__ = ["PrefetchHandle", "prefetch"]
 
@@ -145,6 +148,7 @@ class PrefetchHandle:
             self._request_latency_s = latency
             max_gap_size = resolve_max_gap_size(self._config.max_gap_size, latency)
             recorder.max_gap_size = max_gap_size
+            recorder.request_latency_s = latency
             files, index = self._select(metadata, max_gap_size)
             total = sum(f.plan.item_bytes for f in files)
             config = self._config.replace(memory_budget=max(total, 1))
@@ -243,7 +247,8 @@ class PrefetchHandle:
         # download (``cancel()`` does that).
         return asyncio.shield(asyncio.wrap_future(self._future)).__await__()
 
-    def _reader(self, scope: _LoadScope) -> S3StorageReader:
+    def _session(self) -> LoadSession:
+        """A load's session: the metadata the prefetch read, its items as the source."""
         metadata: Metadata | None = None
         if not self._cancelled:
             try:
@@ -259,14 +264,13 @@ class PrefetchHandle:
                     error = None  # stopped before reading it: the load reads it itself
                 if error is not None:
                     raise error  # the metadata read failed: raise its error
-        return attached_reader(
+        return LoadSession(
             self._path,
             self._config,
-            scope.driver,
-            StatsRecorder(),
+            self._driver,
+            source=None if self._cancelled else _LoadScope(self),
             metadata=metadata,
             request_latency_s=self._request_latency_s,
-            source=None if self._cancelled else scope,
         )
 
     def load(
@@ -280,8 +284,8 @@ class PrefetchHandle:
     ) -> LoadStats:
         """``dcp.load`` into ``state_dict`` from what was prefetched, fetching only what is
         missing. Afterwards the prefetched bytes are freed unless ``keep=True``."""
-        reader = self._reader(_LoadScope(self))
-        return self._load(reader, state_dict, planner, process_group, no_dist, keep)
+        session = self._session()
+        return self._load(session, state_dict, planner, process_group, no_dist, keep)
 
     async def aload(
         self,
@@ -300,21 +304,15 @@ class PrefetchHandle:
         # Shielded: wrap_future would pass the caller's cancellation on to ``_ready``, which
         # belongs to the handle (every later aload would then raise CancelledError).
         await asyncio.shield(asyncio.wrap_future(self._ready))
-        scope = _LoadScope(self)
-        reader = self._reader(scope)
-
-        def abort() -> None:
-            scope.cancel()
-            reader.abort()  # its own engine, and its own requests (scope.driver) only
-
+        session = self._session()
         return await run_in_thread(
-            lambda: self._load(reader, state_dict, planner, process_group, no_dist, keep),
-            on_cancel=abort,
+            lambda: self._load(session, state_dict, planner, process_group, no_dist, keep),
+            on_cancel=session.cancel,  # its own engine, waits and requests only
         )
 
     def _load(
         self,
-        reader: S3StorageReader,
+        session: LoadSession,
         state_dict: dict[str, Any],
         planner: LoadPlanner | None,
         process_group: dist.ProcessGroup | None,
@@ -323,15 +321,14 @@ class PrefetchHandle:
     ) -> LoadStats:
         run_dcp_load(
             state_dict,
-            reader,
+            attached_reader(session, self._driver),
             planner=planner,
             process_group=process_group,
             no_dist=no_dist,
         )
         if not keep:
             self.cancel()
-        stats = reader.stats
-        return stats if stats is not None else LoadStats()
+        return session.stats if session.stats is not None else LoadStats()
 
     def cancel(self) -> None:
         """Stop downloading and free every prefetched byte. Later loads fetch for themselves."""
@@ -363,38 +360,13 @@ class PrefetchHandle:
         return f"<PrefetchHandle {self._path.url} {state} {self.stats}>"
 
 
-class _LoadDriver(Driver):
-    """One load's view of the handle's driver: the same loop and store (connections), but its
-    own set of submitted coroutines, so that the load's abort (``cancel_all``) cancels its own
-    requests only, never the prefetch's download or another load's requests.
-
-    Its coroutines are tasks of the handle's loop, so ``PrefetchHandle.close()`` (which cancels
-    every task of that loop before closing it) stops them too."""
-
-    def __init__(self, shared: PrivateLoopDriver) -> None:
-        super().__init__()
-        self._shared = shared
-
-    @property
-    def loop(self) -> asyncio.AbstractEventLoop:
-        return self._shared.loop
-
-    async def _get_store(self) -> S3Store:
-        return await self._shared._get_store()
-
-    def close(self) -> None:
-        """Cancel this load's requests; the loop and connections are the handle's to close."""
-        self.cancel_all()
-
-
 class _LoadScope:
-    """What cancelling one ``load``/``aload`` on a handle stops: the requests it sent through
-    ``driver``, and its waits for the prefetch's items (the reader's prefetch source, see
-    ``DcpLoad.group``). The prefetch's download is not the load's and goes on."""
+    """One load's view of the prefetch (the session's ``PrefetchSource``): its waits for the
+    prefetch's items, which cancelling the load ends (``cancel``). The prefetch's download is
+    not the load's and goes on."""
 
     def __init__(self, handle: PrefetchHandle) -> None:
         self.handle = handle
-        self.driver = _LoadDriver(handle._driver)
         self._cancelled = False
         self._lock = threading.Lock()
         self._engines: set[FetchEngine] = set()

@@ -40,6 +40,9 @@ class LoadStats:
     max_gap_size: int | float | None = None
     """Bytes: the gap size the load planned its requests with (``ReaderConfig.max_gap_size``,
     with ``"auto"`` resolved from the measured latency); None if the load planned nothing."""
+    request_latency_s: float | None = None
+    """Seconds: the estimated time to first byte of the ``.metadata`` GET, which
+    ``max_gap_size="auto"`` was resolved from; None if the load did not measure one."""
     throttled: int = 0
     """Requests the store refused for their rate (503 ``SlowDown`` and other throttling
     replies); each was retried after the load lowered its request rate."""
@@ -155,6 +158,7 @@ class StatsRecorder:
         "min_request_rate",
         "peak_buffered_bytes",
         "refetched_items",
+        "request_latency_s",
         "requests",
         "resigned",
         "resumed_bytes",
@@ -179,6 +183,7 @@ class StatsRecorder:
         self.files = 0
         self.peak_buffered_bytes = 0
         self.max_gap_size: int | float | None = None
+        self.request_latency_s: float | None = None
         self.throttled = 0
         self.resigned = 0
         self.sliced_items = 0
@@ -238,6 +243,7 @@ class StatsRecorder:
                 time_to_first_byte_s=ttfb,
                 wall_time_s=stop - self._start,
                 max_gap_size=self.max_gap_size,
+                request_latency_s=self.request_latency_s,
                 throttled=self.throttled,
                 min_request_rate=self.min_request_rate,
                 resigned=self.resigned,
@@ -292,7 +298,8 @@ def counters(stats: LoadStats) -> list[int]:
 
 def job_stats(rows: list[list[int]], template: LoadStats) -> LoadStats:
     """The job's statistics from every rank's ``counters``: counts summed, peaks and times the
-    largest; the gap and request-rate settings are ``template``'s (this rank's)."""
+    largest; the gap, its measured latency and the request-rate settings are ``template``'s
+    (this rank's)."""
     values: dict[str, int] = {}
     for i, name in enumerate(_SUMMED):
         column = [row[i] for row in rows]
@@ -303,6 +310,7 @@ def job_stats(rows: list[list[int]], template: LoadStats) -> LoadStats:
         time_to_first_byte_s=max(row[n] for row in rows) / 1e9,
         wall_time_s=max(row[n + 1] for row in rows) / 1e9,
         max_gap_size=template.max_gap_size,
+        request_latency_s=template.request_latency_s,
         min_request_rate=template.min_request_rate,
         ranks=len(rows),
     )

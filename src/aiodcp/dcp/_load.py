@@ -180,11 +180,14 @@ def _narrow(
 
 class PrefetchSource(Protocol):
     """Stored items another download already holds (a prefetch): ``lookup`` returns a call
-    that blocks until the item's buffer is there, or ``None`` if the source does not have it."""
+    that blocks until the item's buffer is there, or ``None`` if the source does not have it.
+    ``cancel`` ends this load's waits (they raise ``LoadCancelledError``), not the download."""
 
     def lookup(
         self, relative_path: str, item_range: ItemRange
     ) -> Callable[[], ChunkBuffer] | None: ...
+
+    def cancel(self) -> None: ...
 
 
 @dataclasses.dataclass
@@ -234,15 +237,25 @@ class DcpLoad:
         self._extensions = extensions if extensions is not None else ExtensionRegistry()
         self.progress = progress
         self._engine: FetchEngine | None = None
+        self._aborted = False
         # id(read item) -> blocks of a sliced read item not decoded yet
         self._blocks_left: dict[int, int] = {}
 
     def abort(self) -> None:
-        """Cancel this load's engine, from any thread (the reader also cancels the driver's
-        work)."""
+        """Cancel this load's engine, from any thread, and every engine it starts later (the
+        session also cancels the requests of its scope)."""
+        self._aborted = True
         engine = self._engine
         if engine is not None:
             engine.abort()
+
+    def _running(self, engine: FetchEngine) -> FetchEngine:
+        """``engine`` is the one ``abort`` stops from now on (stopped at once if it came
+        after an abort)."""
+        self._engine = engine
+        if self._aborted:
+            engine.abort()
+        return engine
 
     def sliced_apart(
         self, reqs_of: list[dict[StoredItem, list[ReadItem]]]
@@ -393,10 +406,9 @@ class DcpLoad:
 
         # Built here, not on the loop: a checkpoint of many items makes this the slow part,
         # and the loop may be the caller's (load_checkpoint), which must stay responsive.
-        engine = FetchEngine(
-            driver.run(_opened), self._path.bucket, files, self.config, recorder, etags
+        engine = self._running(
+            FetchEngine(driver.run(_opened), self._path.bucket, files, self.config, recorder, etags)
         )
-        self._engine = engine
 
         async def start(store: S3Store) -> None:
             label = f"aiodcp {self._path.url}"
@@ -508,7 +520,7 @@ class DcpLoad:
         try:
             if share.fetch:
                 engine, where = self._share_engine(share, recorder)
-                self._engine = engine
+                self._running(engine)
 
                 async def start(store: S3Store) -> None:
                     await engine.run()
@@ -693,8 +705,9 @@ class DcpLoad:
             for relative_path, ranges in probes.items()
         ]
         grouped.probe_plans = {path: f.plan for path, f in zip(probes, files, strict=True)}
-        engine = FetchEngine(self._io.run(_opened), self._path.bucket, files, self.config, recorder)
-        self._engine = engine
+        engine = self._running(
+            FetchEngine(self._io.run(_opened), self._path.bucket, files, self.config, recorder)
+        )
 
         async def probe(store: S3Store) -> None:
             await engine.run()

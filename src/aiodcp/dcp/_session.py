@@ -1,6 +1,25 @@
-"""The steps every entry point takes once per load, written once.
+"""One load session under every entry point, and the steps each load takes, written once.
 
-Data flow::
+A ``LoadSession`` is one load of one checkpoint. It owns, for that load: the checkpoint's path
+and configuration, a cancellation scope of its own (a ``ScopedDriver`` over the loop and
+connections it runs on: only the requests this load sent), the ``.metadata`` (fetched, timed and
+unpickled once; or given by a prefetch that read it), the measured request latency the gap is
+chosen by, the statistics recorder, the progress bar setting, the prefetch it may take items
+from, and the read phase (``DcpLoad``: the plan, slicing, the engines, decoding). Its clients are
+thin: ``S3StorageReader`` (one session per ``dcp.load``), ``load_checkpoint`` and prefetch handles
+(which make the session, read the metadata off the caller's loop, and give it to a reader, see
+``attached_reader``) and the CLI's ``inspect``/``plan``.
+
+    LoadSession(path, config, driver, source=..., progress=...)
+        .read_metadata(rank=, group=)    blocking (torch's thread); shared over ``group``
+        .aread_metadata()                awaited from the caller's loop (load_checkpoint)
+        .dcp_load(storage_data, ...)     a DcpLoad over this session (planning, or read)
+        .read(plan, planner, ...)        the read phase; its LoadStats in .stats
+        .cancel()                        from any thread: stops this load's engines, its
+                                         requests, its waits for a prefetch; new work in the
+                                         scope is refused (LoadCancelledError). Nothing else.
+
+Data flow of the steps::
 
     fetch_metadata(store, path, recorder, rank=None)     on the I/O loop
         -> GET .metadata (or __{rank}.metadata), timed: its estimated time to first byte is
@@ -18,8 +37,8 @@ Data flow::
         -> fn in a fresh thread; cancelling the awaiting task calls on_cancel and waits for
            the thread to finish before re-raising
 
-Callers: ``S3StorageReader.read_metadata``, ``load_checkpoint``, ``PrefetchHandle`` and the
-CLI's ``inspect``/``plan``.
+Callers: ``LoadSession``, and ``PrefetchHandle``'s own download (a prefetch is not a load: it
+fills buffers that later load sessions take).
 """
 
 from __future__ import annotations
@@ -39,18 +58,28 @@ from torch.distributed.checkpoint.planner import LoadPlanner
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.storage import StorageReader
 
-from .._errors import NoSuchBucketError, NotFoundError
+from .._config import ReaderConfig
+from .._errors import LoadCancelledError, NoSuchBucketError, NotFoundError
 from .._path import CheckpointPath
 from .._planner import request_latency_from_get
-from .._stats import StatsRecorder
+from .._stats import LoadStats, StatsRecorder
 from ._metadata import load_metadata
+from ._sharing import RankShare, share_metadata
 
 if TYPE_CHECKING:
+    from torch.distributed.checkpoint._extension import ExtensionRegistry
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+    from torch.distributed.checkpoint.planner import LoadPlan
+
+    from .._driver import Driver, ScopedDriver
     from .._store import S3Store
+    from ._load import DcpLoad, PrefetchSource
 
 __all__ = [
     "METADATA_NAME",
     "FetchedMetadata",
+    "LoadSession",
     "fetch_metadata",
     "run_dcp_load",
     "run_in_thread",
@@ -110,6 +139,149 @@ async def fetch_metadata(
     if recorder is not None:
         recorder.add(bytes_received=len(data))
     return FetchedMetadata(data, path.bucket, key, latency)
+
+
+class LoadSession:
+    """One load of one checkpoint (see the module docstring). Not reusable: one per load."""
+
+    def __init__(
+        self,
+        path: CheckpointPath,
+        config: ReaderConfig,
+        driver: Driver,
+        *,
+        source: PrefetchSource | None = None,
+        progress: bool = False,
+        metadata: Metadata | None = None,
+        request_latency_s: float | None = None,
+    ) -> None:
+        self.path = path
+        self.config = config
+        self.scope: ScopedDriver = driver.scope()
+        """This load's requests: what ``cancel`` stops, and nothing else."""
+        self.source = source
+        self.progress = progress
+        self.recorder = StatsRecorder()
+        self.recorder.request_latency_s = request_latency_s
+        self.metadata = metadata
+        """The checkpoint's metadata, once read (or given by the prefetch that read it)."""
+        self.request_latency_s = request_latency_s
+        """Estimated time to first byte of the ``.metadata`` GET (None: not measured)."""
+        self.metadata_bytes = 0
+        """Size of the ``.metadata`` this session read (0: given, not read)."""
+        self.stats: LoadStats | None = None
+        """The load's statistics once its read phase ended (or failed)."""
+        self._lock = threading.Lock()
+        self._cancelled = False
+        self._load: DcpLoad | None = None
+
+    # ------------------------------------------------------------------ metadata
+
+    def _fetch(self, rank: int | None = None) -> FetchedMetadata:
+        path, recorder = self.path, self.recorder
+        return self.scope.run(lambda store: fetch_metadata(store, path, recorder, rank=rank))
+
+    def _took(self, fetched: FetchedMetadata, metadata: Metadata) -> Metadata:
+        self.request_latency_s = self.recorder.request_latency_s = fetched.request_latency_s
+        self.metadata_bytes = len(fetched.data)
+        self.metadata = metadata
+        return metadata
+
+    def read_metadata(
+        self, *, rank: int | None = None, group: dist.ProcessGroup | None = None
+    ) -> Metadata:
+        """GET (``__{rank}.metadata`` when ``rank`` is given), time and unpickle the metadata,
+        blocking. With ``group``, the group's rank 0 GETs it and every rank gets its bytes
+        (one GET per job; every rank of ``group`` must call this)."""
+        fetched = (
+            self._fetch(rank) if group is None else share_metadata(group, lambda: self._fetch(rank))
+        )
+        return self._took(fetched, fetched.parse())
+
+    async def aread_metadata(self) -> Metadata:
+        """``read_metadata`` awaited from a coroutine of another loop (the caller's): the GET
+        runs on the session's loop, the unpickling in a thread (a large checkpoint's metadata
+        takes long). Cancelling the awaiting task cancels the session."""
+        path, recorder = self.path, self.recorder
+        future = self.scope.submit(lambda store: fetch_metadata(store, path, recorder))
+        try:
+            fetched = await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            self.cancel()
+            raise
+        return self._took(fetched, await run_in_thread(fetched.parse, on_cancel=self.cancel))
+
+    # ------------------------------------------------------------------ read phase
+
+    def dcp_load(
+        self,
+        storage_data: dict[MetadataIndex, _StorageInfo],
+        tensor_metadata: dict[str, Any],
+        *,
+        extensions: ExtensionRegistry | None = None,
+        recorder: StatsRecorder | None = None,
+    ) -> DcpLoad:
+        """The read phase over this session (``recorder``: another one, for planning only)."""
+        # Imported here: it brings in the S3 stack, which load_checkpoint imports off the
+        # caller's loop (this module is imported on it).
+        from ._load import DcpLoad
+
+        return DcpLoad(
+            path=self.path,
+            config=self.config,
+            storage_data=storage_data,
+            tensor_metadata=tensor_metadata,
+            driver=self.scope,
+            recorder=self.recorder if recorder is None else recorder,
+            request_latency_s=self.request_latency_s,
+            source=self.source,
+            extensions=extensions,
+            progress=self.progress,
+        )
+
+    def read(
+        self,
+        plan: LoadPlan,
+        planner: LoadPlanner,
+        storage_data: dict[MetadataIndex, _StorageInfo],
+        tensor_metadata: dict[str, Any],
+        *,
+        extensions: ExtensionRegistry | None = None,
+        group: dist.ProcessGroup | None = None,
+    ) -> LoadStats:
+        """Load ``plan``'s items (through the exchange when ``plan`` carries this rank's share
+        of a shared load over ``group``); returns the load's statistics (also ``.stats``, set
+        when it fails too)."""
+        load = self.dcp_load(storage_data, tensor_metadata, extensions=extensions)
+        with self._lock:
+            if self._cancelled:
+                raise LoadCancelledError(f"{self.path.url}: the load was cancelled")
+            self._load = load
+        recorder = self.recorder
+        try:
+            share = plan.storage_data
+            if isinstance(share, RankShare) and group is not None:
+                load.read_shared(plan, planner, recorder, share, group)
+            else:
+                load.read(plan, planner, recorder)
+        finally:
+            with self._lock:
+                self._load = None
+            self.stats = recorder.finish()
+        return self.stats
+
+    def cancel(self) -> None:
+        """Stop this load, from any thread: its engines, the requests it sent, its waits for
+        a prefetch's items; work it starts afterwards raises ``LoadCancelledError``. Other
+        loads and a prefetch's download on the same loop and connections go on."""
+        with self._lock:
+            self._cancelled = True
+            load = self._load
+        self.scope.cancel()
+        if load is not None:
+            load.abort()
+        if self.source is not None:
+            self.source.cancel()
 
 
 def select_keys(requested: Sequence[str], fqns: Iterable[str]) -> tuple[set[str], list[str]]:

@@ -3,14 +3,15 @@
 Call tree under ``dcp.load(state_dict, storage_reader=S3StorageReader("s3://b/ckpt"))``::
 
     reset(checkpoint_id)                 new load id, fresh state; re-targets when given an id
-    read_metadata(rank=None)             GET .metadata (or __{rank}.metadata), restricted unpickle;
-                                         its time is the request latency "auto" gaps are chosen by
+    read_metadata(rank=None)             this load's LoadSession (dcp/_session.py): GET .metadata
+                                         (or __{rank}.metadata), restricted unpickle; its time is
+                                         the request latency "auto" gaps are chosen by
     set_up_storage_reader(md, ...)       keeps md.storage_data (MetadataIndex -> _StorageInfo)
     prepare_local_plan(plan)             items sorted per file by offset
     prepare_global_plan(plans)           unchanged, or each rank's part of a shared load (below)
-    read_data(final_plan, planner)       one DcpLoad (dcp/_load.py) for this plan: grouping,
-                                         slicing, direct receipt, the engines, decoding in plan
-                                         order (when the job shares, the exchange rounds first)
+    read_data(final_plan, planner)       the session's read phase (a DcpLoad, dcp/_load.py):
+                                         grouping, slicing, direct receipt, the engines, decoding
+                                         in plan order (when the job shares, the exchange first)
         -> returns a completed torch.futures.Future
 
 Multi-rank loads (``_sharing``): ``read_metadata`` shares the ``.metadata`` bytes over the group
@@ -18,9 +19,10 @@ Multi-rank loads (``_sharing``): ``read_metadata`` shares the ``.metadata`` byte
 ``prepare_global_plan`` assigns the stored items two or more ranks need (``plan_sharing``), except
 those the ranks slice apart (``DcpLoad.sliced_apart``), whose heads and tails are shared instead.
 
-The reader is reusable across loads (state is reset per load) and owns a private I/O loop
+The reader is reusable across loads (one session per ``dcp.load``) and owns a private I/O loop
 thread with its connections, released by ``close()`` or the context manager. Under
-``aiodcp.load_checkpoint`` and prefetch handles it is given their driver (``attached_reader``).
+``aiodcp.load_checkpoint`` and prefetch handles it is given their session, whose metadata they
+read first and whose loop is theirs (``attached_reader``); ``abort()`` cancels the session.
 """
 
 from __future__ import annotations
@@ -50,15 +52,12 @@ from .._driver import Driver, PrivateLoopDriver, renew_locks_after_fork
 from .._errors import CheckpointFormatError
 from .._path import CheckpointPath, is_checkpoint_path, parse_checkpoint_path
 from .._stats import LoadStats, StatsRecorder
-from ._load import DcpLoad, PrefetchSource
-from ._session import METADATA_NAME, FetchedMetadata, fetch_metadata
+from ._session import METADATA_NAME, LoadSession
 from ._sharing import (
-    RankShare,
     StoredItem,
     load_group,
     merge_adjacent,
     plan_sharing,
-    share_metadata,
 )
 
 if TYPE_CHECKING:
@@ -103,7 +102,6 @@ class S3StorageReader(StorageReader):
     ) -> None:
         super().__init__()
         self.progress = bool(progress)
-        self._source: PrefetchSource | None = None
         self.config = ReaderConfig.from_kwargs(
             config,
             region=region,
@@ -119,13 +117,12 @@ class S3StorageReader(StorageReader):
         self._driver_lock = threading.Lock()
         renew_locks_after_fork(self, "_driver_lock")
         self._owns_driver = True
-        self._metadata: Metadata | None = None
-        # Time to first byte of the last .metadata GET: what max_gap_size="auto" is chosen by.
-        self._request_latency_s: float | None = None
-        self._load: DcpLoad | None = None  # the load in progress (what abort() stops)
+        # The load in progress (what abort() stops), from read_metadata on.
+        self._session: LoadSession | None = None
+        # A session given by load_checkpoint or a prefetch, for the next dcp.load.
+        self._attached: LoadSession | None = None
         self._share_group: dist.ProcessGroup | None = None
         self._stats: LoadStats | None = None
-        self._recorder = StatsRecorder()
         self.storage_data: dict[MetadataIndex, _StorageInfo] = {}
         self._tensor_metadata: dict[str, Any] = {}
         self.load_id = uuid.uuid4().hex
@@ -174,11 +171,9 @@ class S3StorageReader(StorageReader):
 
     def abort(self) -> None:
         """Cancel the load in progress, from any thread. ``read_data`` then raises."""
-        load = self._load
-        if load is not None:
-            load.abort()
-        if self._driver is not None:
-            self._driver.cancel_all()
+        session = self._session or self._attached
+        if session is not None:
+            session.cancel()
 
     # ------------------------------------------------------------------ StorageReader
 
@@ -186,11 +181,11 @@ class S3StorageReader(StorageReader):
         if checkpoint_id:
             path = parse_checkpoint_path(checkpoint_id)
             if path != self._path:
-                self._metadata = None
+                self._attached = None
             self._path = path
         self.storage_data = {}
         self.load_id = uuid.uuid4().hex
-        self._recorder = StatsRecorder()
+        self._session = None
         self._stats = None
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
@@ -200,22 +195,17 @@ class S3StorageReader(StorageReader):
         self._share_group = (
             load_group() if rank is None and self.config.share_across_ranks else None
         )
-        if rank is None and self._metadata is not None:
-            metadata = self._metadata  # prefetched by load_checkpoint, which counted it
-        else:
-            # The first call of every dcp.load (which calls reset() only when given a
-            # checkpoint_id): statistics start here.
-            self._recorder = StatsRecorder()
-            path, recorder = self._path, self._recorder
-
-            def fetch() -> FetchedMetadata:
-                return self._io.run(lambda store: fetch_metadata(store, path, recorder, rank=rank))
-
-            group = self._share_group
+        # The first call of every dcp.load (which calls reset() only when given a
+        # checkpoint_id): the load's session, and its statistics, start here.
+        session, self._attached = self._attached, None
+        if session is None or session.path != self._path:
+            session = LoadSession(self._path, self.config, self._io, progress=self.progress)
+        self._session = session
+        if rank is not None or session.metadata is None:
             # Shared: rank 0 GETs it, every rank gets its bytes (one GET per job).
-            fetched = fetch() if group is None else share_metadata(group, fetch)
-            self._request_latency_s = fetched.request_latency_s
-            metadata = fetched.parse()
+            metadata = session.read_metadata(rank=rank, group=self._share_group)
+        else:
+            metadata = session.metadata  # read by load_checkpoint or the prefetch, counted
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         cast(StorageMeta, metadata.storage_meta).load_id = self.load_id
@@ -272,7 +262,9 @@ class S3StorageReader(StorageReader):
                 item = StoredItem(info.relative_path, info.offset, info.offset + info.length)
                 items.setdefault(item, []).append(req)
             reqs_of.append(items)
-        session = self._session(StatsRecorder())
+        session = self._current().dcp_load(
+            self.storage_data, self._tensor_metadata, recorder=StatsRecorder()
+        )
         apart = session.sliced_apart(reqs_of)
         needs = [set(items) for items in reqs_of]
         probed_by = {probe: ranks for probes, ranks in apart.values() for probe in probes}
@@ -290,68 +282,46 @@ class S3StorageReader(StorageReader):
         ]
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
-        recorder = self._recorder
+        session = self._current()
         logger.debug("%s: read_data of %d read items", self._path.url, len(plan.items))
-        load = self._load = self._session(recorder)
         try:
-            share = plan.storage_data
-            if isinstance(share, RankShare) and self._share_group is not None:
-                load.read_shared(plan, planner, recorder, share, self._share_group)
-            else:
-                load.read(plan, planner, recorder)
+            self._stats = session.read(
+                plan,
+                planner,
+                self.storage_data,
+                self._tensor_metadata,
+                extensions=self._extensions,
+                group=self._share_group,
+            )
         except BaseException as exc:
-            self._stats = recorder.finish()
+            self._stats = session.stats
             logger.debug("%s: load failed after %s: %r", self._path.url, self._stats, exc)
             raise
-        finally:
-            self._load = None
-        self._stats = recorder.finish()
         logger.info("%s: loaded: %s", self._path.url, self._stats)
         future: Future[None] = Future()
         future.set_result(None)
         return future
 
-    def _session(self, recorder: StatsRecorder) -> DcpLoad:
-        """The read phase of a load of this reader's checkpoint (``dcp._load``)."""
-        return DcpLoad(
-            path=self._path,
-            config=self.config,
-            storage_data=self.storage_data,
-            tensor_metadata=self._tensor_metadata,
-            driver=self._io,
-            recorder=recorder,
-            request_latency_s=self._request_latency_s,
-            source=self._source,
-            extensions=self._extensions,
-            progress=self.progress,
-        )
+    def _current(self) -> LoadSession:
+        """This load's session (``read_metadata`` starts it; planning without it gets one)."""
+        if self._session is None:
+            self._session = LoadSession(self._path, self.config, self._io, progress=self.progress)
+        return self._session
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
         return is_checkpoint_path(checkpoint_id)
 
 
-def attached_reader(
-    path: CheckpointPath,
-    config: ReaderConfig,
-    driver: Driver,
-    recorder: StatsRecorder,
-    *,
-    metadata: Metadata | None = None,
-    request_latency_s: float | None = None,
-    source: PrefetchSource | None = None,
-    progress: bool = False,
-) -> S3StorageReader:
-    """A reader running its I/O through ``driver`` (not owned), for ``load_checkpoint`` and
-    prefetch handles: ``metadata`` fetched by the caller, with ``request_latency_s`` (None:
-    unmeasured), counted in ``recorder``; ``source``, a prefetch whose items the load takes."""
-    reader = S3StorageReader(path.url, config=config, progress=progress)
-    reader._recorder = recorder
+def attached_reader(session: LoadSession, driver: Driver) -> S3StorageReader:
+    """A reader whose next ``dcp.load`` is ``session`` (its metadata, if the caller read it
+    already, its prefetch source, its cancellation), for ``load_checkpoint`` and prefetch
+    handles; ``driver``, the loop under the session, is the caller's (not closed with the
+    reader)."""
+    reader = S3StorageReader(session.path.url, config=session.config, progress=session.progress)
     reader._driver = driver
     reader._owns_driver = False
-    reader._metadata = metadata
-    reader._request_latency_s = request_latency_s
-    reader._source = source
+    reader._attached = session
     return reader
 
 
