@@ -8,8 +8,9 @@ Data flow::
            over several parts is reserved slice by slice), takes a connection slot, and starts a
            fetch task                                    (backpressure: budget + semaphore)
         -> _fetch(): a ranged GET (``S3Store.fetch_range``) whose body is written by the store
-           into a ``_PartSink``: item bytes into the item's own memory (1 MiB blocks taken as
-           their first byte arrives, see ``_BlockPool``), gap bytes into a scratch buffer;
+           into a ``_PartSink``: each item's bytes into its ``ItemSink`` (a buffered item's
+           ``_Blocks``: 1 MiB blocks taken as their first byte arrives, see ``_BlockPool``; a
+           direct item's ``_Direct``, below), gap bytes into a scratch buffer;
            an interrupted body resumes at the next byte it still needs, pinned to the first
            ETag seen for the object (If-Match); a part gets at most ``max_attempts`` GETs,
            under the store's one retry policy (``S3Store.retrying``: backoff, give-up error)
@@ -20,7 +21,7 @@ Data flow::
            ``DirectTarget.locate`` says where its storage bytes begin, then those go from the
            socket straight into the destination tensor, and the ~1 KB after them into a tail
            buffer; bytes of a later part that arrive before the start is known are kept aside
-           (``_Direct.spill``) and put in place once it is. The consumer verifies head and
+           (``_Direct.aside``) and put in place once it is. The consumer verifies head and
            tail (``direct_result``), or fetches the item again for the buffered path. A target
            with ``head_bytes`` 0 (a run of a sliced item, located beforehand) is located at
            once: all its bytes go straight to the destination
@@ -76,6 +77,30 @@ class DirectTarget(Protocol):
     memory: memoryview
 
     def locate(self, head: bytes) -> int | None: ...
+
+
+class ItemSink(Protocol):
+    """Where the bytes of one item go as they arrive (called on the loop, by ``_PartSink``).
+
+    ``view(offset, limit)`` is memory for the item's bytes from ``offset`` on (at most
+    ``limit``), or None: receive them into scratch and hand them over with ``aside``, which
+    answers whether it kept them (they arrived before the sink could place them). ``written``
+    says ``n`` bytes arrived in the view given for ``offset``. ``done()`` (the item's last byte
+    arrived) is what the consumer's ``wait_item`` returns; ``release()`` (consumer thread)
+    drops the item's memory.
+
+    Two kinds: ``_Blocks`` (buffered items: recycled 1 MiB blocks, a ``ChunkBuffer`` over them)
+    and ``_Direct`` (a destination: the payload straight into a ``DirectTarget``'s memory)."""
+
+    def view(self, offset: int, limit: int) -> memoryview | None: ...
+
+    def written(self, offset: int, n: int) -> None: ...
+
+    def aside(self, offset: int, data: memoryview) -> bool: ...
+
+    def done(self) -> ChunkBuffer: ...
+
+    def release(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,8 +214,52 @@ def _memory(item: ItemRange, start: int, end: int) -> int:
     return (stop - first) * _BLOCK_BYTES
 
 
+class _Blocks:
+    """The sink of a buffered item: its bytes in memory of its own from the pool (one heap
+    buffer for a small item, else 1 MiB blocks, each taken as its first byte arrives)."""
+
+    __slots__ = ("_blocks", "_length", "_pool")
+
+    def __init__(self, pool: _BlockPool, length: int) -> None:
+        self._pool = pool
+        self._length = length
+        self._blocks: list[memoryview | None] | None = None
+
+    def view(self, offset: int, limit: int) -> memoryview:
+        blocks = self._blocks
+        if blocks is None:
+            blocks = self._blocks = self._pool.slots(self._length)
+        block, at = divmod(offset, _BLOCK_BYTES)
+        memory = blocks[block]
+        if memory is None:
+            memory = blocks[block] = self._pool.block()
+        view = memory[at:]
+        return view if len(view) <= limit else view[:limit]
+
+    def written(self, offset: int, n: int) -> None:
+        pass  # the bytes are in place
+
+    def aside(self, offset: int, data: memoryview) -> bool:
+        raise AssertionError("a buffered item always has memory for its bytes")
+
+    def done(self) -> ChunkBuffer:
+        blocks = self._blocks
+        assert blocks is not None
+        full: list[memoryview] = [b for b in blocks if b is not None]
+        assert len(full) == len(blocks)  # every byte arrived, so every block is there
+        tail = self._length - (len(full) - 1) * _BLOCK_BYTES
+        chunks = [*full[:-1], full[-1][:tail]] if len(full[-1]) != tail else full
+        return ChunkBuffer(chunks, self._length)
+
+    def release(self) -> None:
+        blocks, self._blocks = self._blocks, None
+        if blocks is not None:
+            self._pool.give(blocks)
+
+
 class _Direct:
-    """An item received into its ``DirectTarget``: the state of one item, on the loop.
+    """The sink of an item received into its ``DirectTarget``: the state of one item, on the
+    loop.
 
     Until ``locate`` answers, the first ``head_bytes`` go into ``head`` and any later byte
     (a part that starts inside the item can arrive first) is kept aside in ``spills``. Once
@@ -277,14 +346,29 @@ class _Direct:
         for offset_, data in spills:
             self._place(offset_, memoryview(data))
 
-    def spill(self, offset: int, data: memoryview) -> None:
-        """Bytes that arrived before the start was known (or, failed, are not needed)."""
+    def aside(self, offset: int, data: memoryview) -> bool:
+        """Bytes that arrived before the start was known (or, failed, are not needed); True
+        if they were kept aside until it is."""
         if self.failed:
-            return
+            return False
         if self.start >= 0:
             self._place(offset, data)
-        else:
-            self.spills.append((offset, bytes(data)))
+            return False
+        self.spills.append((offset, bytes(data)))
+        return True
+
+    def done(self) -> ChunkBuffer:
+        return _NO_BYTES  # the bytes are in the destination (see ``result``)
+
+    def release(self) -> None:
+        self.head = self.tail = bytearray()  # holds no budget (see ``FetchEngine._held``)
+
+    def result(self) -> tuple[bytes, bytes] | None:
+        """The bytes before and after the target's memory, or None if the item could not be
+        received into it (fetch it again for the buffered path)."""
+        if self.failed or self.start < 0:
+            return None
+        return bytes(self.head), bytes(self.tail)
 
     def _place(self, offset: int, data: memoryview) -> None:
         while data:
@@ -305,28 +389,27 @@ class _Direct:
 
 
 class _Item:
-    """One stored item being downloaded into its own memory (see ``_BlockPool``), or straight
-    into its destination (``direct``)."""
+    """One stored item being downloaded into its sink: memory of its own (``_Blocks``), or
+    straight into its destination (``_Direct``)."""
 
-    __slots__ = ("blocks", "buffer", "direct", "missing", "range")
+    __slots__ = ("buffer", "missing", "range", "sink")
 
-    def __init__(self, item_range: ItemRange, direct: DirectTarget | None = None) -> None:
+    def __init__(self, item_range: ItemRange, sink: ItemSink) -> None:
         self.range = item_range
-        self.blocks: list[memoryview | None] | None = None
+        self.sink = sink
         self.missing = item_range.length
         self.buffer: ChunkBuffer | None = None
-        self.direct = None if direct is None else _Direct(direct, item_range.length)
 
 
 class _PartSink:
-    """Receives the body of one ranged GET: item bytes into the items' memory, gap bytes into
-    a scratch buffer (dropped). Implements ``_http.RangeSink``; runs on the loop."""
+    """Receives the body of one ranged GET: each item's bytes into its ``ItemSink``, gap bytes
+    into a scratch buffer (dropped). Implements ``_http.RangeSink``; runs on the loop."""
 
     __slots__ = (
+        "_aside",
         "_engine",
         "_key",
         "_scratch",
-        "_spilling",
         "_t",
         "_targets",
         "end",
@@ -342,7 +425,7 @@ class _PartSink:
         self._targets = targets
         self._t = 0  # first target that may still hold bytes at or after pos
         self._scratch: memoryview | None = None
-        self._spilling = False  # the last view given was scratch for a direct item's bytes
+        self._aside = False  # the last view given was scratch for an item's bytes
         self.pos = 0
         self.end = end
         self.first_at = 0.0
@@ -361,25 +444,14 @@ class _PartSink:
         if t < len(targets):
             item = targets[t]
             start = item.range.start
-            if start <= pos and item.direct is not None:
-                limit = min(item.range.end, self.end) - pos
-                view = item.direct.view(pos - start, limit)
-                if view is not None:
-                    self._spilling = False
-                    return view
-                self._spilling = True
-                return self._scratch_view(limit)
             if start <= pos:
-                blocks = item.blocks
-                if blocks is None:
-                    blocks = item.blocks = self._engine._pool.slots(item.range.length)
-                block, offset = divmod(pos - start, _BLOCK_BYTES)
-                memory = blocks[block]
-                if memory is None:
-                    memory = blocks[block] = self._engine._pool.block()
-                view = memory[offset:]
                 limit = min(item.range.end, self.end) - pos
-                return view if len(view) <= limit else view[:limit]
+                view = item.sink.view(pos - start, limit)
+                if view is not None:
+                    self._aside = False
+                    return view
+                self._aside = True
+                return self._scratch_view(limit)
             gap_end = start
         else:
             gap_end = self.end
@@ -400,16 +472,13 @@ class _PartSink:
         if t < len(targets):
             item = targets[t]
             if item.range.start <= pos < item.range.end:
-                direct = item.direct
-                if direct is not None:
-                    offset = pos - item.range.start
-                    if self._spilling:
-                        assert self._scratch is not None
-                        if direct.start < 0:  # kept aside until the start is located
-                            engine._stats.add(held_aside_bytes=n)
-                        direct.spill(offset, self._scratch[:n])
-                    else:
-                        direct.written(offset, n)
+                offset = pos - item.range.start
+                if self._aside:
+                    assert self._scratch is not None
+                    if item.sink.aside(offset, self._scratch[:n]):
+                        engine._stats.add(held_aside_bytes=n)
+                else:
+                    item.sink.written(offset, n)
                 item.missing -= n
                 if item.missing == 0:
                     engine._publish(item)
@@ -432,8 +501,10 @@ class FetchEngine:
         self._files = list(files)
         self._config = config
         self._stats = stats
+        self._pool = _BlockPool()
         self._items: list[list[_Item]] = [
-            [_Item(r, f.direct.get(i)) for i, r in enumerate(f.plan.items)] for f in self._files
+            [_Item(r, self._sink(r, f.direct.get(i))) for i, r in enumerate(f.plan.items)]
+            for f in self._files
         ]
         self._index: list[dict[ItemRange, int]] = [
             {r: i for i, r in enumerate(f.plan.items)} for f in self._files
@@ -449,11 +520,15 @@ class FetchEngine:
         self._main: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._budget = _ByteBudget(config.memory_budget)
-        self._pool = _BlockPool()
         self._released = 0
         self._release_pending = False
         self._release_lock = threading.Lock()
         self._aborted = False
+
+    def _sink(self, item: ItemRange, direct: DirectTarget | None) -> ItemSink:
+        if direct is not None:
+            return _Direct(direct, item.length)
+        return _Blocks(self._pool, item.length)
 
     # ----------------------------------------------------------------- event-loop side
 
@@ -705,20 +780,7 @@ class FetchEngine:
 
     def _publish(self, item: _Item) -> None:
         """The item's last byte arrived: hand it to the consumer."""
-        if item.direct is not None:
-            with self._cond:
-                item.buffer = _NO_BYTES
-                self._cond.notify_all()
-            self._stats.add(items=1, bytes_used=item.range.length)
-            return
-        blocks = item.blocks
-        assert blocks is not None
-        full: list[memoryview] = [b for b in blocks if b is not None]
-        assert len(full) == len(blocks)  # every byte arrived, so every block is there
-        length = item.range.length
-        tail = length - (len(full) - 1) * _BLOCK_BYTES
-        chunks = [*full[:-1], full[-1][:tail]] if len(full[-1]) != tail else full
-        buffer = ChunkBuffer(chunks, length)
+        buffer = item.sink.done()
         with self._cond:
             item.buffer = buffer
             self._cond.notify_all()
@@ -773,11 +835,9 @@ class FetchEngine:
     def direct_result(self, file_index: int, item_index: int) -> tuple[bytes, bytes] | None:
         """For a downloaded direct item: its bytes before and after the target's memory, or
         None if it could not be received directly (fetch it again for the buffered path)."""
-        direct = self._items[file_index][item_index].direct
-        assert direct is not None
-        if direct.failed or direct.start < 0:
-            return None
-        return bytes(direct.head), bytes(direct.tail)
+        sink = self._items[file_index][item_index].sink
+        assert isinstance(sink, _Direct)
+        return sink.result()
 
     def release_item(self, file_index: int, item_index: int) -> None:
         """Drop the item's bytes and give them back to the budget (any thread).
@@ -787,12 +847,9 @@ class FetchEngine:
         """
         item = self._items[file_index][item_index]
         item.buffer = None
-        if item.direct is not None:
-            item.direct = None  # holds no budget (see _held)
-            return
-        blocks, item.blocks = item.blocks, None
-        if blocks is not None:
-            self._pool.give(blocks)
+        item.sink.release()
+        if item.range in self._direct[file_index]:
+            return  # held no budget (see _held)
         with self._release_lock:
             self._released += _memory(item.range, item.range.start, item.range.end)
             if self._release_pending:
