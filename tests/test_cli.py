@@ -34,9 +34,9 @@ from aiodcp._planner import (
     MIN_AUTO_GAP_SIZE_BYTES,
     auto_gap_size,
 )
-from aiodcp._store import S3Store
 
 from conftest import S3Server, save_checkpoint, upload_dir
+from faultproxy import Fault, FaultProxy, _s3_error
 
 ROOT = Path(__file__).parent.parent
 
@@ -510,23 +510,36 @@ def test_errors_exit_with_their_code_and_one_clear_line(
 
 
 @pytest.mark.parametrize(
-    ("error", "code"),
+    ("fault", "code", "said"),
     [
-        (aiodcp.TransferError("reading s3://b/k failed: reset", bucket="b", key="k"), 1),
-        (aiodcp.StorageError("reading s3://b/k failed: odd", bucket="b", key="k"), 1),
-        (aiodcp.AccessDeniedError("access denied to s3://b/k", bucket="b", key="k"), 4),
+        (Fault.internal_error(), 1, "InternalError: We encountered"),  # every attempt
+        (Fault.slow_down(), 1, "SlowDown: Please reduce your request rate. (gave up after 5"),
+        (Fault(name="501", error=_s3_error(501, "NotImplemented", "odd")), 1, "NotImplemented"),
+        (Fault.access_denied(), 4, "access denied to s3://"),
     ],
+    ids=["500", "503", "501", "403"],
 )
 def test_store_errors_map_to_exit_codes(
-    run: Any, ckpts: Fixture, monkeypatch: pytest.MonkeyPatch, error: Exception, code: int
+    ckpts: Fixture,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    fault: Fault,
+    code: int,
+    said: str,
 ) -> None:
-    async def refuse(self: Any, bucket: str, key: str, **_: Any) -> bytes:
-        raise error
-
-    monkeypatch.setattr(S3Store, "get_object", refuse)
-    result = run("inspect", ckpts.plain.url)
-    assert result.code == code
-    assert result.err == f"aiodcp inspect: error: {error}\n"
+    """The store's answer to the .metadata GET, injected on the wire: the exit code and the
+    one-line message are those of the aiodcp error the load would raise."""
+    monkeypatch.setattr(aiodcp._store, "RETRY_BACKOFF_BASE_S", 0.01)
+    with FaultProxy(ckpts.server.endpoint_url) as proxy:
+        proxy.add(fault, path_suffix="/.metadata")
+        argv = ["inspect", ckpts.plain.url, "--endpoint-url", proxy.endpoint_url]
+        got = main([*argv, "--addressing-style", "path"])
+        err = capsys.readouterr().err
+    assert got == code, err
+    assert err.startswith("aiodcp inspect: error: ") and err.endswith("\n")
+    assert err.count("\n") == 1
+    assert "/runs/plain/.metadata" in err and said in err
+    assert proxy.fault_count >= 1
 
 
 def test_no_credentials_exits_4(

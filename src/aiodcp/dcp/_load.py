@@ -1,10 +1,12 @@
-"""One load's read phase: what ``S3StorageReader.read_data`` runs, for one plan (``DcpLoad``).
+"""One load's read phase: what a ``LoadSession`` runs for one plan (``DcpLoad``).
 
-A ``DcpLoad`` owns, for one ``read_data`` call, the load's statistics recorder, its engines
-(and so what ``abort`` stops), the counters of how items were decoded, and the sliced items'
-state; the reader gives it the checkpoint's path, configuration and metadata, its driver (the
-loop the engines run on) and a prefetch to take items from. The reader keeps the
-``StorageReader`` protocol, the metadata and the multi-rank planning hooks.
+A ``DcpLoad`` owns, for one ``read_data`` call, its engines (and so what ``abort`` stops, also
+any engine it starts after an abort) and the sliced items' state; its session
+(``dcp/_session.py``) gives it the checkpoint's path and configuration, the metadata's storage
+data, the measured latency, the statistics recorder it counts into (how items were decoded
+too), its scope of the driver (the loop the engines run on: the session cancels its requests)
+and a prefetch to take items from. ``S3StorageReader`` keeps the ``StorageReader`` protocol and
+the multi-rank planning hooks.
 
 Data flow of ``read(plan, planner)``::
 
