@@ -144,6 +144,21 @@ async def load_async(
     return await task
 
 
+def aborting(reader: Any) -> Any:
+    """On rank ``SHARE_ABORT_RANK``, a planner that aborts ``reader`` while torch plans the
+    load (after the metadata, before ``read_data``); None (torch's default) elsewhere."""
+    if dist.get_rank() != int(os.environ.get("SHARE_ABORT_RANK", "-1")):
+        return None
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    class Aborting(DefaultLoadPlanner):
+        def create_local_plan(self) -> Any:
+            reader.abort()
+            return super().create_local_plan()
+
+    return Aborting()
+
+
 def main() -> None:
     mode, name = sys.argv[1], sys.argv[2]
     dist.init_process_group("gloo")
@@ -177,7 +192,7 @@ def main() -> None:
         try:
             if api == "sync":
                 with aiodcp.S3StorageReader(url, **options) as reader:
-                    dcp.load(state, storage_reader=reader)
+                    dcp.load(state, storage_reader=reader, planner=aborting(reader))
                     stats = reader.stats
             else:
                 stats = asyncio.run(load_async(state, url, options, cancel_after))

@@ -108,6 +108,7 @@ def load(
     *,
     endpoint_url: str | None = None,
     cancel_after_s: float = 0.0,
+    abort_rank: int = -1,
     **options: Any,
 ) -> list[dict[str, Any]]:
     server.clear_log()
@@ -115,6 +116,7 @@ def load(
         "TEST_S3_ENDPOINT": endpoint_url or server.endpoint_url,
         "SHARE_OPTIONS": json.dumps({"max_gap_size": 0, **options}),
         "SHARE_CANCEL_AFTER_S": str(cancel_after_s),
+        "SHARE_ABORT_RANK": str(abort_rank),
     }
     return results(run_ranks(world, ["load", layout, saved.url, str(saved.local), api], env))
 
@@ -262,6 +264,27 @@ def test_cancelling_every_rank_stops_the_job(tmp_path: Path, s3_server: S3Server
     for r in got:
         assert r.get("error") == "CancelledError", r
         assert r["elapsed_s"] < 20, r  # cancelled at 1 s; the stall lasts 60 s
+        assert r["threads"] == [], r
+
+
+def test_a_rank_aborted_while_torch_plans_fails_every_rank_without_a_hang(
+    tmp_path: Path, s3_server: S3Server
+) -> None:
+    """Rank 2 aborts its reader before ``read_data`` (no request in flight): it raises
+    LoadCancelledError, and the ranks waiting for its share in the exchange learn of it
+    (PeerLoadError naming rank 2) instead of waiting for it (an early raise left them in
+    gloo's collectives, which aborted the job)."""
+    saved = save(tmp_path, s3_server, "replicated", 1)
+    got = load(s3_server, saved, "replicated", 4, "sync", abort_rank=2)
+    assert len(got) == 4
+    for r in got:
+        if r["rank"] == 2:
+            assert r.get("error") == "LoadCancelledError", r
+        else:
+            assert r.get("error") == "PeerLoadError", r
+            assert r["peer_rank"] == 2, r
+            assert "rank 2 of 4 failed" in r["message"], r
+        assert r["elapsed_s"] < 30, r
         assert r["threads"] == [], r
 
 

@@ -253,14 +253,23 @@ class LoadSession:
         of a shared load over ``group``); returns the load's statistics (also ``.stats``, set
         when it fails too)."""
         load = self.dcp_load(storage_data, tensor_metadata, extensions=extensions)
+        share = plan.storage_data
+        shared = isinstance(share, RankShare) and group is not None
         with self._lock:
-            if self._cancelled:
-                raise LoadCancelledError(f"{self.path.url}: the load was cancelled")
+            cancelled = self._cancelled
             self._load = load
+        if cancelled:
+            if not shared:
+                with self._lock:
+                    self._load = None
+                raise LoadCancelledError(f"{self.path.url}: the load was cancelled")
+            # The other ranks wait for this one in the exchange: it goes in, aborted, and its
+            # first step fails, which the exchange reports to every rank (PeerLoadError).
+            load.abort()
         recorder = self.recorder
         try:
-            share = plan.storage_data
-            if isinstance(share, RankShare) and group is not None:
+            if shared:
+                assert isinstance(share, RankShare) and group is not None
                 load.read_shared(plan, planner, recorder, share, group)
             else:
                 load.read(plan, planner, recorder)
