@@ -345,25 +345,31 @@ def test_plan_resolves_auto_from_its_metadata_request(run: Any, ckpts: Fixture) 
 
 
 def test_plan_and_load_resolve_auto_the_same_way(
-    run: Any, ckpts: Fixture, monkeypatch: pytest.MonkeyPatch
+    ckpts: Fixture, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """With the same measured latency, ``plan`` and a default load send the same GETs."""
-    # Every entry point times its .metadata GET in one place (dcp._session).
-    monkeypatch.setattr("aiodcp.dcp._session.request_latency_from_get", lambda *_: 0.0)  # MIN gap
-    report = run("plan", ckpts.plain.url, "--json", "--keys", *sorted(HALF)).json()
-    assert report["settings"]["max_gap_size"] == MIN_AUTO_GAP_SIZE_BYTES
-    parts = sorted(
-        (f["path"], p["start"], p["end"]) for f in report["files"] for g in f["groups"]
-        for p in g["parts"]
-    )  # fmt: skip
-    ckpts.server.clear_log()
-    template = _template(set(report["keys"]))
-    with aiodcp.S3StorageReader(
-        ckpts.plain.url, endpoint_url=ckpts.server.endpoint_url, addressing_style="path"
-    ) as reader:
-        dcp.load(template, storage_reader=reader)
-        stats = reader.stats
-    assert stats is not None and stats.max_gap_size == MIN_AUTO_GAP_SIZE_BYTES
+    """With the same measured latency, ``plan`` and a default load send the same GETs: both
+    through a proxy holding each .metadata GET 0.3 s, which puts "auto" at its largest gap."""
+    with FaultProxy(ckpts.server.endpoint_url) as proxy:
+        proxy.add(Fault.stall(0.3), path_suffix="/.metadata")
+        options = ["--endpoint-url", proxy.endpoint_url, "--addressing-style", "path"]
+        code = main(["plan", ckpts.plain.url, "--json", "--keys", *sorted(HALF), *options])
+        out = capsys.readouterr().out
+        assert code == 0
+        report = json.loads(out)
+        assert report["settings"]["max_gap_size"] == MAX_AUTO_GAP_SIZE_BYTES
+        assert report["settings"]["request_latency_s"] >= 0.25
+        parts = sorted(
+            (f["path"], p["start"], p["end"]) for f in report["files"] for g in f["groups"]
+            for p in g["parts"]
+        )  # fmt: skip
+        ckpts.server.clear_log()
+        template = _template(set(report["keys"]))
+        with aiodcp.S3StorageReader(
+            ckpts.plain.url, endpoint_url=proxy.endpoint_url, addressing_style="path"
+        ) as reader:
+            dcp.load(template, storage_reader=reader)
+            stats = reader.stats
+    assert stats is not None and stats.max_gap_size == MAX_AUTO_GAP_SIZE_BYTES
     assert _wire_ranges(ckpts.server, ckpts.plain) == parts
     assert stats.bytes_requested == report["totals"]["bytes_requested"]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,8 @@ from aiodcp._planner import (
     auto_gap_size,
 )
 
-from conftest import assert_same, save_checkpoint, upload_dir
+from conftest import S3Server, assert_same, save_checkpoint, upload_dir
+from faultproxy import Fault, FaultProxy
 
 # ----------------------------------------------------------------------------- configuration
 
@@ -69,6 +71,7 @@ def test_load_stats_show_the_gap() -> None:
 # ----------------------------------------------------------------------------- loads on moto
 
 MiB = 1024 * 1024
+Ckpt = tuple[str, dict[str, torch.Tensor], int, int]
 
 
 def _state() -> dict[str, torch.Tensor]:
@@ -83,8 +86,9 @@ def _state() -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture
-def ckpt(tmp_path: Path, s3: Any, bucket: str) -> tuple[str, dict[str, torch.Tensor], int]:
-    """The checkpoint's URL, its state dict, and the bytes a load of a and c needs."""
+def ckpt(tmp_path: Path, s3: Any, bucket: str) -> Ckpt:
+    """The checkpoint's URL, its state dict, the bytes a load of a and c needs, and the gap
+    between them (b's bytes)."""
     sd = _state()
     local = save_checkpoint(copy.deepcopy(sd), tmp_path / "gap")
     upload_dir(s3, local, bucket, "gap")
@@ -94,7 +98,21 @@ def ckpt(tmp_path: Path, s3: Any, bucket: str) -> tuple[str, dict[str, torch.Ten
     gap = spans["c"][0] - spans["a"][1]
     assert MIN_AUTO_GAP_SIZE_BYTES < gap < MAX_AUTO_GAP_SIZE_BYTES
     needed = (spans["a"][1] - spans["a"][0]) + (spans["c"][1] - spans["c"][0])
-    return f"s3://{bucket}/gap", sd, needed
+    return f"s3://{bucket}/gap", sd, needed, gap
+
+
+@pytest.fixture
+def slow_store(s3_server: S3Server) -> Iterator[dict[str, Any]]:
+    """Reader options through a proxy that holds every ``.metadata`` GET 0.3 s before its first
+    byte: a store whose measured latency puts "auto" at its largest gap (8 MiB is the
+    break-even of a ~0.1 s request)."""
+    with FaultProxy(s3_server.endpoint_url) as proxy:
+        proxy.add(Fault.stall(0.3), path_suffix="/.metadata")
+        yield {
+            "endpoint_url": proxy.endpoint_url,
+            "region": "us-east-1",
+            "addressing_style": "path",
+        }
 
 
 def _ends(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -102,9 +120,9 @@ def _ends(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def test_default_load_resolves_auto_from_the_metadata_request(
-    ckpt: tuple[str, dict[str, torch.Tensor], int], reader_kwargs: dict[str, Any]
+    ckpt: Ckpt, reader_kwargs: dict[str, Any]
 ) -> None:
-    url, sd, _ = ckpt
+    url, sd, _, _ = ckpt
     template = {k: torch.zeros_like(v) for k, v in sd.items()}
     with aiodcp.S3StorageReader(url, **reader_kwargs) as reader:
         dcp.load(template, storage_reader=reader)
@@ -119,67 +137,58 @@ def test_default_load_resolves_auto_from_the_metadata_request(
     assert stats.bytes_requested == stats.bytes_used  # a full load: no gap at all
 
 
-@pytest.mark.parametrize(
-    ("latency_s", "expected_gap", "merged"),
-    [(0.0, MIN_AUTO_GAP_SIZE_BYTES, False), (1.0, MAX_AUTO_GAP_SIZE_BYTES, True)],
-    ids=["fast-store-splits", "slow-store-merges"],
-)
+@pytest.mark.parametrize("store", ["fast", "slow"])
 def test_the_measured_latency_decides_whether_a_gap_is_fetched(
-    ckpt: tuple[str, dict[str, torch.Tensor], int],
+    ckpt: Ckpt,
     reader_kwargs: dict[str, Any],
-    monkeypatch: pytest.MonkeyPatch,
-    latency_s: float,
-    expected_gap: int,
-    merged: bool,
+    slow_store: dict[str, Any],
+    store: str,
 ) -> None:
-    url, sd, needed = ckpt
-    monkeypatch.setattr("aiodcp.dcp._session.request_latency_from_get", lambda *_: latency_s)
+    """moto on loopback answers in milliseconds; through ``slow_store`` the .metadata GET
+    takes 0.3 s. The gap each load plans with is the one its own measurement gives, and a and
+    c share one GET exactly when b's bytes are within that gap."""
+    url, sd, needed, gap = ckpt
     wanted = _ends(sd)
-    with aiodcp.S3StorageReader(url, **reader_kwargs) as reader:
+    options = slow_store if store == "slow" else reader_kwargs
+    with aiodcp.S3StorageReader(url, **options) as reader:
         dcp.load(wanted, storage_reader=reader)
         stats = reader.stats
     assert_same(wanted, {"a": sd["a"], "c": sd["c"]})
-    assert stats is not None and stats.max_gap_size == expected_gap
+    assert stats is not None and stats.request_latency_s is not None
+    assert stats.max_gap_size == auto_gap_size(stats.request_latency_s)
+    if store == "slow":
+        assert stats.request_latency_s >= 0.25
+        assert stats.max_gap_size == MAX_AUTO_GAP_SIZE_BYTES
     assert stats.bytes_used == needed
-    if merged:  # one GET over a, b and c; b's bytes are the gap
-        assert stats.requests == 1 + 1 and stats.bytes_requested > needed + MiB
+    if stats.max_gap_size >= gap:  # one GET over a, b and c; b's bytes are the gap
+        assert stats.requests == 1 + 1 and stats.bytes_requested == needed + gap
     else:  # one GET each for a and c
         assert stats.requests == 1 + 2 and stats.bytes_requested == needed
 
 
-def test_a_fixed_gap_ignores_the_latency(
-    ckpt: tuple[str, dict[str, torch.Tensor], int],
-    reader_kwargs: dict[str, Any],
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    url, sd, needed = ckpt
-    monkeypatch.setattr("aiodcp.dcp._session.request_latency_from_get", lambda *_: 1.0)
+def test_a_fixed_gap_ignores_the_latency(ckpt: Ckpt, slow_store: dict[str, Any]) -> None:
+    url, sd, needed, _ = ckpt
     wanted = _ends(sd)
-    with aiodcp.S3StorageReader(url, max_gap_size=0, **reader_kwargs) as reader:
+    with aiodcp.S3StorageReader(url, max_gap_size=0, **slow_store) as reader:
         dcp.load(wanted, storage_reader=reader)
         stats = reader.stats
     assert stats is not None and stats.max_gap_size == 0
     assert stats.requests == 1 + 2 and stats.bytes_requested == needed
 
 
-async def test_load_checkpoint_resolves_auto(
-    ckpt: tuple[str, dict[str, torch.Tensor], int],
-    reader_kwargs: dict[str, Any],
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    url, sd, needed = ckpt
-    monkeypatch.setattr("aiodcp.dcp._session.request_latency_from_get", lambda *_: 1.0)
+async def test_load_checkpoint_resolves_auto(ckpt: Ckpt, slow_store: dict[str, Any]) -> None:
+    url, sd, needed, _ = ckpt
     wanted = _ends(sd)
-    stats = await aiodcp.load_checkpoint(wanted, url, **reader_kwargs)
+    stats = await aiodcp.load_checkpoint(wanted, url, **slow_store)
     assert_same(wanted, {"a": sd["a"], "c": sd["c"]})
     assert stats.max_gap_size == MAX_AUTO_GAP_SIZE_BYTES
     assert stats.requests == 1 + 1 and stats.bytes_requested > needed + MiB
 
 
 async def test_load_checkpoint_default_gap_is_measured(
-    ckpt: tuple[str, dict[str, torch.Tensor], int], reader_kwargs: dict[str, Any]
+    ckpt: Ckpt, reader_kwargs: dict[str, Any]
 ) -> None:
-    url, sd, _ = ckpt
+    url, sd, _, _ = ckpt
     template = {k: torch.zeros_like(v) for k, v in sd.items()}
     stats = await aiodcp.load_checkpoint(template, url, **reader_kwargs)
     assert_same(template, sd)
@@ -188,13 +197,10 @@ async def test_load_checkpoint_default_gap_is_measured(
 
 
 def test_prefetch_and_its_load_plan_with_the_prefetch_measurement(
-    ckpt: tuple[str, dict[str, torch.Tensor], int],
-    reader_kwargs: dict[str, Any],
-    monkeypatch: pytest.MonkeyPatch,
+    ckpt: Ckpt, slow_store: dict[str, Any]
 ) -> None:
-    url, sd, needed = ckpt
-    monkeypatch.setattr("aiodcp.dcp._session.request_latency_from_get", lambda *_: 1.0)
-    handle = aiodcp.prefetch(url, keys=["a", "c"], progress=False, **reader_kwargs)
+    url, sd, needed, _ = ckpt
+    handle = aiodcp.prefetch(url, keys=["a", "c"], progress=False, **slow_store)
     try:
         prefetched = handle.wait(timeout=60)
         assert prefetched.max_gap_size == MAX_AUTO_GAP_SIZE_BYTES
@@ -206,6 +212,7 @@ def test_prefetch_and_its_load_plan_with_the_prefetch_measurement(
     assert_same(template, sd)
     # The load reads no .metadata of its own: it plans b with the prefetch's latency.
     assert loaded.max_gap_size == MAX_AUTO_GAP_SIZE_BYTES
+    assert loaded.request_latency_s == prefetched.request_latency_s
 
 
 def test_prior_is_the_planner_default() -> None:
