@@ -9,8 +9,8 @@ Data flow::
            fetch task                                    (backpressure: budget + semaphore)
         -> _fetch(): a ranged GET (``S3Store.fetch_range``) whose body is written by the store
            into a ``_PartSink``: each item's bytes into its ``ItemSink`` (a buffered item's
-           ``_Blocks``: 1 MiB blocks taken as their first byte arrives, see ``_BlockPool``; a
-           direct item's ``_Direct``, below), gap bytes into a scratch buffer;
+           ``BlockSink``: 1 MiB blocks taken as their first byte arrives, see ``BlockPool``; a
+           direct item's ``DirectSink``, below), gap bytes into a scratch buffer;
            an interrupted body resumes at the next byte it still needs, pinned to the first
            ETag seen for the object (If-Match); a part gets at most ``max_attempts`` GETs,
            under the store's one retry policy (``S3Store.retrying``: backoff, give-up error)
@@ -21,7 +21,7 @@ Data flow::
            ``DirectTarget.locate`` says where its storage bytes begin, then those go from the
            socket straight into the destination tensor, and the ~1 KB after them into a tail
            buffer; bytes of a later part that arrive before the start is known are kept aside
-           (``_Direct.aside``) and put in place once it is. The consumer verifies head and
+           (``DirectSink.aside``) and put in place once it is. The consumer verifies head and
            tail (``direct_result``), or fetches the item again for the buffered path. A target
            with ``head_bytes`` 0 (a run of a sliced item, located beforehand) is located at
            once: all its bytes go straight to the destination
@@ -33,7 +33,7 @@ always holds its reservation and the engine cannot deadlock. A part that carries
 item an earlier part began cannot wait for that item's release (the consumer needs the part
 first): once nothing else is held, the carried slice is fetched alone and the items after it
 wait (``_schedule``). An item larger than the whole budget is reserved only when nothing else
-is. Reservations count item memory, whole 1 MiB blocks for all but small items (``_memory``),
+is. Reservations count item memory, whole 1 MiB blocks for all but small items (``held_memory``),
 so memory held is what is reserved, and never exceeds ``max(memory_budget, largest item's
 memory)``; direct items hold none (their head and tail, ~1-4 KB each, are not counted). The
 first failure cancels every other fetch and is re-raised to the consumer; ``abort()``
@@ -45,62 +45,29 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import mmap
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from ._config import ReaderConfig
 from ._errors import AiodcpError, LoadCancelledError, ObjectChangedError, TransferError
 from ._planner import FilePlan, ItemRange, Part
 from ._reader import ChunkBuffer
+from ._sinks import (
+    BlockPool,
+    BlockSink,
+    DirectSink,
+    DirectTarget,
+    ItemSink,
+    held_memory,
+)
 from ._stats import RequestMetrics, StatsRecorder
 from ._store import S3Store, is_throttling
 
 __all__ = ["FetchEngine", "FileFetch"]
 
 logger = logging.getLogger(__name__)
-
-
-class DirectTarget(Protocol):
-    """Where an item's payload goes instead of item memory (``dcp._fastdecode.DirectReceive``).
-
-    ``locate(head)`` is given the item's first bytes (at most ``head_bytes``) as they arrive and
-    answers the item offset at which ``memory`` begins (None: not yet known; -1: this item is
-    not for direct receipt). The item's bytes before that offset (``head``) and after
-    ``memory`` (``tail``, at most ``tail_bytes``) are kept for the consumer to verify."""
-
-    head_bytes: int
-    tail_bytes: int
-    memory: memoryview
-
-    def locate(self, head: bytes) -> int | None: ...
-
-
-class ItemSink(Protocol):
-    """Where the bytes of one item go as they arrive (called on the loop, by ``_PartSink``).
-
-    ``view(offset, limit)`` is memory for the item's bytes from ``offset`` on (at most
-    ``limit``), or None: receive them into scratch and hand them over with ``aside``, which
-    answers whether it kept them (they arrived before the sink could place them). ``written``
-    says ``n`` bytes arrived in the view given for ``offset``. ``done()`` (the item's last byte
-    arrived) is what the consumer's ``wait_item`` returns; ``release()`` (consumer thread)
-    drops the item's memory.
-
-    Two kinds: ``_Blocks`` (buffered items: recycled 1 MiB blocks, a ``ChunkBuffer`` over them)
-    and ``_Direct`` (a destination: the payload straight into a ``DirectTarget``'s memory)."""
-
-    def view(self, offset: int, limit: int) -> memoryview | None: ...
-
-    def written(self, offset: int, n: int) -> None: ...
-
-    def aside(self, offset: int, data: memoryview) -> bool: ...
-
-    def done(self) -> ChunkBuffer: ...
-
-    def release(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,240 +124,9 @@ class _ByteBudget:
             waiter.set_result(None)
 
 
-_NO_BYTES = ChunkBuffer([])
-"""What a direct item publishes: its bytes are in its destination (see ``direct_result``)."""
-
-_BLOCK_BYTES = 1024 * 1024
-"""Item memory comes in blocks of this size, recycled between items (``_BlockPool``)."""
-
-
-class _BlockPool:
-    """Recycled 1 MiB blocks of item memory.
-
-    Fresh memory is expensive: the kernel zeroes every page on its first touch, which cost
-    ~1.2 s per GiB here against ~0.07 s to write the same bytes into memory already mapped.
-    So items of at least half a block are received into blocks that go back to this pool when
-    the item is released and serve the next items; the pool holds about the bytes reserved at
-    the peak (the byte budget), and is freed with the engine. Smaller items take a
-    ``bytearray`` from the heap, which recycles them by itself. Taken on the loop, given back
-    from the consumer thread (``list`` appends and pops are atomic).
-    """
-
-    def __init__(self) -> None:
-        self._free: list[memoryview] = []
-        self.created = 0  # blocks mapped so far: the pool's memory
-
-    def slots(self, length: int) -> list[memoryview | None]:
-        """Memory for an item of ``length`` bytes: one exact heap buffer for a small item, or a
-        slot per block, filled by ``block()`` when the first byte of that block arrives (an item
-        split over several GETs holds memory only for the bytes that came)."""
-        if length < _BLOCK_BYTES // 2:
-            return [memoryview(bytearray(length))]
-        return [None] * -(-length // _BLOCK_BYTES)
-
-    def block(self) -> memoryview:
-        try:
-            return self._free.pop()
-        except IndexError:
-            self.created += 1
-            return memoryview(mmap.mmap(-1, _BLOCK_BYTES))
-
-    def give(self, blocks: list[memoryview | None]) -> None:
-        self._free.extend(b for b in blocks if b is not None and len(b) == _BLOCK_BYTES)
-
-
-def _memory(item: ItemRange, start: int, end: int) -> int:
-    """Bytes of memory that receiving bytes ``[start, end)`` of ``item`` takes first.
-
-    A small item is one heap buffer, taken with its first byte. A larger one is 1 MiB blocks,
-    each charged to the bytes that hold its first byte. Summed over any cut of the item into
-    consecutive ranges this is the memory the whole item holds, so the budget counts memory,
-    not bytes (an item of 600 KiB holds a whole block).
-    """
-    if item.length < _BLOCK_BYTES // 2:
-        return item.length if start <= item.start < end else 0
-    first = -(-(start - item.start) // _BLOCK_BYTES)  # first block starting at or after start
-    stop = -(-(end - item.start) // _BLOCK_BYTES)
-    return (stop - first) * _BLOCK_BYTES
-
-
-class _Blocks:
-    """The sink of a buffered item: its bytes in memory of its own from the pool (one heap
-    buffer for a small item, else 1 MiB blocks, each taken as its first byte arrives)."""
-
-    __slots__ = ("_blocks", "_length", "_pool")
-
-    def __init__(self, pool: _BlockPool, length: int) -> None:
-        self._pool = pool
-        self._length = length
-        self._blocks: list[memoryview | None] | None = None
-
-    def view(self, offset: int, limit: int) -> memoryview:
-        blocks = self._blocks
-        if blocks is None:
-            blocks = self._blocks = self._pool.slots(self._length)
-        block, at = divmod(offset, _BLOCK_BYTES)
-        memory = blocks[block]
-        if memory is None:
-            memory = blocks[block] = self._pool.block()
-        view = memory[at:]
-        return view if len(view) <= limit else view[:limit]
-
-    def written(self, offset: int, n: int) -> None:
-        pass  # the bytes are in place
-
-    def aside(self, offset: int, data: memoryview) -> bool:
-        raise AssertionError("a buffered item always has memory for its bytes")
-
-    def done(self) -> ChunkBuffer:
-        blocks = self._blocks
-        assert blocks is not None
-        full: list[memoryview] = [b for b in blocks if b is not None]
-        assert len(full) == len(blocks)  # every byte arrived, so every block is there
-        tail = self._length - (len(full) - 1) * _BLOCK_BYTES
-        chunks = [*full[:-1], full[-1][:tail]] if len(full[-1]) != tail else full
-        return ChunkBuffer(chunks, self._length)
-
-    def release(self) -> None:
-        blocks, self._blocks = self._blocks, None
-        if blocks is not None:
-            self._pool.give(blocks)
-
-
-class _Direct:
-    """The sink of an item received into its ``DirectTarget``: the state of one item, on the
-    loop.
-
-    Until ``locate`` answers, the first ``head_bytes`` go into ``head`` and any later byte
-    (a part that starts inside the item can arrive first) is kept aside in ``spills``. Once
-    located, bytes go straight to the target's memory, the few after it into ``tail``, and
-    what was kept aside is put in place. An item ``locate`` refuses is ``failed``: its bytes are
-    dropped and the consumer fetches it again for the buffered path.
-    """
-
-    __slots__ = ("failed", "have", "head", "length", "spills", "start", "stop", "tail", "target")
-
-    def __init__(self, target: DirectTarget, length: int) -> None:
-        self.target = target
-        self.length = length
-        self.head = bytearray(min(length, target.head_bytes))
-        self.have = bytearray(len(self.head))  # 1 for every head byte received
-        self.start = -1  # item offset of the target's memory, -1 until located
-        self.stop = -1
-        self.tail = bytearray()
-        self.spills: list[tuple[int, bytes]] = []
-        self.failed = False
-        if not self.head:  # nothing to locate from (a run): the target says where it begins
-            self._locate(0)
-
-    def view(self, offset: int, limit: int) -> memoryview | None:
-        """Where the item's bytes from ``offset`` on go (at most ``limit``); None: drop them
-        into scratch (failed), or keep them aside (``spill``) while the start is unknown."""
-        if self.failed:
-            return None
-        start = self.start
-        if start < 0:
-            if offset >= len(self.head):
-                return None
-            view = memoryview(self.head)[offset:]
-        elif offset < start:  # not after locating (every head byte came before): drop
-            return None
-        elif offset < self.stop:
-            view = self.target.memory[offset - start :]
-        else:
-            view = memoryview(self.tail)[offset - self.stop :]
-        return view if len(view) <= limit else view[:limit]
-
-    def written(self, offset: int, n: int) -> None:
-        """``n`` bytes arrived at ``offset`` in the view given for it."""
-        if self.start >= 0 or self.failed or offset >= len(self.head):
-            return
-        have = self.have
-        have[offset : offset + n] = b"\x01" * n
-        received = have.find(0)
-        if received < 0:
-            received = len(have)
-        if received <= offset:  # an earlier byte is still missing
-            return
-        self._locate(received)
-
-    def _locate(self, received: int) -> None:
-        """Ask the target where its memory begins, from the first ``received`` head bytes;
-        once it knows, put every byte received so far in place."""
-        have = self.have
-        found = self.target.locate(bytes(self.head[:received]))
-        if found is None:
-            return
-        if found < 0 or found > received:
-            self._fail()
-            return
-        stop = found + len(self.target.memory)
-        if not 0 <= self.length - stop <= self.target.tail_bytes:
-            self._fail()
-            return
-        head = self.head
-        self.head = bytearray(head[:found])
-        self.start, self.stop = found, stop
-        self.tail = bytearray(self.length - stop)
-        at = found
-        while at < len(have):  # head bytes past the start: into the memory or the tail
-            at = have.find(1, at)
-            if at < 0:
-                break
-            end = have.find(0, at)
-            end = len(have) if end < 0 else end
-            self._place(at, memoryview(head)[at:end])
-            at = end
-        self.have = bytearray()
-        spills, self.spills = self.spills, []
-        for offset_, data in spills:
-            self._place(offset_, memoryview(data))
-
-    def aside(self, offset: int, data: memoryview) -> bool:
-        """Bytes that arrived before the start was known (or, failed, are not needed); True
-        if they were kept aside until it is."""
-        if self.failed:
-            return False
-        if self.start >= 0:
-            self._place(offset, data)
-            return False
-        self.spills.append((offset, bytes(data)))
-        return True
-
-    def done(self) -> ChunkBuffer:
-        return _NO_BYTES  # the bytes are in the destination (see ``result``)
-
-    def release(self) -> None:
-        self.head = self.tail = bytearray()  # holds no budget (see ``FetchEngine._held``)
-
-    def result(self) -> tuple[bytes, bytes] | None:
-        """The bytes before and after the target's memory, or None if the item could not be
-        received into it (fetch it again for the buffered path)."""
-        if self.failed or self.start < 0:
-            return None
-        return bytes(self.head), bytes(self.tail)
-
-    def _place(self, offset: int, data: memoryview) -> None:
-        while data:
-            view = self.view(offset, len(data))
-            if view is None:
-                return
-            n = len(view)
-            view[:] = data[:n]
-            offset += n
-            data = data[n:]
-
-    def _fail(self) -> None:
-        self.failed = True
-        self.head = bytearray()
-        self.have = bytearray()
-        self.tail = bytearray()
-        self.spills = []
-
-
 class _Item:
-    """One stored item being downloaded into its sink: memory of its own (``_Blocks``), or
-    straight into its destination (``_Direct``)."""
+    """One stored item being downloaded into its sink: memory of its own (``BlockSink``), or
+    straight into its destination (``DirectSink``)."""
 
     __slots__ = ("buffer", "missing", "range", "sink")
 
@@ -501,7 +237,7 @@ class FetchEngine:
         self._files = list(files)
         self._config = config
         self._stats = stats
-        self._pool = _BlockPool()
+        self._pool = BlockPool()
         self._items: list[list[_Item]] = [
             [_Item(r, self._sink(r, f.direct.get(i))) for i, r in enumerate(f.plan.items)]
             for f in self._files
@@ -527,8 +263,8 @@ class FetchEngine:
 
     def _sink(self, item: ItemRange, direct: DirectTarget | None) -> ItemSink:
         if direct is not None:
-            return _Direct(direct, item.length)
-        return _Blocks(self._pool, item.length)
+            return DirectSink(direct, item.length)
+        return BlockSink(self._pool, item.length)
 
     # ----------------------------------------------------------------- event-loop side
 
@@ -569,7 +305,7 @@ class FetchEngine:
     async def _schedule(self, file_index: int, part: Part, connections: asyncio.Semaphore) -> None:
         """Reserve memory for the item bytes ``part`` holds, then start its GET.
 
-        Memory is reserved per part, for the item memory its bytes take first (``_memory``: an
+        Memory is reserved per part, for the item memory its bytes take first (``held_memory``: an
         item split over several parts is reserved slice by slice), and released per item, when
         the consumer is done with it. A part is sent as planned unless the budget cannot hold it:
 
@@ -617,11 +353,11 @@ class FetchEngine:
         await self._start_piece(file_index, piece, part.end, piece_held, connections)
 
     def _held(self, file_index: int, item: ItemRange, start: int, end: int) -> int:
-        """Budget that receiving bytes ``[start, end)`` of ``item`` takes (``_memory``); none
+        """Budget that receiving bytes ``[start, end)`` of ``item`` takes (``held_memory``); none
         for an item received into its destination, whose few header bytes are not counted."""
         if item in self._direct[file_index]:
             return 0
-        return _memory(item, start, end)
+        return held_memory(item, start, end)
 
     async def _start_piece(
         self,
@@ -836,7 +572,7 @@ class FetchEngine:
         """For a downloaded direct item: its bytes before and after the target's memory, or
         None if it could not be received directly (fetch it again for the buffered path)."""
         sink = self._items[file_index][item_index].sink
-        assert isinstance(sink, _Direct)
+        assert isinstance(sink, DirectSink)
         return sink.result()
 
     def release_item(self, file_index: int, item_index: int) -> None:
@@ -851,7 +587,7 @@ class FetchEngine:
         if item.range in self._direct[file_index]:
             return  # held no budget (see _held)
         with self._release_lock:
-            self._released += _memory(item.range, item.range.start, item.range.end)
+            self._released += held_memory(item.range, item.range.start, item.range.end)
             if self._release_pending:
                 return
             self._release_pending = True

@@ -41,7 +41,6 @@ group's timeout.
 
 from __future__ import annotations
 
-import mmap
 import pickle
 import sys
 import warnings
@@ -54,6 +53,7 @@ import torch.distributed as dist
 
 from .._errors import AiodcpError, PeerLoadError
 from .._reader import ChunkBuffer
+from .._sinks import BLOCK_BYTES, BlockPool, item_memory
 from ._fastdecode import DirectReceive
 
 __all__ = [
@@ -72,7 +72,7 @@ __all__ = [
 
 T = TypeVar("T")
 
-SEGMENT_BYTES = 1024 * 1024
+SEGMENT_BYTES = BLOCK_BYTES
 """Items cross the process group in messages of this size (the engine's item blocks)."""
 
 
@@ -112,14 +112,6 @@ class RankShare:
     sent, or received); the rank's other items load as in a single-process load."""
     rounds: tuple[Round, ...]
     """As many on every rank: round k of every rank is one step of the job."""
-
-
-def item_memory(length: int) -> int:
-    """Bytes of memory an item of ``length`` bytes holds once received: whole 1 MiB blocks for
-    items of half a block or more, as the fetch engine and the receive buffers hold them."""
-    if length < SEGMENT_BYTES // 2:
-        return length
-    return -(-length // SEGMENT_BYTES) * SEGMENT_BYTES
 
 
 def plan_sharing(
@@ -306,7 +298,7 @@ class Exchange:
         self.share = share
         self.bytes_sent = 0
         self.bytes_received = 0
-        self._free: list[memoryview] = []
+        self._pool = BlockPool()
         self._lent: dict[StoredItem, list[memoryview]] = {}
 
     def _global(self, rank: int) -> int:
@@ -353,7 +345,7 @@ class Exchange:
     def release(self, received: Iterable[StoredItem]) -> None:
         """Take back the blocks of decoded received items, for the next rounds."""
         for item in received:
-            self._free.extend(self._lent.pop(item, ()))
+            self._pool.give(self._lent.pop(item, []))
 
     def transfer(
         self,
@@ -425,7 +417,7 @@ class Exchange:
         return received, done
 
     def _block(self) -> memoryview:
-        return self._free.pop() if self._free else memoryview(mmap.mmap(-1, SEGMENT_BYTES))
+        return self._pool.block()
 
 
 class _Located:
@@ -492,8 +484,7 @@ class _Located:
             ]
             return ChunkBuffer(parts)
         finally:
-            exchange._free.append(self.first)
-            exchange._free.extend(self.blocks.values())
+            exchange._pool.give([self.first, *self.blocks.values()])
 
 
 def _segments(buffer: ChunkBuffer, length: int) -> list[torch.Tensor]:
