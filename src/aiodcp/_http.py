@@ -9,8 +9,8 @@ received with ``sock.recv_into`` straight into the memory the item will be decod
 
 Data flow::
 
-    S3Store.fetch_range(bucket, key, start, end, sink)
-        -> RangeClient.fetch(url, start, end, if_match, sink)
+    S3Store.fetch_range(bucket, key, start, end, sink)   (and get_object, object_size)
+        -> RangeClient.fetch(url, start, end, if_match, sink) -> the response headers
             -> RangeClient._acquire(url)     an idle keep-alive connection or a new one
             -> _Connection.request()         "GET <presigned path> HTTP/1.1", Range, If-Match
                                              (or If-Unmodified-Since)
@@ -38,11 +38,14 @@ decides between IDLE and CLOSED; the pool only asks ``is_available()`` (IDLE) an
 Scope: only the plain case is handled here, and everything else is reported to the caller
 (``FallbackRequired``), which then sends the request through botocore as before: a response that
 is not ``206`` with the exact ``Content-Range`` and ``Content-Length`` asked for, a chunked or
-encoded body, or headers over 64 KiB. Error statuses whose meaning is certain (S3's XML error
-body) are raised as ``HttpError``, with the facts an error is classified from (status, S3 code,
-message), which the store classifies by the same rules as botocore's errors
-(``_store.classify``). Proxies and client certificates never take this path (the store checks
-before using it).
+encoded body, or headers over 64 KiB. The one exception is asked for by the caller
+(``accept_shorter``, the store's whole-object GETs of ``.metadata`` and sizes): a ``206`` that
+ends early because the object does (``bytes 0-99/100``), or a ``200`` with the whole object
+when the span starts at byte 0; ``fetch`` returns the response headers, which say what came.
+Error statuses whose meaning is certain (S3's XML error body) are raised as ``HttpError``, with
+the facts an error is classified from (status, S3 code, message), which the store classifies by
+the same rules as botocore's errors (``_store.classify``). Proxies and client certificates never
+take this path (the store checks before using it).
 
 Invariants: a connection goes back to the pool only after its whole response was received and
 the response did not ask to close; anything else (an error, a timeout, a cancellation) aborts
@@ -62,7 +65,15 @@ from http import HTTPStatus
 from typing import Protocol
 from urllib.parse import urlsplit
 
-__all__ = ["FallbackRequired", "HttpError", "RangeClient", "RangeSink", "Url", "feed"]
+__all__ = [
+    "ConnectTimeoutError",
+    "FallbackRequired",
+    "HttpError",
+    "RangeClient",
+    "RangeSink",
+    "Url",
+    "feed",
+]
 
 _MAX_HEADER_BYTES = 64 * 1024
 _HEADER_BUFFER_BYTES = 8 * 1024
@@ -103,6 +114,11 @@ def feed(sink: RangeSink, pos: int, end: int, data: bytes) -> int:
         pos += n
         view = view[n:]
     return pos
+
+
+class ConnectTimeoutError(TimeoutError):
+    """No connection within ``connect_timeout_s`` (named and worded as botocore's, so the error
+    a load raises reads the same whichever client timed out)."""
 
 
 class FallbackRequired(Exception):
@@ -222,6 +238,8 @@ class _Connection(asyncio.BufferedProtocol):
         self._error_headers: dict[str, str] = {}
         self._error_body = bytearray()
         self._error_left = 0
+        self._headers: dict[str, str] = {}
+        self._accept_shorter = False
         self._waiter: asyncio.Future[None] | None = None
         self._last_activity = 0.0
         self._timeout = 0.0
@@ -341,6 +359,19 @@ class _Connection(asyncio.BufferedProtocol):
         length_text = headers.get("content-length")
         length = int(length_text) if length_text is not None and length_text.isdigit() else -1
         rest = bytes(head[end + 4 : self._head_len])
+        self._headers = headers
+        if (
+            status == 200
+            and self._accept_shorter
+            and self._start == 0
+            and "content-range" not in headers
+            and 0 <= length <= self._end
+        ):
+            # The whole object, shorter than the span asked for (a store may answer a range
+            # covering the whole object so): received as the 206 it stands for.
+            status, self._end = 206, length
+            if length:
+                headers["content-range"] = f"bytes 0-{length - 1}/{length}"
         if status != 206:
             if status < 300 or length < 0:
                 raise FallbackRequired(f"status {status} to a ranged GET")
@@ -354,6 +385,16 @@ class _Connection(asyncio.BufferedProtocol):
             return
         match = _CONTENT_RANGE_RE.match(headers.get("content-range", ""))
         if (
+            match is not None
+            and self._accept_shorter
+            and int(match.group(1)) == self._start
+            and match.group(3) == str(int(match.group(2)) + 1)
+            and int(match.group(2)) + 1 < self._end
+        ):
+            self._end = int(match.group(2)) + 1  # the object ends inside the span asked for
+        if length == 0 and self._end == self._start == 0 and self._accept_shorter:
+            pass  # an empty whole object (the 200 above)
+        elif (
             match is None
             or int(match.group(1)) != self._start
             or int(match.group(2)) + 1 != self._end
@@ -367,8 +408,8 @@ class _Connection(asyncio.BufferedProtocol):
         self._state = _BODY
         if rest:
             self._pos = feed(self._sink, self._pos, self._end, rest)
-            if self._pos >= self._end:
-                self._end_response(None)
+        if self._pos >= self._end:
+            self._end_response(None)
 
     def _end_error(self) -> None:
         self._end_response(
@@ -427,9 +468,11 @@ class _Connection(asyncio.BufferedProtocol):
         read_timeout: float,
         user_agent: str,
         unmodified_since: str | None = None,
-    ) -> None:
+        accept_shorter: bool = False,
+    ) -> dict[str, str]:
         """Send one ranged GET (NEW or IDLE -> HEAD) and receive its body into ``sink``; raises
-        on any failure. Returns or raises with the connection IDLE or CLOSED."""
+        on any failure; returns the response headers (names in lower case). Returns or raises
+        with the connection IDLE or CLOSED. ``accept_shorter``: see ``RangeClient.fetch``."""
         if self._state is _CLOSED:  # closed by the server before its first request was sent
             raise ConnectionResetError("the server closed the connection")
         assert self.transport is not None and (self._state is _NEW or self._state is _IDLE)
@@ -437,6 +480,8 @@ class _Connection(asyncio.BufferedProtocol):
         self._keep_alive = False
         self._sink, self._start, self._pos, self._end = sink, start, start, end
         self._head_len = 0
+        self._headers = {}
+        self._accept_shorter = accept_shorter
         self._state = _HEAD
         self._waiter = self._loop.create_future()
         self._timeout = read_timeout
@@ -457,6 +502,7 @@ class _Connection(asyncio.BufferedProtocol):
         try:
             self.transport.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
             await self._waiter
+            return self._headers
         except HttpError:
             raise  # the error body was read whole: the connection may be IDLE
         except BaseException as exc:
@@ -500,13 +546,21 @@ class RangeClient:
         if_match: str | None,
         sink: RangeSink,
         unmodified_since: str | None = None,
-    ) -> None:
-        """Bytes ``[start, end)`` of ``url`` into ``sink``. One attempt (plus one silent resend
-        when a reused keep-alive connection turns out closed before any byte came back)."""
+        *,
+        accept_shorter: bool = False,
+    ) -> dict[str, str]:
+        """Bytes ``[start, end)`` of ``url`` into ``sink``; returns the response headers (names
+        in lower case). One attempt (plus one silent resend when a reused keep-alive connection
+        turns out closed before any byte came back).
+
+        ``accept_shorter``: an object that ends inside the span is no fallback: the 206 whose
+        ``Content-Range`` starts at ``start`` and ends at the object's end (``bytes
+        start-last/last+1``), or from byte 0 a 200 with the whole object, is received (the
+        headers say how much came); the store reads whole small objects so."""
         for resend in (True, False):
             connection = await self._acquire(url, fresh=not resend)
             try:
-                await connection.request(
+                headers = await connection.request(
                     url,
                     start,
                     end,
@@ -515,6 +569,7 @@ class RangeClient:
                     self._read_timeout,
                     self._user_agent,
                     unmodified_since,
+                    accept_shorter,
                 )
             except OSError as exc:
                 self._release(connection)
@@ -526,7 +581,8 @@ class RangeClient:
                 self._release(connection)
                 raise
             self._release(connection)
-            return
+            return headers
+        raise AssertionError("unreachable")  # the second pass returns or raises
 
     def _drop_idle(self, origin: tuple[str, str, int]) -> None:
         for connection in self._idle.pop(origin, []):
@@ -549,16 +605,22 @@ class RangeClient:
             if self._ssl_context is None:
                 self._ssl_context = self._ssl_context_factory()
             context = self._ssl_context
-        _, protocol = await asyncio.wait_for(
-            loop.create_connection(
-                lambda: _Connection(loop),
-                url.host,
-                url.port,
-                ssl=context,
-                server_hostname=url.host if context is not None else None,
-            ),
-            self._connect_timeout,
-        )
+        try:
+            _, protocol = await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: _Connection(loop),
+                    url.host,
+                    url.port,
+                    ssl=context,
+                    server_hostname=url.host if context is not None else None,
+                ),
+                self._connect_timeout,
+            )
+        except TimeoutError as exc:
+            raise ConnectTimeoutError(
+                f'Connect timeout on endpoint URL: "{url.scheme}://{url.host_header}" '
+                f"(no connection within {self._connect_timeout:g} s)"
+            ) from exc
         protocol.origin = origin
         self._busy.add(protocol)
         return protocol
