@@ -35,6 +35,18 @@ for _var in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
     os.environ.pop(_var, None)
 
 
+NOT_PLAIN: dict[str, Any] = {"extra": {"user_agent_extra": "aiodcp-tests-botocore-path"}}
+"""Reader options that leave the plain case (``aiodcp._native``) and nothing else: the store
+resolves, signs and falls back through botocore, as every store did before the native path."""
+
+
+@pytest.fixture(params=["native", "botocore"])
+def store_path(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """Reader options for each way a store can run: the plain case (native: no botocore) and
+    through botocore (``NOT_PLAIN``). For the tests of store behaviour that both must keep."""
+    return {} if request.param == "native" else dict(NOT_PLAIN)
+
+
 @dataclass
 class _LoggedServer:
     """A server process that appends one JSON line per request to ``log_path``."""

@@ -1,12 +1,14 @@
 """Cold start: what ``import aiodcp`` (and the CLI's module) import, in fresh processes.
 
 ``import aiodcp`` must not import the S3 stack (botocore, aiobotocore, aiohttp) nor the DCP
-adapter: the names that need them resolve on first access (PEP 562). See benchmarks/README.md,
-"Cold start".
+adapter: the names that need them resolve on first access (PEP 562). A first load in the plain
+case (``_native``) imports no botocore, aiobotocore or aiohttp at all; any other imports them in
+a worker thread. See benchmarks/README.md, "Cold start".
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -109,18 +111,32 @@ def test_load_checkpoint_is_reached_without_the_s3_stack() -> None:
     assert _imported_after("import aiodcp\naiodcp.load_checkpoint") == []
 
 
-def test_a_first_load_imports_the_s3_stack_off_the_callers_loop(
-    tmp_path: Path, s3_server: S3Server
-) -> None:
-    """A fresh process's first ``await aiodcp.load_checkpoint`` imports botocore, aiobotocore
-    and aiohttp (~0.4 s of CPU): in a worker thread, not on the caller's loop (where it
-    stalled every other task for as long). An import hook in the process records which
-    thread imported each."""
+STACK = ("aiobotocore", "aiohttp", "botocore")
+LOADS = {
+    "load_checkpoint": "asyncio.run(aiodcp.load_checkpoint(state, URL, **OPTIONS))",
+    "dcp.load": (
+        "with aiodcp.S3StorageReader(URL, **OPTIONS) as reader:\n"
+        "    torch.distributed.checkpoint.load(state, storage_reader=reader)"
+    ),
+}
+
+
+def _first_load(s3_server: S3Server, tmp_path: Path, load: str, **options: object) -> object:
+    """A fresh process: import torch's DCP and aiodcp, then one load (``LOADS[load]``) of a
+    small checkpoint from moto; returns [which of STACK were imported, on the main thread or
+    not (an import hook records it), the loaded tensor's sum]."""
     s3 = s3_server.client()
     bucket = "cold-loop-import"
-    s3.create_bucket(Bucket=bucket)
-    sd = {"w": torch.randn(256, 256)}
+    with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
+        s3.create_bucket(Bucket=bucket)
+    sd = {"w": torch.ones(256, 256)}
     upload_dir(s3, save_checkpoint(sd, tmp_path / "c"), bucket, "c")
+    all_options = {
+        "endpoint_url": s3_server.endpoint_url,
+        "region": "us-east-1",
+        "addressing_style": "path",
+        **options,
+    }
     code = f"""
 import asyncio, json, sys, threading
 import torch
@@ -131,23 +147,67 @@ on_loop = {{}}
 
 class Spy:
     def find_spec(self, name, path=None, target=None):
-        if name in ("botocore", "aiobotocore", "aiohttp") and name not in on_loop:
+        if name in {STACK!r} and name not in on_loop:
             on_loop[name] = threading.current_thread() is threading.main_thread()
         return None
 
 sys.meta_path.insert(0, Spy())
-
-async def main():
-    state = {{"w": torch.zeros(256, 256)}}
-    await aiodcp.load_checkpoint(
-        state, "s3://{bucket}/c", endpoint_url={s3_server.endpoint_url!r},
-        region="us-east-1", addressing_style="path",
-    )
-    return float(state["w"].abs().sum())
-
-total = asyncio.run(main())
-print(json.dumps([on_loop, total]))
+URL = "s3://{bucket}/c"
+OPTIONS = {all_options!r}
+state = {{"w": torch.zeros(256, 256)}}
+{LOADS[load]}
+print(json.dumps([sorted(m for m in {STACK!r} if m in sys.modules), on_loop,
+                  float(state["w"].sum())]))
 """
-    on_loop, total = _fresh(code)
-    assert total == pytest.approx(float(sd["w"].abs().sum()), rel=1e-5)
+    return _fresh(code)
+
+
+@pytest.mark.parametrize("load", sorted(LOADS))
+def test_a_plain_first_load_imports_no_s3_stack(
+    tmp_path: Path, s3_server: S3Server, load: str
+) -> None:
+    """Environment credentials and an explicit endpoint are the plain case: a fresh process's
+    first load (``.metadata`` and data GETs) imports none of botocore, aiobotocore, aiohttp."""
+    imported, on_loop, total = _first_load(s3_server, tmp_path, load)  # type: ignore[misc]
+    assert total == 256 * 256
+    assert imported == [] and on_loop == {}
+
+
+def test_the_plain_load_check_sees_a_load_that_imports_the_stack(
+    tmp_path: Path, s3_server: S3Server
+) -> None:
+    """The check above fails for a load that imports the stack: here one that is not plain
+    (``extra`` set), which still loads correctly through botocore, importing it off the
+    caller's loop (in a worker thread: it stalled every other task for ~0.4 s on the loop)."""
+    imported, on_loop, total = _first_load(  # type: ignore[misc]
+        s3_server, tmp_path, "load_checkpoint", extra={"user_agent_extra": "not-plain"}
+    )
+    assert total == 256 * 256
+    assert imported == list(STACK)
     assert on_loop == {"botocore": False, "aiobotocore": False, "aiohttp": False}
+
+
+@pytest.mark.parametrize("load", sorted(LOADS))
+def test_a_first_load_that_is_not_plain_uses_botocore(
+    tmp_path: Path, s3_server: S3Server, load: str
+) -> None:
+    """``fast_http=False`` (or a profile, see below): botocore, imported off the main
+    thread."""
+    imported, on_loop, total = _first_load(s3_server, tmp_path, load, fast_http=False)  # type: ignore[misc]
+    assert total == 256 * 256
+    assert imported == list(STACK)
+    assert set(on_loop.values()) == {False}
+
+
+def test_a_profile_is_not_plain_and_loads_through_botocore(
+    tmp_path: Path, s3_server: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "config"
+    config.write_text("[profile ck]\nregion = us-east-1\n")
+    credentials = tmp_path / "credentials"
+    credentials.write_text("[ck]\naws_access_key_id = testing\naws_secret_access_key = testing\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials))
+    imported, _, total = _first_load(s3_server, tmp_path, "load_checkpoint", profile="ck")  # type: ignore[misc]
+    assert total == 256 * 256
+    assert imported == list(STACK)

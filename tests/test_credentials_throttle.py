@@ -214,8 +214,11 @@ async def test_credentials_rotate_during_load_without_refusals(
     # request stalled 0.3 s by the proxy still arrives in time despite X-Amz-Date's whole
     # seconds; and the mandatory window (4.75 s) >= margin + minimum, so every data GET can be
     # presigned (botocore refreshes before a URL would be too short).
-    monkeypatch.setattr(aiodcp._store, "_CREDENTIAL_MARGIN_S", 0.5)
-    monkeypatch.setattr(aiodcp._store, "_MIN_PRESIGN_S", 4)
+    monkeypatch.setattr(
+        aiodcp._store,
+        "PRESIGN_TIMING",
+        aiodcp._store.PresignTiming(credential_margin_s=0.5, min_presign_s=4),
+    )
 
     with FaultProxy(server.endpoint_url) as proxy:
         # Every data GET waits 0.3 s before it is forwarded: ~100 GETs, 3 at a time -> ~10 s.
@@ -322,9 +325,12 @@ async def test_revoked_static_credentials_fail_promptly(
     checkpoint: Checkpoint,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    store_path: dict[str, Any],
 ) -> None:
     """Static (not refreshable) credentials the store revokes mid-load: AccessDeniedError
-    saying they expired, after a bounded number of re-signs, without hanging."""
+    saying they expired, after a bounded number of re-signs, without hanging; the same error
+    whether the store signs natively (the environment's credentials: nothing can refresh them)
+    or through botocore."""
     minted = server.mint_credentials(ttl=600)
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
@@ -337,7 +343,7 @@ async def test_revoked_static_credentials_fail_promptly(
         mark = len(server.requests())
         server.reset_counters()
         task = asyncio.create_task(
-            load(checkpoint, proxy.endpoint_url, part_size=32 * KIB, max_attempts=3)
+            load(checkpoint, proxy.endpoint_url, part_size=32 * KIB, max_attempts=3, **store_path)
         )
         try:
             assert await wait_until(lambda: held.hits >= 32 or task.done())

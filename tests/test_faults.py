@@ -222,11 +222,15 @@ async def test_connection_lost_before_any_body_byte_is_retried(
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("fault", [Fault.slow_down(), Fault.internal_error()], ids=["503", "500"])
 async def test_transient_error_responses_are_retried(
-    mode: str, fault: Fault, checkpoint: Checkpoint, proxy: FaultProxy
+    mode: str,
+    fault: Fault,
+    checkpoint: Checkpoint,
+    proxy: FaultProxy,
+    store_path: dict[str, Any],
 ) -> None:
     proxy.add(fault, path_suffix=".distcp", times=3)
     proxy.add(fault, path_suffix=".metadata", times=1)
-    state, stats = await load(mode, checkpoint, proxy)
+    state, stats = await load(mode, checkpoint, proxy, **store_path)
     assert_same(state, checkpoint.state)
     assert proxy.faults[fault.name] == 4
     assert stats.retries >= 3  # the data GETs' retries (the .metadata retry is the caller's)
@@ -263,10 +267,10 @@ async def test_stall_mid_body_times_out_and_resumes(
 
 
 async def test_metadata_body_dropped_is_fetched_again(
-    checkpoint: Checkpoint, proxy: FaultProxy
+    checkpoint: Checkpoint, proxy: FaultProxy, store_path: dict[str, Any]
 ) -> None:
     proxy.add(Fault.drop(100), path_suffix=".metadata", times=2)
-    state, _ = await aload(checkpoint, proxy)
+    state, _ = await aload(checkpoint, proxy, **store_path)
     assert_same(state, checkpoint.state)
     meta = [r for r in proxy.requests if r.path.endswith(".metadata")]
     assert len(meta) == 3 and proxy.faults["drop"] == 2
@@ -387,12 +391,13 @@ async def test_connect_timeout_fails_after_max_attempts(checkpoint: Checkpoint) 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("target", ["data", "metadata"])
 async def test_access_denied_is_not_retried(
-    mode: str, target: str, checkpoint: Checkpoint, proxy: FaultProxy
+    mode: str, target: str, checkpoint: Checkpoint, proxy: FaultProxy, store_path: dict[str, Any]
 ) -> None:
     key = checkpoint.data_keys[3] if target == "data" else "ck/.metadata"
     proxy.add(Fault.access_denied(), path_suffix=key)
     with pytest.raises((aiodcp.AccessDeniedError, AssertionError)) as info:
-        await load(mode, checkpoint, proxy, part_size=1024 * 1024)  # one GET per file
+        # one GET per file
+        await load(mode, checkpoint, proxy, part_size=1024 * 1024, **store_path)
     error = info.value
     if mode == "sync" and target == "metadata":
         # dcp.load keeps only the text of a failing read_metadata (see DESIGN.md)
@@ -407,11 +412,11 @@ async def test_access_denied_is_not_retried(
 
 
 async def test_a_store_that_ignores_range_is_reported(
-    checkpoint: Checkpoint, proxy: FaultProxy
+    checkpoint: Checkpoint, proxy: FaultProxy, store_path: dict[str, Any]
 ) -> None:
     proxy.add(Fault.ignore_range(), path_suffix=".distcp")
     with pytest.raises(aiodcp.StorageError, match="ignored the Range header") as info:
-        await aload(checkpoint, proxy)  # 64 KiB parts: most start past byte 0
+        await aload(checkpoint, proxy, **store_path)  # 64 KiB parts: most start past byte 0
     assert info.value.key in checkpoint.data_keys
     assert 200 in proxy.statuses()
     assert_clean(proxy)

@@ -6,10 +6,11 @@ Two ways in::
     dcp.load(state_dict, storage_reader=aiodcp.S3StorageReader("s3://bucket/ckpt"))
 
 ``import aiodcp`` imports only the light modules (errors, configuration, planner, stats, the
-item reader). The names whose modules bring in the S3 stack (botocore, aiobotocore, aiohttp)
-and the DCP adapter (``S3StorageReader``, ``load_checkpoint``, ``prefetch``,
-``PrefetchHandle``, ``S3ObjectReader``) are imported on first access (PEP 562): a process that
-only inspects metadata, or only builds a config, never pays for them.
+item reader). The names whose modules bring in the store and the DCP adapter
+(``S3StorageReader``, ``load_checkpoint``, ``prefetch``, ``PrefetchHandle``,
+``S3ObjectReader``) are imported on first access (PEP 562): a process that only inspects
+metadata, or only builds a config, never pays for them. The S3 stack (botocore, aiobotocore,
+aiohttp) is imported only by a store outside the plain case (``_native``), when it needs it.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """``await load_checkpoint(state_dict, "s3://bucket/ckpt")``: DCP loading for asyncio programs.
 
-Data flow: import the S3 stack in a thread (the first load of a process pays ~0.4 s for
-botocore, aiobotocore and aiohttp, which ``import aiodcp`` leaves out; not on the caller's
-loop) -> start aiodcp's private I/O loop (a ``PrivateLoopDriver``: its own thread, its own
+Data flow: import the load's modules in a thread (not on the caller's loop; outside the plain
+case, ``_native``, the store later imports botocore, aiobotocore and aiohttp in a thread too)
+-> start aiodcp's private I/O loop (a ``PrivateLoopDriver``: its own thread, its own
 ``S3Store``) and the load's ``LoadSession`` over it (``dcp._session``) -> read ``.metadata``
 through the session (``aread_metadata``: so a wrong path, missing bucket or access problem raises
 aiodcp's own error at once; its time is the request latency ``max_gap_size="auto"`` is resolved
@@ -98,7 +98,7 @@ async def load_checkpoint(
         **options,
     )
     path = parse_checkpoint_path(checkpoint_id)
-    # The first load of a process imports the S3 stack (~0.4 s): in a thread, not on the loop.
+    # The first load of a process imports the load's modules: in a thread, not on the loop.
     loop_driver, attached_reader = await run_in_thread(_s3_stack, on_cancel=lambda: None)
     driver = loop_driver(cfg)
     try:
@@ -125,8 +125,8 @@ async def load_checkpoint(
 
 
 def _s3_stack() -> tuple[type[PrivateLoopDriver], Callable[..., S3StorageReader]]:
-    """What a load needs from the modules that bring in botocore, aiobotocore and aiohttp
-    (``import aiodcp`` leaves them out, see ``aiodcp/__init__.py``)."""
+    """What a load needs from the modules ``import aiodcp`` leaves out (see
+    ``aiodcp/__init__.py``); botocore, aiobotocore and aiohttp only outside the plain case."""
     from ._driver import PrivateLoopDriver
     from .dcp._storage_reader import attached_reader
 

@@ -1,34 +1,52 @@
-"""The object store: S3 through aiobotocore. The only module that knows botocore and aiohttp.
+"""The object store: S3 through our own HTTP path in the plain case, else through aiobotocore.
 
-Data flow: ``S3Store`` (one per event loop: an aiobotocore client belongs to the loop it was made
-on) -> ``get_object(bucket, key)`` for small objects such as ``.metadata`` -> ``open_range(bucket,
-key, start, end, if_match)`` for ranged GETs, returning a ``RangeStream`` whose ``read_chunk()``
-hands out the body as the network delivered it (one ``bytes`` per socket read, never joined).
+Data flow: ``S3Store`` (one per event loop: its connections and any aiobotocore client belong
+to the loop they were made on) -> ``open()`` resolves the store: in the plain case
+(``_native.plain_case``: endpoint, region and credentials that botocore would resolve the same
+way, read here from the configuration and the environment) nothing else is needed; otherwise
+the aiobotocore client is created (``_botostore``, which alone imports botocore, aiobotocore
+and aiohttp). -> ``get_object(bucket, key)`` for small objects such as ``.metadata`` and
+``object_size`` -> ``fetch_range(bucket, key, start, end, sink)`` for the data GETs, or
+``open_range(bucket, key, start, end, if_match)`` through botocore, returning a
+``_botostore.RangeStream`` whose ``read_chunk()`` hands out the body as the network delivered
+it (one ``bytes`` per socket read, never joined).
 
-Data GETs take the fast path when they can: ``fetch_range(bucket, key, start, end, sink)``
-presigns the object's URL (``_fast_url``, reused for half the life it has left) and hands the
-request to ``_http.RangeClient``, which writes the body straight into the engine's sink. URLs
-are signed as the client signs its own requests (``_presign_as_requests``: SigV4 query form, the
-client's endpoint, the bucket's region as botocore resolved it) and never outlive the
-credentials that signed them. Proxies and client certificates (seen in botocore's resolved HTTP
-settings), ``fast_http=False``, and any response that is not the plain case go through
-``open_range`` (botocore) instead. An error response is sorted by ``_refusal_kind``: an expired
-signature is signed again (credentials refreshed once per refused key) and resent without
-counting as an attempt; a region refusal goes through botocore, which follows S3's redirect and
-remembers the region; a possibly mangled URL goes through botocore too, and after
-``_FAST_FALLBACK_LIMIT`` of those a store stays on botocore; anything else is classified as a
-botocore error response would be (``classify``). ``limiter`` (``_throttle.AdaptiveRate``) is
-the store's request rate, which the engine lowers on SlowDown.
+The botocore client is created lazily, once (``botocore_client``: concurrent callers share
+the creation; ``_botostore`` is imported in a worker thread), the first time something needs it:
+a configuration that is not plain, ``fast_http=False``, a bucket that is not plain, a response
+the fast path does not handle, a region refusal, ``_FAST_FALLBACK_LIMIT``. A plain load never
+creates it, so never imports botocore, aiobotocore or aiohttp.
+
+Requests take the fast path when they can: the object's URL is presigned (``_fast_url``, reused
+for half the life it has left) and the request handed to ``_http.RangeClient``, which writes
+the body straight into the engine's sink (``fetch_range``) or into a buffer (``get_object``: a
+ranged GET that accepts a shorter object, then the rest pinned to its ETag; ``object_size``: a
+GET of the first byte, whose ``Content-Range`` gives the size). In the plain case URLs are
+signed here (``_native_url``: ``_sigv4``, stdlib only, the environment's static credentials);
+otherwise as the client signs its own requests (``_botocore_url``,
+``_botostore.presign_as_requests``: SigV4 query form, the client's endpoint, the bucket's region
+as botocore resolved it), never outliving the credentials that signed them (``PresignTiming``).
+Outside the plain case only data GETs take the fast path, as before. Proxies and client
+certificates (seen in botocore's resolved HTTP settings), ``fast_http=False``, and any response
+that is not the plain case go through botocore instead. An error response is sorted by
+``_refusal_kind``: an expired signature is signed again (credentials refreshed once per refused
+key; the environment's cannot be, so their refusal is raised) and resent without counting as an
+attempt; a region refusal goes through botocore, which follows S3's redirect and remembers the
+region (a plain store then lets botocore sign every later URL); a possibly mangled URL goes
+through botocore too, and after ``_FAST_FALLBACK_LIMIT`` of those a store stays on botocore;
+anything else is classified as a botocore error response would be (``classify``). ``limiter``
+(``_throttle.AdaptiveRate``) is the store's request rate, which the engine lowers on SlowDown.
 
 Data GETs are conditional: ``If-Match`` once the object's ETag is known, else
 ``If-Unmodified-Since`` with the time the checkpoint's ``.metadata`` was served
 (``load_started``), so no load mixes two versions of a checkpoint.
 
-Every botocore/aiohttp exception is translated here, at one boundary, into the most specific
-``aiodcp`` error (``translate_error``), with bucket and key in the message, marked ``retryable``
-when a new request can fix it (``is_retryable``). An error response, botocore's ``ClientError``
-or the fast path's ``HttpError``, is classified from its facts alone (HTTP status, S3 code,
-message) by ``classify``, which holds every rule for error responses.
+Every exception is translated at one boundary into the most specific ``aiodcp`` error
+(``translate_error``), with bucket and key in the message, marked ``retryable`` when a new
+request can fix it (``is_retryable``); botocore's and aiohttp's exception types are asked about
+(``_botostore.translate``) only once ``_botostore`` was imported. An error response, botocore's
+``ClientError`` or the fast path's ``HttpError``, is classified from its facts alone (HTTP
+status, S3 code, message) by ``classify``, which holds every rule for error responses.
 
 Retries are ours, not botocore's (its retries are switched off): botocore can only retry up to
 the response headers, while a body that breaks mid-stream must be resumed from the last byte
@@ -48,13 +66,14 @@ import contextlib
 import dataclasses
 import datetime
 import email.utils
-import json
+import importlib
 import logging
 import os
 import posixpath
 import random
 import re
 import ssl
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -62,20 +81,10 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import aiohttp
-import botocore.exceptions
-import botocore.loaders
-from aiobotocore.config import AioConfig
-from aiobotocore.httpsession import AIOHTTPSession
-from aiobotocore.session import AioSession
-from botocore import UNSIGNED
-from botocore.httpsession import get_cert_path
-
 from ._config import ReaderConfig
 from ._errors import (
     AccessDeniedError,
     AiodcpError,
-    NoCredentialsError,
     NoSuchBucketError,
     NotFoundError,
     ObjectChangedError,
@@ -84,14 +93,17 @@ from ._errors import (
     TruncatedObjectError,
 )
 from ._http import FallbackRequired, HttpError, RangeClient, RangeSink, Url, feed
+from ._native import Plain, ca_file, plain_case
 from ._throttle import AdaptiveRate
 
 if TYPE_CHECKING:
+    from ._botostore import RangeStream
     from ._stats import StatsRecorder
 
 __all__ = [
+    "PRESIGN_TIMING",
+    "PresignTiming",
     "RangeSink",
-    "RangeStream",
     "S3Store",
     "exhausted",
     "is_retryable",
@@ -110,20 +122,6 @@ RETRY_BACKOFF_CAP_S = 20.0
 """Seconds: no retry waits longer than this (botocore's own cap)."""
 
 _CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
-
-# Errors a new request can fix: the connection broke, the body stalled, the stream was cut short.
-# (botocore's ConnectionError covers EndpointConnectionError, ConnectTimeoutError,
-# ReadTimeoutError, ConnectionClosedError and ProxyConnectionError; SSLError is excluded below.)
-_TRANSIENT = (
-    aiohttp.ClientPayloadError,
-    aiohttp.ClientConnectionError,
-    asyncio.TimeoutError,
-    ConnectionError,
-    botocore.exceptions.ConnectionError,
-    botocore.exceptions.HTTPClientError,
-    botocore.exceptions.ResponseStreamingError,
-    botocore.exceptions.IncompleteReadError,
-)
 
 _THROTTLING_CODES = frozenset(
     {
@@ -234,27 +232,23 @@ def translate_error(
     key: str,
     byte_range: tuple[int, int] | None = None,
 ) -> AiodcpError:
-    """Map a botocore/aiohttp exception, or the fast path's ``HttpError``, to the most specific
-    aiodcp error (``raise ... from``)."""
+    """Map an exception (the fast path's ``HttpError`` or connection errors, botocore's and
+    aiohttp's) to the most specific aiodcp error (``raise ... from``)."""
     if isinstance(exc, AiodcpError):
         return exc
     where = _where(bucket, key, byte_range)
     ctx: dict[str, Any] = {"bucket": bucket, "key": key, "byte_range": byte_range}
-    if isinstance(exc, botocore.exceptions.NoCredentialsError):
-        return NoCredentialsError(
-            f"no AWS credentials found to read {where}: set AWS_ACCESS_KEY_ID/"
-            "AWS_SECRET_ACCESS_KEY, a profile, or pass unsigned=True for a public bucket",
-            retryable=False,
-            **ctx,
-        )
-    if isinstance(exc, botocore.exceptions.ClientError):
-        error = exc.response.get("Error", {})
-        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-        message = str(error.get("Message", "") or exc)
-        return classify(status, str(error.get("Code", "")), message, where, ctx)
+    boto = sys.modules.get("aiodcp._botostore")  # botocore's types: only once imported
+    if boto is not None:
+        translated: AiodcpError | None = boto.translate(exc, where, ctx)
+        if translated is not None:
+            return translated
     if isinstance(exc, HttpError):
         return classify(exc.status, exc.code, exc.message, where, ctx)
-    if isinstance(exc, _TRANSIENT) and not isinstance(exc, botocore.exceptions.SSLError):
+    transient = isinstance(exc, (asyncio.TimeoutError, ConnectionError))
+    if boto is not None:
+        transient = (transient or boto.is_transient(exc)) and not boto.is_ssl_error(exc)
+    if transient:
         return TransferError(
             f"reading {where} failed: {type(exc).__name__}: {exc}",
             retryable=True,
@@ -298,42 +292,23 @@ def exhausted(error: AiodcpError, attempts: int) -> AiodcpError:
     )
 
 
-class RangeStream:
-    """The body of one ranged GET, chunk by chunk as received (no joins, no copies)."""
-
-    __slots__ = ("_body", "_content", "bucket", "end", "etag", "key", "start")
-
-    def __init__(
-        self, body: Any, *, bucket: str, key: str, start: int, end: int, etag: str | None
-    ) -> None:
-        self._body = body
-        self._content: aiohttp.StreamReader = body.raw_stream.content
-        self.bucket = bucket
-        self.key = key
-        self.start = start
-        self.end = end
-        self.etag = etag
-
-    async def read_chunk(self) -> bytes:
-        """The next chunk of the body; ``b""`` at its end. Raises translated errors."""
-        try:
-            data, _ = await self._content.readchunk()
-        except Exception as exc:
-            raise translate_error(exc, self.bucket, self.key, (self.start, self.end)) from exc
-        return data
-
-    def close(self) -> None:
-        """Release the connection (drops it if the body was not read to its end)."""
-        self._body.close()
-
-
 class S3Store:
     """S3 (or S3-compatible) access on the event loop it is opened on."""
 
-    def __init__(self, config: ReaderConfig) -> None:
+    def __init__(
+        self, config: ReaderConfig, *, presign_timing: PresignTiming | None = None
+    ) -> None:
         self.config = config
+        self.timing = PRESIGN_TIMING if presign_timing is None else presign_timing
+        """How long presigned URLs live and are reused (``PresignTiming``)."""
+        self.not_plain: str | None = None
+        """Why this store is not the plain case (``_native.plain_case``), once opened; None
+        when it is (or is not opened yet)."""
+        self._open = False
+        self._plain: Plain | None = None  # None: botocore resolves and signs everything
         self._stack: contextlib.AsyncExitStack | None = None
         self._client: Any = None
+        self._client_lock: asyncio.Lock | None = None
         self._fast: RangeClient | None = None
         self._proxy_config: Any = None
         self._urls: dict[tuple[str, str], _Signed] = {}
@@ -360,73 +335,62 @@ class S3Store:
         await self.close()
 
     async def open(self) -> None:
-        if self._client is not None:
+        """Resolve the store: the plain case needs nothing more (no botocore); otherwise the
+        botocore client is created now, so a bad profile fails here."""
+        if self._open:
             return
-        cfg = self.config
-        options: dict[str, Any] = {
-            "connect_timeout": cfg.connect_timeout_s,
-            "read_timeout": cfg.read_timeout_s,
-            "max_pool_connections": cfg.max_concurrency,
-            # One attempt per call: retries (and resumes) are ours, see the module docstring.
-            "retries": {"total_max_attempts": 1, "mode": "standard"},
-            "s3": {"addressing_style": cfg.addressing_style},
-        }
-        if cfg.unsigned:
-            options["signature_version"] = UNSIGNED
-        if _SharedSSLSession is not None:
-            options["http_session_cls"] = _SharedSSLSession  # unless ``extra`` names another
-        options.update(cfg.extra)
-        session = AioSession(profile=cfg.profile)
-        # botocore parses S3's service model (~0.1-0.3 s of JSON) for every new session; share
-        # one parsed copy per process. (Parsing it in a thread was worse for the loop: json's C
-        # parser holds the GIL throughout, and the two threads then convoy on the GIL.)
-        session.register_component("data_loader", _load_loader())
-        stack = contextlib.AsyncExitStack()
+        self._open = True
+        plain = plain_case(self.config)
+        if isinstance(plain, Plain):
+            self._plain = plain
+            self._fast = self._range_client(plain.verify)
+            return
+        self.not_plain = plain
+        logger.debug("not the plain case (%s): botocore resolves and signs requests", plain)
         try:
-            self._client = await stack.enter_async_context(
-                session.create_client(
-                    "s3",
-                    region_name=cfg.region,
-                    endpoint_url=cfg.endpoint_url,
-                    verify=cfg.verify,
-                    config=AioConfig(**options),
-                )
-            )
-        except botocore.exceptions.ProfileNotFound as exc:
-            await stack.aclose()
-            raise NoCredentialsError(
-                f"botocore profile {cfg.profile!r} does not exist; check ~/.aws/config",
-                bucket="",
-                key="",
-                retryable=False,
-            ) from exc
+            await self.botocore_client()
         except BaseException:
-            await stack.aclose()
+            self._open = False
             raise
-        self._stack = stack
-        self._fast = self._fast_client()
-        if self._fast is not None:
-            _presign_as_requests(self._client)
 
-    def _fast_client(self) -> RangeClient | None:
-        """The fast ranged-GET path, unless this client's set-up needs botocore's HTTP stack
-        (a client certificate, or settings we cannot see); proxies are checked per URL."""
-        session = getattr(getattr(self._client, "_endpoint", None), "http_session", None)
-        proxy_config = getattr(session, "_proxy_config", None)
-        if (
-            session is None
-            or proxy_config is None
-            or not hasattr(proxy_config, "proxy_url_for")
-            or getattr(session, "_cert_file", None)
-            or not self.config.fast_http
-        ):
-            return None
-        self._proxy_config = proxy_config
-        verify: bool | str = getattr(session, "_verify", self.config.verify)
+    async def botocore_client(self) -> Any:
+        """The store's aiobotocore client, created the first time something needs it (once:
+        concurrent callers wait for the same creation). ``_botostore``, which imports botocore,
+        aiobotocore and aiohttp and parses S3's models, is imported in a worker thread, not
+        on this loop."""
+        if self._client is not None:
+            return self._client
+        self._check_open()
+        if self._client_lock is None:
+            self._client_lock = asyncio.Lock()
+        async with self._client_lock:
+            if self._client is not None:
+                return self._client
+            boto = sys.modules.get("aiodcp._botostore")
+            if boto is None:
+                boto = await asyncio.to_thread(importlib.import_module, "aiodcp._botostore")
+            stack = contextlib.AsyncExitStack()
+            try:
+                client = await boto.create_client(self.config, stack)
+                self._check_open()  # closed while the client was being made
+            except BaseException:
+                await stack.aclose()
+                raise
+            self._stack = stack
+            settings = boto.fast_http_settings(client, self.config)
+            if settings is not None:
+                self._proxy_config, verify = settings
+                boto.presign_as_requests(client)
+                if self._plain is None and self._fast is None and not self._fast_fallbacks:
+                    self._fast = self._range_client(verify)
+            self._client = client
+            return client
 
+    def _range_client(self, verify: bool | str) -> RangeClient:
         def ssl_context() -> ssl.SSLContext:
-            ca_file = get_cert_path(verify) if verify is not False else None
-            return _shared_ssl_context(("fast", verify), lambda: _fast_ssl_context(verify), ca_file)
+            return _shared_ssl_context(
+                ("fast", verify), lambda: _fast_ssl_context(verify), ca_file(verify)
+            )
 
         from ._version import __version__
 
@@ -439,6 +403,7 @@ class S3Store:
         )
 
     async def close(self) -> None:
+        self._open = False
         stack, self._stack, self._client = self._stack, None, None
         fast, self._fast = self._fast, None
         self._urls.clear()
@@ -450,12 +415,23 @@ class S3Store:
         if stack is not None:
             await stack.aclose()
 
-    @property
-    def client(self) -> Any:
-        if self._client is None:
+    def _check_open(self) -> None:
+        if not self._open:
             raise StorageError(
                 "the S3 store is closed (the reader or load that owned it ended); open a new "
                 "reader or start a new load",
+                bucket="",
+                key="",
+            )
+
+    @property
+    def client(self) -> Any:
+        """The botocore client once created (``botocore_client`` creates it)."""
+        self._check_open()
+        if self._client is None:
+            raise StorageError(
+                "this store has no botocore client yet (the plain case needs none); "
+                "await botocore_client() to create it",
                 bucket="",
                 key="",
             )
@@ -499,25 +475,36 @@ class S3Store:
     ) -> bytes:
         """The whole object (for small objects such as ``.metadata``), retried as a whole.
 
-        With ``stats``, each retry adds one request and one retry (the caller counts the first
-        request itself).
+        In the plain case a ranged GET of the first ``_WHOLE_GET_SPAN`` bytes through the
+        fast path, which accepts a shorter object, then the rest (pinned to the first part's
+        ETag) if it is longer; otherwise, or if the response is not the plain case, botocore's
+        GET. With ``stats``, each retry adds one request and one retry (the caller counts the
+        first request itself).
         """
 
+        def started(date: Any) -> None:
+            if key.rsplit("/", 1)[-1] == ".metadata" and isinstance(date, str):
+                self._started[(bucket, posixpath.dirname(key))] = date
+
         async def attempt_once(attempt: int) -> bytes:
+            fast = await self._get_fast(bucket, key, _WHOLE_GET_SPAN, whole=True)
+            if fast is not None:
+                data, headers, _ = fast
+                started(headers.get("date"))
+                return data
             body = None
             try:
-                response = await self.client.get_object(Bucket=bucket, Key=key, **self._payer)
+                client = await self.botocore_client()
+                response = await client.get_object(Bucket=bucket, Key=key, **self._payer)
                 body = response["Body"]
-                data: bytes = await body.read()
-                date = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
-                if key.rsplit("/", 1)[-1] == ".metadata" and isinstance(date, str):
-                    self._started[(bucket, posixpath.dirname(key))] = date
+                got: bytes = await body.read()
+                started(response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date"))
             except Exception as exc:
                 raise translate_error(exc, bucket, key) from exc
             finally:
                 if body is not None:
                     body.close()
-            return data
+            return got
 
         def on_retry(attempt: int) -> None:
             if stats is not None:
@@ -526,16 +513,76 @@ class S3Store:
         return await self.retrying(attempt_once, on_retry=on_retry, what=f"s3://{bucket}/{key}")
 
     async def object_size(self, bucket: str, key: str) -> int:
-        """The object's size in bytes (HEAD)."""
+        """The object's size in bytes: in the plain case from the ``Content-Range`` of a GET of
+        its first byte (fast path), otherwise a botocore HEAD."""
 
         async def attempt_once(attempt: int) -> int:
+            fast = await self._get_fast(bucket, key, 1, whole=False)
+            if fast is not None:
+                return fast[2]
             try:
-                response = await self.client.head_object(Bucket=bucket, Key=key, **self._payer)
+                client = await self.botocore_client()
+                response = await client.head_object(Bucket=bucket, Key=key, **self._payer)
             except Exception as exc:
                 raise translate_error(exc, bucket, key) from exc
             return int(response["ContentLength"])
 
         return await self.retrying(attempt_once, what=f"HEAD s3://{bucket}/{key}")
+
+    async def _get_fast(
+        self, bucket: str, key: str, span: int, *, whole: bool
+    ) -> tuple[bytes, dict[str, str], int] | None:
+        """(the first ``span`` bytes, or the whole object if ``whole``; the first response's
+        headers; the object's size) through the fast path with a natively signed URL; None:
+        send it through botocore instead (not the plain case, a response that is not the plain
+        case, an empty object's 416, a refusal botocore can tell more about)."""
+        fast = self._fast
+        signed = self._native_url(bucket, key)
+        if fast is None or signed is None or signed.url is None:
+            return None
+        try:
+            first = _BufferSink(0, span)
+            headers = await fast.fetch(signed.url, 0, span, None, first, accept_shorter=True)
+            size = _object_size(headers)
+            if size is None:
+                raise FallbackRequired("no object size in the response")
+            parts = [memoryview(first.data)[: min(size, span)]]
+            if whole and size > span:
+                etag = headers.get("etag")
+                if etag is None:
+                    raise FallbackRequired("no ETag to pin the rest of the object to")
+                rest = _BufferSink(span, size - span)
+                await fast.fetch(signed.url, span, size, etag, rest)
+                parts.append(memoryview(rest.data))
+            return b"".join(parts), headers, size
+        except HttpError as exc:
+            kind = _refusal_kind(exc.status, exc.code, exc.message)
+            if kind is None and exc.status != 416:
+                raise translate_error(exc, bucket, key) from exc
+            if kind == "stale":  # the environment's credentials: nothing can refresh them
+                raise translate_error(exc, bucket, key) from exc
+            self._urls.pop((bucket, key), None)
+            if kind == "region":
+                self._leave_native()
+            elif kind == "fallback":
+                self._fast_fallbacks += 1
+        except FallbackRequired:
+            self._urls.pop((bucket, key), None)
+            self._fast_fallbacks += 1
+        except AiodcpError:
+            raise
+        except Exception as exc:
+            raise translate_error(exc, bucket, key) from exc
+        if self._fast_fallbacks >= _FAST_FALLBACK_LIMIT:
+            self._fast = None
+        return None
+
+    def _leave_native(self) -> None:
+        """A region refusal: botocore follows S3's redirect and remembers the bucket's region;
+        from now on it signs this store's URLs (``_presign_as_requests`` signs them for the
+        region it learnt). Natively signed URLs still cached are dropped."""
+        self._plain = None
+        self._urls = {k: v for k, v in self._urls.items() if not v.native}
 
     def load_started(self, bucket: str, key: str) -> str | None:
         """When the load of the checkpoint holding ``key`` began, in the store's clock: the
@@ -663,6 +710,8 @@ class S3Store:
                     continue
                 if kind == "fallback":
                     self._fast_fallbacks += 1
+                elif kind == "region" and signed.native:
+                    self._leave_native()
             except FallbackRequired:
                 self._urls.pop((bucket, key), None)
                 self._fast_fallbacks += 1
@@ -677,51 +726,97 @@ class S3Store:
 
     async def _fast_url(self, bucket: str, key: str) -> _Signed:
         """The presigned URL of an object for the fast path (cached), ``url`` None to use
-        botocore. It is signed the way the client signs its own requests (SigV4, the client's
-        endpoint, the bucket's region once botocore learnt it, see ``_presign_as_requests``),
-        lives at most as long as the credentials that signed it, and is reused for at most half
-        of the life it has left."""
+        botocore: signed natively in the plain case (``_native_url``), else by botocore
+        (``_botocore_url``)."""
+        cached = self._urls.get((bucket, key))
+        if cached is not None and cached.reuse_until > time.monotonic():
+            return cached
+        native = self._native_url(bucket, key)
+        if native is not None:
+            return native
+        return await self._botocore_url(bucket, key)
+
+    def _native_url(self, bucket: str, key: str) -> _Signed | None:
+        """The object's URL signed without botocore (cached), or None when the store or the
+        bucket is not plain. The environment's credentials do not expire: a URL lives
+        ``timing.expires_s`` and is reused for half of that at most."""
+        plain = self._plain
+        if plain is None:
+            return None
         now = time.monotonic()
         cached = self._urls.get((bucket, key))
-        if cached is not None and cached.reuse_until > now:
+        if cached is not None and cached.native and cached.reuse_until > now:
             return cached
+        timing = self.timing
+        lifetime = timing.expires_s
+        text = plain.url(
+            bucket,
+            key,
+            now=datetime.datetime.now(datetime.UTC),
+            expires=lifetime,
+            payer=self.config.request_payer,
+        )
+        if text is None:
+            return None
+        url = self._with_payer(Url.parse(text))
+        access_key = plain.credentials.access_key if plain.credentials is not None else None
+        signed = _Signed(url, now + min(timing.reuse_s, lifetime / 2), access_key, native=True)
+        self._urls[(bucket, key)] = signed
+        return signed
+
+    def _with_payer(self, url: Url) -> Url:
+        if self.config.request_payer is None:
+            return url
+        # signed as a header (X-Amz-SignedHeaders), so it must be sent as one
+        return dataclasses.replace(
+            url, headers=(f"x-amz-request-payer: {self.config.request_payer}",)
+        )
+
+    async def _botocore_url(self, bucket: str, key: str) -> _Signed:
+        """The URL as botocore presigns it: the way the client signs its own requests (SigV4,
+        the client's endpoint, the bucket's region once botocore learnt it, see
+        ``_botostore.presign_as_requests``); it lives at most as long as the credentials that
+        signed it, and is reused for at most half of the life it has left."""
+        client = await self.botocore_client()
+        boto = _botostore()
+        timing = self.timing
+        now = time.monotonic()
+        if self._proxy_config is None:  # the client's HTTP settings keep it on botocore
+            signed = _Signed(None, now + timing.reuse_s, None)
+            self._urls[(bucket, key)] = signed
+            return signed
         params: dict[str, Any] = {"Bucket": bucket, "Key": key, **self._payer}
-        credentials = _signer_credentials(self._client)
+        credentials = boto.signer_credentials(client)
         try:
-            access_key = await _current_access_key(credentials)
-            lifetime = _PRESIGN_EXPIRES_S
-            credentials_left = _seconds_left(credentials)
+            access_key = await boto.current_access_key(credentials)
+            lifetime = timing.expires_s
+            credentials_left = boto.seconds_left(credentials)
             if credentials_left is not None:
-                lifetime = int(min(lifetime, credentials_left - _CREDENTIAL_MARGIN_S))
+                lifetime = int(min(lifetime, credentials_left - timing.credential_margin_s))
             if _is_directory_bucket(bucket):
-                lifetime = min(lifetime, _DIRECTORY_SESSION_S)
-            if lifetime < _MIN_PRESIGN_S:
+                lifetime = min(lifetime, timing.directory_session_s)
+            if lifetime < timing.min_presign_s:
                 # Credentials about to expire: botocore refreshes them on its own requests.
-                signed = _Signed(None, now + _MIN_PRESIGN_S / 2, access_key)
+                signed = _Signed(None, now + timing.min_presign_s / 2, access_key)
                 self._urls[(bucket, key)] = signed
                 return signed
-            text = await self.client.generate_presigned_url(
+            text = await client.generate_presigned_url(
                 "get_object", Params=params, ExpiresIn=lifetime
             )
-        except botocore.exceptions.NoCredentialsError as exc:
-            raise translate_error(exc, bucket, key) from exc
         except Exception as exc:
+            if boto.is_no_credentials(exc):
+                raise translate_error(exc, bucket, key) from exc
             # Whatever botocore cannot presign (an S3 Express session it could not create, a
             # credential source that failed) it may still send: its request raises the real
             # error, if there is one.
             logger.debug("presigning s3://%s/%s failed (%r): botocore sends it", bucket, key, exc)
-            signed = _Signed(None, now + _MIN_PRESIGN_S, None)
+            signed = _Signed(None, now + timing.min_presign_s, None)
             self._urls[(bucket, key)] = signed
             return signed
-        url: Url | None = Url.parse(text)
-        if url is not None and self.config.request_payer is not None:
-            # signed as a header (X-Amz-SignedHeaders), so it must be sent as one
-            url = dataclasses.replace(
-                url, headers=(f"x-amz-request-payer: {self.config.request_payer}",)
-            )
+        url: Url | None = self._with_payer(Url.parse(text))
         if self._proxy_config.proxy_url_for(text):
             url = None  # botocore knows how to go through the proxy
-        signed = _Signed(url, now + min(_PRESIGN_REUSE_S, lifetime / 2), access_key)
+        signed = _Signed(url, now + min(timing.reuse_s, lifetime / 2), access_key)
         self._urls[(bucket, key)] = signed
         return signed
 
@@ -730,25 +825,27 @@ class S3Store:
         fetch new credentials, once per refused key. A burst of refusals (32 GETs in flight)
         shares one refresh, and every request waits for it before it is signed again. Returns
         whether the client now signs with other credentials (static keys cannot refresh)."""
-        if refused_key is None:
-            return False
+        if refused_key is None or self._client is None:
+            return False  # unsigned, or the environment's credentials (plain case): static
         refresh = self._refreshing.get(refused_key)
         if refresh is None:
             refresh = asyncio.ensure_future(self._refresh(refused_key))
             self._refreshing[refused_key] = refresh
         await asyncio.shield(refresh)
-        current = await _current_access_key(_signer_credentials(self._client))
+        boto = _botostore()
+        current = await boto.current_access_key(boto.signer_credentials(self._client))
         return current is not None and current != refused_key
 
     async def _refresh(self, refused_key: str) -> None:
-        credentials = _signer_credentials(self._client)
+        boto = _botostore()
+        credentials = boto.signer_credentials(self._client)
         refresh = getattr(credentials, "_protected_refresh", None)
         lock = getattr(credentials, "_refresh_lock", None)
         if refresh is None or lock is None:
             return
         try:
             async with lock:
-                if await _current_access_key(credentials) == refused_key:
+                if await boto.current_access_key(credentials) == refused_key:
                     await refresh(is_mandatory=True)
         except Exception:
             logger.warning(
@@ -765,7 +862,8 @@ class S3Store:
         if_match: str | None = None,
         unmodified_since: str | None = None,
     ) -> RangeStream:
-        """Start a GET of bytes ``[start, end)``; checks the store served that whole range."""
+        """Start a GET of bytes ``[start, end)`` through botocore (creating its client if
+        needed); checks the store served that whole range."""
         kwargs: dict[str, Any] = {
             "Bucket": bucket,
             "Key": key,
@@ -777,7 +875,8 @@ class S3Store:
         elif unmodified_since is not None:
             kwargs["IfUnmodifiedSince"] = email.utils.parsedate_to_datetime(unmodified_since)
         try:
-            response = await self.client.get_object(**kwargs)
+            client = await self.botocore_client()
+            response = await client.get_object(**kwargs)
         except Exception as exc:
             raise translate_error(exc, bucket, key, (start, end)) from exc
         body = response["Body"]
@@ -807,21 +906,38 @@ class S3Store:
                 retryable=False,
             )
         etag = response.get("ETag")
-        return RangeStream(body, bucket=bucket, key=key, start=start, end=end, etag=etag)
+        stream: RangeStream = _botostore().RangeStream(
+            body, bucket=bucket, key=key, start=start, end=end, etag=etag
+        )
+        return stream
 
 
-_PRESIGN_EXPIRES_S = 3600
-_PRESIGN_REUSE_S = 1800.0
-"""A presigned URL is used for half the life it has left (at most this long): credentials
-rotate, clocks drift, and a request may wait in a queue before it is sent."""
-_CREDENTIAL_MARGIN_S = 60.0
-"""Seconds: a URL expires at least this long before the temporary credentials that signed it."""
-_MIN_PRESIGN_S = 10
-"""Seconds: credentials with less life left than this sign no URL (botocore, which refreshes
-them before each request, sends the GET instead)."""
-_DIRECTORY_SESSION_S = 120
-"""Seconds: the longest a URL for an S3 Express directory bucket lives. Its session
-credentials (CreateSession) last 5 minutes and their expiry is not visible to us."""
+@dataclass(frozen=True, slots=True)
+class PresignTiming:
+    """How long presigned URLs live and are reused. One object, so tests that scale an hour of
+    credentials down to seconds replace ``PRESIGN_TIMING`` (or pass ``presign_timing``)."""
+
+    expires_s: int = 3600
+    """Seconds a URL is valid for, at most."""
+    reuse_s: float = 1800.0
+    """A presigned URL is used for half the life it has left (at most this long): credentials
+    rotate, clocks drift, and a request may wait in a queue before it is sent."""
+    credential_margin_s: float = 60.0
+    """Seconds: a URL expires at least this long before the temporary credentials that signed
+    it."""
+    min_presign_s: float = 10
+    """Seconds: credentials with less life left than this sign no URL (botocore, which
+    refreshes them before each request, sends the GET instead)."""
+    directory_session_s: int = 120
+    """Seconds: the longest a URL for an S3 Express directory bucket lives. Its session
+    credentials (CreateSession) last 5 minutes and their expiry is not visible to us."""
+
+
+PRESIGN_TIMING = PresignTiming()
+"""The timing a store uses unless it is given one (read when the store is made)."""
+_WHOLE_GET_SPAN = 8 * 1024 * 1024
+"""Bytes: a whole-object GET through the fast path asks for this much first (a ``.metadata``
+is almost always smaller: one request), then for the rest, pinned to the first part's ETag."""
 _RESIGNS = 2
 """Times one request is signed again after the store refused its signature as expired."""
 _FAST_FALLBACK_LIMIT = 3
@@ -845,12 +961,49 @@ handling mangled): botocore signs the request itself."""
 
 @dataclass(frozen=True, slots=True)
 class _Signed:
-    """A presigned URL (None: use botocore), when to stop reusing it, and the access key that
-    signed it (None for unsigned requests)."""
+    """A presigned URL (None: use botocore), when to stop reusing it, the access key that
+    signed it (None for unsigned requests), and whether aiodcp signed it (``_native``) rather
+    than botocore."""
 
     url: Url | None
     reuse_until: float
     access_key: str | None
+    native: bool = False
+
+
+def _botostore() -> Any:
+    """``_botostore``, imported by now (``S3Store.botocore_client`` did, in a thread)."""
+    return sys.modules["aiodcp._botostore"]
+
+
+class _BufferSink:
+    """A ``RangeSink`` into one preallocated buffer: bytes ``[start, start + size)``."""
+
+    __slots__ = ("data", "etag", "start")
+
+    def __init__(self, start: int, size: int) -> None:
+        self.start = start
+        self.data = bytearray(size)
+        self.etag: str | None = None
+
+    def begin(self, etag: str | None) -> None:
+        self.etag = etag
+
+    def buffer(self, pos: int) -> memoryview:
+        return memoryview(self.data)[pos - self.start :]
+
+    def written(self, pos: int, n: int) -> None:
+        pass
+
+
+def _object_size(headers: dict[str, str]) -> int | None:
+    """The object's size from a fast-path response: ``Content-Range``'s total, or (the 200 of
+    a whole object, see ``RangeClient.fetch``) its ``Content-Length``."""
+    match = _CONTENT_RANGE_RE.match(headers.get("content-range", "").strip())
+    if match is not None:
+        return int(match.group(3)) if match.group(3) != "*" else None
+    length = headers.get("content-length", "")
+    return int(length) if length.isdigit() else None
 
 
 def _refusal_kind(status: int, code: str, message: str) -> str | None:
@@ -869,122 +1022,9 @@ def _refusal_kind(status: int, code: str, message: str) -> str | None:
     return None
 
 
-def _presign_as_requests(client: Any) -> None:
-    """Make ``generate_presigned_url`` sign as the client signs its own requests.
-
-    botocore presigns S3 URLs with Signature Version 2 in the regions that once accepted it
-    (``us-east-1``, ``us-west-2``...), points them at the global endpoint ``s3.amazonaws.com``,
-    and signs them for the client's region even after its region redirector learnt that the
-    bucket lives elsewhere. S3 refuses SigV2 for every bucket created since 2020. These two
-    handlers keep the client's own signature version (SigV4, or S3 Express session auth), its
-    endpoint, and the bucket's region as botocore resolved it for the request.
-    """
-    events = client.meta.events
-    region = client.meta.region_name
-
-    def keep_signature_version(signature_version: Any, **kwargs: Any) -> Any:
-        # The presign of a SigV4 client arrives as "v4-query" (generic SigV4, which would sign
-        # an empty payload hash: S3 refuses that) or "s3v4-query": S3's query form signs
-        # UNSIGNED-PAYLOAD. S3 Express ("v4-s3express-query") is botocore's as it is.
-        if signature_version in ("v4-query", "s3v4-query"):
-            return "s3v4-query"
-        if isinstance(signature_version, str) and signature_version.startswith("v4-s3express"):
-            return signature_version
-        return None
-
-    def client_endpoint(context: Any = None, **kwargs: Any) -> None:
-        # read when the endpoint is resolved, so set before: at parameter build
-        if isinstance(context, dict) and context.get("is_presign_request"):
-            context["use_global_endpoint"] = False
-
-    def resolved_region(builtins: Any = None, context: Any = None, **kwargs: Any) -> None:
-        # the region redirector has put the bucket's known region into the builtins by now
-        if not isinstance(context, dict) or not context.get("is_presign_request"):
-            return
-        resolved = builtins.get("AWS::Region") if isinstance(builtins, dict) else None
-        if resolved and resolved != region and resolved != "aws-global":
-            context.setdefault("signing", {})["region"] = resolved
-
-    events.register_first("choose-signer.s3", keep_signature_version)
-    events.register_last("before-parameter-build.s3", client_endpoint)
-    events.register_last("before-endpoint-resolution.s3", resolved_region)
-
-
-def _signer_credentials(client: Any) -> Any:
-    """The credentials object the client signs with (refreshable or not), or None."""
-    return getattr(getattr(client, "_request_signer", None), "_credentials", None)
-
-
-async def _current_access_key(credentials: Any) -> str | None:
-    if credentials is None:
-        return None
-    frozen = credentials.get_frozen_credentials()
-    if asyncio.iscoroutine(frozen):
-        frozen = await frozen
-    return getattr(frozen, "access_key", None)
-
-
-def _seconds_left(credentials: Any) -> float | None:
-    """Seconds until temporary credentials expire (None: they do not, or we cannot tell)."""
-    expiry = getattr(credentials, "_expiry_time", None)
-    if not isinstance(expiry, datetime.datetime):
-        return None
-    now = datetime.datetime.now(expiry.tzinfo or datetime.UTC)
-    return (expiry - now).total_seconds()
-
-
 def _is_directory_bucket(bucket: str) -> bool:
     """S3 Express One Zone directory buckets are named ``name--zone-id--x-s3``."""
     return bucket.endswith("--x-s3")
-
-
-_LOADER_LOCK = threading.Lock()
-_LOADER: tuple[int, Any] | None = None  # (pid, botocore Loader with S3's data parsed)
-_S3_MODELS = ("service-2", "endpoint-rule-set-1")
-_DATA = ("endpoints", "partitions", "_retry", "sdk-default-configuration")
-
-
-class _PlainJSONFileLoader(botocore.loaders.JSONFileLoader):  # type: ignore[misc]
-    """botocore's JSON file loader, parsing into plain dicts instead of ``OrderedDict``s.
-
-    Dicts keep insertion order, which is all botocore relies on. A plain dict whose values are
-    all strings or numbers is not tracked by the garbage collector, an ``OrderedDict`` always
-    is: what an S3 client needs parses in ~36 ms of CPU instead of ~46 ms and leaves 21,000
-    tracked objects instead of 32,000. (Beside torch's ~250,000, every ~50,000 new ones cost
-    a full collection of 0.12-0.2 s; the S3 stack still makes ~45,000.)
-    """
-
-    def _load_file(self, full_path: str, open_method: Any) -> Any:
-        if not os.path.isfile(full_path):
-            return None
-        with open_method(full_path, "rb") as fp:
-            payload = fp.read().decode("utf-8")
-        return json.loads(payload)
-
-
-def _load_loader() -> Any:
-    """A botocore Loader with everything an S3 client needs already parsed (blocking)."""
-    global _LOADER
-    with _LOADER_LOCK:
-        if _LOADER is not None and _LOADER[0] == os.getpid():
-            return _LOADER[1]
-        loader = botocore.loaders.Loader(file_loader=_PlainJSONFileLoader())
-        for name in _S3_MODELS:
-            with contextlib.suppress(botocore.exceptions.DataNotFoundError):
-                loader.load_service_model("s3", name)
-        for name in _DATA:
-            with contextlib.suppress(botocore.exceptions.DataNotFoundError):
-                loader.load_data(name)
-        _LOADER = (os.getpid(), loader)
-        return loader
-
-
-# Parsed when this module is imported (in the thread that first touches a name that needs the
-# S3 stack: ``S3StorageReader``, ``load_checkpoint``...), not when a store creates its client on
-# its event loop: json's C parser holds the GIL throughout, and on the I/O thread it would stall
-# every other thread mid-load, including the loop of an ``await load_checkpoint`` caller (a 1 ms
-# heartbeat measured a 244 ms gap on CI when the parse ran there).
-_load_loader()
 
 
 _SSL_LOCK = threading.Lock()
@@ -1021,43 +1061,14 @@ def _shared_ssl_context(key: tuple[Any, ...], build: Callable[[], T], *files: An
 
 
 def _fast_ssl_context(verify: bool | str) -> ssl.SSLContext:
-    """The fast path's context: botocore's ``verify`` setting (False, True or a CA bundle)."""
+    """The fast path's context: botocore's ``verify`` setting (False, True or a CA bundle),
+    with the CA bundle botocore would use (``_native.ca_file``)."""
     if verify is False:
         context = ssl.create_default_context()
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
         return context
-    return ssl.create_default_context(cafile=get_cert_path(verify))
-
-
-def _shared_ssl_session_class() -> Any:
-    """aiobotocore's aiohttp session, with the SSL contexts of its connection pool built once
-    per process (``_shared_ssl_context``) instead of at each client's first request (aiobotocore
-    builds them even for ``http://`` endpoints); a proxy still gets contexts of its own. None
-    when this aiobotocore builds them elsewhere (older versions: in the session's constructor).
-    """
-    build = getattr(AIOHTTPSession, "_build_ssl_contexts", None)
-    if build is None:
-        return None
-
-    class SharedSSLSession(AIOHTTPSession):  # type: ignore[misc]
-        def _build_ssl_contexts(self, proxy_url: Any, *args: Any, **kwargs: Any) -> Any:
-            if proxy_url is not None or args or kwargs:
-                return super()._build_ssl_contexts(proxy_url, *args, **kwargs)
-            key = ("aiobotocore", self._verify, self._cert_file, self._key_file)
-            files = (
-                get_cert_path(self._verify) if self._verify else None,
-                self._cert_file,
-                self._key_file,
-            )
-            return _shared_ssl_context(
-                key, lambda: super(SharedSSLSession, self)._build_ssl_contexts(None), *files
-            )
-
-    return SharedSSLSession
-
-
-_SharedSSLSession = _shared_ssl_session_class()
+    return ssl.create_default_context(cafile=ca_file(verify))
 
 
 def _ended_early(bucket: str, key: str, start: int, end: int, pos: int) -> TransferError:

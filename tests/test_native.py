@@ -1,0 +1,355 @@
+"""The plain case without botocore: ``_sigv4`` presigning and ``_native`` resolution.
+
+Each URL aiodcp signs itself is compared, byte for byte, with the one botocore 1.43 presigns
+for the same inputs at the same frozen time (the store's own botocore client, set up as the
+store sets it up: ``_botostore.create_client`` + ``presign_as_requests``). Then the URLs are
+sent to tests/strictstore.py (SigV4 verified as S3 does), which must accept them, and refuse
+an expired one and one signed with a wrong secret. The store's whole-object GETs (``.metadata``,
+sizes) are checked against moto.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import botocore.auth
+import pytest
+
+import aiodcp
+import aiodcp._store
+from aiodcp._botostore import create_client, presign_as_requests
+from aiodcp._native import Plain, plain_case
+from aiodcp._sigv4 import Credentials, Presigner, encode_key, signed_host
+
+from conftest import S3Server, StrictServer
+
+FROZEN = datetime.datetime(2026, 12, 1, 23, 5, 7)
+KEYS = [
+    "plain/key.distcp",
+    "a b/c",
+    "ünï/çødé",
+    "a+b",
+    "t~x",
+    "k=v&w",
+    "100%",
+    "100%25",
+    "a//b",
+    "/lead",
+    "a/./b/../c",
+    "q?x#y",
+    "*'()!$,;:@",
+]
+ENDPOINTS = [
+    "http://127.0.0.1:9000",
+    "http://localhost:9000",
+    "https://minio.example:9000",
+    "https://minio.example",
+    "http://127.0.0.1:80",
+    "http://[::1]:9000",
+]
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def env(**values: str) -> dict[str, str]:
+    """A clean environment: no config file, the given variables."""
+    return {"AWS_CONFIG_FILE": "/nonexistent/aiodcp-test-config", **values}
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str]) -> Any:
+    saved = dict(os.environ)
+    for name in list(os.environ):
+        if name.startswith("AWS_"):
+            del os.environ[name]
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+async def botocore_url(
+    config: aiodcp.ReaderConfig, environ: dict[str, str], bucket: str, key: str
+) -> str:
+    with environment(environ):
+        async with contextlib.AsyncExitStack() as stack:
+            client = await create_client(config, stack)
+            presign_as_requests(client)
+            params = {"Bucket": bucket, "Key": key}
+            if config.request_payer:
+                params["RequestPayer"] = config.request_payer
+            url: str = await client.generate_presigned_url(
+                "get_object", Params=params, ExpiresIn=3600
+            )
+            return url
+
+
+@pytest.fixture
+def frozen(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda: FROZEN)
+
+
+def native(config: aiodcp.ReaderConfig, environ: dict[str, str], bucket: str, key: str) -> str:
+    plain = plain_case(config, environ)
+    assert isinstance(plain, Plain), plain
+    url = plain.url(bucket, key, now=FROZEN, expires=3600, payer=config.request_payer)
+    assert url is not None
+    return url
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+@pytest.mark.parametrize("style", ["auto", "path", "virtual"])
+@pytest.mark.parametrize(
+    ("region", "token", "payer"),
+    [
+        ("us-east-1", None, None),
+        ("eu-west-1", "tok/+=en", None),
+        ("ap-southeast-2", "t", "requester"),
+    ],
+)
+async def test_urls_are_byte_identical_to_botocores(
+    frozen: None, endpoint: str, style: str, region: str, token: str | None, payer: str | None
+) -> None:
+    values = env(AWS_ACCESS_KEY_ID="AKIDEXAMPLE", AWS_SECRET_ACCESS_KEY="s3cr3t/+key")
+    if token is not None:
+        values["AWS_SESSION_TOKEN"] = token
+    config = aiodcp.ReaderConfig(
+        endpoint_url=endpoint,
+        region=region,
+        addressing_style=style,  # type: ignore[arg-type]
+        request_payer=payer,  # type: ignore[arg-type]
+    )
+    for bucket in ("bkt", "my-bucket-1"):
+        for key in KEYS:
+            assert native(config, values, bucket, key) == await botocore_url(
+                config, values, bucket, key
+            ), (bucket, key)
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS[:3])
+async def test_unsigned_urls_are_botocores(frozen: None, endpoint: str) -> None:
+    config = aiodcp.ReaderConfig(endpoint_url=endpoint, region="us-east-1", unsigned=True)
+    for key in KEYS:
+        assert native(config, env(), "bkt", key) == await botocore_url(config, env(), "bkt", key)
+
+
+async def test_region_and_endpoint_come_from_the_environment_as_botocore_reads_them(
+    frozen: None, tmp_path: Path
+) -> None:
+    config = aiodcp.ReaderConfig()
+    creds = {"AWS_ACCESS_KEY_ID": "AK", "AWS_SECRET_ACCESS_KEY": "SK"}
+    cases = [
+        env(**creds, AWS_DEFAULT_REGION="eu-west-3", AWS_ENDPOINT_URL="http://127.0.0.1:9"),
+        # AWS_REGION is not botocore's (1.43 reads AWS_DEFAULT_REGION)
+        env(
+            **creds,
+            AWS_DEFAULT_REGION="eu-west-3",
+            AWS_REGION="us-west-2",
+            AWS_ENDPOINT_URL_S3="http://127.0.0.1:8",
+            AWS_ENDPOINT_URL="http://127.0.0.1:9",
+        ),
+        # the security token wins over the session token (botocore's EnvProvider order)
+        env(
+            **creds,
+            AWS_SECURITY_TOKEN="first",
+            AWS_SESSION_TOKEN="second",
+            AWS_DEFAULT_REGION="eu-west-3",
+            AWS_ENDPOINT_URL="http://127.0.0.1:9",
+        ),
+    ]
+    cfg_file = tmp_path / "config"
+    cfg_file.write_text("[default]\nregion = ca-central-1\noutput = json\n[profile other]\ns3 =\n")
+    cases.append(
+        {
+            **creds,
+            "AWS_CONFIG_FILE": str(cfg_file),
+            "AWS_ENDPOINT_URL": "http://127.0.0.1:9",
+        }
+    )
+    for values in cases:
+        assert native(config, values, "bkt", "k") == await botocore_url(
+            config, values, "bkt", "k"
+        ), values
+
+
+@pytest.mark.parametrize(
+    ("config", "values", "why"),
+    [
+        ({"fast_http": False}, {}, "fast_http=False"),
+        ({"extra": {"user_agent_extra": "x"}}, {}, "extra"),
+        ({"profile": "p"}, {}, "profile"),
+        ({}, {"AWS_PROFILE": "p"}, "AWS_PROFILE"),
+        ({}, {"HTTPS_PROXY": "http://proxy:3128"}, "HTTPS_PROXY"),
+        ({}, {"all_proxy": "socks5://proxy"}, "all_proxy"),
+        ({}, {"AWS_USE_FIPS_ENDPOINT": "true"}, "AWS_USE_FIPS_ENDPOINT"),
+        ({}, {"AWS_CREDENTIAL_EXPIRATION": "2030-01-01T00:00:00Z"}, "AWS_CREDENTIAL_EXPIRATION"),
+        ({}, {"AWS_SECRET_ACCESS_KEY": ""}, "AWS_ACCESS_KEY_ID"),
+        ({"endpoint_url": None}, {}, "no endpoint_url"),
+        ({"region": None}, {}, "no region"),
+        ({"region": "aws-global"}, {}, "region"),
+        ({"endpoint_url": "https://minio.example/prefix"}, {}, "not of the form"),
+        ({"endpoint_url": "https://MinIO.example"}, {}, "not of the form"),
+        ({"addressing_style": "virtual", "endpoint_url": "http://127.1:9"}, {}, "IP"),
+    ],
+)
+def test_what_is_not_plain(config: dict[str, Any], values: dict[str, str], why: str) -> None:
+    base = env(AWS_ACCESS_KEY_ID="AK", AWS_SECRET_ACCESS_KEY="SK")
+    base.update(values)
+    options: dict[str, Any] = {"endpoint_url": "http://127.0.0.1:9", "region": "us-east-1"}
+    options.update(config)
+    result = plain_case(aiodcp.ReaderConfig(**options), base)
+    assert isinstance(result, str) and why in result, result
+
+
+def test_a_config_file_that_sets_more_than_the_region_is_not_plain(tmp_path: Path) -> None:
+    path = tmp_path / "config"
+    config = aiodcp.ReaderConfig(endpoint_url="http://127.0.0.1:9", region="us-east-1")
+    values = env(AWS_ACCESS_KEY_ID="AK", AWS_SECRET_ACCESS_KEY="SK", AWS_CONFIG_FILE=str(path))
+    for text in (
+        "[default]\ns3 =\n  addressing_style = virtual\n",
+        "[default]\nendpoint_url = http://elsewhere\n",
+        "[profile default]\nregion = us-east-1\n",
+        "not an ini file",
+    ):
+        path.write_text(text)
+        assert isinstance(plain_case(config, values), str), text
+    path.write_text("[default]\nregion = us-east-1\n[profile x]\nanything = 1\n")
+    assert isinstance(plain_case(config, values), Plain)
+
+
+@pytest.mark.parametrize("bucket", ["dotted.name", "name--x-s3", "UPPER", "ab", "a_b"])
+def test_buckets_that_are_not_plain_get_no_native_url(bucket: str) -> None:
+    plain = plain_case(
+        aiodcp.ReaderConfig(endpoint_url="http://127.0.0.1:9", region="us-east-1"),
+        env(AWS_ACCESS_KEY_ID="AK", AWS_SECRET_ACCESS_KEY="SK"),
+    )
+    assert isinstance(plain, Plain)
+    assert plain.url(bucket, "k", now=FROZEN, expires=60, payer=None) is None
+
+
+def test_encoding_and_host() -> None:
+    assert encode_key("a b/ü+~=%//x") == "a%20b/%C3%BC%2B~%3D%25//x"
+    assert encode_key("100%25") == "100%2525"  # never decoded first: encoded once
+    assert signed_host("http", "h", 80) == "h" and signed_host("https", "h", 443) == "h"
+    assert signed_host("http", "h", 9000) == "h:9000" and signed_host("http", "::1", 9) == "[::1]:9"
+    assert "secret" not in repr(Credentials("ak", "secret", "tok"))
+
+
+def test_the_signing_key_is_derived_once_per_day(monkeypatch: pytest.MonkeyPatch) -> None:
+    presigner = Presigner(Credentials("ak", "sk"), "us-east-1")
+    derived: list[str] = []
+    original = presigner._signing_key.__func__  # type: ignore[attr-defined]
+
+    def counting(self: Presigner, date: str) -> bytes:
+        if date != self._key_date:
+            derived.append(date)
+        return original(self, date)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(Presigner, "_signing_key", counting)
+    for minute in range(5):
+        presigner.presign("http://h", "/b/k", "h", now=FROZEN.replace(minute=minute), expires=60)
+    presigner.presign("http://h", "/b/k", "h", now=FROZEN + datetime.timedelta(days=1), expires=60)
+    assert derived == ["20261201", "20261202"]
+
+
+# --------------------------------------------------------------------------- on the wire
+
+
+def _get(url: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with _NO_PROXY.open(request, timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def test_the_strict_store_accepts_native_urls_and_refuses_bad_ones(
+    strict_server: StrictServer, strict_bucket: str
+) -> None:
+    s3 = strict_server.client()
+    keys = ["plain", "a b/ünï+~=%", "a//b", "/lead"]
+    for key in keys:
+        s3.put_object(Bucket=strict_bucket, Key=key, Body=key.encode())
+    config = aiodcp.ReaderConfig(endpoint_url=strict_server.endpoint_url, region="us-east-1")
+    good = env(
+        AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_SESSION_TOKEN="testing"
+    )
+    plain = plain_case(config, good)
+    assert isinstance(plain, Plain)
+    now = datetime.datetime.now(datetime.UTC)
+    for key in keys:
+        url = plain.url(strict_bucket, key, now=now, expires=300, payer=None)
+        assert url is not None
+        assert _get(url) == (200, key.encode()), key
+    # expired: signed two hours ago for one minute
+    old = plain.url(
+        strict_bucket, "plain", now=now - datetime.timedelta(hours=2), expires=60, payer=None
+    )
+    status, body = _get(old or "")
+    assert status == 403 and b"Request has expired" in body, body
+    # a wrong secret
+    wrong = plain_case(config, {**good, "AWS_SECRET_ACCESS_KEY": "wrong"})
+    assert isinstance(wrong, Plain)
+    status, body = _get(wrong.url(strict_bucket, "plain", now=now, expires=60, payer=None) or "")
+    assert status == 403 and b"SignatureDoesNotMatch" in body, body
+    # requester pays: signed as a header, which must be sent
+    strict_server.requester_pays(strict_bucket)
+    try:
+        url = plain.url(strict_bucket, "plain", now=now, expires=60, payer="requester") or ""
+        assert "x-amz-request-payer" in url
+        assert _get(url, {"x-amz-request-payer": "requester"}) == (200, b"plain")
+        assert _get(url)[0] == 403
+    finally:
+        strict_server.requester_pays(strict_bucket, False)
+
+
+# --------------------------------------------------------------------------- whole objects
+
+
+@pytest.mark.parametrize("size", [0, 1, 2500, 3000])
+async def test_whole_objects_and_sizes_through_the_fast_path(
+    s3_server: S3Server, bucket: str, size: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``get_object`` asks for a first span and accepts a shorter object; a longer one is
+    fetched in a second GET pinned to the first's ETag. (An empty object answers a range
+    with 416 or a 200: either way its bytes are b"".)"""
+    monkeypatch.setattr(aiodcp._store, "_WHOLE_GET_SPAN", 1000)
+    body = os.urandom(size)
+    s3_server.client().put_object(Bucket=bucket, Key="ck/.metadata", Body=body)
+    s3_server.clear_log()
+    config = aiodcp.ReaderConfig(
+        endpoint_url=s3_server.endpoint_url, region="us-east-1", addressing_style="path"
+    )
+    async with aiodcp._store.S3Store(config) as store:
+        assert store.not_plain is None
+        assert await store.get_object(bucket, "ck/.metadata") == body
+        assert store.load_started(bucket, "ck/x.distcp") is not None
+        assert await store.object_size(bucket, "ck/.metadata") == size
+        native_only = store._client is None
+    gets = [r for r in s3_server.requests() if r["path"].endswith(".metadata")]
+    if size:
+        assert native_only
+        assert all("Signature=" in r["query"] for r in gets), gets
+        assert len(gets) == (3 if size > 1000 else 2), gets
+
+
+async def test_aws_ca_bundle_does_not_change_what_botocore_verifies_with() -> None:
+    """The store passes ``verify`` explicitly (default True), which wins over AWS_CA_BUNDLE
+    in botocore (``Session.create_client``): the plain case may ignore the variable."""
+    values = env(
+        AWS_ACCESS_KEY_ID="AK", AWS_SECRET_ACCESS_KEY="SK", AWS_CA_BUNDLE="/nonexistent/ca.pem"
+    )
+    config = aiodcp.ReaderConfig(endpoint_url="https://minio.example", region="us-east-1")
+    assert isinstance(plain_case(config, values), Plain)
+    with environment(values):
+        async with contextlib.AsyncExitStack() as stack:
+            client = await create_client(config, stack)
+            assert client._endpoint.http_session._verify is True
