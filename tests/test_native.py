@@ -10,6 +10,7 @@ sizes) are checked against moto.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime
 import os
@@ -353,3 +354,34 @@ async def test_aws_ca_bundle_does_not_change_what_botocore_verifies_with() -> No
         async with contextlib.AsyncExitStack() as stack:
             client = await create_client(config, stack)
             assert client._endpoint.http_session._verify is True
+
+
+async def test_the_botocore_client_is_created_once_for_concurrent_needs(
+    s3_server: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plain store has no client; 32 requests that need one at once (fallbacks) share one
+    creation, and closing the store closes it."""
+    import aiodcp._botostore
+
+    made: list[object] = []
+    create = aiodcp._botostore.create_client
+
+    async def counting(config: aiodcp.ReaderConfig, stack: contextlib.AsyncExitStack) -> Any:
+        client = await create(config, stack)
+        made.append(client)
+        return client
+
+    monkeypatch.setattr(aiodcp._botostore, "create_client", counting)
+    config = aiodcp.ReaderConfig(endpoint_url=s3_server.endpoint_url, region="us-east-1")
+    store = aiodcp._store.S3Store(config)
+    await store.open()
+    try:
+        assert store._client is None and store.not_plain is None
+        with pytest.raises(aiodcp.StorageError, match="no botocore client yet"):
+            store.client  # noqa: B018
+        clients = await asyncio.gather(*(store.botocore_client() for _ in range(32)))
+        assert len(made) == 1 and all(c is made[0] for c in clients)
+    finally:
+        await store.close()
+    with pytest.raises(aiodcp.StorageError, match="closed"):
+        await store.botocore_client()

@@ -4,7 +4,7 @@ Why a module of its own: importing botocore, aiobotocore and aiohttp costs a pro
 and their ~45,000 objects trigger a full garbage collection beside torch's. The plain case
 (``_native``) never needs them, so ``_store`` imports this module only when a store first needs
 its client (a configuration that is not plain, ``fast_http=False``, a fallback, a region
-refusal), in a worker thread (``S3Store._botocore``), and never at its own import.
+refusal), in a worker thread (``S3Store.botocore_client``), and never at its own import.
 
 Data flow: ``create_client(config, stack)`` -> an aiobotocore S3 client (retries off: ``_store``
 retries; S3's models parsed once per process, ``_load_loader``; SSL contexts shared,

@@ -579,8 +579,8 @@ class S3Store:
 
     def _leave_native(self) -> None:
         """A region refusal: botocore follows S3's redirect and remembers the bucket's region;
-        from now on it signs this store's URLs (``_presign_as_requests`` signs them for the
-        region it learnt). Natively signed URLs still cached are dropped."""
+        from now on it signs this store's URLs (``_botostore.presign_as_requests`` signs them
+        for the region it learnt). Natively signed URLs still cached are dropped."""
         self._plain = None
         self._urls = {k: v for k, v in self._urls.items() if not v.native}
 
