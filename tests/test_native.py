@@ -315,14 +315,16 @@ def test_the_strict_store_accepts_native_urls_and_refuses_bad_ones(
 # --------------------------------------------------------------------------- whole objects
 
 
-@pytest.mark.parametrize("size", [0, 1, 2500, 3000])
+@pytest.mark.parametrize(
+    ("size", "span"), [(0, 1000), (1, 1000), (2500, 1000), (3000, 1000), (300_000, 400_000)]
+)
 async def test_whole_objects_and_sizes_through_the_fast_path(
-    s3_server: S3Server, bucket: str, size: int, monkeypatch: pytest.MonkeyPatch
+    s3_server: S3Server, bucket: str, size: int, span: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``get_object`` asks for a first span and accepts a shorter object; a longer one is
     fetched in a second GET pinned to the first's ETag. (An empty object answers a range
     with 416 or a 200: either way its bytes are b"".)"""
-    monkeypatch.setattr(aiodcp._store, "_WHOLE_GET_SPAN", 1000)
+    monkeypatch.setattr(aiodcp._store, "_WHOLE_GET_SPAN", span)
     body = os.urandom(size)
     s3_server.client().put_object(Bucket=bucket, Key="ck/.metadata", Body=body)
     s3_server.clear_log()
@@ -339,7 +341,7 @@ async def test_whole_objects_and_sizes_through_the_fast_path(
     if size:
         assert native_only
         assert all("Signature=" in r["query"] for r in gets), gets
-        assert len(gets) == (3 if size > 1000 else 2), gets
+        assert len(gets) == (3 if size > span else 2), gets
 
 
 async def test_aws_ca_bundle_does_not_change_what_botocore_verifies_with() -> None:

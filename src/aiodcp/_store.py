@@ -546,15 +546,15 @@ class S3Store:
             size = _object_size(headers)
             if size is None:
                 raise FallbackRequired("no object size in the response")
-            parts = [memoryview(first.data)[: min(size, span)]]
+            data = first.data()
             if whole and size > span:
                 etag = headers.get("etag")
                 if etag is None:
                     raise FallbackRequired("no ETag to pin the rest of the object to")
                 rest = _BufferSink(span, size - span)
                 await fast.fetch(signed.url, span, size, etag, rest)
-                parts.append(memoryview(rest.data))
-            return b"".join(parts), headers, size
+                data += rest.data()
+            return data, headers, size
         except HttpError as exc:
             kind = _refusal_kind(exc.status, exc.code, exc.message)
             if kind is None and exc.status != 416:
@@ -977,23 +977,38 @@ def _botostore() -> Any:
 
 
 class _BufferSink:
-    """A ``RangeSink`` into one preallocated buffer: bytes ``[start, start + size)``."""
+    """A ``RangeSink`` collecting bytes ``[start, start + size)`` (or fewer: the object may be
+    shorter) in buffers allocated as the body arrives, each as large as all before it (64 KiB
+    first): a span asked for generously (``_WHOLE_GET_SPAN``) costs only what came."""
 
-    __slots__ = ("data", "etag", "start")
+    __slots__ = ("_chunks", "_size", "_used", "etag", "start")
 
     def __init__(self, start: int, size: int) -> None:
         self.start = start
-        self.data = bytearray(size)
+        self._size = size
+        self._chunks: list[bytearray] = []
+        self._used = 0  # bytes written into the last chunk
         self.etag: str | None = None
 
     def begin(self, etag: str | None) -> None:
         self.etag = etag
 
     def buffer(self, pos: int) -> memoryview:
-        return memoryview(self.data)[pos - self.start :]
+        # The body is written in order: ``pos`` is always where the last write ended.
+        if not self._chunks or self._used == len(self._chunks[-1]):
+            offset = pos - self.start
+            self._chunks.append(bytearray(min(max(64 * 1024, offset), self._size - offset)))
+            self._used = 0
+        return memoryview(self._chunks[-1])[self._used :]
 
     def written(self, pos: int, n: int) -> None:
-        pass
+        self._used += n
+
+    def data(self) -> bytes:
+        """The bytes received, joined."""
+        if self._chunks:
+            del self._chunks[-1][self._used :]
+        return b"".join(self._chunks)
 
 
 def _object_size(headers: dict[str, str]) -> int | None:
