@@ -103,11 +103,13 @@ class ReaderConfig:
     """How aiodcp reaches the store and fetches a checkpoint. Every field is keyword-only.
 
     ``None`` for a connection field means botocore's own resolution (environment variables such as
-    ``AWS_REGION`` and ``AWS_ENDPOINT_URL``, the shared config file, the credential chain).
+    ``AWS_DEFAULT_REGION`` and ``AWS_ENDPOINT_URL``, the shared config file, the credential
+    chain), which the plain case (``_native``) reproduces without botocore.
     """
 
     region: str | None = None
-    """AWS region, e.g. ``"us-east-1"``. Default: botocore's resolution (``AWS_REGION``...)."""
+    """AWS region, e.g. ``"us-east-1"``. Default: botocore's resolution
+    (``AWS_DEFAULT_REGION``...)."""
     endpoint_url: str | None = None
     """Endpoint of an S3-compatible store (MinIO, R2, moto...). Default: botocore's resolution."""
     addressing_style: Literal["auto", "path", "virtual"] = "auto"

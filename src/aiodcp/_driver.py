@@ -14,7 +14,8 @@ which runs them on an event loop that is not the calling thread's, and blocks fo
   that load's requests only. Every load session runs through one (``dcp._session``), so
   cancelling one load never touches another's work, nor a prefetch's download.
 
-Each private loop owns one ``S3Store`` opened on it (an aiobotocore client belongs to one loop).
+Each private loop owns one ``S3Store`` opened on it (its connections, and its aiobotocore client
+when it needs one, belong to that loop).
 Every coroutine submitted is tracked, so ``cancel_all()`` stops all work of a driver at once;
 cancelling the future ``submit`` returned cancels that coroutine alone.
 

@@ -77,7 +77,7 @@ class S3StorageReader(StorageReader):
     ``dcp.load(state_dict, storage_reader=S3StorageReader("s3://bucket/ckpt", region=...))``
 
     Only ``path`` is positional. ``region`` and ``endpoint_url`` default to botocore's own
-    resolution (``AWS_REGION``, ``AWS_ENDPOINT_URL``...). Every other option is a field of
+    resolution (``AWS_DEFAULT_REGION``, ``AWS_ENDPOINT_URL``...). Every other option is a field of
     :class:`aiodcp.ReaderConfig`; pass a ``config`` or the common knobs as keywords (a keyword
     overrides the same field of ``config``).
 
