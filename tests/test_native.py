@@ -53,6 +53,7 @@ ENDPOINTS = [
     "https://minio.example",
     "http://127.0.0.1:80",
     "http://[::1]:9000",
+    None,  # AWS S3 itself: the region's endpoint (us-east-1: the global one)
 ]
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -116,7 +117,12 @@ def native(config: aiodcp.ReaderConfig, environ: dict[str, str], bucket: str, ke
     ],
 )
 async def test_urls_are_byte_identical_to_botocores(
-    frozen: None, endpoint: str, style: str, region: str, token: str | None, payer: str | None
+    frozen: None,
+    endpoint: str | None,
+    style: str,
+    region: str,
+    token: str | None,
+    payer: str | None,
 ) -> None:
     values = env(AWS_ACCESS_KEY_ID="AKIDEXAMPLE", AWS_SECRET_ACCESS_KEY="s3cr3t/+key")
     if token is not None:
@@ -134,8 +140,8 @@ async def test_urls_are_byte_identical_to_botocores(
             ), (bucket, key)
 
 
-@pytest.mark.parametrize("endpoint", ENDPOINTS[:3])
-async def test_unsigned_urls_are_botocores(frozen: None, endpoint: str) -> None:
+@pytest.mark.parametrize("endpoint", [*ENDPOINTS[:3], None])
+async def test_unsigned_urls_are_botocores(frozen: None, endpoint: str | None) -> None:
     config = aiodcp.ReaderConfig(endpoint_url=endpoint, region="us-east-1", unsigned=True)
     for key in KEYS:
         assert native(config, env(), "bkt", key) == await botocore_url(config, env(), "bkt", key)
@@ -192,7 +198,16 @@ async def test_region_and_endpoint_come_from_the_environment_as_botocore_reads_t
         ({}, {"AWS_USE_FIPS_ENDPOINT": "true"}, "AWS_USE_FIPS_ENDPOINT"),
         ({}, {"AWS_CREDENTIAL_EXPIRATION": "2030-01-01T00:00:00Z"}, "AWS_CREDENTIAL_EXPIRATION"),
         ({}, {"AWS_SECRET_ACCESS_KEY": ""}, "AWS_ACCESS_KEY_ID"),
-        ({"endpoint_url": None}, {}, "no endpoint_url"),
+        ({"endpoint_url": None, "region": "cn-north-1"}, {}, "no endpoint_url"),
+        ({"endpoint_url": None, "region": "us-gov-west-1"}, {}, "no endpoint_url"),
+        ({"endpoint_url": None, "region": "us-iso-east-1"}, {}, "no endpoint_url"),
+        ({"endpoint_url": None, "region": "eu-isoe-west-1"}, {}, "no endpoint_url"),
+        ({"endpoint_url": None, "region": "eusc-de-east-1"}, {}, "no endpoint_url"),
+        ({"endpoint_url": None, "region": "aws-global"}, {}, "region"),
+        ({"endpoint_url": None, "region": "us-east-1-fips"}, {}, "region"),
+        ({"endpoint_url": None}, {"AWS_S3_US_EAST_1_REGIONAL_ENDPOINT": "regional"}, "AWS_S3_US"),
+        ({"endpoint_url": None}, {"AWS_USE_DUALSTACK_ENDPOINT": "true"}, "DUALSTACK"),
+        ({"endpoint_url": None}, {"AWS_S3_USE_ARN_REGION": "true"}, "ARN"),
         ({"region": None}, {}, "no region"),
         ({"region": "aws-global"}, {}, "region"),
         ({"endpoint_url": "https://minio.example/prefix"}, {}, "not of the form"),
@@ -233,6 +248,127 @@ def test_buckets_that_are_not_plain_get_no_native_url(bucket: str) -> None:
     )
     assert isinstance(plain, Plain)
     assert plain.url(bucket, "k", now=FROZEN, expires=60, payer=None) is None
+
+
+def _botocore_regions() -> dict[str, list[str]]:
+    """Every region botocore 1.43 lists, by partition (endpoints.json and partitions.json)."""
+    import json
+
+    data = Path(botocore.__file__).parent / "data"
+    regions: dict[str, set[str]] = {}
+    for p in json.loads((data / "endpoints.json").read_text())["partitions"]:
+        regions.setdefault(p["partition"], set()).update(p["regions"])
+    for p in json.loads((data / "partitions.json").read_text())["partitions"]:
+        regions.setdefault(p["id"], set()).update(p["regions"])
+    return {name: sorted(names) for name, names in regions.items()}
+
+
+BOTOCORE_REGIONS = _botocore_regions()
+AWS_REGIONS = [r for r in BOTOCORE_REGIONS["aws"] if r != "aws-global"]
+# not listed by 1.43.117 but in the aws partition by its regionRegex, as future regions will be
+UNLISTED_AWS_REGIONS = ["us-west-7", "ap-east-9", "eu-north-12", "mx-west-1"]
+AWS_BUCKETS = ["bkt", "my-bucket-1", "a" * 63, "0123-4567", "x-s3-bucket"]
+AWS_KEYS = ["ck/__0_0.distcp", "a b/ünï+~=%", "a//b", "/lead", "k=v&w"]
+
+
+def test_every_aws_region_is_plain_and_no_other_partitions() -> None:
+    """The rule (``_AWS_REGION_RE``) against every region botocore knows: the aws partition's
+    commercial regions are plain, no other partition's region is, nor any ``*-global``."""
+    assert len(AWS_REGIONS) >= 30 and "us-east-1" in AWS_REGIONS and "mx-central-1" in AWS_REGIONS
+    values = env(AWS_ACCESS_KEY_ID="AK", AWS_SECRET_ACCESS_KEY="SK")
+    for partition, regions in BOTOCORE_REGIONS.items():
+        for region in regions:
+            plain = plain_case(aiodcp.ReaderConfig(region=region), values)
+            expected = partition == "aws" and region != "aws-global"
+            assert isinstance(plain, Plain) is expected, (partition, region, plain)
+            if isinstance(plain, Plain):
+                assert plain.scheme == "https" and plain.host.endswith(".amazonaws.com")
+
+
+@pytest.mark.parametrize("region", AWS_REGIONS + UNLISTED_AWS_REGIONS)
+async def test_aws_urls_are_byte_identical_to_botocores_in_every_region(
+    frozen: None, region: str
+) -> None:
+    """Every aws-partition region botocore 1.43 lists (and a few it would resolve by the
+    partition's regex) x addressing x buckets x keys, without an endpoint_url, against
+    botocore's presigner set up as the store sets it up."""
+    values = env(
+        AWS_ACCESS_KEY_ID="AKIDEXAMPLE", AWS_SECRET_ACCESS_KEY="s3cr3t/+key", AWS_SESSION_TOKEN="t"
+    )
+    for style in ("auto", "path", "virtual"):
+        config = aiodcp.ReaderConfig(region=region, addressing_style=style)  # type: ignore[arg-type]
+        for bucket in AWS_BUCKETS:
+            for key in AWS_KEYS:
+                ours = native(config, values, bucket, key)
+                assert ours == await botocore_url(config, values, bucket, key), (style, bucket)
+                host = ours.split("/")[2]
+                suffix = (
+                    "s3.amazonaws.com" if region == "us-east-1" else f"s3.{region}.amazonaws.com"
+                )
+                assert host == (suffix if style == "path" else f"{bucket}.{suffix}")
+
+
+@pytest.mark.parametrize("bucket", ["dotted.name", "name--x-s3", "b--x", "UPPER", "ab", "a_b"])
+async def test_aws_buckets_that_are_not_plain_are_botocores(frozen: None, bucket: str) -> None:
+    """In auto and virtual mode botocore puts a dotted bucket in the path (TLS), and its rules
+    for ``--`` names are its own: no native URL, botocore presigns them."""
+    for style in ("auto", "path", "virtual"):
+        plain = plain_case(
+            aiodcp.ReaderConfig(region="eu-west-1", addressing_style=style),  # type: ignore[arg-type]
+            env(AWS_ACCESS_KEY_ID="AK", AWS_SECRET_ACCESS_KEY="SK"),
+        )
+        assert isinstance(plain, Plain)
+        assert plain.url(bucket, "k", now=FROZEN, expires=60, payer=None) is None
+
+
+def test_the_plain_case_verifies_tls_with_botocores_ca_bundle() -> None:
+    """AWS is https: the fast path's context verifies the certificate and the host name,
+    against the bundle botocore's session would load (``get_cert_path``: certifi's, else
+    botocore's own), and only that one, as botocore does. Offline: no handshake."""
+    import ssl
+
+    import botocore.httpsession
+
+    from aiodcp._native import ca_file
+    from aiodcp._store import _fast_ssl_context
+
+    assert ca_file(True) == botocore.httpsession.get_cert_path(True)
+    assert ca_file("/some/ca.pem") == botocore.httpsession.get_cert_path("/some/ca.pem")
+    assert ca_file(False) is None
+    context = _fast_ssl_context(True)
+    assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
+    reference = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    reference.load_verify_locations(botocore.httpsession.get_cert_path(True))
+    assert context.get_ca_certs() == reference.get_ca_certs() != []
+    plain = plain_case(
+        aiodcp.ReaderConfig(region="eu-west-1"),
+        env(AWS_ACCESS_KEY_ID="AK", AWS_SECRET_ACCESS_KEY="SK"),
+    )
+    assert isinstance(plain, Plain) and plain.verify is True
+
+
+def test_a_redirect_on_a_native_aws_url_leaves_the_native_path() -> None:
+    """A bucket in another region answers a URL signed for the store's region with a 301
+    (PermanentRedirect), a 307, or a 400 naming the region: each is a region refusal, after
+    which botocore (its region redirector) signs the store's URLs (``_leave_native``; on the
+    wire: tests/test_real_s3.py's region tests against the strict store)."""
+    from aiodcp._store import _refusal_kind
+
+    assert _refusal_kind(301, "PermanentRedirect", "") == "region"
+    assert _refusal_kind(307, "TemporaryRedirect", "") == "region"
+    assert _refusal_kind(400, "AuthorizationQueryParametersError", "") == "region"
+    assert _refusal_kind(301, "", "") == "region"  # a HEAD-like answer without a body
+
+
+async def test_an_aws_store_is_plain_and_creates_no_client() -> None:
+    values = env(AWS_ACCESS_KEY_ID="AK", AWS_SECRET_ACCESS_KEY="SK", AWS_DEFAULT_REGION="us-west-2")
+    with environment(values):
+        async with aiodcp._store.S3Store(aiodcp.ReaderConfig()) as store:
+            assert store.not_plain is None and store._client is None
+            signed = store._native_url("my-bucket", "ck/.metadata")
+            assert signed is not None and signed.url is not None
+            assert signed.url.host == "my-bucket.s3.us-west-2.amazonaws.com"
+            assert signed.url.scheme == "https"
 
 
 def test_encoding_and_host() -> None:

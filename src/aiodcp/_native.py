@@ -64,6 +64,12 @@ a credential expiry, a data path, a defaults mode...) makes a store not plain.""
 _CONFIG_FILE_UNDERSTOOD = frozenset({"region", "output"})
 _REGION_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 _PLAIN_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$")
+_AWS_REGION_RE = re.compile(r"^(?:us|eu|ap|sa|ca|me|af|il|mx)-[a-z]+-[0-9]+$")
+"""The aws partition's regions: its ``regionRegex`` in botocore 1.43's ``partitions.json``
+(``^(us|eu|ap|sa|ca|me|af|il|mx)\\-\\w+\\-\\d+$``), narrowed to letters in the middle. It
+matches no region of another partition (``us-gov-west-1``, ``us-iso-east-1``, ``cn-north-1``,
+``eu-isoe-west-1``...) nor ``aws-global``; tests/test_native.py checks it against every region
+botocore lists."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,13 +156,21 @@ def plain_case(config: ReaderConfig, environ: Mapping[str, str] | None = None) -
       depends on its endpoint rules.
     * An endpoint: ``endpoint_url``, else ``AWS_ENDPOINT_URL_S3``, else ``AWS_ENDPOINT_URL``
       (unless ``AWS_IGNORE_CONFIGURED_ENDPOINT_URLS`` is true), of the form
-      ``http(s)://host[:port]`` (no path, query, user, upper case). AWS itself (no endpoint)
-      is not plain: its endpoint comes from botocore's rule set (partitions, regional and
-      global endpoints, access points) and is left to botocore.
+      ``http(s)://host[:port]`` (no path, query, user, upper case); or none, and then the
+      region is one of the aws partition's commercial regions (``_AWS_REGION_RE``): AWS S3's
+      regional endpoint ``https://s3.<region>.amazonaws.com``, and for ``us-east-1`` the
+      global ``https://s3.amazonaws.com`` (botocore's default, "legacy",
+      ``s3_us_east_1_regional_endpoint``). Other partitions (China, GovCloud, ISO, EUSC) and
+      ``aws-global`` are left to botocore's rule set; so are FIPS, dual-stack, accelerate and
+      the us-east-1 regional setting, since each needs an ``AWS_*`` variable, a config file
+      setting or ``extra`` that is not understood here.
 
-    Addressing, as botocore 1.43's rule set gives it for a custom endpoint: ``auto`` and
+    Addressing, as botocore 1.43's rule set gives it. For a custom endpoint: ``auto`` and
     ``path`` are path-style; ``virtual`` is ``bucket.host`` unless the host is an IP address
-    (then path-style). Each bucket is checked again when its URL is made (``Plain.url``).
+    (then path-style). For AWS: ``path`` is path-style; ``auto`` and ``virtual`` are
+    ``bucket.s3...`` (botocore's virtual-hostable check, which every plain bucket passes).
+    Each bucket is checked again when its URL is made (``Plain.url``): dotted names, ``--``
+    and the rest are botocore's.
     """
     env = os.environ if environ is None else environ
     if not config.fast_http:
@@ -201,7 +215,7 @@ def plain_case(config: ReaderConfig, environ: Mapping[str, str] | None = None) -
                 endpoint = env[name]
                 break
     if endpoint is None:
-        return "no endpoint_url (AWS itself: botocore's endpoint rules)"
+        return _aws_plain(config, region, credentials)
     parts = urlsplit(endpoint)
     try:
         port = parts.port
@@ -237,6 +251,30 @@ def plain_case(config: ReaderConfig, environ: Mapping[str, str] | None = None) -
         credentials=credentials,
         verify=config.verify,
         presigner=presigner,
+    )
+
+
+def _aws_plain(config: ReaderConfig, region: str, credentials: Credentials | None) -> Plain | str:
+    """AWS S3 itself (no endpoint): the regional endpoint of a commercial region, as botocore
+    1.43's rule set gives it with nothing but a region set, or why that is not plain."""
+    if not _AWS_REGION_RE.match(region):
+        return (
+            f"no endpoint_url, and region {region!r} is not one of the aws partition's"
+            " commercial regions (other partitions: botocore's endpoint rules)"
+        )
+    # botocore's default s3_us_east_1_regional_endpoint ("legacy") keeps us-east-1 on the
+    # global endpoint; AWS_S3_US_EAST_1_REGIONAL_ENDPOINT is not understood: not plain.
+    host = "s3.amazonaws.com" if region == "us-east-1" else f"s3.{region}.amazonaws.com"
+    return Plain(
+        scheme="https",
+        netloc=host,
+        host=host,
+        port=None,
+        region=region,
+        addressing="path" if config.addressing_style == "path" else "virtual",
+        credentials=credentials,
+        verify=config.verify,
+        presigner=Presigner(credentials, region) if credentials is not None else None,
     )
 
 
