@@ -212,6 +212,9 @@ async def test_region_and_endpoint_come_from_the_environment_as_botocore_reads_t
         ({"region": "aws-global"}, {}, "region"),
         ({"endpoint_url": "https://minio.example/prefix"}, {}, "not of the form"),
         ({"endpoint_url": "https://MinIO.example"}, {}, "not of the form"),
+        # botocore addresses accelerate endpoints virtual-hosted even in auto mode
+        ({"endpoint_url": "https://s3-accelerate.amazonaws.com"}, {}, "Acceleration"),
+        ({"endpoint_url": "http://s3-accelerate.dualstack.amazonaws.com"}, {}, "Acceleration"),
         ({"addressing_style": "virtual", "endpoint_url": "http://127.1:9"}, {}, "IP"),
     ],
 )

@@ -156,7 +156,8 @@ def plain_case(config: ReaderConfig, environ: Mapping[str, str] | None = None) -
       depends on its endpoint rules.
     * An endpoint: ``endpoint_url``, else ``AWS_ENDPOINT_URL_S3``, else ``AWS_ENDPOINT_URL``
       (unless ``AWS_IGNORE_CONFIGURED_ENDPOINT_URLS`` is true), of the form
-      ``http(s)://host[:port]`` (no path, query, user, upper case); or none, and then the
+      ``http(s)://host[:port]`` (no path, query, user, upper case), not an accelerate one
+      (``s3-accelerate.*``: botocore addresses those virtual-hosted); or none, and then the
       region is one of the aws partition's commercial regions (``_AWS_REGION_RE``): AWS S3's
       regional endpoint ``https://s3.<region>.amazonaws.com``, and for ``us-east-1`` the
       global ``https://s3.amazonaws.com`` (botocore's default, "legacy",
@@ -232,6 +233,10 @@ def plain_case(config: ReaderConfig, environ: Mapping[str, str] | None = None) -
         or parts.netloc != parts.netloc.lower()
     ):
         return f"endpoint {endpoint!r} is not of the form http(s)://host[:port]"
+    if host.split(".")[0] == "s3-accelerate":
+        # botocore's is_s3_accelerate_url: such an endpoint is addressed virtual-hosted in
+        # "auto" (not path-style as other endpoints are); left to botocore
+        return f"endpoint {endpoint!r} is S3 Transfer Acceleration's"
     addressing: Literal["path", "virtual"] = "path"
     if config.addressing_style == "virtual":
         try:
