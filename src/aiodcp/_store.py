@@ -561,21 +561,27 @@ class S3Store:
                 raise translate_error(exc, bucket, key) from exc
             if kind == "stale":  # the environment's credentials: nothing can refresh them
                 raise translate_error(exc, bucket, key) from exc
-            self._urls.pop((bucket, key), None)
-            if kind == "region":
-                self._leave_native()
-            elif kind == "fallback":
-                self._fast_fallbacks += 1
+            self._fell_back(bucket, key, kind)
         except FallbackRequired:
-            self._urls.pop((bucket, key), None)
-            self._fast_fallbacks += 1
+            self._fell_back(bucket, key, "fallback")
         except AiodcpError:
             raise
         except Exception as exc:
             raise translate_error(exc, bucket, key) from exc
-        if self._fast_fallbacks >= _FAST_FALLBACK_LIMIT:
-            self._fast = None
         return None
+
+    def _fell_back(self, bucket: str, key: str, kind: str | None, *, native: bool = True) -> None:
+        """A fast-path request goes through botocore instead: its URL is forgotten; ``kind``
+        (``_refusal_kind``) "region" on a natively signed URL: botocore signs this store's URLs
+        from now on (``_leave_native``); "fallback" (or ``FallbackRequired``): counted, and after
+        ``_FAST_FALLBACK_LIMIT`` of those the store stays on botocore."""
+        self._urls.pop((bucket, key), None)
+        if kind == "region" and native:
+            self._leave_native()
+        elif kind == "fallback":
+            self._fast_fallbacks += 1
+        if self._fast_fallbacks >= _FAST_FALLBACK_LIMIT:
+            self._fast = None  # this store keeps answering oddly: botocore from now on
 
     def _leave_native(self) -> None:
         """A region refusal: botocore follows S3's redirect and remembers the bucket's region;
@@ -700,28 +706,22 @@ class S3Store:
                 kind = _refusal_kind(exc.status, exc.code, exc.message)
                 if kind is None:
                     raise translate_error(exc, bucket, key, (start, end)) from exc
-                self._urls.pop((bucket, key), None)
                 if kind in ("stale", "resign"):
+                    self._urls.pop((bucket, key), None)
                     if stats is not None:
                         stats.add(resigned=1)
                     if kind == "stale" and not await self._refresh_credentials(signed.access_key):
                         # the provider has nothing newer: signing again cannot help
                         raise translate_error(exc, bucket, key, (start, end)) from exc
                     continue
-                if kind == "fallback":
-                    self._fast_fallbacks += 1
-                elif kind == "region" and signed.native:
-                    self._leave_native()
+                self._fell_back(bucket, key, kind, native=signed.native)
             except FallbackRequired:
-                self._urls.pop((bucket, key), None)
-                self._fast_fallbacks += 1
+                self._fell_back(bucket, key, "fallback")
             except AiodcpError:
                 raise
             except Exception as exc:
                 raise translate_error(exc, bucket, key, (start, end)) from exc
             break
-        if self._fast_fallbacks >= _FAST_FALLBACK_LIMIT:
-            self._fast = None  # this store keeps answering oddly: botocore from now on
         return False
 
     async def _fast_url(self, bucket: str, key: str) -> _Signed:
