@@ -637,3 +637,26 @@ def test_a_plan_reading_an_unknown_item_shares_nothing() -> None:
         plans[1].items.extend(bad)
         assert share_job(plans, load) is None
         assert old_share_job(plans, load) is None
+
+
+def test_the_collector_is_paused_for_the_step_and_restored() -> None:
+    """The cyclic collector is off while the coordinator plans (each collection would walk
+    every object the process holds) and back as it was after, also when the step raises."""
+    import gc
+
+    from aiodcp.dcp._storage_reader import _collector_paused
+
+    assert gc.isenabled()
+    with _collector_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), _collector_paused():
+        raise RuntimeError("planning failed")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with _collector_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # off before: left off
+    finally:
+        gc.enable()

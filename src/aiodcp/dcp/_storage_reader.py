@@ -29,14 +29,16 @@ read first and whose loop is theirs (``attached_reader``); ``abort()`` cancels t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import logging
 import operator
 import os
 import threading
 import uuid
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -262,7 +264,8 @@ class S3StorageReader(StorageReader):
         load = self._current().dcp_load(
             self.storage_data, self._tensor_metadata, recorder=StatsRecorder()
         )
-        shares = share_job(plans, load)
+        with _collector_paused():
+            shares = share_job(plans, load)
         if shares is None:
             return plain
         return [
@@ -374,6 +377,23 @@ def share_job(plans: Sequence[LoadPlan], load: DcpLoad) -> list[RankShare] | Non
         have = holders.get(span)
         holders[span] = sorted(probers if have is None else {*have, *probers})
     return assign_shares(holders, len(plans), round_bytes=load.round_bytes, sliced=apart.keys())
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector paused (if it runs) for the block. The coordinator's
+    step allocates a job's worth of small containers, and the collections they trigger walk
+    every object the process holds, torch's gathered plans first: 4.2 of 6.5 s of the step at
+    1,024 ranks x 10^5 items before it allocated less, 0.2-0.3 s after. The step makes no
+    reference cycles: what it drops is freed at once all the same."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 class _RankReads:
