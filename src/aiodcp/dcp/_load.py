@@ -328,9 +328,11 @@ class DcpLoad:
             return True
 
         pending = iter(reqs_per_rank)
-        first = list(itertools.islice(pending, 2))
-        if not all(slices_apart(reqs) for reqs in first):
-            return None
+        first = []
+        for reqs in itertools.islice(pending, 2):  # (each taken only if the one before slices)
+            if not slices_apart(reqs):
+                return None
+            first.append(reqs)
         rest = list(pending)
         regions = {region_of(reqs) for reqs in first}
         for reqs in rest:

@@ -336,21 +336,27 @@ def share_job(plans: Sequence[LoadPlan], load: DcpLoad) -> list[RankShare] | Non
     # slot of each of its read items.
     items: list[StoredItem] = []
     ranks_of: list[list[int]] = []
-    slot_of: dict[tuple[str, Any], int] = {}
+    slot_of: dict[str, dict[Any, int]] = {}  # fqn -> offset -> slot
     slot_by_item: dict[StoredItem, int] = {}
     reads: list[_RankReads] = []
+    nothing: dict[Any, int] = {}
     for rank, plan in enumerate(plans):
-        # MetadataIndex compares and hashes (fqn, offset): a plain tuple of them finds the
-        # same entry without a Python-level __hash__ and __eq__ per read item.
-        keys = [(index.fqn, index.offset) for index in map(_STORAGE_INDEX, plan.items)]
-        slots = list(map(slot_of.get, keys))
+        # MetadataIndex compares and hashes (fqn, offset): looking up its fqn, then its
+        # offset, finds the same entry without a Python-level __hash__ and __eq__ (nor a key
+        # to build) per read item.
+        slots = [
+            (slot_of.get(index.fqn) or nothing).get(index.offset)
+            for index in map(_STORAGE_INDEX, plan.items)
+        ]
         if None in slots:  # stored items no rank before this one reads
             for n, slot in enumerate(slots):
                 if slot is not None:
                     continue
-                slot = slot_of.get(keys[n])
+                index = plan.items[n].storage_index
+                of_fqn = slot_of.setdefault(index.fqn, {})
+                slot = of_fqn.get(index.offset)
                 if slot is None:
-                    info = storage_data.get(plan.items[n].storage_index)
+                    info = storage_data.get(index)
                     if info is None:
                         return None
                     item = StoredItem(info.relative_path, info.offset, info.offset + info.length)
@@ -359,7 +365,7 @@ def share_job(plans: Sequence[LoadPlan], load: DcpLoad) -> list[RankShare] | Non
                         slot = slot_by_item[item] = len(items)
                         items.append(item)
                         ranks_of.append([])
-                    slot_of[keys[n]] = slot
+                    of_fqn[index.offset] = slot
                 slots[n] = slot
         for slot in dict.fromkeys(cast("list[int]", slots)):
             ranks_of[slot].append(rank)
