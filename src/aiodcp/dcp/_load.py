@@ -318,6 +318,8 @@ class DcpLoad:
 
         def slices_apart(reqs: list[ReadItem]) -> bool:
             nonlocal probes
+            if any(self._stored_whole(req) is not None for req in reqs):
+                return False  # (as _slice_candidate decides, in a third of its time)
             candidate = self._slice_candidate(item_range, reqs, max_gap_size)
             if candidate is None:
                 return False
