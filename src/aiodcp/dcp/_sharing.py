@@ -48,6 +48,7 @@ import operator
 import pickle
 import sys
 import warnings
+from collections import defaultdict
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar
@@ -162,40 +163,39 @@ def assign_shares(
     load = [0] * world
     shared: dict[StoredItem, Sequence[int]] = {}
     for item, ranks in holders.items():
-        if item.length <= 0 or item in sliced:
+        if item.end <= item.start or item in sliced:
             continue
         if len(ranks) > 1:
             shared[item] = ranks
         else:
-            load[ranks[0]] += item.length
+            load[ranks[0]] += item.end - item.start
     if not shared and not sliced:
         return None
     fetcher: dict[StoredItem, int] = {}
-    for item in sorted(shared, key=_by_size):  # largest first, then (file, offset)
+    # Largest first, then in (file, offset) order.
+    for minus_length, item in sorted([(item.start - item.end, item) for item in shared]):
         chosen = min(shared[item], key=load.__getitem__)  # the first (lowest) of the least
         fetcher[item] = chosen
-        load[chosen] += item.length
+        load[chosen] -= minus_length
 
     schedule = _Schedule(world, round_bytes)
     fetch: list[list[StoredItem]] = [[] for _ in range(world)]
     # Per rank: round -> what it sends (receives) in it, in placement order.
-    sends: list[dict[int, list[tuple[StoredItem, tuple[int, ...]]]]] = [{} for _ in range(world)]
-    receives: list[dict[int, list[tuple[StoredItem, int]]]] = [{} for _ in range(world)]
+    sends: list[defaultdict[int, list[tuple[StoredItem, tuple[int, ...]]]]]
+    sends = [defaultdict(list) for _ in range(world)]
+    receives: list[defaultdict[int, list[tuple[StoredItem, int]]]]
+    receives = [defaultdict(list) for _ in range(world)]
     for item in sorted(shared):  # (file, offset) order
         src = fetcher[item]
         ranks = shared[item]
         at = ranks.index(src)
         dsts = (*ranks[:at], *ranks[at + 1 :])
-        k = schedule.place(src, dsts, item_memory(item.length))
+        k = schedule.place(src, dsts, item_memory(item.end - item.start))
         fetch[src].append(item)
-        sends[src].setdefault(k, []).append((item, dsts))
+        sends[src][k].append((item, dsts))
         pair = (item, src)  # one tuple for every receiver
         for d in dsts:
-            entries = receives[d].get(k)
-            if entries is None:
-                receives[d][k] = [pair]
-            else:
-                entries.append(pair)
+            receives[d][k].append(pair)
 
     shares = []
     idle = [_NO_ROUND] * schedule.rounds
@@ -219,10 +219,6 @@ def assign_shares(
 
 _NO_ROUND = Round()
 """A rank's round with nothing to send or receive: one object, so a plan pickles it once."""
-
-
-def _by_size(item: StoredItem) -> tuple[int, str, int, int]:
-    return (-item.length, item.path, item.start, item.end)
 
 
 class _Schedule:
