@@ -336,12 +336,16 @@ class DcpLoad:
                 return None
             first.append(reqs)
         rest = list(pending)
-        regions = {region_of(reqs) for reqs in first}
-        for reqs in rest:
-            region = region_of(reqs)
-            if region in regions:
-                return None  # same region, same runs: they overlap
-            regions.add(region)
+        # Ranks by their first read item's box (the whole region compared only when that
+        # matches): the same region, the same runs, and they overlap.
+        by_box: dict[tuple[Any, Any], list[list[ReadItem]]] = {}
+        for reqs in itertools.chain(first, rest):
+            others = by_box.setdefault((reqs[0].storage_offsets, reqs[0].lengths), [])
+            if others:
+                region = region_of(reqs)
+                if any(region_of(other) == region for other in others):
+                    return None
+            others.append(reqs)
         if not all(slices_apart(reqs) for reqs in rest):
             return None
         return probes
