@@ -5,8 +5,8 @@ Data flow::
     handle = prefetch("s3://bucket/ckpt", keys=[...])     returns at once
         private I/O loop thread: GET .metadata (timed: max_gap_size "auto" -> bytes)
         -> select the stored items of ``keys``
-        -> FetchEngine over them with a budget equal to their size (nothing waits for a
-           consumer: the handle holds every requested byte until it is loaded or cancelled)
+        -> FetchEngine over them with a budget equal to their item memory (nothing waits for
+           a consumer: the handle holds every requested byte until it is loaded or cancelled)
         -> tqdm progress bar (``progress=False`` to hide it)
     handle.load(state_dict) / await handle.aload(state_dict)
         -> a LoadSession (dcp._session) over the handle's loop, with the metadata the prefetch
@@ -51,6 +51,7 @@ from ._path import CheckpointPath, parse_checkpoint_path
 from ._planner import ItemRange, plan_file, resolve_max_gap_size
 from ._progress import with_progress
 from ._reader import ChunkBuffer
+from ._sinks import item_memory
 from ._stats import LoadStats, StatsRecorder
 from ._store import S3Store
 from .dcp._session import LoadSession, fetch_metadata, run_dcp_load, run_in_thread, select_keys
@@ -150,7 +151,10 @@ class PrefetchHandle:
             recorder.max_gap_size = max_gap_size
             recorder.request_latency_s = latency
             files, index = self._select(metadata, max_gap_size)
-            total = sum(f.plan.item_bytes for f in files)
+            # Nothing is released before a load takes it, so the budget holds every item: in
+            # item memory (whole 1 MiB blocks for items of 512 KiB or more), which is what the
+            # engine reserves; the bytes alone left the last items waiting for ever.
+            total = sum(item_memory(r.length) for f in files for r in f.plan.items)
             config = self._config.replace(memory_budget=max(total, 1))
             engine = FetchEngine(store, path.bucket, files, config, recorder)
             with self._lock:
