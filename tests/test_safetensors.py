@@ -316,3 +316,35 @@ def test_prefetch_of_a_safetensors_path_then_load_sends_no_more_requests(
         assert s3_server.requests() == []  # headers and tensors came from the prefetch
     assert_bits(mine, tensors)
     # a DCP path is still recognised as one (auto)
+
+
+def test_inspect_shows_a_safetensors_directory(
+    sharded: tuple[str, dict[str, torch.Tensor], Path],
+    s3_server: S3Server,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from aiodcp._cli import main
+
+    url, tensors, local = sharded
+    common = ["--endpoint-url", s3_server.endpoint_url, "--addressing-style", "path"]
+    assert main(["inspect", url, "--json", *common]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["format"] == "safetensors"
+    keys = {k["key"]: k for k in report["keys"]}
+    assert sorted(keys) == sorted(tensors)
+    for name, t in tensors.items():
+        entry = keys[name]
+        assert entry["dtype"] == str(t.dtype).removeprefix("torch.")
+        assert entry["shape"] == list(t.shape)
+        assert entry["stored_bytes"] == t.numel() * t.element_size()
+        assert entry["stored_dtype"] in ("F32", "BF16", "F16", "I64")
+    files = {f["path"]: f for f in report["files"]}
+    assert sorted(files) == sorted(p.name for p in local.glob("*.safetensors"))
+    assert report["summary"]["tensors"] == len(tensors)
+    # the human table, and a plan of one key
+    assert main(["inspect", url, *common]) == 0
+    table = capsys.readouterr().out
+    assert "bfloat16 (BF16)" in table and "model-00001-of-00003.safetensors" in table
+    assert main(["plan", url, "--keys", "model.norm.weight", "--json", *common]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["totals"]["bytes_needed"] == tensors["model.norm.weight"].numel() * 2

@@ -80,10 +80,10 @@ class Describe:
                 if type(no_catalog) is not NotFoundError:
                     raise
                 raise NotFoundError(
-                    f"{path.url} holds no checkpoint: no .metadata (DCP), no "
-                    "model.safetensors.index.json and no *.safetensors file (Hugging Face)",
+                    f"{no_metadata}; nor a Hugging Face safetensors checkpoint (no "
+                    "model.safetensors.index.json and no *.safetensors file there)",
                     bucket=path.bucket,
-                    key=path.prefix,
+                    key=path.key(".metadata"),
                 ) from no_metadata
             self.format = "safetensors"
             return fetched
