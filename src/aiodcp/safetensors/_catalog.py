@@ -19,6 +19,10 @@
            it (a key per tensor name; ``DCP_SHARDING_INFO`` in a file's ``__metadata__`` gives
            each chunk's offsets in a sharded save), with ``SafetensorsInfo`` storage records
            that carry each file's ETag
+
+Verification (issue 22, item 5): not done yet. When the load path verifies bytes end to end
+(S3's full-object CRC64NVME, ``LoadStats.verified_bytes``), a file read whole is checked here:
+``_fetch_header`` sees each file's ETag and size, the place to ask for its checksum.
 """
 
 from __future__ import annotations
