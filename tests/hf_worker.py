@@ -36,7 +36,9 @@ def full_tensors() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1234)
     return {
         "embed": torch.randn(256, 64, generator=g).bfloat16(),
-        "big": torch.randn(512, 1024, generator=g),  # 2 MiB: whole runs straight into shards
+        # 3 MiB: runs straight into shards, and (replicated) received from a peer straight
+        # into the destination (items of 3 segments or more)
+        "big": torch.randn(768, 1024, generator=g),
         "ids": torch.arange(64 * 40, dtype=torch.int64).reshape(64, 40),
         "norm": torch.randn(64, 8, generator=g),
         "half": torch.randn(128, 96, generator=g).half(),

@@ -129,6 +129,11 @@ def test_shared_loads_match_torchs_reader_and_fetch_each_byte_once(
     assert all(r["job"]["ranks"] == world for r in got)
     if kind == "dim0" and world > save_world:
         assert all(r["stats"]["sliced_items"] > 0 for r in got)  # each rank slices its rows
+    if kind == "replicated":
+        # every rank needs every tensor: each is fetched by one rank and sent; "big" goes
+        # from the peer straight into the receiving ranks' destination
+        assert all(r["stats"]["bytes_from_peers"] > 0 for r in got)
+        assert any(r["stats"]["direct_items"] > 0 for r in got)
 
 
 def test_without_sharing_each_rank_fetches_only_its_runs(
