@@ -179,7 +179,11 @@ class LoadSession:
 
     def _fetch(self, rank: int | None = None) -> FetchedMetadata:
         path, recorder = self.path, self.recorder
-        return self.scope.run(lambda store: fetch_metadata(store, path, recorder, rank=rank))
+        name = METADATA_NAME if rank is None else f"__{int(rank)}{METADATA_NAME}"
+        return self.scope.run(
+            lambda store: fetch_metadata(store, path, recorder, rank=rank),
+            f"the GET of {path.url}/{name}",
+        )
 
     def _took(self, fetched: FetchedMetadata, metadata: Metadata) -> Metadata:
         self.request_latency_s = self.recorder.request_latency_s = fetched.request_latency_s
@@ -278,6 +282,11 @@ class LoadSession:
                 self._load = None
             self.stats = recorder.finish()
         return self.stats
+
+    @property
+    def cancelled(self) -> bool:
+        """Whether ``cancel`` was called."""
+        return self._cancelled
 
     def cancel(self) -> None:
         """Stop this load, from any thread: its engines, the requests it sent, its waits for

@@ -41,10 +41,11 @@ group's timeout.
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import sys
 import warnings
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -293,9 +294,11 @@ class Exchange:
     hold is what a round holds (fresh memory costs a page fault per page, and memory freed to
     the allocator may not go back to the system)."""
 
-    def __init__(self, group: dist.ProcessGroup, share: RankShare) -> None:
+    def __init__(self, group: dist.ProcessGroup, share: RankShare, name: str = "") -> None:
         self.group = group
         self.share = share
+        self.name = name
+        """What is loaded (the checkpoint's URL), for errors."""
         self.bytes_sent = 0
         self.bytes_received = 0
         self._pool = BlockPool()
@@ -310,15 +313,17 @@ class Exchange:
         failed rank and its cause."""
         row = torch.tensor([1 if error is not None else 0, *counters], dtype=torch.int64)
         rows = [torch.zeros_like(row) for _ in range(self.share.world)]
-        dist.all_gather(rows, row, group=self.group)
+        with self._waiting_for("every rank's status"):
+            dist.all_gather(rows, row, group=self.group)
         table = [[int(x) for x in r.tolist()] for r in rows]
         failed = [rank for rank, r in enumerate(table) if r[0]]
         if not failed:
             return [r[1:] for r in table]
         errors: list[Any] = [None] * self.share.world
-        dist.all_gather_object(
-            errors, None if error is None else _portable(error), group=self.group
-        )
+        with self._waiting_for("the failed ranks' errors"):
+            dist.all_gather_object(
+                errors, None if error is None else _portable(error), group=self.group
+            )
         if error is not None:
             raise error
         rank = failed[0]
@@ -401,11 +406,14 @@ class Exchange:
                     for segment in segments_of
                 )
                 self.bytes_sent += item.length
-        for entry in located:
-            entry.first_work.wait()
-            works.extend(entry.post(self, recv))
-        for work in works:
-            work.wait()
+        with self._waiting_for(
+            f"round {k}'s items from ranks {sorted({s for _, s in part.receives})}"
+        ):
+            for entry in located:
+                entry.first_work.wait()
+                works.extend(entry.post(self, recv))
+            for work in works:
+                work.wait()
         done = []
         for entry in located:
             buffer = entry.finish(self)
@@ -418,6 +426,21 @@ class Exchange:
 
     def _block(self) -> memoryview:
         return self._pool.block()
+
+    @contextlib.contextmanager
+    def _waiting_for(self, what: str) -> Iterator[None]:
+        """The process group's own failures while this rank waits for ``what`` (a peer that
+        died or hung: torch.distributed raises once the group's timeout passed) as an
+        ``AiodcpError`` naming the load, the rank and what it waited for."""
+        try:
+            yield
+        except RuntimeError as exc:  # DistBackendError and gloo's errors are RuntimeErrors
+            raise AiodcpError(
+                f"{self.name or 'a shared load'}: rank {self.share.rank} of {self.share.world} "
+                f"waited for {what} in the exchange, and the process group failed ({exc}): a "
+                "peer rank died or stopped answering (the group's timeout bounds this wait; "
+                "set it with init_process_group(timeout=...))"
+            ) from exc
 
 
 class _Located:
