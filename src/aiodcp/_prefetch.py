@@ -56,6 +56,7 @@ from ._sinks import held_memory
 from ._stats import LoadStats, StatsRecorder
 from ._store import S3Store
 from .dcp._session import LoadSession, fetch_metadata, run_dcp_load, run_in_thread, select_keys
+from .dcp._sharing import dcp_load_group
 from .dcp._storage_reader import attached_reader
 
 __all__ = ["PrefetchHandle", "prefetch"]
@@ -328,7 +329,7 @@ class PrefetchHandle:
     ) -> LoadStats:
         run_dcp_load(
             state_dict,
-            attached_reader(session, self._driver),
+            attached_reader(session, self._driver, dcp_load_group(process_group, no_dist)),
             planner=planner,
             process_group=process_group,
             no_dist=no_dist,

@@ -64,7 +64,7 @@ from .._path import CheckpointPath
 from .._planner import request_latency_from_get
 from .._stats import LoadStats, StatsRecorder
 from ._metadata import load_metadata
-from ._sharing import RankShare, share_metadata
+from ._sharing import SHARED, RankShare, share_metadata
 
 if TYPE_CHECKING:
     from torch.distributed.checkpoint._extension import ExtensionRegistry
@@ -252,13 +252,23 @@ class LoadSession:
         *,
         extensions: ExtensionRegistry | None = None,
         group: dist.ProcessGroup | None = None,
+        sharing: str = "",
     ) -> LoadStats:
         """Load ``plan``'s items (through the exchange when ``plan`` carries this rank's share
         of a shared load over ``group``); returns the load's statistics (also ``.stats``, set
-        when it fails too)."""
+        when it fails too). ``sharing``: why the load does not share (``LoadStats.sharing``)."""
         load = self.dcp_load(storage_data, tensor_metadata, extensions=extensions)
         share = plan.storage_data
         shared = isinstance(share, RankShare) and group is not None
+        if shared:
+            self.recorder.sharing = SHARED
+        elif sharing == SHARED:
+            self.recorder.sharing = (
+                "off: the coordinator did not share (not every rank could: sharing switched "
+                "off on a rank, another group, or a rank's plan names an unknown item)"
+            )
+        else:
+            self.recorder.sharing = sharing or "off: a single process (no process group)"
         with self._lock:
             cancelled = self._cancelled
             self._load = load
