@@ -7,9 +7,10 @@ item's sink (``ItemSink``), which says where they go; the engine knows nothing e
   else 1 MiB blocks from a ``BlockPool`` (recycled between items), each taken as its first byte
   arrives; the consumer reads a ``ChunkBuffer`` over them, then releases them to the pool.
 - ``DirectSink`` (direct receipt): the payload straight into a ``DirectTarget``'s memory (a
-  destination tensor; ``dcp._fastdecode.DirectReceive``/``RunReceive`` implement it), after the
-  target located it from the item's first bytes; bytes that arrive before that are kept aside
-  and placed once it is. The consumer verifies the head and tail (``DirectSink.result``).
+  destination tensor; ``dcp._fastdecode.DirectReceive`` and ``dcp._format.RunReceive``
+  implement it), after the target located it from the item's first bytes; bytes that arrive
+  before that are kept aside and placed once it is. The consumer verifies the head and tail
+  (``DirectSink.result``).
 
 ``held_memory`` is what receiving part of an item holds (whole blocks), which the engine
 reserves from its byte budget; ``item_memory`` is the same for a whole item.

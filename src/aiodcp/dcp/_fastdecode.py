@@ -1,6 +1,7 @@
 """Decode a stored DCP tensor straight into its destination, without ``torch.load``.
 
-The package's only zip/``torch.save`` parsing, used three ways: ``decode_into`` (a buffered
+The package's only zip/``torch.save`` parsing (the archives of DCP's format, which
+``dcp/_archive.py`` describes to the read phase), used three ways: ``decode_into`` (a buffered
 item), ``DirectReceive`` (a whole stored tensor received from the socket into its destination)
 and ``StoredTensorLocator`` (where a stored tensor's storage bytes lie, read from the archive's
 head and checked against its tail: what a resharded load slices by, fetching only the runs of
@@ -60,6 +61,7 @@ from typing import Any
 import torch
 
 from .._reader import ChunkBuffer
+from ._format import memory_of
 
 __all__ = [
     "HEAD_BYTES",
@@ -67,7 +69,6 @@ __all__ = [
     "TAIL_BYTES",
     "DirectReceive",
     "LayoutCache",
-    "RunReceive",
     "StoredTensorLocator",
     "decode_into",
 ]
@@ -622,36 +623,7 @@ class DirectReceive(StoredTensorLocator):
     def __init__(self, tensor: torch.Tensor, length: int) -> None:
         super().__init__(tensor.dtype, tuple(tensor.shape), length)
         self.tensor = tensor
-        self.memory = _memory_of(tensor)
-
-
-class RunReceive:
-    """Receives one contiguous run of a stored tensor's storage bytes (a slice, already located
-    and verified from the item's head and tail) straight into its destination tensor.
-
-    The run is the whole of what the engine fetches for it, so its memory begins at offset 0
-    (``head_bytes`` 0: nothing to locate) and there is nothing around it to verify."""
-
-    __slots__ = ("memory", "tensor")
-
-    head_bytes = 0
-    tail_bytes = 0
-
-    def __init__(self, tensor: torch.Tensor) -> None:
-        self.tensor = tensor
-        self.memory = _memory_of(tensor)
-
-    def locate(self, head: bytes) -> int:
-        return 0
-
-    def verify(self, head: bytes, tail: bytes) -> bool:
-        return not head and not tail
-
-
-def _memory_of(tensor: torch.Tensor) -> memoryview:
-    """The bytes of a C-contiguous CPU ``tensor``, writable in place."""
-    nbytes = tensor.numel() * tensor.element_size()
-    return memoryview((ctypes.c_ubyte * nbytes).from_address(tensor.data_ptr())).cast("B")
+        self.memory = memory_of(tensor)
 
 
 def _short(complete: bool) -> int | None:

@@ -1,37 +1,45 @@
-"""One load's read phase: what a ``LoadSession`` runs for one plan (``DcpLoad``).
+"""One load's read phase: what a ``LoadSession`` runs for one plan (``DcpLoad``), in any format.
+
+The read phase of a ``torch.distributed.checkpoint`` load is the same whatever the checkpoint's
+storage format; the format (a ``StoredFormat``, ``dcp/_format.py``: DCP's ``torch.save``
+archives in ``dcp/_archive.py``, safetensors in ``safetensors/_format.py``) says where each
+stored item lies, which plain tensor it holds, how to locate and verify that tensor's bytes,
+and how to decode an item that was buffered. Everything else is here.
 
 A ``DcpLoad`` owns, for one ``read_data`` call, its engines (and so what ``abort`` stops, also
 any engine it starts after an abort) and the sliced items' state; its session
-(``dcp/_session.py``) gives it the checkpoint's path and configuration, the metadata's storage
-data, the measured latency, the statistics recorder it counts into (how items were decoded
-too), its scope of the driver (the loop the engines run on: the session cancels its requests)
-and a prefetch to take items from. ``S3StorageReader`` keeps the ``StorageReader`` protocol and
-the multi-rank planning hooks.
+(``dcp/_session.py``) gives it the checkpoint's path and configuration, the format, the
+measured latency, the statistics recorder it counts into (how items were decoded too), its
+scope of the driver (the loop the engines run on: the session cancels its requests) and a
+prefetch to take items from. The storage readers keep the ``StorageReader`` protocol and the
+multi-rank planning hooks.
 
 Data flow of ``read(plan, planner)``::
 
     max_gap_size "auto" -> bytes (_planner.resolve_max_gap_size, the measured latency)
-    -> group: per file, the ReadItems of each stored item's ItemRange
+    -> group: per file, the ReadItems of each stored item's ItemRange (format.storage_data)
     -> slice (resharded loads): stored items the read items need only part of, when the bytes
        left out are worth more than the requests (the gap cost model), get their head and tail
-       fetched first (an engine of their own; or received from the rank that fetched them, in a
-       shared load); StoredTensorLocator finds the storage bytes and checks the zip directory;
-       each read item's region then becomes runs of storage bytes (region_runs: one run for a dim-0
-       slice) that replace the stored item's range. An unusual archive stays whole. The ETags
-       seen pin the rest.
+       fetched first when the format must locate the tensor's bytes (an engine of their own; or
+       received from the rank that fetched them, in a shared load; DCP: StoredTensorLocator
+       finds the storage bytes and checks the zip directory; safetensors: nothing to fetch);
+       each read item's region then becomes runs of storage bytes (region_runs: one run for a
+       dim-0 slice) that replace the stored item's range. An unusual archive stays whole. The
+       ETags seen pin the rest.
     -> _plan_files: per file planner.plan_file (dedupe, coalesce, parts)
     -> _direct_targets: large items that are a whole plain tensor for a contiguous CPU
-       destination (DefaultLoadPlanner only) get a DirectReceive over the destination, and
-       large dim-0 runs for such a destination a RunReceive
+       destination (DefaultLoadPlanner only) get the format's receiver over the destination
+       (DCP: a DirectReceive, which locates the storage bytes in the archive), and large dim-0
+       runs for such a destination a RunReceive
     -> FetchEngine.run() submitted to the driver's loop (concurrent GETs, byte budget)
     -> this thread decodes in plan order while later items download:
-       direct item -> wait, verify its zip directory -> commit (or, when the archive is
+       direct item -> wait, verify (DCP: its zip directory) -> commit (or, when the archive is
        unusual, fetch it again and decode it as any other item); a direct run -> commit
        run -> _decode_run: its block of the region, copied with the stored strides (or read
        straight into a contiguous destination); committed with the last block
-       other item -> SequentialReader(file) -> ChunkBuffer(item) -> transforms (zstd)
-       -> decode_into, else torch.load -> narrow -> copy_ into the destination -> commit;
-       BYTE_IO -> planner.load_bytes
+       other item -> SequentialReader(file) -> ChunkBuffer(item) -> format.decode (DCP:
+       transforms (zstd) -> decode_into, else torch.load -> narrow -> copy_ into the
+       destination -> commit; BYTE_IO -> planner.load_bytes)
 
 ``read_shared(plan, planner, share, group)`` (a multi-rank load that shares, ``_sharing``): the
 rank's engine fetches its share, round by round the exchange sends and receives, received
@@ -43,20 +51,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import io
 import itertools
 import logging
 import sys
 import time
 from bisect import insort
 from collections.abc import Callable, Mapping, Sequence
-from typing import IO, TYPE_CHECKING, Any, Protocol, TypeAlias, TypeVar, cast
+from typing import Any, Protocol, TypeVar
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint._extension import ExtensionRegistry, StreamTransformExtension
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import MetadataIndex
 from torch.distributed.checkpoint.planner import (
     LoadItemType,
     LoadPlan,
@@ -67,7 +72,6 @@ from torch.distributed.checkpoint.planner import (
 from .._config import ReaderConfig
 from .._driver import Driver
 from .._engine import FetchEngine, FileFetch
-from .._errors import CheckpointFormatError, MissingDependencyError
 from .._path import CheckpointPath
 from .._planner import (
     AUTO_GAP_SIZE,
@@ -81,14 +85,7 @@ from .._progress import with_progress
 from .._reader import ChunkBuffer, SequentialReader
 from .._stats import StatsRecorder, counters, job_stats
 from .._store import S3Store
-from ._fastdecode import (
-    TAIL_BYTES,
-    DirectReceive,
-    RunReceive,
-    StoredTensorLocator,
-    decode_into,
-)
-from ._session import METADATA_NAME
+from ._format import Receive, RunReceive, StoredFormat, StoredTensor, shape_error
 from ._sharing import (
     Exchange,
     RankShare,
@@ -96,19 +93,14 @@ from ._sharing import (
     item_memory,
 )
 from ._slicing import (
-    SLICE_DTYPES,
     SLICE_MIN_BYTES,
     Candidate,
     Slice,
     contiguous_strides,
-    probe_ranges,
     read_into,
     region_runs,
     within,
 )
-
-if TYPE_CHECKING:
-    from torch.distributed.checkpoint.filesystem import _StorageInfo
 
 __all__ = ["DcpLoad", "PrefetchSource"]
 
@@ -124,14 +116,7 @@ _YIELD_EVERY_S = 0.002
 _DIRECT_MIN_BYTES = 512 * 1024
 
 
-_DIRECT_MAX_BYTES = 4 * 1024**3 - 1024**2  # beyond, torch.save writes zip64 records
-
-
-_Receive: TypeAlias = DirectReceive | RunReceive
-"""What a direct item is received by: a whole stored tensor, or the run of a sliced one."""
-
-
-def _drop_overlapping(chosen: list[dict[int, tuple[ReadItem, _Receive]]]) -> None:
+def _drop_overlapping(chosen: list[dict[int, tuple[ReadItem, Receive]]]) -> None:
     """Keep out of ``chosen`` every item whose destination memory overlaps another's (tied
     weights: two keys, one tensor). Direct items arrive in any order; the buffered path writes
     them in plan order, so the result is the same as ``FileSystemReader``'s."""
@@ -168,16 +153,6 @@ def _nth(call: Callable[[int, int], _T], file_index: int, indexes: list[int], nt
 
 async def _opened(store: S3Store) -> S3Store:
     return store
-
-
-def _narrow(
-    tensor: torch.Tensor, offsets: torch.Size | Sequence[int], lengths: torch.Size | Sequence[int]
-) -> torch.Tensor:
-    """``tensor`` narrowed to ``lengths`` at ``offsets`` (torch's ``narrow_tensor_by_index``)."""
-    for dim, (offset, length) in enumerate(zip(offsets, lengths, strict=True)):
-        if offset != 0 or length != tensor.size(dim):
-            tensor = torch.narrow(tensor, dim, offset, length)
-    return tensor
 
 
 class PrefetchSource(Protocol):
@@ -219,24 +194,21 @@ class DcpLoad:
         *,
         path: CheckpointPath,
         config: ReaderConfig,
-        storage_data: dict[MetadataIndex, _StorageInfo],
-        tensor_metadata: dict[str, Any],
+        format: StoredFormat,
         driver: Driver,
         recorder: StatsRecorder,
         request_latency_s: float | None,
         source: PrefetchSource | None = None,
-        extensions: ExtensionRegistry | None = None,
         progress: bool = False,
     ) -> None:
         self._path = path
         self.config = config
-        self.storage_data = storage_data
-        self._tensor_metadata = tensor_metadata
+        self.format = format
+        self.storage_data = format.storage_data
         self._io = driver
         self._recorder = recorder
         self._request_latency_s = request_latency_s
         self._source = source
-        self._extensions = extensions if extensions is not None else ExtensionRegistry()
         self.progress = progress
         self._engine: FetchEngine | None = None
         self._aborted = False
@@ -299,10 +271,9 @@ class DcpLoad:
             else:
                 spans.sort()
                 if all(b[0] >= a[1] for a, b in itertools.pairwise(spans)):
-                    head, tail = probes
                     shared = (
                         ()
-                        if head.end > tail.start
+                        if len(probes) != 2 or probes[0].end > probes[1].start
                         else tuple(StoredItem(item.path, p.start, p.end) for p in probes)
                     )
                     apart[item] = (shared, frozenset(rank for rank, _ in per_rank))
@@ -325,12 +296,7 @@ class DcpLoad:
             try:
                 info = self.storage_data[req.storage_index]
             except KeyError:
-                raise CheckpointFormatError(
-                    f"{self._path.url}: the load plan asks for {req.storage_index}, which the "
-                    "checkpoint metadata does not list",
-                    bucket=self._path.bucket,
-                    key=self._path.key(METADATA_NAME),
-                ) from None
+                raise self.format.missing(req.storage_index) from None
             if info.length == 0:  # nothing to fetch (DCP never writes one, but be exact)
                 grouped.empty.append(req)
                 continue
@@ -499,10 +465,10 @@ class DcpLoad:
                 private.append(req)
         # Items this rank receives whole into a destination of their own, as direct receipt
         # would fetch them (Exchange.transfer receives them straight into it).
-        direct: dict[StoredItem, DirectReceive] = {}
+        direct: dict[StoredItem, Receive] = {}
         if self.config.fast_decode and _pure_resolve(planner):
             fetched = set(share.fetch)
-            candidates: dict[int, tuple[ReadItem, _Receive]] = {}
+            candidates: dict[int, tuple[ReadItem, Receive]] = {}
             keys: list[StoredItem] = []
             for item, reqs in reqs_of.items():
                 target = None if item in fetched else self._whole_target(reqs, item.length, planner)
@@ -510,11 +476,7 @@ class DcpLoad:
                     candidates[len(keys)] = (reqs[0], target)
                     keys.append(item)
             _drop_overlapping([candidates])
-            direct = {
-                keys[i]: receive
-                for i, (_, receive) in candidates.items()
-                if isinstance(receive, DirectReceive)
-            }
+            direct = {keys[i]: receive for i, (_, receive) in candidates.items()}
         error: BaseException | None = None
         engine: FetchEngine | None = None
         future: Any = None
@@ -618,14 +580,16 @@ class DcpLoad:
         Probes within ``known`` (per file, sorted ``(offset, bytes)`` spans received from
         another rank of a shared load) are not fetched.
 
-        Phase one of a sliced load: the head and tail (``probe_ranges``) of every candidate
-        (``_slice_candidate``) are fetched by an engine of their own (the tail of one item and
-        the head of the next coalesce, as any ranges do). Each head is
-        parsed by ``StoredTensorLocator`` (where the storage bytes begin) and checked against
-        the central directory in its tail; an item that passes has its runs at known file
-        offsets. An item that does not (an unusual layout, a directory that disagrees, more
-        after its storage bytes than the probe holds) stays whole: the main engine fetches and
-        decodes it as usual, pinned to the same ETags."""
+        Phase one of a sliced load: the head and tail (``StoredFormat.probes``) of every
+        candidate (``_slice_candidate``) are fetched by an engine of their own (the tail of one
+        item and the head of the next coalesce, as any ranges do). Each head is parsed by the
+        format's locator (DCP: ``StoredTensorLocator``, where the storage bytes begin) and
+        checked against the central directory in its tail; an item that passes has its runs at
+        known file offsets. An item that does not (an unusual layout, a directory that
+        disagrees, more after its storage bytes than the probe holds) stays whole: the main
+        engine fetches and decodes it as usual, pinned to the same ETags. A format whose items
+        are the tensor's bytes (safetensors) has no probes: its runs are at known offsets from
+        the item's start."""
         if not self.config.fast_decode or not _pure_resolve(planner) or sys.byteorder != "little":
             return {}
         candidates: list[tuple[str, ItemRange, Candidate]] = []
@@ -649,18 +613,11 @@ class DcpLoad:
             self._fetch_probes(probes, fetched, grouped, max_gap_size, recorder) if probes else {}
         )
         for relative_path, item_range, candidate in candidates:
-            head_range, tail_range = candidate.probes
-            head, tail = fetched[relative_path, head_range], fetched[relative_path, tail_range]
-            located = StoredTensorLocator(candidate.dtype, candidate.shape, item_range.length)
-            start = located.locate(head)
-            if start is None or start < 0:
-                self._unusual(relative_path, item_range, "its archive is not the plain layout")
-                continue
-            end = start + located.nbytes
-            tail_start = tail_range.start - item_range.start
-            if end < tail_start or not located.verify(head[:start], tail[end - tail_start :]):
-                self._unusual(relative_path, item_range, "its zip directory disagrees")
-                continue
+            start = 0  # no probes: the item is the tensor's bytes
+            if candidate.probes:
+                start = self._located(relative_path, item_range, candidate, fetched)
+                if start < 0:
+                    continue
             key = self._path.key(relative_path)
             by_range = grouped.per_file[relative_path]
             reqs = by_range.pop(item_range)
@@ -685,9 +642,34 @@ class DcpLoad:
             saved = item_range.length - sum(r.length for r in runs)
             recorder.add(
                 sliced_items=1,
-                slice_saved_bytes=saved - head_range.length - tail_range.length,
+                slice_saved_bytes=saved - sum(p.length for p in candidate.probes),
             )
         return etags
+
+    def _located(
+        self,
+        relative_path: str,
+        item_range: ItemRange,
+        candidate: Candidate,
+        fetched: Mapping[tuple[str, ItemRange], bytes],
+    ) -> int:
+        """Where the storage bytes of a candidate begin in its item, read from its head and
+        checked against its tail (the format's ``locator``); -1 to fetch it whole."""
+        head_range, tail_range = candidate.probes
+        head, tail = fetched[relative_path, head_range], fetched[relative_path, tail_range]
+        located = self.format.locator(
+            StoredTensor(candidate.dtype, candidate.shape), item_range.length
+        )
+        start = located.locate(head)
+        if start is None or start < 0:
+            self._unusual(relative_path, item_range, "its archive is not the plain layout")
+            return -1
+        end = start + located.nbytes
+        tail_start = tail_range.start - item_range.start
+        if end < tail_start or not located.verify(head[:start], tail[end - tail_start :]):
+            self._unusual(relative_path, item_range, "its zip directory disagrees")
+            return -1
+        return start
 
     def _fetch_probes(
         self,
@@ -748,8 +730,10 @@ class DcpLoad:
     ) -> Candidate | None:
         """The slicing of one stored item, if it is worth it; None to fetch it whole.
 
-        A stored tensor item (not transformed, plain dtype, under 4 GiB, its archive overhead
-        at most ``TAIL_BYTES``) is sliced when every read item on it covers part of it, the
+        A stored tensor item (``StoredFormat.stored_tensor``: for DCP not transformed, plain
+        dtype, under 4 GiB, its archive overhead at most ``TAIL_BYTES``; ``probes`` its head and
+        tail, none for a format whose items are the tensor's bytes) is sliced when every read
+        item on it covers part of it, the
         runs of storage bytes their regions take (``region_runs``: one run for a dim-0 slice) are
         identical or disjoint, and the bytes slicing leaves out (the item minus the runs and
         the head and tail probes) exceed ``max_gap_size`` per run: in the gap policy's cost
@@ -758,26 +742,20 @@ class DcpLoad:
         most the prior's worth). So a slice that is most of its item, or a small item, is
         fetched whole, and ``max_gap_size=inf`` turns slicing off.
         """
-        if not SLICE_MIN_BYTES < item_range.length < _DIRECT_MAX_BYTES:
+        if not SLICE_MIN_BYTES < item_range.length < self.format.max_item_bytes:
             return None
         worth = self._request_worth(max_gap_size)
         first_req = reqs[0]
-        info = self.storage_data[first_req.storage_index]
-        if getattr(info, "transform_descriptors", None):
-            return None
-        stored = self._stored_chunk(first_req)
+        stored = self.format.stored_tensor(first_req)
         if stored is None:
             return None
-        dtype, shape = stored
-        if not shape or dtype not in SLICE_DTYPES:
+        dtype, shape = stored.dtype, stored.shape
+        if not shape or dtype not in self.format.slice_dtypes:
             return None
         strides = contiguous_strides(shape)
-        numel = 1
-        for dim in shape:
-            numel *= dim
-        overhead = item_range.length - numel * dtype.itemsize
-        if not 0 < overhead <= TAIL_BYTES:
-            return None  # not one plain tensor's archive: fetched whole
+        probes = self.format.probes(item_range, stored)
+        if probes is None:
+            return None  # not one plain tensor's bytes where the format expects them
         blocks: list[list[tuple[int, int, tuple[int, ...]]]] = []
         for req in reqs:
             offsets, lengths = tuple(req.storage_offsets), tuple(req.lengths)
@@ -797,7 +775,6 @@ class DcpLoad:
         spans = sorted({(first, stop) for req_blocks in blocks for first, stop, _ in req_blocks})
         if any(b[0] < a[1] for a, b in itertools.pairwise(spans)):
             return None  # runs that overlap without being identical: one fetch of the item
-        probes = probe_ranges(item_range, overhead)
         needed = sum(stop - first for first, stop in spans) * dtype.itemsize
         left_out = item_range.length - needed - sum(p.length for p in probes)
         if left_out <= worth * len(spans):
@@ -816,7 +793,7 @@ class DcpLoad:
 
     def _run_target(
         self, run: ItemRange, reqs: list[ReadItem], sliced: Slice, planner: LoadPlanner
-    ) -> tuple[ReadItem, _Receive] | None:
+    ) -> tuple[ReadItem, Receive] | None:
         """A run to receive straight into its destination: one read item, at least
         ``_DIRECT_MIN_BYTES``, whose region is the whole run (a dim-0 slice), for a C-contiguous
         CPU tensor of the stored dtype (``_direct_targets`` checked the planner)."""
@@ -839,14 +816,14 @@ class DcpLoad:
 
     def _direct_targets(
         self, grouped: _Grouped, planner: LoadPlanner
-    ) -> list[dict[int, tuple[ReadItem, _Receive]]]:
+    ) -> list[dict[int, tuple[ReadItem, Receive]]]:
         """Per file, the items to receive straight into their destination, by item index: each
         the whole of one stored tensor, read by one read item into a C-contiguous CPU tensor of
         its dtype and shape, at least half a MiB (below that the copy costs less than the
         bookkeeping). Only with a planner whose ``resolve_tensor`` is ``DefaultLoadPlanner``'s,
         a pure look-up, so that it may be called before the item is downloaded. The run of a
         sliced item qualifies likewise (``_run_target``)."""
-        chosen: list[dict[int, tuple[ReadItem, _Receive]]] = [{} for _ in grouped.files]
+        chosen: list[dict[int, tuple[ReadItem, Receive]]] = [{} for _ in grouped.files]
         if not self.config.fast_decode or not _pure_resolve(planner):
             return chosen
         for file_index, (fetch, reqs_per_item) in enumerate(
@@ -869,38 +846,36 @@ class DcpLoad:
 
     def _whole_target(
         self, reqs: list[ReadItem], length: int, planner: LoadPlanner
-    ) -> DirectReceive | None:
-        """A ``DirectReceive`` for a stored item of ``length`` bytes read by ``reqs``, if it can
-        be received straight into its destination (see ``_direct_targets``), else None."""
+    ) -> Receive | None:
+        """The receiver (``StoredFormat.whole_receive``) of a stored item of ``length`` bytes
+        read by ``reqs``, if it can be received straight into its destination (see
+        ``_direct_targets``), else None."""
         if (
             len(reqs) != 1
             or reqs[0].type != LoadItemType.TENSOR
-            or not _DIRECT_MIN_BYTES <= length < _DIRECT_MAX_BYTES
+            or not _DIRECT_MIN_BYTES <= length < self.format.max_item_bytes
         ):
             return None
         req = reqs[0]
-        info = self.storage_data[req.storage_index]
-        if getattr(info, "transform_descriptors", None):
-            return None
-        dtype = self._stored_whole(req)
-        if dtype is None:
-            return None
+        stored = self.format.stored_tensor(req)
+        if stored is None or any(req.storage_offsets) or stored.shape != tuple(req.lengths):
+            return None  # not the whole of a plain stored tensor
         target = planner.resolve_tensor(req).detach()
         if (
             type(target) is not torch.Tensor
             or target.device.type != "cpu"
-            or target.dtype != dtype
+            or target.dtype != stored.dtype
             or tuple(target.shape) != tuple(req.lengths)
             or not target.is_contiguous()
             or target.numel() == 0
         ):
             return None
-        return DirectReceive(target, length)
+        return self.format.whole_receive(target, stored, length)
 
     def _with_direct(
         self,
         fetch: FileFetch,
-        targets: dict[int, tuple[ReadItem, _Receive]],
+        targets: dict[int, tuple[ReadItem, Receive]],
         max_gap_size: int | float,
     ) -> FileFetch:
         """``fetch`` with its direct items, re-planned so that parts starting in them take
@@ -919,34 +894,8 @@ class DcpLoad:
         assert plan.items == items
         return FileFetch(fetch.key, plan, {i: receive for i, (_, receive) in targets.items()})
 
-    def _stored_whole(self, req: ReadItem) -> torch.dtype | None:
-        """The stored dtype if ``req`` reads the whole of its stored tensor, else None."""
-        stored = self._stored_chunk(req)
-        if stored is None or any(req.storage_offsets) or stored[1] != tuple(req.lengths):
-            return None
-        return stored[0]
-
-    def _stored_chunk(self, req: ReadItem) -> tuple[torch.dtype, tuple[int, ...]] | None:
-        """The dtype and shape of the stored chunk ``req`` reads from (checkpoint metadata),
-        None if the metadata does not tell."""
-        index = req.storage_index
-        md = self._tensor_metadata.get(index.fqn)
-        chunks = getattr(md, "chunks", None)
-        if md is None or not chunks:
-            return None
-        offset = tuple(index.offset) if index.offset is not None else None
-        hint = index.index
-        if hint is not None and 0 <= hint < len(chunks):
-            candidates = [chunks[hint], *chunks]
-        else:
-            candidates = list(chunks)
-        for chunk in candidates:
-            if offset is None or tuple(chunk.offsets) == offset:
-                return cast(torch.dtype, md.properties.dtype), tuple(chunk.sizes)
-        return None
-
     def _received_directly(
-        self, engine: FetchEngine, file_index: int, item_index: int, receive: _Receive
+        self, engine: FetchEngine, file_index: int, item_index: int, receive: Receive
     ) -> bool:
         """Wait for a direct item; whether it arrived in the plain layout and its zip directory
         agrees with what was located (else its destination holds nothing to trust)."""
@@ -998,49 +947,14 @@ class DcpLoad:
         if sliced is not None:
             self._decode_run(req, buffer, sliced, planner, nth)
             return
-        info = self.storage_data[req.storage_index]
-        buffer.seek(0)
-        stream: IO[bytes] = cast(IO[bytes], buffer)
-        descriptors: Sequence[str] = getattr(info, "transform_descriptors", None) or ()
-        if descriptors:
-            stream = self._transform(descriptors, stream, info)
-        if req.type == LoadItemType.BYTE_IO:
-            data = stream.read()
-            if self.config.safe_bytes:
-                self._check_bytes(req, data, info)
-            planner.load_bytes(req, io.BytesIO(data))
-            return
-        target = planner.resolve_tensor(req).detach()
-        if (
-            not descriptors
-            and self.config.fast_decode
-            and decode_into(buffer, req.storage_offsets, req.lengths, target)
-        ):
-            self._recorder.add(fast_decoded_items=1)
-            planner.commit_tensor(req, target)
-            return
-        if not descriptors:
-            buffer.seek(0)  # decode_into may have moved it
-        if not stream.seekable():
-            stream = io.BytesIO(stream.read())
-        tensor = cast(torch.Tensor, torch.load(stream, map_location="cpu", weights_only=True))
-        tensor = _narrow(tensor, req.storage_offsets, req.lengths)
-        if target.size() != tensor.size():
-            raise self._shape_error(req, tuple(tensor.size()), target)
-        target.copy_(tensor)
-        planner.commit_tensor(req, target)
+        self.format.decode(req, buffer, planner, self._recorder)
 
     def _shape_error(
         self, req: ReadItem, shape: tuple[int, ...], target: torch.Tensor
-    ) -> CheckpointFormatError:
+    ) -> Exception:
         """The error for a read item whose narrowed stored shape is not its destination's."""
         info = self.storage_data[req.storage_index]
-        return CheckpointFormatError(
-            f"{self._path.url}: stored item {req.storage_index} has shape {shape} after "
-            f"narrowing, the destination {req.dest_index.fqn!r} has {tuple(target.size())}",
-            bucket=self._path.bucket,
-            key=self._path.key(info.relative_path),
-        )
+        return shape_error(self._path, info.relative_path, req, shape, target)
 
     def _decode_run(
         self, req: ReadItem, buffer: ChunkBuffer, sliced: Slice, planner: LoadPlanner, nth: int
@@ -1082,43 +996,3 @@ class DcpLoad:
         if not left:
             self._recorder.add(fast_decoded_items=1)
             planner.commit_tensor(req, target)
-
-    def _check_bytes(self, req: ReadItem, data: bytes, info: _StorageInfo) -> None:
-        """safe_bytes: refuse a value that torch's weights_only unpickler would not load."""
-        try:
-            torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise CheckpointFormatError(
-                f"s3://{self._path.bucket}/{self._path.key(info.relative_path)}: the value of "
-                f"{req.dest_index.fqn!r} is a pickle that needs more than plain data and "
-                f"tensors ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); refused "
-                "because safe_bytes=True. Load it with safe_bytes=False only if you trust "
-                "this checkpoint.",
-                bucket=self._path.bucket,
-                key=self._path.key(info.relative_path),
-                fqn=req.dest_index.fqn,
-            ) from exc
-
-    def _transform(
-        self, descriptors: Sequence[str], stream: IO[bytes], info: _StorageInfo
-    ) -> IO[bytes]:
-        try:
-            extensions = self._extensions.from_descriptor_list(descriptors)
-        except ValueError as exc:
-            where = f"s3://{self._path.bucket}/{self._path.key(info.relative_path)}"
-            if "zstd" in str(exc).lower() or "zstandard" in str(exc).lower():
-                raise MissingDependencyError(
-                    f"{where} is zstd-compressed ({list(descriptors)}) and no zstd module is "
-                    "installed: pip install 'aiodcp[zstd]'",
-                    bucket=self._path.bucket,
-                    key=self._path.key(info.relative_path),
-                ) from exc
-            raise CheckpointFormatError(
-                f"{where}: unsupported stream transform {list(descriptors)} ({exc})",
-                bucket=self._path.bucket,
-                key=self._path.key(info.relative_path),
-            ) from exc
-        for extension in extensions:
-            if isinstance(extension, StreamTransformExtension):
-                stream = extension.transform_from(stream)
-        return stream

@@ -13,8 +13,9 @@ thin: ``S3StorageReader`` (one session per ``dcp.load``), ``load_checkpoint`` an
     LoadSession(path, config, driver, source=..., progress=...)
         .read_metadata(rank=, group=)    blocking (torch's thread); shared over ``group``
         .aread_metadata()                awaited from the caller's loop (load_checkpoint)
-        .dcp_load(storage_data, ...)     a DcpLoad over this session (planning, or read)
-        .read(plan, planner, ...)        the read phase; its LoadStats in .stats
+        .dcp_load(storage_data, ...)     a DcpLoad over this session for DCP's format
+        .read_phase(format)              the same for a checkpoint in any StoredFormat
+        .read(plan, planner, format)     the read phase; its LoadStats in .stats
         .cancel()                        from any thread: stops this load's engines, its
                                          requests, its waits for a prefetch; new work in the
                                          scope is refused (LoadCancelledError). Nothing else.
@@ -63,6 +64,7 @@ from .._errors import LoadCancelledError, NoSuchBucketError, NotFoundError
 from .._path import CheckpointPath
 from .._planner import request_latency_from_get
 from .._stats import LoadStats, StatsRecorder
+from ._archive import METADATA_NAME
 from ._metadata import load_metadata
 from ._sharing import SHARED, RankShare, share_metadata
 
@@ -74,6 +76,7 @@ if TYPE_CHECKING:
 
     from .._driver import Driver, ScopedDriver
     from .._store import S3Store
+    from ._format import StoredFormat
     from ._load import DcpLoad, PrefetchSource
 
 __all__ = [
@@ -86,7 +89,6 @@ __all__ = [
     "select_keys",
 ]
 
-METADATA_NAME = ".metadata"
 
 T = TypeVar("T")
 
@@ -225,7 +227,30 @@ class LoadSession:
         extensions: ExtensionRegistry | None = None,
         recorder: StatsRecorder | None = None,
     ) -> DcpLoad:
-        """The read phase over this session (``recorder``: another one, for planning only)."""
+        """The read phase of a DCP checkpoint over this session (``recorder``: another one,
+        for planning only)."""
+        return self.read_phase(self.dcp_format(storage_data, tensor_metadata, extensions), recorder)
+
+    def dcp_format(
+        self,
+        storage_data: dict[MetadataIndex, _StorageInfo],
+        tensor_metadata: dict[str, Any],
+        extensions: ExtensionRegistry | None = None,
+    ) -> StoredFormat:
+        """DCP's format (``dcp/_archive.py``) over this checkpoint's metadata."""
+        from ._archive import DcpArchive
+
+        return DcpArchive(
+            path=self.path,
+            config=self.config,
+            storage_data=storage_data,
+            tensor_metadata=tensor_metadata,
+            extensions=extensions,
+        )
+
+    def read_phase(self, format: StoredFormat, recorder: StatsRecorder | None = None) -> DcpLoad:
+        """The read phase over this session for a checkpoint in ``format`` (``recorder``:
+        another one, for planning only)."""
         # Imported here: it brings in the S3 stack, which load_checkpoint imports off the
         # caller's loop (this module is imported on it).
         from ._load import DcpLoad
@@ -233,13 +258,11 @@ class LoadSession:
         return DcpLoad(
             path=self.path,
             config=self.config,
-            storage_data=storage_data,
-            tensor_metadata=tensor_metadata,
+            format=format,
             driver=self.scope,
             recorder=self.recorder if recorder is None else recorder,
             request_latency_s=self.request_latency_s,
             source=self.source,
-            extensions=extensions,
             progress=self.progress,
         )
 
@@ -247,17 +270,16 @@ class LoadSession:
         self,
         plan: LoadPlan,
         planner: LoadPlanner,
-        storage_data: dict[MetadataIndex, _StorageInfo],
-        tensor_metadata: dict[str, Any],
+        format: StoredFormat,
         *,
-        extensions: ExtensionRegistry | None = None,
         group: dist.ProcessGroup | None = None,
         sharing: str = "",
     ) -> LoadStats:
-        """Load ``plan``'s items (through the exchange when ``plan`` carries this rank's share
-        of a shared load over ``group``); returns the load's statistics (also ``.stats``, set
-        when it fails too). ``sharing``: why the load does not share (``LoadStats.sharing``)."""
-        load = self.dcp_load(storage_data, tensor_metadata, extensions=extensions)
+        """Load ``plan``'s items of a checkpoint in ``format`` (through the exchange when
+        ``plan`` carries this rank's share of a shared load over ``group``); returns the load's
+        statistics (also ``.stats``, set when it fails too). ``sharing``: why the load does not
+        share (``LoadStats.sharing``)."""
+        load = self.read_phase(format)
         share = plan.storage_data
         shared = isinstance(share, RankShare) and group is not None
         if shared:

@@ -55,7 +55,7 @@ import torch.distributed as dist
 from .._errors import AiodcpError, PeerLoadError
 from .._reader import ChunkBuffer
 from .._sinks import BLOCK_BYTES, BlockPool, item_memory
-from ._fastdecode import DirectReceive
+from ._format import Receive
 
 __all__ = [
     "SEGMENT_BYTES",
@@ -418,14 +418,14 @@ class Exchange:
         self,
         k: int,
         sending: Mapping[StoredItem, ChunkBuffer],
-        direct: Mapping[StoredItem, DirectReceive] | None = None,
+        direct: Mapping[StoredItem, Receive] | None = None,
     ) -> tuple[dict[StoredItem, ChunkBuffer], list[StoredItem]]:
         """Round ``k``: send ``sending`` (this round's items, downloaded) to their ranks and
         receive this round's items from theirs. Returns the received items to decode
         (``release`` them once decoded) and the items received straight into their
         destination (``direct``'s targets, verified: commit them).
 
-        A ``direct`` item's first segment is received first; ``DirectReceive.locate`` reads
+        A ``direct`` item's first segment is received first; its receiver's ``locate`` reads
         where its storage bytes begin, and the segments wholly inside them are then received
         straight into the destination's memory, the others into blocks whose storage bytes are
         copied there; the zip directory is checked as a fetched direct item's is. An item that
@@ -512,7 +512,7 @@ class _Located:
         self,
         item: StoredItem,
         src: int,
-        target: DirectReceive,
+        target: Receive,
         tags: list[int],
         first: memoryview,
         first_work: Any,

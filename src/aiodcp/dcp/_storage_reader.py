@@ -303,9 +303,7 @@ class S3StorageReader(StorageReader):
             self._stats = session.read(
                 plan,
                 planner,
-                self.storage_data,
-                self._tensor_metadata,
-                extensions=self._extensions,
+                session.dcp_format(self.storage_data, self._tensor_metadata, self._extensions),
                 group=self._share_group,
                 sharing=self._sharing,
             )
