@@ -187,14 +187,28 @@ def main() -> None:
             reference = copy.deepcopy(state)
         dcp.load(reference, storage_reader=dcp.FileSystemReader(directory))
         cancel_after = float(os.environ.get("SHARE_CANCEL_AFTER_S", "0"))
+        if os.environ.get("SHARE_GIVE_GROUP"):  # the caller names the group dcp.load runs on
+            options["process_group"] = dist.group.WORLD
+        if os.environ.get("SHARE_LOSE_FRAME"):
+            # As if a torch release renamed _load_state_dict or its distW: the lookup of the
+            # load's group finds nothing.
+            import aiodcp.dcp._sharing as sharing
+
+            sharing._load_frame_wrapper = lambda: sharing._NOT_FOUND
         dist.barrier()
         started = time.monotonic()
         try:
             if api == "sync":
-                with aiodcp.S3StorageReader(url, **options) as reader:
-                    dcp.load(state, storage_reader=reader, planner=aborting(reader))
-                    stats = reader.stats
+                import warnings
+
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    with aiodcp.S3StorageReader(url, **options) as reader:
+                        dcp.load(state, storage_reader=reader, planner=aborting(reader))
+                        stats = reader.stats
+                warned = [str(w.message) for w in caught if "aiodcp" in str(w.message)]
             else:
+                warned = []
                 stats = asyncio.run(load_async(state, url, options, cancel_after))
         except BaseException as exc:
             # dcp.load wraps every rank's error in one CheckpointException: report this rank's.
@@ -234,7 +248,9 @@ def main() -> None:
                 {
                     "rank": dist.get_rank(),
                     "mismatched": mismatched,
+                    "warned": warned,
                     "stats": {
+                        "sharing": stats.sharing,
                         "requests": stats.requests,
                         "bytes_requested": stats.bytes_requested,
                         "bytes_received": stats.bytes_received,

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
+import time
 
 import pytest
 
+import aiodcp
 from aiodcp import ReaderConfig
 from aiodcp._driver import PrivateLoopDriver
 from aiodcp._store import S3Store
@@ -85,3 +87,30 @@ def test_a_cancelled_scope_stops_its_own_calls_and_refuses_new_ones() -> None:
         assert driver.run(answer) == 42
     finally:
         driver.close()
+
+
+def test_a_wait_on_a_blocked_loop_is_bounded_and_says_what_it_waited_for() -> None:
+    """Work on the driver's loop is bounded by the store's timeouts only while the loop runs:
+    a loop blocked for good (a hook that never returns) must not leave the waiting thread
+    waiting forever. The wait checks that the loop runs and names what it waited for."""
+    config = ReaderConfig(read_timeout_s=0.2, connect_timeout_s=0.2, max_attempts=1)
+    driver = PrivateLoopDriver(config)
+    release = threading.Event()
+    try:
+        blocker = asyncio.run_coroutine_threadsafe(_block(release), driver.loop)
+        work = asyncio.run_coroutine_threadsafe(asyncio.sleep(0), driver.loop)
+        started = time.monotonic()
+        with pytest.raises(aiodcp.AiodcpError, match="the thing this test waits for"):
+            driver.wait(work, "the thing this test waits for")
+        waited = time.monotonic() - started
+        assert driver.quiet_limit_s == pytest.approx(0.4)
+        assert waited >= driver.quiet_limit_s
+        assert waited < 30, "hang guard"
+    finally:
+        release.set()
+        blocker.result(timeout=30)
+        driver.close()
+
+
+async def _block(release: threading.Event) -> None:
+    release.wait(30)  # blocks the loop itself, as a hook that never returns would

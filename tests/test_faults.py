@@ -529,3 +529,46 @@ async def test_file_replaced_before_its_first_get_raises_object_changed(
     assert proxy.status_of(gets[0]) == 412
     assert len(gets) == 1  # not retried
     assert_clean(proxy)
+
+
+# --------------------------------------------------------------------------- no unbounded wait
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_blocked_io_loop_fails_the_load_naming_what_it_waited_for(
+    mode: str, checkpoint: Checkpoint, proxy: FaultProxy
+) -> None:
+    """An on_request hook that does not return blocks aiodcp's I/O loop: no byte arrives and no
+    timeout can fire there. The thread that decodes waits for its next item only as long as a
+    working download can be that quiet (twice the longest read timeout plus backoff: ~1 s
+    here), then raises a TransferError naming the bytes it waited for: never a hang."""
+    blocked, release = threading.Event(), threading.Event()
+
+    def hook(metrics: aiodcp.RequestMetrics) -> None:
+        if not blocked.is_set():
+            blocked.set()
+            release.wait(4)  # bounded, so the reader's close can end the test
+
+    started = time.perf_counter()
+    try:
+        with pytest.raises(aiodcp.TransferError, match="made no progress") as info:
+            await load(
+                mode,
+                checkpoint,
+                proxy,
+                on_request=hook,
+                read_timeout_s=0.5,
+                connect_timeout_s=0.5,
+                max_attempts=2,
+                max_concurrency=2,
+            )
+    finally:
+        release.set()
+    assert blocked.is_set()
+    error = info.value
+    assert error.bucket == BUCKET and error.key in checkpoint.data_keys
+    assert error.byte_range is not None and f"bytes [{error.byte_range[0]}," in str(error)
+    assert "on_request hook" in str(error)
+    # A hang guard, not a performance bound: the wait ends after ~1 s of silence.
+    assert time.perf_counter() - started < LOAD_TIMEOUT_S
+    assert aiodcp_threads() == []

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import copy
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -287,6 +288,178 @@ async def test_close_during_an_aload_stops_everything(
     finally:
         release.set()
         handle.close()
+    assert_clean(proxy)
+
+
+# --------------------------------------------------------------------------- every order
+# A cancelled load cancels only itself, in every order of: the cancel, the prefetch's download
+# completing, and a later load through the same handle (issue 20). The store is slow and held by
+# the test (every data GET waits at the proxy until released), so each order is exact, not a race;
+# items of 600 KiB and 2.5 MiB hold whole 1 MiB blocks (a prefetch once stopped for good on
+# those: its budget counted their bytes, not the memory they hold).
+
+
+@pytest.fixture
+def blocky(tmp_path: Path, s3: Any, bucket: str) -> tuple[str, dict[str, Any]]:
+    g = torch.Generator().manual_seed(11)
+    sd = {
+        "model": {
+            "small": torch.randn(16, 16, generator=g),
+            "a": torch.randn(384, 400, generator=g),  # 600 KiB: one whole block
+            "b": torch.randn(640, 1024, generator=g),  # 2.5 MiB: three blocks
+            "c": torch.randn(400, 384, generator=g),
+        },
+        "step": 7,
+    }
+    local = save_checkpoint(copy.deepcopy(sd), tmp_path / "blocky")
+    upload_dir(s3, local, bucket, "blocky")
+    return f"s3://{bucket}/blocky", sd
+
+
+def blank_blocky(sd: dict[str, Any]) -> dict[str, Any]:
+    return {"model": {k: torch.zeros_like(v) for k, v in sd["model"].items()}, "step": 0}
+
+
+class Parked:
+    """A DefaultLoadPlanner that parks in ``where`` until released (a load caught mid-way)."""
+
+    def __init__(self, where: str) -> None:
+        from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+        self.reached, self.release = threading.Event(), threading.Event()
+        outer = self
+
+        class Planner(DefaultLoadPlanner):
+            def create_local_plan(self) -> Any:
+                if where == "plan":
+                    outer.park()
+                return super().create_local_plan()
+
+            def commit_tensor(self, read_item: Any, tensor: torch.Tensor) -> None:
+                if where == "decode":
+                    outer.park()
+                super().commit_tensor(read_item, tensor)
+
+        self.planner = Planner()
+
+    def park(self) -> None:
+        self.reached.set()
+        self.release.wait(HANG_GUARD_S)
+
+
+def waiting_in(function: str) -> bool:
+    """Poll (up to the hang guard) until a thread is inside ``function``: the state itself, not
+    a sleep that hopes it was reached."""
+    deadline = time.monotonic() + HANG_GUARD_S
+    while time.monotonic() < deadline:
+        for frame in sys._current_frames().values():
+            while frame is not None:
+                if frame.f_code.co_name == function:
+                    return True
+                frame = frame.f_back
+        time.sleep(0.005)
+    return False
+
+
+async def later_load(handle: aiodcp.PrefetchHandle, state: dict[str, Any], how: str) -> Any:
+    """``handle.load``/``aload`` into ``state``; a hang fails the test instead of the run."""
+    if how == "aload":
+        work: asyncio.Future[Any] = asyncio.ensure_future(handle.aload(state))
+    else:
+        work = asyncio.ensure_future(asyncio.to_thread(handle.load, state))
+    try:
+        return await asyncio.wait_for(asyncio.shield(work), HANG_GUARD_S)
+    except TimeoutError:
+        pytest.fail(f"the later {how} hung (no result within {HANG_GUARD_S} s)")
+
+
+def test_prefetch_of_items_that_hold_whole_blocks_completes(
+    blocky: tuple[str, dict[str, Any]], reader_kwargs: dict[str, Any], s3_server: S3Server
+) -> None:
+    """Items of 600 KiB and 2.5 MiB hold 4 and 3 MiB of blocks but are 3.1 MiB of bytes: the
+    prefetch's budget is the memory they hold, so the download completes (it stopped for
+    good at 3.1 MiB before) and a load after it sends no request."""
+    url, sd = blocky
+    with aiodcp.prefetch(url, progress=False, part_size=1024 * 1024, **reader_kwargs) as handle:
+        try:
+            stats = handle.wait(timeout=HANG_GUARD_S)
+        except concurrent.futures.TimeoutError:
+            pytest.fail(f"the prefetch stopped: {handle.stats}")
+        assert stats.items == 5
+        s3_server.clear_log()
+        state = blank_blocky(sd)
+        handle.load(state)
+        assert s3_server.requests() == []
+    assert_same(state, sd)
+
+
+ORDERS = [
+    # (where the first aload is when cancelled, when the download completes, how the second loads)
+    ("waiting", "after_second_starts", "load"),
+    ("waiting", "after_second_starts", "aload"),
+    ("waiting", "before_second", "load"),
+    ("waiting", "before_second", "aload"),
+    ("planning", "after_second_starts", "aload"),
+    ("planning", "before_second", "load"),
+    ("decoding", "before_second", "load"),
+    ("decoding", "before_second", "aload"),
+]
+
+
+@pytest.mark.parametrize(("first", "completes", "second"), ORDERS)
+async def test_cancelled_aload_in_every_order_leaves_the_prefetch_whole(
+    first: str,
+    completes: str,
+    second: str,
+    blocky: tuple[str, dict[str, Any]],
+    s3_server: S3Server,
+    proxy: FaultProxy,
+) -> None:
+    url, sd = blocky
+    release = threading.Event()
+    rule = proxy.add(Fault.stall(HANG_GUARD_S, release=release), path_suffix=".distcp")
+    s3_server.clear_log()
+    handle = aiodcp.prefetch(url, progress=False, part_size=1024 * 1024, **through(proxy))
+    try:
+        await wait_for_event(rule.triggered)  # the download is held at the store
+        parked = Parked("plan" if first == "planning" else "decode")
+        if first == "decoding":  # the download completes first; the load parks decoding it
+            release.set()
+            await asyncio.to_thread(handle.wait, HANG_GUARD_S)
+        task = asyncio.create_task(handle.aload(blank_blocky(sd), planner=parked.planner))
+        if first == "waiting":
+            assert await asyncio.to_thread(waiting_in, "wait_item"), "the load never waited"
+        else:
+            assert await asyncio.to_thread(parked.reached.wait, HANG_GUARD_S), "never parked"
+        task.cancel()
+        parked.release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, HANG_GUARD_S)
+        if first != "decoding":
+            assert not handle.done(), "cancelling the aload stopped the prefetch"
+        if completes == "before_second":
+            release.set()
+            stats = await asyncio.to_thread(handle.wait, HANG_GUARD_S)
+            assert stats.items == 5
+        state = blank_blocky(sd)
+        if completes == "after_second_starts":
+            later = asyncio.ensure_future(later_load(handle, state, second))
+            assert await asyncio.to_thread(waiting_in, "wait_item"), "the later load never waited"
+            assert not later.done(), "the later load did not wait for the held download"
+            release.set()
+            loaded = await later
+        else:
+            loaded = await later_load(handle, state, second)
+    finally:
+        release.set()
+        handle.close()
+    assert_same(state, sd)
+    assert loaded.requests == 0, "the later load fetched what the prefetch holds"
+    seen: set[tuple[str, int]] = set()
+    for path, lo, hi in data_bytes(s3_server):
+        for b in range(lo, hi):
+            assert (path, b) not in seen, f"{path} byte {b} fetched twice"
+            seen.add((path, b))
     assert_clean(proxy)
 
 

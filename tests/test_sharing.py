@@ -109,10 +109,12 @@ def load(
     endpoint_url: str | None = None,
     cancel_after_s: float = 0.0,
     abort_rank: int = -1,
+    env_extra: dict[str, str] | None = None,
     **options: Any,
 ) -> list[dict[str, Any]]:
     server.clear_log()
     env = {
+        **(env_extra or {}),
         "TEST_S3_ENDPOINT": endpoint_url or server.endpoint_url,
         "SHARE_OPTIONS": json.dumps({"max_gap_size": 0, **options}),
         "SHARE_CANCEL_AFTER_S": str(cancel_after_s),
@@ -144,6 +146,8 @@ def test_shared_load_fetches_each_stored_byte_once(
     for r in got:
         assert "error" not in r, r
         assert r["mismatched"] == [], r
+        assert r["stats"]["sharing"] == "shared", r
+        assert r["warned"] == [], r
     per_byte, metadata_gets = requested(s3_server, saved)
     assert metadata_gets == 1  # one .metadata GET for the whole job
     assert per_byte, "nothing was fetched"
@@ -187,9 +191,37 @@ def test_sharing_off_fetches_per_rank(tmp_path: Path, s3_server: S3Server) -> No
     for r in got:
         assert r["mismatched"] == [] and r["job"] is None
         assert r["stats"]["bytes_from_peers"] == 0
+        assert r["stats"]["sharing"] == "off: share_across_ranks=False", r
     per_byte, metadata_gets = requested(s3_server, saved)
     assert metadata_gets == 2
     assert set(per_byte.values()) == {2}  # each rank fetched every byte itself
+
+
+@pytest.mark.parametrize("give_group", [False, True])
+def test_sharing_without_torchs_load_frame(
+    tmp_path: Path, s3_server: S3Server, give_group: bool
+) -> None:
+    """If a torch release renamed the frame aiodcp finds the load's group in, sharing must not
+    turn off silently: without a group from the caller each rank warns once and its LoadStats
+    say why sharing was off (every rank then fetches for itself, correctly); with
+    ``S3StorageReader(process_group=...)`` the load shares as before."""
+    saved = save(tmp_path, s3_server, "replicated", 1)
+    env = {"SHARE_LOSE_FRAME": "1", **({"SHARE_GIVE_GROUP": "1"} if give_group else {})}
+    got = load(s3_server, saved, "replicated", 2, "sync", env_extra=env)
+    per_byte, metadata_gets = requested(s3_server, saved)
+    for r in got:
+        assert r["mismatched"] == [], r
+        if give_group:
+            assert r["stats"]["sharing"] == "shared", r
+            assert r["warned"] == [], r
+        else:
+            assert r["stats"]["sharing"].startswith("off: the process group of this dcp.load"), r
+            assert "process_group=" in r["stats"]["sharing"], r
+            assert len(r["warned"]) == 1 and "process_group=" in r["warned"][0], r
+    if give_group:
+        assert metadata_gets == 1 and max(per_byte.values()) == 1
+    else:
+        assert metadata_gets == 2 and set(per_byte.values()) == {2}
 
 
 def test_memory_per_rank_stays_within_the_budget(tmp_path: Path, s3_server: S3Server) -> None:

@@ -38,7 +38,7 @@ from ._errors import AiodcpError
 from ._path import parse_checkpoint_path
 from ._stats import LoadStats
 from .dcp._session import LoadSession, run_dcp_load, run_in_thread
-from .dcp._sharing import will_share
+from .dcp._sharing import dcp_load_group, will_share
 
 if TYPE_CHECKING:
     from ._driver import PrivateLoopDriver
@@ -106,7 +106,7 @@ async def load_checkpoint(
         if not (cfg.share_across_ranks and will_share(process_group, no_dist)):
             # (Shared: rank 0 reads .metadata for the whole job inside dcp.load.)
             await session.aread_metadata()
-        reader = attached_reader(session, driver)
+        reader = attached_reader(session, driver, dcp_load_group(process_group, no_dist))
         await run_in_thread(
             lambda: run_dcp_load(
                 state_dict,

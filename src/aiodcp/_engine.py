@@ -25,7 +25,9 @@ Data flow::
            tail (``direct_result``), or fetches the item again for the buffered path. A target
            with ``head_bytes`` 0 (a run of a sliced item, located beforehand) is located at
            once: all its bytes go straight to the destination
-    consumer thread (torch decode): wait_item(f, i) blocks until item i of file f is published;
+    consumer thread (torch decode): wait_item(f, i) blocks until item i of file f is published
+        (or raises the load's failure; or, when the download made no progress at all for
+        ``quiet_limit_s``, a TransferError naming the bytes it waited for: never forever);
         release_item(f, i) drops its memory and returns its bytes to the budget (batched).
 
 Invariants: the budget is reserved in consumption order, so the item the consumer waits for
@@ -63,11 +65,14 @@ from ._sinks import (
     held_memory,
 )
 from ._stats import RequestMetrics, StatsRecorder
-from ._store import S3Store, is_throttling
+from ._store import S3Store, is_throttling, quiet_limit_s
 
 __all__ = ["FetchEngine", "FileFetch"]
 
 logger = logging.getLogger(__name__)
+
+_WAKE_S = 1.0
+"""A consumer waiting for an item looks at the download's progress this often (seconds)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -542,17 +547,54 @@ class FetchEngine:
         buffer = item.buffer
         if buffer is not None:
             return buffer
+        quiet_limit = self.quiet_limit_s
+        progress = self._progress()
+        progress_at = time.monotonic()
         with self._cond:
             while item.buffer is None and self._error is None:
                 if stop is not None and stop():
                     raise LoadCancelledError("this wait was cancelled; the download goes on")
-                self._cond.wait()
+                now = time.monotonic()
+                seen = self._progress()
+                if seen != progress:
+                    progress, progress_at = seen, now
+                elif now - progress_at >= quiet_limit:
+                    raise self._stalled(file_index, item, now - progress_at)
+                self._cond.wait(timeout=min(_WAKE_S, quiet_limit - (now - progress_at)))
             if item.buffer is not None:
                 return item.buffer
             error = self._error
         if isinstance(error, asyncio.CancelledError):
             raise LoadCancelledError("the load was cancelled")
         raise error  # type: ignore[misc]
+
+    @property
+    def quiet_limit_s(self) -> float:
+        """Seconds a consumer waits for an item while the download makes no progress at all
+        (no byte received, no request started, no item completed) before it raises an error
+        naming the bytes it waited for (``_store.quiet_limit_s``: only a download that stopped
+        for good is that quiet)."""
+        return quiet_limit_s(self._config)
+
+    def _progress(self) -> tuple[int, int, int]:
+        stats = self._stats
+        return (stats.bytes_received, stats.requests, stats.items)
+
+    def _stalled(self, file_index: int, item: _Item, quiet_s: float) -> TransferError:
+        key = self._files[file_index].key
+        start, end = item.range.start, item.range.end
+        return TransferError(
+            f"s3://{self._bucket}/{key}: waited {quiet_s:.0f} s for bytes [{start}, {end}) "
+            "while the download made no progress at all (no byte received, no request sent "
+            f"or retried; {len(self._tasks)} GETs in flight, {self._budget.used} of "
+            f"{self._budget.limit} bytes of item memory reserved): the download stopped for "
+            "good. Is aiodcp's I/O thread blocked (an on_request hook that does not return)? "
+            "Otherwise this is a bug in aiodcp: please report this message",
+            bucket=self._bucket,
+            key=key,
+            byte_range=(start, end),
+            retryable=False,
+        )
 
     def wake(self) -> None:
         """Wake every ``wait_item`` so that each checks its ``stop`` again (any thread)."""

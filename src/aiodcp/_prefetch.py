@@ -5,8 +5,9 @@ Data flow::
     handle = prefetch("s3://bucket/ckpt", keys=[...])     returns at once
         private I/O loop thread: GET .metadata (timed: max_gap_size "auto" -> bytes)
         -> select the stored items of ``keys``
-        -> FetchEngine over them with a budget equal to their item memory (nothing waits for
-           a consumer: the handle holds every requested byte until it is loaded or cancelled)
+        -> FetchEngine over them with a budget equal to the memory they hold (nothing waits
+           for a consumer: the handle holds every requested byte until it is loaded or
+           cancelled)
         -> tqdm progress bar (``progress=False`` to hide it)
     handle.load(state_dict) / await handle.aload(state_dict)
         -> a LoadSession (dcp._session) over the handle's loop, with the metadata the prefetch
@@ -52,10 +53,11 @@ from ._path import CheckpointPath, parse_checkpoint_path
 from ._planner import ItemRange, plan_file, resolve_max_gap_size
 from ._progress import with_progress
 from ._reader import ChunkBuffer
-from ._sinks import item_memory
+from ._sinks import held_memory
 from ._stats import LoadStats, StatsRecorder
 from ._store import S3Store
 from .dcp._session import LoadSession, run_dcp_load, run_in_thread, select_keys
+from .dcp._sharing import dcp_load_group
 from .dcp._storage_reader import attached_reader
 
 __all__ = ["PrefetchHandle", "prefetch"]
@@ -161,11 +163,12 @@ class PrefetchHandle:
             recorder.max_gap_size = max_gap_size
             recorder.request_latency_s = latency
             files, index = self._select(metadata, max_gap_size)
-            # Nothing is released before a load takes it, so the budget holds every item: in
-            # item memory (whole 1 MiB blocks for items of 512 KiB or more), which is what the
-            # engine reserves; the bytes alone left the last items waiting for ever.
-            total = sum(item_memory(r.length) for f in files for r in f.plan.items)
-            config = self._config.replace(memory_budget=max(total, 1))
+            # The budget is the memory every selected item holds (``held_memory``: whole 1 MiB
+            # blocks for items of 512 KiB or more), not their bytes: no load releases a
+            # prefetched item while the prefetch runs, so a budget short of that would stop the
+            # download for good once it filled (items of 600 KiB hold 1 MiB each).
+            held = sum(held_memory(r, r.start, r.end) for f in files for r in f.plan.items)
+            config = self._config.replace(memory_budget=max(held, 1))
             etags = {  # safetensors: every GET pinned to the ETag its header was read from
                 path.key(info.relative_path): etag
                 for info in metadata.storage_data.values()
@@ -276,15 +279,16 @@ class PrefetchHandle:
         """A load's session: the metadata the prefetch read, its items as the source."""
         metadata: Metadata | None = None
         if not self._cancelled:
-            try:
-                self._ready.result()
-            except concurrent.futures.CancelledError:
-                pass
+            # Bounded: the metadata GET is the store's (timeouts, attempts) while the loop runs.
+            self._driver.wait(self._ready, f"the prefetch's GET of {self._path.url}/.metadata")
             with self._lock:
                 metadata = self._metadata
             if metadata is None and not self._cancelled:
+                # The prefetch ended before its engine existed: its future is done or about
+                # to be (set_ready runs in its finally).
+                self._driver.wait(self._future, f"the end of the prefetch of {self._path.url}")
                 try:
-                    error = self._future.exception()  # blocks until the prefetch ended
+                    error = self._future.exception()
                 except concurrent.futures.CancelledError:
                     error = None  # stopped before reading it: the load reads it itself
                 if error is not None:
@@ -349,12 +353,19 @@ class PrefetchHandle:
             session.read_metadata()
         run_dcp_load(
             state_dict,
-            attached_reader(session, self._driver, reader_type(self._describe.format)),
+            attached_reader(
+                session,
+                self._driver,
+                dcp_load_group(process_group, no_dist),
+                reader_type(self._describe.format),
+            ),
             planner=planner,
             process_group=process_group,
             no_dist=no_dist,
         )
-        if not keep:
+        # A load cancelled once its last wait was over still completes in its thread; its
+        # caller sees the cancellation, so it does not consume what the handle holds.
+        if not keep and not session.cancelled:
             self.cancel()
         return session.stats if session.stats is not None else LoadStats()
 

@@ -80,6 +80,10 @@ class LoadStats:
     bytes_to_peers: int = 0
     """Stored item bytes this rank fetched and sent to other ranks (counted once per
     receiving rank)."""
+    sharing: str = ""
+    """Whether this load shared its bytes across ranks (see README "Multi-rank loads"):
+    ``"shared"``, or ``"off: <why>"`` (a single process, ``share_across_ranks=False``, no gloo
+    group, the load's process group unknown...); empty for a load that read no data."""
     ranks: int = 1
     """Ranks whose counters these are: 1 for one rank's own statistics, the world size for
     ``job``."""
@@ -163,6 +167,7 @@ class StatsRecorder:
         "resigned",
         "resumed_bytes",
         "retries",
+        "sharing",
         "slice_saved_bytes",
         "sliced_items",
         "throttled",
@@ -196,6 +201,7 @@ class StatsRecorder:
         self.min_request_rate: float | None = None
         self.bytes_from_peers = 0
         self.bytes_to_peers = 0
+        self.sharing = ""
         self.job: LoadStats | None = None
 
     def add(self, **counts: int) -> None:
@@ -256,6 +262,7 @@ class StatsRecorder:
                 refetched_items=self.refetched_items,
                 bytes_from_peers=self.bytes_from_peers,
                 bytes_to_peers=self.bytes_to_peers,
+                sharing=self.sharing,
                 job=self.job,
             )
 
@@ -312,5 +319,6 @@ def job_stats(rows: list[list[int]], template: LoadStats) -> LoadStats:
         max_gap_size=template.max_gap_size,
         request_latency_s=template.request_latency_s,
         min_request_rate=template.min_request_rate,
+        sharing=template.sharing,
         ranks=len(rows),
     )

@@ -276,6 +276,26 @@ def retry_delay(attempt: int) -> float:
     return random.uniform(0.0, cap)
 
 
+def longest_retry_delay(max_attempts: int) -> float:
+    """The longest wait between two attempts of a request of at most ``max_attempts``."""
+    if max_attempts < 2:
+        return 0.0
+    return float(min(RETRY_BACKOFF_CAP_S, RETRY_BACKOFF_BASE_S * 2 ** min(max_attempts - 2, 30)))
+
+
+def quiet_limit_s(config: ReaderConfig) -> float:
+    """Seconds a wait for the store's work may see no progress at all (no byte received, no
+    request sent or retried; or, for a wait on the I/O loop, the loop not running) before it
+    gives up with an error naming what it waited for.
+
+    A download that works is never that quiet: a request silent for its timeout fails, and the
+    next attempt starts within the longest backoff, and the last attempt's failure ends every
+    wait with the store's own error. So only work that stopped for good reaches twice that (an
+    I/O loop blocked by an ``on_request`` hook that does not return; a bug): never a hang."""
+    timeout = max(config.connect_timeout_s, config.read_timeout_s)
+    return 2.0 * (timeout + longest_retry_delay(config.max_attempts))
+
+
 def exhausted(error: AiodcpError, attempts: int) -> AiodcpError:
     """The error to raise once ``attempts`` attempts failed, the last with ``error``."""
     if not is_retryable(error):

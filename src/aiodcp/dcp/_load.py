@@ -438,6 +438,7 @@ class DcpLoad:
             if not finished:
                 engine.abort()
             try:
+                driver.wait(future, f"the end of the download of {self._path.url}")
                 future.result()
             except BaseException:
                 if finished:
@@ -455,7 +456,7 @@ class DcpLoad:
         """A load whose shared items come through the exchange (``_sharing``): this rank
         fetches its share and sends it, receives the rest, round by round; then it loads the
         items only it needs as a single-process load does."""
-        exchange = Exchange(group, share)
+        exchange = Exchange(group, share, self._path.url)
         reqs_of: dict[StoredItem, list[ReadItem]] = {}
         private: list[ReadItem] = []
         for req in plan.items:
@@ -540,6 +541,7 @@ class DcpLoad:
             if engine is not None:
                 engine.abort()  # a no-op once everything was fetched
                 try:
+                    self._io.wait(future, f"the end of the download of {self._path.url}")
                     future.result()
                 except BaseException:
                     pass  # its failure, if any, was raised through wait_item and shared

@@ -66,7 +66,7 @@ from .._planner import request_latency_from_get
 from .._stats import LoadStats, StatsRecorder
 from ._archive import METADATA_NAME
 from ._metadata import load_metadata
-from ._sharing import RankShare, share_metadata
+from ._sharing import SHARED, RankShare, share_metadata
 
 if TYPE_CHECKING:
     from torch.distributed.checkpoint._extension import ExtensionRegistry
@@ -217,7 +217,12 @@ class LoadSession:
 
     def _fetch(self, rank: int | None = None) -> Fetched:
         path, recorder, fetch = self.path, self.recorder, self.fetch
-        return self.scope.run(lambda store: fetch(store, path, recorder, rank=rank))
+        if fetch is fetch_metadata:
+            name = METADATA_NAME if rank is None else f"__{int(rank)}{METADATA_NAME}"
+            what = f"the GET of {path.url}/{name}"
+        else:
+            what = f"the read of what describes {path.url} (its index and headers)"
+        return self.scope.run(lambda store: fetch(store, path, recorder, rank=rank), what)
 
     def _took(self, fetched: Fetched, metadata: Metadata) -> Metadata:
         self.request_latency_s = self.recorder.request_latency_s = fetched.request_latency_s
@@ -305,13 +310,24 @@ class LoadSession:
         format: StoredFormat,
         *,
         group: dist.ProcessGroup | None = None,
+        sharing: str = "",
     ) -> LoadStats:
         """Load ``plan``'s items of a checkpoint in ``format`` (through the exchange when
         ``plan`` carries this rank's share of a shared load over ``group``); returns the load's
-        statistics (also ``.stats``, set when it fails too)."""
+        statistics (also ``.stats``, set when it fails too). ``sharing``: why the load does not
+        share (``LoadStats.sharing``)."""
         load = self.read_phase(format)
         share = plan.storage_data
         shared = isinstance(share, RankShare) and group is not None
+        if shared:
+            self.recorder.sharing = SHARED
+        elif sharing == SHARED:
+            self.recorder.sharing = (
+                "off: the coordinator did not share (not every rank could: sharing switched "
+                "off on a rank, another group, or a rank's plan names an unknown item)"
+            )
+        else:
+            self.recorder.sharing = sharing or "off: a single process (no process group)"
         with self._lock:
             cancelled = self._cancelled
             self._load = load
@@ -335,6 +351,11 @@ class LoadSession:
                 self._load = None
             self.stats = recorder.finish()
         return self.stats
+
+    @property
+    def cancelled(self) -> bool:
+        """Whether ``cancel`` was called."""
+        return self._cancelled
 
     def cancel(self) -> None:
         """Stop this load, from any thread: its engines, the requests it sent, its waits for

@@ -32,7 +32,7 @@ from .._errors import AiodcpError, ConfigError, UnsupportedDtypeError
 from .._path import parse_checkpoint_path
 from .._stats import LoadStats
 from ..dcp._session import LoadSession, run_dcp_load, run_in_thread, select_keys
-from ..dcp._sharing import will_share
+from ..dcp._sharing import dcp_load_group, will_share
 
 if TYPE_CHECKING:
     from .._driver import PrivateLoopDriver
@@ -119,7 +119,9 @@ async def load_safetensors(
                 lambda: session.read_metadata(group=group), on_cancel=session.cancel
             )
         state = _destinations(metadata, requested, into, url.url)
-        reader = attached_reader(session, driver, reader_type)
+        reader = attached_reader(
+            session, driver, dcp_load_group(process_group, no_dist), reader_type
+        )
         await run_in_thread(
             lambda: run_dcp_load(
                 state, reader, planner=planner, process_group=process_group, no_dist=no_dist
