@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -116,7 +117,8 @@ async def test_a_file_replaced_after_its_header_was_read_raises_object_changed(
     key = "r/model.safetensors"
     release = threading.Event()
     rule = proxy.add(Fault.stall(60.0, release=release), path_suffix=key, nth=[2])
-    task = asyncio.create_task(load(f"s3://{bucket}/r", proxy))
+    # one GET at a time: the stalled one (the first data GET) is the one the store refuses
+    task = asyncio.create_task(load(f"s3://{bucket}/r", proxy, max_concurrency=1))
     try:
         assert await asyncio.to_thread(rule.triggered.wait, 30)
         save_file({"w": tensors["w"] + 1}, str(local / "v2.safetensors"))
@@ -129,7 +131,16 @@ async def test_a_file_replaced_after_its_header_was_read_raises_object_changed(
     requests = gets(proxy)
     assert requests[0].if_match is None  # the header read
     assert requests[1].if_match  # the data GET, pinned to the header's ETag
-    assert proxy.status_of(requests[1]) == 412
+
+    # The proxy records a status once it has written the response, which the client can
+    # act on first: wait for the record (a hang guard, not a timing assumption).
+    def recorded() -> int | None:
+        deadline = time.monotonic() + 30
+        while (status := proxy.status_of(requests[1])) is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return status
+
+    assert await asyncio.to_thread(recorded) == 412
     assert_clean(proxy)
 
 
