@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -42,7 +43,7 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
-from .._errors import CheckpointFormatError, InvalidPathError, NotFoundError
+from .._errors import AiodcpError, CheckpointFormatError, InvalidPathError, NotFoundError
 from .._path import CheckpointPath
 from .._planner import request_latency_from_get
 from .._stats import StatsRecorder
@@ -110,6 +111,13 @@ class FetchedCatalog:
         """Validate every header (``SafetensorsHeaderError``), check the index against them,
         and build the checkpoint's ``Metadata`` (module docstring)."""
         path = self.path
+        if sys.byteorder != "little":  # the data is little-endian, copied as it is
+            raise AiodcpError(
+                f"{path.url}: loading safetensors needs a little-endian host (the format's "
+                "data is little-endian and aiodcp copies it as it is)",
+                bucket=path.bucket,
+                key=path.prefix,
+            )
         weight_map = _weight_map(self.index, path) if self.index is not None else None
         headers: dict[str, Header] = {}
         for fetched in self.headers:
