@@ -5,6 +5,9 @@ Two ways in::
     await aiodcp.load_checkpoint(state_dict, "s3://bucket/ckpt", region="us-east-1")
     dcp.load(state_dict, storage_reader=aiodcp.S3StorageReader("s3://bucket/ckpt"))
 
+and the same for Hugging Face safetensors checkpoints: ``await aiodcp.load_safetensors(url)``,
+``aiodcp.S3HuggingFaceStorageReader(url)``.
+
 ``import aiodcp`` imports only the light modules (errors, configuration, planner, stats, the
 item reader). The names whose modules bring in the store and the DCP adapter
 (``S3StorageReader``, ``load_checkpoint``, ``prefetch``, ``PrefetchHandle``,
@@ -34,10 +37,12 @@ from ._errors import (
     ObjectChangedError,
     PeerLoadError,
     ReaderTypeError,
+    SafetensorsHeaderError,
     SequentialAccessError,
     StorageError,
     TransferError,
     TruncatedObjectError,
+    UnsupportedDtypeError,
 )
 from ._planner import ItemRange, RangeGroup
 from ._reader import ChunkBuffer, SequentialReader
@@ -49,6 +54,7 @@ if _TYPE_CHECKING:
     from ._objectreader import S3ObjectReader
     from ._prefetch import PrefetchHandle, prefetch
     from .dcp import S3StorageReader
+    from .safetensors import LoadedTensors, S3HuggingFaceStorageReader, load_safetensors
 
 __all__ = [
     "AccessDeniedError",
@@ -61,6 +67,7 @@ __all__ = [
     "ItemRange",
     "LoadCancelledError",
     "LoadStats",
+    "LoadedTensors",
     "MissingDependencyError",
     "NoCredentialsError",
     "NoSuchBucketError",
@@ -72,15 +79,19 @@ __all__ = [
     "ReaderConfig",
     "ReaderTypeError",
     "RequestMetrics",
+    "S3HuggingFaceStorageReader",
     "S3ObjectReader",
     "S3StorageReader",
+    "SafetensorsHeaderError",
     "SequentialAccessError",
     "SequentialReader",
     "StorageError",
     "TransferError",
     "TruncatedObjectError",
+    "UnsupportedDtypeError",
     "__version__",
     "load_checkpoint",
+    "load_safetensors",
     "prefetch",
 ]
 
@@ -90,6 +101,9 @@ _LAZY = {
     "PrefetchHandle": "._prefetch",
     "prefetch": "._prefetch",
     "S3StorageReader": ".dcp._storage_reader",
+    "S3HuggingFaceStorageReader": ".safetensors._storage_reader",
+    "load_safetensors": ".safetensors._api",
+    "LoadedTensors": ".safetensors._api",
 }
 """Public names imported on first access, and the module that defines each."""
 

@@ -172,6 +172,31 @@ EXIT_ACCESS_DENIED = 4
 EXIT_CORRUPT = 5
 
 _PROG = "aiodcp"
+_INDEX_NAME = "model.safetensors.index.json"
+_SAFETENSORS_TORCH = frozenset(
+    (
+        "BOOL",
+        "U8",
+        "I8",
+        "F8_E5M2",
+        "F8_E4M3",
+        "F8_E8M0",
+        "F8_E4M3FNUZ",
+        "F8_E5M2FNUZ",
+        "I16",
+        "U16",
+        "F16",
+        "BF16",
+        "I32",
+        "U32",
+        "F32",
+        "F64",
+        "I64",
+        "U64",
+        "C64",
+        "F4",
+    )
+)  # safetensors dtypes torch has (safetensors/_format.py TORCH_DTYPES; no torch import here)
 _INSPECT_SCHEMA = "aiodcp.inspect/1"
 _PLAN_SCHEMA = "aiodcp.plan/1"
 _MAX_FILES_SHOWN = 2  # human table: files listed per key before "+N more"
@@ -378,21 +403,35 @@ def _requested_keys(args: argparse.Namespace) -> list[str] | None:
 # ---------------------------------------------------------------------------------- metadata
 
 
-def read_metadata(path: CheckpointPath, config: ReaderConfig) -> tuple[Metadata, int, float]:
-    """GET and unpickle ``.metadata``; returns it, its size in bytes and the GET's estimated time
-    to first byte in seconds (what ``max_gap_size="auto"`` is resolved with)."""
+def read_metadata(
+    path: CheckpointPath, config: ReaderConfig, format: str = "dcp"
+) -> tuple[Metadata, int, float]:
+    """GET and unpickle ``.metadata`` (``format="safetensors"``: the index and the headers of
+    the safetensors checkpoint in the directory ``path``); returns it, its size in bytes and
+    the GET's estimated time to first byte in seconds (what ``max_gap_size="auto"`` is
+    resolved with)."""
+    metadata, size, latency, _ = _describe(path, config, format)
+    return metadata, size, latency
 
+
+def _describe(
+    path: CheckpointPath, config: ReaderConfig, format: str = "auto", only: str | None = None
+) -> tuple[Metadata, int, float, str]:
+    """``read_metadata`` for the checkpoint format asked for or found (``_detect.Describe``);
+    also returns the format."""
+    from ._detect import Describe, check_format
     from ._driver import PrivateLoopDriver  # the S3 stack: only commands that read a checkpoint
 
+    describe = Describe(check_format(format), only)
     driver = PrivateLoopDriver(config)
     try:
-        session = LoadSession(path, config, driver)
+        session = LoadSession(path, config, driver, fetch=describe)
         metadata = session.read_metadata()
     finally:
         driver.close()
     latency = session.request_latency_s
     assert latency is not None  # measured by the GET
-    return metadata, session.metadata_bytes, latency
+    return metadata, session.metadata_bytes, latency, describe.format
 
 
 @dataclass(frozen=True, slots=True)
@@ -404,6 +443,8 @@ class _Stored:
     offset: int
     length: int
     transforms: tuple[str, ...]
+    dtype: str | None = None
+    """The stored dtype's safetensors name (safetensors checkpoints only)."""
 
 
 def _is_int(value: object) -> bool:
@@ -433,7 +474,17 @@ def _stored_items(metadata: Metadata, where: str) -> list[_Stored]:
                 f"{where}: storage entry {index!r} -> {info!r} is not a DCP storage record "
                 "(relative_path, offset, length); the metadata is corrupt"
             )
-        items.append(_Stored(fqn, path, offset, length, tuple(transforms)))  # type: ignore[arg-type]
+        dtype = getattr(info, "dtype", None)
+        items.append(
+            _Stored(
+                fqn,
+                path,
+                offset,  # type: ignore[arg-type]
+                length,  # type: ignore[arg-type]
+                tuple(transforms),
+                dtype if isinstance(dtype, str) else None,
+            )
+        )
     items.sort(key=lambda s: (s.path, s.offset, s.fqn))
     return items
 
@@ -448,9 +499,12 @@ def _file_key(path: CheckpointPath, relative_path: str) -> str:
 # ---------------------------------------------------------------------------------- reports
 
 
-def inspect_report(metadata: Metadata, path: CheckpointPath, metadata_bytes: int) -> dict[str, Any]:
+def inspect_report(
+    metadata: Metadata, path: CheckpointPath, metadata_bytes: int, format: str = "dcp"
+) -> dict[str, Any]:
     """The ``inspect --json`` document (schema in the module docstring)."""
-    where = f"s3://{path.bucket}/{path.key(METADATA_NAME)}"
+    catalog = METADATA_NAME if format == "dcp" else _INDEX_NAME
+    where = f"s3://{path.bucket}/{path.key(catalog)}"
     stored = _stored_items(metadata, where)
     by_key: dict[str, list[_Stored]] = {}
     files: dict[str, list[_Stored]] = {}
@@ -473,22 +527,27 @@ def inspect_report(metadata: Metadata, path: CheckpointPath, metadata_bytes: int
                 f"{where}: key {fqn!r} is described by a {type(meta).__name__}, neither "
                 "tensor nor bytes metadata; the metadata is corrupt"
             )
-        keys.append(
-            {
-                "key": fqn,
-                "kind": kind,
-                "dtype": dtype,
-                "shape": shape,
-                "chunks": len(mine),
-                "stored_bytes": sum(item.length for item in mine),
-                "files": sorted({item.path for item in mine}),
-                "compression": sorted({t for item in mine for t in item.transforms}),
-            }
-        )
+        entry: dict[str, Any] = {
+            "key": fqn,
+            "kind": kind,
+            "dtype": dtype,
+            "shape": shape,
+            "chunks": len(mine),
+            "stored_bytes": sum(item.length for item in mine),
+            "files": sorted({item.path for item in mine}),
+            "compression": sorted({t for item in mine for t in item.transforms}),
+        }
+        if format == "safetensors":
+            names = sorted({item.dtype for item in mine if item.dtype})
+            entry["stored_dtype"] = names[0] if len(names) == 1 else names
+            if any(item.dtype not in _SAFETENSORS_TORCH for item in mine):
+                entry["dtype"] = None  # torch has none: a load of it is refused
+        keys.append(entry)
     return {
         "schema": _INSPECT_SCHEMA,
+        "format": format,
         "checkpoint": path.url,
-        "metadata": {"key": path.key(METADATA_NAME), "bytes": metadata_bytes},
+        "metadata": {"key": path.key(catalog), "bytes": metadata_bytes},
         "keys": keys,
         "files": [
             {
@@ -546,6 +605,7 @@ def slice_load(
     selected: Iterable[str],
     slices: Sequence[tuple[int, int, int]],
     request_latency_s: float | None = None,
+    format: str = "dcp",
 ) -> SlicedLoad:
     """Plan the load of one shard of the ``selected`` keys exactly as ``S3StorageReader`` does:
     torch's read items for the shard (``create_read_items_for_chunk_list``, as
@@ -559,7 +619,6 @@ def slice_load(
 
     from ._driver import PrivateLoopDriver
     from ._stats import StatsRecorder
-    from .dcp._storage_reader import S3StorageReader
 
     chosen = set(selected)
     items: list[ReadItem] = []
@@ -579,7 +638,11 @@ def slice_load(
             index = MetadataIndex(fqn)  # as planner_helpers._create_read_item_for_byteio
             zero = torch.Size((0,))
             items.append(ReadItem(LoadItemType.BYTE_IO, index, zero, index, zero, zero))
-    reader = S3StorageReader(path.url, config=config)
+    from ._detect import reader_type
+
+    reader = reader_type("safetensors" if format == "safetensors" else "dcp")(
+        path.url, config=config
+    )
     driver = PrivateLoopDriver(config)
     try:
         reader.set_up_storage_reader(metadata, True)
@@ -587,7 +650,7 @@ def slice_load(
         session = LoadSession(
             path, config, driver, metadata=metadata, request_latency_s=request_latency_s
         )
-        load = session.dcp_load(metadata.storage_data, metadata.state_dict_metadata)
+        load = session.read_phase(reader._stored_format(session))
         grouped = load.group(plan)
         gap = resolve_max_gap_size(config.max_gap_size, request_latency_s)
         load.slice(grouped, DefaultLoadPlanner(), gap, StatsRecorder(), {})
@@ -793,13 +856,15 @@ def _files_cell(files: list[str]) -> str:
 def render_inspect(report: dict[str, Any]) -> str:
     """The human form of an ``inspect_report``."""
     meta = report["metadata"]
-    lines = [f"{report['checkpoint']}  (.metadata: {human_size(meta['bytes'])})", ""]
+    what = ".metadata" if report.get("format", "dcp") == "dcp" else "safetensors index and headers"
+    lines = [f"{report['checkpoint']}  ({what}: {human_size(meta['bytes'])})", ""]
     rows = [["KEY", "KIND", "DTYPE", "SHAPE", "CHUNKS", "STORED", "FILES", "COMPRESSION"]]
     rows += [
         [
             k["key"],
             k["kind"],
-            k["dtype"] or "-",
+            (k["dtype"] or "-")
+            + (f" ({k['stored_dtype']})" if isinstance(k.get("stored_dtype"), str) else ""),
             _shape(k["shape"]),
             str(k["chunks"]),
             human_size(k["stored_bytes"]),
@@ -927,12 +992,14 @@ def _exit_code(exc: BaseException) -> int:
 
 
 def _run(args: argparse.Namespace) -> str:
+    from .safetensors._catalog import safetensors_location
+
     config = _config(args)
-    path = parse_checkpoint_path(args.checkpoint)
+    path, only = safetensors_location(parse_checkpoint_path(args.checkpoint))
     requested = _requested_keys(args) if args.command == "plan" else None
-    metadata, size, latency = read_metadata(path, config)
+    metadata, size, latency, format = _describe(path, config, "auto", only)
     if args.command == "inspect":
-        report = inspect_report(metadata, path, size)
+        report = inspect_report(metadata, path, size, format)
         render = render_inspect
     else:
         sliced = None
@@ -941,7 +1008,7 @@ def _run(args: argparse.Namespace) -> str:
             fqns = set(metadata.state_dict_metadata)
             fqns |= {item.fqn for item in _stored_items(metadata, where)}
             selected = fqns if requested is None else _select(requested, fqns)
-            sliced = slice_load(metadata, path, config, selected, args.slice, latency)
+            sliced = slice_load(metadata, path, config, selected, args.slice, latency, format)
         report = plan_report(metadata, path, config, requested, latency, sliced)
         render = render_plan
     if args.json:

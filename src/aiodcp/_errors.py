@@ -17,7 +17,10 @@ Every error aiodcp raises derives from :class:`AiodcpError`. The tree::
     │   ├── TruncatedObjectError                   object shorter than the metadata says
     │   ├── ObjectChangedError                     object replaced during a load (ETag)
     │   └── TransferError                          network failure after all attempts
-    ├── CheckpointFormatError               ``.metadata`` is not a DCP metadata pickle
+    ├── CheckpointFormatError               ``.metadata`` is not a DCP metadata pickle, a
+    │   │                                   stored item is not what the metadata says
+    │   ├── SafetensorsHeaderError          a safetensors header breaks a rule (``rule``)
+    │   └── UnsupportedDtypeError           a tensor asked for is in a dtype torch lacks
     ├── MissingDependencyError (ImportError) an optional dependency (zstandard) is needed
     ├── LoadCancelledError                  the load was aborted (another part failed)
     └── PeerLoadError                       another rank of a shared multi-rank load failed
@@ -46,10 +49,12 @@ __all__ = [
     "ObjectChangedError",
     "PeerLoadError",
     "ReaderTypeError",
+    "SafetensorsHeaderError",
     "SequentialAccessError",
     "StorageError",
     "TransferError",
     "TruncatedObjectError",
+    "UnsupportedDtypeError",
 ]
 
 
@@ -133,6 +138,19 @@ class TransferError(StorageError):
 
 class CheckpointFormatError(AiodcpError):
     """The checkpoint metadata is not a PyTorch DCP ``Metadata`` pickle."""
+
+
+class SafetensorsHeaderError(CheckpointFormatError):
+    """A safetensors file's header breaks the format. ``rule`` names the rule it breaks (the
+    reference implementation's error names: ``HeaderTooLarge``, ``InvalidOffset``,
+    ``TensorInvalidInfo``...; the list is in ``aiodcp/safetensors/_header.py``), ``tensor``
+    the tensor at fault when there is one; ``bucket`` and ``key`` name the file."""
+
+
+class UnsupportedDtypeError(CheckpointFormatError):
+    """A tensor the load asks for is stored in a dtype torch does not have (safetensors'
+    ``F6_E2M3``, ``F6_E3M2``, an ``F4`` tensor with an odd last dim). ``fqn`` names the
+    tensor, ``dtype`` the stored dtype."""
 
 
 class MissingDependencyError(AiodcpError, ImportError):

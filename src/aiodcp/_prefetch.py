@@ -45,6 +45,7 @@ from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.planner import LoadPlanner
 
 from ._config import ReaderConfig
+from ._detect import Describe, Format, check_format, location, reader_type
 from ._driver import PrivateLoopDriver
 from ._engine import FetchEngine, FileFetch
 from ._errors import ConfigError, LoadCancelledError
@@ -55,7 +56,7 @@ from ._reader import ChunkBuffer
 from ._sinks import held_memory
 from ._stats import LoadStats, StatsRecorder
 from ._store import S3Store
-from .dcp._session import LoadSession, fetch_metadata, run_dcp_load, run_in_thread, select_keys
+from .dcp._session import LoadSession, run_dcp_load, run_in_thread, select_keys
 from .dcp._sharing import dcp_load_group
 from .dcp._storage_reader import attached_reader
 
@@ -73,9 +74,14 @@ def prefetch(
     max_gap_size: int | float | str | None = None,
     part_size: int | None = None,
     max_concurrency: int | None = None,
+    format: Format = "auto",
     **options: Any,
 ) -> PrefetchHandle:
     """Start downloading the checkpoint (or only ``keys``) in the background; returns at once.
+
+    The checkpoint is DCP's or Hugging Face safetensors (``format="auto"``: a URL ending in
+    ``.safetensors`` is one file of it, else ``.metadata`` is looked for first, then the
+    safetensors index or files); ``handle.load`` then loads it with the reader of its format.
 
     ``keys`` selects state-dict keys: a key takes every stored item whose fully qualified name
     is the key or starts with ``key + "."`` (so ``"model"`` takes ``"model.layer.weight"``).
@@ -95,6 +101,7 @@ def prefetch(
         **options,
     )
     path = parse_checkpoint_path(checkpoint_id)
+    check_format(format)
     if keys is not None:
         if isinstance(keys, (str, bytes)):
             raise ConfigError(
@@ -107,7 +114,7 @@ def prefetch(
         bad = [k for k in keys if not isinstance(k, str) or not k]
         if bad:
             raise ConfigError(f"keys must be non-empty strings, got {bad!r}", field="keys")
-    return PrefetchHandle(path, cfg, keys, progress=progress)
+    return PrefetchHandle(path, cfg, keys, progress=progress, format=format)
 
 
 class PrefetchHandle:
@@ -120,8 +127,11 @@ class PrefetchHandle:
         keys: list[str] | None,
         *,
         progress: bool,
+        format: Format = "auto",
     ) -> None:
-        self._path = path
+        self._url = path.url
+        self._path, only = location(path)
+        self._describe = Describe(format, only)
         self._config = config
         self._keys = keys
         self._progress = progress
@@ -145,7 +155,7 @@ class PrefetchHandle:
     async def _run(self, store: S3Store) -> LoadStats:
         path, recorder = self._path, self._recorder
         try:
-            fetched = await fetch_metadata(store, path, recorder)
+            fetched = await self._describe(store, path, recorder)
             latency = fetched.request_latency_s
             metadata = fetched.parse()
             self._request_latency_s = latency
@@ -159,7 +169,12 @@ class PrefetchHandle:
             # download for good once it filled (items of 600 KiB hold 1 MiB each).
             held = sum(held_memory(r, r.start, r.end) for f in files for r in f.plan.items)
             config = self._config.replace(memory_budget=max(held, 1))
-            engine = FetchEngine(store, path.bucket, files, config, recorder)
+            etags = {  # safetensors: every GET pinned to the ETag its header was read from
+                path.key(info.relative_path): etag
+                for info in metadata.storage_data.values()
+                if (etag := getattr(info, "etag", None)) is not None
+            }
+            engine = FetchEngine(store, path.bucket, files, config, recorder, etags)
             with self._lock:
                 self._metadata, self._engine, self._index = metadata, engine, index
                 self._total = sum(f.plan.requested_bytes for f in files)
@@ -230,7 +245,13 @@ class PrefetchHandle:
 
     @property
     def checkpoint_id(self) -> str:
-        return self._path.url
+        return self._url
+
+    @property
+    def format(self) -> Format:
+        """``"dcp"`` or ``"safetensors"`` once the prefetch read what describes the
+        checkpoint (``"auto"`` before)."""
+        return self._describe.format
 
     @property
     def stats(self) -> LoadStats:
@@ -279,6 +300,7 @@ class PrefetchHandle:
             source=None if self._cancelled else _LoadScope(self),
             metadata=metadata,
             request_latency_s=self._request_latency_s,
+            fetch=self._describe,
         )
 
     def load(
@@ -327,9 +349,16 @@ class PrefetchHandle:
         no_dist: bool,
         keep: bool,
     ) -> LoadStats:
+        if session.metadata is None:  # stopped before the prefetch read it: the format too
+            session.read_metadata()
         run_dcp_load(
             state_dict,
-            attached_reader(session, self._driver, dcp_load_group(process_group, no_dist)),
+            attached_reader(
+                session,
+                self._driver,
+                dcp_load_group(process_group, no_dist),
+                reader_type(self._describe.format),
+            ),
             planner=planner,
             process_group=process_group,
             no_dist=no_dist,
@@ -367,7 +396,7 @@ class PrefetchHandle:
 
     def __repr__(self) -> str:
         state = "cancelled" if self._cancelled else "done" if self.done() else "running"
-        return f"<PrefetchHandle {self._path.url} {state} {self.stats}>"
+        return f"<PrefetchHandle {self._url} {state} {self.stats}>"
 
 
 class _LoadScope:

@@ -549,6 +549,84 @@ class S3Store:
 
         return await self.retrying(attempt_once, what=f"HEAD s3://{bucket}/{key}")
 
+    async def read_head(
+        self, bucket: str, key: str, span: int, *, stats: StatsRecorder | None = None
+    ) -> tuple[bytes, int, str | None]:
+        """The first ``span`` bytes of an object (all of it when it is shorter), its size and
+        its ETag, from one ranged GET (a safetensors file's header length and header at once),
+        retried as a whole. An empty object is ``(b"", 0, None)``. With ``stats``, each retry
+        adds one request and one retry (the caller counts the first request itself)."""
+
+        async def attempt_once(attempt: int) -> tuple[bytes, int, str | None]:
+            try:
+                fast = await self._get_fast(bucket, key, span, whole=False)
+            except TruncatedObjectError as exc:
+                if getattr(exc, "status", None) == 416:
+                    return b"", 0, None  # an empty object has no first byte to range over
+                raise
+            if fast is not None:
+                data, headers, size = fast
+                return data, size, headers.get("etag")
+            body = None
+            try:
+                client = await self.botocore_client()
+                response = await client.get_object(
+                    Bucket=bucket, Key=key, Range=f"bytes=0-{span - 1}", **self._payer
+                )
+                body = response["Body"]
+                data = await body.read()
+            except Exception as exc:
+                error = translate_error(exc, bucket, key)
+                if isinstance(error, TruncatedObjectError) and getattr(error, "status", 0) == 416:
+                    return b"", 0, None
+                raise error from exc
+            finally:
+                if body is not None:
+                    body.close()
+            match = _CONTENT_RANGE_RE.match(str(response.get("ContentRange") or ""))
+            if match is not None and match.group(3) != "*":
+                size = int(match.group(3))
+            else:
+                size = int(response.get("ContentLength", len(data)))
+            return data[:span], size, response.get("ETag")
+
+        def on_retry(attempt: int) -> None:
+            if stats is not None:
+                stats.add(requests=1, retries=1)
+
+        return await self.retrying(
+            attempt_once, on_retry=on_retry, what=f"s3://{bucket}/{key} bytes [0, {span})"
+        )
+
+    async def list_keys(self, bucket: str, prefix: str) -> list[str]:
+        """The keys directly under ``prefix`` (a "folder" ending in ``/``, or "" for the
+        bucket's top level; no deeper), listed with ListObjectsV2 through botocore (created on
+        first need, imported in a worker thread), every page, each request retried."""
+        keys: list[str] = []
+        token: str | None = None
+        while True:
+            params: dict[str, Any] = {
+                "Bucket": bucket,
+                "Prefix": prefix,
+                "Delimiter": "/",
+                **self._payer,
+            }
+            if token is not None:
+                params["ContinuationToken"] = token
+
+            async def attempt_once(attempt: int, params: dict[str, Any] = params) -> Any:
+                try:
+                    client = await self.botocore_client()
+                    return await client.list_objects_v2(**params)
+                except Exception as exc:
+                    raise translate_error(exc, bucket, prefix) from exc
+
+            page = await self.retrying(attempt_once, what=f"list s3://{bucket}/{prefix}")
+            keys.extend(str(entry["Key"]) for entry in page.get("Contents", ()))
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or token is None:
+                return keys
+
     async def _get_fast(
         self, bucket: str, key: str, span: int, *, whole: bool
     ) -> tuple[bytes, dict[str, str], int] | None:

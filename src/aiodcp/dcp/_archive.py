@@ -66,6 +66,7 @@ class DcpArchive:
 
     slice_dtypes = SLICE_DTYPES
     max_item_bytes = _DIRECT_MAX_BYTES
+    etags: Mapping[str, str] = {}  # pinned by each file's first response (and the load's start)
 
     def __init__(
         self,

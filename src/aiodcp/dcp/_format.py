@@ -131,6 +131,13 @@ class StoredFormat(Protocol):
         ...
 
     @property
+    def etags(self) -> Mapping[str, str]:
+        """Object key -> the ETag every data GET of it is pinned to (If-Match) from the
+        start: what the format's own metadata read saw (safetensors: each file's header).
+        Other objects are pinned to their first response's ETag, as always."""
+        ...
+
+    @property
     def max_item_bytes(self) -> int:
         """Stored items this long or longer are neither sliced nor received directly."""
         ...

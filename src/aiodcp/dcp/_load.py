@@ -349,7 +349,10 @@ class DcpLoad:
         grouped = self.group(plan)
         for req in grouped.empty:
             self._decode(req, ChunkBuffer([]), planner)
-        etags = self.slice(grouped, planner, max_gap_size, recorder, known or {})
+        etags = {
+            **self.format.etags,
+            **self.slice(grouped, planner, max_gap_size, recorder, known or {}),
+        }
         if grouped.slices:
             # The runs are planned by what a request was worth when they were chosen: a gap
             # "auto" would merge but slicing left out is not fetched after all.
@@ -565,7 +568,8 @@ class DcpLoad:
                 where[StoredItem(path, item_range.start, item_range.end)] = (len(files), index)
             files.append(FileFetch(self._path.key(path), file_plan))
         store = self._io.run(_opened)
-        return FetchEngine(store, self._path.bucket, files, config, recorder), where
+        engine = FetchEngine(store, self._path.bucket, files, config, recorder, self.format.etags)
+        return engine, where
 
     def slice(
         self,
@@ -692,7 +696,14 @@ class DcpLoad:
         ]
         grouped.probe_plans = {path: f.plan for path, f in zip(probes, files, strict=True)}
         engine = self._running(
-            FetchEngine(self._io.run(_opened), self._path.bucket, files, self.config, recorder)
+            FetchEngine(
+                self._io.run(_opened),
+                self._path.bucket,
+                files,
+                self.config,
+                recorder,
+                self.format.etags,
+            )
         )
 
         async def probe(store: S3Store) -> None:

@@ -48,9 +48,9 @@ import asyncio
 import difflib
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
@@ -81,6 +81,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "METADATA_NAME",
+    "Fetch",
+    "Fetched",
     "FetchedMetadata",
     "LoadSession",
     "fetch_metadata",
@@ -107,9 +109,40 @@ class FetchedMetadata:
     def url(self) -> str:
         return f"s3://{self.bucket}/{self.key}"
 
+    @property
+    def nbytes(self) -> int:
+        return len(self.data)
+
     def parse(self) -> Metadata:
         """Unpickle with DCP's allow-list (``CheckpointFormatError`` if it is not DCP's)."""
         return load_metadata(self.data, self.url)
+
+
+class Fetched(Protocol):
+    """What describes a checkpoint, as fetched (picklable: a shared load broadcasts it):
+    DCP's ``FetchedMetadata``, safetensors' ``FetchedCatalog`` (index and headers)."""
+
+    @property
+    def request_latency_s(self) -> float: ...
+
+    @property
+    def nbytes(self) -> int: ...
+
+    def parse(self) -> Metadata: ...
+
+
+class Fetch(Protocol):
+    """``fetch(store, path, recorder, rank=None)``: fetch what describes the checkpoint at
+    ``path`` (``fetch_metadata`` for DCP), counting its requests in ``recorder``."""
+
+    def __call__(
+        self,
+        store: S3Store,
+        path: CheckpointPath,
+        recorder: StatsRecorder | None = None,
+        *,
+        rank: int | None = None,
+    ) -> Awaitable[Fetched]: ...
 
 
 async def fetch_metadata(
@@ -156,8 +189,11 @@ class LoadSession:
         progress: bool = False,
         metadata: Metadata | None = None,
         request_latency_s: float | None = None,
+        fetch: Fetch | None = None,
     ) -> None:
         self.path = path
+        self.fetch: Fetch = fetch_metadata if fetch is None else fetch
+        """What reads the checkpoint's description: DCP's ``.metadata`` by default."""
         self.config = config
         self.scope: ScopedDriver = driver.scope()
         """This load's requests: what ``cancel`` stops, and nothing else."""
@@ -179,17 +215,18 @@ class LoadSession:
 
     # ------------------------------------------------------------------ metadata
 
-    def _fetch(self, rank: int | None = None) -> FetchedMetadata:
-        path, recorder = self.path, self.recorder
-        name = METADATA_NAME if rank is None else f"__{int(rank)}{METADATA_NAME}"
-        return self.scope.run(
-            lambda store: fetch_metadata(store, path, recorder, rank=rank),
-            f"the GET of {path.url}/{name}",
-        )
+    def _fetch(self, rank: int | None = None) -> Fetched:
+        path, recorder, fetch = self.path, self.recorder, self.fetch
+        if fetch is fetch_metadata:
+            name = METADATA_NAME if rank is None else f"__{int(rank)}{METADATA_NAME}"
+            what = f"the GET of {path.url}/{name}"
+        else:
+            what = f"the read of what describes {path.url} (its index and headers)"
+        return self.scope.run(lambda store: fetch(store, path, recorder, rank=rank), what)
 
-    def _took(self, fetched: FetchedMetadata, metadata: Metadata) -> Metadata:
+    def _took(self, fetched: Fetched, metadata: Metadata) -> Metadata:
         self.request_latency_s = self.recorder.request_latency_s = fetched.request_latency_s
-        self.metadata_bytes = len(fetched.data)
+        self.metadata_bytes = fetched.nbytes
         self.metadata = metadata
         return metadata
 
@@ -208,8 +245,8 @@ class LoadSession:
         """``read_metadata`` awaited from a coroutine of another loop (the caller's): the GET
         runs on the session's loop, the unpickling in a thread (a large checkpoint's metadata
         takes long). Cancelling the awaiting task cancels the session."""
-        path, recorder = self.path, self.recorder
-        future = self.scope.submit(lambda store: fetch_metadata(store, path, recorder))
+        path, recorder, fetch = self.path, self.recorder, self.fetch
+        future = self.scope.submit(lambda store: fetch(store, path, recorder))
         try:
             fetched = await asyncio.wrap_future(future)
         except asyncio.CancelledError:

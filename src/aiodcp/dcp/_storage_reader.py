@@ -63,12 +63,15 @@ from ._sharing import (
 if TYPE_CHECKING:
     from torch.distributed.checkpoint.filesystem import _StorageInfo
 
+    from ._format import StoredFormat
+
 __all__ = ["S3StorageReader", "attached_reader"]
 
 
 logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
+_R = TypeVar("_R", bound="S3StorageReader")
 
 
 class S3StorageReader(StorageReader):
@@ -213,7 +216,7 @@ class S3StorageReader(StorageReader):
         # checkpoint_id): the load's session, and its statistics, start here.
         session, self._attached = self._attached, None
         if session is None or session.path != self._path:
-            session = LoadSession(self._path, self.config, self._io, progress=self.progress)
+            session = self._new_session()
         self._session = session
         if rank is not None or session.metadata is None:
             # Shared: rank 0 GETs it, every rank gets its bytes (one GET per job).
@@ -277,9 +280,8 @@ class S3StorageReader(StorageReader):
                 item = StoredItem(info.relative_path, info.offset, info.offset + info.length)
                 items.setdefault(item, []).append(req)
             reqs_of.append(items)
-        session = self._current().dcp_load(
-            self.storage_data, self._tensor_metadata, recorder=StatsRecorder()
-        )
+        current = self._current()
+        session = current.read_phase(self._stored_format(current), recorder=StatsRecorder())
         apart = session.sliced_apart(reqs_of)
         needs = [set(items) for items in reqs_of]
         probed_by = {probe: ranks for probes, ranks in apart.values() for probe in probes}
@@ -303,7 +305,7 @@ class S3StorageReader(StorageReader):
             self._stats = session.read(
                 plan,
                 planner,
-                session.dcp_format(self.storage_data, self._tensor_metadata, self._extensions),
+                self._stored_format(session),
                 group=self._share_group,
                 sharing=self._sharing,
             )
@@ -319,8 +321,16 @@ class S3StorageReader(StorageReader):
     def _current(self) -> LoadSession:
         """This load's session (``read_metadata`` starts it; planning without it gets one)."""
         if self._session is None:
-            self._session = LoadSession(self._path, self.config, self._io, progress=self.progress)
+            self._session = self._new_session()
         return self._session
+
+    def _new_session(self) -> LoadSession:
+        """A load's session: it reads DCP's ``.metadata``."""
+        return LoadSession(self._path, self.config, self._io, progress=self.progress)
+
+    def _stored_format(self, session: LoadSession) -> StoredFormat:
+        """The checkpoint's format for the read phase: DCP's (``dcp/_archive.py``)."""
+        return session.dcp_format(self.storage_data, self._tensor_metadata, self._extensions)
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
@@ -328,14 +338,19 @@ class S3StorageReader(StorageReader):
 
 
 def attached_reader(
-    session: LoadSession, driver: Driver, share_over: dist.ProcessGroup | None
-) -> S3StorageReader:
-    """A reader whose next ``dcp.load`` is ``session`` (its metadata, if the caller read it
-    already, its prefetch source, its cancellation), for ``load_checkpoint`` and prefetch
-    handles; ``driver``, the loop under the session, is the caller's (not closed with the
-    reader); ``share_over``: the group the caller's ``dcp.load`` runs on when it shares, None
-    when it does not (the caller knows: no frame lookup)."""
-    reader = S3StorageReader(session.path.url, config=session.config, progress=session.progress)
+    session: LoadSession,
+    driver: Driver,
+    share_over: dist.ProcessGroup | None,
+    reader_type: type[_R] | None = None,
+) -> _R:
+    """A reader (``reader_type``: ``S3StorageReader`` unless given) whose next ``dcp.load`` is
+    ``session`` (its metadata, if the caller read it already, its prefetch source, its
+    cancellation), for ``load_checkpoint`` and prefetch handles; ``driver``, the loop under the
+    session, is the caller's (not closed with the reader); ``share_over``: the group the
+    caller's ``dcp.load`` runs on when it shares, None when it does not (the caller knows: no
+    frame lookup)."""
+    kind = cast("type[_R]", S3StorageReader) if reader_type is None else reader_type
+    reader = kind(session.path.url, config=session.config, progress=session.progress)
     reader._process_group, reader._group_given = share_over, True
     reader._driver = driver
     reader._owns_driver = False
