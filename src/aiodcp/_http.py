@@ -76,7 +76,7 @@ import asyncio
 import enum
 import re
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Protocol
@@ -688,19 +688,7 @@ class _Connection(asyncio.BufferedProtocol):
             lines.append(f"Content-Length: {length}")
         try:
             transport.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
-            for view in body:
-                for at in range(0, len(view), _SEND_SLICE_BYTES):
-                    while self._paused and self._state in _ACTIVE:
-                        self._drain = self._loop.create_future()
-                        await self._drain
-                    if self._state not in _ACTIVE:
-                        break  # answered (an early error) or failed: stop sending
-                    transport.write(view[at : at + _SEND_SLICE_BYTES])
-                    self._last_activity = self._loop.time()
-                else:
-                    continue
-                break
-            else:
+            if await self._write_body(body):
                 self._body_written = True
             await self._waiter
             return self._reply_status, self._headers, bytes(self._reply_body)
@@ -714,6 +702,48 @@ class _Connection(asyncio.BufferedProtocol):
             self._waiter = None
             self._drain = None
             self._generic = False
+
+    async def _write_body(self, body: Sequence[memoryview]) -> bool:
+        """Write ``body`` as the transport takes it; False if the reply ended it early. Views
+        of a slice or more are written from their own memory, a slice at a time; smaller ones
+        (a save's small items, archive framing) are gathered into one slice first, so that a
+        part of many small items is a few writes, not one per item."""
+        small = bytearray()
+        for piece in _slices(body):
+            if len(piece) < _SEND_SLICE_BYTES // 4:
+                small += piece
+                if len(small) < _SEND_SLICE_BYTES:
+                    continue
+                gathered, small = small, bytearray()
+                if not await self._write(memoryview(gathered)):
+                    return False
+                continue
+            if small:
+                gathered, small = small, bytearray()
+                if not await self._write(memoryview(gathered)):
+                    return False
+            if not await self._write(piece):
+                return False
+        return not small or await self._write(memoryview(small))
+
+    async def _write(self, data: memoryview) -> bool:
+        """One slice, once the transport's buffer is below its low mark; False if the reply
+        ended the request (an early error, a failure) first."""
+        while self._paused and self._state in _ACTIVE:
+            self._drain = self._loop.create_future()
+            await self._drain
+        transport = self.transport
+        if self._state not in _ACTIVE or transport is None or transport.is_closing():
+            return False  # (closing: the connection broke; its loss is being reported)
+        transport.write(data)
+        self._last_activity = self._loop.time()
+        return True
+
+
+def _slices(body: Sequence[memoryview]) -> Iterator[memoryview]:
+    for view in body:
+        for at in range(0, len(view), _SEND_SLICE_BYTES):
+            yield view[at : at + _SEND_SLICE_BYTES]
 
 
 def _dechunk(raw: bytearray) -> tuple[bytearray, int] | None:

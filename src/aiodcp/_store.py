@@ -971,7 +971,7 @@ class S3Store:
             except HttpError as exc:
                 kind = _refusal_kind(exc.status, exc.code, exc.message)
                 if kind is None:
-                    raise translate_write_error(exc, *where) from exc
+                    raise translate_write_error(exc, *where, part=request.part_number) from exc
                 if kind in ("stale", "resign"):
                     if kind == "stale" and not await self._refresh_credentials(signed.access_key):
                         raise translate_write_error(exc, *where) from exc
@@ -982,7 +982,7 @@ class S3Store:
             except AiodcpError:
                 raise
             except Exception as exc:
-                raise translate_write_error(exc, *where) from exc
+                raise translate_write_error(exc, *where, part=request.part_number) from exc
             break
         return None
 
@@ -1060,7 +1060,9 @@ class S3Store:
             client = await self.botocore_client()
             response = await getattr(client, request.operation)(**params)
         except Exception as exc:
-            raise translate_write_error(exc, request.bucket, request.key) from exc
+            raise translate_write_error(
+                exc, request.bucket, request.key, part=request.part_number
+            ) from exc
         checksum = response.get("ChecksumCRC64NVME")
         size = response.get("ContentLength")
         return WriteReply(
@@ -1314,14 +1316,22 @@ def classify_write(
 
 
 def translate_write_error(
-    exc: BaseException, bucket: str, key: str, byte_range: tuple[int, int] | None = None
+    exc: BaseException,
+    bucket: str,
+    key: str,
+    byte_range: tuple[int, int] | None = None,
+    *,
+    part: int | None = None,
 ) -> AiodcpError:
     """``translate_error`` for a save's requests: error replies through ``classify_write``,
-    connection failures as retryable ``TransferError`` (worded for writing)."""
+    connection failures as retryable ``TransferError`` (worded for writing); ``part``: the part
+    of a multipart upload it was, named in the message."""
     if isinstance(exc, AiodcpError):
         return exc
-    where = _where(bucket, key, byte_range)
+    where = _where(bucket, key, byte_range) + (f" (part {part})" if part is not None else "")
     ctx: dict[str, Any] = {"bucket": bucket, "key": key, "byte_range": byte_range}
+    if part is not None:
+        ctx["part"] = part
     boto = sys.modules.get("aiodcp._botostore")
     facts: tuple[int, str, str] | None = None
     if isinstance(exc, HttpError):
