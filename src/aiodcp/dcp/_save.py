@@ -141,9 +141,9 @@ def save_group() -> dist.ProcessGroup | None:
             wrapper = frame.f_locals["distW"]
             if not getattr(wrapper, "use_dist", False):
                 return None
-            group = getattr(wrapper, "group", None)
+            group = getattr(wrapper, "group", None) or dist.group.WORLD  # None: the default
             try:
-                return group if dist.get_world_size(group) >= 2 else None
+                return group if group is not None and dist.get_world_size(group) >= 2 else None
             except (RuntimeError, ValueError):
                 return None
         frame = frame.f_back  # type: ignore[assignment]

@@ -105,6 +105,7 @@ class S3StorageWriter(StorageWriter):
         self._owns_driver = True
         self._session: SaveSession | None = None
         self._stats: SaveStats | None = None
+        self._abort_requested = False
 
     # ------------------------------------------------------------------ plumbing
 
@@ -112,7 +113,14 @@ class S3StorageWriter(StorageWriter):
         """Without its loop, connections and save in progress (``async_save`` PROCESS mode
         pickles the writer into its checkpointing process)."""
         state = dict(self.__dict__)
-        for name in ("_driver", "_driver_lock", "_owns_driver", "_session", "_stats"):
+        for name in (
+            "_driver",
+            "_driver_lock",
+            "_owns_driver",
+            "_session",
+            "_stats",
+            "_abort_requested",
+        ):
             state.pop(name, None)
         return state
 
@@ -160,7 +168,9 @@ class S3StorageWriter(StorageWriter):
 
     def abort(self) -> None:
         """Cancel the save in progress, from any thread: nothing is committed, its uploads are
-        aborted and its data files deleted; ``write_data`` (or ``finish``) raises."""
+        aborted and its data files deleted; ``write_data`` (or ``finish``) raises. A save that
+        has not reached ``set_up_storage_writer`` yet is cancelled as it does."""
+        self._abort_requested = True
         session = self._session
         if session is not None:
             session.cancel()
@@ -172,10 +182,20 @@ class S3StorageWriter(StorageWriter):
 
     def _current(self) -> SaveSession:
         if self._session is None:
-            self._session = SaveSession(
+            session = SaveSession(
                 self._path, self.config, self._io, overwrite=self.overwrite, rank=self.rank or 0
             )
+            if self._abort_requested:
+                session.cancel()
+            self._session = session
         return self._session
+
+    def _ended(self, session: SaveSession) -> None:
+        """This rank's part of the save ended (committed, or failed): its statistics."""
+        self._stats = session.finish_stats()
+        self._session = None
+        self._abort_requested = False
+        self.save_id = uuid.uuid4().hex  # the next save through this writer is another one
 
     # ------------------------------------------------------------------ StorageWriter
 
@@ -224,13 +244,10 @@ class S3StorageWriter(StorageWriter):
         try:
             results = session.write(plan, planner, prefix.prefix, group)
         except BaseException:
-            self._stats = session.finish_stats()
-            self._session = None
-            self.save_id = uuid.uuid4().hex
+            self._ended(session)
             raise
         if not self.is_coordinator and self.use_collectives:
-            # this rank's part ends here (the coordinator commits)
-            self._stats = session.finish_stats()
+            self._ended(session)  # this rank's part ends here (the coordinator commits)
         future: Future[list[WriteResult]] = Future()
         future.set_result(results)
         return future
@@ -240,9 +257,7 @@ class S3StorageWriter(StorageWriter):
         try:
             session.commit(metadata, results, self.storage_meta(), self._metadata_name())
         finally:
-            self._stats = session.finish_stats()
-            self._session = None
-            self.save_id = uuid.uuid4().hex  # the next save through this writer is another one
+            self._ended(session)
         logger.info("%s: saved: %s", self._path.url, self._stats)
 
     @classmethod
