@@ -36,11 +36,28 @@ from __future__ import annotations
 import ctypes
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-__all__ = ["TensorArchive", "storage_memory", "tensor_archive"]
+__all__ = ["TensorArchive", "crc32", "storage_memory", "tensor_archive"]
+
+
+def _crc32_function() -> Callable[[Any, int], int]:
+    """zip's CRC-32 (a storage's, in its archive): ISA-L's (``isal``, ~0.03 CPU-s per GiB here,
+    the GIL released) when installed, else zlib's (~0.16 CPU-s per GiB, GIL released too). The
+    same CRC either way; a save computes it over every byte it sends from a tensor's memory."""
+    try:
+        from isal.isal_zlib import crc32 as isal_crc32
+    except ImportError:
+        return zlib.crc32
+    return isal_crc32  # type: ignore[no-any-return]
+
+
+crc32: Callable[[Any, int], int] = _crc32_function()
+"""``crc32(data, previous)``: the CRC-32 of ``data`` continuing ``previous`` (zlib's form)."""
 
 _EOCD = struct.Struct("<IHHHHIIH")
 _EOCD_SIG = 0x06054B50
@@ -64,20 +81,31 @@ def _hash_combine(seed: int, value: int) -> int:
     )
 
 
+class _Hole(Exception):
+    """A read of bytes torch did not write (the storage's hole): not the expected layout."""
+
+
 class _Capture:
-    """A seekable in-memory file for ``torch.save``: what it writes, holes where it seeks."""
+    """A seekable in-memory file for ``torch.save``: the runs of bytes it writes, by offset.
+    A seek over the storage (``skip_data``) leaves a hole that costs nothing: no zeros are
+    allocated for it (a tensor of 1 GiB would otherwise cost 1 GiB of page faults)."""
 
     def __init__(self) -> None:
-        self.buffer = bytearray()
+        self.pieces: list[tuple[int, bytearray]] = []
         self.pos = 0
+        self.size = 0
 
     def write(self, data: bytes | memoryview) -> int:
         view = memoryview(data).cast("B")
-        end = self.pos + len(view)
-        if end > len(self.buffer):
-            self.buffer.extend(bytes(end - len(self.buffer)))
-        self.buffer[self.pos : end] = view
-        self.pos = end
+        last = self.pieces[-1] if self.pieces else None
+        if last is not None and last[0] + len(last[1]) == self.pos:
+            last[1].extend(view)
+        elif self.pos < self.size:
+            raise _Hole("torch.save wrote over bytes it had written")
+        else:
+            self.pieces.append((self.pos, bytearray(view)))
+        self.pos += len(view)
+        self.size = max(self.size, self.pos)
         return len(view)
 
     def seek(self, offset: int, whence: int = 0) -> int:
@@ -86,9 +114,8 @@ class _Capture:
         elif whence == 1:
             self.pos += offset
         else:
-            self.pos = len(self.buffer) + offset
-        if self.pos > len(self.buffer):
-            self.buffer.extend(bytes(self.pos - len(self.buffer)))
+            self.pos = self.size + offset
+        self.size = max(self.size, self.pos)
         return self.pos
 
     def tell(self) -> int:
@@ -96,6 +123,17 @@ class _Capture:
 
     def flush(self) -> None:
         pass
+
+    def read(self, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)``, which torch wrote in one run (``_Hole`` otherwise)."""
+        for at, piece in self.pieces:
+            if at <= start and end <= at + len(piece):
+                return bytes(piece[start - at : end - at])
+        raise _Hole(f"bytes [{start}, {end}) were not written")
+
+    def unpack(self, fmt: struct.Struct | str, offset: int) -> tuple[Any, ...]:
+        layout = fmt if isinstance(fmt, struct.Struct) else struct.Struct(fmt)
+        return layout.unpack(self.read(offset, offset + layout.size))
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,29 +147,29 @@ class _Record:
     """Offset of its central directory header in the archive."""
 
 
-def _records(archive: bytes | bytearray) -> list[_Record] | None:
+def _records(archive: _Capture) -> list[_Record] | None:
     """Every record of a zip torch wrote, in write order; None if it is laid out otherwise."""
-    total = len(archive)
+    total = archive.size
     if total < _EOCD.size:
         return None
     eocd = total - _EOCD.size
-    sig, _, _, _, count, cd_size, cd_offset, comment = _EOCD.unpack_from(archive, eocd)
+    sig, _, _, _, count, cd_size, cd_offset, comment = archive.unpack(_EOCD, eocd)
     if sig != _EOCD_SIG or comment:
         return None
     if cd_offset == _ZIP64 or cd_size == _ZIP64 or count == 0xFFFF:
         locator = eocd - 20
-        if locator < 0 or struct.unpack_from("<I", archive, locator)[0] != _ZIP64_LOCATOR_SIG:
+        if locator < 0 or archive.unpack("<I", locator)[0] != _ZIP64_LOCATOR_SIG:
             return None
-        (record,) = struct.unpack_from("<Q", archive, locator + 8)
-        if struct.unpack_from("<I", archive, record)[0] != _ZIP64_EOCD_SIG:
+        (record,) = archive.unpack("<Q", locator + 8)
+        if archive.unpack("<I", record)[0] != _ZIP64_EOCD_SIG:
             return None
-        count, cd_size, cd_offset = struct.unpack_from("<QQQ", archive, record + 32)
+        count, cd_size, cd_offset = archive.unpack("<QQQ", record + 32)
     records = []
     pos = cd_offset
     for _ in range(count):
         if pos + _CDIR.size > total:
             return None
-        fields = _CDIR.unpack_from(archive, pos)
+        fields = archive.unpack(_CDIR, pos)
         if fields[0] != _CDIR_SIG or fields[4] != 0:  # signature; STORED only
             return None
         crc, size, name_len, extra_len, comment_len, local = (
@@ -142,10 +180,9 @@ def _records(archive: bytes | bytearray) -> list[_Record] | None:
             fields[12],
             fields[16],
         )
-        name = bytes(archive[pos + _CDIR.size : pos + _CDIR.size + name_len]).decode("utf-8")
-        extra = bytes(
-            archive[pos + _CDIR.size + name_len : pos + _CDIR.size + name_len + extra_len]
-        )
+        name_at = pos + _CDIR.size
+        name = archive.read(name_at, name_at + name_len).decode("utf-8")
+        extra = archive.read(name_at + name_len, name_at + name_len + extra_len)
         if _ZIP64 in (size, local, fields[8]):
             wide = _zip64_fields(extra)
             if wide is None:
@@ -158,7 +195,7 @@ def _records(archive: bytes | bytearray) -> list[_Record] | None:
                 local = wide.pop(0)
         if local + _LOCAL.size > total:
             return None
-        header = _LOCAL.unpack_from(archive, local)
+        header = archive.unpack(_LOCAL, local)
         if header[0] != _LOCAL_SIG:
             return None
         data = local + _LOCAL.size + header[9] + header[10]
@@ -232,12 +269,19 @@ def tensor_archive(tensor: torch.Tensor) -> TensorArchive | None:
     is not laid out as expected (stage ``torch.save``'s bytes instead). ``tensor``: on the CPU,
     its storage exactly its bytes (as ``FileSystemWriter`` makes it)."""
     capture = _Capture()
-    with torch.serialization.skip_data():
-        torch.save(tensor, capture)  # type: ignore[arg-type]
-    archive = capture.buffer
-    records = _records(archive)
-    if records is None:
+    try:
+        with torch.serialization.skip_data():
+            torch.save(tensor, capture)  # type: ignore[arg-type]
+        records = _records(capture)
+        if records is None:
+            return None
+        return _built(tensor, capture, records)
+    except (_Hole, struct.error, UnicodeDecodeError):
         return None
+
+
+def _built(tensor: torch.Tensor, archive: _Capture, records: list[_Record]) -> TensorArchive | None:
+    """The archive from what ``torch.save`` wrote under ``skip_data``, checked."""
     memory = storage_memory(tensor)
     storages = [r for r in records if r.name.split("/", 1)[-1].startswith("data/")]
     ids = [r for r in records if r.name.endswith("/.data/serialization_id")]
@@ -249,11 +293,11 @@ def tensor_archive(tensor: torch.Tensor) -> TensorArchive | None:
         ident.local >= end
         and storage.crc == 0
         and ident.size == 2 * _ID_DIGITS
-        and struct.unpack_from("<I", archive, end)[0] == _DESCRIPTOR_SIG
-        and struct.unpack_from("<I", archive, ident.data + ident.size)[0] == _DESCRIPTOR_SIG
+        and archive.unpack("<I", end)[0] == _DESCRIPTOR_SIG
+        and archive.unpack("<I", ident.data + ident.size)[0] == _DESCRIPTOR_SIG
     ):
         return None
-    written = bytes(archive[ident.data : ident.data + ident.size])
+    written = archive.read(ident.data, ident.data + ident.size)
     if not written.isdigit():
         return None
     before = tuple(r.crc for r in records if r.local < storage.local)
@@ -264,10 +308,10 @@ def tensor_archive(tensor: torch.Tensor) -> TensorArchive | None:
     if combined != int(written[_ID_DIGITS:]):
         return None  # this torch computes the id otherwise: use its own bytes
     return TensorArchive(
-        prefix=bytes(archive[:start]),
+        prefix=archive.read(0, start),
         memory=memory,
         owner=tensor,
-        _template=bytes(archive[end:]),
+        _template=archive.read(end, archive.size),
         _id_prefix=written[:_ID_DIGITS],
         _crcs_before=before,
         _crcs_after=after,

@@ -81,7 +81,7 @@ from .._errors import (
 from .._path import CheckpointPath
 from .._stats import SaveRecorder, SaveStats
 from .._upload import FileStream, ObjectRecord, Part, Staged, UploadEngine, part_size_for
-from ._archive import tensor_archive
+from ._archive import crc32, tensor_archive
 from ._integrity import DEFAULT_BLOCK_BYTES, FileRecord, Integrity
 
 if TYPE_CHECKING:
@@ -690,15 +690,15 @@ class _Producer:
                 self.session._run(lambda store: _release(engine, dropped))
             return done
         done = self._framing(stream, archive.prefix)
-        crc32 = 0
+        storage_crc = 0
         memory = archive.memory
         for at in range(0, len(memory), _CHUNK_BYTES):
             chunk = memory[at : at + _CHUNK_BYTES]
-            crc32 = zlib.crc32(chunk, crc32)
+            storage_crc = crc32(chunk, storage_crc)
             done += stream.add(chunk, copy)
         if copy is None:
             self.recorder.add(direct_bytes=len(memory))
-        done += self._framing(stream, archive.suffix(crc32))
+        done += self._framing(stream, archive.suffix(storage_crc))
         return done
 
     def _framing(self, stream: FileStream, data: bytes) -> list[Part]:
