@@ -82,6 +82,7 @@ def delete_prefix(endpoint: str, bucket: str, prefix: str) -> None:
         s3.delete_object(Bucket=bucket, Key=entry["Key"])
     # (s3rver has no ListMultipartUploads: open uploads are checked by the test suite)
 
+
 def run_one(
     servers: bench.Servers,
     env: dict[str, str],
