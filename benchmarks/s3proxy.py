@@ -109,6 +109,15 @@ class Proxy:
                     await self.control(target, cwriter)
                     continue
                 body = b""
+                if "100-continue" in headers.get("expect", "").lower():
+                    # aiobotocore (s3fs) waits for it before sending a body: answer it here and
+                    # forward the request without the expectation
+                    cwriter.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    head = b"\r\n".join(
+                        line
+                        for line in head.split(b"\r\n")
+                        if not line.lower().startswith(b"expect:")
+                    )
                 if "content-length" in headers:
                     body = await self.read_body(creader, int(headers["content-length"]))
                     if body:

@@ -62,6 +62,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--savers", default=",".join(SAVERS))
     parser.add_argument("--aiodcp-src", default="worktree", help="worktree, or a git revision")
     parser.add_argument("--aiodcp-options", default="{}", help="JSON: extra WriterConfig fields")
+    parser.add_argument(
+        "--extra-pythonpath",
+        default="",
+        help="prepended to the savers' PYTHONPATH (e.g. a --target install of a requirement "
+        "the virtualenv predates)",
+    )
     parser.add_argument("--data", default=str(HERE / ".data"))
     parser.add_argument("--out", default=str(HERE / "results" / "save.json"))
     return parser.parse_args(argv)
@@ -204,6 +210,8 @@ def main(argv: list[str] | None = None) -> None:
     data.mkdir(parents=True, exist_ok=True)
     src, described = bench.aiodcp_source(args.aiodcp_src, data)
     env = bench.child_env(src)
+    if args.extra_pythonpath:
+        env["PYTHONPATH"] = f"{args.extra_pythonpath}:{env['PYTHONPATH']}"
     for var in [k for k in os.environ if k.startswith("AWS_")]:
         del os.environ[var]
     os.environ.update(bench.CREDENTIALS, AWS_EC2_METADATA_DISABLED="true")

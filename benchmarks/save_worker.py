@@ -119,6 +119,13 @@ def save(state: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
     return extra
 
 
+def crc32_module() -> str | None:
+    """Which library computed aiodcp's zip CRC-32s (isal, or zlib when isal is missing)."""
+    if "aiodcp.dcp._archive" not in sys.modules:
+        return None
+    return str(sys.modules["aiodcp.dcp._archive"].crc32.__module__)
+
+
 def _stats(stats: Any) -> dict[str, Any]:
     import dataclasses
 
@@ -164,6 +171,7 @@ def main() -> None:
         "wall_s": wall,
         "cpu_s": cpu,
         "rss_above_state": peak.above_baseline,
+        "crc32": crc32_module(),
         "correct": verify(state, job),
         **extra,
     }
