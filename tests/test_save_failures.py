@@ -419,3 +419,42 @@ async def test_the_callers_loop_stays_responsive(strict: StrictServer, strict_bu
         await beat
     assert stats.bytes_written > 96 * MIB and len(lags) > 10
     assert max(lags) < 0.1, f"the caller's loop lagged {max(lags) * 1000:.0f} ms"
+
+
+# --------------------------------------------------------------------------- TLS, requester pays
+
+
+def test_save_over_tls(
+    strict: StrictServer, strict_bucket: str, store_path: dict[str, Any]
+) -> None:
+    """The bodies go through the TLS transport the same way (written as the socket takes them)."""
+    sd = state(n_big=3, big=3 * MIB)
+    url = f"s3://{strict_bucket}/ck"
+    tls = opts(strict.tls_endpoint_url, verify=str(strict.ca_path), **store_path)
+    stats = save(sd, url, **tls)
+    assert stats.multipart_uploads == 1 and stats.direct_bytes >= 9 * MIB
+    out = blank(sd)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(out, storage_reader=aiodcp.S3StorageReader(url, **tls))
+    assert_same(out, sd)
+
+
+def test_save_to_a_requester_pays_bucket(
+    strict: StrictServer, strict_bucket: str, store_path: dict[str, Any]
+) -> None:
+    """Every request of the save (uploads, multipart calls, the commit, its reads) carries
+    x-amz-request-payer, signed: the store refuses any that does not."""
+    strict.requester_pays(strict_bucket)
+    sd = state(n_big=3, big=3 * MIB)
+    url = f"s3://{strict_bucket}/ck"
+    with pytest.raises(aiodcp.AccessDeniedError):
+        save(sd, url, **opts(strict.endpoint_url, **store_path))
+    payer = opts(strict.endpoint_url, request_payer="requester", **store_path)
+    save(sd, url, **payer)
+    save(sd, url, **payer)  # over it: reads the old .metadata, deletes its files
+    out = blank(sd)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(out, storage_reader=aiodcp.S3StorageReader(url, **payer))
+    assert_same(out, sd)
