@@ -230,3 +230,80 @@ def test_save_server_log_shows_data_first_metadata_last(
     assert writes[-1]["path"].endswith("/order/.metadata") and writes[-1]["method"] == "PUT"
     assert all(not r["path"].endswith(".metadata") for r in writes[:-1])
     assert any("uploadId" in r["query"] for r in writes)  # parts went as a multipart upload
+
+
+# --------------------------------------------------------------------------- the contract
+
+
+def test_writer_is_a_complete_storage_writer() -> None:
+    import inspect
+
+    assert issubclass(aiodcp.S3StorageWriter, dcp.StorageWriter)
+    assert not getattr(aiodcp.S3StorageWriter, "__abstractmethods__", None)
+    params = list(inspect.signature(aiodcp.S3StorageWriter).parameters.values())
+    assert params[0].name == "checkpoint_id" and params[0].kind is params[0].POSITIONAL_OR_KEYWORD
+    assert all(p.kind in (p.KEYWORD_ONLY, p.VAR_KEYWORD) for p in params[1:])
+    assert {"region", "endpoint_url", "overwrite", "config"} <= {p.name for p in params}
+    # torch passes rank and use_collectives only to a parameter literally named "kwargs"
+    sig = inspect.signature(aiodcp.S3StorageWriter.set_up_storage_writer)
+    assert "kwargs" in sig.parameters
+    assert aiodcp.S3StorageWriter.validate_checkpoint_id("s3://bucket/ckpt")
+    assert not aiodcp.S3StorageWriter.validate_checkpoint_id("/local/dir")
+    save_sig = inspect.signature(aiodcp.save_checkpoint)
+    assert list(save_sig.parameters)[:2] == ["state_dict", "checkpoint_id"]
+    assert {"process_group", "no_dist", "planner", "overwrite"} <= set(save_sig.parameters)
+    assert inspect.iscoroutinefunction(aiodcp.save_checkpoint)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"part_size": 1024 * 1024}, "part_size"),
+        ({"part_size": 6 * 1024**3}, "part_size"),
+        ({"files_per_rank": 0}, "files_per_rank"),
+        ({"prefix_spread": -1}, "prefix_spread"),
+        ({"memory_budget": 0}, "memory_budget"),
+        ({"max_concurrency": 0}, "max_concurrency"),
+        ({"overwrite": "yes"}, "overwrite"),
+        ({"max_gap_size": 0}, "max_gap_size"),  # a load's option: not a save's
+    ],
+)
+def test_bad_options_are_refused_by_name(kwargs: dict[str, Any], field: str) -> None:
+    with pytest.raises(aiodcp.ConfigError, match=field) as info:
+        aiodcp.S3StorageWriter("s3://bucket/ckpt", **kwargs)
+    assert info.value.field == field
+
+
+def test_writer_pickles_without_its_loop_and_saves_again(
+    s3: Any, bucket: str, reader_kwargs: dict[str, Any]
+) -> None:
+    """dcp.async_save's PROCESS mode pickles the writer: without its thread and connections."""
+    writer = aiodcp.S3StorageWriter(f"s3://{bucket}/a", **reader_kwargs)
+    state = sample_state()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save(state, storage_writer=writer)  # the writer now has a loop and connections
+        clone = pickle.loads(pickle.dumps(writer))
+        writer.close()
+        assert clone.stats is None and clone.checkpoint_id == f"s3://{bucket}/a"
+        clone.reset(f"s3://{bucket}/b")
+        dcp.save(state, storage_writer=clone)
+        clone.close()
+    out = blank(state)
+    dcp.load(out, storage_reader=aiodcp.S3StorageReader(f"s3://{bucket}/b", **reader_kwargs))
+    assert_same(out, state)
+
+
+def test_one_writer_saves_twice_under_new_names(
+    s3: Any, bucket: str, reader_kwargs: dict[str, Any]
+) -> None:
+    """Each save through one writer names its files anew: the second never writes over the
+    files the first checkpoint's .metadata names."""
+    with aiodcp.S3StorageWriter(f"s3://{bucket}/ck", **reader_kwargs) as writer:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.save(sample_state(), storage_writer=writer)
+            first = set(objects(s3, bucket, "ck"))
+            dcp.save(sample_state(), storage_writer=writer)
+    second = set(objects(s3, bucket, "ck"))
+    assert first & second == {".metadata"} and len(second) == 2

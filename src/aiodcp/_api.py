@@ -44,7 +44,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.planner import LoadPlanner
 
 from ._config import ReaderConfig, WriterConfig
-from ._errors import AiodcpError
+from ._errors import AiodcpError, ConfigError
 from ._path import parse_checkpoint_path
 from ._stats import LoadStats, SaveStats
 from .dcp._session import LoadSession, run_dcp_load, run_in_thread
@@ -185,7 +185,9 @@ async def save_checkpoint(
         **options,
     )
     if not isinstance(overwrite, bool):
-        raise TypeError(f"overwrite must be a bool, got {overwrite!r}")
+        raise ConfigError(
+            f"overwrite must be a bool, got {overwrite!r}", field="overwrite", value=overwrite
+        )
     path = parse_checkpoint_path(checkpoint_id)
     loop_driver, attached_writer, run_dcp_save = await run_in_thread(
         _save_stack, on_cancel=lambda: None

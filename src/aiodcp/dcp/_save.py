@@ -300,6 +300,7 @@ class SaveSession:
             results = self._write(plan, planner, prefix)
         except BaseException as exc:
             error = exc
+            self.cancel()  # this rank's other requests stop before its files are cleaned up
         if group is not None:
             error = self._agree(group, error)
         if error is not None:

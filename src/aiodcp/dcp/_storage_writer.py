@@ -42,7 +42,7 @@ from torch.futures import Future
 
 from .._config import WriterConfig
 from .._driver import Driver, PrivateLoopDriver, renew_locks_after_fork
-from .._errors import AiodcpError
+from .._errors import AiodcpError, ConfigError
 from .._path import CheckpointPath, is_checkpoint_path, parse_checkpoint_path
 from .._stats import SaveStats
 from ._save import METADATA_NAME, RankPrefix, SaveSession, save_group
@@ -80,7 +80,9 @@ class S3StorageWriter(StorageWriter):
     ) -> None:
         super().__init__()
         if not isinstance(overwrite, bool):
-            raise TypeError(f"overwrite must be a bool, got {overwrite!r}")
+            raise ConfigError(
+                f"overwrite must be a bool, got {overwrite!r}", field="overwrite", value=overwrite
+            )
         self.config = WriterConfig.from_kwargs(
             config,
             region=region,
