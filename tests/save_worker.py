@@ -10,9 +10,14 @@ saves them:
 - ``thread`` / ``process``: ``dcp.async_save`` in its THREAD or PROCESS mode
 - ``cancel``: ``await aiodcp.save_checkpoint(...)``; rank 1 cancels its task once it has a
   connection open to its (stalling) endpoint
+- ``local``: ``dcp.save(..., use_collectives=False)`` of each rank's own plain tensors
+  (``state_local``): rank-local ``__{rank}.metadata``
 
-Each rank prints ``rank R OK`` or ``rank R RAISED <ErrorClass>: <message>`` last (and exits 0):
-the test asserts what every rank saw.
+Each rank prints ``rank R OK`` or ``rank R RAISED <ErrorClass>: <message>`` last and exits 0
+with ``os._exit`` once its process group is destroyed (but in ``process`` mode, whose
+checkpointing process torch stops at teardown): the test asserts what every rank saw.
+(Interpreter teardown is skipped: once, in THREAD mode, a rank that had saved and reported OK
+was aborted by a C++ ``terminate`` while the interpreter shut down, outside anything tested.)
 """
 
 from __future__ import annotations
@@ -57,6 +62,12 @@ def sharded_state(world: int) -> dict[str, Any]:
         else:
             out[name] = distribute_tensor(value, mesh, [Shard(0)])
     return out
+
+
+def state_local(rank: int) -> dict[str, Any]:
+    """A rank's own plain tensors, for a save without collectives."""
+    g = torch.Generator().manual_seed(100 + rank)
+    return {"weights": torch.randn(300_000, generator=g), "rank": rank}
 
 
 def established(port: int) -> bool:
@@ -115,6 +126,9 @@ def main() -> None:
                     timeout=120
                 )
                 writer.close()
+            elif mode == "local":  # no collectives: each rank its own __{rank}.metadata
+                with aiodcp.S3StorageWriter(url, **options) as writer:
+                    dcp.save(state_local(rank), storage_writer=writer, use_collectives=False)
             elif mode == "cancel":
                 asyncio.run(save_cancelled_on_rank_1(state, url, options))
             else:
@@ -134,6 +148,9 @@ def main() -> None:
         print(f"rank {rank} OK", flush=True)  # noqa: T201
     finally:
         dist.destroy_process_group()
+    if mode != "process":  # (there, torch's checkpointing process is stopped at teardown)
+        sys.stdout.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":

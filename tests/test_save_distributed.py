@@ -18,7 +18,7 @@ import torch.distributed.checkpoint as dcp
 
 import aiodcp
 from aiodcp.dcp._integrity import Integrity
-from save_worker import full_state
+from save_worker import full_state, state_local
 
 import conftest
 from conftest import S3Server, assert_same
@@ -136,3 +136,34 @@ def test_a_rank_cancelled_mid_upload_makes_every_rank_raise(
     assert lines[0].startswith("rank 0 RAISED PeerSaveError: "), lines
     assert everything(s3, bucket) == []
     assert open_uploads(s3, bucket) == []
+
+
+@pytest.mark.slow
+def test_ranks_saving_without_collectives_commit_their_own_metadata(
+    s3_server: S3Server, s3: Any, bucket: str, tmp_path: Path
+) -> None:
+    """``use_collectives=False``: each rank commits ``__{rank}.metadata`` naming its own data
+    file, as FileSystemWriter does; torch's reader loads each rank's checkpoint."""
+    lines = run(2, "local", f"s3://{bucket}/ck", {"TEST_S3_ENDPOINT": s3_server.endpoint_url})
+    assert lines == ["rank 0 OK", "rank 1 OK"]
+    keys = everything(s3, bucket)
+    assert "ck/__0.metadata" in keys and "ck/__1.metadata" in keys and len(keys) == 4
+    for rank in (0, 1):
+        md = pickle.loads(s3.get_object(Bucket=bucket, Key=f"ck/__{rank}.metadata")["Body"].read())
+        paths = {info.relative_path for info in md.storage_data.values()}
+        assert len(paths) == 1 and paths.pop().startswith(f"__{rank}_0.")
+        record = Integrity.of(md, "ck")
+        assert record is not None and len(record.files) == 1
+        local = tmp_path / f"r{rank}"
+        local.mkdir()
+        for key in keys:
+            (local / key.split("/", 1)[1]).write_bytes(
+                s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+            )
+        (local / ".metadata").write_bytes((local / f"__{rank}.metadata").read_bytes())
+        expected = state_local(rank)
+        out = {"weights": torch.zeros(300_000), "rank": None}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(out, storage_reader=dcp.FileSystemReader(str(local)))
+        assert_same(out, expected)
