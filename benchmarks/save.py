@@ -147,6 +147,7 @@ def run_one(
         - (server_cpu0.user + server_cpu0.system),
         "load_avg_1m_before": load0,
         "aiodcp_stats": ranks[0].get("aiodcp_stats"),
+        "crc32": ranks[0].get("crc32"),
     }
 
 
