@@ -271,6 +271,10 @@ class StrictServer(_LoggedServer):
         """400: AuthorizationHeaderMalformed with <Region>; 301: PermanentRedirect."""
         self.control("PUT", "config", {"region_mode": mode})
 
+    def hold_conditional(self, on: bool) -> None:
+        """While on, every conditional write waits in progress (a second one gets 409)."""
+        self.control("PUT", "config", {"hold_conditional": on})
+
     def counters(self) -> dict[str, Any]:
         result: dict[str, Any] = self.control("GET", "counters")
         return result

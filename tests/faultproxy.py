@@ -2,9 +2,16 @@
 
 Data flow, per client connection (one thread each, HTTP/1.1 keep-alive honoured)::
 
-    client request (request line, headers, body by Content-Length or chunked)
+    client request (request line, headers)
+        -> faults on the request's body (``cut_request_after``, ``stall_request_after``): the
+           first such rule that fires for the head (its predicate sees no body) reads that many
+           body bytes, then resets the connection, or stops reading (a stalled upload) until
+           the client gives up or the stall ends
+        -> the body (Content-Length or chunked)
         -> record it, find the first rule that fires for it (method, path suffix, predicate,
            nth matching request, seeded probability, at most ``times`` faults)
+        -> ``corrupt_request``: flip one byte in the middle of the body before forwarding;
+           ``lose_reply``: forward, then reset the connection instead of answering
         -> fault before forwarding: stall (``stall_s`` or until ``release`` is set; ends early
            when the client hangs up), strip request headers (``Range``, ``If-Match``), or answer
            an S3 XML error (503 SlowDown, 500 InternalError, 403 AccessDenied) without forwarding
@@ -131,6 +138,23 @@ class Fault:
     hang_s: float = 0.0
     """After a truncated body, keep the connection silent this long before closing it (or
     until the client hangs up): a server that stalls mid-body."""
+    cut_request_after: int | None = None
+    """Read this many bytes of the request's body, then reset the connection (an upload cut
+    mid-body); nothing is forwarded."""
+    stall_request_after: int | None = None
+    """Read this many bytes of the request's body, then read nothing more for ``stall_s``
+    seconds (or until ``release``, or the client hangs up), then close; nothing is
+    forwarded."""
+    corrupt_request: bool = False
+    """Flip one bit of the request body's middle byte before forwarding it."""
+    lose_reply: bool = False
+    """Forward the request (the store applies it), then reset the connection without
+    answering: a reply lost on the way back."""
+
+    @property
+    def on_request_body(self) -> bool:
+        """Acts while the request's body is being read (before the request is complete)."""
+        return self.cut_request_after is not None or self.stall_request_after is not None
 
     @classmethod
     def drop(cls, after_bytes: int | None = None) -> Fault:
@@ -151,6 +175,33 @@ class Fault:
     def stall_body(cls, after_bytes: int, seconds: float = 60.0) -> Fault:
         """Send ``after_bytes`` body bytes, then nothing for ``seconds``, then close."""
         return cls(name="stall_body", body_bytes=after_bytes, hang_s=seconds)
+
+    @classmethod
+    def cut_upload(cls, after_bytes: int) -> Fault:
+        """Reset the connection after ``after_bytes`` bytes of the request body arrived."""
+        return cls(name="cut_upload", cut_request_after=after_bytes)
+
+    @classmethod
+    def stall_upload(
+        cls, after_bytes: int, seconds: float = 60.0, release: threading.Event | None = None
+    ) -> Fault:
+        """Stop reading the request body after ``after_bytes`` bytes (for ``seconds``)."""
+        return cls(
+            name="stall_upload",
+            stall_request_after=after_bytes,
+            stall_s=seconds,
+            release=release,
+        )
+
+    @classmethod
+    def lost_reply(cls) -> Fault:
+        """The store gets and applies the request; its reply never reaches the client."""
+        return cls(name="lost_reply", lose_reply=True)
+
+    @classmethod
+    def corrupt(cls) -> Fault:
+        """Forward the request with one bit of its body flipped."""
+        return cls(name="corrupt", corrupt_request=True)
 
     @classmethod
     def slow_down(cls) -> Fault:
@@ -395,12 +446,15 @@ class FaultProxy:
             time.sleep(0.01)
         return self.open_connections == 0
 
-    def _choose(self, request: ProxyRequest) -> tuple[Fault | None, Rule | None, int]:
-        """The fault for this request (first rule that fires) and the RNG's byte cut."""
+    def _choose(
+        self, request: ProxyRequest, *, on_body: bool = False
+    ) -> tuple[Fault | None, Rule | None, int]:
+        """The fault for this request (first rule that fires) and the RNG's byte cut.
+        ``on_body``: among the faults that act while the body is read (else the others)."""
         with self._lock:
             cut = self._rng.getrandbits(32)
             for rule in self._rules:
-                if not rule.matches(request):
+                if rule.fault.on_request_body != on_body or not rule.matches(request):
                     continue
                 rule.seen += 1
                 if rule.times is not None and rule.hits >= rule.times:
@@ -441,7 +495,7 @@ class FaultProxy:
         rfile = sock.makefile("rb")
         try:
             while not self._stopping.is_set():
-                parsed = self._read_request(rfile.readline, rfile.read)
+                parsed = self._read_request(rfile.readline, rfile.read, sock)
                 if parsed is None or not self._handle(sock, *parsed):
                     return
         except (OSError, _ClientGone, ValueError):
@@ -455,7 +509,10 @@ class FaultProxy:
                 sock.close()
 
     def _read_request(
-        self, readline: Callable[[int], bytes], read: Callable[..., bytes]
+        self,
+        readline: Callable[[int], bytes],
+        read: Callable[..., bytes],
+        sock: socket.socket | None = None,
     ) -> tuple[_Record, bool] | None:
         line = readline(_MAX_LINE)
         while line in (b"\r\n", b"\n"):
@@ -465,8 +522,10 @@ class FaultProxy:
         method, target, version = line.decode("latin-1").rstrip("\r\n").split(" ", 2)
         pairs = _read_headers(readline)
         headers = _header_map(pairs)
-        body = _read_body(headers, readline, read, is_request=True)
         path, _, query = target.partition("?")
+        if sock is not None and self._body_fault(sock, method, path, query, headers, read):
+            return None
+        body = _read_body(headers, readline, read, is_request=True)
         conn = headers.get("connection", "").lower()
         keep_alive = conn != "close" and (version == "HTTP/1.1" or conn == "keep-alive")
         with self._lock:
@@ -474,6 +533,47 @@ class FaultProxy:
             self._next_index += 1
             self._records.append(record)
         return record, keep_alive
+
+    def _body_fault(
+        self,
+        sock: socket.socket,
+        method: str,
+        path: str,
+        query: str,
+        headers: dict[str, str],
+        read: Callable[..., bytes],
+    ) -> bool:
+        """A fault that acts while the request's body is read: True if one did (the
+        connection is then done with)."""
+        with self._lock:
+            if not any(r.fault.on_request_body for r in self._rules):
+                return False
+            index = self._next_index
+        head = ProxyRequest(index, method, path, query, headers, b"")
+        fault, rule, _ = self._choose(head, on_body=True)
+        if fault is None or rule is None:
+            return False
+        rule.triggered.set()
+        length = int(headers.get("content-length", "0") or 0)
+        after = fault.cut_request_after
+        if after is None:
+            after = fault.stall_request_after or 0
+        body = read(min(after, length))
+        with self._lock:
+            record = _Record(ProxyRequest(index, method, path, query, headers, body))
+            record.fault = fault.name
+            self._next_index += 1
+            self._records.append(record)
+        if fault.stall_request_after is not None:
+            # Not ``_stall``: the client's unread body keeps the socket readable. Wait, read
+            # nothing; the client times out (or the test releases the stall).
+            deadline = time.monotonic() + (fault.stall_s if fault.stall_s > 0 else 60.0)
+            while not self._stopping.is_set() and time.monotonic() < deadline:
+                if fault.release is not None and fault.release.is_set():
+                    break
+                time.sleep(0.02)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        return True
 
     def _handle(self, sock: socket.socket, record: _Record, keep_alive: bool) -> bool:
         """Answer one request; True to keep the client connection open."""
@@ -499,8 +599,16 @@ class FaultProxy:
             sock.sendall(head + (b"" if request.method == "HEAD" else body))
             return keep_alive
         strip = set() if fault is None else set(fault.strip_headers)
+        if fault is not None and fault.corrupt_request and request.body:
+            flipped = bytearray(request.body)
+            flipped[len(flipped) // 2] ^= 0x01
+            request = replace(request, body=bytes(flipped))
         status, reason, headers, body = self._forward(request, strip)
         record.status = status
+        if fault is not None and fault.lose_reply:
+            record.status = None
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            return False
         length = len(body)
         if request.method == "HEAD":
             length = int(_header_map(headers).get("content-length", "0"))

@@ -874,6 +874,7 @@ def test_counters_and_log_fields(strict_server: StrictServer, obj: tuple[str, st
         "requests": 3,
         "accepted": 1,
         "refused": {"AccessDenied": 2},
+        "held": 0,
     }
     ok, refused = strict_server.requests()[:2]
     assert ok == {
@@ -896,6 +897,6 @@ def test_counters_and_log_fields(strict_server: StrictServer, obj: tuple[str, st
     )
     assert refused["access_key"] is None and refused["region"] is None
     strict_server.reset_counters()
-    assert strict_server.counters() == {"requests": 0, "accepted": 0, "refused": {}}
+    assert strict_server.counters() == {"requests": 0, "accepted": 0, "refused": {}, "held": 0}
     # The control API is neither logged nor counted.
     assert len(strict_server.requests()) == 3

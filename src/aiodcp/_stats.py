@@ -1,4 +1,6 @@
-"""Load statistics: a mutable recorder the engine writes, a frozen ``LoadStats`` users read."""
+"""Statistics: a mutable recorder the engines write, a frozen value users read.
+
+Loads: ``StatsRecorder`` -> ``LoadStats``. Saves: ``SaveRecorder`` -> ``SaveStats``."""
 
 from __future__ import annotations
 
@@ -6,7 +8,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-__all__ = ["LoadStats", "RequestMetrics", "StatsRecorder"]
+__all__ = ["LoadStats", "RequestMetrics", "SaveRecorder", "SaveStats", "StatsRecorder"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,3 +324,146 @@ def job_stats(rows: list[list[int]], template: LoadStats) -> LoadStats:
         sharing=template.sharing,
         ranks=len(rows),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class SaveStats:
+    """What one save did on this rank. Byte counts are of the object store's payload."""
+
+    bytes_written: int = 0
+    """Bytes of the data files this rank wrote (what the checkpoint holds)."""
+    bytes_sent: int = 0
+    """Payload bytes sent: the data files, parts sent again after a failure, and ``.metadata``."""
+    requests: int = 0
+    """Requests sent (PUTs of objects and parts, the multipart calls, the commit, deletions),
+    retries included."""
+    retries: int = 0
+    """Requests sent again after a failure (a part is resent from the same memory)."""
+    files: int = 0
+    """Data files written by this rank."""
+    items: int = 0
+    """Stored items (tensors and non-tensor values) written by this rank."""
+    parts: int = 0
+    """Parts of multipart uploads (a file larger than ``part_size`` is uploaded in parts)."""
+    multipart_uploads: int = 0
+    """Data files uploaded as multipart uploads (the others were one PUT each)."""
+    direct_bytes: int = 0
+    """Bytes sent straight from the tensors' own memory (no copy)."""
+    staged_bytes: int = 0
+    """Bytes copied before they were sent: small tensors' archives, non-tensor values, tensors
+    that were not contiguous CPU memory of their own, the archives' framing."""
+    peak_staged_bytes: int = 0
+    """Most staged memory held at once (reserved from ``memory_budget``): at most
+    ``max(memory_budget, largest staged item)`` plus one part being assembled."""
+    throttled: int = 0
+    """Requests the store refused for their rate (503 ``SlowDown``...); each was retried after
+    the save lowered its request rate."""
+    min_request_rate: float | None = None
+    """Requests per second: the lowest rate the save limited itself to; None if never throttled."""
+    metadata_bytes: int = 0
+    """Size of the ``.metadata`` this rank committed (0: another rank committed)."""
+    deleted_files: int = 0
+    """Data files deleted: those of the checkpoint this save replaced (after the commit), or
+    this save's own after it failed."""
+    wall_time_s: float = 0.0
+    """Seconds from the start of the save (its planning) to its end (the commit)."""
+
+    def __str__(self) -> str:
+        mib = 1024 * 1024
+        return (
+            f"{self.bytes_written / mib:.1f} MiB in {self.files} files ({self.items} items), "
+            f"{self.requests} requests ({self.retries} retries, {self.parts} parts), "
+            f"{self.direct_bytes / mib:.1f} MiB sent from tensor memory, "
+            f"{self.staged_bytes / mib:.1f} MiB staged (peak {self.peak_staged_bytes / mib:.1f}"
+            f" MiB), wall {self.wall_time_s:.3f} s"
+        )
+
+
+class SaveRecorder:
+    """Counters of one save. Written from the event loop and the save's thread."""
+
+    __slots__ = (
+        "_lock",
+        "_start",
+        "_stop",
+        "bytes_sent",
+        "bytes_written",
+        "deleted_files",
+        "direct_bytes",
+        "files",
+        "items",
+        "metadata_bytes",
+        "min_request_rate",
+        "multipart_uploads",
+        "parts",
+        "peak_staged_bytes",
+        "requests",
+        "retries",
+        "staged_bytes",
+        "throttled",
+    )
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._start = time.perf_counter()
+        self._stop: float | None = None
+        self.bytes_written = 0
+        self.bytes_sent = 0
+        self.requests = 0
+        self.retries = 0
+        self.files = 0
+        self.items = 0
+        self.parts = 0
+        self.multipart_uploads = 0
+        self.direct_bytes = 0
+        self.staged_bytes = 0
+        self.peak_staged_bytes = 0
+        self.throttled = 0
+        self.min_request_rate: float | None = None
+        self.metadata_bytes = 0
+        self.deleted_files = 0
+
+    def add(self, **counts: int) -> None:
+        with self._lock:
+            for name, value in counts.items():
+                setattr(self, name, getattr(self, name) + value)
+
+    def observe_rate(self, limit: float | None) -> None:
+        """The request-rate limit now in force (None: unlimited); the lowest one is kept."""
+        if limit is None:
+            return
+        with self._lock:
+            if self.min_request_rate is None or limit < self.min_request_rate:
+                self.min_request_rate = limit
+
+    def observe_peak(self, staged: int) -> None:
+        with self._lock:
+            self.peak_staged_bytes = max(self.peak_staged_bytes, staged)
+
+    def finish(self) -> SaveStats:
+        """The final statistics; the wall time stops at the first call."""
+        if self._stop is None:
+            self._stop = time.perf_counter()
+        return self.snapshot()
+
+    def snapshot(self) -> SaveStats:
+        stop = self._stop if self._stop is not None else time.perf_counter()
+        with self._lock:
+            return SaveStats(
+                bytes_written=self.bytes_written,
+                bytes_sent=self.bytes_sent,
+                requests=self.requests,
+                retries=self.retries,
+                files=self.files,
+                items=self.items,
+                parts=self.parts,
+                multipart_uploads=self.multipart_uploads,
+                direct_bytes=self.direct_bytes,
+                staged_bytes=self.staged_bytes,
+                peak_staged_bytes=self.peak_staged_bytes,
+                throttled=self.throttled,
+                min_request_rate=self.min_request_rate,
+                metadata_bytes=self.metadata_bytes,
+                deleted_files=self.deleted_files,
+                wall_time_s=stop - self._start,
+            )

@@ -55,9 +55,9 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata
-from torch.distributed.checkpoint.planner import LoadPlanner
+from torch.distributed.checkpoint.planner import LoadPlanner, SavePlanner
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
-from torch.distributed.checkpoint.storage import StorageReader
+from torch.distributed.checkpoint.storage import StorageReader, StorageWriter
 
 from .._config import ReaderConfig
 from .._errors import LoadCancelledError, NoSuchBucketError, NotFoundError
@@ -87,6 +87,7 @@ __all__ = [
     "LoadSession",
     "fetch_metadata",
     "run_dcp_load",
+    "run_dcp_save",
     "run_in_thread",
     "select_keys",
 ]
@@ -407,6 +408,30 @@ def run_dcp_load(
         dcp_load(
             state_dict,
             storage_reader=reader,
+            planner=planner,
+            process_group=process_group,
+            no_dist=no_dist,
+        )
+    except CheckpointException as exc:
+        raise _unwrap(exc) from None
+
+
+def run_dcp_save(
+    state_dict: dict[str, Any],
+    writer: StorageWriter,
+    *,
+    planner: SavePlanner | None,
+    process_group: dist.ProcessGroup | None,
+    no_dist: bool,
+) -> None:
+    """``dcp.save`` with ``writer``, raising this rank's original error instead of torch's
+    ``CheckpointException`` wrapper."""
+    from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
+
+    try:
+        dcp_save(
+            state_dict,
+            storage_writer=writer,
             planner=planner,
             process_group=process_group,
             no_dist=no_dist,
