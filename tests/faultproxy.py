@@ -265,6 +265,8 @@ class _Record:
     request: ProxyRequest
     fault: str | None = None
     status: int | None = None
+    sent: bool = False
+    """The whole response was handed to the client's socket (not cut short by a fault)."""
 
 
 # --------------------------------------------------------------------------- the proxy
@@ -391,6 +393,12 @@ class FaultProxy:
                 if record.request.index == request.index:
                     return record.status
         raise KeyError(request.index)
+
+    def answered(self, request: ProxyRequest) -> bool:
+        """Whether the proxy sent ``request`` its whole response (with ``unread_from(port) ==
+        0`` as well: the client has read it)."""
+        with self._lock:
+            return any(r.sent for r in self._records if r.request.index == request.index)
 
     @property
     def request_count(self) -> int:
@@ -548,6 +556,7 @@ class FaultProxy:
             return False
         head = _response_head(status, headers, length, keep_alive, reason=reason)
         sock.sendall(head + (b"" if request.method == "HEAD" else body))
+        record.sent = True
         return keep_alive
 
     def _stall(self, sock: socket.socket, seconds: float, release: threading.Event | None) -> None:
