@@ -1,9 +1,9 @@
 """Shared fixtures: a real S3 server (moto, own process, 127.0.0.1) and checkpoint helpers.
 
 Also what keeps the suite honest on a busy 2-core machine: ``HANG_GUARD_S`` and the helpers that
-wait for a state itself (``wait_until``, ``eventually``, ``thread_inside``, ``task_inside``)
-instead of sleeping and hoping it was reached, and the Hypothesis profile every property test
-runs under (no deadline: a slow machine is not a failing example).
+wait for a state itself (``wait_until``, ``eventually``, ``thread_inside``,
+``innermost_coroutine``) instead of sleeping and hoping it was reached, and the Hypothesis
+profile every property test runs under (no deadline: a slow machine is not a failing example).
 """
 
 from __future__ import annotations
@@ -103,17 +103,6 @@ def thread_inside(function: str) -> bool:
             if walk.f_code.co_name == function:
                 return True
             walk = walk.f_back
-    return False
-
-
-def task_inside(task: asyncio.Task[Any], function: str) -> bool:
-    """Whether ``task`` is suspended inside a coroutine function of this name: the chain of
-    coroutines it awaits, from its own down to the innermost one."""
-    coro: Any = task.get_coro()
-    while coro is not None and getattr(coro, "cr_frame", None) is not None:
-        if coro.cr_code.co_name == function:
-            return True
-        coro = coro.cr_await
     return False
 
 
