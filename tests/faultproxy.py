@@ -50,7 +50,13 @@ __all__ = [
     "aiodcp_threads",
     "assert_clean",
     "established_to",
+    "unread_from",
 ]
+
+CLEANUP_GUARD_S = 30.0
+"""How long a test waits for threads to end and connections to close after the work that held
+them returned: they go at once, so this only guards against a hang (on a busy machine the
+proxy's own threads may take a while to notice a hang-up)."""
 
 _HOP_BY_HOP = frozenset(
     {
@@ -86,6 +92,28 @@ def established_to(port: int) -> int:
     return count
 
 
+def unread_from(port: int) -> int:
+    """Bytes the server on loopback ``port`` sent that its clients have not read yet: in flight
+    (the server's send queues) or received and not read (the clients' receive queues). 0 once
+    the clients consumed everything sent to them."""
+    unread = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] == "0A":  # LISTEN: its queues count connections, not bytes
+                continue
+            tx_queue, rx_queue = (int(n, 16) for n in fields[4].split(":"))
+            if int(fields[1].rsplit(":", 1)[1], 16) == port:  # the server's end
+                unread += tx_queue
+            if int(fields[2].rsplit(":", 1)[1], 16) == port:  # a client's end
+                unread += rx_queue
+    return unread
+
+
 def aiodcp_threads() -> list[str]:
     return [t.name for t in threading.enumerate() if t.name.startswith("aiodcp")]
 
@@ -95,11 +123,11 @@ def assert_clean(proxy: FaultProxy) -> None:
     no task left on the calling test's loop."""
     current = asyncio.current_task()
     assert [t for t in asyncio.all_tasks() if t is not current] == []
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + CLEANUP_GUARD_S
     while aiodcp_threads() and time.monotonic() < deadline:
         time.sleep(0.01)
     assert aiodcp_threads() == []
-    assert proxy.wait_idle(5.0), f"{proxy.open_connections} connections left open"
+    assert proxy.wait_idle(), f"{proxy.open_connections} connections left open"
     assert established_to(proxy.port) == 0
 
 
@@ -288,6 +316,8 @@ class _Record:
     request: ProxyRequest
     fault: str | None = None
     status: int | None = None
+    sent: bool = False
+    """The whole response was handed to the client's socket (not cut short by a fault)."""
 
 
 # --------------------------------------------------------------------------- the proxy
@@ -415,6 +445,12 @@ class FaultProxy:
                     return record.status
         raise KeyError(request.index)
 
+    def answered(self, request: ProxyRequest) -> bool:
+        """Whether the proxy sent ``request`` its whole response (with ``unread_from(port) ==
+        0`` as well: the client has read it)."""
+        with self._lock:
+            return any(r.sent for r in self._records if r.request.index == request.index)
+
     @property
     def request_count(self) -> int:
         with self._lock:
@@ -437,8 +473,9 @@ class FaultProxy:
         with self._lock:
             return len(self._clients)
 
-    def wait_idle(self, timeout: float = 5.0) -> bool:
-        """Wait until every client connection is closed; True if it happened in time."""
+    def wait_idle(self, timeout: float = CLEANUP_GUARD_S) -> bool:
+        """Wait until every client connection is closed; True if it happened in time (the
+        default is a hang guard: see ``CLEANUP_GUARD_S``)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.open_connections == 0:
@@ -627,6 +664,7 @@ class FaultProxy:
             return False
         head = _response_head(status, headers, length, keep_alive, reason=reason)
         sock.sendall(head + (b"" if request.method == "HEAD" else body))
+        record.sent = True
         return keep_alive
 
     def _stall(self, sock: socket.socket, seconds: float, release: threading.Event | None) -> None:

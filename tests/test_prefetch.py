@@ -7,10 +7,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import copy
-import sys
 import threading
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +17,18 @@ import torch
 
 import aiodcp
 
-from conftest import S3Server, assert_same, save_checkpoint, upload_dir
+from conftest import (
+    HANG_GUARD_S,
+    S3Server,
+    assert_same,
+    eventually,
+    innermost_coroutine,
+    save_checkpoint,
+    thread_inside,
+    upload_dir,
+    wait_until,
+)
 from faultproxy import Fault, FaultProxy, assert_clean
-
-HANG_GUARD_S = 30.0  # generous: a hang fails the test, a slow machine does not
 
 
 @pytest.fixture
@@ -171,6 +177,18 @@ async def wait_for_event(event: threading.Event) -> None:
     assert await asyncio.to_thread(event.wait, HANG_GUARD_S), "the held request never came"
 
 
+def waits_for_held(held: str, work: asyncio.Future[Any], how: str) -> Callable[[], bool]:
+    """Whether a load (``work``: an ``aload`` task, or ``load`` in a thread) now waits for the
+    prefetch's held GET: for data, its thread blocked in the engine's ``wait_item``; for
+    ``.metadata``, an ``aload`` suspended on the handle's metadata future (in ``aload`` itself,
+    before any thread) or a ``load``'s thread in ``_session`` (the driver's wait for it)."""
+    if held == "data":
+        return lambda: thread_inside("wait_item")
+    if how == "aload":
+        return lambda: innermost_coroutine(work) == "aload"  # type: ignore[arg-type]
+    return lambda: thread_inside("_session")
+
+
 async def gather_result(task: asyncio.Future[Any]) -> Any:
     """The task's result; a bare CancelledError (the bug) becomes a test failure."""
     try:
@@ -200,13 +218,12 @@ async def test_cancelled_aload_leaves_the_prefetch_to_later_loads(
     try:
         await wait_for_event(rule.triggered)
         task = asyncio.create_task(handle.aload(blank(sd)))
-        await asyncio.sleep(0.3)  # the aload now waits for the held bytes
+        await eventually(waits_for_held(held, task, "aload"), "the aload waiting for the held GET")
         assert not task.done()
-        started = time.perf_counter()
         task.cancel()
+        # The GET is still held: only the cancel can end the aload (the guard is a hang guard).
         with pytest.raises(asyncio.CancelledError):
             await asyncio.wait_for(task, HANG_GUARD_S)
-        assert time.perf_counter() - started < 5.0, "the cancelled aload did not stop promptly"
         assert not handle.done(), "cancelling the aload stopped the prefetch"
 
         state = blank(sd)
@@ -215,7 +232,7 @@ async def test_cancelled_aload_leaves_the_prefetch_to_later_loads(
             later = asyncio.ensure_future(handle.aload(state))
         else:
             later = asyncio.ensure_future(asyncio.to_thread(handle.load, state))
-        await asyncio.sleep(0.2)
+        await eventually(waits_for_held(held, later, second), f"the later {second} waiting")
         assert not later.done(), "the later load did not wait for the held download"
         release.set()
         stats = await gather_result(later)
@@ -251,7 +268,8 @@ async def test_cancelled_await_of_the_handle_leaves_the_download_running(
     try:
         await wait_for_event(rule.triggered)
         waiter = asyncio.create_task(wait())
-        await asyncio.sleep(0.1)
+        # suspended on the handle (its __await__ is a future's, below this coroutine)
+        await eventually(lambda: innermost_coroutine(waiter) == "wait", "the await of the handle")
         waiter.cancel()
         with pytest.raises(asyncio.CancelledError):
             await asyncio.wait_for(waiter, HANG_GUARD_S)
@@ -280,7 +298,7 @@ async def test_close_during_an_aload_stops_everything(
     try:
         await wait_for_event(rule.triggered)
         task = asyncio.create_task(handle.aload(blank(sd)))
-        await asyncio.sleep(0.3)
+        await eventually(waits_for_held("data", task, "aload"), "the aload waiting for the GET")
         assert not task.done()
         await asyncio.to_thread(handle.close)
         with pytest.raises(aiodcp.LoadCancelledError, match="prefetch was cancelled"):
@@ -345,20 +363,6 @@ class Parked:
     def park(self) -> None:
         self.reached.set()
         self.release.wait(HANG_GUARD_S)
-
-
-def waiting_in(function: str) -> bool:
-    """Poll (up to the hang guard) until a thread is inside ``function``: the state itself, not
-    a sleep that hopes it was reached."""
-    deadline = time.monotonic() + HANG_GUARD_S
-    while time.monotonic() < deadline:
-        for frame in sys._current_frames().values():
-            while frame is not None:
-                if frame.f_code.co_name == function:
-                    return True
-                frame = frame.f_back
-        time.sleep(0.005)
-    return False
 
 
 async def later_load(handle: aiodcp.PrefetchHandle, state: dict[str, Any], how: str) -> Any:
@@ -428,7 +432,9 @@ async def test_cancelled_aload_in_every_order_leaves_the_prefetch_whole(
             await asyncio.to_thread(handle.wait, HANG_GUARD_S)
         task = asyncio.create_task(handle.aload(blank_blocky(sd), planner=parked.planner))
         if first == "waiting":
-            assert await asyncio.to_thread(waiting_in, "wait_item"), "the load never waited"
+            await asyncio.to_thread(
+                wait_until, lambda: thread_inside("wait_item"), "the load waiting for an item"
+            )
         else:
             assert await asyncio.to_thread(parked.reached.wait, HANG_GUARD_S), "never parked"
         task.cancel()
@@ -444,7 +450,9 @@ async def test_cancelled_aload_in_every_order_leaves_the_prefetch_whole(
         state = blank_blocky(sd)
         if completes == "after_second_starts":
             later = asyncio.ensure_future(later_load(handle, state, second))
-            assert await asyncio.to_thread(waiting_in, "wait_item"), "the later load never waited"
+            await asyncio.to_thread(
+                wait_until, lambda: thread_inside("wait_item"), "the later load waiting"
+            )
             assert not later.done(), "the later load did not wait for the held download"
             release.set()
             loaded = await later

@@ -743,10 +743,15 @@ def test_throttle(strict_server: StrictServer, s3s: Any, obj: tuple[str, str, by
     assert codes[:rate] == ["ok"] * rate  # burst
     refused = [r for r in strict_server.requests() if r["code"] == "SlowDown"]
     assert len(refused) == codes.count("503") and all(r["status"] == 503 for r in refused)
-    error = client_error(s3s.get_object, Bucket=bucket, Key=key)["Error"]
-    assert (error["Code"], error["Message"]) == ("SlowDown", "Please reduce your request rate.")
+    # The stimulus, not a wait for a state: one token's worth of time refills the bucket.
     time.sleep(1.0 / rate + 0.05)
     assert s3s.head_object(Bucket=bucket, Key=key)["ContentLength"]
+    # The error a refused GET gets, at a rate no slow machine refills between two requests
+    # (one token, then none for 1000 s): the first passes, the second is refused.
+    strict_server.throttle(bucket, 0.001)
+    assert s3s.head_object(Bucket=bucket, Key=key)["ContentLength"]
+    error = client_error(s3s.get_object, Bucket=bucket, Key=key)["Error"]
+    assert (error["Code"], error["Message"]) == ("SlowDown", "Please reduce your request rate.")
     strict_server.throttle(bucket, None)
     for _ in range(10):
         s3s.head_object(Bucket=bucket, Key=key)
@@ -804,14 +809,15 @@ def test_temporary_credentials_expire(
         config=NO_RETRY,
     )
     assert client.get_object(Bucket=bucket, Key=key)["Body"].read() == data
-    # X-Amz-Date has whole seconds, so a URL signed late in a second has lost up to
-    # one second of its X-Amz-Expires: 2 s leaves at least 1 s to send it.
-    url = presign(object_url(strict_server, bucket, key), credentials=creds, expires=2)
     long_url = strict_server.client().generate_presigned_url(
         "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=2
     )  # signed with the long-term key
+    # X-Amz-Date has whole seconds, so a URL signed late in a second has lost up to
+    # one second of its X-Amz-Expires: 2 s leaves at least 1 s to send it (signed last, sent
+    # at once: nothing slow, such as making a client, runs in between).
+    url = presign(object_url(strict_server, bucket, key), credentials=creds, expires=2)
     assert send(url).body == data
-    time.sleep(3.1)
+    time.sleep(3.1)  # the stimulus, not a wait for a state: past both expiries
     error = client_error(client.get_object, Bucket=bucket, Key=key)["Error"]
     assert (error["Code"], error["Message"]) == ("ExpiredToken", "The provided token has expired.")
     # Both the token and the URL have expired: the token's expiry is reported first.
