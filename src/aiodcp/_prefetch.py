@@ -430,9 +430,11 @@ class _LoadScope:
 
     def _wait(self, engine: FetchEngine, file_index: int, item_index: int) -> ChunkBuffer:
         """``engine.wait_item``, except that cancelling this load ends the wait (and only this
-        wait: the engine goes on for the prefetch and for other loads)."""
+        wait: the engine goes on for the prefetch and for other loads). The item is returned as
+        a buffer of this load's own over the prefetch's memory: a buffer has a read position,
+        and two loads through one handle decode the same item in their own threads."""
         try:
-            return engine.wait_item(file_index, item_index, stop=lambda: self._cancelled)
+            buffer = engine.wait_item(file_index, item_index, stop=lambda: self._cancelled)
         except LoadCancelledError:
             if self._cancelled:
                 raise LoadCancelledError(
@@ -446,3 +448,4 @@ class _LoadScope:
                     "for its bytes; load again: a load after cancel() fetches everything itself"
                 ) from None
             raise
+        return ChunkBuffer(buffer.chunks)
