@@ -57,7 +57,7 @@ import sys
 import time
 from bisect import insort
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -85,7 +85,9 @@ from .._progress import with_progress
 from .._reader import ChunkBuffer, SequentialReader
 from .._stats import StatsRecorder, counters, job_stats
 from .._store import S3Store
+from .._verify import BlockCheck
 from ._format import Receive, RunReceive, StoredFormat, StoredTensor, shape_error
+from ._integrity import Integrity
 from ._sharing import (
     Exchange,
     RankShare,
@@ -101,6 +103,9 @@ from ._slicing import (
     region_runs,
     within,
 )
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 __all__ = ["DcpLoad", "PrefetchSource"]
 
@@ -200,6 +205,7 @@ class DcpLoad:
         request_latency_s: float | None,
         source: PrefetchSource | None = None,
         progress: bool = False,
+        integrity: Integrity | None = None,
     ) -> None:
         self._path = path
         self.config = config
@@ -214,6 +220,50 @@ class DcpLoad:
         self._aborted = False
         # id(read item) -> blocks of a sliced read item not decoded yet
         self._blocks_left: dict[int, int] = {}
+        self._integrity = integrity
+        """The checkpoint's record (None: none, or not verifying): every stored item is checked
+        against it (``_checks``) and every GET pinned to its ETags (``_etags``)."""
+        self._recorded: dict[str, str] = {} if integrity is None else integrity.etags(path.key)
+        """Object key -> the ETag the checkpoint's record holds (what the save wrote)."""
+        self._etags: dict[str, str] = {**format.etags, **self._recorded}
+        """Every pin a GET of this load starts with: the record's, and the format's own."""
+        self._names: dict[tuple[str, int, int], str] | None = None
+
+    # ------------------------------------------------------------------ integrity
+
+    def _stored(self) -> Mapping[tuple[str, int, int], str]:
+        """(relative path, offset, length) of every stored item -> its fqn, quoted."""
+        if self._names is None:
+            self._names = {
+                (info.relative_path, info.offset, info.length): repr(index.fqn)
+                for index, info in self.storage_data.items()
+            }
+        return self._names
+
+    def _check(self, relative_path: str, item_range: ItemRange) -> BlockCheck | None:
+        """The record's check of the stored item ``item_range`` of ``relative_path`` (None
+        without a record)."""
+        if self._integrity is None:
+            return None
+        where = f"s3://{self._path.bucket}/{self._path.key(relative_path)}"
+        what = self._stored().get((relative_path, item_range.start, item_range.length), "")
+        return self._integrity.check(
+            relative_path, item_range.start, item_range.length, where, what
+        )
+
+    def _checks(self, relative_path: str, items: Sequence[ItemRange]) -> dict[int, BlockCheck]:
+        """By item index, the checks of the items of a file plan that are stored items (a run
+        of a sliced item, or a probe, has none of its own)."""
+        checks: dict[int, BlockCheck] = {}
+        if self._integrity is None:
+            return checks
+        stored = self._stored()
+        for index, item_range in enumerate(items):
+            if (relative_path, item_range.start, item_range.length) in stored:
+                check = self._check(relative_path, item_range)
+                if check is not None:
+                    checks[index] = check
+        return checks
 
     def abort(self) -> None:
         """Cancel this load's engine, from any thread, and every engine it starts later (the
@@ -323,7 +373,13 @@ class DcpLoad:
                 max_gap_size=max_gap_size,
                 part_size=self.config.buffered_part_size,
             )
-            grouped.files.append(FileFetch(self._path.key(relative_path), file_plan))
+            grouped.files.append(
+                FileFetch(
+                    self._path.key(relative_path),
+                    file_plan,
+                    checks=self._checks(relative_path, file_plan.items),
+                )
+            )
             grouped.readers.append([by_range[r] for r in file_plan.items])
 
     def read(
@@ -378,7 +434,14 @@ class DcpLoad:
         # Built here, not on the loop: a checkpoint of many items makes this the slow part,
         # and the loop may be the caller's (load_checkpoint), which must stay responsive.
         engine = self._running(
-            FetchEngine(driver.run(_opened), self._path.bucket, files, self.config, recorder, etags)
+            FetchEngine(
+                driver.run(_opened),
+                self._path.bucket,
+                files,
+                self.config,
+                recorder,
+                {**self._etags, **etags},
+            )
         )
 
         async def start(store: S3Store) -> None:
@@ -417,7 +480,8 @@ class DcpLoad:
                                 planner.commit_tensor(req, receive.tensor)
                             else:
                                 etag = engine.etag(fetch.key)
-                                again = self._fetch_alone(fetch.key, item_range, etag)
+                                check = fetch.checks.get(item_index)
+                                again = self._fetch_alone(fetch.key, item_range, etag, check)
                                 self._decode(req, again, planner, sliced)
                             continue
                         reader.seek(item_range.start)
@@ -506,14 +570,15 @@ class DcpLoad:
                     except BaseException as exc:
                         error = exc
                 exchange.status(error)  # raises on every rank if any rank failed
-                received, placed = exchange.transfer(k, sending, direct)
+                received, placed = exchange.transfer(k, sending, direct, self._peer_check(recorder))
                 recorder.observe_peak(sum(item_memory(i.length) for i in [*received, *sending]))
                 try:
                     for item in placed:  # received straight into its destination
                         req = reqs_of[item][0]
                         recorder.add(direct_items=1, fast_decoded_items=1)
                         planner.commit_tensor(req, direct[item].tensor)
-                    for item, buffer in [*received.items(), *sending.items()]:
+                    checked = {i: self._from_peer(i, b, recorder) for i, b in received.items()}
+                    for item, buffer in [*checked.items(), *sending.items()]:
                         if item not in reqs_of:  # probes of chunks this rank slices
                             insort(known.setdefault(item.path, []), (item.start, buffer.read()))
                         for req in reqs_of.get(item, ()):
@@ -547,6 +612,53 @@ class DcpLoad:
                     pass  # its failure, if any, was raised through wait_item and shared
             self._engine = None
 
+    def _peer_check(
+        self, recorder: StatsRecorder
+    ) -> Callable[[StoredItem, Sequence[Buffer]], bool] | None:
+        """What ``Exchange.transfer`` checks an item received straight into its destination
+        with (its bytes around and in the destination, in order), counting what it verified;
+        False sends the item to ``_from_peer`` (which fetches it from the store)."""
+        if self._integrity is None:
+            return None
+
+        def check(item: StoredItem, pieces: Sequence[Buffer]) -> bool:
+            block_check = self._check(item.path, ItemRange(item.start, item.end))
+            if block_check is None or block_check.mismatches(item.start, pieces):
+                return False
+            recorder.add(verified_bytes=item.length)
+            return True
+
+        return check
+
+    def _from_peer(
+        self, item: StoredItem, buffer: ChunkBuffer, recorder: StatsRecorder
+    ) -> ChunkBuffer:
+        """An item received from another rank, checked against the record before anything
+        decodes it; one that does not match is fetched from the store (and checked there).
+        Probes (heads and tails of items this rank slices) are not stored items: their
+        archive's own directory checks them."""
+        if (item.path, item.start, item.length) not in self._stored():
+            return buffer
+        check = self._check(item.path, ItemRange(item.start, item.end))
+        if check is None:
+            recorder.add(unverified_bytes=item.length)
+            return buffer
+        bad = check.mismatches(item.start, buffer.chunks)
+        if not bad:
+            recorder.add(verified_bytes=item.length)
+            return buffer
+        recorder.add(checksum_mismatches=1)
+        key = self._path.key(item.path)
+        logger.warning(
+            "s3://%s/%s: bytes [%d, %d) received from another rank do not match their recorded "
+            "checksum; fetching the item from the store",
+            self._path.bucket,
+            key,
+            bad[0][0],
+            bad[-1][1],
+        )
+        return self._fetch_alone(key, ItemRange(item.start, item.end), None, check, count=False)
+
     def _share_engine(
         self, share: RankShare, recorder: StatsRecorder
     ) -> tuple[FetchEngine, dict[StoredItem, tuple[int, int]]]:
@@ -566,9 +678,10 @@ class DcpLoad:
             )
             for index, item_range in enumerate(file_plan.items):
                 where[StoredItem(path, item_range.start, item_range.end)] = (len(files), index)
-            files.append(FileFetch(self._path.key(path), file_plan))
+            checks = self._checks(path, file_plan.items)
+            files.append(FileFetch(self._path.key(path), file_plan, checks=checks))
         store = self._io.run(_opened)
-        engine = FetchEngine(store, self._path.bucket, files, config, recorder, self.format.etags)
+        engine = FetchEngine(store, self._path.bucket, files, config, recorder, self._etags)
         return engine, where
 
     def slice(
@@ -702,7 +815,7 @@ class DcpLoad:
                 files,
                 self.config,
                 recorder,
-                self.format.etags,
+                self._etags,
             )
         )
 
@@ -903,7 +1016,8 @@ class DcpLoad:
             unbuffered_part_size=self.config.part_size,
         )
         assert plan.items == items
-        return FileFetch(fetch.key, plan, {i: receive for i, (_, receive) in targets.items()})
+        direct = {i: receive for i, (_, receive) in targets.items()}
+        return FileFetch(fetch.key, plan, direct, fetch.checks)
 
     def _received_directly(
         self, engine: FetchEngine, file_index: int, item_index: int, receive: Receive
@@ -917,10 +1031,19 @@ class DcpLoad:
         finally:
             engine.release_item(file_index, item_index)
 
-    def _fetch_alone(self, key: str, item_range: ItemRange, etag: str | None) -> ChunkBuffer:
+    def _fetch_alone(
+        self,
+        key: str,
+        item_range: ItemRange,
+        etag: str | None,
+        check: BlockCheck | None = None,
+        *,
+        count: bool = True,
+    ) -> ChunkBuffer:
         """One item, fetched by an engine of its own (same retries, budget and statistics),
-        from the same version of the object as the rest of the load (If-Match ``etag``): a
-        direct item whose archive is laid out otherwise, for the buffered path."""
+        from the same version of the object as the rest of the load (If-Match ``etag``), and
+        checked against ``check``: a direct item whose archive is laid out otherwise, for the
+        buffered path, or an item received from another rank that did not match."""
         logger.debug(
             "s3://%s/%s bytes [%d, %d): not the plain layout; fetching it again for torch.load",
             self._path.bucket,
@@ -928,12 +1051,14 @@ class DcpLoad:
             item_range.start,
             item_range.end,
         )
-        self._recorder.add(refetched_items=1)
+        if count:
+            self._recorder.add(refetched_items=1)
         plan = plan_file([item_range], max_gap_size=0, part_size=self.config.buffered_part_size)
+        etag = self._etags.get(key, etag)
         engine = FetchEngine(
             self._io.run(_opened),
             self._path.bucket,
-            [FileFetch(key, plan)],
+            [FileFetch(key, plan, checks={} if check is None else {0: check})],
             self.config,
             self._recorder,
             {key: etag} if etag is not None else None,

@@ -65,6 +65,7 @@ from .._path import CheckpointPath
 from .._planner import request_latency_from_get
 from .._stats import LoadStats, StatsRecorder
 from ._archive import METADATA_NAME
+from ._integrity import Integrity
 from ._metadata import load_metadata
 from ._sharing import SHARED, RankShare, share_metadata
 
@@ -210,6 +211,7 @@ class LoadSession:
         """Size of the ``.metadata`` this session read (0: given, not read)."""
         self.stats: LoadStats | None = None
         """The load's statistics once its read phase ended (or failed)."""
+        self._integrity: tuple[Integrity | None] | None = None
         self._lock = threading.Lock()
         self._cancelled = False
         self._load: DcpLoad | None = None
@@ -229,7 +231,21 @@ class LoadSession:
         self.request_latency_s = self.recorder.request_latency_s = fetched.request_latency_s
         self.metadata_bytes = fetched.nbytes
         self.metadata = metadata
+        self._integrity = None
         return metadata
+
+    @property
+    def integrity(self) -> Integrity | None:
+        """The checkpoint's integrity record (``dcp._integrity``), which the read phase checks
+        every item against; None without one, before the metadata is read, or when the load
+        does not verify (``verify_checksums=False``). A malformed record raises
+        ``CheckpointFormatError``."""
+        if self.metadata is None or not self.config.verify_checksums:
+            return None
+        if self._integrity is None:
+            where = f"{self.path.url}/{METADATA_NAME}"
+            self._integrity = (Integrity.of(self.metadata, where),)
+        return self._integrity[0]
 
     def read_metadata(
         self, *, rank: int | None = None, group: dist.ProcessGroup | None = None
@@ -302,6 +318,7 @@ class LoadSession:
             request_latency_s=self.request_latency_s,
             source=self.source,
             progress=self.progress,
+            integrity=self.integrity,
         )
 
     def read(
