@@ -49,7 +49,7 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ._config import ReaderConfig
@@ -254,6 +254,7 @@ class FetchEngine:
         config: ReaderConfig,
         stats: StatsRecorder,
         etags: Mapping[str, str] | None = None,
+        recorded: Collection[str] = (),
     ) -> None:
         self._store = store
         self._bucket = bucket
@@ -277,6 +278,8 @@ class FetchEngine:
         ]
         # key -> the ETag every GET of it must match (If-Match): the first one seen, or given
         self._etags: dict[str, str] = dict(etags or {})
+        # keys whose ETag the checkpoint recorded at its save (pinned from the first GET)
+        self._recorded = frozenset(k for k in recorded if k in self._etags)
         self._cond = threading.Condition()
         self._error: BaseException | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -499,6 +502,8 @@ class FetchEngine:
                     )
             except AiodcpError as error:
                 self._report(key, sink, sent_from, attempt, sent_at, error)
+                if isinstance(error, ObjectChangedError) and key in self._recorded:
+                    raise self._not_the_version(key, error) from error
                 if is_throttling(error):
                     limiter.throttled(started)
                     stats.add(throttled=1)
@@ -542,10 +547,29 @@ class FetchEngine:
         except Exception:
             logger.exception("aiodcp on_request hook raised; ignored")
 
+    def _not_the_version(self, key: str, error: ObjectChangedError) -> ObjectChangedError:
+        """A GET pinned to the ETag the checkpoint recorded at its save refused: the object
+        is not that version."""
+        return ObjectChangedError(
+            f"s3://{self._bucket}/{key} is not the version this checkpoint's metadata describes "
+            f"(ETag {self._etags[key]}, recorded at the save): it was replaced or rewritten "
+            "since. The checkpoint is inconsistent; save it again, or load the matching "
+            f"metadata ({error})",
+            bucket=self._bucket,
+            key=key,
+            byte_range=getattr(error, "byte_range", None),
+            retryable=False,
+        )
+
     def _pin_etag(self, key: str, etag: str | None, byte_range: tuple[int, int]) -> None:
         if etag is None:
             return
         known = self._etags.setdefault(key, etag)
+        if known != etag and key in self._recorded:  # a store that ignores If-Match
+            raise self._not_the_version(
+                key,
+                ObjectChangedError(f"it answered with ETag {etag}", bucket=self._bucket, key=key),
+            )
         if known != etag:
             raise ObjectChangedError(
                 f"s3://{self._bucket}/{key} was replaced while it was being loaded (ETag "

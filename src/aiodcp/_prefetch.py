@@ -180,7 +180,7 @@ class PrefetchHandle:
             }
             recorded: dict[str, str] = {} if integrity is None else integrity.etags(path.key)
             etags.update(recorded)  # DCP saved by aiodcp: the ETags its record holds
-            engine = FetchEngine(store, path.bucket, files, config, recorder, etags)
+            engine = FetchEngine(store, path.bucket, files, config, recorder, etags, recorded)
             with self._lock:
                 self._metadata, self._engine, self._index = metadata, engine, index
                 self._total = sum(f.plan.requested_bytes for f in files)

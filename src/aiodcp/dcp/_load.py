@@ -441,6 +441,7 @@ class DcpLoad:
                 self.config,
                 recorder,
                 {**self._etags, **etags},
+                self._recorded.keys(),
             )
         )
 
@@ -681,7 +682,9 @@ class DcpLoad:
             checks = self._checks(path, file_plan.items)
             files.append(FileFetch(self._path.key(path), file_plan, checks=checks))
         store = self._io.run(_opened)
-        engine = FetchEngine(store, self._path.bucket, files, config, recorder, self._etags)
+        engine = FetchEngine(
+            store, self._path.bucket, files, config, recorder, self._etags, self._recorded.keys()
+        )
         return engine, where
 
     def slice(
@@ -816,6 +819,7 @@ class DcpLoad:
                 self.config,
                 recorder,
                 self._etags,
+                self._recorded.keys(),
             )
         )
 
@@ -1062,6 +1066,7 @@ class DcpLoad:
             self.config,
             self._recorder,
             {key: etag} if etag is not None else None,
+            self._recorded.keys(),
         )
 
         async def run(store: S3Store) -> None:
