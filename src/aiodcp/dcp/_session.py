@@ -59,6 +59,7 @@ from torch.distributed.checkpoint.planner import LoadPlanner, SavePlanner
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter
 
+from .._checksum import warm_up
 from .._config import ReaderConfig
 from .._errors import LoadCancelledError, NoSuchBucketError, NotFoundError
 from .._path import CheckpointPath
@@ -245,6 +246,8 @@ class LoadSession:
         if self._integrity is None:
             where = f"{self.path.url}/{METADATA_NAME}"
             self._integrity = (Integrity.of(self.metadata, where),)
+            if self._integrity[0] is not None:
+                warm_up()  # the checks' CRC library, imported while the first GETs run
         return self._integrity[0]
 
     def read_metadata(
