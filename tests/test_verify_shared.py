@@ -112,3 +112,32 @@ def test_a_damaged_item_twice_stops_every_rank(tmp_path: Path, s3_server: S3Serv
         if r["rank"] != culprit:
             assert r["error"] == "PeerLoadError" and r["peer_rank"] == culprit, r
             assert "do not match" in r["message"], r
+
+
+@pytest.mark.parametrize(("layout", "save_world", "world"), [("dim0", 2, 4), ("dim1", 2, 2)])
+def test_resharded_shared_loads_of_a_recorded_checkpoint_check_every_item(
+    tmp_path: Path, s3_server: S3Server, layout: str, save_world: int, world: int
+) -> None:
+    """Resharded loads that share and slice: every tensor as FileSystemReader loads it, every
+    stored byte any rank decoded checked (each rank's verified bytes, none unverified)."""
+    local = tmp_path / layout
+    conftest.run_ranks(WORKER, save_world, ["save", layout, str(local)], timeout=RANK_TIMEOUT_S)
+    bucket = f"share-{uuid.uuid4().hex[:12]}"
+    s3 = s3_server.client()
+    s3.create_bucket(Bucket=bucket)
+    upload_with_record(s3, local, bucket, "ck")
+    env = {"TEST_S3_ENDPOINT": s3_server.endpoint_url, "SHARE_OPTIONS": json.dumps({})}
+    outputs = conftest.run_ranks(
+        WORKER,
+        world,
+        ["load", layout, f"s3://{bucket}/ck", str(local), "sync"],
+        env,
+        RANK_TIMEOUT_S,
+    )
+    for out in outputs:
+        (line,) = [x for x in out.splitlines() if x.startswith("RESULT ")]
+        r = json.loads(line.removeprefix("RESULT "))
+        assert "error" not in r, r
+        assert r["mismatched"] == [], r
+        assert r["stats"]["unverified_bytes"] == 0, r
+        assert r["stats"]["verified_bytes"] > 0, r

@@ -766,7 +766,7 @@ def slice_load(
             req.storage_index
             for (run_key, run), _ in grouped.slices.items()
             if run_key == key
-            for req in by_range.get(run, [])
+            for req in grouped.run_readers.get((run_key, run), [])
         }
         sliced[name] = len(stored_items)
     return SlicedLoad(tuple(slices), per_file, grouped.probe_plans, needed, sliced)

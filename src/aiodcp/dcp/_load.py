@@ -85,7 +85,7 @@ from .._progress import with_progress
 from .._reader import ChunkBuffer, SequentialReader
 from .._stats import StatsRecorder, counters, job_stats
 from .._store import S3Store
-from .._verify import BlockCheck
+from .._verify import BlockCheck, widen
 from ._format import Receive, RunReceive, StoredFormat, StoredTensor, shape_error
 from ._integrity import Integrity
 from ._sharing import (
@@ -160,6 +160,23 @@ async def _opened(store: S3Store) -> S3Store:
     return store
 
 
+def _windows(
+    runs: Sequence[ItemRange], item: ItemRange, block_bytes: int
+) -> list[tuple[ItemRange, list[ItemRange]]]:
+    """Each run (sorted, disjoint) of the stored ``item`` widened to the whole checksum blocks
+    it touches (blocks from the item's first byte), overlapping windows merged: the windows,
+    each with the runs it holds, in file order."""
+    windows: list[tuple[ItemRange, list[ItemRange]]] = []
+    for run in runs:
+        start, end = widen(run.start, run.end, item.start, item.length, block_bytes)
+        if windows and start < windows[-1][0].end:
+            last, inside = windows.pop()
+            windows.append((ItemRange(last.start, max(last.end, end)), [*inside, run]))
+        else:
+            windows.append((ItemRange(start, end), [run]))
+    return windows
+
+
 class PrefetchSource(Protocol):
     """Stored items another download already holds (a prefetch): ``lookup`` returns a call
     that blocks until the item's buffer is there, or ``None`` if the source does not have it.
@@ -179,6 +196,16 @@ class _Grouped:
     """(key, run's range) -> the stored tensor the run belongs to."""
     blocks_left: dict[int, int] = dataclasses.field(default_factory=dict)
     """id(sliced read item) -> its runs (it is committed once all are decoded)."""
+    run_readers: dict[tuple[str, ItemRange], list[ReadItem]] = dataclasses.field(
+        default_factory=dict
+    )
+    """(key, run's range) -> the read items it serves, in ``Slice.prefixes`` order."""
+    windows: dict[tuple[str, ItemRange], list[ItemRange]] = dataclasses.field(default_factory=dict)
+    """(key, window) -> the runs it holds, in order: when the load checks a sliced item against
+    its recorded checksums, its runs widened to the whole blocks they touch (``_verify.widen``,
+    overlapping ones merged) are what is fetched, checked, and sliced into the runs."""
+    window_of: dict[tuple[str, ItemRange], ItemRange] = dataclasses.field(default_factory=dict)
+    """(relative path, window) -> the stored item whose blocks it is."""
     probe_plans: dict[str, FilePlan] = dataclasses.field(default_factory=dict)
     """relative path -> the heads and tails fetched to slice its items (``aiodcp plan``)."""
     files: list[FileFetch] = dataclasses.field(default_factory=list)
@@ -220,6 +247,7 @@ class DcpLoad:
         self._aborted = False
         # id(read item) -> blocks of a sliced read item not decoded yet
         self._blocks_left: dict[int, int] = {}
+        self._grouped = _Grouped()  # the plan being read (its slices and windows)
         self._integrity = integrity
         """The checkpoint's record (None: none, or not verifying): every stored item is checked
         against it (``_checks``) and every GET pinned to its ETags (``_etags``)."""
@@ -251,16 +279,23 @@ class DcpLoad:
             relative_path, item_range.start, item_range.length, where, what
         )
 
-    def _checks(self, relative_path: str, items: Sequence[ItemRange]) -> dict[int, BlockCheck]:
-        """By item index, the checks of the items of a file plan that are stored items (a run
-        of a sliced item, or a probe, has none of its own)."""
+    def _checks(
+        self,
+        relative_path: str,
+        items: Sequence[ItemRange],
+        window_of: Mapping[tuple[str, ItemRange], ItemRange] | None = None,
+    ) -> dict[int, BlockCheck]:
+        """By item index, the checks of the items of a file plan that are stored items, or
+        windows of whole blocks of one (``window_of``: window -> its stored item); a probe has
+        none (its archive's own directory checks it)."""
         checks: dict[int, BlockCheck] = {}
         if self._integrity is None:
             return checks
         stored = self._stored()
         for index, item_range in enumerate(items):
-            if (relative_path, item_range.start, item_range.length) in stored:
-                check = self._check(relative_path, item_range)
+            whole = (window_of or {}).get((relative_path, item_range), item_range)
+            if (relative_path, whole.start, whole.length) in stored:
+                check = self._check(relative_path, whole)
                 if check is not None:
                     checks[index] = check
         return checks
@@ -377,7 +412,7 @@ class DcpLoad:
                 FileFetch(
                     self._path.key(relative_path),
                     file_plan,
-                    checks=self._checks(relative_path, file_plan.items),
+                    checks=self._checks(relative_path, file_plan.items, grouped.window_of),
                 )
             )
             grouped.readers.append([by_range[r] for r in file_plan.items])
@@ -417,6 +452,7 @@ class DcpLoad:
         self._plan_files(grouped, max_gap_size)
         files, readers, slices = grouped.files, grouped.readers, grouped.slices
         self._blocks_left = grouped.blocks_left
+        self._grouped = grouped
         if not files:
             for waiter, reqs in grouped.prefetched:
                 buffer = waiter()
@@ -471,24 +507,25 @@ class DcpLoad:
                 with reader:
                     for item_index, item_range in enumerate(fetch.plan.items):
                         sliced = slices.get((fetch.key, item_range))
+                        run = sliced is not None or (fetch.key, item_range) in grouped.windows
+                        reqs = readers[file_index][item_index]
                         if item_index in fetch.direct:
                             req, receive = direct[file_index][item_index]
                             if self._received_directly(engine, file_index, item_index, receive):
                                 recorder.add(
                                     fast_decoded_items=1,
-                                    **{"direct_items" if sliced is None else "direct_runs": 1},
+                                    **{"direct_runs" if run else "direct_items": 1},
                                 )
                                 planner.commit_tensor(req, receive.tensor)
                             else:
                                 etag = engine.etag(fetch.key)
                                 check = fetch.checks.get(item_index)
                                 again = self._fetch_alone(fetch.key, item_range, etag, check)
-                                self._decode(req, again, planner, sliced)
+                                self._decode_all(fetch.key, item_range, again, [req], planner)
                             continue
                         reader.seek(item_range.start)
                         buffer = reader.current_buffer()
-                        for nth, req in enumerate(readers[file_index][item_index]):
-                            self._decode(req, buffer, planner, sliced, nth)
+                        self._decode_all(fetch.key, item_range, buffer, reqs, planner)
                         # Hand the GIL over every ~2 ms of decoding: an event loop thread
                         # waiting for it (the I/O loop, or the caller's loop) gets it then,
                         # not at the next 5 ms switch interval.
@@ -592,8 +629,15 @@ class DcpLoad:
                     if engine is not None:
                         for item in sending:
                             engine.release_item(*where[item])
-            # The probes are not stored items: LoadStats.items counts those the load decoded.
-            recorder.add(items=-sum(1 for item in share.fetch if item not in reqs_of))
+            # The probes are not stored items: LoadStats.items (and what was left unverified)
+            # counts those the load decoded.
+            probes = [item for item in share.fetch if item not in reqs_of]
+            recorder.add(
+                items=-len(probes),
+                unverified_bytes=-sum(
+                    p.length for p in probes if (p.path, p.start, p.length) not in self._stored()
+                ),
+            )
             if error is None and private:
                 try:
                     self.read(dataclasses.replace(plan, items=private), planner, recorder, known)
@@ -732,6 +776,7 @@ class DcpLoad:
         etags = (
             self._fetch_probes(probes, fetched, grouped, max_gap_size, recorder) if probes else {}
         )
+        worth = self._request_worth(max_gap_size)
         for relative_path, item_range, candidate in candidates:
             start = 0  # no probes: the item is the tensor's bytes
             if candidate.probes:
@@ -739,30 +784,59 @@ class DcpLoad:
                 if start < 0:
                     continue
             key = self._path.key(relative_path)
-            by_range = grouped.per_file[relative_path]
-            reqs = by_range.pop(item_range)
-            runs: set[ItemRange] = set()
+            reqs = grouped.per_file[relative_path][item_range]
             itemsize = candidate.dtype.itemsize
-            strides = contiguous_strides(candidate.shape)
+            placed: list[tuple[ReadItem, list[tuple[ItemRange, int, tuple[int, ...]]]]] = []
+            runs: set[ItemRange] = set()
             for req, blocks in zip(reqs, candidate.blocks, strict=True):
-                grouped.blocks_left[id(req)] = len(blocks)
+                mine = []
                 for first, stop, prefix in blocks:
                     run = ItemRange(
                         item_range.start + start + first * itemsize,
                         item_range.start + start + stop * itemsize,
                     )
-                    by_range.setdefault(run, []).append(req)
+                    mine.append((run, first, prefix))
+                    runs.add(run)
+                placed.append((req, mine))
+            probed = sum(p.length for p in candidate.probes)
+            fetched_bytes = sum(r.length for r in runs)
+            windows: list[tuple[ItemRange, list[ItemRange]]] | None = None
+            check = self._check(relative_path, item_range)
+            if check is not None:
+                windows = _windows(sorted(runs), item_range, check.block_bytes)
+                fetched_bytes = sum(w.length for w, _ in windows)
+                if item_range.length - fetched_bytes - probed <= worth * len(windows):
+                    self._unusual(
+                        relative_path,
+                        item_range,
+                        "once its runs are widened to the whole checksum blocks they touch, "
+                        "slicing leaves out too little",
+                    )
+                    continue
+            by_range = grouped.per_file[relative_path]
+            del by_range[item_range]
+            strides = contiguous_strides(candidate.shape)
+            for req, mine in placed:
+                grouped.blocks_left[id(req)] = len(mine)
+                for run, first, prefix in mine:
                     sliced = grouped.slices.get((key, run))
                     if sliced is None:
                         sliced = grouped.slices[key, run] = Slice(
                             candidate.dtype, candidate.shape, strides, first
                         )
                     sliced.prefixes.append(prefix)
-                    runs.add(run)
-            saved = item_range.length - sum(r.length for r in runs)
+                    grouped.run_readers.setdefault((key, run), []).append(req)
+                    if windows is None:
+                        by_range.setdefault(run, []).append(req)
+            for window, inside in windows or ():
+                by_range[window] = list(
+                    dict.fromkeys(r for run in inside for r in grouped.run_readers[key, run])
+                )
+                grouped.windows[key, window] = inside
+                grouped.window_of[relative_path, window] = item_range
             recorder.add(
                 sliced_items=1,
-                slice_saved_bytes=saved - sum(p.length for p in candidate.probes),
+                slice_saved_bytes=item_range.length - fetched_bytes - probed,
             )
         return etags
 
@@ -834,8 +908,12 @@ class DcpLoad:
             for item_index, probed in enumerate(fetch.plan.items):
                 fetched[relative_path, probed] = engine.wait_item(file_index, item_index).read()
                 engine.release_item(file_index, item_index)
-        # The probes are not stored items: LoadStats.items counts those the load decoded.
-        recorder.add(items=-sum(len(f.plan.items) for f in files))
+        # The probes are not stored items: LoadStats.items (and what was left unverified)
+        # counts those the load decoded.
+        recorder.add(
+            items=-sum(len(f.plan.items) for f in files),
+            unverified_bytes=-sum(r.length for f in files for r in f.plan.items),
+        )
         return engine.etags()
 
     def _request_worth(self, max_gap_size: int | float) -> int | float:
@@ -920,11 +998,19 @@ class DcpLoad:
         )
 
     def _run_target(
-        self, run: ItemRange, reqs: list[ReadItem], sliced: Slice, planner: LoadPlanner
+        self,
+        run: ItemRange,
+        reqs: list[ReadItem],
+        sliced: Slice,
+        planner: LoadPlanner,
+        *,
+        before: int = 0,
+        after: int = 0,
     ) -> tuple[ReadItem, Receive] | None:
         """A run to receive straight into its destination: one read item, at least
         ``_DIRECT_MIN_BYTES``, whose region is the whole run (a dim-0 slice), for a C-contiguous
-        CPU tensor of the stored dtype (``_direct_targets`` checked the planner)."""
+        CPU tensor of the stored dtype (``_direct_targets`` checked the planner). ``before`` and
+        ``after``: bytes of its window (checked against the record) before and after it."""
         if len(reqs) != 1 or run.length < _DIRECT_MIN_BYTES or sliced.prefixes != [()]:
             return None
         req = reqs[0]
@@ -940,7 +1026,7 @@ class DcpLoad:
             or target.numel() * target.element_size() != run.length
         ):
             return None
-        return req, RunReceive(target)
+        return req, RunReceive(target, before, after)
 
     def _direct_targets(
         self, grouped: _Grouped, planner: LoadPlanner
@@ -960,11 +1046,26 @@ class DcpLoad:
             for item_index, (item_range, reqs) in enumerate(
                 zip(fetch.plan.items, reqs_per_item, strict=True)
             ):
+                window = grouped.windows.get((fetch.key, item_range))
+                if window is not None:  # a run with the rest of its checksum blocks around it
+                    if len(window) == 1:
+                        (run,) = window
+                        target = self._run_target(
+                            run,
+                            grouped.run_readers[fetch.key, run],
+                            grouped.slices[fetch.key, run],
+                            planner,
+                            before=run.start - item_range.start,
+                            after=item_range.end - run.end,
+                        )
+                        if target is not None:
+                            chosen[file_index][item_index] = target
+                    continue
                 sliced = grouped.slices.get((fetch.key, item_range))
                 if sliced is not None:
-                    run = self._run_target(item_range, reqs, sliced, planner)
-                    if run is not None:
-                        chosen[file_index][item_index] = run
+                    run_target = self._run_target(item_range, reqs, sliced, planner)
+                    if run_target is not None:
+                        chosen[file_index][item_index] = run_target
                     continue
                 receive = self._whole_target(reqs, item_range.length, planner)
                 if receive is not None:
@@ -1074,6 +1175,29 @@ class DcpLoad:
 
         self._io.run(run)
         return engine.wait_item(0, 0)
+
+    def _decode_all(
+        self,
+        key: str,
+        item_range: ItemRange,
+        buffer: ChunkBuffer,
+        reqs: list[ReadItem],
+        planner: LoadPlanner,
+    ) -> None:
+        """Decode the read items of one fetched item: a stored item, a run of a sliced one, or
+        a window of whole checksum blocks, whose runs are decoded from views of its bytes."""
+        grouped = self._grouped
+        window = grouped.windows.get((key, item_range))
+        if window is None:
+            sliced = grouped.slices.get((key, item_range))
+            for nth, req in enumerate(reqs):
+                self._decode(req, buffer, planner, sliced, nth)
+            return
+        for run in window:
+            inside = buffer.window(run.start - item_range.start, run.end - item_range.start)
+            sliced = grouped.slices[key, run]
+            for nth, req in enumerate(grouped.run_readers[key, run]):
+                self._decode(req, inside, planner, sliced, nth)
 
     def _decode(
         self,
