@@ -514,34 +514,8 @@ class Checkpoint:
     def ensure_recorded(
         self, data: Path, servers: Servers, python: str, env: dict[str, str]
     ) -> None:
-        """The twin ``s3://bench/<prefix>-rec``: the same data files (symlinks that nginx
-        serves with the originals' ETags; uploaded again for s3rver) and a ``.metadata`` with
-        the integrity record of an aiodcp save, ETags as the server answers them."""
-        twin = data / "ckpt" / f"{self.prefix}-rec"
-        twin.mkdir(parents=True, exist_ok=True)
-        names = sorted(
-            p.name for p in self.local_dir.iterdir() if p.name not in (".complete", ".metadata")
-        )
-        s3 = boto3.client(
-            "s3",
-            endpoint_url=servers.direct_url,
-            region_name="us-east-1",
-            config=Config(s3={"addressing_style": "path"}),
-        )
-        for n in names:
-            link = twin / n
-            if not link.is_symlink():
-                link.symlink_to(self.local_dir / n)
-            if servers.uploads:
-                s3.upload_file(str(self.local_dir / n), BUCKET, f"{self.prefix}-rec/{n}")
-        etags = {
-            n: s3.head_object(Bucket=BUCKET, Key=f"{self.prefix}-rec/{n}")["ETag"] for n in names
-        }
-        job = data / "jobs" / f"record-{self.prefix}.json"
-        job.write_text(json.dumps({"dir": str(self.local_dir), "etags": etags, "out": str(twin)}))
-        subprocess.run([python, str(HERE / "worker.py"), "record", str(job)], env=env, check=True)
-        if servers.uploads:
-            s3.upload_file(str(twin / ".metadata"), BUCKET, f"{self.prefix}-rec/.metadata")
+        """The twin ``s3://bench/<prefix>-rec`` (``recorded_twin``)."""
+        recorded_twin(self.local_dir, self.prefix, data, servers, python, env)
 
     def _warm(self) -> None:
         with open(self.local_dir / ".metadata", "rb") as f:
@@ -570,6 +544,37 @@ class Checkpoint:
             if keys is None or index.fqn in keys
         )
         return total + md_size
+
+
+def recorded_twin(
+    local_dir: Path, prefix: str, data: Path, servers: Servers, python: str, env: dict[str, str]
+) -> None:
+    """The twin ``s3://bench/<prefix>-rec`` of the checkpoint in ``local_dir``: the same data
+    files (symlinks that nginx serves with the originals' ETags; uploaded again for s3rver) and
+    a ``.metadata`` with the integrity record of an aiodcp save (``worker.py record``), ETags as
+    the server answers them."""
+    twin = data / "ckpt" / f"{prefix}-rec"
+    twin.mkdir(parents=True, exist_ok=True)
+    names = sorted(p.name for p in local_dir.iterdir() if p.name not in (".complete", ".metadata"))
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=servers.direct_url,
+        region_name="us-east-1",
+        config=Config(s3={"addressing_style": "path"}),
+    )
+    for n in names:
+        link = twin / n
+        if not link.is_symlink():
+            link.symlink_to(local_dir / n)
+        if servers.uploads:
+            s3.upload_file(str(local_dir / n), BUCKET, f"{prefix}-rec/{n}")
+    etags = {n: s3.head_object(Bucket=BUCKET, Key=f"{prefix}-rec/{n}")["ETag"] for n in names}
+    job = data / "jobs" / f"record-{prefix}.json"
+    job.parent.mkdir(parents=True, exist_ok=True)
+    job.write_text(json.dumps({"dir": str(local_dir), "etags": etags, "out": str(twin)}))
+    subprocess.run([python, str(HERE / "worker.py"), "record", str(job)], env=env, check=True)
+    if servers.uploads:
+        s3.upload_file(str(twin / ".metadata"), BUCKET, f"{prefix}-rec/.metadata")
 
 
 def run_ranks(cmd: list[str], world: int, env: dict[str, str], timeout: float = 1800) -> None:

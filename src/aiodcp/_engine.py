@@ -703,7 +703,7 @@ class FetchEngine:
         check = item.check
         length = item.range.length
         sink = item.sink
-        pieces: list[memoryview | bytes]
+        pieces: Sequence[memoryview | bytes]
         if isinstance(sink, DirectSink):
             result = sink.result()
             if result is None:
@@ -712,7 +712,7 @@ class FetchEngine:
             pieces = [head, sink.target.memory, tail]
         else:
             assert item.buffer is not None
-            pieces = list(item.buffer.chunks)
+            pieces = item.buffer.chunks
         if check is None:
             self._stats.add(unverified_bytes=length)
             return []

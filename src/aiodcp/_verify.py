@@ -160,15 +160,21 @@ class BlockCheck:
         """The blocks (file offsets) of the bytes ``pieces`` hold from ``start`` on whose CRC is
         not the recorded one; ``[]`` when every block matches. ``ValueError`` if the bytes are
         not whole blocks of this item (a caller's mistake, never a partial check)."""
-        total = sum(len(_bytes_view(p)) for p in pieces)
+        views = [_bytes_view(p) for p in pieces]
+        total = sum(len(v) for v in views)
         if not self.covers(start, start + total):
             raise ValueError(
                 f"bytes [{start}, {start + total}) are not whole {self.block_bytes}-byte blocks "
                 f"of the stored item [{self.origin}, {self.origin + self.length})"
             )
         first = (start - self.origin) // self.block_bytes
+        if len(views) == 1 and total <= self.block_bytes:  # one block in one piece: most items
+            if _checksum.crc64nvme(views[0]) == self.crcs[first]:
+                return []
+            lo = self.origin + first * self.block_bytes
+            return [(lo, min(lo + self.block_bytes, self.origin + self.length))]
         bad: list[tuple[int, int]] = []
-        for n, crc in enumerate(block_crcs(pieces, self.block_bytes)):
+        for n, crc in enumerate(block_crcs(views, self.block_bytes)):
             index = first + n
             if index >= len(self.crcs) or crc != self.crcs[index]:
                 lo = self.origin + index * self.block_bytes

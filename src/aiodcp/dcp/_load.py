@@ -289,15 +289,21 @@ class DcpLoad:
         windows of whole blocks of one (``window_of``: window -> its stored item); a probe has
         none (its archive's own directory checks it)."""
         checks: dict[int, BlockCheck] = {}
-        if self._integrity is None:
+        integrity = self._integrity
+        if integrity is None:
             return checks
         stored = self._stored()
+        where = f"s3://{self._path.bucket}/{self._path.key(relative_path)}"
+        window_of = window_of or {}
         for index, item_range in enumerate(items):
-            whole = (window_of or {}).get((relative_path, item_range), item_range)
-            if (relative_path, whole.start, whole.length) in stored:
-                check = self._check(relative_path, whole)
-                if check is not None:
-                    checks[index] = check
+            whole = (
+                window_of.get((relative_path, item_range), item_range) if window_of else item_range
+            )
+            what = stored.get((relative_path, whole.start, whole.length))
+            if what is not None:
+                checks[index] = integrity.check(
+                    relative_path, whole.start, whole.length, where, what
+                )
         return checks
 
     def abort(self) -> None:
