@@ -221,10 +221,14 @@ class DirectSink:
                 return None
             view = memoryview(self.head)[offset:]
         elif offset < start:  # before the memory: the head (a run's lead-in)
+            if len(self.head) < start:  # a lead-in, taken when its first byte comes
+                self.head = bytearray(start)
             view = memoryview(self.head)[offset:start]
         elif offset < self.stop:
             view = self.target.memory[offset - start :]
         else:
+            if len(self.tail) < self.length - self.stop:  # taken when its first byte comes
+                self.tail = bytearray(self.length - self.stop)
             view = memoryview(self.tail)[offset - self.stop :]
         return view if len(view) <= limit else view[:limit]
 
@@ -258,9 +262,11 @@ class DirectSink:
             self._fail()
             return
         head = self.head
-        self.head = bytearray(found) if upfront else bytearray(head[:found])
+        # A lead-in and every tail are taken (``view``) when their first byte comes: a load of
+        # many windows holds only those it is receiving.
+        self.head = bytearray() if upfront else bytearray(head[:found])
         self.start, self.stop = found, stop
-        self.tail = bytearray(self.length - stop)
+        self.tail = bytearray()
         at = found
         while at < len(have):  # head bytes past the start: into the memory or the tail
             at = have.find(1, at)
