@@ -1119,7 +1119,7 @@ def main(argv: list[str] | None = None) -> None:
         if "cold" in scenarios:
             with timed("scenario cold"):
                 results["cold"] = cold.run(
-                    loaders=[x for x in cold.COLD_LOADERS if x in args.loaders],
+                    loaders=[x for x in args.loaders if split_loader(x)[0] in cold.COLD_LOADERS],
                     repeats=args.repeats,
                     loads=args.cold_loads,
                     gap_s=args.cold_gap_s,
