@@ -186,7 +186,7 @@ def test_verify_without_a_record_checks_nothing_and_says_so(
     upload_dir(s3, save_checkpoint(_state(), tmp_path / "p"), bucket, "plain")
     result = run(capsys, s3_server.endpoint_url, "verify", f"s3://{bucket}/plain", "--json")
     assert result.code == EXIT_UNVERIFIED
-    assert "nothing recorded to check" in result.err
+    assert "nothing to check" in result.err and "no full-object CRC64NVME" in result.err
     report = result.json()
     assert report["recorded"] is False
     assert {f["status"] for f in report["files"]} == {"unverified"}
@@ -203,3 +203,37 @@ def test_verify_refuses_a_malformed_record(
         result = run(capsys, s3_server.endpoint_url, command, f"s3://{bucket}/m")
         assert result.code == EXIT_CORRUPT, (command, result)
         assert "integrity record" in result.err and "block_bytes 7" in result.err
+
+
+def test_verify_without_a_record_checks_files_against_the_stores_checksum(
+    tmp_path: Path,
+    s3: Any,
+    bucket: str,
+    s3_server: S3Server,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A checkpoint saved by others whose objects carry a CRC64NVME (S3 gives them one): each
+    file is read whole and checked against it; a damaged read is a mismatch of that file."""
+    local = save_checkpoint(_state(), tmp_path / "p", thread_count=2)
+    for path in sorted(local.iterdir()):
+        s3.put_object(
+            Bucket=bucket,
+            Key=f"others/{path.name}",
+            Body=path.read_bytes(),
+            ChecksumAlgorithm="CRC64NVME",
+        )
+    url = f"s3://{bucket}/others"
+    result = run(capsys, s3_server.endpoint_url, "verify", url, "--json")
+    assert result.code == EXIT_OK, result.err
+    report = result.json()
+    assert report["recorded"] is False and report["ok"] is True
+    assert all(f["status"] == "ok" and f["whole_crc_matches"] for f in report["files"])
+    path, offset, length, _ = next(s for s in stored(local) if s[3] == "model.w1")
+    at = offset + length // 2
+    with FaultProxy(s3_server.endpoint_url) as proxy:
+        proxy.add(Fault.flip(at), path_suffix=path, predicate=lambda r: r.covers(at))
+        result = run(capsys, proxy.endpoint_url, "verify", url, "--json")
+    assert result.code == EXIT_MISMATCH
+    bad = [f for f in result.json()["files"] if f["status"] != "ok"]
+    assert [(f["path"], f["status"]) for f in bad] == [(path, "mismatch")]
+    assert "full-object checksum" in bad[0]["detail"]

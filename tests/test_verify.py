@@ -377,3 +377,106 @@ async def test_save_checkpoint_then_load_checkpoint_verified_on_the_strict_store
     stats = await aiodcp.load_checkpoint(out, url, **kwargs)
     assert_same(out, sd)
     assert stats.verified_bytes == stats.bytes_used and stats.unverified_bytes == 0
+
+
+# --------------------------------------------------------------------------- without a record
+
+
+def upload_crc64(s3: Any, local: Path, bucket: str, prefix: str) -> None:
+    """Upload a checkpoint with a CRC64NVME checksum on every object (what S3 gives objects
+    uploaded without one, and what aiodcp's own uploads carry)."""
+    for path in sorted(local.iterdir()):
+        s3.put_object(
+            Bucket=bucket,
+            Key=f"{prefix}/{path.name}",
+            Body=path.read_bytes(),
+            ChecksumAlgorithm="CRC64NVME",
+        )
+
+
+def heads(proxy: FaultProxy) -> list[Any]:
+    return [r for r in proxy.requests if r.method == "HEAD"]
+
+
+def test_a_file_read_whole_is_checked_against_the_stores_checksum(
+    tmp_path: Path, s3: Any, bucket: str, s3_server: S3Server
+) -> None:
+    """No record (torch's FileSystemWriter, uploaded with CRC64NVME): a load that reads the data
+    file whole HEADs it for its full-object checksum beside its GETs, and checks the file's
+    bytes against it; a byte flipped on the way raises, naming the file."""
+    sd = state(7)
+    local = save_checkpoint(copy.deepcopy(sd), tmp_path / "ck")
+    upload_crc64(s3, local, bucket, "plain")
+    url = f"s3://{bucket}/plain"
+    with FaultProxy(s3_server.endpoint_url) as proxy:
+        out, stats = load(url, sd, **through(proxy, part_size=1 * MIB))
+        (head,) = heads(proxy)
+    assert_same(out, sd)
+    assert head.headers.get("x-amz-checksum-mode") == "ENABLED"
+    assert head.path.endswith(".distcp")
+    assert stats.verified_bytes == stats.bytes_used == stored_bytes(local)
+    assert stats.unverified_bytes == 0
+    _, offset, length = items_of(local)["mid"]
+    at = offset + length // 2
+    with FaultProxy(s3_server.endpoint_url) as proxy:
+        proxy.add(Fault.flip(at), path_suffix=".distcp", predicate=lambda r: r.covers(at))
+        with pytest.raises(CheckpointException) as info:
+            load(url, sd, **through(proxy))
+    error = unwrapped(info.value)
+    assert isinstance(error, aiodcp.ChecksumMismatchError), repr(error)
+    assert error.key == "plain/__0_0.distcp"
+    assert "full-object CRC64NVME" in str(error)
+    # Without verification: no HEAD, nothing checked.
+    with FaultProxy(s3_server.endpoint_url) as proxy:
+        out, stats = load(url, sd, **through(proxy, verify_checksums=False))
+        assert heads(proxy) == []
+    assert stats.verified_bytes == 0 and stats.unverified_bytes == stats.bytes_used
+
+
+def test_what_cannot_be_checked_whole_is_counted_unverified(
+    tmp_path: Path, s3: Any, bucket: str, s3_server: S3Server, reader_kwargs: dict[str, Any]
+) -> None:
+    """A partial load (the file is not read whole: no HEAD), and a file whose store checksum
+    is another algorithm (boto3's default CRC32, which ranged reads cannot be combined into
+    here): loaded as before, counted unverified."""
+    sd = state(8)
+    local = save_checkpoint(copy.deepcopy(sd), tmp_path / "ck")
+    upload_crc64(s3, local, bucket, "p")
+    half = {"mid": torch.zeros_like(sd["mid"])}
+    with FaultProxy(s3_server.endpoint_url) as proxy:
+        with aiodcp.S3StorageReader(f"s3://{bucket}/p", **through(proxy)) as reader:
+            dcp.load(half, storage_reader=reader)
+        assert heads(proxy) == []
+    assert torch.equal(half["mid"], sd["mid"])
+    assert reader.stats.verified_bytes == 0
+    assert reader.stats.unverified_bytes == reader.stats.bytes_used
+    from conftest import upload_dir
+
+    upload_dir(s3, local, bucket, "crc32")  # boto3's upload_file: CRC32
+    out, stats = load(f"s3://{bucket}/crc32", sd, **reader_kwargs)
+    assert_same(out, sd)
+    assert stats.verified_bytes == 0 and stats.unverified_bytes == stats.bytes_used
+
+
+async def test_an_object_uploaded_without_a_checksum_is_checked_on_the_strict_store(
+    tmp_path: Path, strict_server: Any, strict_bucket: str
+) -> None:
+    """S3 gives every object uploaded without a checksum a CRC64NVME (the strict store too):
+    a full load of such a checkpoint is checked."""
+    from botocore.config import Config
+
+    sd = state(9)
+    local = save_checkpoint(copy.deepcopy(sd), tmp_path / "ck")
+    s3 = strict_server.client(config=Config(request_checksum_calculation="when_required"))
+    for path in sorted(local.iterdir()):
+        s3.put_object(Bucket=strict_bucket, Key=f"ck/{path.name}", Body=path.read_bytes())
+    out = zeros(sd)
+    stats = await aiodcp.load_checkpoint(
+        out,
+        f"s3://{strict_bucket}/ck",
+        endpoint_url=strict_server.endpoint_url,
+        region="us-east-1",
+        addressing_style="path",
+    )
+    assert_same(out, sd)
+    assert stats.verified_bytes == stats.bytes_used == stored_bytes(local)

@@ -401,8 +401,10 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Read every byte of every data file and check it against what the "
         "checkpoint recorded when aiodcp saved it: each file's ETag (a file replaced since "
         "is 'changed'), size and CRC64NVME, and the CRC64NVME of each 1 MiB block of each "
-        "stored item. Reports per file what does not match (the items and blocks). Exits 6 "
-        "if anything does not match, 7 if there was nothing recorded to check against.",
+        "stored item. A checkpoint without that record is checked file by file against the "
+        "store's full-object CRC64NVME, where it has one. Reports per file what does not "
+        "match (the items and blocks). Exits 6 if anything does not match, 7 if some file had "
+        "nothing to check it against.",
     )
     verify.add_argument("checkpoint", metavar="s3://bucket/ckpt", help="the checkpoint's URL")
     verify.add_argument(
@@ -1147,9 +1149,10 @@ def _verify_problem(report: dict[str, Any]) -> str:
             f"checkpoint recorded: {named}{more}"
         )
     return (
-        f"nothing recorded to check {report['summary']['unverified']} of "
-        f"{_n(len(report['files']), 'data file')} against (the checkpoint carries no integrity "
-        "record: it was not saved by aiodcp)"
+        f"nothing to check {report['summary']['unverified']} of "
+        f"{_n(len(report['files']), 'data file')} against: the checkpoint carries no integrity "
+        "record (it was not saved by aiodcp) and the store holds no full-object CRC64NVME for "
+        "them"
     )
 
 
@@ -1159,7 +1162,7 @@ def render_verify(report: dict[str, Any]) -> str:
     against = (
         "its integrity record (CRC64NVME per 1 MiB block of every stored item)"
         if report["recorded"]
-        else "nothing: no integrity record"
+        else "the store's full-object CRC64NVME (no integrity record)"
     )
     lines = [
         f"{report['checkpoint']}: {_n(s['files'], 'data file')}, "

@@ -7,7 +7,7 @@ checkpoint can be checked before it is needed (or after a copy) without loading 
 Data flow, per data file (path order)::
 
     the integrity record (dcp._integrity) -> the file's size, ETag, CRC64NVME, and each
-        stored item's block CRCs
+        stored item's block CRCs (no record: a HEAD's size, ETag and full-object CRC64NVME)
     ranges tiling [0, size): the stored items, and the bytes between them (none in a file
         torch wrote) -> _planner.plan_file -> a FetchEngine of its own (GETs pinned to the
         recorded ETag, within the memory budget, the usual retries)
@@ -20,8 +20,11 @@ Data flow, per data file (path order)::
 Nothing is retried on a mismatch (a load does that): what an audit reports is what one read
 of the store gave; run it again to tell a damaged object from a damaged transfer.
 
-Checkpoints without a record have nothing recorded to check against: every file is
-``unverified`` (the CLI exits with its own code for that).
+Checkpoints without a record: each data file is HEADed for the store's full-object CRC64NVME
+(``x-amz-checksum-mode``; S3 gives every object one unless it was uploaded with another
+algorithm), read whole pinned to that HEAD's ETag, and its CRC compared: ``ok`` or ``mismatch``
+(which item cannot be told); a file the store holds no such checksum for is ``unverified``
+(the CLI exits with its own code for that).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from .._errors import (
 )
 from .._planner import ItemRange, plan_file
 from .._stats import StatsRecorder
+from .._store import WriteRequest
 from .._verify import block_crcs
 from ._integrity import Integrity
 
@@ -117,19 +121,64 @@ def audit_checkpoint(
         items = per_file[relative_path]
         key = path.key(relative_path)
         record = None if integrity is None else integrity.files.get(relative_path)
-        size = max((end for _, end in items), default=0)
-        if integrity is None or record is None:
-            why = (
-                "the checkpoint records no checksums"
-                if integrity is None
-                else ("the checkpoint's integrity record does not list this file")
+        if integrity is not None and record is not None:
+            audits.append(
+                _audit_file(
+                    path.bucket,
+                    relative_path,
+                    key,
+                    items,
+                    (record.size, record.etag, record.crc64nvme),
+                    integrity,
+                    config,
+                    driver,
+                    recorder,
+                )
             )
+            continue
+        size = max((end for _, end in items), default=0)
+        if integrity is not None:
+            why = "the checkpoint's integrity record does not list this file"
             audits.append(FileAudit(relative_path, key, size, UNVERIFIED, len(items), detail=why))
             continue
         audits.append(
-            _audit_file(path.bucket, relative_path, key, items, integrity, config, driver, recorder)
+            _audit_against_store(path.bucket, relative_path, key, items, config, driver, recorder)
         )
     return audits
+
+
+def _audit_against_store(
+    bucket: str,
+    relative_path: str,
+    key: str,
+    items: dict[tuple[int, int], list[str]],
+    config: ReaderConfig,
+    driver: Driver,
+    recorder: StatsRecorder,
+) -> FileAudit:
+    """A file of a checkpoint without a record: read whole and checked against the store's
+    full-object CRC64NVME (a HEAD with ``x-amz-checksum-mode``), when it has one."""
+    size = max((end for _, end in items), default=0)
+    base = FileAudit(relative_path, key, size, UNVERIFIED, len(items))
+
+    async def head(store: S3Store) -> Any:
+        async def attempt_once(attempt: int) -> Any:
+            return await store.send_write(WriteRequest("head_object", bucket, key))
+
+        return await store.retrying(attempt_once, what=f"HEAD s3://{bucket}/{key}")
+
+    try:
+        reply = driver.run(head)
+    except NotFoundError as exc:
+        return dataclasses.replace(base, status=MISSING, detail=str(exc))
+    if reply.checksum is None or reply.size is None:
+        why = (
+            "the checkpoint records no checksums, and the store holds no full-object CRC64NVME "
+            "for this file (uploaded with another checksum, or a store that keeps none)"
+        )
+        return dataclasses.replace(base, detail=why)
+    expected = (reply.size, reply.etag, reply.checksum)
+    return _audit_file(bucket, relative_path, key, items, expected, None, config, driver, recorder)
 
 
 def _tiling(items: Sequence[tuple[int, int]], size: int) -> list[ItemRange]:
@@ -152,19 +201,22 @@ def _audit_file(
     relative_path: str,
     key: str,
     items: dict[tuple[int, int], list[str]],
-    integrity: Integrity,
+    expected: tuple[int, str | None, int],
+    integrity: Integrity | None,
     config: ReaderConfig,
     driver: Driver,
     recorder: StatsRecorder,
 ) -> FileAudit:
-    record = integrity.files[relative_path]
-    size = record.size
+    """Read a file whole (pinned to ``expected``'s ETag) and check it against ``expected``'s
+    size and whole-file CRC64NVME, and each stored item against ``integrity``'s blocks when
+    there is a record."""
+    size, etag, file_crc = expected
     base = FileAudit(relative_path, key, size, OK, len(items))
     if any(end > size for _, end in items):
         return dataclasses.replace(
             base,
             status=MISMATCH,
-            detail=f"the metadata places items past the recorded size ({size} bytes)",
+            detail=f"the metadata places items past the file's size ({size} bytes)",
         )
     ranges = _tiling(list(items), size)
     if not ranges:
@@ -176,8 +228,8 @@ def _audit_file(
         [FileFetch(key, plan)],
         config.replace(verify_checksums=False),  # checked here: every block, no second fetch
         recorder,
-        {key: record.etag},
-        (key,),
+        None if etag is None else {key: etag},
+        (key,) if integrity is not None else (),
     )
 
     async def run(store: S3Store) -> None:
@@ -192,7 +244,7 @@ def _audit_file(
             buffer = engine.wait_item(0, index)
             start, end = item_range.start, item_range.end
             keys = items.get((start, end))
-            if keys is None:  # bytes between stored items: only in the file's CRC
+            if keys is None or integrity is None:  # only in the file's CRC
                 crcs = block_crcs(buffer.chunks, max(end - start, 1))
                 lengths = [end - start]
             else:
@@ -221,11 +273,16 @@ def _audit_file(
             future.result()
         except BaseException:
             pass  # raised above through wait_item
-    whole = checked == size and crc == record.crc64nvme
+    whole = checked == size and crc == file_crc
     status = MISMATCH if mismatches or not whole else OK
     detail = ""
     if not whole and not mismatches:
-        detail = "the file's CRC64NVME differs from the recorded one (bytes outside items)"
+        detail = (
+            "the file's CRC64NVME differs from the recorded one (bytes outside items)"
+            if integrity is not None
+            else "the file's CRC64NVME differs from the store's full-object checksum (the "
+            "checkpoint records no per-item checksums to tell which item)"
+        )
     return dataclasses.replace(
         base,
         status=status,
