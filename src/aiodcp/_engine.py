@@ -58,7 +58,6 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._checksum import warm_up
 from ._config import ReaderConfig
 from ._errors import (
     AiodcpError,
@@ -485,7 +484,6 @@ class FetchEngine:
                 whole.whole = WholeObject(whole.end, "CRC64NVME", reply.checksum)
                 whole.etag = reply.etag
                 whole.state = "checking"
-                warm_up()  # the CRC library, imported in a thread before the first item is in
             elif whole.state == "asking":
                 whole.state = "unchecked"
             self._cond.notify_all()
