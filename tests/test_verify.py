@@ -480,20 +480,3 @@ async def test_an_object_uploaded_without_a_checksum_is_checked_on_the_strict_st
     )
     assert_same(out, sd)
     assert stats.verified_bytes == stats.bytes_used == stored_bytes(local)
-
-
-def test_whole_files_are_checked_through_either_store_path(
-    tmp_path: Path,
-    s3: Any,
-    bucket: str,
-    reader_kwargs: dict[str, Any],
-    store_path: dict[str, Any],
-) -> None:
-    """The HEAD goes through aiodcp's own HTTP path in the plain case and through botocore
-    otherwise: both give the load the store's checksum."""
-    sd = state(10)
-    local = save_checkpoint(copy.deepcopy(sd), tmp_path / "ck")
-    upload_crc64(s3, local, bucket, "either")
-    out, stats = load(f"s3://{bucket}/either", sd, **reader_kwargs, **store_path)
-    assert_same(out, sd)
-    assert stats.verified_bytes == stats.bytes_used == stored_bytes(local)
