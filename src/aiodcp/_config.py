@@ -188,11 +188,10 @@ class ReaderConfig:
     file's ETag and a CRC64NVME per 1 MiB block of each stored item: every data GET is pinned
     to the recorded ETag (``If-Match``) and every item (a slice: the whole blocks it touches)
     is checked before decoding; a mismatch is fetched once more, then raises
-    ``ChecksumMismatchError``. For other checkpoints, a data file the load reads whole is
-    checked against the store's full-object checksum (a HEAD with ``x-amz-checksum-mode``)
-    once its last byte arrived. ``LoadStats.verified_bytes`` / ``unverified_bytes`` say what
-    was checked. Default True; False loads without checking (no HEAD, no widened slices).
-    Every rank of a multi-rank load must use the same setting."""
+    ``ChecksumMismatchError``. Checkpoints without a record load unchecked (``aiodcp verify``
+    checks them against the store's full-object checksums). ``LoadStats.verified_bytes`` /
+    ``unverified_bytes`` say what was checked. Default True; False loads without checking (no
+    widened slices). Every rank of a multi-rank load must use the same setting."""
     safe_bytes: bool = False
     """Non-tensor values (BYTE_IO items) are unpickled by torch's load planner with
     ``torch.load(weights_only=False)``, which runs whatever the pickle says. With True, each

@@ -27,12 +27,7 @@ Data flow::
            once: all its bytes go straight to the destination
     consumer thread (torch decode): wait_item(f, i) blocks until item i of file f is published
         (or raises the load's failure; or, when the download made no progress at all for
-        ``quiet_limit_s``, a TransferError naming the bytes it waited for: never forever),
-        then checks it before handing it over (``verify_checksums``): against its
-        ``FileFetch.checks`` (the checkpoint's recorded block CRCs; a mismatch is fetched once
-        more, pinned, then ``ChecksumMismatchError``), or, in a file read whole that has none,
-        folded into the file's CRC, compared with the store's full-object CRC64NVME (a HEAD
-        with ``x-amz-checksum-mode``, sent beside the first GETs) once its last item is in;
+        ``quiet_limit_s``, a TransferError naming the bytes it waited for: never forever);
         release_item(f, i) drops its memory and returns its bytes to the budget (batched).
 
 Invariants: the budget is reserved in consumption order, so the item the consumer waits for
@@ -56,7 +51,6 @@ import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from ._config import ReaderConfig
 from ._errors import (
@@ -77,8 +71,8 @@ from ._sinks import (
     held_memory,
 )
 from ._stats import RequestMetrics, StatsRecorder
-from ._store import S3Store, WriteRequest, is_throttling, quiet_limit_s
-from ._verify import BlockCheck, WholeObject
+from ._store import S3Store, is_throttling, quiet_limit_s
+from ._verify import BlockCheck
 
 __all__ = ["FetchEngine", "FileFetch"]
 
@@ -249,24 +243,6 @@ class _PartSink:
                     engine._publish(item)
 
 
-class _WholeFile:
-    """A data file the load reads whole and has no recorded checksums for: its items' CRCs,
-    folded in file order, against the store's full-object CRC64NVME (from a HEAD with
-    ``x-amz-checksum-mode``, sent beside the first GETs). ``state``: ``"asking"`` until the HEAD
-    answered, then ``"checking"``, or ``"unchecked"`` (no such checksum, another size, the HEAD
-    failed, or an item's bytes were not kept) once nothing can be checked."""
-
-    __slots__ = ("end", "etag", "pending", "state", "whole")
-
-    def __init__(self, end: int) -> None:
-        self.end = end
-        self.state = "asking"
-        self.whole: WholeObject | None = None
-        self.etag: str | None = None
-        self.pending = 0
-        """Bytes of items handed over before the file's last byte could be checked."""
-
-
 class FetchEngine:
     """Fetches the items of several files concurrently; see the module docstring."""
 
@@ -304,13 +280,6 @@ class FetchEngine:
         self._etags: dict[str, str] = dict(etags or {})
         # keys whose ETag the checkpoint recorded at its save (pinned from the first GET)
         self._recorded = frozenset(k for k in recorded if k in self._etags)
-        # file index -> a file read whole without recorded checksums: checked against the
-        # store's full-object checksum (``_WholeFile``)
-        self._whole: dict[int, _WholeFile] = {
-            i: _WholeFile(end)
-            for i, f in enumerate(self._files)
-            if self._verify and not f.checks and (end := _tiled_end(f.plan.items)) > 0
-        }
         self._cond = threading.Condition()
         self._error: BaseException | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -354,10 +323,6 @@ class FetchEngine:
         connections = self._connections = asyncio.Semaphore(self._config.max_concurrency)
         self._stats.add(files=sum(1 for f in self._files if f.plan.parts))
         try:
-            for file_index in self._whole:
-                task = asyncio.ensure_future(self._ask_checksum(file_index))
-                self._tasks.add(task)
-                task.add_done_callback(self._task_done)
             for file_index, fetch in enumerate(self._files):
                 for part in fetch.plan.parts:
                     await self._schedule(file_index, part, connections)
@@ -457,36 +422,6 @@ class FetchEngine:
         task = asyncio.create_task(self._fetch_part(file_index, part, connections))
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
-
-    async def _ask_checksum(self, file_index: int) -> None:
-        """HEAD a file the load reads whole for its full-object CRC64NVME (``_WholeFile``).
-        A failure only leaves the file unchecked: the GETs say what is wrong with it."""
-        whole = self._whole[file_index]
-        key = self._files[file_index].key
-        store = self._store
-        reply = None
-        try:
-
-            async def attempt_once(attempt: int) -> Any:
-                self._stats.add(requests=1, retries=1 if attempt > 1 else 0)
-                return await store.send_write(WriteRequest("head_object", self._bucket, key))
-
-            reply = await store.retrying(attempt_once, what=f"HEAD s3://{self._bucket}/{key}")
-        except AiodcpError as error:
-            logger.debug("s3://%s/%s: no checksum to check it by (%s)", self._bucket, key, error)
-        with self._cond:
-            if (
-                reply is not None
-                and reply.checksum is not None
-                and reply.size == whole.end
-                and whole.state == "asking"
-            ):
-                whole.whole = WholeObject(whole.end, "CRC64NVME", reply.checksum)
-                whole.etag = reply.etag
-                whole.state = "checking"
-            elif whole.state == "asking":
-                whole.state = "unchecked"
-            self._cond.notify_all()
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -687,7 +622,7 @@ class FetchEngine:
             with self._check_lock:
                 if item.checked or item.buffer is not buffer:
                     continue  # another waiter checked it (or is fetching it again)
-                bad = self._mismatches(file_index, item)
+                bad = self._mismatches(item)
                 if not bad:
                     item.checked = True
                     return buffer
@@ -761,7 +696,7 @@ class FetchEngine:
             retryable=False,
         )
 
-    def _mismatches(self, file_index: int, item: _Item) -> list[tuple[int, int]]:
+    def _mismatches(self, item: _Item) -> list[tuple[int, int]]:
         """Check a published item (consumer thread): its blocks that differ from the record;
         counts what was verified. A direct item whose archive was not the plain layout holds
         no bytes here (its consumer fetches it again, checked)."""
@@ -771,88 +706,20 @@ class FetchEngine:
         pieces: Sequence[memoryview | bytes]
         if isinstance(sink, DirectSink):
             result = sink.result()
-            if result is None:  # nothing was kept: the consumer fetches it again, checked
-                whole = self._whole.get(file_index)
-                if whole is not None and check is None:
-                    with self._cond:
-                        self._give_up(whole)
-                return []
+            if result is None:
+                return []  # nothing was kept: the consumer fetches it again, checked
             head, tail = result
             pieces = [head, sink.target.memory, tail]
         else:
             assert item.buffer is not None
             pieces = item.buffer.chunks
         if check is None:
-            whole = self._whole.get(file_index)
-            if whole is None:
-                self._stats.add(unverified_bytes=length)
-            else:
-                self._add_to_whole(file_index, whole, item, pieces)
+            self._stats.add(unverified_bytes=length)
             return []
         bad = check.mismatches(item.range.start, pieces)
         if not bad:
             self._stats.add(verified_bytes=length)
         return bad
-
-    def _add_to_whole(
-        self,
-        file_index: int,
-        whole: _WholeFile,
-        item: _Item,
-        pieces: Sequence[memoryview | bytes],
-    ) -> None:
-        """Fold a handed-over item of a file read whole into the file's CRC (consumer thread);
-        once its last byte is in, compare with the store's full-object checksum."""
-        length = item.range.length
-        with self._cond:
-            while whole.state == "asking" and self._error is None:
-                self._cond.wait(timeout=_WAKE_S)  # the HEAD is bounded by the store's timeouts
-            if whole.state != "checking" or whole.whole is None:
-                self._stats.add(unverified_bytes=length)
-                return
-        whole.whole.add(item.range.start, pieces)
-        whole.pending += length
-        if not whole.whole.done:
-            return
-        key = self._files[file_index].key
-        pinned = self._etags.get(key)
-        if whole.etag is not None and pinned is not None and whole.etag != pinned:
-            raise ObjectChangedError(
-                f"s3://{self._bucket}/{key} was replaced while it was being loaded (its HEAD "
-                f"answered ETag {whole.etag}, its GETs {pinned}); load again once the "
-                "checkpoint is complete",
-                bucket=self._bucket,
-                key=key,
-                retryable=False,
-            )
-        if whole.whole.matches:
-            self._stats.add(verified_bytes=whole.pending)
-            whole.pending = 0
-            return
-        error = ChecksumMismatchError(
-            f"s3://{self._bucket}/{key}: its bytes do not match the full-object CRC64NVME the "
-            f"store holds for it (the file was read whole, {whole.end} bytes"
-            f"{'' if pinned is None else f', ETag {pinned}'}): they were damaged on the way (or "
-            "in the store). The checkpoint records no per-item checksums to tell which item or "
-            "to fetch it again, so the load stops here; tensors already loaded from this file "
-            "may hold damaged bytes. Load again; verify_checksums=False loads the bytes as "
-            "they are.",
-            bucket=self._bucket,
-            key=key,
-            item_range=(0, whole.end),
-            byte_range=(0, whole.end),
-            mismatched=((0, whole.end),),
-        )
-        self._fail(error)
-        raise error
-
-    def _give_up(self, whole: _WholeFile) -> None:
-        """A file that can no longer be checked whole: what was waiting for the check is
-        counted unverified (call with ``_cond`` held)."""
-        if whole.state == "checking":
-            self._stats.add(unverified_bytes=whole.pending)
-            whole.pending = 0
-        whole.state = "unchecked"
 
     def _fetch_again(self, file_index: int, item: _Item) -> None:
         """Fetch a published item once more into a fresh sink (its memory reservation is
@@ -986,14 +853,3 @@ class FetchEngine:
         """Cancel fetches started after ``run`` returned (an item fetched again)."""
         for task in list(self._tasks):
             task.cancel()
-
-
-def _tiled_end(items: Sequence[ItemRange]) -> int:
-    """The end of the items if they tile ``[0, end)`` with no gap (the file is read whole,
-    unless the object is longer: the store's size says), else 0."""
-    at = 0
-    for item in items:
-        if item.start != at:
-            return 0
-        at = item.end
-    return at

@@ -78,12 +78,11 @@ class LoadStats:
     in ``bytes_received``)."""
     verified_bytes: int = 0
     """Stored bytes checked against a checksum before torch saw them: the block checksums of
-    the checkpoint's integrity record (a checkpoint saved by aiodcp), or, for a checkpoint
-    without one, the store's own full-object checksum of a data file the load read whole
-    (checked once its last byte arrived). Bytes received from other ranks count too."""
+    the checkpoint's integrity record (a checkpoint saved by aiodcp). Bytes received from
+    other ranks count too."""
     unverified_bytes: int = 0
-    """Stored bytes handed to torch without such a check (no record and not a whole object
-    with a full-object CRC64NVME/CRC32/CRC32C checksum, or ``verify_checksums=False``)."""
+    """Stored bytes handed to torch without such a check (a checkpoint without a record, or
+    ``verify_checksums=False``)."""
     checksum_mismatches: int = 0
     """Items (or blocks of them) whose bytes did not match their checksum and were fetched
     again from the store (a second mismatch raises ``ChecksumMismatchError``)."""
