@@ -124,10 +124,12 @@ class _LoggedServer:
     log_path: Path
 
     def requests(self) -> list[dict[str, Any]]:
+        """The requests logged so far; a line the server is still writing (no newline yet)
+        is not one of them."""
         if not self.log_path.exists():
             return []
         with self.log_path.open() as f:
-            return [json.loads(line) for line in f if line.strip()]
+            return [json.loads(line) for line in f if line.endswith("\n") and line.strip()]
 
     def clear_log(self) -> None:
         self.log_path.write_text("")

@@ -18,7 +18,8 @@ Data flow, per client connection (one thread each, HTTP/1.1 keep-alive honoured)
         -> forward upstream on a fresh connection with ``Connection: close``, read the whole
            response (Content-Length, chunked or until EOF)
         -> fault while answering: send the headers (full Content-Length) and only part of the
-           body, then close with a FIN (``short``) or a RST (``drop``)
+           body, then close with a FIN (``short``) or a RST (``drop``); or flip one byte of the
+           body (``flip``: at a chosen object offset, or at random), answering in full
         -> otherwise answer in full and keep the client connection open for its next request
 
 Everything binds 127.0.0.1 only. ``FaultProxy`` counts requests, faults injected (per fault
@@ -30,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import re
 import select
 import socket
 import struct
@@ -178,6 +180,11 @@ class Fault:
     lose_reply: bool = False
     """Forward the request (the store applies it), then reset the connection without
     answering: a reply lost on the way back."""
+    flip_at: int | None = None
+    """Invert one byte of a 200/206 body (all 8 bits), answering in full otherwise: the byte at
+    this offset of the object (located through ``Content-Range``; a body that does not hold it
+    is sent unchanged), or ``-1``: a random byte of the body (the proxy's seeded RNG). Every
+    flip is recorded in ``FaultProxy.flipped``."""
 
     @property
     def on_request_body(self) -> bool:
@@ -232,6 +239,11 @@ class Fault:
         return cls(name="corrupt", corrupt_request=True)
 
     @classmethod
+    def flip(cls, at: int | None = None) -> Fault:
+        """Flip the byte at object offset ``at`` of the body (a random one when None)."""
+        return cls(name="flip", flip_at=-1 if at is None else at)
+
+    @classmethod
     def slow_down(cls) -> Fault:
         return cls(name="503", error=_s3_error(503, "SlowDown", "Please reduce your request rate."))
 
@@ -283,6 +295,15 @@ class ProxyRequest:
     @property
     def if_match(self) -> str | None:
         return self.headers.get("if-match")
+
+    def covers(self, offset: int) -> bool:
+        """Whether this GET asks for the byte at object offset ``offset`` (a GET without a
+        Range asks for every byte)."""
+        text = self.range
+        if text is None:
+            return True
+        first, _, last = text.removeprefix("bytes=").partition("-")
+        return int(first) <= offset and (not last or offset <= int(last))
 
 
 @dataclass(eq=False)
@@ -341,6 +362,8 @@ class FaultProxy:
         self._records: list[_Record] = []
         self._next_index = 0
         self._fault_counts: Counter[str] = Counter()
+        self.flipped: list[tuple[str, int]] = []
+        """(path, object offset) of every byte a ``flip`` fault inverted, in order."""
         self._clients: set[socket.socket] = set()
         self._threads: set[threading.Thread] = set()
         self._stopping = threading.Event()
@@ -427,6 +450,7 @@ class FaultProxy:
             self._rules.clear()
             self._records.clear()
             self._fault_counts.clear()
+            self.flipped.clear()
 
     @property
     def requests(self) -> list[ProxyRequest]:
@@ -646,6 +670,8 @@ class FaultProxy:
             record.status = None
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             return False
+        if fault is not None and fault.flip_at is not None and status in (200, 206) and body:
+            body = self._flip(request.path, fault.flip_at, cut, headers, body)
         length = len(body)
         if request.method == "HEAD":
             length = int(_header_map(headers).get("content-length", "0"))
@@ -666,6 +692,19 @@ class FaultProxy:
         sock.sendall(head + (b"" if request.method == "HEAD" else body))
         record.sent = True
         return keep_alive
+
+    def _flip(
+        self, path: str, at: int, cut: int, headers: list[tuple[str, str]], body: bytes
+    ) -> bytes:
+        """``body`` with the byte at object offset ``at`` (``-1``: a random one) inverted."""
+        match = re.match(r"bytes (\d+)-", _header_map(headers).get("content-range", ""))
+        start = int(match.group(1)) if match else 0
+        index = cut % len(body) if at < 0 else at - start
+        if not 0 <= index < len(body):
+            return body
+        with self._lock:
+            self.flipped.append((path, start + index))
+        return body[:index] + bytes([body[index] ^ 0xFF]) + body[index + 1 :]
 
     def _stall(self, sock: socket.socket, seconds: float, release: threading.Event | None) -> None:
         """Wait ``seconds`` (or until ``release``); raise ``_ClientGone`` if the client left."""

@@ -4,7 +4,8 @@
 ``load LAYOUT URL DIR API``: the ranks load it from S3 with aiodcp (``API`` ``sync``:
 ``dcp.load`` + ``S3StorageReader``; ``async``: ``await load_checkpoint``), load it again from DIR
 with ``FileSystemReader``, compare every local tensor, and print one ``RESULT {json}`` line
-with this rank's ``LoadStats`` (and the job's). Options come as JSON in ``SHARE_OPTIONS``.
+with this rank's ``LoadStats`` (and the job's). Options come as JSON in ``SHARE_OPTIONS``, and
+for one rank only in ``SHARE_OPTIONS_<rank>``.
 
 Layouts (``SAVE_WORLD`` ranks save, the job's world size loads):
 - ``replicated``: plain tensors, every rank loads all of them (data-parallel replicas);
@@ -176,6 +177,7 @@ def main() -> None:
         import aiodcp
 
         options = json.loads(os.environ.get("SHARE_OPTIONS", "{}"))
+        options.update(json.loads(os.environ.get(f"SHARE_OPTIONS_{dist.get_rank()}", "{}")))
         options.setdefault("endpoint_url", os.environ["TEST_S3_ENDPOINT"])
         options.setdefault("addressing_style", "path")
         options.setdefault("region", "us-east-1")
@@ -258,6 +260,9 @@ def main() -> None:
                         "bytes_to_peers": stats.bytes_to_peers,
                         "peak_buffered_bytes": stats.peak_buffered_bytes,
                         "sliced_items": stats.sliced_items,
+                        "verified_bytes": stats.verified_bytes,
+                        "unverified_bytes": stats.unverified_bytes,
+                        "checksum_mismatches": stats.checksum_mismatches,
                     },
                     "job": None
                     if job is None

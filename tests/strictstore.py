@@ -38,6 +38,11 @@ Data flow, per request (werkzeug threaded servers, one thread per connection)::
             -> moto
     every S3 request -> one JSON line in --log (method, path, query, range, if_match, status,
                code, auth, region, access_key, payload) and the counters
+    moto's answers -> ``ChecksumAnswers`` (between the checks and moto): a GET or HEAD of an
+               object with ``x-amz-checksum-mode: ENABLED`` and no Range gets the object's
+               full-object checksum (the one it was uploaded with, else the CRC64NVME S3 gives
+               every new object) and ``x-amz-checksum-type``; a ranged GET, or a request without
+               the mode, gets no ``x-amz-checksum-*`` header
 
 Refusals are S3's XML ``<Error><Code/><Message/>...<RequestId/><HostId/></Error>`` with S3's
 status; a refused HEAD has no body (as S3). A refused request's body is drained first so the
@@ -147,7 +152,15 @@ from moto.moto_server.werkzeug_app import (
 from moto.s3.models import s3_backends
 from werkzeug.serving import make_server
 
-__all__ = ["ControlError", "S3Error", "StrictState", "StrictStore", "make_tls_files", "main"]
+__all__ = [
+    "ChecksumAnswers",
+    "ControlError",
+    "S3Error",
+    "StrictState",
+    "StrictStore",
+    "make_tls_files",
+    "main",
+]
 
 CONTROL_PREFIX = "/_strict/"
 MAX_SKEW_S = 900
@@ -1268,6 +1281,68 @@ def make_tls_files(directory: Path) -> tuple[Path, Path, Path]:
     return ca_path, cert_path, key_path
 
 
+# --------------------------------------------------------------------------- checksum answers
+
+
+class ChecksumAnswers:
+    """S3's answers to ``x-amz-checksum-mode`` (a WSGI middleware in front of moto's app).
+
+    S3 returns an object's checksum only to a GET or HEAD that asks for it
+    (``x-amz-checksum-mode: ENABLED``) and reads the whole object: a ranged GET gets none (a
+    full-object checksum says nothing about a range). Every object has one: the checksum it was
+    uploaded with (a multipart upload's ``-N`` composite included), else, for an object
+    uploaded without any, the CRC64NVME S3 has computed for every new object since December
+    2024. moto keeps the first kind; the second is computed here from the object's bytes
+    (cached per object and ETag)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self._crc64: dict[tuple[str, str, str], str] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        method = str(environ.get("REQUEST_METHOD", "")).upper()
+        req = parse_request(environ) if method in ("GET", "HEAD") else None
+        if req is None or not req.bucket or not req.key or req.raw_query.startswith(b"uploadId"):
+            return self.app(environ, start_response)
+        bucket, key = req.bucket, req.key
+        wanted = req.headers.get("x-amz-checksum-mode", "").upper() == "ENABLED"
+        whole = "range" not in req.headers
+
+        def answer(status: str, headers: Any, *args: Any) -> Any:
+            given = [(k, v) for k, v in headers if k.lower().startswith("x-amz-checksum-")]
+            kept = [(k, v) for k, v in headers if not k.lower().startswith("x-amz-checksum-")]
+            if wanted and whole and status.startswith("200"):
+                kept += self.full_object(bucket, key, given, dict(kept))
+            return start_response(status, kept, *args)
+
+        return self.app(environ, answer)
+
+    def full_object(
+        self, bucket: str, key: str, given: list[tuple[str, str]], headers: dict[str, str]
+    ) -> list[tuple[str, str]]:
+        """The checksum headers of the whole object: moto's, else its CRC64NVME."""
+        values = [(k, v) for k, v in given if k.lower() != "x-amz-checksum-type"]
+        if values:
+            composite = any("-" in v for _, v in values)
+            return [*values, ("x-amz-checksum-type", "COMPOSITE" if composite else "FULL_OBJECT")]
+        etag = next((v for k, v in headers.items() if k.lower() == "etag"), "")
+        cache_key = (bucket, key, etag)
+        with self._lock:
+            cached = self._crc64.get(cache_key)
+        if cached is None:
+            where = s3_backends.bucket_accounts.get(bucket)
+            if where is None:
+                return []
+            partition, account_id = where
+            value = s3_backends[account_id][partition].get_object(bucket, key).value
+            crc = awscrt.checksums.crc64nvme(value)
+            cached = base64.b64encode(crc.to_bytes(8, "big")).decode("ascii")
+            with self._lock:
+                self._crc64[cache_key] = cached
+        return [("x-amz-checksum-crc64nvme", cached), ("x-amz-checksum-type", "FULL_OBJECT")]
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -1283,7 +1358,8 @@ def main() -> None:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert_path, key_path)
     state = StrictState(region_mode=args.region_mode)
-    app = StrictStore(DomainDispatcherApplication(create_backend_app), state, args.log)
+    moto = ChecksumAnswers(DomainDispatcherApplication(create_backend_app))
+    app = StrictStore(moto, state, args.log)
     servers = [
         make_server("127.0.0.1", port, app, threaded=True, request_handler=MotoRequestHandler, **kw)
         for port, kw in ((args.port, {}), (args.tls_port, {"ssl_context": context}))

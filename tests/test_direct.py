@@ -304,6 +304,32 @@ def _relied_offsets(blob: bytes, end: int, directory_start: int) -> set[int]:
     return relied
 
 
+def test_a_head_whose_storage_header_lengths_are_damaged_is_refused() -> None:
+    """The storage bytes' start comes from the storage record's local header (name and extra
+    lengths), which the directory does not repeat: ``verify`` checks it against where the
+    directory says the next record begins, so a head damaged there (a shifted start: every
+    byte of the tensor off, or a slice's runs at the wrong offsets) is refused, not trusted."""
+    tensor = torch.randn(64, 64)
+    blob = _saved(tensor)
+    receive = DirectReceive(torch.zeros(64, 64), len(blob))
+    start = receive.locate(blob[:HEAD_BYTES])
+    assert start is not None and start > 0
+    end = start + receive.memory.nbytes
+    assert receive.verify(blob[:start], blob[end:])
+    storage_header = blob.rfind(b"PK\x03\x04", 0, start)
+    for delta in (64, 128, -64):  # torch.save pads to 64-byte alignment: shifts that keep it
+        head = bytearray(blob)
+        extra_len = struct.unpack_from("<H", head, storage_header + 28)[0]
+        if extra_len + delta < 0:
+            continue
+        struct.pack_into("<H", head, storage_header + 28, extra_len + delta)
+        damaged = DirectReceive(torch.zeros(64, 64), len(blob))
+        moved = damaged.locate(bytes(head[:HEAD_BYTES]))
+        assert moved == start + delta, delta  # the head alone cannot tell
+        moved_end = moved + damaged.memory.nbytes
+        assert not damaged.verify(bytes(head[:moved]), blob[moved_end:]), delta
+
+
 def test_locate_refuses_other_dtypes_shapes_and_layouts() -> None:
     tensor = torch.randn(32, 32)
     blob = _saved(tensor)

@@ -906,3 +906,48 @@ def test_counters_and_log_fields(strict_server: StrictServer, obj: tuple[str, st
     assert strict_server.counters() == {"requests": 0, "accepted": 0, "refused": {}, "held": 0}
     # The control API is neither logged nor counted.
     assert len(strict_server.requests()) == 3
+
+
+# --------------------------------------------------------------------------- checksum mode
+
+
+def test_checksums_are_answered_for_whole_objects_only(
+    strict_server: StrictServer, strict_bucket: str
+) -> None:
+    """x-amz-checksum-mode: ENABLED gets the full-object checksum on a HEAD and a whole GET (the
+    uploaded one, else the CRC64NVME S3 gives every object), never on a ranged GET or without
+    the mode."""
+    import base64
+
+    import awscrt.checksums
+
+    s3 = strict_server.client()
+    body = os.urandom(300_000)
+    crc64 = base64.b64encode(awscrt.checksums.crc64nvme(body).to_bytes(8, "big")).decode()
+    s3.put_object(Bucket=strict_bucket, Key="k64", Body=body, ChecksumAlgorithm="CRC64NVME")
+    s3.put_object(Bucket=strict_bucket, Key="k32", Body=body, ChecksumAlgorithm="CRC32")
+    # A client that sends no checksum at all (as S3 sees curl or an old SDK).
+    plain = strict_server.client(config=Config(request_checksum_calculation="when_required"))
+    plain.put_object(Bucket=strict_bucket, Key="knone", Body=body)
+
+    def checksums(response: dict[str, Any]) -> dict[str, str]:
+        headers = response["ResponseMetadata"]["HTTPHeaders"]
+        return {k: v for k, v in headers.items() if k.startswith("x-amz-checksum-")}
+
+    for key in ("k64", "knone"):
+        head = s3.head_object(Bucket=strict_bucket, Key=key, ChecksumMode="ENABLED")
+        assert checksums(head) == {
+            "x-amz-checksum-crc64nvme": crc64,
+            "x-amz-checksum-type": "FULL_OBJECT",
+        }, key
+        got = s3.get_object(Bucket=strict_bucket, Key=key, ChecksumMode="ENABLED")
+        assert got["Body"].read() == body
+        assert checksums(got)["x-amz-checksum-crc64nvme"] == crc64
+        ranged = s3.get_object(
+            Bucket=strict_bucket, Key=key, ChecksumMode="ENABLED", Range="bytes=0-99"
+        )
+        assert ranged["Body"].read() == body[:100]
+        assert checksums(ranged) == {}, key
+        assert checksums(s3.head_object(Bucket=strict_bucket, Key=key)) == {}, key
+    crc32 = checksums(s3.head_object(Bucket=strict_bucket, Key="k32", ChecksumMode="ENABLED"))
+    assert set(crc32) == {"x-amz-checksum-crc32", "x-amz-checksum-type"}

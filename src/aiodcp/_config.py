@@ -182,6 +182,16 @@ class ReaderConfig:
     stored item the ranks need once per job, and send it to the other ranks that need it over
     the process group, instead of every rank fetching its own copy. Default True; False makes
     each rank load for itself. Single-process loads are the same either way."""
+    verify_checksums: bool = True
+    """Check every stored byte a load hands to torch against a checksum first (not to be
+    confused with ``verify``, TLS verification). A checkpoint saved by aiodcp records each data
+    file's ETag and a CRC64NVME per 1 MiB block of each stored item: every data GET is pinned
+    to the recorded ETag (``If-Match``) and every item (a slice: the whole blocks it touches)
+    is checked before decoding; a mismatch is fetched once more, then raises
+    ``ChecksumMismatchError``. Checkpoints without a record load unchecked (``aiodcp verify``
+    checks them against the store's full-object checksums). ``LoadStats.verified_bytes`` /
+    ``unverified_bytes`` say what was checked. Default True; False loads without checking (no
+    widened slices). Every rank of a multi-rank load must use the same setting."""
     safe_bytes: bool = False
     """Non-tensor values (BYTE_IO items) are unpickled by torch's load planner with
     ``torch.load(weights_only=False)``, which runs whatever the pickle says. With True, each
@@ -227,6 +237,12 @@ class ReaderConfig:
                 f"safe_bytes must be a bool, got {self.safe_bytes!r}",
                 field="safe_bytes",
                 value=self.safe_bytes,
+            )
+        if not isinstance(self.verify_checksums, bool):
+            raise ConfigError(
+                f"verify_checksums must be a bool, got {self.verify_checksums!r}",
+                field="verify_checksums",
+                value=self.verify_checksums,
             )
         if not isinstance(self.fast_decode, bool):
             raise ConfigError(

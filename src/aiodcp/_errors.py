@@ -24,6 +24,8 @@ Every error aiodcp raises derives from :class:`AiodcpError`. The tree::
     │   │                                   stored item is not what the metadata says
     │   ├── SafetensorsHeaderError          a safetensors header breaks a rule (``rule``)
     │   └── UnsupportedDtypeError           a tensor asked for is in a dtype torch lacks
+    ├── ChecksumMismatchError               received bytes differ from the checkpoint's
+    │                                       checksums, again when fetched once more
     ├── MissingDependencyError (ImportError) an optional dependency (zstandard) is needed
     ├── LoadCancelledError                  the load was aborted (another part failed)
     ├── PeerLoadError                       another rank of a shared multi-rank load failed
@@ -44,6 +46,7 @@ __all__ = [
     "AiodcpError",
     "CheckpointExistsError",
     "CheckpointFormatError",
+    "ChecksumMismatchError",
     "ConcurrentSaveError",
     "ConditionalWriteError",
     "ConfigError",
@@ -161,6 +164,14 @@ class UnsupportedDtypeError(CheckpointFormatError):
     """A tensor the load asks for is stored in a dtype torch does not have (safetensors'
     ``F6_E2M3``, ``F6_E3M2``, an ``F4`` tensor with an odd last dim). ``fqn`` names the
     tensor, ``dtype`` the stored dtype."""
+
+
+class ChecksumMismatchError(AiodcpError):
+    """Bytes of a data file did not match the checksum the checkpoint recorded for them (or
+    the store's own full-object checksum), and fetching them once more from the store did not
+    help. Raised before torch sees them. ``bucket`` and ``key`` name the data file,
+    ``item_range`` the stored item (file offsets, ``[start, end)``), ``byte_range`` the first
+    block that differs, ``mismatched`` every block that did (file offsets)."""
 
 
 class MissingDependencyError(AiodcpError, ImportError):

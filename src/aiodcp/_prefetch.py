@@ -56,6 +56,7 @@ from ._reader import ChunkBuffer
 from ._sinks import held_memory
 from ._stats import LoadStats, StatsRecorder
 from ._store import S3Store
+from .dcp._integrity import Integrity
 from .dcp._session import LoadSession, run_dcp_load, run_in_thread, select_keys
 from .dcp._sharing import dcp_load_group
 from .dcp._storage_reader import attached_reader
@@ -162,7 +163,10 @@ class PrefetchHandle:
             max_gap_size = resolve_max_gap_size(self._config.max_gap_size, latency)
             recorder.max_gap_size = max_gap_size
             recorder.request_latency_s = latency
-            files, index = self._select(metadata, max_gap_size)
+            integrity = None
+            if self._config.verify_checksums:
+                integrity = Integrity.of(metadata, f"{path.url}/.metadata")
+            files, index = self._select(metadata, max_gap_size, integrity)
             # The budget is the memory every selected item holds (``held_memory``: whole 1 MiB
             # blocks for items of 512 KiB or more), not their bytes: no load releases a
             # prefetched item while the prefetch runs, so a budget short of that would stop the
@@ -174,7 +178,9 @@ class PrefetchHandle:
                 for info in metadata.storage_data.values()
                 if (etag := getattr(info, "etag", None)) is not None
             }
-            engine = FetchEngine(store, path.bucket, files, config, recorder, etags)
+            recorded: dict[str, str] = {} if integrity is None else integrity.etags(path.key)
+            etags.update(recorded)  # DCP saved by aiodcp: the ETags its record holds
+            engine = FetchEngine(store, path.bucket, files, config, recorder, etags, recorded)
             with self._lock:
                 self._metadata, self._engine, self._index = metadata, engine, index
                 self._total = sum(f.plan.requested_bytes for f in files)
@@ -185,7 +191,7 @@ class PrefetchHandle:
         return recorder.finish()
 
     def _select(
-        self, metadata: Metadata, max_gap_size: int | float
+        self, metadata: Metadata, max_gap_size: int | float, integrity: Integrity | None = None
     ) -> tuple[list[FileFetch], dict[tuple[str, ItemRange], tuple[int, int]]]:
         keys = self._keys
         selected: set[str] | None = None
@@ -199,7 +205,9 @@ class PrefetchHandle:
                     value=keys,
                 )
         wanted: dict[str, set[ItemRange]] = {}
+        names: dict[tuple[str, int, int], str] = {}
         for index, info in metadata.storage_data.items():
+            names[(info.relative_path, info.offset, info.length)] = repr(index.fqn)
             if selected is not None and index.fqn not in selected:
                 continue
             if info.length:
@@ -214,9 +222,19 @@ class PrefetchHandle:
                 max_gap_size=max_gap_size,
                 part_size=self._config.buffered_part_size,
             )
+            key = self._path.key(relative_path)
+            checks = {}
             for item_index, item_range in enumerate(plan.items):
                 positions[(relative_path, item_range)] = (len(files), item_index)
-            files.append(FileFetch(self._path.key(relative_path), plan))
+                if integrity is not None:
+                    checks[item_index] = integrity.check(
+                        relative_path,
+                        item_range.start,
+                        item_range.length,
+                        f"s3://{self._path.bucket}/{key}",
+                        names.get((relative_path, item_range.start, item_range.length), ""),
+                    )
+            files.append(FileFetch(key, plan, checks=checks))
         return files, positions
 
     def _set_ready(self) -> None:

@@ -76,6 +76,16 @@ class LoadStats:
     """Items meant to be received straight into their destination whose archive turned out to
     be laid out otherwise: fetched again and decoded by ``torch.load`` (their bytes count twice
     in ``bytes_received``)."""
+    verified_bytes: int = 0
+    """Stored bytes checked against a checksum before torch saw them: the block checksums of
+    the checkpoint's integrity record (a checkpoint saved by aiodcp). Bytes received from
+    other ranks count too."""
+    unverified_bytes: int = 0
+    """Stored bytes handed to torch without such a check (a checkpoint without a record, or
+    ``verify_checksums=False``)."""
+    checksum_mismatches: int = 0
+    """Items (or blocks of them) whose bytes did not match their checksum and were fetched
+    again from the store (a second mismatch raises ``ChecksumMismatchError``)."""
     bytes_from_peers: int = 0
     """Stored item bytes this rank received from other ranks instead of the store (a shared
     multi-rank load, ``share_across_ranks``)."""
@@ -153,6 +163,7 @@ class StatsRecorder:
         "bytes_requested",
         "bytes_to_peers",
         "bytes_used",
+        "checksum_mismatches",
         "direct_items",
         "direct_runs",
         "fast_decoded_items",
@@ -173,6 +184,8 @@ class StatsRecorder:
         "slice_saved_bytes",
         "sliced_items",
         "throttled",
+        "unverified_bytes",
+        "verified_bytes",
     )
 
     def __init__(self) -> None:
@@ -200,6 +213,9 @@ class StatsRecorder:
         self.direct_items = 0
         self.direct_runs = 0
         self.refetched_items = 0
+        self.verified_bytes = 0
+        self.unverified_bytes = 0
+        self.checksum_mismatches = 0
         self.min_request_rate: float | None = None
         self.bytes_from_peers = 0
         self.bytes_to_peers = 0
@@ -262,6 +278,9 @@ class StatsRecorder:
                 direct_items=self.direct_items,
                 direct_runs=self.direct_runs,
                 refetched_items=self.refetched_items,
+                verified_bytes=self.verified_bytes,
+                unverified_bytes=self.unverified_bytes,
+                checksum_mismatches=self.checksum_mismatches,
                 bytes_from_peers=self.bytes_from_peers,
                 bytes_to_peers=self.bytes_to_peers,
                 sharing=self.sharing,
@@ -290,6 +309,9 @@ _SUMMED = (
     "direct_items",
     "direct_runs",
     "refetched_items",
+    "verified_bytes",
+    "unverified_bytes",
+    "checksum_mismatches",
 )
 """The counters a job's statistics sum over its ranks, in the order ranks exchange them."""
 

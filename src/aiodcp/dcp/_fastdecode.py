@@ -469,7 +469,7 @@ class StoredTensorLocator:
     followed by a data descriptor (``torch.save`` streams, so local headers carry no sizes).
     """
 
-    __slots__ = ("_records", "dtype", "length", "nbytes", "shape")
+    __slots__ = ("_records", "_storage_tail", "dtype", "length", "nbytes", "shape")
 
     def __init__(self, dtype: torch.dtype, shape: Sequence[int], length: int) -> None:
         self.dtype = dtype
@@ -481,6 +481,8 @@ class StoredTensorLocator:
         self.length = length
         # name -> (local header offset, size) of each record located, the storage record last
         self._records: dict[str, tuple[int, int]] = {}
+        # bytes the storage record's data descriptor takes after its data (0: none)
+        self._storage_tail = 0
 
     def locate(self, head: bytes) -> int | None:
         """Item offset where the storage bytes begin; None if ``head`` (the item's first bytes)
@@ -529,6 +531,7 @@ class StoredTensorLocator:
                     raise _Unusual("storage record past the end")
                 records[name] = (pos, size)
                 self._records = records
+                self._storage_tail = _DESCRIPTOR.size if flags & _HAS_DESCRIPTOR else 0
                 return int(data)
             elif flags & _HAS_DESCRIPTOR:
                 described = _described_size(head, data)
@@ -590,13 +593,23 @@ class StoredTensorLocator:
         byteorder = f"{prefix}byteorder"
         if byteorder in directory and byteorder not in records:
             return False
-        relied = [pickles[0], byteorder, next(reversed(records))]
+        storage = next(reversed(records))
+        relied = [pickles[0], byteorder, storage]
         for name in relied:
             if name not in records:
                 continue
             entry = directory.get(name)
             if entry is None or entry != records[name]:
                 return False
+        # Where the storage bytes begin (the local header's name and extra lengths, in the
+        # head) must agree with where the directory says the next record (or the directory
+        # itself) begins, after them and their descriptor: a head damaged in those lengths
+        # would otherwise put every byte of the tensor off by its error.
+        local = records[storage][0]
+        following = [offset for offset, _ in directory.values() if offset > local]
+        after = min(following) if following else _directory_offset(tail)
+        if after != len(head) + self.nbytes + self._storage_tail:
+            return False
         return len(head) == self.length - len(tail) - self.nbytes
 
 
@@ -644,6 +657,11 @@ def _described_size(head: bytes, data: int) -> int | None:
             return at - data
         at = head.find(_DESCRIPTOR_MARK, at + 1)
     return None
+
+
+def _directory_offset(tail: bytes) -> int:
+    """Item offset of the central directory, from the end record that ends ``tail``."""
+    return int(_EOCD.unpack_from(tail, len(tail) - _EOCD.size)[6])
 
 
 def _directory(tail: bytes, tail_start: int) -> dict[str, tuple[int, int]]:

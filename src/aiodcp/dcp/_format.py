@@ -165,27 +165,31 @@ class RunReceive:
     """Receives one contiguous run of a stored tensor's storage bytes (a slice, already located
     and verified from the item's head and tail) straight into its destination tensor.
 
-    The run is the whole of what the engine fetches for it, so its memory begins at offset 0
-    (``head_bytes`` 0: nothing to locate) and there is nothing around it to verify."""
+    The engine fetches the run, or, when the load checks it against recorded checksums, the
+    whole checksum blocks around it (a window): ``before`` bytes of the window precede the run
+    and ``after`` follow it. Where its memory begins is known (``head_bytes`` 0: nothing to
+    locate); the sink keeps the bytes around it for the check, and ``verify`` that there are
+    exactly that many."""
 
-    __slots__ = ("memory", "tensor")
+    __slots__ = ("after", "before", "memory", "tail_bytes", "tensor")
 
     head_bytes = 0
-    tail_bytes = 0
 
-    def __init__(self, tensor: torch.Tensor) -> None:
+    def __init__(self, tensor: torch.Tensor, before: int = 0, after: int = 0) -> None:
         self.tensor = tensor
         self.memory = memory_of(tensor)
+        self.before = before
+        self.after = self.tail_bytes = after
 
     @property
     def nbytes(self) -> int:
         return len(self.memory)
 
     def locate(self, head: bytes) -> int:
-        return 0
+        return self.before
 
     def verify(self, head: bytes, tail: bytes) -> bool:
-        return not head and not tail
+        return len(head) == self.before and len(tail) == self.after
 
 
 def memory_of(tensor: torch.Tensor) -> memoryview:

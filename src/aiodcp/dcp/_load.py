@@ -57,7 +57,7 @@ import sys
 import time
 from bisect import insort
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -85,7 +85,9 @@ from .._progress import with_progress
 from .._reader import ChunkBuffer, SequentialReader
 from .._stats import StatsRecorder, counters, job_stats
 from .._store import S3Store
+from .._verify import BlockCheck, widen
 from ._format import Receive, RunReceive, StoredFormat, StoredTensor, shape_error
+from ._integrity import Integrity
 from ._sharing import (
     Exchange,
     RankShare,
@@ -101,6 +103,9 @@ from ._slicing import (
     region_runs,
     within,
 )
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 __all__ = ["DcpLoad", "PrefetchSource"]
 
@@ -155,6 +160,23 @@ async def _opened(store: S3Store) -> S3Store:
     return store
 
 
+def _windows(
+    runs: Sequence[ItemRange], item: ItemRange, block_bytes: int
+) -> list[tuple[ItemRange, list[ItemRange]]]:
+    """Each run (sorted, disjoint) of the stored ``item`` widened to the whole checksum blocks
+    it touches (blocks from the item's first byte), overlapping windows merged: the windows,
+    each with the runs it holds, in file order."""
+    windows: list[tuple[ItemRange, list[ItemRange]]] = []
+    for run in runs:
+        start, end = widen(run.start, run.end, item.start, item.length, block_bytes)
+        if windows and start < windows[-1][0].end:
+            last, inside = windows.pop()
+            windows.append((ItemRange(last.start, max(last.end, end)), [*inside, run]))
+        else:
+            windows.append((ItemRange(start, end), [run]))
+    return windows
+
+
 class PrefetchSource(Protocol):
     """Stored items another download already holds (a prefetch): ``lookup`` returns a call
     that blocks until the item's buffer is there, or ``None`` if the source does not have it.
@@ -174,6 +196,16 @@ class _Grouped:
     """(key, run's range) -> the stored tensor the run belongs to."""
     blocks_left: dict[int, int] = dataclasses.field(default_factory=dict)
     """id(sliced read item) -> its runs (it is committed once all are decoded)."""
+    run_readers: dict[tuple[str, ItemRange], list[ReadItem]] = dataclasses.field(
+        default_factory=dict
+    )
+    """(key, run's range) -> the read items it serves, in ``Slice.prefixes`` order."""
+    windows: dict[tuple[str, ItemRange], list[ItemRange]] = dataclasses.field(default_factory=dict)
+    """(key, window) -> the runs it holds, in order: when the load checks a sliced item against
+    its recorded checksums, its runs widened to the whole blocks they touch (``_verify.widen``,
+    overlapping ones merged) are what is fetched, checked, and sliced into the runs."""
+    window_of: dict[tuple[str, ItemRange], ItemRange] = dataclasses.field(default_factory=dict)
+    """(relative path, window) -> the stored item whose blocks it is."""
     probe_plans: dict[str, FilePlan] = dataclasses.field(default_factory=dict)
     """relative path -> the heads and tails fetched to slice its items (``aiodcp plan``)."""
     files: list[FileFetch] = dataclasses.field(default_factory=list)
@@ -200,6 +232,7 @@ class DcpLoad:
         request_latency_s: float | None,
         source: PrefetchSource | None = None,
         progress: bool = False,
+        integrity: Integrity | None = None,
     ) -> None:
         self._path = path
         self.config = config
@@ -214,6 +247,64 @@ class DcpLoad:
         self._aborted = False
         # id(read item) -> blocks of a sliced read item not decoded yet
         self._blocks_left: dict[int, int] = {}
+        self._grouped = _Grouped()  # the plan being read (its slices and windows)
+        self._integrity = integrity
+        """The checkpoint's record (None: none, or not verifying): every stored item is checked
+        against it (``_checks``) and every GET pinned to its ETags (``_etags``)."""
+        self._recorded: dict[str, str] = {} if integrity is None else integrity.etags(path.key)
+        """Object key -> the ETag the checkpoint's record holds (what the save wrote)."""
+        self._etags: dict[str, str] = {**format.etags, **self._recorded}
+        """Every pin a GET of this load starts with: the record's, and the format's own."""
+        self._names: dict[tuple[str, int, int], str] | None = None
+
+    # ------------------------------------------------------------------ integrity
+
+    def _stored(self) -> Mapping[tuple[str, int, int], str]:
+        """(relative path, offset, length) of every stored item -> its fqn, quoted."""
+        if self._names is None:
+            self._names = {
+                (info.relative_path, info.offset, info.length): repr(index.fqn)
+                for index, info in self.storage_data.items()
+            }
+        return self._names
+
+    def _check(self, relative_path: str, item_range: ItemRange) -> BlockCheck | None:
+        """The record's check of the stored item ``item_range`` of ``relative_path`` (None
+        without a record)."""
+        if self._integrity is None:
+            return None
+        where = f"s3://{self._path.bucket}/{self._path.key(relative_path)}"
+        what = self._stored().get((relative_path, item_range.start, item_range.length), "")
+        return self._integrity.check(
+            relative_path, item_range.start, item_range.length, where, what
+        )
+
+    def _checks(
+        self,
+        relative_path: str,
+        items: Sequence[ItemRange],
+        window_of: Mapping[tuple[str, ItemRange], ItemRange] | None = None,
+    ) -> dict[int, BlockCheck]:
+        """By item index, the checks of the items of a file plan that are stored items, or
+        windows of whole blocks of one (``window_of``: window -> its stored item); a probe has
+        none (its archive's own directory checks it)."""
+        checks: dict[int, BlockCheck] = {}
+        integrity = self._integrity
+        if integrity is None:
+            return checks
+        stored = self._stored()
+        where = f"s3://{self._path.bucket}/{self._path.key(relative_path)}"
+        window_of = window_of or {}
+        for index, item_range in enumerate(items):
+            whole = (
+                window_of.get((relative_path, item_range), item_range) if window_of else item_range
+            )
+            what = stored.get((relative_path, whole.start, whole.length))
+            if what is not None:
+                checks[index] = integrity.check(
+                    relative_path, whole.start, whole.length, where, what
+                )
+        return checks
 
     def abort(self) -> None:
         """Cancel this load's engine, from any thread, and every engine it starts later (the
@@ -323,7 +414,13 @@ class DcpLoad:
                 max_gap_size=max_gap_size,
                 part_size=self.config.buffered_part_size,
             )
-            grouped.files.append(FileFetch(self._path.key(relative_path), file_plan))
+            grouped.files.append(
+                FileFetch(
+                    self._path.key(relative_path),
+                    file_plan,
+                    checks=self._checks(relative_path, file_plan.items, grouped.window_of),
+                )
+            )
             grouped.readers.append([by_range[r] for r in file_plan.items])
 
     def read(
@@ -361,6 +458,7 @@ class DcpLoad:
         self._plan_files(grouped, max_gap_size)
         files, readers, slices = grouped.files, grouped.readers, grouped.slices
         self._blocks_left = grouped.blocks_left
+        self._grouped = grouped
         if not files:
             for waiter, reqs in grouped.prefetched:
                 buffer = waiter()
@@ -378,7 +476,15 @@ class DcpLoad:
         # Built here, not on the loop: a checkpoint of many items makes this the slow part,
         # and the loop may be the caller's (load_checkpoint), which must stay responsive.
         engine = self._running(
-            FetchEngine(driver.run(_opened), self._path.bucket, files, self.config, recorder, etags)
+            FetchEngine(
+                driver.run(_opened),
+                self._path.bucket,
+                files,
+                self.config,
+                recorder,
+                {**self._etags, **etags},
+                self._recorded.keys(),
+            )
         )
 
         async def start(store: S3Store) -> None:
@@ -407,23 +513,25 @@ class DcpLoad:
                 with reader:
                     for item_index, item_range in enumerate(fetch.plan.items):
                         sliced = slices.get((fetch.key, item_range))
+                        run = sliced is not None or (fetch.key, item_range) in grouped.windows
+                        reqs = readers[file_index][item_index]
                         if item_index in fetch.direct:
                             req, receive = direct[file_index][item_index]
                             if self._received_directly(engine, file_index, item_index, receive):
                                 recorder.add(
                                     fast_decoded_items=1,
-                                    **{"direct_items" if sliced is None else "direct_runs": 1},
+                                    **{"direct_runs" if run else "direct_items": 1},
                                 )
                                 planner.commit_tensor(req, receive.tensor)
                             else:
                                 etag = engine.etag(fetch.key)
-                                again = self._fetch_alone(fetch.key, item_range, etag)
-                                self._decode(req, again, planner, sliced)
+                                check = fetch.checks.get(item_index)
+                                again = self._fetch_alone(fetch.key, item_range, etag, check)
+                                self._decode_all(fetch.key, item_range, again, [req], planner)
                             continue
                         reader.seek(item_range.start)
                         buffer = reader.current_buffer()
-                        for nth, req in enumerate(readers[file_index][item_index]):
-                            self._decode(req, buffer, planner, sliced, nth)
+                        self._decode_all(fetch.key, item_range, buffer, reqs, planner)
                         # Hand the GIL over every ~2 ms of decoding: an event loop thread
                         # waiting for it (the I/O loop, or the caller's loop) gets it then,
                         # not at the next 5 ms switch interval.
@@ -506,14 +614,15 @@ class DcpLoad:
                     except BaseException as exc:
                         error = exc
                 exchange.status(error)  # raises on every rank if any rank failed
-                received, placed = exchange.transfer(k, sending, direct)
+                received, placed = exchange.transfer(k, sending, direct, self._peer_check(recorder))
                 recorder.observe_peak(sum(item_memory(i.length) for i in [*received, *sending]))
                 try:
                     for item in placed:  # received straight into its destination
                         req = reqs_of[item][0]
                         recorder.add(direct_items=1, fast_decoded_items=1)
                         planner.commit_tensor(req, direct[item].tensor)
-                    for item, buffer in [*received.items(), *sending.items()]:
+                    checked = {i: self._from_peer(i, b, recorder) for i, b in received.items()}
+                    for item, buffer in [*checked.items(), *sending.items()]:
                         if item not in reqs_of:  # probes of chunks this rank slices
                             insort(known.setdefault(item.path, []), (item.start, buffer.read()))
                         for req in reqs_of.get(item, ()):
@@ -526,8 +635,15 @@ class DcpLoad:
                     if engine is not None:
                         for item in sending:
                             engine.release_item(*where[item])
-            # The probes are not stored items: LoadStats.items counts those the load decoded.
-            recorder.add(items=-sum(1 for item in share.fetch if item not in reqs_of))
+            # The probes are not stored items: LoadStats.items (and what was left unverified)
+            # counts those the load decoded.
+            probes = [item for item in share.fetch if item not in reqs_of]
+            recorder.add(
+                items=-len(probes),
+                unverified_bytes=-sum(
+                    p.length for p in probes if (p.path, p.start, p.length) not in self._stored()
+                ),
+            )
             if error is None and private:
                 try:
                     self.read(dataclasses.replace(plan, items=private), planner, recorder, known)
@@ -546,6 +662,53 @@ class DcpLoad:
                 except BaseException:
                     pass  # its failure, if any, was raised through wait_item and shared
             self._engine = None
+
+    def _peer_check(
+        self, recorder: StatsRecorder
+    ) -> Callable[[StoredItem, Sequence[Buffer]], bool] | None:
+        """What ``Exchange.transfer`` checks an item received straight into its destination
+        with (its bytes around and in the destination, in order), counting what it verified;
+        False sends the item to ``_from_peer`` (which fetches it from the store)."""
+        if self._integrity is None:
+            return None
+
+        def check(item: StoredItem, pieces: Sequence[Buffer]) -> bool:
+            block_check = self._check(item.path, ItemRange(item.start, item.end))
+            if block_check is None or block_check.mismatches(item.start, pieces):
+                return False
+            recorder.add(verified_bytes=item.length)
+            return True
+
+        return check
+
+    def _from_peer(
+        self, item: StoredItem, buffer: ChunkBuffer, recorder: StatsRecorder
+    ) -> ChunkBuffer:
+        """An item received from another rank, checked against the record before anything
+        decodes it; one that does not match is fetched from the store (and checked there).
+        Probes (heads and tails of items this rank slices) are not stored items: their
+        archive's own directory checks them."""
+        if (item.path, item.start, item.length) not in self._stored():
+            return buffer
+        check = self._check(item.path, ItemRange(item.start, item.end))
+        if check is None:
+            recorder.add(unverified_bytes=item.length)
+            return buffer
+        bad = check.mismatches(item.start, buffer.chunks)
+        if not bad:
+            recorder.add(verified_bytes=item.length)
+            return buffer
+        recorder.add(checksum_mismatches=1)
+        key = self._path.key(item.path)
+        logger.warning(
+            "s3://%s/%s: bytes [%d, %d) received from another rank do not match their recorded "
+            "checksum; fetching the item from the store",
+            self._path.bucket,
+            key,
+            bad[0][0],
+            bad[-1][1],
+        )
+        return self._fetch_alone(key, ItemRange(item.start, item.end), None, check, count=False)
 
     def _share_engine(
         self, share: RankShare, recorder: StatsRecorder
@@ -566,9 +729,12 @@ class DcpLoad:
             )
             for index, item_range in enumerate(file_plan.items):
                 where[StoredItem(path, item_range.start, item_range.end)] = (len(files), index)
-            files.append(FileFetch(self._path.key(path), file_plan))
+            checks = self._checks(path, file_plan.items)
+            files.append(FileFetch(self._path.key(path), file_plan, checks=checks))
         store = self._io.run(_opened)
-        engine = FetchEngine(store, self._path.bucket, files, config, recorder, self.format.etags)
+        engine = FetchEngine(
+            store, self._path.bucket, files, config, recorder, self._etags, self._recorded.keys()
+        )
         return engine, where
 
     def slice(
@@ -616,6 +782,7 @@ class DcpLoad:
         etags = (
             self._fetch_probes(probes, fetched, grouped, max_gap_size, recorder) if probes else {}
         )
+        worth = self._request_worth(max_gap_size)
         for relative_path, item_range, candidate in candidates:
             start = 0  # no probes: the item is the tensor's bytes
             if candidate.probes:
@@ -623,30 +790,59 @@ class DcpLoad:
                 if start < 0:
                     continue
             key = self._path.key(relative_path)
-            by_range = grouped.per_file[relative_path]
-            reqs = by_range.pop(item_range)
-            runs: set[ItemRange] = set()
+            reqs = grouped.per_file[relative_path][item_range]
             itemsize = candidate.dtype.itemsize
-            strides = contiguous_strides(candidate.shape)
+            placed: list[tuple[ReadItem, list[tuple[ItemRange, int, tuple[int, ...]]]]] = []
+            runs: set[ItemRange] = set()
             for req, blocks in zip(reqs, candidate.blocks, strict=True):
-                grouped.blocks_left[id(req)] = len(blocks)
+                mine = []
                 for first, stop, prefix in blocks:
                     run = ItemRange(
                         item_range.start + start + first * itemsize,
                         item_range.start + start + stop * itemsize,
                     )
-                    by_range.setdefault(run, []).append(req)
+                    mine.append((run, first, prefix))
+                    runs.add(run)
+                placed.append((req, mine))
+            probed = sum(p.length for p in candidate.probes)
+            fetched_bytes = sum(r.length for r in runs)
+            windows: list[tuple[ItemRange, list[ItemRange]]] | None = None
+            check = self._check(relative_path, item_range)
+            if check is not None:
+                windows = _windows(sorted(runs), item_range, check.block_bytes)
+                fetched_bytes = sum(w.length for w, _ in windows)
+                if item_range.length - fetched_bytes - probed <= worth * len(windows):
+                    self._unusual(
+                        relative_path,
+                        item_range,
+                        "once its runs are widened to the whole checksum blocks they touch, "
+                        "slicing leaves out too little",
+                    )
+                    continue
+            by_range = grouped.per_file[relative_path]
+            del by_range[item_range]
+            strides = contiguous_strides(candidate.shape)
+            for req, mine in placed:
+                grouped.blocks_left[id(req)] = len(mine)
+                for run, first, prefix in mine:
                     sliced = grouped.slices.get((key, run))
                     if sliced is None:
                         sliced = grouped.slices[key, run] = Slice(
                             candidate.dtype, candidate.shape, strides, first
                         )
                     sliced.prefixes.append(prefix)
-                    runs.add(run)
-            saved = item_range.length - sum(r.length for r in runs)
+                    grouped.run_readers.setdefault((key, run), []).append(req)
+                    if windows is None:
+                        by_range.setdefault(run, []).append(req)
+            for window, inside in windows or ():
+                by_range[window] = list(
+                    dict.fromkeys(r for run in inside for r in grouped.run_readers[key, run])
+                )
+                grouped.windows[key, window] = inside
+                grouped.window_of[relative_path, window] = item_range
             recorder.add(
                 sliced_items=1,
-                slice_saved_bytes=saved - sum(p.length for p in candidate.probes),
+                slice_saved_bytes=item_range.length - fetched_bytes - probed,
             )
         return etags
 
@@ -702,7 +898,8 @@ class DcpLoad:
                 files,
                 self.config,
                 recorder,
-                self.format.etags,
+                self._etags,
+                self._recorded.keys(),
             )
         )
 
@@ -717,8 +914,12 @@ class DcpLoad:
             for item_index, probed in enumerate(fetch.plan.items):
                 fetched[relative_path, probed] = engine.wait_item(file_index, item_index).read()
                 engine.release_item(file_index, item_index)
-        # The probes are not stored items: LoadStats.items counts those the load decoded.
-        recorder.add(items=-sum(len(f.plan.items) for f in files))
+        # The probes are not stored items: LoadStats.items (and what was left unverified)
+        # counts those the load decoded.
+        recorder.add(
+            items=-sum(len(f.plan.items) for f in files),
+            unverified_bytes=-sum(r.length for f in files for r in f.plan.items),
+        )
         return engine.etags()
 
     def _request_worth(self, max_gap_size: int | float) -> int | float:
@@ -803,11 +1004,19 @@ class DcpLoad:
         )
 
     def _run_target(
-        self, run: ItemRange, reqs: list[ReadItem], sliced: Slice, planner: LoadPlanner
+        self,
+        run: ItemRange,
+        reqs: list[ReadItem],
+        sliced: Slice,
+        planner: LoadPlanner,
+        *,
+        before: int = 0,
+        after: int = 0,
     ) -> tuple[ReadItem, Receive] | None:
         """A run to receive straight into its destination: one read item, at least
         ``_DIRECT_MIN_BYTES``, whose region is the whole run (a dim-0 slice), for a C-contiguous
-        CPU tensor of the stored dtype (``_direct_targets`` checked the planner)."""
+        CPU tensor of the stored dtype (``_direct_targets`` checked the planner). ``before`` and
+        ``after``: bytes of its window (checked against the record) before and after it."""
         if len(reqs) != 1 or run.length < _DIRECT_MIN_BYTES or sliced.prefixes != [()]:
             return None
         req = reqs[0]
@@ -823,7 +1032,7 @@ class DcpLoad:
             or target.numel() * target.element_size() != run.length
         ):
             return None
-        return req, RunReceive(target)
+        return req, RunReceive(target, before, after)
 
     def _direct_targets(
         self, grouped: _Grouped, planner: LoadPlanner
@@ -843,11 +1052,26 @@ class DcpLoad:
             for item_index, (item_range, reqs) in enumerate(
                 zip(fetch.plan.items, reqs_per_item, strict=True)
             ):
+                window = grouped.windows.get((fetch.key, item_range))
+                if window is not None:  # a run with the rest of its checksum blocks around it
+                    if len(window) == 1:
+                        (run,) = window
+                        target = self._run_target(
+                            run,
+                            grouped.run_readers[fetch.key, run],
+                            grouped.slices[fetch.key, run],
+                            planner,
+                            before=run.start - item_range.start,
+                            after=item_range.end - run.end,
+                        )
+                        if target is not None:
+                            chosen[file_index][item_index] = target
+                    continue
                 sliced = grouped.slices.get((fetch.key, item_range))
                 if sliced is not None:
-                    run = self._run_target(item_range, reqs, sliced, planner)
-                    if run is not None:
-                        chosen[file_index][item_index] = run
+                    run_target = self._run_target(item_range, reqs, sliced, planner)
+                    if run_target is not None:
+                        chosen[file_index][item_index] = run_target
                     continue
                 receive = self._whole_target(reqs, item_range.length, planner)
                 if receive is not None:
@@ -903,7 +1127,8 @@ class DcpLoad:
             unbuffered_part_size=self.config.part_size,
         )
         assert plan.items == items
-        return FileFetch(fetch.key, plan, {i: receive for i, (_, receive) in targets.items()})
+        direct = {i: receive for i, (_, receive) in targets.items()}
+        return FileFetch(fetch.key, plan, direct, fetch.checks)
 
     def _received_directly(
         self, engine: FetchEngine, file_index: int, item_index: int, receive: Receive
@@ -917,10 +1142,19 @@ class DcpLoad:
         finally:
             engine.release_item(file_index, item_index)
 
-    def _fetch_alone(self, key: str, item_range: ItemRange, etag: str | None) -> ChunkBuffer:
+    def _fetch_alone(
+        self,
+        key: str,
+        item_range: ItemRange,
+        etag: str | None,
+        check: BlockCheck | None = None,
+        *,
+        count: bool = True,
+    ) -> ChunkBuffer:
         """One item, fetched by an engine of its own (same retries, budget and statistics),
-        from the same version of the object as the rest of the load (If-Match ``etag``): a
-        direct item whose archive is laid out otherwise, for the buffered path."""
+        from the same version of the object as the rest of the load (If-Match ``etag``), and
+        checked against ``check``: a direct item whose archive is laid out otherwise, for the
+        buffered path, or an item received from another rank that did not match."""
         logger.debug(
             "s3://%s/%s bytes [%d, %d): not the plain layout; fetching it again for torch.load",
             self._path.bucket,
@@ -928,15 +1162,18 @@ class DcpLoad:
             item_range.start,
             item_range.end,
         )
-        self._recorder.add(refetched_items=1)
+        if count:
+            self._recorder.add(refetched_items=1)
         plan = plan_file([item_range], max_gap_size=0, part_size=self.config.buffered_part_size)
+        etag = self._etags.get(key, etag)
         engine = FetchEngine(
             self._io.run(_opened),
             self._path.bucket,
-            [FileFetch(key, plan)],
+            [FileFetch(key, plan, checks={} if check is None else {0: check})],
             self.config,
             self._recorder,
             {key: etag} if etag is not None else None,
+            self._recorded.keys(),
         )
 
         async def run(store: S3Store) -> None:
@@ -944,6 +1181,29 @@ class DcpLoad:
 
         self._io.run(run)
         return engine.wait_item(0, 0)
+
+    def _decode_all(
+        self,
+        key: str,
+        item_range: ItemRange,
+        buffer: ChunkBuffer,
+        reqs: list[ReadItem],
+        planner: LoadPlanner,
+    ) -> None:
+        """Decode the read items of one fetched item: a stored item, a run of a sliced one, or
+        a window of whole checksum blocks, whose runs are decoded from views of its bytes."""
+        grouped = self._grouped
+        window = grouped.windows.get((key, item_range))
+        if window is None:
+            sliced = grouped.slices.get((key, item_range))
+            for nth, req in enumerate(reqs):
+                self._decode(req, buffer, planner, sliced, nth)
+            return
+        for run in window:
+            inside = buffer.window(run.start - item_range.start, run.end - item_range.start)
+            sliced = grouped.slices[key, run]
+            for nth, req in enumerate(grouped.run_readers[key, run]):
+                self._decode(req, inside, planner, sliced, nth)
 
     def _decode(
         self,

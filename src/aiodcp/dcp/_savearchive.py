@@ -53,7 +53,7 @@ def _crc32_function() -> Callable[[Any, int], int]:
         from isal.isal_zlib import crc32 as isal_crc32
     except ImportError:
         return zlib.crc32
-    return isal_crc32  # type: ignore[no-any-return]
+    return isal_crc32
 
 
 crc32: Callable[[Any, int], int] = _crc32_function()

@@ -59,12 +59,15 @@ from torch.distributed.checkpoint.planner import LoadPlanner, SavePlanner
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter
 
+from .._checksum import warm_up
 from .._config import ReaderConfig
 from .._errors import LoadCancelledError, NoSuchBucketError, NotFoundError
 from .._path import CheckpointPath
 from .._planner import request_latency_from_get
 from .._stats import LoadStats, StatsRecorder
 from ._archive import METADATA_NAME
+from ._integrity import ATTRIBUTE as INTEGRITY_ATTRIBUTE
+from ._integrity import Integrity
 from ._metadata import load_metadata
 from ._sharing import SHARED, RankShare, share_metadata
 
@@ -174,6 +177,10 @@ async def fetch_metadata(
     latency = request_latency_from_get(time.perf_counter() - started, len(data))
     if recorder is not None:
         recorder.add(bytes_received=len(data))
+    if store.config.verify_checksums and INTEGRITY_ATTRIBUTE.encode() in data:
+        # A checkpoint with an integrity record: its checks will need the CRC library, whose
+        # import (~30 ms of CPU) runs in a thread while the metadata is unpickled and planned.
+        warm_up()
     return FetchedMetadata(data, path.bucket, key, latency)
 
 
@@ -210,6 +217,7 @@ class LoadSession:
         """Size of the ``.metadata`` this session read (0: given, not read)."""
         self.stats: LoadStats | None = None
         """The load's statistics once its read phase ended (or failed)."""
+        self._integrity: tuple[Integrity | None] | None = None
         self._lock = threading.Lock()
         self._cancelled = False
         self._load: DcpLoad | None = None
@@ -229,7 +237,23 @@ class LoadSession:
         self.request_latency_s = self.recorder.request_latency_s = fetched.request_latency_s
         self.metadata_bytes = fetched.nbytes
         self.metadata = metadata
+        self._integrity = None
         return metadata
+
+    @property
+    def integrity(self) -> Integrity | None:
+        """The checkpoint's integrity record (``dcp._integrity``), which the read phase checks
+        every item against; None without one, before the metadata is read, or when the load
+        does not verify (``verify_checksums=False``). A malformed record raises
+        ``CheckpointFormatError``."""
+        if self.metadata is None or not self.config.verify_checksums:
+            return None
+        if self._integrity is None:
+            where = f"{self.path.url}/{METADATA_NAME}"
+            self._integrity = (Integrity.of(self.metadata, where),)
+            if self._integrity[0] is not None:
+                warm_up()  # the checks' CRC library, imported while the first GETs run
+        return self._integrity[0]
 
     def read_metadata(
         self, *, rank: int | None = None, group: dist.ProcessGroup | None = None
@@ -302,6 +326,7 @@ class LoadSession:
             request_latency_s=self.request_latency_s,
             source=self.source,
             progress=self.progress,
+            integrity=self.integrity,
         )
 
     def read(

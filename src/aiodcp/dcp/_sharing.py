@@ -47,7 +47,7 @@ import sys
 import warnings
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -56,6 +56,9 @@ from .._errors import AiodcpError, PeerLoadError
 from .._reader import ChunkBuffer
 from .._sinks import BLOCK_BYTES, BlockPool, item_memory
 from ._format import Receive
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 __all__ = [
     "SEGMENT_BYTES",
@@ -419,6 +422,7 @@ class Exchange:
         k: int,
         sending: Mapping[StoredItem, ChunkBuffer],
         direct: Mapping[StoredItem, Receive] | None = None,
+        check: Callable[[StoredItem, Sequence[Buffer]], bool] | None = None,
     ) -> tuple[dict[StoredItem, ChunkBuffer], list[StoredItem]]:
         """Round ``k``: send ``sending`` (this round's items, downloaded) to their ranks and
         receive this round's items from theirs. Returns the received items to decode
@@ -428,8 +432,10 @@ class Exchange:
         A ``direct`` item's first segment is received first; its receiver's ``locate`` reads
         where its storage bytes begin, and the segments wholly inside them are then received
         straight into the destination's memory, the others into blocks whose storage bytes are
-        copied there; the zip directory is checked as a fetched direct item's is. An item that
-        does not locate or verify is decoded from its bytes as any other."""
+        copied there; the zip directory is checked as a fetched direct item's is, and its
+        bytes with ``check`` (the checkpoint's checksums: the bytes before, in and after the
+        destination). An item that does not locate, verify or match is returned with its bytes,
+        as any other received item."""
         part = self.share.rounds[k]
         works: list[Any] = []
         # Messages between two ranks match by tag: the n-th segment this rank receives from a
@@ -478,7 +484,7 @@ class Exchange:
                 work.wait()
         done = []
         for entry in located:
-            buffer = entry.finish(self)
+            buffer = entry.finish(self, check)
             if buffer is None:
                 done.append(entry.item)
             else:
@@ -540,9 +546,13 @@ class _Located:
             works.append(recv(view, self.src, self.tags[i]))
         return works
 
-    def finish(self, exchange: Exchange) -> ChunkBuffer | None:
-        """None once the target holds the item's storage bytes and its directory agrees; else
-        the item's bytes, to decode the usual way."""
+    def finish(
+        self,
+        exchange: Exchange,
+        check: Callable[[StoredItem, Sequence[Buffer]], bool] | None = None,
+    ) -> ChunkBuffer | None:
+        """None once the target holds the item's storage bytes, its directory agrees and
+        ``check`` passes; else the item's bytes, to check and decode the usual way."""
         length, start, nbytes = self.item.length, self.start, self.target.nbytes
         segments = {0: self.first, **self.blocks}
         try:
@@ -559,7 +569,9 @@ class _Located:
                         head += data[: min(hi, start) - lo]
                     if hi > start + nbytes:
                         tail += data[max(lo, start + nbytes) - lo :]
-                if self.target.verify(bytes(head), bytes(tail)):
+                if self.target.verify(bytes(head), bytes(tail)) and (
+                    check is None or check(self.item, [head, memory, tail])
+                ):
                     return None
                 # Every byte is here, in the target or around it: decode from a copy.
                 return ChunkBuffer([bytes(head), bytes(memory), bytes(tail)])
