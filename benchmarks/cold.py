@@ -117,9 +117,10 @@ def _load_run(
     ckpt._warm()  # the checkpoint's pages in the page cache, as for the other scenarios
     result_path = jobs / f"cold-{loader}.result"
     result_path.unlink(missing_ok=True)
+    base, _, variant = loader.partition("+")  # bench.py's loader variants
     job = {
-        "loader": loader,
-        "url": ckpt.url,
+        "loader": base,
+        "url": ckpt.recorded_url if variant == "rec" else ckpt.url,
         "endpoint": endpoint,
         "local_dir": str(ckpt.local_dir),
         "tmp_dir": str(tmp),
@@ -127,7 +128,7 @@ def _load_run(
         "keys": None,
         "lag": False,
         "dist": False,
-        "aiodcp_options": {},
+        "aiodcp_options": {"verify_checksums": False} if variant == "noverify" else {},
         "loads": loads,
         "gap_s": gap_s,
         "result": str(result_path),

@@ -264,10 +264,9 @@ def old_sliced_apart(
         else:
             spans.sort()
             if all(b[0] >= a[1] for a, b in itertools.pairwise(spans)):
-                head, tail = probes
                 shared = (
                     ()
-                    if head.end > tail.start
+                    if len(probes) != 2 or probes[0].end > probes[1].start
                     else tuple(StoredItem(item.path, p.start, p.end) for p in probes)
                 )
                 apart[item] = (shared, frozenset(rank for rank, _ in per_rank))
