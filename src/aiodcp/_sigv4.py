@@ -35,14 +35,20 @@ _QUERY_SAFE = "-_.~"
 
 @dataclass(frozen=True, slots=True)
 class Credentials:
-    """Static credentials (from the environment: nothing can refresh them)."""
+    """One set of credentials, as a signature uses them (``_credentials`` finds and refreshes
+    them)."""
 
     access_key: str
     secret_key: str
     token: str | None = None
+    expiry: datetime.datetime | None = None
+    """When temporary credentials expire (aware, UTC); None: they do not (static keys)."""
 
     def __repr__(self) -> str:  # never print the secret
-        return f"Credentials(access_key={self.access_key!r}, token={'set' if self.token else None})"
+        return (
+            f"Credentials(access_key={self.access_key!r}, token={'set' if self.token else None}, "
+            f"expiry={self.expiry.isoformat() if self.expiry else None})"
+        )
 
 
 def encode_key(key: str) -> str:
