@@ -15,7 +15,9 @@ loader, then loads the same checkpoint several times, timing each step.
   close; ``await aiodcp.load_checkpoint`` for ``aiodcp_async``, all loads on one event loop),
   the state dict zeroed (untimed) between loads; ``gc_s``: the garbage collector's time in
   each load (every thread);
-- ``ok``: the state dict after the last load compared bit for bit with the saved tensors.
+- ``ok``: the state dict after the last load compared bit for bit with the saved tensors;
+- ``s3_stack``: which of botocore, aiobotocore and aiohttp the process imported by its end
+  (none for aiodcp in the plain case, whatever its credential source).
 """
 
 from __future__ import annotations
@@ -101,6 +103,7 @@ def main() -> None:
         "gc_s": gcs,
         "ok": not bad,
         "mismatched": bad[:10],
+        "s3_stack": sorted(m for m in ("aiobotocore", "aiohttp", "botocore") if m in sys.modules),
     }
     Path(job["result"]).write_text(json.dumps(result))
 

@@ -10,6 +10,11 @@ accepts; the benchmarks give fixed ones):
   be set; answers ``AssumeRoleWithWebIdentityResponse`` XML (``AssumedRoleUser``,
   ``Credentials``, ``ResponseMetadata``), or STS's ``ErrorResponse`` XML
   (``InvalidIdentityToken`` for a wrong token, ``InvalidParameterValue`` otherwise).
+  ``Action=AssumeRole`` (a POST signed in the Authorization header, as botocore sends it, or
+  a presigned GET, as aiodcp sends it): the SigV4 signature is verified (``verify_sigv4``,
+  service ``sts``) against the secret and session token ``signers`` gives for the access key
+  (``SignatureDoesNotMatch``, ``InvalidClientTokenId``, ``ExpiredToken`` otherwise); answers
+  ``AssumeRoleResponse`` XML.
 - Container credentials (``GET /container/credentials``): the ``Authorization`` header must
   equal ``container_token`` when one is set (ECS / EKS Pod Identity); JSON ``AccessKeyId``,
   ``SecretAccessKey``, ``Token``, ``Expiration``, ``RoleArn``, ``AccountId``.
@@ -28,6 +33,8 @@ Every request is logged (``requests``: method, path, the headers that matter, th
 from __future__ import annotations
 
 import datetime
+import hashlib
+import hmac
 import json
 import secrets
 import threading
@@ -36,10 +43,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, quote, unquote
 from xml.sax.saxutils import escape
 
-__all__ = ["CredentialServer", "fixed_credentials"]
+__all__ = ["CredentialServer", "fixed_credentials", "verify_sigv4"]
 
 STS_NS = "https://sts.amazonaws.com/doc/2011-06-15/"
 ROLE = "aiodcp-test-role"
@@ -76,6 +83,8 @@ class CredentialServer:
     web_token: str = "header.payload.signature"
     container_token: str | None = None
     imds_v1: bool = False
+    signers: dict[str, tuple[str, str | None]] = field(default_factory=dict)
+    """Access key -> (secret, session token) AssumeRole accepts signatures of."""
     requests: list[dict[str, Any]] = field(default_factory=list)
     issued: list[dict[str, Any]] = field(default_factory=list)
     _faults: list[_Fault] = field(default_factory=list)
@@ -133,8 +142,9 @@ class CredentialServer:
     # ---------------------------------------------------------------- the services
 
     def handle(
-        self, method: str, path: str, headers: dict[str, str], body: bytes
+        self, method: str, target: str, headers: dict[str, str], body: bytes
     ) -> tuple[int, str, bytes]:
+        path, _, raw_query = target.partition("?")
         record: dict[str, Any] = {"method": method, "path": path, "t": time.time()}
         for name in (
             "authorization",
@@ -145,8 +155,10 @@ class CredentialServer:
             if name in headers:
                 record[name] = headers[name]
         form = dict(parse_qsl(body.decode("utf-8"))) if method == "POST" else {}
+        if method == "GET" and raw_query:
+            form = dict(parse_qsl(raw_query))
         if form:
-            record["form"] = form
+            record["form"] = {k: v for k, v in form.items() if not k.startswith("X-Amz-")}
         with self._lock:
             self.requests.append(record)
         fault = self._fault(path)
@@ -202,6 +214,13 @@ class CredentialServer:
             return 200, "application/json", json.dumps(doc).encode()
         if method == "POST" and form.get("Action") == "AssumeRoleWithWebIdentity":
             return self._web_identity(form)
+        if form.get("Action") == "AssumeRole":
+            refusal = verify_sigv4(method, path, raw_query, headers, body, self.signers, "sts")
+            record["auth"] = "query" if "X-Amz-Signature" in form else "header"
+            if refusal is not None:
+                record["refused"] = refusal[0]
+                return _sts_error(403, *refusal)
+            return self._assume_role(form)
         return 404, "text/plain", b"no such service"
 
     def _web_identity(self, form: dict[str, str]) -> tuple[int, str, bytes]:
@@ -235,6 +254,112 @@ class CredentialServer:
             "</AssumeRoleWithWebIdentityResponse>\n"
         )
         return 200, "text/xml", xml.encode()
+
+    def _assume_role(self, form: dict[str, str]) -> tuple[int, str, bytes]:
+        if form.get("Version") != "2011-06-15" or not form.get("RoleArn"):
+            return _sts_error(400, "InvalidParameterValue", "RoleArn and Version are required")
+        c = self._issue()
+        session = form.get("RoleSessionName", "")
+        xml = (
+            f'<AssumeRoleResponse xmlns="{STS_NS}">\n'
+            "  <AssumeRoleResult>\n"
+            "    <AssumedRoleUser>\n"
+            f"      <Arn>arn:aws:sts::123456789012:assumed-role/{ROLE}/{escape(session)}</Arn>\n"
+            f"      <AssumedRoleId>AROAEXAMPLE:{escape(session)}</AssumedRoleId>\n"
+            "    </AssumedRoleUser>\n"
+            "    <Credentials>\n"
+            f"      <AccessKeyId>{c['AccessKeyId']}</AccessKeyId>\n"
+            f"      <SecretAccessKey>{escape(c['SecretAccessKey'])}</SecretAccessKey>\n"
+            f"      <SessionToken>{escape(c['SessionToken'])}</SessionToken>\n"
+            f"      <Expiration>{c['Expiration']}</Expiration>\n"
+            "    </Credentials>\n"
+            "  </AssumeRoleResult>\n"
+            "  <ResponseMetadata>\n"
+            f"    <RequestId>{secrets.token_hex(16)}</RequestId>\n"
+            "  </ResponseMetadata>\n"
+            "</AssumeRoleResponse>\n"
+        )
+        return 200, "text/xml", xml.encode()
+
+
+def _encode(value: str) -> str:
+    return quote(value, safe="-_.~")
+
+
+def verify_sigv4(
+    method: str,
+    path: str,
+    raw_query: str,
+    headers: dict[str, str],
+    body: bytes,
+    signers: dict[str, tuple[str, str | None]],
+    service: str,
+) -> tuple[str, str] | None:
+    """Check a SigV4 signature (header or query form) as the service would, from the SigV4
+    specification: None if valid, else (code, message). The canonical request is built from
+    the request as received: method, path, every query parameter but the signature (decoded,
+    re-encoded, sorted), the signed headers, and the payload's SHA-256 (header form) or
+    ``UNSIGNED-PAYLOAD`` (query form)."""
+    pairs = [
+        (unquote(k), unquote(v))
+        for k, _, v in (p.partition("=") for p in raw_query.split("&") if p)
+    ]
+    params = dict(pairs)
+    if "X-Amz-Signature" in params:
+        credential = params.get("X-Amz-Credential", "")
+        signed_names = params.get("X-Amz-SignedHeaders", "").split(";")
+        stamp = params.get("X-Amz-Date", "")
+        signature = params["X-Amz-Signature"]
+        token = params.get("X-Amz-Security-Token")
+        payload = "UNSIGNED-PAYLOAD"
+        expires = int(params.get("X-Amz-Expires", "0") or 0)
+        canonical_pairs = [(k, v) for k, v in pairs if k != "X-Amz-Signature"]
+    else:
+        authorization = headers.get("authorization", "")
+        if not authorization.startswith("AWS4-HMAC-SHA256 "):
+            return "MissingAuthenticationToken", "Request is missing Authentication Token"
+        fields = dict(item.strip().partition("=")[::2] for item in authorization[17:].split(","))
+        credential = fields.get("Credential", "")
+        signed_names = fields.get("SignedHeaders", "").split(";")
+        signature = fields.get("Signature", "")
+        stamp = headers.get("x-amz-date", "")
+        token = headers.get("x-amz-security-token")
+        payload = headers.get("x-amz-content-sha256") or hashlib.sha256(body).hexdigest()
+        expires = None
+        canonical_pairs = pairs
+    access_key, _, scope = credential.partition("/")
+    known = signers.get(access_key)
+    if known is None:
+        return "InvalidClientTokenId", "The security token included in the request is invalid."
+    secret, expected_token = known
+    if expected_token is not None and token != expected_token:
+        return "InvalidClientTokenId", "The security token included in the request is invalid."
+    date, region, scope_service, terminal = [*scope.split("/"), "", "", ""][:4]
+    if scope_service != service or terminal != "aws4_request" or not stamp.startswith(date):
+        return "SignatureDoesNotMatch", "Credential should be scoped to a valid service."
+    signed_at = datetime.datetime.strptime(stamp, "%Y%m%dT%H%M%SZ").replace(tzinfo=datetime.UTC)
+    age = (datetime.datetime.now(datetime.UTC) - signed_at).total_seconds()
+    if (expires is not None and age > expires) or (abs(age) > 900 and expires is None):
+        return "ExpiredToken", "The request signature has expired."
+    canonical_query = "&".join(
+        f"{k}={v}" for k, v in sorted((_encode(k), _encode(v)) for k, v in canonical_pairs)
+    )
+    canonical_headers = "".join(
+        f"{name}:{' '.join(headers.get(name, '').split())}\n" for name in signed_names
+    )
+    canonical = "\n".join(
+        [method, path, canonical_query, canonical_headers, ";".join(signed_names), payload]
+    )
+    string_to_sign = "\n".join(
+        ["AWS4-HMAC-SHA256", stamp, scope, hashlib.sha256(canonical.encode()).hexdigest()]
+    )
+    key = f"AWS4{secret}".encode()
+    for part in (date, region, service, "aws4_request"):
+        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+    expected = hmac.new(key, string_to_sign.encode(), hashlib.sha256).hexdigest()
+    if not hmac.compare_digest(expected, signature):
+        return "SignatureDoesNotMatch", "The request signature we calculated does not match."
+    return None
 
 
 def _sts_error(status: int, code: str, message: str) -> tuple[int, str, bytes]:

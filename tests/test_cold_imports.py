@@ -218,7 +218,7 @@ def _clean_aws_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
 
 
-SOURCES = ["profile", "process", "web_identity", "container", "imds"]
+SOURCES = ["profile", "process", "web_identity", "assume_role", "container", "imds"]
 
 
 @pytest.mark.parametrize("source", SOURCES)
@@ -230,9 +230,20 @@ def test_a_first_load_with_credentials_from_elsewhere_imports_no_s3_stack(
     load imports none of botocore, aiobotocore and aiohttp. moto accepts any credentials; the
     loopback services must have been asked."""
     _clean_aws_environment(monkeypatch, tmp_path)
-    with CredentialServer(mint=fixed_credentials(), container_token="tok") as creds:
+    signers = {"AKIABASE": ("base-secret", None)}
+    with CredentialServer(
+        mint=fixed_credentials(), container_token="tok", signers=signers
+    ) as creds:
         options: dict[str, object] = {}
-        if source == "profile":
+        if source == "assume_role":
+            (tmp_path / "credentials").write_text(
+                "[base]\naws_access_key_id = AKIABASE\naws_secret_access_key = base-secret\n"
+            )
+            (tmp_path / "config").write_text(
+                "[default]\nrole_arn = arn:aws:iam::1:role/r\nsource_profile = base\n"
+            )
+            monkeypatch.setenv("AWS_ENDPOINT_URL_STS", creds.url)
+        elif source == "profile":
             (tmp_path / "config").write_text("[profile ck]\nregion = us-east-1\n")
             (tmp_path / "credentials").write_text(
                 "[ck]\naws_access_key_id = testing\naws_secret_access_key = testing\n"
@@ -265,7 +276,7 @@ def test_a_first_load_with_credentials_from_elsewhere_imports_no_s3_stack(
         asked = len(creds.requests)
     assert total == 256 * 256
     assert imported == [] and on_loop == {}
-    assert asked == {"web_identity": 1, "container": 1, "imds": 3}.get(source, 0)
+    assert asked == {"web_identity": 1, "assume_role": 1, "container": 1, "imds": 3}.get(source, 0)
 
 
 @pytest.mark.parametrize("load", sorted(LOADS))

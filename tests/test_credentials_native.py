@@ -147,9 +147,20 @@ def environment(values: dict[str, str]) -> Iterator[None]:
         os.environ.update(saved)
 
 
+SIGNERS = {
+    "AKIABASEFILE": ("base-file-secret", None),
+    "AKIAENV": ("e", None),
+    FIXED["AccessKeyId"]: (FIXED["SecretAccessKey"], FIXED["SessionToken"]),
+}
+"""What the loopback STS accepts AssumeRole signatures of: the source profiles' keys below,
+the environment's, and the credentials it hands out itself (for chained roles)."""
+
+
 @pytest.fixture
 def server() -> Iterator[CredentialServer]:
-    with CredentialServer(mint=lambda: dict(FIXED), container_token="container-token") as s:
+    with CredentialServer(
+        mint=lambda: dict(FIXED), container_token="container-token", signers=dict(SIGNERS)
+    ) as s:
         yield s
 
 
@@ -188,14 +199,23 @@ def requests_of(server: CredentialServer, start: int, end: int | None = None) ->
     out = []
     for r in server.requests[start:end]:
         r = {k: v for k, v in r.items() if k not in ("t", "x-aws-ec2-metadata-token")}
+        form = r.get("form")
+        if form and form.get("RoleSessionName", "").startswith("botocore-session-"):
+            # named after the second it was made in, by botocore as by aiodcp
+            r["form"] = {**form, "RoleSessionName": "botocore-session-<seconds>"}
         out.append(r)
     return out
 
 
 async def compare(
-    config: aiodcp.ReaderConfig, env: dict[str, str], server: CredentialServer | None = None
+    config: aiodcp.ReaderConfig,
+    env: dict[str, str],
+    server: CredentialServer | None = None,
+    *,
+    same_requests: bool = True,
 ) -> Credentials:
-    """Resolve natively, then through botocore; assert the same credentials (and requests)."""
+    """Resolve natively, then through botocore; assert the same credentials (and requests:
+    the same ones, or with ``same_requests=False`` the same STS parameters, each accepted)."""
     mark = len(server.requests) if server is not None else 0
     method, mine = await ours(config, env)
     middle = len(server.requests) if server is not None else 0
@@ -206,8 +226,13 @@ async def compare(
     else:
         assert method == their_method
     if server is not None:
-        assert requests_of(server, mark, middle) == requests_of(server, middle), server.requests
+        mine_sent, theirs_sent = requests_of(server, mark, middle), requests_of(server, middle)
         assert middle > mark  # the source was asked
+        if same_requests:
+            assert mine_sent == theirs_sent, server.requests
+        else:
+            assert [r.get("form") for r in mine_sent] == [r.get("form") for r in theirs_sent]
+            assert not any("refused" in r for r in mine_sent + theirs_sent), server.requests
     return mine
 
 
@@ -374,6 +399,109 @@ async def test_web_identity_from_a_profile_is_botocores(
     assert got.access_key == "AKIADEVFILE"
 
 
+ROLE_ARN = f"arn:aws:iam::123456789012:role/{ROLE}"
+
+
+async def test_assume_role_from_a_profile_is_botocores(
+    setup: Setup, server: CredentialServer
+) -> None:
+    """``role_arn`` + ``source_profile``: the same AssumeRole call (botocore POSTs it signed
+    in a header, aiodcp GETs it presigned; the loopback STS verifies both signatures), and
+    the same credentials. Chained roles, ``credential_source`` and the parameters too."""
+    files(
+        setup,
+        credentials="[base]\naws_access_key_id = AKIABASEFILE\n"
+        "aws_secret_access_key = base-file-secret\n",
+        config=f"[profile dev]\nrole_arn = {ROLE_ARN}\nsource_profile = base\n"
+        "role_session_name = aiodcp-session\nexternal_id = ext-1\nduration_seconds = 900\n"
+        f"[profile chained]\nrole_arn = {ROLE_ARN}-2\nsource_profile = dev\n"
+        f"[profile from-env]\nrole_arn = {ROLE_ARN}\ncredential_source = Environment\n"
+        f"[profile from-container]\nrole_arn = {ROLE_ARN}\ncredential_source = EcsContainer\n"
+        f"[profile from-imds]\nrole_arn = {ROLE_ARN}\ncredential_source = Ec2InstanceMetadata\n"
+        f"[profile mfa]\nrole_arn = {ROLE_ARN}\nsource_profile = base\nmfa_serial = arn:m\n",
+    )
+    env = {**setup.env, "AWS_ENDPOINT_URL_STS": server.url}
+    endpoint = "http://127.0.0.1:9"
+    got = await compare(
+        aiodcp.ReaderConfig(endpoint_url=endpoint, profile="dev"), env, server, same_requests=False
+    )
+    assert got.access_key == FIXED["AccessKeyId"] and got.expiry is not None
+    calls = [r for r in server.requests if r.get("form", {}).get("Action") == "AssumeRole"]
+    assert [r["auth"] for r in calls] == ["query", "header"]
+    assert calls[0]["form"] == {
+        "Action": "AssumeRole",
+        "Version": "2011-06-15",
+        "RoleArn": ROLE_ARN,
+        "RoleSessionName": "aiodcp-session",
+        "ExternalId": "ext-1",
+        "DurationSeconds": "900",
+    }
+    # a role assumed with another role's credentials: two calls each
+    mark = len(server.requests)
+    await compare(
+        aiodcp.ReaderConfig(endpoint_url=endpoint, profile="chained"),
+        env,
+        server,
+        same_requests=False,
+    )
+    arns = [r["form"]["RoleArn"] for r in server.requests[mark:]]
+    assert arns == [ROLE_ARN, ROLE_ARN + "-2"] * 2
+    # credential_source: the environment's keys, container credentials, instance metadata
+    keys = {"AWS_ACCESS_KEY_ID": "AKIAENV", "AWS_SECRET_ACCESS_KEY": "e"}
+    await compare(
+        aiodcp.ReaderConfig(endpoint_url=endpoint, profile="from-env"),
+        {**env, **keys},
+        server,
+        same_requests=False,
+    )
+    container = {
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI": server.url + "/container/credentials",
+        "AWS_CONTAINER_AUTHORIZATION_TOKEN": "container-token",
+    }
+    mark = len(server.requests)
+    await compare(
+        aiodcp.ReaderConfig(endpoint_url=endpoint, profile="from-container"),
+        {**env, **container},
+        server,
+        same_requests=False,
+    )
+    assert [r["path"] for r in server.requests[mark:]].count("/container/credentials") == 2
+    imds = {**env, "AWS_EC2_METADATA_SERVICE_ENDPOINT": server.url}
+    del imds["AWS_EC2_METADATA_DISABLED"]
+    await compare(
+        aiodcp.ReaderConfig(endpoint_url=endpoint, profile="from-imds"),
+        imds,
+        server,
+        same_requests=False,
+    )
+    # an MFA prompt is botocore's
+    with environment(env):
+        reason = plain_case(aiodcp.ReaderConfig(endpoint_url=endpoint, profile="mfa"))
+    assert isinstance(reason, str) and "mfa_serial" in reason
+
+
+def test_the_loopback_sts_refuses_bad_signatures(server: CredentialServer) -> None:
+    """A guard on the fixture: the STS verifier refuses a wrong secret and a wrong token."""
+    import datetime as dt
+
+    from aiodcp._sigv4 import Presigner
+
+    query = [("Action", "AssumeRole"), ("Version", "2011-06-15"), ("RoleArn", ROLE_ARN)]
+    now = dt.datetime.now(dt.UTC)
+    host = server.url.split("//")[1]
+    for creds, expected in [
+        (Credentials("AKIABASEFILE", "base-file-secret"), 200),
+        (Credentials("AKIABASEFILE", "wrong"), 403),
+        (Credentials(FIXED["AccessKeyId"], FIXED["SecretAccessKey"], "wrong-token"), 403),
+        (Credentials("AKIAUNKNOWN", "x"), 403),
+    ]:
+        url = Presigner(creds, "us-east-1", "sts").presign(
+            server.url, "/", host, now=now, expires=60, query=query
+        )
+        status, _, body = server.handle("GET", url[len(server.url) :], {"host": host}, b"")
+        assert status == expected, (creds, body)
+
+
 async def test_container_credentials_are_botocores(setup: Setup, server: CredentialServer) -> None:
     config = aiodcp.ReaderConfig(endpoint_url="http://127.0.0.1:9")
     url = server.url + "/container/credentials"
@@ -471,11 +599,25 @@ async def test_the_default_sts_endpoint_is_botocores() -> None:
     ("config_text", "credentials_text", "variables", "why"),
     [
         (
-            "[default]\nrole_arn = arn:aws:iam::1:role/r\nsource_profile = base\n"
-            "[profile base]\naws_access_key_id = A\naws_secret_access_key = S\n",
+            "[default]\nrole_arn = arn:aws:iam::1:role/r\nsource_profile = a\n"
+            "[profile a]\nrole_arn = arn:aws:iam::1:role/r\nsource_profile = default\n",
             "",
             {},
-            "source_profile",
+            "loop",
+        ),
+        (
+            "[default]\nrole_arn = arn:aws:iam::1:role/r\nsource_profile = a\n"
+            "credential_source = Environment\n",
+            "",
+            {},
+            "one of source_profile and credential_source",
+        ),
+        ("[default]\nrole_arn = arn:aws:iam::1:role/r\nsource_profile = nope\n", "", {}, "exist"),
+        (
+            "[default]\nrole_arn = arn:aws:iam::1:role/r\ncredential_source = Environment\n",
+            "",
+            {},
+            "no credentials from credential_source",
         ),
         ("[default]\nsso_session = s\nsso_account_id = 1\n", "", {}, "sso"),
         ("[default]\nlogin_session = x\n", "", {}, "login_session"),
@@ -720,7 +862,9 @@ def natively_loaded(strict: StrictServer, mark: int, access_keys: set[str]) -> N
     assert metadata and all(r["auth"] == "v4-query" for r in metadata), metadata
 
 
-@pytest.mark.parametrize("source", ["profile", "process", "web_identity", "container", "imds"])
+@pytest.mark.parametrize(
+    "source", ["profile", "process", "web_identity", "assume_role", "container", "imds"]
+)
 async def test_loads_from_each_source_through_the_strict_store(
     setup: Setup,
     strict: StrictServer,
@@ -729,8 +873,17 @@ async def test_loads_from_each_source_through_the_strict_store(
     source: str,
 ) -> None:
     env = dict(setup.env)
-    with CredentialServer(mint=minting(strict), container_token="tok") as creds:
-        if source == "profile":
+    signers = {"AKIABASEFILE": ("base-file-secret", None)}
+    with CredentialServer(mint=minting(strict), container_token="tok", signers=signers) as creds:
+        if source == "assume_role":
+            files(
+                setup,
+                credentials="[base]\naws_access_key_id = AKIABASEFILE\n"
+                "aws_secret_access_key = base-file-secret\n",
+                config=f"[default]\nrole_arn = {ROLE_ARN}\nsource_profile = base\n",
+            )
+            env["AWS_ENDPOINT_URL_STS"] = creds.url
+        elif source == "profile":
             files(
                 setup,
                 credentials="[default]\naws_access_key_id = testing\n"

@@ -54,10 +54,11 @@ from typing import Any, Protocol
 from urllib.parse import urlencode, urlsplit
 
 from ._awsconfig import AwsFiles, Section, raw_parse
-from ._sigv4 import Credentials
+from ._sigv4 import Credentials, Presigner, signed_host
 
 __all__ = [
     "AWS_REGION_RE",
+    "AssumeRoleSource",
     "ContainerSource",
     "FetchContext",
     "FetchError",
@@ -114,6 +115,10 @@ PROFILE_KEYS = frozenset(
         "web_identity_token_file",
         "role_arn",
         "role_session_name",
+        "source_profile",
+        "credential_source",
+        "external_id",
+        "duration_seconds",
         "metadata_service_timeout",
         "metadata_service_num_attempts",
         "ec2_metadata_service_endpoint",
@@ -437,33 +442,100 @@ class WebIdentitySource:
             ("WebIdentityToken", token),
         ]
         what = f"STS AssumeRoleWithWebIdentity at {self.sts_url} for {self.role_arn}"
-        response = await _sts(self.sts_url, form, context, self.verify, what)
+        response = await _sts(self.sts_url, context, self.verify, what, form=form)
         return _sts_credentials(response, "AssumeRoleWithWebIdentityResult", what)
 
     def refresh_expiry(self, credentials: Credentials) -> datetime.datetime | None:
         return credentials.expiry
 
 
+@dataclass(frozen=True)
+class AssumeRoleSource:
+    """A profile's ``role_arn`` assumed with STS ``AssumeRole``, signed with the source
+    credentials (a ``source_profile``'s, or a ``credential_source``'s: the environment,
+    container credentials, instance metadata; a source that is itself a source is fetched at
+    each refresh). The call is a presigned GET of STS's query API (SigV4, ``_sigv4``)."""
+
+    role_arn: str
+    session_name: str
+    external_id: str | None
+    duration_s: int | None
+    source: Credentials | Source
+    sts_url: str
+    region: str
+    verify: bool | str
+    method: str = "assume-role"
+
+    async def fetch(self, context: FetchContext) -> Credentials:
+        source = self.source
+        credentials = source if isinstance(source, Credentials) else await source.fetch(context)
+        query = [
+            ("Action", "AssumeRole"),
+            ("Version", "2011-06-15"),
+            ("RoleArn", self.role_arn),
+            ("RoleSessionName", self.session_name),
+        ]
+        if self.external_id is not None:
+            query.append(("ExternalId", self.external_id))
+        if self.duration_s is not None:
+            query.append(("DurationSeconds", str(self.duration_s)))
+        parts = urlsplit(self.sts_url)
+        presigner = Presigner(credentials, self.region, service="sts")
+        base = f"{parts.scheme}://{parts.netloc}"
+        path = parts.path or "/"
+        host = signed_host(parts.scheme, parts.hostname or "", parts.port)
+
+        def presign() -> str:
+            now = datetime.datetime.now(datetime.UTC)
+            return presigner.presign(base, path, host, now=now, expires=300, query=query)
+
+        what = f"STS AssumeRole at {self.sts_url} for {self.role_arn}"
+        response = await _sts(self.sts_url, context, self.verify, what, presign=presign)
+        return _sts_credentials(response, "AssumeRoleResult", what)
+
+    def refresh_expiry(self, credentials: Credentials) -> datetime.datetime | None:
+        return credentials.expiry
+
+
 async def _sts(
-    url: str, form: list[tuple[str, str]], context: FetchContext, verify: bool | str, what: str
+    url: str,
+    context: FetchContext,
+    verify: bool | str,
+    what: str,
+    *,
+    form: list[tuple[str, str]] | None = None,
+    presign: Callable[[], str] | None = None,
 ) -> Response:
-    body = urlencode(form).encode("ascii")
+    """One STS call, ``_STS_ATTEMPTS`` attempts for errors a new request can fix: a POST of
+    ``form`` to ``url`` (unsigned calls), or a GET of the URL ``presign()`` signs anew for each
+    attempt (signed calls)."""
     headers = {"Content-Type": "application/x-www-form-urlencoded; charset=utf-8"}
     last: Exception | None = None
+    attempt = 0
     for attempt in range(_STS_ATTEMPTS):
         if attempt:
             await asyncio.sleep(random.uniform(0, 0.1 * 2**attempt))
         try:
-            response = await request(
-                "POST",
-                url,
-                context,
-                headers=headers,
-                body=body,
-                connect_timeout_s=context.connect_timeout_s,
-                read_timeout_s=context.read_timeout_s,
-                verify=verify,
-            )
+            if presign is not None:
+                response = await request(
+                    "GET",
+                    presign(),
+                    context,
+                    connect_timeout_s=context.connect_timeout_s,
+                    read_timeout_s=context.read_timeout_s,
+                    verify=verify,
+                )
+            else:
+                response = await request(
+                    "POST",
+                    url,
+                    context,
+                    headers=headers,
+                    body=urlencode(form or []).encode("ascii"),
+                    connect_timeout_s=context.connect_timeout_s,
+                    read_timeout_s=context.read_timeout_s,
+                    verify=verify,
+                )
         except FetchError as exc:
             last = exc
             continue
@@ -700,16 +772,13 @@ def resolve_chain(
     botocore (a reason string). ``region`` is the client's (STS is called in it)."""
     scoped = files.profiles.get(profile, {})
     # 1. the environment
-    if not explicit_profile and env.get("AWS_ACCESS_KEY_ID", ""):
-        if not env.get("AWS_SECRET_ACCESS_KEY", ""):
-            return "AWS_ACCESS_KEY_ID is set without AWS_SECRET_ACCESS_KEY (botocore's error)"
-        if env.get("AWS_CREDENTIAL_EXPIRATION", ""):
-            return "AWS_CREDENTIAL_EXPIRATION is set (expiring environment credentials)"
-        token = env.get("AWS_SECURITY_TOKEN", "") or env.get("AWS_SESSION_TOKEN", "") or None
-        return Credentials(env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"], token)
+    if not explicit_profile:
+        found = _environment(env)
+        if found is not None:
+            return found
     # 2. assume-role from the profile
-    if "role_arn" in scoped and "web_identity_token_file" not in scoped:
-        return f"profile {profile!r} assumes a role (role_arn): botocore's AssumeRole provider"
+    if _assumes_role(scoped):
+        return _assume_role(env, files, profile, scoped, region, [profile], now)
     # 3. web identity: each setting from the environment (unless disabled), else the profile
     web = _web_identity(env, scoped, profile, explicit_profile, region, now)
     if web is not None:
@@ -741,6 +810,122 @@ def resolve_chain(
     if env.get("AWS_EC2_METADATA_DISABLED", "false").lower() == "true":
         return "no credentials found (and instance metadata is disabled): botocore's error"
     return _imds(env, scoped)
+
+
+def _environment(env: Mapping[str, str]) -> Credentials | str | None:
+    """botocore's ``EnvProvider``: None when ``AWS_ACCESS_KEY_ID`` is unset or empty."""
+    if not env.get("AWS_ACCESS_KEY_ID", ""):
+        return None
+    if not env.get("AWS_SECRET_ACCESS_KEY", ""):
+        return "AWS_ACCESS_KEY_ID is set without AWS_SECRET_ACCESS_KEY (botocore's error)"
+    if env.get("AWS_CREDENTIAL_EXPIRATION", ""):
+        return "AWS_CREDENTIAL_EXPIRATION is set (expiring environment credentials)"
+    token = env.get("AWS_SECURITY_TOKEN", "") or env.get("AWS_SESSION_TOKEN", "") or None
+    return Credentials(env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"], token)
+
+
+def _assumes_role(profile: Section) -> bool:
+    return "role_arn" in profile and "web_identity_token_file" not in profile
+
+
+def _has_static(profile: Section) -> bool:
+    return "aws_access_key_id" in profile or "aws_secret_access_key" in profile
+
+
+def _assume_role(
+    env: Mapping[str, str],
+    files: AwsFiles,
+    profile: str,
+    scoped: Section,
+    region: str,
+    visited: list[str],
+    now: Callable[[], float],
+) -> AssumeRoleSource | str:
+    """botocore's ``AssumeRoleProvider`` for ``profile`` (``scoped``: the session's profile,
+    whose settings the instance metadata source reads): the role, its source credentials
+    (``source_profile``, followed as botocore follows it, or ``credential_source``) and the
+    call's parameters; or why it is botocore's (an MFA prompt, a configuration botocore
+    refuses)."""
+    config = files.profiles[profile]
+    unknown = sorted(set(config) - PROFILE_KEYS)
+    if unknown:
+        return f"profile {profile!r} sets {unknown}"
+    role_arn = config["role_arn"]
+    source_profile = config.get("source_profile")
+    credential_source = config.get("credential_source")
+    if (source_profile is None) == (credential_source is None):
+        return f"profile {profile!r} needs one of source_profile and credential_source"
+    source: Credentials | Source | str | None
+    if credential_source is not None:
+        if credential_source == "Environment":
+            source = _environment(env)
+        elif credential_source == "EcsContainer":
+            source = _container(env)
+        elif credential_source == "Ec2InstanceMetadata":
+            disabled = env.get("AWS_EC2_METADATA_DISABLED", "false").lower() == "true"
+            source = None if disabled else _imds(env, scoped)
+        else:
+            return f"credential_source {credential_source!r} (botocore's error)"
+        if source is None:
+            return f"no credentials from credential_source {credential_source!r} (botocore's)"
+    else:
+        if source_profile not in files.profiles:
+            return f"source_profile {source_profile!r} does not exist (botocore's error)"
+        base = files.profiles[source_profile]
+        if source_profile in visited and (source_profile != profile or not _has_static(base)):
+            return f"source_profile {source_profile!r} makes a loop (botocore's error)"
+        visited.append(source_profile)
+        unknown = sorted(set(base) - PROFILE_KEYS)
+        if unknown:
+            return f"profile {source_profile!r} sets {unknown}"
+        if _has_static(base) or not _assumes_role(base):
+            source = _profile_chain(env, files, source_profile, region, now)
+        else:
+            source = _assume_role(env, files, source_profile, scoped, region, visited, now)
+        if source is None:
+            return f"source_profile {source_profile!r} has no credentials (botocore's error)"
+    if isinstance(source, str):
+        return source
+    if not isinstance(role_arn, str):
+        return f"profile {profile!r}: role_arn is a nested block"
+    session_name = config.get("role_session_name") or f"botocore-session-{int(now())}"
+    external_id = config.get("external_id")
+    duration = config.get("duration_seconds")
+    try:
+        duration_s = int(duration) if duration is not None else None
+    except (TypeError, ValueError):
+        duration_s = None  # botocore ignores a duration it cannot read
+    url = sts_url(env, scoped, region)
+    if url is None:
+        return f"STS in region {region!r} is resolved by botocore's endpoint rules"
+    verify: bool | str = env["AWS_CA_BUNDLE"] if env.get("AWS_CA_BUNDLE") else True
+    return AssumeRoleSource(
+        role_arn, str(session_name), external_id, duration_s, source, url, region, verify
+    )
+
+
+def _profile_chain(
+    env: Mapping[str, str], files: AwsFiles, profile: str, region: str, now: Callable[[], float]
+) -> Credentials | Source | str | None:
+    """A source profile's credentials: botocore's profile providers for it, with the
+    environment's variables ignored (web identity, credentials file, process, config file);
+    None when none applies."""
+    config = files.profiles.get(profile, {})
+    web = _web_identity(env, config, profile, True, region, now)
+    if web is not None:
+        return web
+    section = files.credentials.get(profile, {})
+    if "aws_access_key_id" in section:
+        return _static(section, f"the credentials file's [{profile}]")
+    if "credential_process" in config:
+        command = config["credential_process"]
+        if not isinstance(command, str):
+            return f"profile {profile!r}: credential_process is a nested block"
+        return ProcessSource(command, profile)
+    section = files.config.get(profile, {})
+    if "aws_access_key_id" in section:
+        return _static(section, f"the config file's profile {profile!r}")
+    return None
 
 
 def _static(section: Section, where: str) -> Credentials | str:
