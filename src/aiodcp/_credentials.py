@@ -8,8 +8,10 @@ Data flow::
 
     resolve_chain(env, files, profile, ...)       botocore's provider order, for one profile
         -> Credentials                            static: environment, credentials/config file
-        -> a Source (not fetched yet)             ProcessSource      credential_process
+        -> a Source (not fetched yet)             AssumeRoleSource   STS AssumeRole (a profile's
+                                                                     role_arn)
                                                   WebIdentitySource  STS AssumeRoleWithWebIdentity
+                                                  ProcessSource      credential_process
                                                   ContainerSource    ECS / EKS Pod Identity
                                                   ImdsSource         EC2 instance role (IMDSv2)
         -> a reason (str)                         what only botocore resolves: the store uses it
@@ -24,9 +26,10 @@ The order (``botocore.credentials.create_credential_resolver``): environment (sk
 profile is passed explicitly), assume-role from the profile, web identity, SSO, the shared
 credentials file, ``aws login``, ``credential_process``, the config file, the boto2 files,
 container credentials, instance metadata. A provider that applies ends the walk, as in
-botocore; one that botocore would refuse or that is not reproduced here (assume-role, SSO,
-login, boto2 files, expiring environment credentials) makes the store not plain, so botocore
-resolves it (correct first, fast second).
+botocore; one that botocore would refuse or that is not reproduced here (SSO, login, an MFA
+prompt, boto2 files with keys, expiring environment credentials, a profile setting not in
+``PROFILE_KEYS``) makes the store not plain, so botocore resolves it (correct first, fast
+second).
 
 HTTP (``request``): one request per connection (``Connection: close``) over asyncio streams,
 each step under a timeout; proxies never (the plain case excludes them). Timeouts and attempts
@@ -126,6 +129,15 @@ PROFILE_KEYS = frozenset(
         "ec2_metadata_v1_disabled",
         "imds_use_ipv6",
         "sts_regional_endpoints",
+        # no effect on the S3 client the store makes (it sets its retries itself), nor on the
+        # credentials: the AWS CLI's own settings, and retries of the STS client
+        "max_attempts",
+        "retry_mode",
+        "cli_pager",
+        "cli_auto_prompt",
+        "cli_timestamp_format",
+        "cli_binary_format",
+        "cli_history",
     }
 )
 """Settings of the selected profile this module and ``_native`` resolve as botocore does; any
@@ -886,10 +898,10 @@ def _assume_role(
             return f"source_profile {source_profile!r} has no credentials (botocore's error)"
     if isinstance(source, str):
         return source
-    if not isinstance(role_arn, str):
-        return f"profile {profile!r}: role_arn is a nested block"
     session_name = config.get("role_session_name") or f"botocore-session-{int(now())}"
     external_id = config.get("external_id")
+    if not all(isinstance(v, str) for v in (role_arn, session_name, external_id or "")):
+        return f"profile {profile!r}: an assume-role setting is a nested block"
     duration = config.get("duration_seconds")
     try:
         duration_s = int(duration) if duration is not None else None
@@ -900,7 +912,7 @@ def _assume_role(
         return f"STS in region {region!r} is resolved by botocore's endpoint rules"
     verify: bool | str = env["AWS_CA_BUNDLE"] if env.get("AWS_CA_BUNDLE") else True
     return AssumeRoleSource(
-        role_arn, str(session_name), external_id, duration_s, source, url, region, verify
+        role_arn, session_name, external_id, duration_s, source, url, region, verify
     )
 
 
@@ -1012,16 +1024,13 @@ def _container(env: Mapping[str, str]) -> ContainerSource | str | None:
 
 
 def _imds(env: Mapping[str, str], scoped: Section) -> ImdsSource | str:
-    try:
-        timeout = int(
-            _setting(env, scoped, "AWS_METADATA_SERVICE_TIMEOUT", "metadata_service_timeout") or 1
-        )
-        attempts = int(
-            _setting(
-                env, scoped, "AWS_METADATA_SERVICE_NUM_ATTEMPTS", "metadata_service_num_attempts"
-            )
-            or 1
-        )
+    timeout = _setting(env, scoped, "AWS_METADATA_SERVICE_TIMEOUT", "metadata_service_timeout")
+    attempts = _setting(
+        env, scoped, "AWS_METADATA_SERVICE_NUM_ATTEMPTS", "metadata_service_num_attempts"
+    )
+    try:  # botocore's conversion: int(), which refuses "1.5" and ""
+        timeout = 1 if timeout is None else int(timeout)
+        attempts = 1 if attempts is None else int(attempts)
     except (TypeError, ValueError):
         return "an instance metadata timeout or attempt count that is not an integer"
     endpoint = _setting(
