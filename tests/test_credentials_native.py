@@ -1032,3 +1032,71 @@ def test_credentials_json_shapes() -> None:
     with CredentialServer(mint=fixed_credentials(60)) as s:
         status, _, body = s.handle("GET", "/container/credentials", {}, b"")
         assert status == 200 and set(json.loads(body)) >= {"AccessKeyId", "Token", "Expiration"}
+
+
+# --------------------------------------------------------------------------- the HTTP client
+
+
+async def _raw_server(answer: bytes, *, close: bool = True) -> tuple[asyncio.Server, str]:
+    """A loopback server answering every request with ``answer`` (then closing, or not)."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer)
+        await writer.drain()
+        if not close:
+            await reader.read()  # until the client gives up and closes
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    return server, f"http://127.0.0.1:{port}/x"
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", b"hello"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhello", b"he"),
+        (b"HTTP/1.1 200 OK\r\n\r\nuntil close", b"until close"),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"3;x=y\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
+            b"abcde",
+        ),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nshort", "sent 5 of the 9 bytes"),
+        (b"SSH-2.0-OpenSSH\r\n\r\n", "not HTTP"),
+        (b"HTTP/1.1 200 OK\r\nContent-", "before a complete HTTP response"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "malformed chunked"),
+    ],
+)
+async def test_the_one_shot_http_client(answer: bytes, expected: bytes | str) -> None:
+    from aiodcp._credentials import request
+
+    server, url = await _raw_server(answer)
+    try:
+        if isinstance(expected, bytes):
+            response = await request("GET", url, CONTEXT, connect_timeout_s=5, read_timeout_s=5)
+            assert response.status == 200 and response.body == expected
+        else:
+            with pytest.raises(FetchError, match=expected):
+                await request("GET", url, CONTEXT, connect_timeout_s=5, read_timeout_s=5)
+    finally:
+        server.close()
+
+
+async def test_the_one_shot_http_client_times_out_and_refuses_closed_ports() -> None:
+    """A server that never finishes its answer: ReadTimeout naming the URL within the read
+    timeout (0.2 s here; the bound below is a hang guard). A closed port: FetchError."""
+    from aiodcp._credentials import ReadTimeout, request
+
+    server, url = await _raw_server(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nab", close=False)
+    try:
+        started = time.monotonic()
+        with pytest.raises(ReadTimeout, match="read timeout"):
+            await request("GET", url, CONTEXT, connect_timeout_s=5, read_timeout_s=0.2)
+        assert time.monotonic() - started < 10, "hang guard"
+    finally:
+        server.close()
+    with pytest.raises(FetchError, match="could not connect"):
+        await request("GET", url, CONTEXT, connect_timeout_s=5, read_timeout_s=5)
