@@ -2,12 +2,15 @@
 
 Data flow: ``S3Store`` (one per event loop: its connections and any aiobotocore client belong
 to the loop they were made on) -> ``open()`` resolves the store: in the plain case
-(``_native.plain_case``: endpoint, region and credentials that botocore would resolve the same
-way, read here from the configuration and the environment) nothing else is needed; otherwise
-the aiobotocore client is created (``_botostore``, which alone imports botocore, aiobotocore
-and aiohttp). -> ``get_object(bucket, key)`` for small objects such as ``.metadata`` and
-``object_size`` -> ``fetch_range(bucket, key, start, end, sink)`` for the data GETs, or
-``open_range(bucket, key, start, end, if_match)`` through botocore, returning a
+(``_native.plain_case``, in a worker thread: endpoint, region and credentials that botocore
+would resolve the same way, from the configuration, the environment and the AWS files) the
+credentials are fetched if they come from a source (``_credentials``: STS, the container or
+instance metadata endpoint, a process; a fetch that fails leaves the plain case) and kept
+current by a ``Refresher``; otherwise the aiobotocore client is created (``_botostore``,
+which alone imports botocore, aiobotocore and aiohttp). -> ``get_object(bucket, key)`` for
+small objects such as ``.metadata`` and ``object_size`` -> ``fetch_range(bucket, key, start,
+end, sink)`` for the data GETs, or ``open_range(bucket, key, start, end, if_match)`` through
+botocore, returning a
 ``_botostore.RangeStream`` whose ``read_chunk()`` hands out the body as the network delivered
 it (one ``bytes`` per socket read, never joined).
 
@@ -22,15 +25,15 @@ for half the life it has left) and the request handed to ``_http.RangeClient``, 
 the body straight into the engine's sink (``fetch_range``) or into a buffer (``get_object``: a
 ranged GET that accepts a shorter object, then the rest pinned to its ETag; ``object_size``: a
 GET of the first byte, whose ``Content-Range`` gives the size). In the plain case URLs are
-signed here (``_native_url``: ``_sigv4``, stdlib only, the environment's static credentials);
-otherwise as the client signs its own requests (``_botocore_url``,
+signed here (``_native_url``: ``_sigv4``, stdlib only, with the current credentials,
+``current_plain``); otherwise as the client signs its own requests (``_botocore_url``,
 ``_botostore.presign_as_requests``: SigV4 query form, the client's endpoint, the bucket's region
 as botocore resolved it), never outliving the credentials that signed them (``PresignTiming``).
 Outside the plain case only data GETs take the fast path, as before. Proxies and client
 certificates (seen in botocore's resolved HTTP settings), ``fast_http=False``, and any response
 that is not the plain case go through botocore instead. An error response is sorted by
 ``_refusal_kind``: an expired signature is signed again (credentials refreshed once per refused
-key; the environment's cannot be, so their refusal is raised) and resent without counting as an
+key; static ones cannot be, so their refusal is raised) and resent without counting as an
 attempt; a region refusal goes through botocore, which follows S3's redirect and remembers the
 region (a plain store then lets botocore sign every later URL); a possibly mangled URL goes
 through botocore too, and after ``_FAST_FALLBACK_LIMIT`` of those a store stays on botocore;
@@ -445,7 +448,7 @@ class S3Store:
         requests. Every natively signed request signs with what this returns."""
         return await self._current_plain(force=False)
 
-    async def _current_plain(self, *, force: bool) -> Plain | None:
+    async def _current_plain(self, *, force: bool, bucket: str = "", key: str = "") -> Plain | None:
         refresher, plain = self._refresher, self._plain
         if refresher is None or plain is None or refresher.source is None:
             return plain
@@ -453,12 +456,13 @@ class S3Store:
             credentials = await (refresher.refresh() if force else refresher.get())
         except FetchError as exc:
             left = refresher.seconds_left()
+            where = f" to sign s3://{bucket}/{key} with" if bucket else ""
             raise NoCredentialsError(
-                f"the credentials from {refresher.source.method} expire in "
+                f"the credentials{where} from {refresher.source.method} expire in "
                 f"{0 if left is None else left:.0f} s and refreshing them failed: {exc}; check "
                 "the credential source (role, token file, endpoint) and load again",
-                bucket="",
-                key="",
+                bucket=bucket,
+                key=key,
                 retryable=False,
             ) from exc
         plain = self._plain
@@ -840,13 +844,13 @@ class S3Store:
         cached = self._urls.get((bucket, key))
         if cached is not None and cached.native and cached.reuse_until > now:
             return cached
-        plain = await self._current_plain(force=False)
+        plain = await self._current_plain(force=False, bucket=bucket, key=key)
         timing = self.timing
         lifetime = self._lifetime()
         if lifetime is not None and lifetime < timing.min_presign_s:
             # about to expire and not refreshed yet (a refresh that failed, or a source that
             # gives short-lived credentials): refresh now, whatever the windows say
-            plain = await self._current_plain(force=True)
+            plain = await self._current_plain(force=True, bucket=bucket, key=key)
             lifetime = self._lifetime()
             if lifetime is not None and lifetime < timing.min_presign_s:
                 left = self._refresher.seconds_left() if self._refresher is not None else None
