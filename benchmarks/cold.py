@@ -336,6 +336,10 @@ def _load_run(
     row["first_s"] = loads_s[0]
     row["warm_s"] = statistics.median(loads_s[1:]) if len(loads_s) > 1 else None
     row["first_x_warm"] = row["first_s"] / row["warm_s"] if row["warm_s"] else None
+    cpu = result.get("cpu_s") or []
+    warm_cpu = statistics.median(cpu[1:]) if len(cpu) > 1 else None
+    row["first_cpu_s"] = cpu[0] if cpu else None
+    row["first_cpu_x_warm"] = cpu[0] / warm_cpu if warm_cpu else None
     row["to_first_loaded_s"] = result["import_loader_s"] + result["build_state_s"] + loads_s[0]
     return row
 
@@ -348,7 +352,8 @@ def _describe(row: dict[str, Any]) -> str:
     return (
         f"{head} import dcp {row['import_dcp_s']:.3f} s, loader {row['import_loader_s']:.3f} s, "
         f"state {row['build_state_s']:.3f} s, loads {loads} s (first {row['first_x_warm']:.2f}x "
-        f"warm), gc {' '.join(f'{x:.2f}' for x in row['gc_s'])} s, "
+        f"warm; CPU {_f(row.get('first_cpu_x_warm'))}x), "
+        f"gc {' '.join(f'{x:.2f}' for x in row['gc_s'])} s, "
         f"S3 stack imported: {', '.join(row.get('s3_stack') or []) or 'none'}"
     )
 
@@ -384,6 +389,12 @@ def summarize(runs: list[dict[str, Any]], loaders: list[str]) -> dict[str, Any]:
             "warm_s": _median([r["warm_s"] for r in rows if r["warm_s"]]),
             "first_x_warm": _median([r["first_x_warm"] for r in rows if r["first_x_warm"]]),
             "first_x_warm_all": sorted(r["first_x_warm"] for r in rows if r["first_x_warm"]),
+            "first_cpu_x_warm": _median(
+                [r["first_cpu_x_warm"] for r in rows if r.get("first_cpu_x_warm")]
+            ),
+            "first_cpu_x_warm_all": sorted(
+                r["first_cpu_x_warm"] for r in rows if r.get("first_cpu_x_warm")
+            ),
             "first_gc_s": _median([r["gc_s"][0] for r in rows]),
             "to_first_loaded_s": _median([r["to_first_loaded_s"] for r in rows]),
             "s3_stack": sorted({m for r in rows for m in r.get("s3_stack") or []}),
@@ -401,9 +412,9 @@ def markdown(entry: dict[str, Any]) -> str:
         f"### (8) `cold`: {entry['description']}",
         "",
         "| loader | import s (after DCP's) | build state s | first load s | warm load s | "
-        "first / warm | GC in first load s | import + state + first load s | S3 stack | "
-        "correct |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
+        "first / warm | first / warm, CPU | GC in first load s | import + state + first load s | "
+        "S3 stack | correct |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
     ]
     for loader, r in s["loaders"].items():
         lines.append(
@@ -411,6 +422,8 @@ def markdown(entry: dict[str, Any]) -> str:
             f"{_f(r['build_state_s'], '{:.3f}')} | {_f(r['first_s'], '{:.3f}')} | "
             f"{_f(r['warm_s'], '{:.3f}')} | "
             f"{_f(r['first_x_warm'])} ({', '.join(f'{x:.2f}' for x in r['first_x_warm_all'])}) | "
+            f"{_f(r.get('first_cpu_x_warm'))} "
+            f"({', '.join(f'{x:.2f}' for x in r.get('first_cpu_x_warm_all', []))}) | "
             f"{_f(r['first_gc_s'], '{:.3f}')} | {_f(r['to_first_loaded_s'], '{:.3f}')} | "
             f"{', '.join(r['s3_stack']) or 'none'} | {r['ok_runs']}/{r['runs']} |"
         )

@@ -186,10 +186,10 @@ def plain_case(
       CA bundle, SSO...
     * Credentials: ``unsigned=True``, or the first of botocore's default chain that applies
       (``_credentials.resolve_chain``): the environment (not when ``profile`` is passed: an
-      explicit profile drops botocore's environment provider), web identity, the shared
-      credentials file, ``credential_process``, the config file, container credentials,
-      instance metadata; assume-role from a profile, SSO, ``aws login``, boto2 files and
-      expiring environment credentials are left to botocore, as is a chain that finds
+      explicit profile drops botocore's environment provider), assume-role from the profile,
+      web identity, the shared credentials file, ``credential_process``, the config file,
+      container credentials, instance metadata; SSO, ``aws login``, MFA prompts, boto2 files
+      and expiring environment credentials are left to botocore, as is a chain that finds
       nothing (botocore raises its own error).
     * A region: ``region``, else ``AWS_DEFAULT_REGION``, else the profile's; a plain name
       (lower-case DNS label, not ``aws-global``, no ``fips``). Without one, botocore's choice
