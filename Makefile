@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck check clean
+.PHONY: demo test lint typecheck check clean bench bench-save
 
 $(STAMP): pyproject.toml requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -38,3 +38,8 @@ clean:
 ## BENCH_QUICK=1 for a few-minute run; BENCH_ARGS="--scenarios partial --repeats 5" for more.
 bench:
 	BENCH_QUICK=$(BENCH_QUICK) PYTHON=$(PYTHON) bash benchmarks/run.sh $(BENCH_ARGS)
+
+## Saves: aiodcp against s3torchconnector's S3StorageWriter and FsspecWriter on s3rver
+## (benchmarks/README.md, "Saves"). BENCH_ARGS="--repeats 3 --size-mib 1024" for more.
+bench-save:
+	PYTHON=$(PYTHON) bash benchmarks/run.sh save $(BENCH_ARGS)

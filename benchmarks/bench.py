@@ -97,6 +97,19 @@ SKIP = {
 }
 BASE_SUFFIX = "@base"
 """Suffix of a loader run from the ``--baseline`` revision's aiodcp."""
+VARIANTS = {
+    "rec": "the checkpoint's twin whose .metadata carries the integrity record an aiodcp save "
+    "writes (data GETs pinned to the recorded ETags, every item checked: the verified path)",
+    "noverify": "verify_checksums=False (nothing checked, nothing pinned by a record)",
+}
+"""``<aiodcp loader>+<variant>``: the same loader on a variant of the load."""
+
+
+def split_loader(name: str) -> tuple[str, str | None]:
+    """``"aiodcp_sync+rec"`` -> ``("aiodcp_sync", "rec")``; ``@base`` stays on the name."""
+    base, _, variant = name.partition("+")
+    return base, variant or None
+
 
 LAG_LOADERS = ["aiodcp_async", "aiodcp_sync", "s3tc_dcp_optimized"]
 
@@ -498,6 +511,17 @@ class Checkpoint:
                 s3.upload_file(str(self.local_dir / n), BUCKET, f"{self.prefix}/{n}")
             log(f"  uploaded {self.prefix} in {time.perf_counter() - t0:.1f} s")
 
+    @property
+    def recorded_url(self) -> str:
+        """The twin with an integrity record (``ensure_recorded``)."""
+        return f"{self.url}-rec"
+
+    def ensure_recorded(
+        self, data: Path, servers: Servers, python: str, env: dict[str, str]
+    ) -> None:
+        """The twin ``s3://bench/<prefix>-rec`` (``recorded_twin``)."""
+        recorded_twin(self.local_dir, self.prefix, data, servers, python, env)
+
     def _warm(self) -> None:
         with open(self.local_dir / ".metadata", "rb") as f:
             self.metadata = pickle.load(f)  # our own file, just written by dcp.save
@@ -525,6 +549,37 @@ class Checkpoint:
             if keys is None or index.fqn in keys
         )
         return total + md_size
+
+
+def recorded_twin(
+    local_dir: Path, prefix: str, data: Path, servers: Servers, python: str, env: dict[str, str]
+) -> None:
+    """The twin ``s3://bench/<prefix>-rec`` of the checkpoint in ``local_dir``: the same data
+    files (symlinks that nginx serves with the originals' ETags; uploaded again for s3rver) and
+    a ``.metadata`` with the integrity record of an aiodcp save (``worker.py record``), ETags as
+    the server answers them."""
+    twin = data / "ckpt" / f"{prefix}-rec"
+    twin.mkdir(parents=True, exist_ok=True)
+    names = sorted(p.name for p in local_dir.iterdir() if p.name not in (".complete", ".metadata"))
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=servers.direct_url,
+        region_name="us-east-1",
+        config=Config(s3={"addressing_style": "path"}),
+    )
+    for n in names:
+        link = twin / n
+        if not link.is_symlink():
+            link.symlink_to(local_dir / n)
+        if servers.uploads:
+            s3.upload_file(str(local_dir / n), BUCKET, f"{prefix}-rec/{n}")
+    etags = {n: s3.head_object(Bucket=BUCKET, Key=f"{prefix}-rec/{n}")["ETag"] for n in names}
+    job = data / "jobs" / f"record-{prefix}.json"
+    job.parent.mkdir(parents=True, exist_ok=True)
+    job.write_text(json.dumps({"dir": str(local_dir), "etags": etags, "out": str(twin)}))
+    subprocess.run([python, str(HERE / "worker.py"), "record", str(job)], env=env, check=True)
+    if servers.uploads:
+        s3.upload_file(str(twin / ".metadata"), BUCKET, f"{prefix}-rec/.metadata")
 
 
 def run_ranks(cmd: list[str], world: int, env: dict[str, str], timeout: float = 1800) -> None:
@@ -681,9 +736,13 @@ class Runner:
             if self.base_env is None:
                 raise ValueError(f"{loader}: no --baseline revision given")
             env = self.base_env
+        base_loader, variant = split_loader(loader)
+        aiodcp_options = dict(self.args.aiodcp_options)
+        if variant == "noverify":
+            aiodcp_options["verify_checksums"] = False
         job = {
-            "loader": loader.removesuffix(BASE_SUFFIX),
-            "url": ckpt.url,
+            "loader": base_loader.removesuffix(BASE_SUFFIX),
+            "url": ckpt.recorded_url if variant == "rec" else ckpt.url,
             "endpoint": self.servers.endpoint(shaping),
             "local_dir": str(ckpt.local_dir),
             "tmp_dir": str(self.data / "tmp"),
@@ -692,7 +751,7 @@ class Runner:
             "lag": lag,
             "dist": ckpt.ranks > 1,
             "fsspec_block_size": int(self.args.fsspec_block_mib * MIB),
-            "aiodcp_options": self.args.aiodcp_options,
+            "aiodcp_options": aiodcp_options,
             "result": str(result_path),
         }
         job_path.write_text(json.dumps(job))
@@ -761,6 +820,7 @@ class Runner:
         expected = 2 if ckpt.ranks > 1 else 1
         row["ok"] = len(results) == expected and all(r.get("ok") for r in results)
         row["wall_s"] = max(r["wall_s"] for r in results)
+        row["cpu_s"] = sum(r.get("cpu_s", 0.0) for r in results)  # the loading processes
         row["rss_above"] = max(r["rss_above"] for r in results)
         row["rss_baseline"] = max(r["rss_baseline"] for r in results)
         row["mismatched"] = sorted({m for r in results for m in r.get("mismatched", [])})
@@ -779,7 +839,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="aiodcp benchmark against its peers (127.0.0.1 only)")
     p.add_argument("--quick", action="store_true", default=quick_env, help="small, fast run")
     p.add_argument("--scenarios", default=",".join(ALL_SCENARIOS))
-    p.add_argument("--loaders", default=",".join(ALL_LOADERS))
+    p.add_argument(
+        "--loaders",
+        default=",".join(ALL_LOADERS),
+        help="comma-separated loaders; an aiodcp loader may take a variant: "
+        + ", ".join(f"'<loader>+{k}' ({v})" for k, v in VARIANTS.items()),
+    )
     p.add_argument("--size-mib", type=float, help="checkpoint size for scenarios 1, 2, 3, 5, 7")
     p.add_argument("--small-count", type=int, help="tensors in the many-small checkpoint")
     p.add_argument("--small-kib", type=int, default=16, help="size of each small tensor")
@@ -887,8 +952,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.baseline:
         args.loaders += [f"{x}{BASE_SUFFIX}" for x in args.loaders if x.startswith("aiodcp_")]
     for x in args.loaders:
-        if x.removesuffix(BASE_SUFFIX) not in ALL_LOADERS:
+        base, variant = split_loader(x)
+        if base.removesuffix(BASE_SUFFIX) not in ALL_LOADERS:
             p.error(f"unknown loader {x!r}; choose from {ALL_LOADERS}")
+        if variant is not None and (
+            variant not in VARIANTS or not base.startswith("aiodcp_") or BASE_SUFFIX in base
+        ):
+            p.error(
+                f"{x!r}: a variant is '<aiodcp loader>+<variant>' with a variant of "
+                f"{sorted(VARIANTS)} (not on {BASE_SUFFIX} loaders)"
+            )
     return args
 
 
@@ -997,6 +1070,8 @@ def main(argv: list[str] | None = None) -> None:
         with timed("checkpoints"):
             for name in sorted(needed_ckpts):
                 ckpts[name].ensure(data, servers, sys.executable, env)
+                if any(split_loader(x)[1] == "rec" for x in args.loaders):
+                    ckpts[name].ensure_recorded(data, servers, sys.executable, env)
         runner = Runner(args, servers, env, data, base_env)
         for scenario in [s for s in scenarios if s != "cold"]:
             ckpt = ckpts[uses[scenario]]
@@ -1055,7 +1130,7 @@ def main(argv: list[str] | None = None) -> None:
         if "cold" in scenarios:
             with timed("scenario cold"):
                 results["cold"] = cold.run(
-                    loaders=[x for x in cold.COLD_LOADERS if x in args.loaders],
+                    loaders=[x for x in args.loaders if split_loader(x)[0] in cold.COLD_LOADERS],
                     repeats=args.repeats,
                     loads=args.cold_loads,
                     gap_s=args.cold_gap_s,

@@ -309,9 +309,10 @@ def _load_run(
     name = step.replace("@", "-")
     result_path = jobs / f"cold-{name}.result"
     result_path.unlink(missing_ok=True)
+    base, _, variant = loader.partition("+")  # bench.py's loader variants
     job = {
-        "loader": loader,
-        "url": ckpt.url,
+        "loader": base,
+        "url": ckpt.recorded_url if variant == "rec" else ckpt.url,
         "endpoint": endpoint,
         "local_dir": str(ckpt.local_dir),
         "tmp_dir": str(tmp),
@@ -319,7 +320,10 @@ def _load_run(
         "keys": None,
         "lag": False,
         "dist": False,
-        "aiodcp_options": options,
+        "aiodcp_options": {
+            **options,
+            **({"verify_checksums": False} if variant == "noverify" else {}),
+        },
         "loads": loads,
         "gap_s": gap_s,
         "result": str(result_path),

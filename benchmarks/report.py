@@ -89,6 +89,14 @@ def summarize(entry: dict[str, Any]) -> list[dict[str, Any]]:
             # Against the same loader from the --baseline revision, same repeats.
             "x_base": paired(ckpt, loader, loader + BASE_SUFFIX, "wall_s"),
             "rss_x_base": paired(ckpt, loader, loader + BASE_SUFFIX, "rss_above"),
+            "cpu_s": _median([r["cpu_s"] for r in ok if r.get("cpu_s") is not None]),
+            # A variant (`<loader>+rec`, `+noverify`) against the plain loader, same repeats.
+            "x_plain": paired(ckpt, loader, loader.partition("+")[0], "wall_s")
+            if "+" in loader
+            else None,
+            "cpu_x_plain": paired(ckpt, loader, loader.partition("+")[0], "cpu_s")
+            if "+" in loader
+            else None,
         }
         if row["fetched_bytes"] is not None and entry.get("needed_bytes"):
             row["fetched_x_needed"] = row["fetched_bytes"] / entry["needed_bytes"]
@@ -139,6 +147,19 @@ def scenario_table(name: str, entry: dict[str, Any]) -> list[str]:
                 f"{r['loader']} wall x{_f(r['x_base'])}, peak RSS x{_f(r['rss_x_base'])}"
                 for r in rows
                 if r["x_base"] is not None
+            )
+            + ".",
+            "",
+        ]
+    if any(r.get("x_plain") is not None for r in rows):
+        lines += [
+            "Variants against the same loader, paired per repeat (`+rec`: the checkpoint with "
+            "an integrity record, every item verified; `+noverify`: verify_checksums=False): "
+            + "; ".join(
+                f"{r['loader']} wall x{_f(r['x_plain'])}, CPU x{_f(r['cpu_x_plain'])} "
+                f"({_f(r['cpu_s'])} CPU-s)"
+                for r in rows
+                if r.get("x_plain") is not None
             )
             + ".",
             "",

@@ -32,4 +32,8 @@ if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then
         echo "nginx is missing (apt-get install nginx-light), or run with --server s3rver" >&2
     fi
 fi
+if [ "${1:-}" = "save" ]; then  # `make bench-save`: the save benchmark (save.py)
+    shift
+    exec "$VENV/bin/python" save.py "$@"
+fi
 exec "$VENV/bin/python" bench.py "$@"

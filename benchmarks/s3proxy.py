@@ -8,7 +8,8 @@ shapes for it only where nginx lacks its echo module.) It can also make loopback
 - ``latency_ms``: the first byte of every response leaves the proxy no earlier than this long
   after the request arrived (S3's time to first byte is ~10-30 ms);
 - ``bandwidth``: bytes per second per client connection (S3 serves ~50-100 MB/s per connection),
-  paced with a token bucket that never banks credit across idle time;
+  paced with a token bucket that never banks credit across idle time; request bodies (uploads)
+  are read at that pace too, and their reply waits ``latency_ms`` after the body is in;
 - ``total_bandwidth``: bytes per second summed over every connection (a node's NIC that all
   its ranks share): body bytes leave one after another on one shared timeline.
 
@@ -108,8 +109,19 @@ class Proxy:
                     await self.control(target, cwriter)
                     continue
                 body = b""
+                if "100-continue" in headers.get("expect", "").lower():
+                    # aiobotocore (s3fs) waits for it before sending a body: answer it here and
+                    # forward the request without the expectation
+                    cwriter.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    head = b"\r\n".join(
+                        line
+                        for line in head.split(b"\r\n")
+                        if not line.lower().startswith(b"expect:")
+                    )
                 if "content-length" in headers:
-                    body = await creader.readexactly(int(headers["content-length"]))
+                    body = await self.read_body(creader, int(headers["content-length"]))
+                    if body:
+                        t0 = asyncio.get_running_loop().time()  # latency after the upload
                 elif "chunked" in headers.get("transfer-encoding", "").lower():
                     body = await self.read_chunked(creader)
                 c = self.counters
@@ -250,6 +262,28 @@ class Proxy:
                         return
             await self.pump(ureader, cwriter, size)
             self.send(cwriter, await ureader.readexactly(2))
+
+    async def read_body(self, reader: asyncio.StreamReader, n: int) -> bytes:
+        """A request body of ``n`` bytes, read at ``bandwidth`` (and ``total_bandwidth``) when
+        set: an upload as fast as S3 takes one connection's."""
+        if not (self.bandwidth or self.total_bandwidth) or n <= CHUNK:
+            return await reader.readexactly(n)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        parts: list[bytes] = []
+        got = 0
+        while got < n:
+            data = await reader.readexactly(min(CHUNK, n - got))
+            parts.append(data)
+            got += len(data)
+            delay = start + got / self.bandwidth - loop.time() if self.bandwidth else 0.0
+            if self.total_bandwidth:
+                now = loop.time()
+                self._line = max(self._line, now) + len(data) / self.total_bandwidth
+                delay = max(delay, self._line - now)
+            if delay > 0:
+                await asyncio.sleep(delay)
+        return b"".join(parts)
 
     async def read_chunked(self, reader: asyncio.StreamReader) -> bytes:
         parts = []

@@ -25,7 +25,11 @@ server in the same run:
   before sharing that is its default): every rank fetching whole stored chunks for itself;
 - ``per_rank_gap256k``: this checkout, ``share_across_ranks=False`` and ``max_gap_size`` 256
   KiB (``"auto"`` at its floor: a request worth little, so items are sliced whenever more than
-  that is left out).
+  that is left out);
+- ``shared_rec`` / ``per_rank_rec``: as ``shared`` / ``per_rank``, loading a twin of the
+  checkpoint whose ``.metadata`` carries the integrity record an aiodcp save writes: every item
+  checked, and sliced runs widened to the whole 1 MiB checksum blocks they touch (what checking
+  costs a resharded load in bytes).
 
 Per run: the slowest rank's wall time (``await load_checkpoint``, started after a barrier), the
 largest peak RSS above the state dict of any rank, bytes and requests the proxy served, and its
@@ -63,12 +67,24 @@ LOADS = {"replicated": 4, "dim1": 2, "dim0_2to4": 4, "dim0_1to4": 4}
 SAVED_BY = {"replicated": "plain", "dim1": "dim0x2", "dim0_2to4": "dim0x2", "dim0_1to4": "plain"}
 """Load name -> the checkpoint it loads: ``plain`` (saved by one process), ``dim0x2`` (saved
 by 2 ranks as DTensors sharded on dim 0)."""
-VARIANTS = ("shared", "per_rank", "base", "base_per_rank", "per_rank_gap256k")
+VARIANTS = (
+    "shared",
+    "per_rank",
+    "base",
+    "base_per_rank",
+    "per_rank_gap256k",
+    "shared_rec",
+    "per_rank_rec",
+)
 OPTIONS: dict[str, dict[str, Any]] = {
     "per_rank": {"share_across_ranks": False},
     "base_per_rank": {"share_across_ranks": False},
     "per_rank_gap256k": {"share_across_ranks": False, "max_gap_size": 256 * 1024},
+    "per_rank_rec": {"share_across_ranks": False},
 }
+RECORDED = ("shared_rec", "per_rank_rec")
+"""Variants that load the checkpoint's twin with an integrity record (``bench.recorded_twin``):
+every item checked, sliced runs widened to the whole 1 MiB checksum blocks they touch."""
 """Variant -> aiodcp options (defaults otherwise)."""
 
 
@@ -145,7 +161,7 @@ def main() -> None:
     base_src, base_desc = bench.aiodcp_source(args.baseline, data)
     for s in (src, base_src):
         bench.compile_bytecode(s)
-    envs = {v: bench.child_env(src) for v in ("shared", "per_rank", "per_rank_gap256k")}
+    envs = {v: bench.child_env(src) for v in ("shared", "per_rank", "per_rank_gap256k", *RECORDED)}
     envs["base"] = envs["base_per_rank"] = bench.child_env(base_src)
     specs = layer_specs(args.size_mib, dist=True)
     shaping = {"latency_ms": args.latency_ms, "total_bandwidth": args.total_mbps * 1e6}
@@ -167,6 +183,8 @@ def main() -> None:
                 world = 1 if layout == "plain" else 2
                 run_ranks(world, ["save", str(job_path)], envs["shared"], 1800)
             saved[load] = f"s3://{bench.BUCKET}/{prefix}"
+            if any(v in args.variants.split(",") for v in RECORDED):
+                bench.recorded_twin(local, prefix, data, servers, sys.executable, envs["shared"])
             # Both loads need every stored item: the checkpoint's stored bytes.
             md = FileSystemReader(str(local)).read_metadata()
             needed[load] = sum(info.length for info in md.storage_data.values())
@@ -179,7 +197,7 @@ def main() -> None:
                 order = variants[shift:] + variants[:shift]
                 for variant in order:
                     job = {
-                        "url": saved[load],
+                        "url": saved[load] + ("-rec" if variant in RECORDED else ""),
                         "endpoint": servers.proxy_url,
                         "tensors": specs,
                         "layout": load,
@@ -209,6 +227,8 @@ def main() -> None:
                         "needed_bytes": results[0]["needed_bytes"],
                         "from_peers": sum(r.get("from_peers", 0) for r in results),
                         "sliced_items": sum(r.get("sliced_items", 0) for r in results),
+                        "verified_bytes": sum(r.get("verified_bytes", 0) for r in results),
+                        "unverified_bytes": sum(r.get("unverified_bytes", 0) for r in results),
                         "max_gap_size": [r.get("max_gap_size") for r in results],
                     }
                     rows.append(row)

@@ -86,6 +86,8 @@ def main() -> None:
                     "ok": ok,
                     "from_peers": getattr(stats, "bytes_from_peers", 0),
                     "sliced_items": getattr(stats, "sliced_items", 0),
+                    "verified_bytes": getattr(stats, "verified_bytes", 0),
+                    "unverified_bytes": getattr(stats, "unverified_bytes", 0),
                     "max_gap_size": stats.max_gap_size,
                     "needed_bytes": job["needed_bytes"],
                 }

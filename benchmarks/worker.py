@@ -12,7 +12,9 @@ loader inherits another's warm connections, caches, allocator state or RSS peak.
 5. writes a JSON result.
 
 ``save``/``save-dist`` write checkpoints with ``torch.distributed.checkpoint.save`` (one process
-with ``thread_count`` files, or one rank of a gloo job saving DTensors sharded on dim 0).
+with ``thread_count`` files, or one rank of a gloo job saving DTensors sharded on dim 0);
+``record`` writes a copy of a checkpoint's ``.metadata`` carrying the integrity record an aiodcp
+save attaches (``bench.py``'s ``+rec`` loaders load that copy, verified).
 """
 
 from __future__ import annotations
@@ -52,6 +54,32 @@ def save(job: dict[str, Any]) -> None:
     state = {name: make_tensor(name, shape, dtype) for name, shape, dtype in job["tensors"]}
     writer = FileSystemWriter(job["out"], thread_count=job["files"], single_file_per_rank=True)
     dcp.save(state, storage_writer=writer, no_dist=True)
+
+
+def record(job: dict[str, Any]) -> None:
+    """Write ``job["out"]/.metadata``: the checkpoint in ``job["dir"]``'s metadata with the
+    integrity record an aiodcp save attaches (its data files' ETags as the server answers them,
+    sizes, CRC64NVME; each stored item's 1 MiB block CRC64NVMEs), computed from the files."""
+    import pickle
+
+    from aiodcp._checksum import crc64nvme
+    from aiodcp.dcp._integrity import DEFAULT_BLOCK_BYTES, FileRecord, Integrity
+
+    directory = Path(job["dir"])
+    metadata = pickle.loads((directory / ".metadata").read_bytes())
+    data = {name: (directory / name).read_bytes() for name in job["etags"]}
+    files = {
+        name: FileRecord(etag, len(data[name]), crc64nvme(data[name]))
+        for name, etag in job["etags"].items()
+    }
+    items = {}
+    block = DEFAULT_BLOCK_BYTES
+    for info in metadata.storage_data.values():
+        raw = memoryview(data[info.relative_path])[info.offset : info.offset + info.length]
+        crcs = tuple(crc64nvme(raw[at : at + block]) for at in range(0, max(len(raw), 1), block))
+        items[(info.relative_path, info.offset, info.length)] = crcs
+    Integrity(block, files, items).attach(metadata)
+    (Path(job["out"]) / ".metadata").write_bytes(pickle.dumps(metadata))
 
 
 def save_dist(job: dict[str, Any]) -> None:
@@ -362,6 +390,7 @@ def run_load(job: dict[str, Any]) -> dict[str, Any]:
         dist.barrier()
     gc_time = _GcTimer()
     with PeakRSS() as rss, gc_time:
+        cpu0 = time.process_time()
         t0 = time.perf_counter()
         if asyncio.iscoroutinefunction(fn) or job.get("lag"):
 
@@ -381,10 +410,12 @@ def run_load(job: dict[str, Any]) -> dict[str, Any]:
         else:
             extra = fn(state, job)
         wall = time.perf_counter() - t0
+        cpu = time.process_time() - cpu0  # every thread of this process, user + system
     bad = check_state(state, job)
     result: dict[str, Any] = {
         "loader": loader,
         "wall_s": wall,
+        "cpu_s": cpu,
         "rss_baseline": rss.baseline,
         "rss_peak": rss.peak,
         "rss_above": rss.above_baseline,
@@ -416,6 +447,8 @@ def main() -> None:
         save(job)
     elif mode == "save-dist":
         save_dist(job)
+    elif mode == "record":
+        record(job)
     elif mode == "load":
         try:
             result = run_load(job)

@@ -1,16 +1,24 @@
-"""Shared fixtures: a real S3 server (moto, own process, 127.0.0.1) and checkpoint helpers."""
+"""Shared fixtures: a real S3 server (moto, own process, 127.0.0.1) and checkpoint helpers.
+
+Also what keeps the suite honest on a busy 2-core machine: ``HANG_GUARD_S`` and the helpers that
+wait for a state itself (``wait_until``, ``eventually``, ``thread_inside``,
+``innermost_coroutine``) instead of sleeping and hoping it was reached, and the Hypothesis
+profile every property test runs under (no deadline: a slow machine is not a failing example).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,8 +28,17 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from botocore.config import Config
+from hypothesis import HealthCheck, settings
 
 HERE = Path(__file__).parent
+
+# Every property test: no per-example deadline (a stalled process is not a failing example) and no
+# "too slow" health check (data generation slows down with the machine, not with a bug). Tests
+# that pass their own @settings inherit these and override only what they name.
+settings.register_profile(
+    "aiodcp", deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True
+)
+settings.load_profile("aiodcp")
 
 # Fake credentials, and never walk to the instance-metadata address for real ones.
 os.environ.update(
@@ -47,6 +64,59 @@ def store_path(request: pytest.FixtureRequest) -> dict[str, Any]:
     return {} if request.param == "native" else dict(NOT_PLAIN)
 
 
+# --------------------------------------------------------------------------- waiting for a state
+
+HANG_GUARD_S = 60.0
+"""How long a test waits for something that takes milliseconds when nothing is wrong: only a hang
+or a blocked loop gets near it, never a busy machine (the suite runs on 2 shared cores at load
+averages of 10 and more). A time bound in a test is this kind of guard, never a performance
+goal: those are measured in benchmarks/."""
+
+
+def wait_until(condition: Callable[[], object], what: str, guard_s: float = HANG_GUARD_S) -> None:
+    """Poll ``condition`` (from a thread, not a loop) until it is true; fail the test naming
+    ``what`` if it is not within ``guard_s`` (a hang guard)."""
+    deadline = time.monotonic() + guard_s
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {guard_s:.0f} s (a hang guard, not a time bound)")
+        time.sleep(0.005)
+
+
+async def eventually(
+    condition: Callable[[], object], what: str, guard_s: float = HANG_GUARD_S
+) -> None:
+    """``wait_until`` for a test on an event loop: the loop runs while it polls."""
+    deadline = time.monotonic() + guard_s
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {guard_s:.0f} s (a hang guard, not a time bound)")
+        await asyncio.sleep(0.005)
+
+
+def thread_inside(function: str) -> bool:
+    """Whether a thread of this process is inside a function of this name now (running or
+    blocked there): e.g. a load blocked in ``wait_item`` waiting for a held download."""
+    for frame in sys._current_frames().values():
+        walk: Any = frame
+        while walk is not None:
+            if walk.f_code.co_name == function:
+                return True
+            walk = walk.f_back
+    return False
+
+
+def innermost_coroutine(task: asyncio.Task[Any]) -> str | None:
+    """The name of the innermost coroutine function ``task`` is suspended in (what it waits on
+    is a future, not a coroutine), or None if it is not suspended in one."""
+    coro: Any = task.get_coro()
+    name = None
+    while coro is not None and getattr(coro, "cr_frame", None) is not None:
+        name = coro.cr_code.co_name
+        coro = coro.cr_await
+    return name
+
+
 @dataclass
 class _LoggedServer:
     """A server process that appends one JSON line per request to ``log_path``."""
@@ -54,10 +124,12 @@ class _LoggedServer:
     log_path: Path
 
     def requests(self) -> list[dict[str, Any]]:
+        """The requests logged so far; a line the server is still writing (no newline yet)
+        is not one of them."""
         if not self.log_path.exists():
             return []
         with self.log_path.open() as f:
-            return [json.loads(line) for line in f if line.strip()]
+            return [json.loads(line) for line in f if line.endswith("\n") and line.strip()]
 
     def clear_log(self) -> None:
         self.log_path.write_text("")
@@ -274,6 +346,10 @@ class StrictServer(_LoggedServer):
     def path_prefix(self, prefix: str) -> None:
         """Serve S3 under ``prefix`` (``/s3``: ``/s3/bucket/key``), as a gateway; "" for none."""
         self.control("PUT", "config", {"path_prefix": prefix})
+
+    def hold_conditional(self, on: bool) -> None:
+        """While on, every conditional write waits in progress (a second one gets 409)."""
+        self.control("PUT", "config", {"hold_conditional": on})
 
     def counters(self) -> dict[str, Any]:
         result: dict[str, Any] = self.control("GET", "counters")

@@ -2,16 +2,24 @@
 
 Data flow, per client connection (one thread each, HTTP/1.1 keep-alive honoured)::
 
-    client request (request line, headers, body by Content-Length or chunked)
+    client request (request line, headers)
+        -> faults on the request's body (``cut_request_after``, ``stall_request_after``): the
+           first such rule that fires for the head (its predicate sees no body) reads that many
+           body bytes, then resets the connection, or stops reading (a stalled upload) until
+           the client gives up or the stall ends
+        -> the body (Content-Length or chunked)
         -> record it, find the first rule that fires for it (method, path suffix, predicate,
            nth matching request, seeded probability, at most ``times`` faults)
+        -> ``corrupt_request``: flip one byte in the middle of the body before forwarding;
+           ``lose_reply``: forward, then reset the connection instead of answering
         -> fault before forwarding: stall (``stall_s`` or until ``release`` is set; ends early
            when the client hangs up), strip request headers (``Range``, ``If-Match``), or answer
            an S3 XML error (503 SlowDown, 500 InternalError, 403 AccessDenied) without forwarding
         -> forward upstream on a fresh connection with ``Connection: close``, read the whole
            response (Content-Length, chunked or until EOF)
         -> fault while answering: send the headers (full Content-Length) and only part of the
-           body, then close with a FIN (``short``) or a RST (``drop``)
+           body, then close with a FIN (``short``) or a RST (``drop``); or flip one byte of the
+           body (``flip``: at a chosen object offset, or at random), answering in full
         -> otherwise answer in full and keep the client connection open for its next request
 
 Everything binds 127.0.0.1 only. ``FaultProxy`` counts requests, faults injected (per fault
@@ -23,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import re
 import select
 import socket
 import struct
@@ -43,7 +52,13 @@ __all__ = [
     "aiodcp_threads",
     "assert_clean",
     "established_to",
+    "unread_from",
 ]
+
+CLEANUP_GUARD_S = 30.0
+"""How long a test waits for threads to end and connections to close after the work that held
+them returned: they go at once, so this only guards against a hang (on a busy machine the
+proxy's own threads may take a while to notice a hang-up)."""
 
 _HOP_BY_HOP = frozenset(
     {
@@ -79,6 +94,28 @@ def established_to(port: int) -> int:
     return count
 
 
+def unread_from(port: int) -> int:
+    """Bytes the server on loopback ``port`` sent that its clients have not read yet: in flight
+    (the server's send queues) or received and not read (the clients' receive queues). 0 once
+    the clients consumed everything sent to them."""
+    unread = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] == "0A":  # LISTEN: its queues count connections, not bytes
+                continue
+            tx_queue, rx_queue = (int(n, 16) for n in fields[4].split(":"))
+            if int(fields[1].rsplit(":", 1)[1], 16) == port:  # the server's end
+                unread += tx_queue
+            if int(fields[2].rsplit(":", 1)[1], 16) == port:  # a client's end
+                unread += rx_queue
+    return unread
+
+
 def aiodcp_threads() -> list[str]:
     return [t.name for t in threading.enumerate() if t.name.startswith("aiodcp")]
 
@@ -88,11 +125,11 @@ def assert_clean(proxy: FaultProxy) -> None:
     no task left on the calling test's loop."""
     current = asyncio.current_task()
     assert [t for t in asyncio.all_tasks() if t is not current] == []
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + CLEANUP_GUARD_S
     while aiodcp_threads() and time.monotonic() < deadline:
         time.sleep(0.01)
     assert aiodcp_threads() == []
-    assert proxy.wait_idle(5.0), f"{proxy.open_connections} connections left open"
+    assert proxy.wait_idle(), f"{proxy.open_connections} connections left open"
     assert established_to(proxy.port) == 0
 
 
@@ -131,6 +168,28 @@ class Fault:
     hang_s: float = 0.0
     """After a truncated body, keep the connection silent this long before closing it (or
     until the client hangs up): a server that stalls mid-body."""
+    cut_request_after: int | None = None
+    """Read this many bytes of the request's body, then reset the connection (an upload cut
+    mid-body); nothing is forwarded."""
+    stall_request_after: int | None = None
+    """Read this many bytes of the request's body, then read nothing more for ``stall_s``
+    seconds (or until ``release``, or the client hangs up), then close; nothing is
+    forwarded."""
+    corrupt_request: bool = False
+    """Flip one bit of the request body's middle byte before forwarding it."""
+    lose_reply: bool = False
+    """Forward the request (the store applies it), then reset the connection without
+    answering: a reply lost on the way back."""
+    flip_at: int | None = None
+    """Invert one byte of a 200/206 body (all 8 bits), answering in full otherwise: the byte at
+    this offset of the object (located through ``Content-Range``; a body that does not hold it
+    is sent unchanged), or ``-1``: a random byte of the body (the proxy's seeded RNG). Every
+    flip is recorded in ``FaultProxy.flipped``."""
+
+    @property
+    def on_request_body(self) -> bool:
+        """Acts while the request's body is being read (before the request is complete)."""
+        return self.cut_request_after is not None or self.stall_request_after is not None
 
     @classmethod
     def drop(cls, after_bytes: int | None = None) -> Fault:
@@ -151,6 +210,38 @@ class Fault:
     def stall_body(cls, after_bytes: int, seconds: float = 60.0) -> Fault:
         """Send ``after_bytes`` body bytes, then nothing for ``seconds``, then close."""
         return cls(name="stall_body", body_bytes=after_bytes, hang_s=seconds)
+
+    @classmethod
+    def cut_upload(cls, after_bytes: int) -> Fault:
+        """Reset the connection after ``after_bytes`` bytes of the request body arrived."""
+        return cls(name="cut_upload", cut_request_after=after_bytes)
+
+    @classmethod
+    def stall_upload(
+        cls, after_bytes: int, seconds: float = 60.0, release: threading.Event | None = None
+    ) -> Fault:
+        """Stop reading the request body after ``after_bytes`` bytes (for ``seconds``)."""
+        return cls(
+            name="stall_upload",
+            stall_request_after=after_bytes,
+            stall_s=seconds,
+            release=release,
+        )
+
+    @classmethod
+    def lost_reply(cls) -> Fault:
+        """The store gets and applies the request; its reply never reaches the client."""
+        return cls(name="lost_reply", lose_reply=True)
+
+    @classmethod
+    def corrupt(cls) -> Fault:
+        """Forward the request with one bit of its body flipped."""
+        return cls(name="corrupt", corrupt_request=True)
+
+    @classmethod
+    def flip(cls, at: int | None = None) -> Fault:
+        """Flip the byte at object offset ``at`` of the body (a random one when None)."""
+        return cls(name="flip", flip_at=-1 if at is None else at)
 
     @classmethod
     def slow_down(cls) -> Fault:
@@ -205,6 +296,15 @@ class ProxyRequest:
     def if_match(self) -> str | None:
         return self.headers.get("if-match")
 
+    def covers(self, offset: int) -> bool:
+        """Whether this GET asks for the byte at object offset ``offset`` (a GET without a
+        Range asks for every byte)."""
+        text = self.range
+        if text is None:
+            return True
+        first, _, last = text.removeprefix("bytes=").partition("-")
+        return int(first) <= offset and (not last or offset <= int(last))
+
 
 @dataclass(eq=False)
 class Rule:
@@ -237,6 +337,8 @@ class _Record:
     request: ProxyRequest
     fault: str | None = None
     status: int | None = None
+    sent: bool = False
+    """The whole response was handed to the client's socket (not cut short by a fault)."""
 
 
 # --------------------------------------------------------------------------- the proxy
@@ -260,6 +362,8 @@ class FaultProxy:
         self._records: list[_Record] = []
         self._next_index = 0
         self._fault_counts: Counter[str] = Counter()
+        self.flipped: list[tuple[str, int]] = []
+        """(path, object offset) of every byte a ``flip`` fault inverted, in order."""
         self._clients: set[socket.socket] = set()
         self._threads: set[threading.Thread] = set()
         self._stopping = threading.Event()
@@ -346,6 +450,7 @@ class FaultProxy:
             self._rules.clear()
             self._records.clear()
             self._fault_counts.clear()
+            self.flipped.clear()
 
     @property
     def requests(self) -> list[ProxyRequest]:
@@ -363,6 +468,12 @@ class FaultProxy:
                 if record.request.index == request.index:
                     return record.status
         raise KeyError(request.index)
+
+    def answered(self, request: ProxyRequest) -> bool:
+        """Whether the proxy sent ``request`` its whole response (with ``unread_from(port) ==
+        0`` as well: the client has read it)."""
+        with self._lock:
+            return any(r.sent for r in self._records if r.request.index == request.index)
 
     @property
     def request_count(self) -> int:
@@ -386,8 +497,9 @@ class FaultProxy:
         with self._lock:
             return len(self._clients)
 
-    def wait_idle(self, timeout: float = 5.0) -> bool:
-        """Wait until every client connection is closed; True if it happened in time."""
+    def wait_idle(self, timeout: float = CLEANUP_GUARD_S) -> bool:
+        """Wait until every client connection is closed; True if it happened in time (the
+        default is a hang guard: see ``CLEANUP_GUARD_S``)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.open_connections == 0:
@@ -395,12 +507,15 @@ class FaultProxy:
             time.sleep(0.01)
         return self.open_connections == 0
 
-    def _choose(self, request: ProxyRequest) -> tuple[Fault | None, Rule | None, int]:
-        """The fault for this request (first rule that fires) and the RNG's byte cut."""
+    def _choose(
+        self, request: ProxyRequest, *, on_body: bool = False
+    ) -> tuple[Fault | None, Rule | None, int]:
+        """The fault for this request (first rule that fires) and the RNG's byte cut.
+        ``on_body``: among the faults that act while the body is read (else the others)."""
         with self._lock:
             cut = self._rng.getrandbits(32)
             for rule in self._rules:
-                if not rule.matches(request):
+                if rule.fault.on_request_body != on_body or not rule.matches(request):
                     continue
                 rule.seen += 1
                 if rule.times is not None and rule.hits >= rule.times:
@@ -441,7 +556,7 @@ class FaultProxy:
         rfile = sock.makefile("rb")
         try:
             while not self._stopping.is_set():
-                parsed = self._read_request(rfile.readline, rfile.read)
+                parsed = self._read_request(rfile.readline, rfile.read, sock)
                 if parsed is None or not self._handle(sock, *parsed):
                     return
         except (OSError, _ClientGone, ValueError):
@@ -455,7 +570,10 @@ class FaultProxy:
                 sock.close()
 
     def _read_request(
-        self, readline: Callable[[int], bytes], read: Callable[..., bytes]
+        self,
+        readline: Callable[[int], bytes],
+        read: Callable[..., bytes],
+        sock: socket.socket | None = None,
     ) -> tuple[_Record, bool] | None:
         line = readline(_MAX_LINE)
         while line in (b"\r\n", b"\n"):
@@ -465,8 +583,10 @@ class FaultProxy:
         method, target, version = line.decode("latin-1").rstrip("\r\n").split(" ", 2)
         pairs = _read_headers(readline)
         headers = _header_map(pairs)
-        body = _read_body(headers, readline, read, is_request=True)
         path, _, query = target.partition("?")
+        if sock is not None and self._body_fault(sock, method, path, query, headers, read):
+            return None
+        body = _read_body(headers, readline, read, is_request=True)
         conn = headers.get("connection", "").lower()
         keep_alive = conn != "close" and (version == "HTTP/1.1" or conn == "keep-alive")
         with self._lock:
@@ -474,6 +594,47 @@ class FaultProxy:
             self._next_index += 1
             self._records.append(record)
         return record, keep_alive
+
+    def _body_fault(
+        self,
+        sock: socket.socket,
+        method: str,
+        path: str,
+        query: str,
+        headers: dict[str, str],
+        read: Callable[..., bytes],
+    ) -> bool:
+        """A fault that acts while the request's body is read: True if one did (the
+        connection is then done with)."""
+        with self._lock:
+            if not any(r.fault.on_request_body for r in self._rules):
+                return False
+            index = self._next_index
+        head = ProxyRequest(index, method, path, query, headers, b"")
+        fault, rule, _ = self._choose(head, on_body=True)
+        if fault is None or rule is None:
+            return False
+        rule.triggered.set()
+        length = int(headers.get("content-length", "0") or 0)
+        after = fault.cut_request_after
+        if after is None:
+            after = fault.stall_request_after or 0
+        body = read(min(after, length))
+        with self._lock:
+            record = _Record(ProxyRequest(index, method, path, query, headers, body))
+            record.fault = fault.name
+            self._next_index += 1
+            self._records.append(record)
+        if fault.stall_request_after is not None:
+            # Not ``_stall``: the client's unread body keeps the socket readable. Wait, read
+            # nothing; the client times out (or the test releases the stall).
+            deadline = time.monotonic() + (fault.stall_s if fault.stall_s > 0 else 60.0)
+            while not self._stopping.is_set() and time.monotonic() < deadline:
+                if fault.release is not None and fault.release.is_set():
+                    break
+                time.sleep(0.02)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        return True
 
     def _handle(self, sock: socket.socket, record: _Record, keep_alive: bool) -> bool:
         """Answer one request; True to keep the client connection open."""
@@ -499,8 +660,18 @@ class FaultProxy:
             sock.sendall(head + (b"" if request.method == "HEAD" else body))
             return keep_alive
         strip = set() if fault is None else set(fault.strip_headers)
+        if fault is not None and fault.corrupt_request and request.body:
+            flipped = bytearray(request.body)
+            flipped[len(flipped) // 2] ^= 0x01
+            request = replace(request, body=bytes(flipped))
         status, reason, headers, body = self._forward(request, strip)
         record.status = status
+        if fault is not None and fault.lose_reply:
+            record.status = None
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            return False
+        if fault is not None and fault.flip_at is not None and status in (200, 206) and body:
+            body = self._flip(request.path, fault.flip_at, cut, headers, body)
         length = len(body)
         if request.method == "HEAD":
             length = int(_header_map(headers).get("content-length", "0"))
@@ -519,7 +690,21 @@ class FaultProxy:
             return False
         head = _response_head(status, headers, length, keep_alive, reason=reason)
         sock.sendall(head + (b"" if request.method == "HEAD" else body))
+        record.sent = True
         return keep_alive
+
+    def _flip(
+        self, path: str, at: int, cut: int, headers: list[tuple[str, str]], body: bytes
+    ) -> bytes:
+        """``body`` with the byte at object offset ``at`` (``-1``: a random one) inverted."""
+        match = re.match(r"bytes (\d+)-", _header_map(headers).get("content-range", ""))
+        start = int(match.group(1)) if match else 0
+        index = cut % len(body) if at < 0 else at - start
+        if not 0 <= index < len(body):
+            return body
+        with self._lock:
+            self.flipped.append((path, start + index))
+        return body[:index] + bytes([body[index] ^ 0xFF]) + body[index + 1 :]
 
     def _stall(self, sock: socket.socket, seconds: float, release: threading.Event | None) -> None:
         """Wait ``seconds`` (or until ``release``); raise ``_ClientGone`` if the client left."""

@@ -4,7 +4,8 @@
 ``load LAYOUT URL DIR API``: the ranks load it from S3 with aiodcp (``API`` ``sync``:
 ``dcp.load`` + ``S3StorageReader``; ``async``: ``await load_checkpoint``), load it again from DIR
 with ``FileSystemReader``, compare every local tensor, and print one ``RESULT {json}`` line
-with this rank's ``LoadStats`` (and the job's). Options come as JSON in ``SHARE_OPTIONS``.
+with this rank's ``LoadStats`` (and the job's). Options come as JSON in ``SHARE_OPTIONS``, and
+for one rank only in ``SHARE_OPTIONS_<rank>``.
 
 Layouts (``SAVE_WORLD`` ranks save, the job's world size loads):
 - ``replicated``: plain tensors, every rank loads all of them (data-parallel replicas);
@@ -176,6 +177,7 @@ def main() -> None:
         import aiodcp
 
         options = json.loads(os.environ.get("SHARE_OPTIONS", "{}"))
+        options.update(json.loads(os.environ.get(f"SHARE_OPTIONS_{dist.get_rank()}", "{}")))
         options.setdefault("endpoint_url", os.environ["TEST_S3_ENDPOINT"])
         options.setdefault("addressing_style", "path")
         options.setdefault("region", "us-east-1")
@@ -187,14 +189,28 @@ def main() -> None:
             reference = copy.deepcopy(state)
         dcp.load(reference, storage_reader=dcp.FileSystemReader(directory))
         cancel_after = float(os.environ.get("SHARE_CANCEL_AFTER_S", "0"))
+        if os.environ.get("SHARE_GIVE_GROUP"):  # the caller names the group dcp.load runs on
+            options["process_group"] = dist.group.WORLD
+        if os.environ.get("SHARE_LOSE_FRAME"):
+            # As if a torch release renamed _load_state_dict or its distW: the lookup of the
+            # load's group finds nothing.
+            import aiodcp.dcp._sharing as sharing
+
+            sharing._load_frame_wrapper = lambda: sharing._NOT_FOUND
         dist.barrier()
         started = time.monotonic()
         try:
             if api == "sync":
-                with aiodcp.S3StorageReader(url, **options) as reader:
-                    dcp.load(state, storage_reader=reader, planner=aborting(reader))
-                    stats = reader.stats
+                import warnings
+
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    with aiodcp.S3StorageReader(url, **options) as reader:
+                        dcp.load(state, storage_reader=reader, planner=aborting(reader))
+                        stats = reader.stats
+                warned = [str(w.message) for w in caught if "aiodcp" in str(w.message)]
             else:
+                warned = []
                 stats = asyncio.run(load_async(state, url, options, cancel_after))
         except BaseException as exc:
             # dcp.load wraps every rank's error in one CheckpointException: report this rank's.
@@ -234,7 +250,9 @@ def main() -> None:
                 {
                     "rank": dist.get_rank(),
                     "mismatched": mismatched,
+                    "warned": warned,
                     "stats": {
+                        "sharing": stats.sharing,
                         "requests": stats.requests,
                         "bytes_requested": stats.bytes_requested,
                         "bytes_received": stats.bytes_received,
@@ -242,6 +260,9 @@ def main() -> None:
                         "bytes_to_peers": stats.bytes_to_peers,
                         "peak_buffered_bytes": stats.peak_buffered_bytes,
                         "sliced_items": stats.sliced_items,
+                        "verified_bytes": stats.verified_bytes,
+                        "unverified_bytes": stats.unverified_bytes,
+                        "checksum_mismatches": stats.checksum_mismatches,
                     },
                     "job": None
                     if job is None

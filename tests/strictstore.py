@@ -27,9 +27,22 @@ Data flow, per request (werkzeug threaded servers, one thread per connection)::
             -> hex x-amz-content-sha256: read the body, compare -> XAmzContentSHA256Mismatch;
                UNSIGNED-PAYLOAD and STREAMING-* bodies go to moto unread and unchanged
             -> requester-pays bucket without x-amz-request-payer=requester -> AccessDenied
+            -> uploads (check_upload): a PutObject or UploadPart with x-amz-checksum-crc64nvme
+               has its body read and CRC64NVME'd -> 400 BadDigest on a mismatch; the parts of
+               an upload created with x-amz-checksum-algorithm CRC64NVME and type FULL_OBJECT
+               are CRC'd as they arrive, and a CompleteMultipartUpload's
+               x-amz-checksum-crc64nvme must be the CRC of the parts it lists, combined
+               -> 400 BadDigest; a conditional write (If-None-Match / If-Match on PutObject or
+               CompleteMultipartUpload) while another conditional write of the same key is in
+               progress -> 409 ConditionalRequestConflict (moto answers the 412s)
             -> moto
     every S3 request -> one JSON line in --log (method, path, query, range, if_match, status,
                code, auth, region, access_key, payload) and the counters
+    moto's answers -> ``ChecksumAnswers`` (between the checks and moto): a GET or HEAD of an
+               object with ``x-amz-checksum-mode: ENABLED`` and no Range gets the object's
+               full-object checksum (the one it was uploaded with, else the CRC64NVME S3 gives
+               every new object) and ``x-amz-checksum-type``; a ranged GET, or a request without
+               the mode, gets no ``x-amz-checksum-*`` header
 
 Refusals are S3's XML ``<Error><Code/><Message/>...<RequestId/><HostId/></Error>`` with S3's
 status; a refused HEAD has no body (as S3). A refused request's body is drained first so the
@@ -50,11 +63,15 @@ Control API (JSON in and out, unauthenticated; ``_`` cannot start a bucket name)
                                      -> {"revoked": [ids]}
     GET|PUT /_strict/buckets/<name>  {"rate": n|null, "requester_pays": b, "public": b} (any
                                      subset) -> the bucket's settings
-    GET|PUT /_strict/config          {"region_mode": 400|301, "path_prefix": "/s3"|""} (any
-                                     subset) -> both; with a path prefix, S3 is served under it
-                                     (``/s3/bucket/key``), as by a gateway: the signature is
-                                     checked over the whole path received, moto sees the rest
-    GET    /_strict/counters         -> {"requests": n, "accepted": n, "refused": {code: n}}
+    GET|PUT /_strict/config          {"region_mode": 400|301, "path_prefix": "/s3"|"",
+                                     "hold_conditional": b} (any subset) -> the settings; with
+                                     a path prefix, S3 is served under it (``/s3/bucket/key``),
+                                     as by a gateway: the signature is checked over the whole
+                                     path received, moto sees the rest; while hold_conditional
+                                     is true, a conditional write waits (in progress) until it
+                                     is false
+    GET    /_strict/counters         -> {"requests": n, "accepted": n, "refused": {code: n},
+                                         "held": conditional writes waiting now}
     DELETE /_strict/counters         reset them
     POST   /_strict/reset            bucket settings cleared, region mode 400, no path prefix,
                                      "testing" restored
@@ -92,6 +109,11 @@ Choices and uncertainties (where this store may differ from S3):
   plain HTTP for virtual-hosted requests.
 * The PermanentRedirect ``<Endpoint>`` is the Host header received (this server serves every
   region); S3 names a regional endpoint such as ``s3.eu-west-1.amazonaws.com``.
+* Checksums: only CRC64NVME is verified (what aiodcp sends), and only in a plain body; an
+  aws-chunked body's trailer checksum goes to moto unverified. A CompleteMultipartUpload whose
+  upload was created with CRC64NVME FULL_OBJECT but lists a part this store never received
+  whole is left to moto (InvalidPart). The 409 window is the time moto takes to apply the write
+  (plus any hold_conditional): S3's is similar, its length unknown.
 * PUT /bucket with no query string (CreateBucket) skips the region check; moto then applies S3's
   LocationConstraint rules against the signature's region (a us-east-1 signature may create a
   bucket in any region, another region's signature only in that region).
@@ -101,6 +123,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import datetime as dt
 import email.utils
 import hmac
@@ -120,6 +143,7 @@ from typing import Any
 from urllib.parse import quote, unquote_to_bytes, urlsplit
 from xml.sax.saxutils import escape
 
+import awscrt.checksums
 from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.compat import HTTPHeaders
@@ -133,7 +157,15 @@ from moto.moto_server.werkzeug_app import (
 from moto.s3.models import s3_backends
 from werkzeug.serving import make_server
 
-__all__ = ["ControlError", "S3Error", "StrictState", "StrictStore", "make_tls_files", "main"]
+__all__ = [
+    "ChecksumAnswers",
+    "ControlError",
+    "S3Error",
+    "StrictState",
+    "StrictStore",
+    "make_tls_files",
+    "main",
+]
 
 CONTROL_PREFIX = "/_strict/"
 MAX_SKEW_S = 900
@@ -180,6 +212,11 @@ MSG_CRED_FORMAT = (
 )
 HEADER_MALFORMED = "The authorization header is malformed; "
 QUERY_CREDENTIAL = "Error parsing the X-Amz-Credential parameter; "
+
+
+def crc64_header(crc: int) -> str:
+    """A CRC64NVME as S3 spells it in x-amz-checksum-crc64nvme (8 bytes big-endian, base64)."""
+    return base64.b64encode(crc.to_bytes(8, "big")).decode("ascii")
 
 
 def iso(t: float) -> str:
@@ -236,6 +273,13 @@ class BucketSettings:
 
 
 @dataclass
+class Upload:
+    """A multipart upload created with a CRC64NVME full-object checksum: its parts' CRCs."""
+
+    parts: dict[int, tuple[int, int]] = field(default_factory=dict)  # number -> (crc, size)
+
+
+@dataclass
 class StrictState:
     """Everything the control API sets; guarded by ``lock``."""
 
@@ -247,6 +291,12 @@ class StrictState:
     requests: int = 0
     accepted: int = 0
     refused: dict[str, int] = field(default_factory=dict)
+    uploads: dict[str, Upload] = field(default_factory=dict)
+    writing: set[tuple[str, str]] = field(default_factory=set)
+    """(bucket, key) of the conditional writes in progress."""
+    hold_conditional: bool = False
+    released: threading.Condition = field(default_factory=threading.Condition)
+    held: int = 0
 
     def __post_init__(self) -> None:
         self.add_default_credentials()
@@ -290,6 +340,7 @@ class StrictState:
                 "requests": self.requests,
                 "accepted": self.accepted,
                 "refused": dict(self.refused),
+                "held": self.held,
             }
 
 
@@ -645,19 +696,137 @@ class StrictStore:
         req = parse_request(environ)
         try:
             self.check(req, environ)
+            self.check_upload(req, environ)
         except S3Error as err:
             self.drain(environ)
             req.record["code"] = err.code
             self.state.count(err.code)
             return self.refuse(req, err, start_response)
+        conditional = self.conditional_write(req)
+        if conditional is not None:
+            with self.state.lock:
+                busy = conditional in self.state.writing
+                if not busy:
+                    self.state.writing.add(conditional)
+            if busy:
+                self.drain(environ)
+                err = S3Error(
+                    409,
+                    "ConditionalRequestConflict",
+                    "A conflicting conditional operation is currently in progress against "
+                    "this resource. Please try again.",
+                )
+                req.record["code"] = err.code
+                self.state.count(err.code)
+                return self.refuse(req, err, start_response)
         self.state.count(None)
+        captured: dict[str, Any] = {}
 
         def logging_start_response(status: str, headers: Any, *args: Any) -> Any:
             req.record["status"] = int(status.split()[0])
+            captured["status"] = req.record["status"]
             self.log(req.record)
             return start_response(status, headers, *args)
 
-        return self.app(environ, logging_start_response)
+        with contextlib.ExitStack() as stack:
+            if conditional is not None:
+                stack.callback(self.end_conditional, conditional)
+                self.hold(conditional)
+            body = self.app(environ, logging_start_response)
+            if req.method == "POST" and "uploads" in req.params:
+                body = list(body)
+                self.created(req, b"".join(body), captured.get("status"))
+            return body
+
+    # ------------------------------------------------------------------ uploads
+
+    @staticmethod
+    def conditional_write(req: Incoming) -> tuple[str, str] | None:
+        """(bucket, key) of a conditional PutObject or CompleteMultipartUpload, else None."""
+        if req.bucket is None or not req.key:
+            return None
+        if "if-none-match" not in req.headers and "if-match" not in req.headers:
+            return None
+        put = req.method == "PUT" and "uploadId" not in req.params
+        complete = req.method == "POST" and "uploadId" in req.params
+        return (req.bucket, req.key) if put or complete else None
+
+    def hold(self, conditional: tuple[str, str]) -> None:
+        """While ``hold_conditional`` is set, a conditional write waits (in progress)."""
+        state = self.state
+        with state.released:
+            if not state.hold_conditional:
+                return
+            with state.lock:
+                state.held += 1
+            try:
+                state.released.wait_for(lambda: not state.hold_conditional, timeout=60)
+            finally:
+                with state.lock:
+                    state.held -= 1
+
+    def end_conditional(self, conditional: tuple[str, str]) -> None:
+        with self.state.lock:
+            self.state.writing.discard(conditional)
+
+    def created(self, req: Incoming, body: bytes, status: int | None) -> None:
+        """A CreateMultipartUpload moto answered: remember a CRC64NVME FULL_OBJECT upload."""
+        match = re.search(rb"<UploadId>([^<]+)</UploadId>", body)
+        if status != 200 or match is None:
+            return
+        algorithm = req.headers.get("x-amz-checksum-algorithm", "").upper()
+        kind = req.headers.get("x-amz-checksum-type", "").upper()
+        if algorithm == "CRC64NVME" and kind in ("", "FULL_OBJECT"):
+            with self.state.lock:
+                self.state.uploads[match.group(1).decode()] = Upload()
+
+    def check_upload(self, req: Incoming, environ: dict[str, Any]) -> None:
+        """S3's checks of what a body holds: CRC64NVME of a PutObject or UploadPart, and the
+        full-object CRC64NVME of a CompleteMultipartUpload (see the module docstring)."""
+        if req.bucket is None or not req.key or req.method not in ("PUT", "POST"):
+            return
+        streaming = req.headers.get("x-amz-content-sha256", "").startswith("STREAMING-")
+        claimed = req.headers.get("x-amz-checksum-crc64nvme")
+        upload_id = req.params.get("uploadId")
+        if req.method == "PUT":
+            upload = None
+            if upload_id is not None and "partNumber" in req.params:
+                with self.state.lock:
+                    upload = self.state.uploads.get(upload_id)
+            if streaming or (claimed is None and upload is None):
+                return
+            body = read_body(environ)
+            crc = awscrt.checksums.crc64nvme(body)
+            if claimed is not None and claimed != crc64_header(crc):
+                raise S3Error(
+                    400,
+                    "BadDigest",
+                    "The CRC64NVME you specified did not match the calculated checksum.",
+                )
+            if upload is not None:
+                with self.state.lock:
+                    upload.parts[int(req.params["partNumber"])] = (crc, len(body))
+            return
+        if upload_id is None:
+            return
+        with self.state.lock:
+            upload = self.state.uploads.get(upload_id)
+        if upload is None or claimed is None:
+            return
+        body = read_body(environ)
+        numbers = [int(n) for n in re.findall(rb"<PartNumber>\s*(\d+)\s*</PartNumber>", body)]
+        if any(n not in upload.parts for n in numbers):
+            return  # a part this store never received whole: moto answers InvalidPart
+        combined = 0
+        for n in numbers:
+            crc, size = upload.parts[n]
+            combined = awscrt.checksums.combine_crc64nvme(combined, crc, size) if size else combined
+        if claimed != crc64_header(combined):
+            raise S3Error(
+                400,
+                "BadDigest",
+                "The CRC64NVME you specified did not match the calculated checksum.",
+            )
 
     def log(self, record: dict[str, Any]) -> None:
         with self.log_lock, open(self.log_path, "a") as f:
@@ -1006,7 +1175,15 @@ class StrictStore:
                     raise ControlError(400, "path_prefix must start with /")
                 with state.lock:
                     state.path_prefix = prefix
-            return 200, {"region_mode": state.region_mode, "path_prefix": state.path_prefix}
+            if "hold_conditional" in body:
+                with state.released:
+                    state.hold_conditional = bool(body["hold_conditional"])
+                    state.released.notify_all()
+            return 200, {
+                "region_mode": state.region_mode,
+                "path_prefix": state.path_prefix,
+                "hold_conditional": state.hold_conditional,
+            }
         if path == "counters" and method == "GET":
             return 200, state.counters()
         if path == "counters" and method == "DELETE":
@@ -1020,6 +1197,9 @@ class StrictStore:
                 state.region_mode = 400
                 state.path_prefix = ""
                 state.add_default_credentials()
+            with state.released:
+                state.hold_conditional = False
+                state.released.notify_all()
             return 200, {}
         raise ControlError(404, f"no control action {method} /_strict/{path}")
 
@@ -1140,6 +1320,68 @@ def make_tls_files(directory: Path) -> tuple[Path, Path, Path]:
     return ca_path, cert_path, key_path
 
 
+# --------------------------------------------------------------------------- checksum answers
+
+
+class ChecksumAnswers:
+    """S3's answers to ``x-amz-checksum-mode`` (a WSGI middleware in front of moto's app).
+
+    S3 returns an object's checksum only to a GET or HEAD that asks for it
+    (``x-amz-checksum-mode: ENABLED``) and reads the whole object: a ranged GET gets none (a
+    full-object checksum says nothing about a range). Every object has one: the checksum it was
+    uploaded with (a multipart upload's ``-N`` composite included), else, for an object
+    uploaded without any, the CRC64NVME S3 has computed for every new object since December
+    2024. moto keeps the first kind; the second is computed here from the object's bytes
+    (cached per object and ETag)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self._crc64: dict[tuple[str, str, str], str] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        method = str(environ.get("REQUEST_METHOD", "")).upper()
+        req = parse_request(environ) if method in ("GET", "HEAD") else None
+        if req is None or not req.bucket or not req.key or req.raw_query.startswith(b"uploadId"):
+            return self.app(environ, start_response)
+        bucket, key = req.bucket, req.key
+        wanted = req.headers.get("x-amz-checksum-mode", "").upper() == "ENABLED"
+        whole = "range" not in req.headers
+
+        def answer(status: str, headers: Any, *args: Any) -> Any:
+            given = [(k, v) for k, v in headers if k.lower().startswith("x-amz-checksum-")]
+            kept = [(k, v) for k, v in headers if not k.lower().startswith("x-amz-checksum-")]
+            if wanted and whole and status.startswith("200"):
+                kept += self.full_object(bucket, key, given, dict(kept))
+            return start_response(status, kept, *args)
+
+        return self.app(environ, answer)
+
+    def full_object(
+        self, bucket: str, key: str, given: list[tuple[str, str]], headers: dict[str, str]
+    ) -> list[tuple[str, str]]:
+        """The checksum headers of the whole object: moto's, else its CRC64NVME."""
+        values = [(k, v) for k, v in given if k.lower() != "x-amz-checksum-type"]
+        if values:
+            composite = any("-" in v for _, v in values)
+            return [*values, ("x-amz-checksum-type", "COMPOSITE" if composite else "FULL_OBJECT")]
+        etag = next((v for k, v in headers.items() if k.lower() == "etag"), "")
+        cache_key = (bucket, key, etag)
+        with self._lock:
+            cached = self._crc64.get(cache_key)
+        if cached is None:
+            where = s3_backends.bucket_accounts.get(bucket)
+            if where is None:
+                return []
+            partition, account_id = where
+            value = s3_backends[account_id][partition].get_object(bucket, key).value
+            crc = awscrt.checksums.crc64nvme(value)
+            cached = base64.b64encode(crc.to_bytes(8, "big")).decode("ascii")
+            with self._lock:
+                self._crc64[cache_key] = cached
+        return [("x-amz-checksum-crc64nvme", cached), ("x-amz-checksum-type", "FULL_OBJECT")]
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -1155,7 +1397,8 @@ def main() -> None:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert_path, key_path)
     state = StrictState(region_mode=args.region_mode)
-    app = StrictStore(DomainDispatcherApplication(create_backend_app), state, args.log)
+    moto = ChecksumAnswers(DomainDispatcherApplication(create_backend_app))
+    app = StrictStore(moto, state, args.log)
     servers = [
         make_server("127.0.0.1", port, app, threaded=True, request_handler=MotoRequestHandler, **kw)
         for port, kw in ((args.port, {}), (args.tls_port, {"ssl_context": context}))

@@ -13,6 +13,7 @@ import copy
 import io
 import pickle
 import struct
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,8 @@ import aiodcp
 from aiodcp.dcp._fastdecode import HEAD_BYTES, DirectReceive
 
 from archives import oddities, replace_items
-from conftest import S3Server, assert_same, save_checkpoint, upload_dir
-from faultproxy import Fault, FaultProxy
+from conftest import HANG_GUARD_S, S3Server, assert_same, save_checkpoint, upload_dir, wait_until
+from faultproxy import Fault, FaultProxy, ProxyRequest, unread_from
 
 MIB = 1024 * 1024
 
@@ -143,14 +144,31 @@ def test_bytes_that_arrive_before_their_header_are_kept_and_placed(
     assert a[0] + a[1] == b[0]  # adjacent: one group, parts cut from a's start
     part_size = b[0] - a[0] + 300  # the first part ends 300 bytes into b's header
     held = f"bytes={a[0]}-"
+    release = threading.Event()
+
+    def is_held(request: ProxyRequest) -> bool:
+        return (request.range or "").startswith(held)
 
     with FaultProxy(s3_server.endpoint_url) as proxy:
         rule = proxy.add(
-            Fault.stall(0.5),
-            path_suffix=name,
-            predicate=lambda r: (r.range or "").startswith(held),
+            Fault.stall(HANG_GUARD_S, release=release), path_suffix=name, predicate=is_held
         )
-        state, reader = load_through(proxy, f"s3://{bucket}/c", sd, part_size=part_size)
+
+        def later_part_read() -> bool:  # another part of b answered, and read by the client
+            later = [r for r in proxy.requests if r.path.endswith(name) and not is_held(r)]
+            return any(proxy.answered(r) for r in later) and unread_from(proxy.port) == 0
+
+        def release_once_read() -> None:  # the held GET goes on once a later part is in
+            wait_until(later_part_read, "a later part of b read while the first is held")
+            release.set()
+
+        releaser = threading.Thread(target=release_once_read, name="test-release", daemon=True)
+        releaser.start()
+        try:
+            state, reader = load_through(proxy, f"s3://{bucket}/c", sd, part_size=part_size)
+        finally:
+            release.set()
+            releaser.join(HANG_GUARD_S)
     assert rule.hits == 1
     assert_same(state, sd)
     assert reader.stats.direct_items == 1  # b; a is under half a MiB
@@ -284,6 +302,32 @@ def _relied_offsets(blob: bytes, end: int, directory_start: int) -> set[int]:
                 relied.add(pos + offset)
         pos += 46 + name_len + extra_len + comment_len
     return relied
+
+
+def test_a_head_whose_storage_header_lengths_are_damaged_is_refused() -> None:
+    """The storage bytes' start comes from the storage record's local header (name and extra
+    lengths), which the directory does not repeat: ``verify`` checks it against where the
+    directory says the next record begins, so a head damaged there (a shifted start: every
+    byte of the tensor off, or a slice's runs at the wrong offsets) is refused, not trusted."""
+    tensor = torch.randn(64, 64)
+    blob = _saved(tensor)
+    receive = DirectReceive(torch.zeros(64, 64), len(blob))
+    start = receive.locate(blob[:HEAD_BYTES])
+    assert start is not None and start > 0
+    end = start + receive.memory.nbytes
+    assert receive.verify(blob[:start], blob[end:])
+    storage_header = blob.rfind(b"PK\x03\x04", 0, start)
+    for delta in (64, 128, -64):  # torch.save pads to 64-byte alignment: shifts that keep it
+        head = bytearray(blob)
+        extra_len = struct.unpack_from("<H", head, storage_header + 28)[0]
+        if extra_len + delta < 0:
+            continue
+        struct.pack_into("<H", head, storage_header + 28, extra_len + delta)
+        damaged = DirectReceive(torch.zeros(64, 64), len(blob))
+        moved = damaged.locate(bytes(head[:HEAD_BYTES]))
+        assert moved == start + delta, delta  # the head alone cannot tell
+        moved_end = moved + damaged.memory.nbytes
+        assert not damaged.verify(bytes(head[:moved]), blob[moved_end:]), delta
 
 
 def test_locate_refuses_other_dtypes_shapes_and_layouts() -> None:

@@ -40,7 +40,11 @@ DTYPES = [
 def saved(tensor: torch.Tensor) -> aiodcp.ChunkBuffer:
     raw = io.BytesIO()
     torch.save(tensor, raw)
-    data = raw.getvalue()
+    return chunked(raw.getvalue())
+
+
+def chunked(data: bytes) -> aiodcp.ChunkBuffer:
+    """A ChunkBuffer over ``data`` cut into a few chunks (the same cuts for the same length)."""
     rng = random.Random(len(data))
     cuts = sorted(rng.sample(range(1, len(data)), min(5, len(data) - 1)))
     views = [memoryview(data)[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
@@ -299,17 +303,21 @@ def test_cache_is_bounded(layouts: LayoutCache, tmp_path: Path) -> None:
 def test_concurrent_decoders_share_the_cache(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
+    """Four threads decode through one LayoutCache. Each decode has a ChunkBuffer of its own
+    over the shared bytes, as in a load (a ChunkBuffer is a file with a position: threads
+    sharing one would seek under each other, which made this test fail on a busy machine)."""
     layouts = LayoutCache(max_keys=2, per_key=2)  # plenty of evictions
     monkeypatch.setattr(_fastdecode, "LAYOUTS", layouts)
-    items = [*_same_length_layouts(tmp_path).values()]
-    items += [(saved(t), t) for t in (torch.randn(64), torch.randn(128), torch.randn(3, 64))]
+    items = [(b.read(), t) for b, t in _same_length_layouts(tmp_path).values()]
+    items += [(_bytes(t), t) for t in (torch.randn(64), torch.randn(128), torch.randn(3, 64))]
     errors: list[BaseException] = []
 
     def work(seed: int) -> None:
         rng = random.Random(seed)
         try:
             for _ in range(300):
-                buffer, tensor = rng.choice(items)
+                raw, tensor = rng.choice(items)
+                buffer = chunked(raw)
                 target = torch.empty_like(tensor, memory_format=torch.contiguous_format)
                 ok = decode_into(buffer, [0] * tensor.dim(), list(tensor.shape), target)
                 assert ok and torch.equal(target, tensor)

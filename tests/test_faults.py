@@ -30,6 +30,12 @@ from faultproxy import Fault, FaultProxy, aiodcp_threads, assert_clean
 
 BUCKET = "faults-bucket"
 LOAD_TIMEOUT_S = 60.0  # generous: a hang fails the test, a slow machine does not
+STALL_S = 2 * LOAD_TIMEOUT_S
+"""A stall longer than the load's hang guard: a load that finishes at all had its read timeout
+end the stall (the client hung up), so no clock is needed to tell."""
+READ_TIMEOUT_S = 2.0
+"""For tests whose fault is a stall: long against scheduling noise on a busy machine (a healthy
+GET's response does not pause that long), short enough that each stall costs little."""
 
 
 @dataclass(frozen=True)
@@ -242,27 +248,34 @@ async def test_transient_error_responses_are_retried(
 async def test_stall_before_first_byte_times_out_and_is_retried(
     checkpoint: Checkpoint, proxy: FaultProxy
 ) -> None:
-    rule = proxy.add(Fault.stall(30.0), path_suffix=".distcp", times=2)
-    started = time.perf_counter()
-    state, stats = await aload(checkpoint, proxy, read_timeout_s=0.5)
-    elapsed = time.perf_counter() - started
+    """Two GETs stalled for longer than the load's hang guard: the load completes, exactly, so
+    the read timeout ended both stalls; at least those two were retried (a busy machine may
+    add a retry of its own, never a failure)."""
+    rule = proxy.add(Fault.stall(STALL_S), path_suffix=".distcp", times=2)
+    state, stats = await aload(checkpoint, proxy, read_timeout_s=READ_TIMEOUT_S)
     assert_same(state, checkpoint.state)
     assert rule.hits == 2 and stats.retries >= 2
-    assert elapsed < 15, f"a 30 s stall should cost about read_timeout_s, took {elapsed:.1f} s"
     assert_clean(proxy)
+    unanswered = proxy.statuses().count(None)  # the client hung up on them
+    assert unanswered >= 2, "the stalled GETs were answered: the client did not give up"
 
 
 async def test_stall_mid_body_times_out_and_resumes(
     checkpoint: Checkpoint, proxy: FaultProxy
 ) -> None:
+    """A body that stops after 5000 bytes for longer than the load's hang guard: the read
+    timeout fires and the next GET of that file resumes at byte 5000, pinned to the ETag."""
     key = checkpoint.data_keys[1]
-    proxy.add(Fault.stall_body(5000, 30.0), path_suffix=key, times=1)
-    started = time.perf_counter()
-    state, stats = await aload(checkpoint, proxy, read_timeout_s=0.5, part_size=1024 * 1024)
-    elapsed = time.perf_counter() - started
+    proxy.add(Fault.stall_body(5000, STALL_S), path_suffix=key, times=1)
+    state, stats = await aload(
+        checkpoint, proxy, read_timeout_s=READ_TIMEOUT_S, part_size=1024 * 1024
+    )
     assert_same(state, checkpoint.state)
-    assert stats.retries == 1 and stats.resumed_bytes == 5000
-    assert elapsed < 15
+    assert stats.retries >= 1 and stats.resumed_bytes >= 5000
+    stalled, resumed = data_gets(proxy, key)[:2]  # one GET per file with 1 MiB parts
+    start = int(stalled.range.split("=")[1].split("-")[0])
+    assert resumed.range.split("=")[1].split("-")[0] == str(start + 5000)
+    assert resumed.if_match
     assert_clean(proxy)
 
 
@@ -289,7 +302,8 @@ async def test_persistent_5xx_fails_after_max_attempts(
     started = time.perf_counter()
     with pytest.raises(aiodcp.TransferError, match=f"s3://{BUCKET}/{key}") as info:
         await load(mode, checkpoint, proxy, max_attempts=3, part_size=1024 * 1024)
-    assert time.perf_counter() - started < 20
+    elapsed = time.perf_counter() - started
+    assert elapsed < LOAD_TIMEOUT_S, f"failing took {elapsed:.0f} s: a hang guard, not a bound"
     error = info.value
     assert error.bucket == BUCKET and error.key == key
     assert error.attempts == 3 and error.status == 500
@@ -314,11 +328,11 @@ async def test_persistent_drops_fail_after_max_attempts(
 async def test_persistent_stall_fails_with_a_timeout_error(
     checkpoint: Checkpoint, proxy: FaultProxy
 ) -> None:
-    proxy.add(Fault.stall(30.0), path_suffix=".distcp")
-    started = time.perf_counter()
+    """Every data GET stalls for longer than the load's hang guard: the load fails (within
+    the guard, so by its read timeouts) after exactly max_attempts of the part it names."""
+    proxy.add(Fault.stall(STALL_S), path_suffix=".distcp")
     with pytest.raises(aiodcp.TransferError, match=r"\.distcp") as info:
-        await aload(checkpoint, proxy, read_timeout_s=0.3, max_attempts=2)
-    assert time.perf_counter() - started < 10
+        await aload(checkpoint, proxy, read_timeout_s=1.0, max_attempts=2)
     assert info.value.attempts == 2
     assert "timeout" in str(info.value).lower()
     assert_clean(proxy)
@@ -378,7 +392,8 @@ async def test_connect_timeout_fails_after_max_attempts(checkpoint: Checkpoint) 
                 ),
                 LOAD_TIMEOUT_S,
             )
-        assert time.perf_counter() - started < 10
+        elapsed = time.perf_counter() - started
+        assert elapsed < LOAD_TIMEOUT_S, f"took {elapsed:.0f} s: a hang guard, not a bound"
         assert info.value.attempts == 3 and info.value.key == "ck/.metadata"
         assert "ConnectTimeoutError" in str(info.value)
     finally:
@@ -423,14 +438,14 @@ async def test_a_store_that_ignores_range_is_reported(
 
 
 async def test_cancel_while_a_request_is_stalled(checkpoint: Checkpoint, proxy: FaultProxy) -> None:
-    rule = proxy.add(Fault.stall(60.0), path_suffix=".distcp")
+    """Every data GET stalls for longer than the hang guard (the default read timeout is 60 s
+    too): only the cancel can end the load within it, and it leaves nothing behind."""
+    rule = proxy.add(Fault.stall(STALL_S), path_suffix=".distcp")
     task = asyncio.create_task(aload(checkpoint, proxy))
-    assert await asyncio.to_thread(rule.triggered.wait, 30)
-    started = time.perf_counter()
+    assert await asyncio.to_thread(rule.triggered.wait, LOAD_TIMEOUT_S)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
-        await task
-    assert time.perf_counter() - started < 2.0
+        await asyncio.wait_for(task, LOAD_TIMEOUT_S)  # a hang guard, not a time bound
     assert_clean(proxy)
 
 
@@ -516,7 +531,9 @@ async def test_file_replaced_before_its_first_get_raises_object_changed(
     task = asyncio.ensure_future(load(mode, ck, proxy, max_concurrency=1, max_gap_size=0))
     try:
         assert await asyncio.to_thread(rule.triggered.wait, 30)
-        await asyncio.sleep(1.1)  # Last-Modified has one-second resolution
+        # The stimulus, not a wait for a state: the new version's Last-Modified (whole
+        # seconds) must be later than the .metadata GET's Date.
+        await asyncio.sleep(1.1)
         body = (resaved / second.rsplit("/", 1)[1]).read_bytes()
         await asyncio.to_thread(s3.put_object, Bucket=bucket, Key=second, Body=body)
     finally:
@@ -529,3 +546,46 @@ async def test_file_replaced_before_its_first_get_raises_object_changed(
     assert proxy.status_of(gets[0]) == 412
     assert len(gets) == 1  # not retried
     assert_clean(proxy)
+
+
+# --------------------------------------------------------------------------- no unbounded wait
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_blocked_io_loop_fails_the_load_naming_what_it_waited_for(
+    mode: str, checkpoint: Checkpoint, proxy: FaultProxy
+) -> None:
+    """An on_request hook that does not return blocks aiodcp's I/O loop: no byte arrives and no
+    timeout can fire there. The thread that decodes waits for its next item only as long as a
+    working download can be that quiet (twice the longest read timeout plus backoff: ~1 s
+    here), then raises a TransferError naming the bytes it waited for: never a hang."""
+    blocked, release = threading.Event(), threading.Event()
+
+    def hook(metrics: aiodcp.RequestMetrics) -> None:
+        if not blocked.is_set():
+            blocked.set()
+            release.wait(4)  # bounded, so the reader's close can end the test
+
+    started = time.perf_counter()
+    try:
+        with pytest.raises(aiodcp.TransferError, match="made no progress") as info:
+            await load(
+                mode,
+                checkpoint,
+                proxy,
+                on_request=hook,
+                read_timeout_s=0.5,
+                connect_timeout_s=0.5,
+                max_attempts=2,
+                max_concurrency=2,
+            )
+    finally:
+        release.set()
+    assert blocked.is_set()
+    error = info.value
+    assert error.bucket == BUCKET and error.key in checkpoint.data_keys
+    assert error.byte_range is not None and f"bytes [{error.byte_range[0]}," in str(error)
+    assert "on_request hook" in str(error)
+    # A hang guard, not a performance bound: the wait ends after ~1 s of silence.
+    assert time.perf_counter() - started < LOAD_TIMEOUT_S
+    assert aiodcp_threads() == []

@@ -37,11 +37,30 @@ import aiodcp._http
 import aiodcp._store
 from aiodcp._http import Url
 
-from conftest import NOT_PLAIN, S3Server, assert_same, save_checkpoint, upload_dir
-from faultproxy import Fault, FaultProxy, ProxyRequest, _Record, aiodcp_threads, established_to
+from conftest import (
+    HANG_GUARD_S,
+    NOT_PLAIN,
+    S3Server,
+    assert_same,
+    eventually,
+    save_checkpoint,
+    thread_inside,
+    upload_dir,
+    wait_until,
+)
+from faultproxy import (
+    CLEANUP_GUARD_S,
+    Fault,
+    FaultProxy,
+    ProxyRequest,
+    _Record,
+    aiodcp_threads,
+    established_to,
+    unread_from,
+)
 
 BUCKET = "http-bucket"
-LOAD_TIMEOUT_S = 30.0  # a guard against hangs only: every load here takes well under a second
+LOAD_TIMEOUT_S = HANG_GUARD_S  # a guard against hangs only: every load here takes ~1 s or less
 T = TypeVar("T")
 
 
@@ -148,7 +167,7 @@ class WireProxy(FaultProxy):
         for sock in clients:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-        assert self.wait_idle(5.0)
+        assert self.wait_idle()
 
     def forget_open_connections(self) -> None:
         """Act as a server that forgot every connection open now (restarted, or a balancer's
@@ -412,12 +431,12 @@ def assert_clean(port: int, proxy: FaultProxy | None = None) -> None:
     """No task left on the test's loop, no aiodcp thread, no client connection to ``port``."""
     current = asyncio.current_task()
     assert [t for t in asyncio.all_tasks() if t is not current] == []
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + CLEANUP_GUARD_S
     while aiodcp_threads() and time.monotonic() < deadline:
         time.sleep(0.01)
     assert aiodcp_threads() == []
     if proxy is not None:
-        assert proxy.wait_idle(5.0), f"{proxy.open_connections} connections left open"
+        assert proxy.wait_idle(), f"{proxy.open_connections} connections left open"
     assert established_to(port) == 0
 
 
@@ -519,7 +538,7 @@ def test_reader_keeps_connections_until_closed(checkpoint: Checkpoint, proxy: Wi
         reader.close()
     assert aiodcp_threads() == []
     assert established_to(proxy.port) == 0
-    assert proxy.wait_idle(5.0)
+    assert proxy.wait_idle()
 
 
 # --------------------------------------------------------------------------- 3. stale connections
@@ -623,7 +642,8 @@ async def test_tls_with_an_untrusted_certificate_fails_clearly(
         started = time.perf_counter()
         with pytest.raises(aiodcp.StorageError, match=r"(?i)certificate") as info:
             await aload(checkpoint, tls.endpoint_url, verify=True)
-        assert time.perf_counter() - started < 10
+        elapsed = time.perf_counter() - started
+        assert elapsed < LOAD_TIMEOUT_S, f"took {elapsed:.0f} s: a hang guard, not a bound"
         assert info.value.bucket == BUCKET and not info.value.retryable
         assert proxy.request_count == 0  # nothing got through the TLS handshake
         assert_clean(tls.port)
@@ -797,29 +817,35 @@ async def test_access_denied_on_the_fast_path_is_not_sent_again(
 # --------------------------------------------------------------------------- 6. cancellation
 
 
+def body_is_read(proxy: WireProxy) -> Callable[[], bool]:
+    """Whether the held response's headers and first body bytes were sent (the proxy's thread
+    now stalls in ``_stall``) and read by the client (nothing unread on its connections)."""
+    return lambda: thread_inside("_stall") and unread_from(proxy.port) == 0
+
+
 async def test_cancel_during_a_fast_path_body(checkpoint: Checkpoint, proxy: WireProxy) -> None:
+    """Cancelled while a body is half read (and stalls for longer than the hang guard, so
+    only the cancel can end the load in time)."""
     key = checkpoint.data_keys[1]
-    rule = proxy.add(Fault.stall_body(20_000, 60.0), path_suffix=key, predicate=presigned, times=1)
+    stall = Fault.stall_body(20_000, 2 * LOAD_TIMEOUT_S)
+    rule = proxy.add(stall, path_suffix=key, predicate=presigned, times=1)
     task = asyncio.create_task(aload(checkpoint, proxy.endpoint_url, part_size=1024 * 1024))
     assert await asyncio.to_thread(rule.triggered.wait, LOAD_TIMEOUT_S)
     (stalled,) = data_gets(proxy, key)
-    deadline = time.monotonic() + 10
-    while proxy.status_of(stalled) is None and time.monotonic() < deadline:  # noqa: ASYNC110
-        await asyncio.sleep(0.01)
+    await eventually(lambda: proxy.status_of(stalled) is not None, "the held response")
     assert proxy.status_of(stalled) == 206
-    await asyncio.sleep(0.2)  # the headers and 20,000 body bytes are in
+    await eventually(body_is_read(proxy), "the headers and 20,000 body bytes read")
     assert not task.done()
-    started = time.perf_counter()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
-        await task
-    assert time.perf_counter() - started < 2.0
+        await asyncio.wait_for(task, LOAD_TIMEOUT_S)  # a hang guard, not a time bound
     assert_clean(proxy.port, proxy)
 
 
 def test_abort_during_a_fast_path_body_sync(checkpoint: Checkpoint, proxy: WireProxy) -> None:
     key = checkpoint.data_keys[1]
-    rule = proxy.add(Fault.stall_body(20_000, 60.0), path_suffix=key, predicate=presigned, times=1)
+    stall = Fault.stall_body(20_000, 2 * LOAD_TIMEOUT_S)  # only the abort can end it in time
+    rule = proxy.add(stall, path_suffix=key, predicate=presigned, times=1)
     reader = aiodcp.S3StorageReader(
         checkpoint.url, **options(proxy.endpoint_url, part_size=1024 * 1024)
     )
@@ -835,17 +861,15 @@ def test_abort_during_a_fast_path_body_sync(checkpoint: Checkpoint, proxy: WireP
     thread.start()
     try:
         assert rule.triggered.wait(LOAD_TIMEOUT_S)
-        time.sleep(0.3)  # the headers and 20,000 body bytes are in
-        started = time.perf_counter()
+        wait_until(body_is_read(proxy), "the headers and 20,000 body bytes read")
         reader.abort()
-        thread.join(LOAD_TIMEOUT_S)
-        assert not thread.is_alive()
-        assert time.perf_counter() - started < 2.0
+        thread.join(LOAD_TIMEOUT_S)  # a hang guard, not a time bound
+        assert not thread.is_alive(), "the aborted load hung"
         assert isinstance(box.get("error"), aiodcp.LoadCancelledError), box
     finally:
         reader.close()
     assert aiodcp_threads() == []
-    assert proxy.wait_idle(5.0)
+    assert proxy.wait_idle()
     assert established_to(proxy.port) == 0
 
 
@@ -941,7 +965,7 @@ def test_idle_connections_past_the_keepalive_expiry_are_not_reused(
         assert_same(state, checkpoint.state)
         first = proxy.accepted
         assert first >= 3  # botocore's + at least 2 pooled fast-path connections
-        time.sleep(0.5)  # longer than the expiry
+        time.sleep(0.5)  # the stimulus, not a wait for a state: idle past the expiry
         proxy.forget_open_connections()  # a GET on any of them would get a RST and no answer
         proxy.clear()
         state, stats = in_thread(lambda: dcp_load(reader, checkpoint))

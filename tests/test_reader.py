@@ -1145,3 +1145,20 @@ class SequentialReaderMachine(RuleBasedStateMachine):
 
 TestSequentialReaderMachine = SequentialReaderMachine.TestCase
 TestSequentialReaderMachine.settings = MACHINE_SETTINGS
+
+
+def test_chunk_buffer_window_is_a_view_of_the_same_bytes() -> None:
+    data = bytes(range(256)) * 40
+    cuts = [0, 3, 1000, 1001, 4096, 7000, len(data)]
+    buffer = ChunkBuffer([bytearray(data[a:b]) for a, b in itertools.pairwise(cuts)])
+    for start, end in [(0, len(data)), (2, 1500), (1000, 1001), (4096, 7000), (5, 5)]:
+        window = buffer.window(start, end)
+        assert len(window) == end - start
+        assert window.read() == data[start:end]
+        out = bytearray(end - start)
+        window.seek(0)
+        assert window.readinto(out) == end - start and bytes(out) == data[start:end]
+    with pytest.raises(InvalidRangeError):
+        buffer.window(10, len(data) + 1)
+    with pytest.raises(InvalidRangeError):
+        buffer.window(5, 4)

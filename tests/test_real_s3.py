@@ -340,7 +340,7 @@ async def test_held_request_does_not_outlive_its_signature(
             aload(state, url, **options(strict_server, endpoint_url=proxy.endpoint_url))
         )
         assert await asyncio.to_thread(rule.triggered.wait, 30)
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.5)  # the stimulus, not a wait for a state: the GET arrives late
         release.set()
         out, _ = await task
     assert_same(out, state)

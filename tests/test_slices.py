@@ -39,10 +39,12 @@ from torch.distributed.checkpoint.planner import LoadPlan
 
 import aiodcp
 from aiodcp._planner import DEFAULT_MAX_GAP_SIZE_BYTES
+from aiodcp.dcp._fastdecode import DirectReceive
 
 from archives import oddities
 from conftest import S3Server, upload_dir
 from faultproxy import Fault, FaultProxy
+from recorded import upload_with_record
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:Please use DTensor instead and we are deprecating ShardedTensor:FutureWarning"
@@ -854,3 +856,116 @@ def test_plan_slice_shows_what_the_load_of_that_shard_fetches(
     assert f"{len(full)} stored items sliced" in text and "dim 0 [0, 256)" in text
     assert main(["plan", url, "--slice", "0:x", *common]) == 2
     assert "DIM:START:LEN" in capsys.readouterr().err
+
+
+# -- verified slices: runs widened to the checksum blocks they touch ---------------------------
+
+
+def save_recorded(state: dict[str, Any], local: Path, s3: Any, bucket: str) -> str:
+    """As ``save``, with the integrity record an aiodcp save attaches (tests/recorded.py)."""
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(str(local)))
+    prefix = f"r-{uuid.uuid4().hex[:8]}"
+    upload_with_record(s3, local, bucket, prefix)
+    return f"s3://{bucket}/{prefix}"
+
+
+def test_a_verified_slice_fetches_the_whole_blocks_around_its_runs(
+    tmp_path: Path, s3: Any, bucket: str, reader_kwargs: dict[str, Any], s3_server: S3Server
+) -> None:
+    """A 4 MiB tensor saved as one chunk, loaded a quarter (1 MiB of rows) at a time: each
+    quarter is fetched as the whole 1 MiB checksum blocks (counted from the item's first byte)
+    its run touches, checked, and received straight into the shard; every byte loaded is
+    verified and the result is FileSystemReader's."""
+    g = torch.Generator().manual_seed(21)
+    full = torch.randn(1024, 1024, generator=g)
+    local = tmp_path / "c"
+    url = save_recorded({"w": sharded(full, 0, 1)}, local, s3, bucket)
+    (info,) = storage(local).values()
+    data = (local / info.relative_path).read_bytes()[info.offset : info.offset + info.length]
+    first = DirectReceive(torch.zeros(1024, 1024), info.length).locate(data[:4096])
+    assert first is not None and first > 0  # where the storage bytes begin in the item
+    template = {"w": zeros_like_sharded(full, 0, 4)}
+    for start in (0, 256, 512, 768):
+        s3_server.clear_log()
+        state, reader = load(url, template, OneShard(start), max_gap_size=0, **reader_kwargs)
+        assert_same_shards(state, reference(template, local, OneShard(start)))
+        stats = reader.stats
+        assert stats is not None and stats.sliced_items == 1 and stats.direct_runs == 1
+        assert stats.unverified_bytes == 0 and stats.checksum_mismatches == 0
+        big = [r for r in requested_ranges(s3_server, info.relative_path) if r[1] - r[0] > 8192]
+        window = (min(a for a, _ in big), max(b for _, b in big))  # one window, in parts
+        assert sum(b - a for a, b in big) == window[1] - window[0]
+        assert (window[0] - info.offset) % MIB == 0  # starts on a checksum block
+        end = info.offset + info.length
+        assert window[1] == end or (window[1] - info.offset) % MIB == 0
+        run_start = info.offset + first + start * 4096
+        assert window[0] <= run_start and run_start + MIB <= window[1]
+        assert window[1] - window[0] <= 2 * MIB + overhead(info, full)  # at most a block more
+        assert stats.verified_bytes == window[1] - window[0]
+        probes = 2 * overhead(info, full)
+        assert stats.slice_saved_bytes == info.length - (window[1] - window[0]) - probes
+
+
+@pytest.mark.parametrize(("dim", "where"), [(0, "run"), (0, "lead-in"), (1, "run")])
+def test_a_flipped_byte_in_a_verified_slice_is_fetched_again(
+    tmp_path: Path,
+    s3: Any,
+    bucket: str,
+    reader_kwargs: dict[str, Any],
+    s3_server: S3Server,
+    dim: int,
+    where: str,
+) -> None:
+    """A byte flipped in a sliced item's run (received into the shard for dim 0; buffered
+    strided runs for dim 1), or in the bytes of its first checksum block that precede the run
+    (fetched only to check the block): the block does not match, the window is fetched once
+    more, and the shard loads exactly. Flipped on every fetch: ChecksumMismatchError."""
+    g = torch.Generator().manual_seed(22)
+    # dim 1: rows of 2 MiB, so a quarter of each row is a run of 512 KiB (narrower strided
+    # runs widened to whole blocks would cover the item: it is then fetched whole)
+    full = torch.randn(1024, 1024, generator=g) if dim == 0 else torch.randn(4, 524288)
+    local = tmp_path / "c"
+    url = save_recorded({"w": sharded(full, 0, 1)}, local, s3, bucket)
+    (info,) = storage(local).values()
+    template = {"w": zeros_like_sharded(full, dim, 4)}
+    start = 512 if dim == 0 else 0
+    at = {
+        "run": info.offset + 2 * MIB + 100_000,  # in rows 512.. (dim 0), row 1's run (dim 1)
+        "lead-in": info.offset + 2 * MIB + 10,  # before row 512's first byte: lead-in only
+    }[where]
+    proxy_kwargs = {**reader_kwargs}
+    with FaultProxy(s3_server.endpoint_url) as proxy:
+        proxy_kwargs["endpoint_url"] = proxy.endpoint_url
+        proxy.add(Fault.flip(at), path_suffix=".distcp", predicate=lambda r: r.covers(at), times=1)
+        state, reader = load(url, template, OneShard(start, dim), max_gap_size=0, **proxy_kwargs)
+        assert len(proxy.flipped) == 1
+    assert_same_shards(state, reference(template, local, OneShard(start, dim)))
+    stats = reader.stats
+    assert stats is not None and stats.sliced_items == 1 and stats.checksum_mismatches == 1
+    with FaultProxy(s3_server.endpoint_url) as proxy:
+        proxy_kwargs["endpoint_url"] = proxy.endpoint_url
+        proxy.add(Fault.flip(at), path_suffix=".distcp", predicate=lambda r: r.covers(at))
+        with pytest.raises(BaseException, match="do not match the CRC64NVME") as info_:
+            load(url, template, OneShard(start, dim), max_gap_size=0, **proxy_kwargs)
+        assert len(proxy.flipped) == 2
+    assert "ChecksumMismatchError" in str(info_.value)
+
+
+def test_without_a_record_slices_fetch_only_their_runs(
+    tmp_path: Path, s3: Any, bucket: str, reader_kwargs: dict[str, Any], s3_server: S3Server
+) -> None:
+    """The same quarter of a checkpoint without a record (or with verify_checksums=False):
+    only the run and the probes, as before."""
+    g = torch.Generator().manual_seed(23)
+    full = torch.randn(1024, 1024, generator=g)
+    local = tmp_path / "c"
+    url = save_recorded({"w": sharded(full, 0, 1)}, local, s3, bucket)
+    (info,) = storage(local).values()
+    template = {"w": zeros_like_sharded(full, 0, 4)}
+    state, reader = load(
+        url, template, OneShard(256), max_gap_size=0, verify_checksums=False, **reader_kwargs
+    )
+    assert_same_shards(state, reference(template, local, OneShard(256)))
+    stats = reader.stats
+    assert stats is not None and stats.verified_bytes == 0
+    assert stats.bytes_requested == MIB + 2 * overhead(info, full)

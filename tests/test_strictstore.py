@@ -743,10 +743,15 @@ def test_throttle(strict_server: StrictServer, s3s: Any, obj: tuple[str, str, by
     assert codes[:rate] == ["ok"] * rate  # burst
     refused = [r for r in strict_server.requests() if r["code"] == "SlowDown"]
     assert len(refused) == codes.count("503") and all(r["status"] == 503 for r in refused)
-    error = client_error(s3s.get_object, Bucket=bucket, Key=key)["Error"]
-    assert (error["Code"], error["Message"]) == ("SlowDown", "Please reduce your request rate.")
+    # The stimulus, not a wait for a state: one token's worth of time refills the bucket.
     time.sleep(1.0 / rate + 0.05)
     assert s3s.head_object(Bucket=bucket, Key=key)["ContentLength"]
+    # The error a refused GET gets, at a rate no slow machine refills between two requests
+    # (one token, then none for 1000 s): the first passes, the second is refused.
+    strict_server.throttle(bucket, 0.001)
+    assert s3s.head_object(Bucket=bucket, Key=key)["ContentLength"]
+    error = client_error(s3s.get_object, Bucket=bucket, Key=key)["Error"]
+    assert (error["Code"], error["Message"]) == ("SlowDown", "Please reduce your request rate.")
     strict_server.throttle(bucket, None)
     for _ in range(10):
         s3s.head_object(Bucket=bucket, Key=key)
@@ -804,14 +809,15 @@ def test_temporary_credentials_expire(
         config=NO_RETRY,
     )
     assert client.get_object(Bucket=bucket, Key=key)["Body"].read() == data
-    # X-Amz-Date has whole seconds, so a URL signed late in a second has lost up to
-    # one second of its X-Amz-Expires: 2 s leaves at least 1 s to send it.
-    url = presign(object_url(strict_server, bucket, key), credentials=creds, expires=2)
     long_url = strict_server.client().generate_presigned_url(
         "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=2
     )  # signed with the long-term key
+    # X-Amz-Date has whole seconds, so a URL signed late in a second has lost up to
+    # one second of its X-Amz-Expires: 2 s leaves at least 1 s to send it (signed last, sent
+    # at once: nothing slow, such as making a client, runs in between).
+    url = presign(object_url(strict_server, bucket, key), credentials=creds, expires=2)
     assert send(url).body == data
-    time.sleep(3.1)
+    time.sleep(3.1)  # the stimulus, not a wait for a state: past both expiries
     error = client_error(client.get_object, Bucket=bucket, Key=key)["Error"]
     assert (error["Code"], error["Message"]) == ("ExpiredToken", "The provided token has expired.")
     # Both the token and the URL have expired: the token's expiry is reported first.
@@ -874,6 +880,7 @@ def test_counters_and_log_fields(strict_server: StrictServer, obj: tuple[str, st
         "requests": 3,
         "accepted": 1,
         "refused": {"AccessDenied": 2},
+        "held": 0,
     }
     ok, refused = strict_server.requests()[:2]
     assert ok == {
@@ -896,6 +903,51 @@ def test_counters_and_log_fields(strict_server: StrictServer, obj: tuple[str, st
     )
     assert refused["access_key"] is None and refused["region"] is None
     strict_server.reset_counters()
-    assert strict_server.counters() == {"requests": 0, "accepted": 0, "refused": {}}
+    assert strict_server.counters() == {"requests": 0, "accepted": 0, "refused": {}, "held": 0}
     # The control API is neither logged nor counted.
     assert len(strict_server.requests()) == 3
+
+
+# --------------------------------------------------------------------------- checksum mode
+
+
+def test_checksums_are_answered_for_whole_objects_only(
+    strict_server: StrictServer, strict_bucket: str
+) -> None:
+    """x-amz-checksum-mode: ENABLED gets the full-object checksum on a HEAD and a whole GET (the
+    uploaded one, else the CRC64NVME S3 gives every object), never on a ranged GET or without
+    the mode."""
+    import base64
+
+    import awscrt.checksums
+
+    s3 = strict_server.client()
+    body = os.urandom(300_000)
+    crc64 = base64.b64encode(awscrt.checksums.crc64nvme(body).to_bytes(8, "big")).decode()
+    s3.put_object(Bucket=strict_bucket, Key="k64", Body=body, ChecksumAlgorithm="CRC64NVME")
+    s3.put_object(Bucket=strict_bucket, Key="k32", Body=body, ChecksumAlgorithm="CRC32")
+    # A client that sends no checksum at all (as S3 sees curl or an old SDK).
+    plain = strict_server.client(config=Config(request_checksum_calculation="when_required"))
+    plain.put_object(Bucket=strict_bucket, Key="knone", Body=body)
+
+    def checksums(response: dict[str, Any]) -> dict[str, str]:
+        headers = response["ResponseMetadata"]["HTTPHeaders"]
+        return {k: v for k, v in headers.items() if k.startswith("x-amz-checksum-")}
+
+    for key in ("k64", "knone"):
+        head = s3.head_object(Bucket=strict_bucket, Key=key, ChecksumMode="ENABLED")
+        assert checksums(head) == {
+            "x-amz-checksum-crc64nvme": crc64,
+            "x-amz-checksum-type": "FULL_OBJECT",
+        }, key
+        got = s3.get_object(Bucket=strict_bucket, Key=key, ChecksumMode="ENABLED")
+        assert got["Body"].read() == body
+        assert checksums(got)["x-amz-checksum-crc64nvme"] == crc64
+        ranged = s3.get_object(
+            Bucket=strict_bucket, Key=key, ChecksumMode="ENABLED", Range="bytes=0-99"
+        )
+        assert ranged["Body"].read() == body[:100]
+        assert checksums(ranged) == {}, key
+        assert checksums(s3.head_object(Bucket=strict_bucket, Key=key)) == {}, key
+    crc32 = checksums(s3.head_object(Bucket=strict_bucket, Key="k32", ChecksumMode="ENABLED"))
+    assert set(crc32) == {"x-amz-checksum-crc32", "x-amz-checksum-type"}

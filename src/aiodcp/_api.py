@@ -1,4 +1,14 @@
-"""``await load_checkpoint(state_dict, "s3://bucket/ckpt")``: DCP loading for asyncio programs.
+"""``await load_checkpoint(...)`` and ``await save_checkpoint(...)``: DCP for asyncio programs.
+
+``save_checkpoint`` mirrors ``load_checkpoint`` below: ``dcp.save`` runs in a worker thread
+with an ``S3StorageWriter`` on aiodcp's private I/O loop (serialising and checksumming in the
+worker thread, uploads on the I/O loop); the caller's loop only awaits it. Cancelling the
+awaiting task cancels the save (every request at once), waits for its thread, which aborts the
+multipart uploads it opened and deletes the data files it wrote, and re-raises: nothing is
+committed, unless the cancellation came after the store took the ``.metadata`` (then the
+checkpoint is complete).
+
+The load:
 
 Data flow: import the load's modules in a thread (not on the caller's loop; outside the plain
 case, ``_native``, the store later imports botocore, aiobotocore and aiohttp in a thread too)
@@ -33,18 +43,21 @@ from typing import TYPE_CHECKING, Any
 import torch.distributed as dist
 from torch.distributed.checkpoint.planner import LoadPlanner
 
-from ._config import ReaderConfig
-from ._errors import AiodcpError
+from ._config import ReaderConfig, WriterConfig
+from ._errors import AiodcpError, ConfigError
 from ._path import parse_checkpoint_path
-from ._stats import LoadStats
+from ._stats import LoadStats, SaveStats
 from .dcp._session import LoadSession, run_dcp_load, run_in_thread
-from .dcp._sharing import will_share
+from .dcp._sharing import dcp_load_group, will_share
 
 if TYPE_CHECKING:
+    from torch.distributed.checkpoint.planner import SavePlanner
+
     from ._driver import PrivateLoopDriver
     from .dcp._storage_reader import S3StorageReader
+    from .dcp._storage_writer import S3StorageWriter
 
-__all__ = ["load_checkpoint"]
+__all__ = ["load_checkpoint", "save_checkpoint"]
 
 
 async def load_checkpoint(
@@ -77,16 +90,7 @@ async def load_checkpoint(
     ``max_gap_size`` defaults to ``"auto"``: chosen from the measured latency of the
     ``.metadata`` GET; the stats' ``max_gap_size`` is the value used.
     """
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        # Checked before anything starts: under another event loop (trio) the I/O thread and
-        # its connections would be left behind, as their cleanup awaits asyncio.
-        raise AiodcpError(
-            "aiodcp.load_checkpoint must be awaited on an asyncio event loop, and none is "
-            "running (trio?); from trio, run dcp.load(state_dict, storage_reader="
-            "aiodcp.S3StorageReader(...)) in trio.to_thread.run_sync"
-        ) from None
+    _need_asyncio("load_checkpoint", "dcp.load(state_dict, storage_reader=aiodcp.S3StorageReader")
     cfg = ReaderConfig.from_kwargs(
         config,
         region=region,
@@ -106,7 +110,7 @@ async def load_checkpoint(
         if not (cfg.share_across_ranks and will_share(process_group, no_dist)):
             # (Shared: rank 0 reads .metadata for the whole job inside dcp.load.)
             await session.aread_metadata()
-        reader = attached_reader(session, driver)
+        reader = attached_reader(session, driver, dcp_load_group(process_group, no_dist))
         await run_in_thread(
             lambda: run_dcp_load(
                 state_dict,
@@ -131,3 +135,87 @@ def _s3_stack() -> tuple[type[PrivateLoopDriver], Callable[..., S3StorageReader]
     from .dcp._storage_reader import attached_reader
 
     return PrivateLoopDriver, attached_reader
+
+
+def _need_asyncio(name: str, instead: str) -> None:
+    """Checked before anything starts: under another event loop (trio) the I/O thread and its
+    connections would be left behind, as their cleanup awaits asyncio."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        raise AiodcpError(
+            f"aiodcp.{name} must be awaited on an asyncio event loop, and none is running "
+            f"(trio?); from trio, run {instead}(...)) in trio.to_thread.run_sync"
+        ) from None
+
+
+async def save_checkpoint(
+    state_dict: dict[str, Any],
+    checkpoint_id: str | os.PathLike[str],
+    *,
+    region: str | None = None,
+    endpoint_url: str | None = None,
+    overwrite: bool = True,
+    config: WriterConfig | None = None,
+    planner: SavePlanner | None = None,
+    process_group: dist.ProcessGroup | None = None,
+    no_dist: bool = False,
+    part_size: int | None = None,
+    max_concurrency: int | None = None,
+    memory_budget: int | None = None,
+    **options: Any,
+) -> SaveStats:
+    """Save ``state_dict`` as a DCP checkpoint at ``s3://bucket/prefix``.
+
+    Works like ``torch.distributed.checkpoint.save`` (``planner``, ``process_group`` and
+    ``no_dist`` have its meaning) while the caller's event loop keeps running. The data files
+    are uploaded first, ``.metadata`` last as one conditional write; ``overwrite=False``
+    refuses an existing checkpoint (``CheckpointExistsError``). Returns this rank's
+    :class:`SaveStats`. Raises aiodcp's errors directly, not torch's ``CheckpointException``.
+    Cancelling the awaiting task commits nothing (see the module docstring).
+    """
+    _need_asyncio("save_checkpoint", "dcp.save(state_dict, storage_writer=aiodcp.S3StorageWriter")
+    cfg = WriterConfig.from_kwargs(
+        config,
+        region=region,
+        endpoint_url=endpoint_url,
+        part_size=part_size,
+        max_concurrency=max_concurrency,
+        memory_budget=memory_budget,
+        **options,
+    )
+    if not isinstance(overwrite, bool):
+        raise ConfigError(
+            f"overwrite must be a bool, got {overwrite!r}", field="overwrite", value=overwrite
+        )
+    path = parse_checkpoint_path(checkpoint_id)
+    loop_driver, attached_writer, run_dcp_save = await run_in_thread(
+        _save_stack, on_cancel=lambda: None
+    )
+    driver = loop_driver(cfg.store_config())
+    writer = attached_writer(path.url, cfg, driver, overwrite=overwrite)
+    try:
+        await run_in_thread(
+            lambda: run_dcp_save(
+                state_dict,
+                writer,
+                planner=planner,
+                process_group=process_group,
+                no_dist=no_dist,
+            ),
+            on_cancel=writer.abort,
+        )
+        return writer.stats if writer.stats is not None else SaveStats()
+    finally:
+        await run_in_thread(driver.close, on_cancel=lambda: None)
+
+
+def _save_stack() -> tuple[
+    type[PrivateLoopDriver], Callable[..., S3StorageWriter], Callable[..., None]
+]:
+    """What a save needs from the modules ``import aiodcp`` leaves out (imported in a thread)."""
+    from ._driver import PrivateLoopDriver
+    from .dcp._session import run_dcp_save
+    from .dcp._storage_writer import attached_writer
+
+    return PrivateLoopDriver, attached_writer, run_dcp_save

@@ -46,6 +46,7 @@ __all__ = [
     "RangeStream",
     "create_client",
     "current_access_key",
+    "error_facts",
     "fast_http_settings",
     "is_no_credentials",
     "is_ssl_error",
@@ -85,6 +86,15 @@ def translate(exc: BaseException, where: str, ctx: dict[str, Any]) -> AiodcpErro
         message = str(error.get("Message", "") or exc)
         return classify(status, str(error.get("Code", "")), message, where, ctx)
     return None
+
+
+def error_facts(exc: BaseException) -> tuple[int, str, str] | None:
+    """(HTTP status, S3 code, message) of a botocore error response; None for other errors."""
+    if not isinstance(exc, botocore.exceptions.ClientError):
+        return None
+    error = exc.response.get("Error", {})
+    status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+    return status, str(error.get("Code", "")), str(error.get("Message", "") or exc)
 
 
 def is_transient(exc: BaseException) -> bool:

@@ -6,13 +6,17 @@ Usage::
     aiodcp plan    s3://bucket/ckpt [--keys K [K ...] | --keys-file FILE]
                    [--slice DIM:START:LEN ...]
                    [--max-gap-size SIZE] [--part-size SIZE] [--max-concurrency N] [--json]
+    aiodcp verify  s3://bucket/ckpt [--max-concurrency N] [--json]
 
     common: --endpoint-url URL  --region REGION  --profile NAME  --unsigned
             --addressing-style {auto,path,virtual}
 
-(also ``python -m aiodcp``). Both commands read only ``.metadata``: one GET, unpickled with the
-restricted unpickler (``dcp._metadata.load_metadata``); no data file is touched, except by
+(also ``python -m aiodcp``). ``inspect`` and ``plan`` read only ``.metadata``: one GET, unpickled
+with the restricted unpickler (``dcp._metadata.load_metadata``); no data file is touched, except by
 ``plan --slice``, which GETs the head and tail of each stored item worth slicing, as a load does.
+``verify`` reads every byte of every data file and checks it against the checkpoint's integrity
+record (``dcp._integrity``, written by aiodcp's saves; ``dcp._audit`` does the reading), and
+reports, per file, what does not match.
 
 Data flow::
 
@@ -20,7 +24,9 @@ Data flow::
          -> dcp._session.LoadSession.read_metadata() (a private I/O loop) -> Metadata
          -> _stored_items(): one validated record per storage_data entry
          -> inspect_report() | plan_report()       pure, JSON-ready dicts (the --json output)
-         -> render_inspect() | render_plan()       the human tables, drawn from those dicts
+            | verify: dcp._audit.audit_checkpoint() -> verify_report()
+         -> render_inspect() | render_plan() | render_verify()
+                                                   the human tables, drawn from those dicts
 
 ``plan`` selects every stored item whose ``MetadataIndex.fqn`` equals a given key or starts with
 ``key + "."`` (so ``--keys model`` selects ``model.*``), then plans each data file exactly as
@@ -60,7 +66,13 @@ changes meaning); sizes and offsets are bytes, ranges are ``[start, end)``::
                          "items": int, "bytes": int}, ...],               sorted by path
               "summary": {"keys": int, "tensors": int, "bytes_values": int,
                           "stored_items": int, "stored_bytes": int, "files": int,
-                          "compression": [descriptor, ...]}}
+                          "compression": [descriptor, ...]},
+              "integrity": null                  no record: saved by another writer
+                         | {"algorithm": "CRC64NVME", "block_bytes": int,
+                            "files": [{"path": str, "etag": str, "size": int,
+                                       "crc64nvme": str (base64, S3's header form)}, ...],
+                            "items_recorded": int,   stored items with block checksums
+                            "complete": bool}}       every stored item and file recorded
 
     plan:    {"schema": "aiodcp.plan/1",
               "checkpoint": "s3://bucket/ckpt",
@@ -87,6 +99,21 @@ changes meaning); sizes and offsets are bytes, ranges are ``[start, end)``::
              heads and tails, included in "requests" and "bytes_requested"); "bytes_needed"
              is then the bytes of the shard's regions, and a range is a run of a sliced item
 
+    verify:  {"schema": "aiodcp.verify/1",
+              "checkpoint": "s3://bucket/ckpt",
+              "recorded": bool,                         false: nothing to check against
+              "files": [{"path": str, "key": str, "bytes": int, "items": int,
+                         "status": "ok" | "mismatch" | "missing" | "changed" | "truncated"
+                                   | "unverified",
+                         "checked_bytes": int, "whole_crc_matches": bool | null,
+                         "detail": str,
+                         "mismatches": [{"start": int, "end": int, "keys": [fqn, ...],
+                                         "blocks": [[start, end], ...]}, ...]}, ...],
+              "summary": {"files": int, "ok": int, "mismatch": int, "missing": int,
+                          "changed": int, "truncated": int, "unverified": int,
+                          "checked_bytes": int, "stored_bytes": int},
+              "ok": bool}                               every file matched its record
+
 ``chunks`` counts stored items (shards) of a key; ``stored_bytes`` is what they occupy in the data
 files (compressed size when compressed). A file's ``bytes`` is the sum of its items. In a plan, a
 range is one stored item, a group is ranges whose gaps are ``<= max_gap_size``, a part is one
@@ -95,8 +122,11 @@ is ``min(max_concurrency, requests)``, the most GETs the load can have in flight
 
 Exit codes: 0 ok; 2 usage (bad arguments, bad ``s3://`` URL, invalid setting, unknown key);
 3 not found (no such bucket, no ``.metadata``); 4 access denied or no credentials; 5 corrupt
-metadata; 1 anything else (e.g. the network failed). Expected errors print one line on stderr,
-no traceback.
+metadata (a malformed integrity record too); 6 ``verify`` found stored bytes that do not match
+the record (or a data file missing, replaced since the save, or shorter); 7 ``verify`` had
+nothing to check some files against (no record) and found nothing wrong; 1 anything else (e.g.
+the network failed). Expected errors print one line on stderr, no traceback; ``verify`` also
+names the files that failed there.
 """
 
 from __future__ import annotations
@@ -111,7 +141,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
@@ -119,6 +149,7 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
+from ._checksum import to_header
 from ._config import DEFAULT_MAX_CONCURRENCY, ReaderConfig
 from ._errors import (
     AccessDeniedError,
@@ -142,14 +173,20 @@ from ._planner import (
     plan_file,
     resolve_max_gap_size,
 )
+from .dcp._integrity import Integrity
 from .dcp._session import METADATA_NAME, LoadSession, select_keys
+
+if TYPE_CHECKING:
+    from .dcp._audit import FileAudit
 
 __all__ = [
     "EXIT_ACCESS_DENIED",
     "EXIT_CORRUPT",
     "EXIT_ERROR",
+    "EXIT_MISMATCH",
     "EXIT_NOT_FOUND",
     "EXIT_OK",
+    "EXIT_UNVERIFIED",
     "EXIT_USAGE",
     "SlicedLoad",
     "UsageError",
@@ -161,7 +198,9 @@ __all__ = [
     "read_metadata",
     "render_inspect",
     "render_plan",
+    "render_verify",
     "slice_load",
+    "verify_report",
 ]
 
 EXIT_OK = 0
@@ -170,10 +209,38 @@ EXIT_USAGE = 2
 EXIT_NOT_FOUND = 3
 EXIT_ACCESS_DENIED = 4
 EXIT_CORRUPT = 5
+EXIT_MISMATCH = 6
+EXIT_UNVERIFIED = 7
 
 _PROG = "aiodcp"
+_INDEX_NAME = "model.safetensors.index.json"
+_SAFETENSORS_TORCH = frozenset(
+    (
+        "BOOL",
+        "U8",
+        "I8",
+        "F8_E5M2",
+        "F8_E4M3",
+        "F8_E8M0",
+        "F8_E4M3FNUZ",
+        "F8_E5M2FNUZ",
+        "I16",
+        "U16",
+        "F16",
+        "BF16",
+        "I32",
+        "U32",
+        "F32",
+        "F64",
+        "I64",
+        "U64",
+        "C64",
+        "F4",
+    )
+)  # safetensors dtypes torch has (safetensors/_format.py TORCH_DTYPES; no torch import here)
 _INSPECT_SCHEMA = "aiodcp.inspect/1"
 _PLAN_SCHEMA = "aiodcp.plan/1"
+_VERIFY_SCHEMA = "aiodcp.verify/1"
 _MAX_FILES_SHOWN = 2  # human table: files listed per key before "+N more"
 
 _SIZE_RE = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)$")
@@ -256,7 +323,8 @@ def _build_parser() -> argparse.ArgumentParser:
         prog=_PROG,
         description="Inspect PyTorch Distributed Checkpoints (DCP) on S3 from their metadata.",
         epilog="Exit codes: 0 ok, 1 other error, 2 usage, 3 not found, 4 access denied or no "
-        "credentials, 5 corrupt metadata.",
+        "credentials, 5 corrupt metadata, 6 verify: stored bytes do not match, 7 verify: "
+        "nothing recorded to check against.",
     )
     parser.add_argument("--version", action="version", version=f"{_PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -326,6 +394,25 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help=f"GETs in flight at once (default: {DEFAULT_MAX_CONCURRENCY})",
     )
+    verify = commands.add_parser(
+        "verify",
+        parents=[common],
+        help="read every stored byte and check it against the checkpoint's integrity record",
+        description="Read every byte of every data file and check it against what the "
+        "checkpoint recorded when aiodcp saved it: each file's ETag (a file replaced since "
+        "is 'changed'), size and CRC64NVME, and the CRC64NVME of each 1 MiB block of each "
+        "stored item. A checkpoint without that record is checked file by file against the "
+        "store's full-object CRC64NVME, where it has one. Reports per file what does not "
+        "match (the items and blocks). Exits 6 if anything does not match, 7 if some file had "
+        "nothing to check it against.",
+    )
+    verify.add_argument("checkpoint", metavar="s3://bucket/ckpt", help="the checkpoint's URL")
+    verify.add_argument(
+        "--max-concurrency",
+        type=int,
+        metavar="N",
+        help=f"GETs in flight at once (default: {DEFAULT_MAX_CONCURRENCY})",
+    )
     return parser
 
 
@@ -378,21 +465,40 @@ def _requested_keys(args: argparse.Namespace) -> list[str] | None:
 # ---------------------------------------------------------------------------------- metadata
 
 
-def read_metadata(path: CheckpointPath, config: ReaderConfig) -> tuple[Metadata, int, float]:
-    """GET and unpickle ``.metadata``; returns it, its size in bytes and the GET's estimated time
-    to first byte in seconds (what ``max_gap_size="auto"`` is resolved with)."""
+def read_metadata(
+    path: CheckpointPath, config: ReaderConfig, format: str = "dcp"
+) -> tuple[Metadata, int, float]:
+    """GET and unpickle ``.metadata`` (``format="safetensors"``: the index and the headers of
+    the safetensors checkpoint in the directory ``path``); returns it, its size in bytes and
+    the GET's estimated time to first byte in seconds (what ``max_gap_size="auto"`` is
+    resolved with)."""
+    metadata, size, latency, _ = _describe(path, config, format)
+    return metadata, size, latency
 
+
+def _describe(
+    path: CheckpointPath, config: ReaderConfig, format: str = "auto", only: str | None = None
+) -> tuple[Metadata, int, float, str]:
+    """``read_metadata`` for the checkpoint format asked for or found (``_detect.Describe``);
+    also returns the format."""
+    from ._detect import Describe, check_format
     from ._driver import PrivateLoopDriver  # the S3 stack: only commands that read a checkpoint
 
+    describe = Describe(check_format(format), only)
     driver = PrivateLoopDriver(config)
     try:
-        session = LoadSession(path, config, driver)
+        session = LoadSession(path, config, driver, fetch=describe)
         metadata = session.read_metadata()
     finally:
         driver.close()
     latency = session.request_latency_s
     assert latency is not None  # measured by the GET
-    return metadata, session.metadata_bytes, latency
+    return metadata, session.metadata_bytes, latency, describe.format
+
+
+def _integrity(metadata: Metadata, path: CheckpointPath) -> Integrity | None:
+    """The checkpoint's integrity record (``CheckpointFormatError`` if malformed)."""
+    return Integrity.of(metadata, f"s3://{path.bucket}/{path.key(METADATA_NAME)}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -404,6 +510,8 @@ class _Stored:
     offset: int
     length: int
     transforms: tuple[str, ...]
+    dtype: str | None = None
+    """The stored dtype's safetensors name (safetensors checkpoints only)."""
 
 
 def _is_int(value: object) -> bool:
@@ -433,7 +541,17 @@ def _stored_items(metadata: Metadata, where: str) -> list[_Stored]:
                 f"{where}: storage entry {index!r} -> {info!r} is not a DCP storage record "
                 "(relative_path, offset, length); the metadata is corrupt"
             )
-        items.append(_Stored(fqn, path, offset, length, tuple(transforms)))  # type: ignore[arg-type]
+        dtype = getattr(info, "dtype", None)
+        items.append(
+            _Stored(
+                fqn,
+                path,
+                offset,  # type: ignore[arg-type]
+                length,  # type: ignore[arg-type]
+                tuple(transforms),
+                dtype if isinstance(dtype, str) else None,
+            )
+        )
     items.sort(key=lambda s: (s.path, s.offset, s.fqn))
     return items
 
@@ -448,9 +566,12 @@ def _file_key(path: CheckpointPath, relative_path: str) -> str:
 # ---------------------------------------------------------------------------------- reports
 
 
-def inspect_report(metadata: Metadata, path: CheckpointPath, metadata_bytes: int) -> dict[str, Any]:
+def inspect_report(
+    metadata: Metadata, path: CheckpointPath, metadata_bytes: int, format: str = "dcp"
+) -> dict[str, Any]:
     """The ``inspect --json`` document (schema in the module docstring)."""
-    where = f"s3://{path.bucket}/{path.key(METADATA_NAME)}"
+    catalog = METADATA_NAME if format == "dcp" else _INDEX_NAME
+    where = f"s3://{path.bucket}/{path.key(catalog)}"
     stored = _stored_items(metadata, where)
     by_key: dict[str, list[_Stored]] = {}
     files: dict[str, list[_Stored]] = {}
@@ -473,22 +594,27 @@ def inspect_report(metadata: Metadata, path: CheckpointPath, metadata_bytes: int
                 f"{where}: key {fqn!r} is described by a {type(meta).__name__}, neither "
                 "tensor nor bytes metadata; the metadata is corrupt"
             )
-        keys.append(
-            {
-                "key": fqn,
-                "kind": kind,
-                "dtype": dtype,
-                "shape": shape,
-                "chunks": len(mine),
-                "stored_bytes": sum(item.length for item in mine),
-                "files": sorted({item.path for item in mine}),
-                "compression": sorted({t for item in mine for t in item.transforms}),
-            }
-        )
+        entry: dict[str, Any] = {
+            "key": fqn,
+            "kind": kind,
+            "dtype": dtype,
+            "shape": shape,
+            "chunks": len(mine),
+            "stored_bytes": sum(item.length for item in mine),
+            "files": sorted({item.path for item in mine}),
+            "compression": sorted({t for item in mine for t in item.transforms}),
+        }
+        if format == "safetensors":
+            names = sorted({item.dtype for item in mine if item.dtype})
+            entry["stored_dtype"] = names[0] if len(names) == 1 else names
+            if any(item.dtype not in _SAFETENSORS_TORCH for item in mine):
+                entry["dtype"] = None  # torch has none: a load of it is refused
+        keys.append(entry)
     return {
         "schema": _INSPECT_SCHEMA,
+        "format": format,
         "checkpoint": path.url,
-        "metadata": {"key": path.key(METADATA_NAME), "bytes": metadata_bytes},
+        "metadata": {"key": path.key(catalog), "bytes": metadata_bytes},
         "keys": keys,
         "files": [
             {
@@ -508,6 +634,27 @@ def inspect_report(metadata: Metadata, path: CheckpointPath, metadata_bytes: int
             "files": len(files),
             "compression": sorted({t for item in stored for t in item.transforms}),
         },
+        "integrity": _integrity_report(_integrity(metadata, path), stored, set(files)),
+    }
+
+
+def _integrity_report(
+    record: Integrity | None, stored: list[_Stored], files: set[str]
+) -> dict[str, Any] | None:
+    """What the checkpoint records for integrity (``inspect``'s ``integrity``)."""
+    if record is None:
+        return None
+    items = {(s.path, s.offset, s.length) for s in stored if s.length}
+    recorded = sum(1 for i in items if record.block_crcs(*i) is not None)
+    return {
+        "algorithm": "CRC64NVME",
+        "block_bytes": record.block_bytes,
+        "files": [
+            {"path": p, "etag": f.etag, "size": f.size, "crc64nvme": to_header(f.crc64nvme)}
+            for p, f in sorted(record.files.items())
+        ],
+        "items_recorded": recorded,
+        "complete": recorded == len(items) and files <= set(record.files),
     }
 
 
@@ -546,6 +693,7 @@ def slice_load(
     selected: Iterable[str],
     slices: Sequence[tuple[int, int, int]],
     request_latency_s: float | None = None,
+    format: str = "dcp",
 ) -> SlicedLoad:
     """Plan the load of one shard of the ``selected`` keys exactly as ``S3StorageReader`` does:
     torch's read items for the shard (``create_read_items_for_chunk_list``, as
@@ -559,7 +707,6 @@ def slice_load(
 
     from ._driver import PrivateLoopDriver
     from ._stats import StatsRecorder
-    from .dcp._storage_reader import S3StorageReader
 
     chosen = set(selected)
     items: list[ReadItem] = []
@@ -579,7 +726,11 @@ def slice_load(
             index = MetadataIndex(fqn)  # as planner_helpers._create_read_item_for_byteio
             zero = torch.Size((0,))
             items.append(ReadItem(LoadItemType.BYTE_IO, index, zero, index, zero, zero))
-    reader = S3StorageReader(path.url, config=config)
+    from ._detect import reader_type
+
+    reader = reader_type("safetensors" if format == "safetensors" else "dcp")(
+        path.url, config=config
+    )
     driver = PrivateLoopDriver(config)
     try:
         reader.set_up_storage_reader(metadata, True)
@@ -587,7 +738,7 @@ def slice_load(
         session = LoadSession(
             path, config, driver, metadata=metadata, request_latency_s=request_latency_s
         )
-        load = session.dcp_load(metadata.storage_data, metadata.state_dict_metadata)
+        load = session.read_phase(reader._stored_format(session))
         grouped = load.group(plan)
         gap = resolve_max_gap_size(config.max_gap_size, request_latency_s)
         load.slice(grouped, DefaultLoadPlanner(), gap, StatsRecorder(), {})
@@ -617,7 +768,7 @@ def slice_load(
             req.storage_index
             for (run_key, run), _ in grouped.slices.items()
             if run_key == key
-            for req in by_range.get(run, [])
+            for req in grouped.run_readers.get((run_key, run), [])
         }
         sliced[name] = len(stored_items)
     return SlicedLoad(tuple(slices), per_file, grouped.probe_plans, needed, sliced)
@@ -793,13 +944,15 @@ def _files_cell(files: list[str]) -> str:
 def render_inspect(report: dict[str, Any]) -> str:
     """The human form of an ``inspect_report``."""
     meta = report["metadata"]
-    lines = [f"{report['checkpoint']}  (.metadata: {human_size(meta['bytes'])})", ""]
+    what = ".metadata" if report.get("format", "dcp") == "dcp" else "safetensors index and headers"
+    lines = [f"{report['checkpoint']}  ({what}: {human_size(meta['bytes'])})", ""]
     rows = [["KEY", "KIND", "DTYPE", "SHAPE", "CHUNKS", "STORED", "FILES", "COMPRESSION"]]
     rows += [
         [
             k["key"],
             k["kind"],
-            k["dtype"] or "-",
+            (k["dtype"] or "-")
+            + (f" ({k['stored_dtype']})" if isinstance(k.get("stored_dtype"), str) else ""),
             _shape(k["shape"]),
             str(k["chunks"]),
             human_size(k["stored_bytes"]),
@@ -818,11 +971,34 @@ def render_inspect(report: dict[str, Any]) -> str:
         f"{human_size(s['stored_bytes'])} in {_n(s['files'], 'file')}, "
         f"compression: {compression}",
     ]
+    integrity = report.get("integrity")
+    recorded = {} if integrity is None else {f["path"]: f for f in integrity["files"]}
     if report["files"]:
-        file_rows = [["FILE", "ITEMS", "SIZE"]]
-        file_rows += [[f["path"], str(f["items"]), human_size(f["bytes"])] for f in report["files"]]
+        file_rows = [["FILE", "ITEMS", "SIZE"] + (["ETAG", "CRC64NVME"] if recorded else [])]
+        for f in report["files"]:
+            row = [f["path"], str(f["items"]), human_size(f["bytes"])]
+            if recorded:
+                r = recorded.get(f["path"])
+                row += [r["etag"], r["crc64nvme"]] if r else ["-", "-"]
+            file_rows.append(row)
         lines += ["", *_table(file_rows, right=(1, 2))]
+    lines += ["", _integrity_line(integrity, s["stored_items"])]
     return "\n".join(lines) + "\n"
+
+
+def _integrity_line(integrity: dict[str, Any] | None, stored_items: int) -> str:
+    if integrity is None:
+        return (
+            "integrity: nothing recorded (not saved by aiodcp): a load checks a data file it "
+            "reads whole against the store's own full-object checksum, where there is one"
+        )
+    complete = "" if integrity["complete"] else "; INCOMPLETE: loads will refuse it"
+    return (
+        f"integrity: {integrity['algorithm']} of each {human_size(integrity['block_bytes'])} "
+        f"block of {integrity['items_recorded']} of {_n(stored_items, 'stored item')}, and "
+        f"the ETag, size and {integrity['algorithm']} of "
+        f"{_n(len(integrity['files']), 'data file')}{complete} (`aiodcp verify` checks them)"
+    )
 
 
 def _plan_row(
@@ -911,6 +1087,112 @@ def render_plan(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def verify_report(
+    path: CheckpointPath, audits: Sequence[FileAudit], recorded: bool
+) -> dict[str, Any]:
+    """The ``verify --json`` document (schema in the module docstring)."""
+    statuses = ("ok", "mismatch", "missing", "changed", "truncated", "unverified")
+    counts = dict.fromkeys(statuses, 0)
+    for a in audits:
+        counts[a.status] += 1
+    return {
+        "schema": _VERIFY_SCHEMA,
+        "checkpoint": path.url,
+        "recorded": recorded,
+        "files": [
+            {
+                "path": a.path,
+                "key": a.key,
+                "bytes": a.size,
+                "items": a.items,
+                "status": a.status,
+                "checked_bytes": a.checked_bytes,
+                "whole_crc_matches": a.whole_crc_matches,
+                "detail": a.detail,
+                "mismatches": [
+                    {
+                        "start": m.start,
+                        "end": m.end,
+                        "keys": list(m.keys),
+                        "blocks": [list(b) for b in m.blocks],
+                    }
+                    for m in a.mismatches
+                ],
+            }
+            for a in audits
+        ],
+        "summary": {
+            "files": len(audits),
+            **counts,
+            "checked_bytes": sum(a.checked_bytes for a in audits),
+            "stored_bytes": sum(a.size for a in audits),
+        },
+        "ok": all(a.status == "ok" for a in audits),
+    }
+
+
+def _verify_exit(report: dict[str, Any]) -> int:
+    s = report["summary"]
+    if s["files"] - s["ok"] - s["unverified"]:
+        return EXIT_MISMATCH
+    return EXIT_UNVERIFIED if s["unverified"] else EXIT_OK
+
+
+def _verify_problem(report: dict[str, Any]) -> str:
+    """The one line ``verify`` writes on stderr when it does not exit 0."""
+    bad = [f for f in report["files"] if f["status"] not in ("ok", "unverified")]
+    if bad:
+        named = ", ".join(f"{f['path']} ({f['status']})" for f in bad[:5])
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        return (
+            f"{len(bad)} of {_n(len(report['files']), 'data file')} do not match what the "
+            f"checkpoint recorded: {named}{more}"
+        )
+    return (
+        f"nothing to check {report['summary']['unverified']} of "
+        f"{_n(len(report['files']), 'data file')} against: the checkpoint carries no integrity "
+        "record (it was not saved by aiodcp) and the store holds no full-object CRC64NVME for "
+        "them"
+    )
+
+
+def render_verify(report: dict[str, Any]) -> str:
+    """The human form of a ``verify_report``."""
+    s = report["summary"]
+    against = (
+        "its integrity record (CRC64NVME per 1 MiB block of every stored item)"
+        if report["recorded"]
+        else "the store's full-object CRC64NVME (no integrity record)"
+    )
+    lines = [
+        f"{report['checkpoint']}: {_n(s['files'], 'data file')}, "
+        f"{human_size(s['checked_bytes'])} read and checked against {against}",
+        "",
+    ]
+    rows = [["FILE", "SIZE", "STATUS"]]
+    for f in report["files"]:
+        status = f["status"].upper() if f["status"] not in ("ok", "unverified") else f["status"]
+        rows.append([f["path"], human_size(f["bytes"]), status])
+    lines += _table(rows, right=(1,))
+    for f in report["files"]:
+        if f["status"] in ("ok", "unverified"):
+            continue
+        lines += ["", f"{f['path']}  (s3 key {f['key']}): {f['status']}"]
+        if f["detail"]:
+            lines.append(f"  {f['detail']}")
+        for m in f["mismatches"]:
+            blocks = ", ".join(f"[{a}, {b})" for a, b in m["blocks"][:4])
+            more = f" (+{len(m['blocks']) - 4} more)" if len(m["blocks"]) > 4 else ""
+            keys = ", ".join(repr(k) for k in m["keys"])
+            lines.append(
+                f"  stored item [{m['start']}, {m['end']}) of {keys}: "
+                f"{_n(len(m['blocks']), 'block')} differ: {blocks}{more}"
+            )
+    verdict = "every stored byte matches" if report["ok"] else _verify_problem(report)
+    lines += ["", f"result: {verdict}"]
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------------------------- main
 
 
@@ -926,13 +1208,37 @@ def _exit_code(exc: BaseException) -> int:
     return EXIT_ERROR
 
 
-def _run(args: argparse.Namespace) -> str:
+def _verify(path: CheckpointPath, config: ReaderConfig, only: str | None) -> dict[str, Any]:
+    from ._driver import PrivateLoopDriver  # the S3 stack: only commands that read a checkpoint
+    from .dcp._audit import audit_checkpoint
+
+    metadata, _, _, format = _describe(path, config, "auto", only)
+    catalog = METADATA_NAME if format == "dcp" else _INDEX_NAME
+    _stored_items(metadata, f"s3://{path.bucket}/{path.key(catalog)}")  # validated
+    record = _integrity(metadata, path) if format == "dcp" else None
+    driver = PrivateLoopDriver(config)
+    try:
+        audits = audit_checkpoint(metadata, path, config, driver, record)
+    finally:
+        driver.close()
+    return verify_report(path, audits, record is not None)
+
+
+def _run(args: argparse.Namespace) -> tuple[str, int, str]:
+    """The command's output, its exit code and (for a non-zero one) the line for stderr."""
+    from .safetensors._catalog import safetensors_location
+
     config = _config(args)
-    path = parse_checkpoint_path(args.checkpoint)
+    path, only = safetensors_location(parse_checkpoint_path(args.checkpoint))
+    if args.command == "verify":
+        report = _verify(path, config, only)
+        code = _verify_exit(report)
+        text = json.dumps(report, indent=2) + "\n" if args.json else render_verify(report)
+        return text, code, "" if code == EXIT_OK else _verify_problem(report)
     requested = _requested_keys(args) if args.command == "plan" else None
-    metadata, size, latency = read_metadata(path, config)
+    metadata, size, latency, format = _describe(path, config, "auto", only)
     if args.command == "inspect":
-        report = inspect_report(metadata, path, size)
+        report = inspect_report(metadata, path, size, format)
         render = render_inspect
     else:
         sliced = None
@@ -941,12 +1247,12 @@ def _run(args: argparse.Namespace) -> str:
             fqns = set(metadata.state_dict_metadata)
             fqns |= {item.fqn for item in _stored_items(metadata, where)}
             selected = fqns if requested is None else _select(requested, fqns)
-            sliced = slice_load(metadata, path, config, selected, args.slice, latency)
+            sliced = slice_load(metadata, path, config, selected, args.slice, latency, format)
         report = plan_report(metadata, path, config, requested, latency, sliced)
         render = render_plan
     if args.json:
-        return json.dumps(report, indent=2, allow_nan=False) + "\n"
-    return render(report)
+        return json.dumps(report, indent=2, allow_nan=False) + "\n", EXIT_OK, ""
+    return render(report), EXIT_OK, ""
 
 
 def _silence_stdout() -> None:
@@ -971,7 +1277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version, or a usage error argparse has printed
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     try:
-        output = _run(args)
+        output, code, problem = _run(args)
     except (AiodcpError, UsageError) as exc:
         sys.stderr.write(f"{_PROG} {args.command}: error: {exc}\n")
         return _exit_code(exc)
@@ -984,4 +1290,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `aiodcp plan ... | head`: the reader left, nothing to report
         _silence_stdout()
         return EXIT_ERROR
-    return EXIT_OK
+    if problem:
+        sys.stderr.write(f"{_PROG} {args.command}: {problem}\n")
+    return code

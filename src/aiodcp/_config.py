@@ -1,8 +1,11 @@
-"""Configuration: one frozen, keyword-only, validated object.
+"""Configuration: frozen, keyword-only, validated objects, one per direction.
 
 ``ReaderConfig`` holds everything a load can be tuned with: how to reach the store (region,
 endpoint, addressing style, TLS, credentials, retries, timeouts) and how to fetch (gap size, part
-size, concurrency, memory budget). It is validated in ``__post_init__`` so a bad value fails at
+size, concurrency, memory budget). ``WriterConfig`` holds the same connection fields and how a
+save uploads (part size, concurrency, memory budget, files per rank, prefix spreading); its
+``store_config()`` is the ``ReaderConfig`` the store is opened with (connections, signing and
+retries are the load's). Each is validated in ``__post_init__`` so a bad value fails at
 construction, with a message that names the field and what is allowed, before any I/O happens.
 """
 
@@ -32,7 +35,11 @@ __all__ = [
     "DEFAULT_MEMORY_BUDGET_BYTES",
     "DEFAULT_PART_SIZE_BYTES",
     "DEFAULT_READ_TIMEOUT_S",
+    "DEFAULT_UPLOAD_PART_SIZE_BYTES",
+    "MAX_UPLOAD_PART_SIZE_BYTES",
+    "MIN_UPLOAD_PART_SIZE_BYTES",
     "ReaderConfig",
+    "WriterConfig",
 ]
 
 DEFAULT_MAX_GAP_SIZE: Literal["auto"] = AUTO_GAP_SIZE
@@ -175,6 +182,16 @@ class ReaderConfig:
     stored item the ranks need once per job, and send it to the other ranks that need it over
     the process group, instead of every rank fetching its own copy. Default True; False makes
     each rank load for itself. Single-process loads are the same either way."""
+    verify_checksums: bool = True
+    """Check every stored byte a load hands to torch against a checksum first (not to be
+    confused with ``verify``, TLS verification). A checkpoint saved by aiodcp records each data
+    file's ETag and a CRC64NVME per 1 MiB block of each stored item: every data GET is pinned
+    to the recorded ETag (``If-Match``) and every item (a slice: the whole blocks it touches)
+    is checked before decoding; a mismatch is fetched once more, then raises
+    ``ChecksumMismatchError``. Checkpoints without a record load unchecked (``aiodcp verify``
+    checks them against the store's full-object checksums). ``LoadStats.verified_bytes`` /
+    ``unverified_bytes`` say what was checked. Default True; False loads without checking (no
+    widened slices). Every rank of a multi-rank load must use the same setting."""
     safe_bytes: bool = False
     """Non-tensor values (BYTE_IO items) are unpickled by torch's load planner with
     ``torch.load(weights_only=False)``, which runs whatever the pickle says. With True, each
@@ -220,6 +237,12 @@ class ReaderConfig:
                 f"safe_bytes must be a bool, got {self.safe_bytes!r}",
                 field="safe_bytes",
                 value=self.safe_bytes,
+            )
+        if not isinstance(self.verify_checksums, bool):
+            raise ConfigError(
+                f"verify_checksums must be a bool, got {self.verify_checksums!r}",
+                field="verify_checksums",
+                value=self.verify_checksums,
             )
         if not isinstance(self.fast_decode, bool):
             raise ConfigError(
@@ -298,6 +321,150 @@ class ReaderConfig:
         if base is not None and not isinstance(base, ReaderConfig):
             raise ConfigError(
                 f"config must be an aiodcp.ReaderConfig, got {type(base).__name__}",
+                field="config",
+                value=base,
+            )
+        given = {k: v for k, v in kwargs.items() if v is not None}
+        if base is None:
+            return cls(**given)
+        return replace(base, **given) if given else base
+
+
+DEFAULT_UPLOAD_PART_SIZE_BYTES = 8 * 1024 * 1024
+"""Bytes per uploaded part of a data file (and the largest file sent as one PUT): 8 MiB, the
+size S3's own transfer managers use. Against S3 (a first byte after tens of ms, 80-100 MB/s
+per connection) an 8 MiB part keeps a connection busy ~85% of the time; larger parts waste less
+of each request, but a checkpoint of small items holds its staged bytes longer."""
+MIN_UPLOAD_PART_SIZE_BYTES = 5 * 1024 * 1024
+"""S3's smallest part of a multipart upload (all but the last)."""
+MAX_UPLOAD_PART_SIZE_BYTES = 5 * 1024**3
+"""S3's largest part (and largest single PUT): 5 GiB."""
+_MAX_FILES_PER_RANK = 1024
+_MAX_PREFIX_SPREAD = 4096
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class WriterConfig:
+    """How aiodcp reaches the store and uploads a checkpoint. Every field is keyword-only.
+
+    The connection fields mean what they mean in :class:`ReaderConfig` (``None``: botocore's
+    own resolution; the plain case resolves it without botocore); a save opens its store with
+    ``store_config()``.
+    """
+
+    region: str | None = None
+    """AWS region. Default: botocore's resolution (``AWS_DEFAULT_REGION``...)."""
+    endpoint_url: str | None = None
+    """Endpoint of an S3-compatible store. Default: botocore's resolution."""
+    addressing_style: Literal["auto", "path", "virtual"] = "auto"
+    """``"path"`` for most S3-compatible stores; ``"virtual"`` for bucket-in-host. Default auto."""
+    verify: bool | str = True
+    """TLS verification: ``True``, ``False``, or the path of a CA bundle. Default True."""
+    profile: str | None = None
+    """A named botocore profile. Default: the standard credential chain."""
+    unsigned: bool = False
+    """Send unsigned requests (a bucket that accepts anonymous writes). Default False."""
+    request_payer: Literal["requester"] | None = None
+    """``"requester"`` for a Requester Pays bucket. Default None."""
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    """Attempts per request including the first (a part is sent again from the same memory,
+    never serialised again). Default 5."""
+    connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
+    """Seconds to establish a connection before the attempt fails (and is retried). Default 10."""
+    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S
+    """Seconds without progress (the store not taking the body, or not answering) before the
+    attempt fails (and is retried). Default 60."""
+    part_size: int = DEFAULT_UPLOAD_PART_SIZE_BYTES
+    """Bytes per uploaded part; a data file up to this size is one PUT, a larger one a
+    multipart upload of parts this size (the last one shorter). 5 MiB to 5 GiB; a file that
+    would need over 10,000 parts gets larger parts. Default 8 MiB."""
+    max_concurrency: int = DEFAULT_MAX_CONCURRENCY
+    """Requests (parts and files) in flight at once, across every file of the save. Default 32."""
+    memory_budget: int = DEFAULT_MEMORY_BUDGET_BYTES
+    """Bytes: memory for data that must be copied before it is sent (staged): small tensors'
+    archives, non-tensor values, tensors that are not contiguous CPU memory of their own
+    (cloned, or copied off the GPU). Tensors of 128 KiB or more whose memory is contiguous on
+    the CPU are sent from that memory and take none of it. A staged item larger than the
+    budget is still served, alone. Default 64 MiB."""
+    files_per_rank: int = 1
+    """Data files each rank writes (``FileSystemWriter``'s ``thread_count``): items are spread
+    over them by size; their parts upload concurrently either way. Default 1."""
+    prefix_spread: int = 0
+    """0 (default): data files directly under the checkpoint's prefix. N > 0: under N
+    sub-prefixes (``<ckpt>/<hex>/__0_0.<id>.distcp``), recorded in the checkpoint, for jobs
+    whose writes would exceed what one S3 prefix takes (~3,500 PUT/s); see README."""
+    fast_http: bool = True
+    """Send requests through aiodcp's own HTTP/1.1 path (bodies written from the tensors'
+    memory); False sends every request through botocore (each body joined into one buffer
+    first). Default True."""
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    """Advanced: keyword arguments passed as they are to ``AioConfig`` (botocore ``Config``)."""
+
+    def __post_init__(self) -> None:
+        part = self.part_size
+        if (
+            isinstance(part, bool)
+            or not isinstance(part, int)
+            or not (MIN_UPLOAD_PART_SIZE_BYTES <= part <= MAX_UPLOAD_PART_SIZE_BYTES)
+        ):
+            raise ConfigError(
+                f"part_size must be an int from 5 MiB to 5 GiB (S3's part sizes), got {part!r}",
+                field="part_size",
+                value=part,
+            )
+        _positive_int("files_per_rank", self.files_per_rank, limit=_MAX_FILES_PER_RANK)
+        spread = self.prefix_spread
+        if (
+            isinstance(spread, bool)
+            or not isinstance(spread, int)
+            or not (0 <= spread <= _MAX_PREFIX_SPREAD)
+        ):
+            raise ConfigError(
+                f"prefix_spread must be an int from 0 (off) to {_MAX_PREFIX_SPREAD}, "
+                f"got {spread!r}",
+                field="prefix_spread",
+                value=spread,
+            )
+        _positive_int("memory_budget", self.memory_budget)
+        self.store_config()  # the connection fields, validated as a load's
+
+    def store_config(self) -> ReaderConfig:
+        """The configuration the save's store is opened with (its connection fields)."""
+        return ReaderConfig(
+            region=self.region,
+            endpoint_url=self.endpoint_url,
+            addressing_style=self.addressing_style,
+            verify=self.verify,
+            profile=self.profile,
+            unsigned=self.unsigned,
+            request_payer=self.request_payer,
+            max_attempts=self.max_attempts,
+            connect_timeout_s=self.connect_timeout_s,
+            read_timeout_s=self.read_timeout_s,
+            max_concurrency=self.max_concurrency,
+            memory_budget=self.memory_budget,
+            fast_http=self.fast_http,
+            extra=self.extra,
+        )
+
+    def replace(self, **changes: Any) -> WriterConfig:
+        """A copy with some fields changed (validated again)."""
+        return replace(self, **changes)
+
+    @classmethod
+    def from_kwargs(cls, base: WriterConfig | None, **kwargs: Any) -> WriterConfig:
+        """``base`` (or the defaults) with the keyword arguments that are not None applied."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise ConfigError(
+                f"unknown configuration option(s) {unknown}; valid options: {sorted(names)}",
+                field=unknown[0],
+                value=kwargs[unknown[0]],
+            )
+        if base is not None and not isinstance(base, WriterConfig):
+            raise ConfigError(
+                f"config must be an aiodcp.WriterConfig, got {type(base).__name__}",
                 field="config",
                 value=base,
             )

@@ -47,17 +47,24 @@ import asyncio
 import concurrent.futures
 import os
 import threading
+import time
 import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from ._config import ReaderConfig
-from ._errors import LoadCancelledError
-from ._store import S3Store
+from ._errors import AiodcpError, LoadCancelledError
+from ._store import S3Store, quiet_limit_s
 
 __all__ = ["Driver", "PrivateLoopDriver", "ScopedDriver"]
 
 T = TypeVar("T")
+
+_WAKE_S = 1.0
+"""A thread waiting for work on the loop checks this often that the loop still runs."""
+
+_START_TIMEOUT_S = 60.0
+
 StoreCall = Callable[[S3Store], Awaitable[T]]
 
 # What a forked child inherited from its parent's private loops (loop, thread, store), kept
@@ -126,14 +133,58 @@ class Driver:
         with self._pending_lock:
             self._pending.discard(future)
 
-    def run(self, fn: StoreCall[T]) -> T:
-        """Run ``fn(store)`` on the loop and wait for its result (re-raising its exception)."""
+    def run(self, fn: StoreCall[T], what: str = "a request") -> T:
+        """Run ``fn(store)`` on the loop and wait for its result (re-raising its exception);
+        ``what`` names the work in the error raised if the loop stops running (``wait``)."""
         future = self.submit(fn)
         try:
+            self.wait(future, what)
             return future.result()
         except BaseException:
             future.cancel()
             raise
+
+    @property
+    def quiet_limit_s(self) -> float:
+        raise NotImplementedError
+
+    def wait(self, future: concurrent.futures.Future[Any], what: str) -> None:
+        """Block until ``future`` (work on this driver's loop) is done, or raise an
+        ``AiodcpError`` naming ``what`` if the loop does not run for ``quiet_limit_s``.
+
+        The work itself is bounded by the store's timeouts and attempts, but only while the
+        loop runs: a loop blocked for good (an ``on_request`` hook that never returns) would
+        leave this thread waiting forever. So while it waits it posts a no-op to the loop and
+        checks that the loop ran it."""
+        if future.done():
+            return
+        loop = self.loop
+        limit = self.quiet_limit_s
+        ran = threading.Event()
+        posted_at: float | None = None
+        while True:
+            concurrent.futures.wait([future], timeout=min(_WAKE_S, limit))
+            if future.done():
+                return
+            now = time.monotonic()
+            if posted_at is not None and ran.is_set():
+                posted_at = None
+            if posted_at is None:
+                ran.clear()
+                posted_at = now
+                try:
+                    loop.call_soon_threadsafe(ran.set)
+                except RuntimeError:  # the loop was closed: the future never completes
+                    raise AiodcpError(
+                        f"aiodcp: the I/O loop was closed while waiting for {what}"
+                    ) from None
+            elif now - posted_at >= limit:
+                raise AiodcpError(
+                    f"aiodcp: waited {now - posted_at:.0f} s for {what} while aiodcp's I/O "
+                    "loop did not run at all: is an on_request hook blocking it (it runs on "
+                    "that loop and must return quickly)? Otherwise this is a bug in aiodcp: "
+                    "please report this message"
+                )
 
     def cancel_all(self) -> None:
         """Cancel every coroutine this driver is running (thread-safe, returns at once)."""
@@ -186,6 +237,10 @@ class ScopedDriver(Driver):
     async def _get_store(self) -> S3Store:
         return await self._parent._get_store()
 
+    @property
+    def quiet_limit_s(self) -> float:
+        return self._parent.quiet_limit_s
+
     def close(self) -> None:
         """Cancel this scope's coroutines; the loop and connections are the parent's."""
         self.cancel_all()
@@ -230,9 +285,17 @@ class PrivateLoopDriver(Driver):
 
                 thread = threading.Thread(target=main, name="aiodcp-io", daemon=True)
                 thread.start()
-                started.wait()
+                if not started.wait(_START_TIMEOUT_S):
+                    raise AiodcpError(
+                        f"aiodcp: its I/O thread did not start within {_START_TIMEOUT_S:.0f} s "
+                        "(is the process out of threads or memory?)"
+                    )
                 self._loop, self._thread = loop, thread
             return self._loop
+
+    @property
+    def quiet_limit_s(self) -> float:
+        return quiet_limit_s(self._config)
 
     async def _get_store(self) -> S3Store:
         if self._store is None:

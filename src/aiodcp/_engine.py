@@ -25,7 +25,9 @@ Data flow::
            tail (``direct_result``), or fetches the item again for the buffered path. A target
            with ``head_bytes`` 0 (a run of a sliced item, located beforehand) is located at
            once: all its bytes go straight to the destination
-    consumer thread (torch decode): wait_item(f, i) blocks until item i of file f is published;
+    consumer thread (torch decode): wait_item(f, i) blocks until item i of file f is published
+        (or raises the load's failure; or, when the download made no progress at all for
+        ``quiet_limit_s``, a TransferError naming the bytes it waited for: never forever);
         release_item(f, i) drops its memory and returns its bytes to the budget (batched).
 
 Invariants: the budget is reserved in consumption order, so the item the consumer waits for
@@ -47,11 +49,17 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ._config import ReaderConfig
-from ._errors import AiodcpError, LoadCancelledError, ObjectChangedError, TransferError
+from ._errors import (
+    AiodcpError,
+    ChecksumMismatchError,
+    LoadCancelledError,
+    ObjectChangedError,
+    TransferError,
+)
 from ._planner import FilePlan, ItemRange, Part
 from ._reader import ChunkBuffer
 from ._sinks import (
@@ -63,21 +71,30 @@ from ._sinks import (
     held_memory,
 )
 from ._stats import RequestMetrics, StatsRecorder
-from ._store import S3Store, is_throttling
+from ._store import S3Store, is_throttling, quiet_limit_s
+from ._verify import BlockCheck
 
 __all__ = ["FetchEngine", "FileFetch"]
 
 logger = logging.getLogger(__name__)
 
+_WAKE_S = 1.0
+"""A consumer waiting for an item looks at the download's progress this often (seconds)."""
+
 
 @dataclass(frozen=True, slots=True)
 class FileFetch:
     """One data file of a load: its key, its planned ranges and, by item index, the items to
-    receive straight into their destination (``DirectTarget``) rather than into item memory."""
+    receive straight into their destination (``DirectTarget``) rather than into item memory,
+    and the checksums items must match before they are handed over (``BlockCheck``)."""
 
     key: str
     plan: FilePlan
     direct: Mapping[int, DirectTarget] = field(default_factory=dict)
+    checks: Mapping[int, BlockCheck] = field(default_factory=dict)
+    """By item index: the recorded block checksums of the stored item the item is whole blocks
+    of. ``wait_item`` checks the item's bytes against them before handing it over; a mismatch
+    is fetched once more (pinned to the same ETag), then raises ``ChecksumMismatchError``."""
 
 
 class _ByteBudget:
@@ -126,15 +143,21 @@ class _ByteBudget:
 
 class _Item:
     """One stored item being downloaded into its sink: memory of its own (``BlockSink``), or
-    straight into its destination (``DirectSink``)."""
+    straight into its destination (``DirectSink``). ``checked``: its bytes were checked against
+    its ``check`` (or it has none) and may be handed over; ``refetched``: it was fetched again
+    after a mismatch; ``counted``: its first arrival was counted in the statistics."""
 
-    __slots__ = ("buffer", "missing", "range", "sink")
+    __slots__ = ("buffer", "check", "checked", "counted", "missing", "range", "refetched", "sink")
 
-    def __init__(self, item_range: ItemRange, sink: ItemSink) -> None:
+    def __init__(self, item_range: ItemRange, sink: ItemSink, check: BlockCheck | None) -> None:
         self.range = item_range
         self.sink = sink
         self.missing = item_range.length
         self.buffer: ChunkBuffer | None = None
+        self.check = check
+        self.checked = False
+        self.refetched = False
+        self.counted = False
 
 
 class _PartSink:
@@ -231,6 +254,7 @@ class FetchEngine:
         config: ReaderConfig,
         stats: StatsRecorder,
         etags: Mapping[str, str] | None = None,
+        recorded: Collection[str] = (),
     ) -> None:
         self._store = store
         self._bucket = bucket
@@ -238,8 +262,12 @@ class FetchEngine:
         self._config = config
         self._stats = stats
         self._pool = BlockPool()
+        self._verify = config.verify_checksums
         self._items: list[list[_Item]] = [
-            [_Item(r, self._sink(r, f.direct.get(i))) for i, r in enumerate(f.plan.items)]
+            [
+                _Item(r, self._sink(r, f.direct.get(i)), self._check_of(f, i, r))
+                for i, r in enumerate(f.plan.items)
+            ]
             for f in self._files
         ]
         self._index: list[dict[ItemRange, int]] = [
@@ -250,12 +278,16 @@ class FetchEngine:
         ]
         # key -> the ETag every GET of it must match (If-Match): the first one seen, or given
         self._etags: dict[str, str] = dict(etags or {})
+        # keys whose ETag the checkpoint recorded at its save (pinned from the first GET)
+        self._recorded = frozenset(k for k in recorded if k in self._etags)
         self._cond = threading.Condition()
         self._error: BaseException | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._main: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._budget = _ByteBudget(config.memory_budget)
+        self._connections: asyncio.Semaphore | None = None
+        self._check_lock = threading.Lock()  # one consumer thread checks an item at a time
         self._released = 0
         self._release_pending = False
         self._release_lock = threading.Lock()
@@ -266,6 +298,19 @@ class FetchEngine:
             return DirectSink(direct, item.length)
         return BlockSink(self._pool, item.length)
 
+    def _check_of(self, fetch: FileFetch, index: int, item: ItemRange) -> BlockCheck | None:
+        """The item's check, if the load verifies; it must be whole blocks of its stored item
+        (refused here, before any request, rather than half checked later)."""
+        check = fetch.checks.get(index)
+        if check is None or not self._verify:
+            return None
+        if not check.covers(item.start, item.end):
+            raise ValueError(
+                f"{fetch.key}: item [{item.start}, {item.end}) is not whole blocks of its stored "
+                f"item [{check.origin}, {check.origin + check.length}): it cannot be checked"
+            )
+        return check
+
     # ----------------------------------------------------------------- event-loop side
 
     async def run(self) -> None:
@@ -275,7 +320,7 @@ class FetchEngine:
         if self._aborted:
             self._fail(LoadCancelledError("the load was cancelled before it started"))
             return
-        connections = asyncio.Semaphore(self._config.max_concurrency)
+        connections = self._connections = asyncio.Semaphore(self._config.max_concurrency)
         self._stats.add(files=sum(1 for f in self._files if f.plan.parts))
         try:
             for file_index, fetch in enumerate(self._files):
@@ -457,6 +502,8 @@ class FetchEngine:
                     )
             except AiodcpError as error:
                 self._report(key, sink, sent_from, attempt, sent_at, error)
+                if isinstance(error, ObjectChangedError) and key in self._recorded:
+                    raise self._not_the_version(key, error) from error
                 if is_throttling(error):
                     limiter.throttled(started)
                     stats.add(throttled=1)
@@ -500,10 +547,29 @@ class FetchEngine:
         except Exception:
             logger.exception("aiodcp on_request hook raised; ignored")
 
+    def _not_the_version(self, key: str, error: ObjectChangedError) -> ObjectChangedError:
+        """A GET pinned to the ETag the checkpoint recorded at its save refused: the object
+        is not that version."""
+        return ObjectChangedError(
+            f"s3://{self._bucket}/{key} is not the version this checkpoint's metadata describes "
+            f"(ETag {self._etags[key]}, recorded at the save): it was replaced or rewritten "
+            "since. The checkpoint is inconsistent; save it again, or load the matching "
+            f"metadata ({error})",
+            bucket=self._bucket,
+            key=key,
+            byte_range=getattr(error, "byte_range", None),
+            retryable=False,
+        )
+
     def _pin_etag(self, key: str, etag: str | None, byte_range: tuple[int, int]) -> None:
         if etag is None:
             return
         known = self._etags.setdefault(key, etag)
+        if known != etag and key in self._recorded:  # a store that ignores If-Match
+            raise self._not_the_version(
+                key,
+                ObjectChangedError(f"it answered with ETag {etag}", bucket=self._bucket, key=key),
+            )
         if known != etag:
             raise ObjectChangedError(
                 f"s3://{self._bucket}/{key} was replaced while it was being loaded (ETag "
@@ -515,12 +581,15 @@ class FetchEngine:
             )
 
     def _publish(self, item: _Item) -> None:
-        """The item's last byte arrived: hand it to the consumer."""
+        """The item's last byte arrived: hand it to the consumer (who checks it first, see
+        ``wait_item``)."""
         buffer = item.sink.done()
         with self._cond:
             item.buffer = buffer
             self._cond.notify_all()
-        self._stats.add(items=1, bytes_used=item.range.length)
+        if not item.counted:  # a second fetch after a mismatch is not a second item
+            item.counted = True
+            self._stats.add(items=1, bytes_used=item.range.length)
 
     def _fail(self, exc: BaseException) -> None:
         with self._cond:
@@ -533,26 +602,190 @@ class FetchEngine:
     def wait_item(
         self, file_index: int, item_index: int, stop: Callable[[], bool] | None = None
     ) -> ChunkBuffer:
-        """Block (in a worker thread) until the item is downloaded; raise the load's failure.
+        """Block (in a worker thread) until the item is downloaded and checked; raise the
+        load's failure.
 
-        ``stop``: checked whenever the waiter wakes (see ``wake``); once it returns True the
-        wait ends with ``LoadCancelledError`` and the engine goes on (one caller's cancelled
-        wait, not the download)."""
+        An item with a ``BlockCheck`` is checked here, on the first waiter's thread, before any
+        caller sees it; a mismatch is counted (``checksum_mismatches``), the item fetched once
+        more (same ETag) and checked again, and a second mismatch raises
+        ``ChecksumMismatchError``. ``stop``: checked whenever the waiter wakes (see ``wake``);
+        once it returns True the wait ends with ``LoadCancelledError`` and the engine goes on
+        (one caller's cancelled wait, not the download)."""
         item = self._items[file_index][item_index]
+        buffer = item.buffer
+        if buffer is not None and item.checked:
+            return buffer
+        while True:
+            buffer = self._arrived(file_index, item, stop)
+            if item.checked:
+                return buffer
+            with self._check_lock:
+                if item.checked or item.buffer is not buffer:
+                    continue  # another waiter checked it (or is fetching it again)
+                bad = self._mismatches(item)
+                if not bad:
+                    item.checked = True
+                    return buffer
+                self._stats.add(checksum_mismatches=1)
+                if item.refetched:
+                    raise self._mismatch_error(file_index, item, bad)
+                logger.warning(
+                    "%s: bytes [%d, %d) do not match their recorded checksum; fetching them again",
+                    self._where(file_index),
+                    bad[0][0],
+                    bad[-1][1],
+                )
+                item.refetched = True
+                self._fetch_again(file_index, item)
+
+    def _arrived(
+        self, file_index: int, item: _Item, stop: Callable[[], bool] | None
+    ) -> ChunkBuffer:
+        """Block until the item is published (its last byte arrived); raise the load's
+        failure, ``LoadCancelledError`` once ``stop()`` says so, or, when the download made no
+        progress at all for ``quiet_limit_s``, a TransferError naming the bytes waited for."""
         buffer = item.buffer
         if buffer is not None:
             return buffer
+        quiet_limit = self.quiet_limit_s
+        progress = self._progress()
+        progress_at = time.monotonic()
         with self._cond:
             while item.buffer is None and self._error is None:
                 if stop is not None and stop():
                     raise LoadCancelledError("this wait was cancelled; the download goes on")
-                self._cond.wait()
+                now = time.monotonic()
+                seen = self._progress()
+                if seen != progress:
+                    progress, progress_at = seen, now
+                elif now - progress_at >= quiet_limit:
+                    raise self._stalled(file_index, item, now - progress_at)
+                self._cond.wait(timeout=min(_WAKE_S, quiet_limit - (now - progress_at)))
             if item.buffer is not None:
                 return item.buffer
             error = self._error
         if isinstance(error, asyncio.CancelledError):
             raise LoadCancelledError("the load was cancelled")
         raise error  # type: ignore[misc]
+
+    @property
+    def quiet_limit_s(self) -> float:
+        """Seconds a consumer waits for an item while the download makes no progress at all
+        (no byte received, no request started, no item completed) before it raises an error
+        naming the bytes it waited for (``_store.quiet_limit_s``: only a download that stopped
+        for good is that quiet)."""
+        return quiet_limit_s(self._config)
+
+    def _progress(self) -> tuple[int, int, int]:
+        stats = self._stats
+        return (stats.bytes_received, stats.requests, stats.items)
+
+    def _stalled(self, file_index: int, item: _Item, quiet_s: float) -> TransferError:
+        key = self._files[file_index].key
+        start, end = item.range.start, item.range.end
+        return TransferError(
+            f"s3://{self._bucket}/{key}: waited {quiet_s:.0f} s for bytes [{start}, {end}) "
+            "while the download made no progress at all (no byte received, no request sent "
+            f"or retried; {len(self._tasks)} GETs in flight, {self._budget.used} of "
+            f"{self._budget.limit} bytes of item memory reserved): the download stopped for "
+            "good. Is aiodcp's I/O thread blocked (an on_request hook that does not return)? "
+            "Otherwise this is a bug in aiodcp: please report this message",
+            bucket=self._bucket,
+            key=key,
+            byte_range=(start, end),
+            retryable=False,
+        )
+
+    def _mismatches(self, item: _Item) -> list[tuple[int, int]]:
+        """Check a published item (consumer thread): its blocks that differ from the record;
+        counts what was verified. A direct item whose archive was not the plain layout holds
+        no bytes here (its consumer fetches it again, checked)."""
+        check = item.check
+        length = item.range.length
+        sink = item.sink
+        pieces: Sequence[memoryview | bytes]
+        if isinstance(sink, DirectSink):
+            result = sink.result()
+            if result is None:
+                return []  # nothing was kept: the consumer fetches it again, checked
+            head, tail = result
+            pieces = [head, sink.target.memory, tail]
+        else:
+            assert item.buffer is not None
+            pieces = item.buffer.chunks
+        if check is None:
+            self._stats.add(unverified_bytes=length)
+            return []
+        bad = check.mismatches(item.range.start, pieces)
+        if not bad:
+            self._stats.add(verified_bytes=length)
+        return bad
+
+    def _fetch_again(self, file_index: int, item: _Item) -> None:
+        """Fetch a published item once more into a fresh sink (its memory reservation is
+        still held), pinned to the ETag of the first fetch; ``wait_item`` waits for it."""
+        sink = item.sink
+        direct = sink.target if isinstance(sink, DirectSink) else None
+        with self._cond:
+            item.buffer = None
+            item.missing = item.range.length
+        sink.release()
+        item.sink = self._sink(item.range, direct)
+        loop = self._loop
+        part = Part(item.range.start, item.range.end, (item.range,))
+        if loop is None or loop.is_closed():
+            self._fail(LoadCancelledError("the load's event loop is closed"))
+            return
+        try:
+            loop.call_soon_threadsafe(self._start_again, file_index, part)
+        except RuntimeError:
+            self._fail(LoadCancelledError("the load's event loop is closed"))
+
+    def _start_again(self, file_index: int, part: Part) -> None:
+        """On the loop: start the GET of ``_fetch_again``, tracked as any fetch (``abort``
+        cancels it, its failure fails the load)."""
+        if self._aborted or self._error is not None:
+            self._fail(LoadCancelledError("the load was cancelled"))
+            return
+        task = asyncio.ensure_future(self._refetch(file_index, part))
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    async def _refetch(self, file_index: int, part: Part) -> None:
+        connections = self._connections
+        assert connections is not None  # run() began: an item was published
+        await connections.acquire()
+        await self._fetch_part(file_index, part, connections)
+
+    def _where(self, file_index: int) -> str:
+        return f"s3://{self._bucket}/{self._files[file_index].key}"
+
+    def _mismatch_error(
+        self, file_index: int, item: _Item, bad: list[tuple[int, int]]
+    ) -> ChecksumMismatchError:
+        check = item.check
+        assert check is not None
+        key = self._files[file_index].key
+        stored = (check.origin, check.origin + check.length)
+        blocks = ", ".join(f"[{a}, {b})" for a, b in bad[:4]) + (" ..." if len(bad) > 4 else "")
+        etag = self._etags.get(key)
+        what = f" of {check.where}" if check.where else ""
+        error = ChecksumMismatchError(
+            f"{self._where(file_index)}: bytes {blocks} (stored item [{stored[0]}, "
+            f"{stored[1]}){what}) do not match the CRC64NVME the checkpoint recorded for them, "
+            f"on the first fetch and again when fetched once more"
+            f"{'' if etag is None else f' (ETag {etag})'}: the object was damaged or altered "
+            "after it was saved, or something between the store and this host corrupts "
+            "data. Nothing of it was handed to torch. Check the checkpoint with `aiodcp "
+            "verify`; verify_checksums=False loads the bytes as they are.",
+            bucket=self._bucket,
+            key=key,
+            item_range=stored,
+            byte_range=bad[0],
+            mismatched=tuple(bad),
+        )
+        self._fail(error)
+        return error
 
     def wake(self) -> None:
         """Wake every ``wait_item`` so that each checks its ``stop`` again (any thread)."""
@@ -612,5 +845,11 @@ class FetchEngine:
         if loop is not None and main is not None and not loop.is_closed():
             try:
                 loop.call_soon_threadsafe(main.cancel)
+                loop.call_soon_threadsafe(self._cancel_stray)
             except RuntimeError:
                 pass
+
+    def _cancel_stray(self) -> None:
+        """Cancel fetches started after ``run`` returned (an item fetched again)."""
+        for task in list(self._tasks):
+            task.cancel()

@@ -16,11 +16,21 @@ Every error aiodcp raises derives from :class:`AiodcpError`. The tree::
     │   ├── NoCredentialsError                     no credentials found anywhere
     │   ├── TruncatedObjectError                   object shorter than the metadata says
     │   ├── ObjectChangedError                     object replaced during a load (ETag)
-    │   └── TransferError                          network failure after all attempts
-    ├── CheckpointFormatError               ``.metadata`` is not a DCP metadata pickle
+    │   ├── TransferError                          network failure after all attempts
+    │   └── ConditionalWriteError                  a save's conditional write was refused
+    │       ├── CheckpointExistsError (FileExistsError)  a checkpoint is there (overwrite=False)
+    │       └── ConcurrentSaveError                the checkpoint changed during the save
+    ├── CheckpointFormatError               ``.metadata`` is not a DCP metadata pickle, a
+    │   │                                   stored item is not what the metadata says
+    │   ├── SafetensorsHeaderError          a safetensors header breaks a rule (``rule``)
+    │   └── UnsupportedDtypeError           a tensor asked for is in a dtype torch lacks
+    ├── ChecksumMismatchError               received bytes differ from the checkpoint's
+    │                                       checksums, again when fetched once more
     ├── MissingDependencyError (ImportError) an optional dependency (zstandard) is needed
     ├── LoadCancelledError                  the load was aborted (another part failed)
-    └── PeerLoadError                       another rank of a shared multi-rank load failed
+    ├── PeerLoadError                       another rank of a shared multi-rank load failed
+    ├── SaveCancelledError                  the save was aborted (cancelled, or a part failed)
+    └── PeerSaveError                       another rank of a multi-rank save failed
 
 Errors carry their context as attributes (``bucket``, ``key``, ``byte_range``...) and in their
 message, because ``dcp.load`` wraps reader errors and sometimes keeps only their text. They pickle
@@ -34,7 +44,11 @@ from typing import Any
 __all__ = [
     "AccessDeniedError",
     "AiodcpError",
+    "CheckpointExistsError",
     "CheckpointFormatError",
+    "ChecksumMismatchError",
+    "ConcurrentSaveError",
+    "ConditionalWriteError",
     "ConfigError",
     "InvalidPathError",
     "InvalidRangeError",
@@ -45,11 +59,15 @@ __all__ = [
     "NotFoundError",
     "ObjectChangedError",
     "PeerLoadError",
+    "PeerSaveError",
     "ReaderTypeError",
+    "SafetensorsHeaderError",
+    "SaveCancelledError",
     "SequentialAccessError",
     "StorageError",
     "TransferError",
     "TruncatedObjectError",
+    "UnsupportedDtypeError",
 ]
 
 
@@ -135,6 +153,27 @@ class CheckpointFormatError(AiodcpError):
     """The checkpoint metadata is not a PyTorch DCP ``Metadata`` pickle."""
 
 
+class SafetensorsHeaderError(CheckpointFormatError):
+    """A safetensors file's header breaks the format. ``rule`` names the rule it breaks (the
+    reference implementation's error names: ``HeaderTooLarge``, ``InvalidOffset``,
+    ``TensorInvalidInfo``...; the list is in ``aiodcp/safetensors/_header.py``), ``tensor``
+    the tensor at fault when there is one; ``bucket`` and ``key`` name the file."""
+
+
+class UnsupportedDtypeError(CheckpointFormatError):
+    """A tensor the load asks for is stored in a dtype torch does not have (safetensors'
+    ``F6_E2M3``, ``F6_E3M2``, an ``F4`` tensor with an odd last dim). ``fqn`` names the
+    tensor, ``dtype`` the stored dtype."""
+
+
+class ChecksumMismatchError(AiodcpError):
+    """Bytes of a data file did not match the checksum the checkpoint recorded for them (or
+    the store's own full-object checksum), and fetching them once more from the store did not
+    help. Raised before torch sees them. ``bucket`` and ``key`` name the data file,
+    ``item_range`` the stored item (file offsets, ``[start, end)``), ``byte_range`` the first
+    block that differs, ``mismatched`` every block that did (file offsets)."""
+
+
 class MissingDependencyError(AiodcpError, ImportError):
     """The checkpoint needs an optional dependency that is not installed."""
 
@@ -146,3 +185,29 @@ class LoadCancelledError(AiodcpError):
 class PeerLoadError(AiodcpError):
     """Another rank of a multi-rank load that shares fetched bytes failed, so this rank stops
     too. ``rank`` is the failing rank (in the load's process group), ``cause`` its error."""
+
+
+class ConditionalWriteError(StorageError):
+    """The store refused a conditional write of a save: 412 (``If-None-Match: *`` found an
+    object, ``If-Match`` found another ETag) or 409 ``ConditionalRequestConflict`` (another
+    conditional write of the same key was under way). ``status`` says which."""
+
+
+class CheckpointExistsError(ConditionalWriteError, FileExistsError):
+    """A save with ``overwrite=False`` found a checkpoint (its ``.metadata``) at its path; the
+    checkpoint there is untouched."""
+
+
+class ConcurrentSaveError(ConditionalWriteError):
+    """The checkpoint's ``.metadata`` changed (or was being written) while this save ran:
+    another saver wrote the same path. This save committed nothing; the other's is intact."""
+
+
+class SaveCancelledError(AiodcpError):
+    """The save was aborted before it committed (cancelled, or another upload failed): nothing
+    was committed, its multipart uploads were aborted and its data files deleted."""
+
+
+class PeerSaveError(AiodcpError):
+    """Another rank of a multi-rank save failed or was cancelled, so this rank's data files
+    were deleted and nothing was committed. ``rank`` is that rank, ``cause`` its error."""

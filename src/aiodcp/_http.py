@@ -19,6 +19,19 @@ Data flow::
                                              sink.buffer(pos) views; sink.written(pos, n)
             -> RangeClient._release()        back to the pool if the connection is IDLE
 
+Requests with a body (a save's uploads) take the same connections::
+
+    S3Store.send_write(...)   (PUT of an object or a part, POST/DELETE of multipart uploads,
+                               HEAD/GET of a small object)
+        -> RangeClient.send(url, method, headers, body) -> (status, headers, body)
+            -> _Connection.send()            "<METHOD> <presigned path> HTTP/1.1", Content-Length,
+                                             the signed headers; then the body, a sequence of
+                                             memoryviews written slice by slice as the socket
+                                             takes them (never joined: pause_writing and
+                                             resume_writing bound what the transport buffers)
+            -> get_buffer()/buffer_updated() the reply's head, then its body (Content-Length or
+                                             chunked, at most 64 KiB) into memory (REPLY)
+
 Connection states (``_State``, one value per connection, as in httpcore's HTTP/1.1 one)::
 
     NEW ---request()--+            +--206-----------> BODY --------+
@@ -30,8 +43,11 @@ Connection states (``_State``, one value per connection, as in httpcore's HTTP/1
     CLOSED <------ anything else: failed, cut short, timed out, cancelled -----+
     CLOSED <------ close(), the server closing, an unrequested byte (from any state)
 
-HEAD, BODY and ERROR_BODY are the active states (the request is written in one synchronous
-``transport.write``: sending is no state of its own). ``_end_response`` is the one place that
+HEAD, BODY, ERROR_BODY and REPLY are the active states (REPLY: the reply to ``send``, of
+any status, read into memory). A GET is written in one synchronous ``transport.write``; a body
+is written while the connection is already waiting for the reply (HEAD): S3 may answer an
+error before the body is through, and such a connection is never reused. Sending is no state of
+its own. ``_end_response`` is the one place that
 decides between IDLE and CLOSED; the pool only asks ``is_available()`` (IDLE) and
 ``has_expired()`` (idle over ``KEEPALIVE_EXPIRY_S``), and calls ``close()`` on the rest.
 
@@ -47,10 +63,11 @@ the facts an error is classified from (status, S3 code, message), which the stor
 the same rules as botocore's errors (``_store.classify``). Proxies and client certificates never
 take this path (the store checks before using it).
 
-Invariants: a connection goes back to the pool only after its whole response was received and
-the response did not ask to close; anything else (an error, a timeout, a cancellation) aborts
-it. Exceptions never escape the protocol callbacks (asyncio would log them as fatal errors):
-they are stored, the transport is aborted, and the waiting request raises them.
+Invariants: a connection goes back to the pool only after its whole response was received, the
+whole request body was written, and the response did not ask to close; anything else (an error,
+a timeout, a cancellation) aborts it. Exceptions never escape the protocol callbacks (asyncio
+would log them as fatal errors): they are stored, the transport is aborted, and the waiting
+request raises them.
 """
 
 from __future__ import annotations
@@ -59,7 +76,7 @@ import asyncio
 import enum
 import re
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Protocol
@@ -79,6 +96,13 @@ _MAX_HEADER_BYTES = 64 * 1024
 _HEADER_BUFFER_BYTES = 8 * 1024
 _CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 _ERROR_BODY_LIMIT = 64 * 1024
+_SEND_SLICE_BYTES = 256 * 1024
+"""A request body is handed to the transport this much at a time: the socket takes what it can
+straight from the caller's memory, and the transport buffers the rest of the slice only."""
+_WRITE_HIGH_BYTES = 256 * 1024
+_WRITE_LOW_BYTES = 64 * 1024
+"""The transport's write buffer limits: above the high mark the sender waits until the buffer
+drains below the low one, so a connection never buffers more than about a slice and a half."""
 _XML_CODE_RE = re.compile(r"<Code>([^<]{0,200})</Code>")
 _XML_MESSAGE_RE = re.compile(r"<Message>([^<]{0,2000})</Message>")
 KEEPALIVE_EXPIRY_S = 12.0
@@ -196,6 +220,9 @@ class _State(enum.Enum):
     """Active: a ``206``; its body is being received straight into the sink."""
     ERROR_BODY = enum.auto()
     """Active: an error status; its body is being read into memory for ``HttpError``."""
+    REPLY = enum.auto()
+    """Active: the reply to a request sent with ``send`` (any status); its body is being read
+    into memory."""
     IDLE = enum.auto()
     """The last response ended whole and in step, and allowed keep-alive: reusable."""
     CLOSED = enum.auto()
@@ -207,9 +234,10 @@ _NEW = _State.NEW
 _HEAD = _State.HEAD
 _BODY = _State.BODY
 _ERROR_BODY = _State.ERROR_BODY
+_REPLY = _State.REPLY
 _IDLE = _State.IDLE
 _CLOSED = _State.CLOSED
-_ACTIVE = frozenset({_HEAD, _BODY, _ERROR_BODY})
+_ACTIVE = frozenset({_HEAD, _BODY, _ERROR_BODY, _REPLY})
 
 
 class _Connection(asyncio.BufferedProtocol):
@@ -244,6 +272,16 @@ class _Connection(asyncio.BufferedProtocol):
         self._last_activity = 0.0
         self._timeout = 0.0
         self._timer: asyncio.TimerHandle | None = None
+        # a request sent with ``send``: its reply is read whole into memory (REPLY)
+        self._generic = False
+        self._no_body = False  # a HEAD: the reply's head says a length, no body follows
+        self._reply_status = 0
+        self._reply_body = bytearray()
+        self._reply_left = 0
+        self._reply_chunked = False
+        self._body_written = True  # False while a request body is still being written
+        self._paused = False
+        self._drain: asyncio.Future[None] | None = None
 
     # ------------------------------------------------------------- what the pool asks
 
@@ -274,6 +312,20 @@ class _Connection(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        transport.set_write_buffer_limits(high=_WRITE_HIGH_BYTES, low=_WRITE_LOW_BYTES)
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        self._last_activity = self._loop.time()
+        self._wake_sender()
+
+    def _wake_sender(self) -> None:
+        drain, self._drain = self._drain, None
+        if drain is not None and not drain.done():
+            drain.set_result(None)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._state in _ACTIVE:
@@ -323,6 +375,9 @@ class _Connection(asyncio.BufferedProtocol):
                 self._error_left -= nbytes
                 if self._error_left <= 0 or len(self._error_body) >= _ERROR_BODY_LIMIT:
                     self._end_error()
+            elif state is _REPLY:
+                self._last_activity = self._loop.time()
+                self._on_reply_bytes(self._scratch[:nbytes])
             elif state is _IDLE or state is _NEW:
                 # Bytes nobody asked for: the connection is out of step; never reuse it.
                 self.close()
@@ -351,6 +406,9 @@ class _Connection(asyncio.BufferedProtocol):
         keep_alive = (
             status_line[0] == "HTTP/1.1" and "close" not in headers.get("connection", "").lower()
         )
+        if self._generic:
+            self._on_reply_head(status, headers, keep_alive, bytes(head[end + 4 : self._head_len]))
+            return
         if "transfer-encoding" in headers or headers.get("content-encoding", "identity") not in (
             "identity",
             "",
@@ -416,6 +474,65 @@ class _Connection(asyncio.BufferedProtocol):
             HttpError(self._error_status, self._error_headers, bytes(self._error_body))
         )
 
+    def _on_reply_head(
+        self, status: int, headers: dict[str, str], keep_alive: bool, rest: bytes
+    ) -> None:
+        """The head of the reply to ``send``: its body, of any status, is read into memory."""
+        if 100 <= status < 200:  # an interim reply (100 Continue): the real one follows
+            self._head[: len(rest)] = rest
+            self._head_len = len(rest)
+            if rest:
+                self._on_head_bytes(len(rest))
+            return
+        if headers.get("content-encoding", "identity") not in ("identity", ""):
+            raise FallbackRequired("encoded reply body")
+        self._headers = headers
+        self._reply_status = status
+        self._reply_body = bytearray()
+        chunked = "chunked" in headers.get("transfer-encoding", "").lower()
+        length_text = headers.get("content-length", "")
+        if self._no_body or status in (204, 304):
+            length = 0
+            chunked = False
+        elif chunked:
+            length = -1
+        elif length_text.isdigit():
+            length = int(length_text)
+        else:
+            raise FallbackRequired(f"a reply of status {status} without a length")
+        if length > _ERROR_BODY_LIMIT:
+            raise FallbackRequired(f"a reply body of {length} bytes")
+        self._reply_chunked = chunked
+        self._reply_left = length
+        self._keep_alive = keep_alive
+        self._state = _REPLY
+        self._on_reply_bytes(rest)
+
+    def _on_reply_bytes(self, data: bytes | bytearray | memoryview) -> None:
+        body = self._reply_body
+        if self._reply_chunked:
+            body += data
+            if len(body) > _ERROR_BODY_LIMIT + 4096:
+                raise FallbackRequired("a chunked reply body over 64 KiB")
+            decoded = _dechunk(body)
+            if decoded is None:
+                return
+            self._reply_body, extra = decoded
+        else:
+            take = min(len(data), self._reply_left)
+            body += data[:take]
+            self._reply_left -= take
+            extra = len(data) - take
+            if self._reply_left > 0:
+                return
+        if extra:
+            self._keep_alive = False  # bytes beyond the reply: out of step
+        status, headers = self._reply_status, self._headers
+        if status >= 300 or _is_error_document(self._reply_body):
+            self._end_response(HttpError(status, headers, bytes(self._reply_body)))
+        else:
+            self._end_response(None)
+
     # ------------------------------------------------------------- request side
 
     def _end_response(self, exc: BaseException | None) -> None:
@@ -430,12 +547,20 @@ class _Connection(asyncio.BufferedProtocol):
             self._timer.cancel()
             self._timer = None
         if exc is None:
-            whole = state is _BODY and self._pos == self._end
+            whole = (state is _BODY and self._pos == self._end) or state is _REPLY
         elif isinstance(exc, HttpError):
-            whole = state is _ERROR_BODY and self._error_left == 0  # all of it, nothing more
+            whole = (
+                state is _ERROR_BODY and self._error_left == 0  # all of it, nothing more
+            ) or state is _REPLY
         else:
             whole = False  # failed, timed out or cancelled part way: in an unknown state
-        if whole and self._keep_alive:
+        if (
+            whole
+            and self._keep_alive
+            and self._body_written
+            # an early reply can come while the body's last bytes are still in the transport
+            and (self.transport is None or self.transport.get_write_buffer_size() == 0)
+        ):
             self._state = _IDLE  # any byte from now on is unrequested: see buffer_updated
         else:
             self._state = _CLOSED
@@ -447,6 +572,7 @@ class _Connection(asyncio.BufferedProtocol):
                 waiter.set_result(None)
             else:
                 waiter.set_exception(exc)
+        self._wake_sender()
 
     def _check_timeout(self) -> None:
         self._timer = None
@@ -482,6 +608,8 @@ class _Connection(asyncio.BufferedProtocol):
         self._head_len = 0
         self._headers = {}
         self._accept_shorter = accept_shorter
+        self._generic = False
+        self._body_written = True
         self._state = _HEAD
         self._waiter = self._loop.create_future()
         self._timeout = read_timeout
@@ -514,6 +642,142 @@ class _Connection(asyncio.BufferedProtocol):
         finally:
             self._sink = None
             self._waiter = None
+
+    async def send(
+        self,
+        url: Url,
+        method: str,
+        headers: tuple[str, ...],
+        body: Sequence[memoryview],
+        read_timeout: float,
+        user_agent: str,
+    ) -> tuple[int, dict[str, str], bytes]:
+        """Send one request with ``body`` (NEW or IDLE -> HEAD -> REPLY) and read its reply
+        whole; returns (status, headers, body) of a 1xx-free, non-error reply and raises
+        ``HttpError`` for an error status (or a 200 whose body is an S3 error document). The
+        body's views are written as the socket takes them, slice by slice, never joined.
+        ``read_timeout`` bounds any silence: no reply byte, or a body the server stops reading.
+        Returns or raises with the connection IDLE or CLOSED."""
+        if self._state is _CLOSED:
+            raise ConnectionResetError("the server closed the connection")
+        assert self.transport is not None and (self._state is _NEW or self._state is _IDLE)
+        transport = self.transport
+        self._requests += 1
+        self._keep_alive = False
+        self._sink, self._start, self._pos, self._end = None, 0, 0, 0
+        self._head_len = 0
+        self._headers = {}
+        self._accept_shorter = False
+        self._generic = True
+        self._no_body = method == "HEAD"
+        length = sum(len(view) for view in body)
+        self._body_written = length == 0
+        self._state = _HEAD
+        self._waiter = self._loop.create_future()
+        self._timeout = read_timeout
+        self._last_activity = self._loop.time()
+        self._timer = self._loop.call_later(read_timeout, self._check_timeout)
+        lines = [
+            f"{method} {url.target} HTTP/1.1",
+            f"Host: {url.host_header}",
+            f"User-Agent: {user_agent}",
+            *url.headers,
+            *headers,
+        ]
+        if length or method in ("PUT", "POST"):
+            lines.append(f"Content-Length: {length}")
+        try:
+            transport.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+            if await self._write_body(body):
+                self._body_written = True
+            await self._waiter
+            return self._reply_status, self._headers, bytes(self._reply_body)
+        except HttpError:
+            raise  # the reply was read whole: the connection may be IDLE
+        except BaseException as exc:
+            self._end_response(exc if isinstance(exc, Exception) else ConnectionAbortedError())
+            self.close()
+            raise
+        finally:
+            self._waiter = None
+            self._drain = None
+            self._generic = False
+
+    async def _write_body(self, body: Sequence[memoryview]) -> bool:
+        """Write ``body`` as the transport takes it; False if the reply ended it early. Views
+        of a slice or more are written from their own memory, a slice at a time; smaller ones
+        (a save's small items, archive framing) are gathered into one slice first, so that a
+        part of many small items is a few writes, not one per item."""
+        small = bytearray()
+        for piece in _slices(body):
+            if len(piece) < _SEND_SLICE_BYTES // 4:
+                small += piece
+                if len(small) < _SEND_SLICE_BYTES:
+                    continue
+                gathered, small = small, bytearray()
+                if not await self._write(memoryview(gathered)):
+                    return False
+                continue
+            if small:
+                gathered, small = small, bytearray()
+                if not await self._write(memoryview(gathered)):
+                    return False
+            if not await self._write(piece):
+                return False
+        return not small or await self._write(memoryview(small))
+
+    async def _write(self, data: memoryview) -> bool:
+        """One slice, once the transport's buffer is below its low mark; False if the reply
+        ended the request (an early error, a failure) first."""
+        while self._paused and self._state in _ACTIVE:
+            self._drain = self._loop.create_future()
+            await self._drain
+        transport = self.transport
+        if self._state not in _ACTIVE or transport is None or transport.is_closing():
+            return False  # (closing: the connection broke; its loss is being reported)
+        transport.write(data)
+        self._last_activity = self._loop.time()
+        return True
+
+
+def _slices(body: Sequence[memoryview]) -> Iterator[memoryview]:
+    for view in body:
+        for at in range(0, len(view), _SEND_SLICE_BYTES):
+            yield view[at : at + _SEND_SLICE_BYTES]
+
+
+def _dechunk(raw: bytearray) -> tuple[bytearray, int] | None:
+    """A chunked body decoded, and how many bytes followed it; None while it is incomplete."""
+    out = bytearray()
+    pos = 0
+    while True:
+        line_end = raw.find(b"\r\n", pos)
+        if line_end < 0:
+            return None
+        size_text = bytes(raw[pos:line_end]).split(b";")[0].strip()
+        try:
+            size = int(size_text, 16)
+        except ValueError:
+            raise FallbackRequired(f"malformed chunk size {size_text[:20]!r}") from None
+        pos = line_end + 2
+        if size == 0:
+            end = raw.find(b"\r\n\r\n", line_end)  # optional trailers, then a blank line
+            if end < 0:
+                return None
+            return out, len(raw) - (end + 4)
+        if len(raw) < pos + size + 2:
+            return None
+        out += raw[pos : pos + size]
+        pos += size + 2
+
+
+def _is_error_document(body: bytes | bytearray) -> bool:
+    """Whether a 200 reply's body is an S3 error document (CompleteMultipartUpload can fail
+    after its 200 was sent: the error comes in the body)."""
+    head = bytes(body[:512]).lstrip()
+    if head.startswith(b"<?xml"):
+        head = head[head.find(b"?>") + 2 :].lstrip()
+    return head.startswith(b"<Error>")
 
 
 class RangeClient:
@@ -582,6 +846,37 @@ class RangeClient:
                 raise
             self._release(connection)
             return headers
+        raise AssertionError("unreachable")  # the second pass returns or raises
+
+    async def send(
+        self,
+        url: Url,
+        method: str,
+        headers: tuple[str, ...] = (),
+        body: Sequence[memoryview] = (),
+    ) -> tuple[int, dict[str, str], bytes]:
+        """A request with ``body`` (``method`` PUT, POST, DELETE, HEAD or GET; ``headers`` whole
+        header lines, the ones the URL's signature covers); returns the reply's status, headers
+        (lower-case names) and body, or raises ``HttpError`` for an error reply. One attempt
+        (plus one silent resend when a reused keep-alive connection turns out closed before
+        any byte of the reply came back)."""
+        for resend in (True, False):
+            connection = await self._acquire(url, fresh=not resend)
+            try:
+                reply = await connection.send(
+                    url, method, headers, body, self._read_timeout, self._user_agent
+                )
+            except OSError as exc:
+                self._release(connection)
+                if resend and connection.went_stale and not isinstance(exc, TimeoutError):
+                    self._drop_idle(connection.origin)
+                    continue
+                raise
+            except BaseException:
+                self._release(connection)
+                raise
+            self._release(connection)
+            return reply
         raise AssertionError("unreachable")  # the second pass returns or raises
 
     def _drop_idle(self, origin: tuple[str, str, int]) -> None:

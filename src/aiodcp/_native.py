@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from ._awsconfig import load_files
 from ._config import ReaderConfig
@@ -142,6 +142,45 @@ class Plain:
             return base + path
         headers = {"x-amz-request-payer": payer} if payer is not None else None
         return self.presigner.presign(base, path, host, now=now, expires=expires, headers=headers)
+
+    def request_url(
+        self,
+        method: str,
+        bucket: str,
+        key: str,
+        *,
+        now: datetime.datetime,
+        expires: int,
+        payer: str | None,
+        query: tuple[tuple[str, str], ...] = (),
+        headers: dict[str, str] | None = None,
+    ) -> str | None:
+        """The URL of a ``method`` request of ``key`` (``key`` "" for the bucket itself) with
+        the operation's ``query`` parameters and signed ``headers`` (see
+        ``Presigner.presign_request``): presigned for ``expires`` seconds from ``now`` (UTC),
+        or unsigned; None when ``bucket`` is not plain (as ``url``)."""
+        if not _PLAIN_BUCKET_RE.match(bucket) or "--" in bucket:
+            return None
+        if self.presigner is None and self.source is not None:
+            raise RuntimeError("credentials from a source must be fetched before signing")
+        path = f"{self.path}/{encode_key(key)}"
+        if self.addressing == "virtual":
+            base = f"{self.scheme}://{bucket}.{self.netloc}"
+            host = signed_host(self.scheme, f"{bucket}.{self.host}", self.port)
+        else:
+            base = f"{self.scheme}://{self.netloc}"
+            path = f"{self.path}/{bucket}/{encode_key(key)}"
+            host = signed_host(self.scheme, self.host, self.port)
+        signed = dict(headers or {})
+        if payer is not None:
+            signed["x-amz-request-payer"] = payer
+        if self.presigner is None:
+            if not query:
+                return base + path
+            return base + path + "?" + "&".join(f"{k}={quote(v, safe='-_.~')}" for k, v in query)
+        return self.presigner.presign_request(
+            method, base, path, host, now=now, expires=expires, query=query, headers=signed
+        )
 
 
 def ca_file(verify: bool | str) -> str | None:

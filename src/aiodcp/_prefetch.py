@@ -5,8 +5,9 @@ Data flow::
     handle = prefetch("s3://bucket/ckpt", keys=[...])     returns at once
         private I/O loop thread: GET .metadata (timed: max_gap_size "auto" -> bytes)
         -> select the stored items of ``keys``
-        -> FetchEngine over them with a budget equal to their size (nothing waits for a
-           consumer: the handle holds every requested byte until it is loaded or cancelled)
+        -> FetchEngine over them with a budget equal to the memory they hold (nothing waits
+           for a consumer: the handle holds every requested byte until it is loaded or
+           cancelled)
         -> tqdm progress bar (``progress=False`` to hide it)
     handle.load(state_dict) / await handle.aload(state_dict)
         -> a LoadSession (dcp._session) over the handle's loop, with the metadata the prefetch
@@ -44,6 +45,7 @@ from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.planner import LoadPlanner
 
 from ._config import ReaderConfig
+from ._detect import Describe, Format, check_format, location, reader_type
 from ._driver import PrivateLoopDriver
 from ._engine import FetchEngine, FileFetch
 from ._errors import ConfigError, LoadCancelledError
@@ -51,9 +53,12 @@ from ._path import CheckpointPath, parse_checkpoint_path
 from ._planner import ItemRange, plan_file, resolve_max_gap_size
 from ._progress import with_progress
 from ._reader import ChunkBuffer
+from ._sinks import held_memory
 from ._stats import LoadStats, StatsRecorder
 from ._store import S3Store
-from .dcp._session import LoadSession, fetch_metadata, run_dcp_load, run_in_thread, select_keys
+from .dcp._integrity import Integrity
+from .dcp._session import LoadSession, run_dcp_load, run_in_thread, select_keys
+from .dcp._sharing import dcp_load_group
 from .dcp._storage_reader import attached_reader
 
 __all__ = ["PrefetchHandle", "prefetch"]
@@ -70,9 +75,14 @@ def prefetch(
     max_gap_size: int | float | str | None = None,
     part_size: int | None = None,
     max_concurrency: int | None = None,
+    format: Format = "auto",
     **options: Any,
 ) -> PrefetchHandle:
     """Start downloading the checkpoint (or only ``keys``) in the background; returns at once.
+
+    The checkpoint is DCP's or Hugging Face safetensors (``format="auto"``: a URL ending in
+    ``.safetensors`` is one file of it, else ``.metadata`` is looked for first, then the
+    safetensors index or files); ``handle.load`` then loads it with the reader of its format.
 
     ``keys`` selects state-dict keys: a key takes every stored item whose fully qualified name
     is the key or starts with ``key + "."`` (so ``"model"`` takes ``"model.layer.weight"``).
@@ -92,6 +102,7 @@ def prefetch(
         **options,
     )
     path = parse_checkpoint_path(checkpoint_id)
+    check_format(format)
     if keys is not None:
         if isinstance(keys, (str, bytes)):
             raise ConfigError(
@@ -104,7 +115,7 @@ def prefetch(
         bad = [k for k in keys if not isinstance(k, str) or not k]
         if bad:
             raise ConfigError(f"keys must be non-empty strings, got {bad!r}", field="keys")
-    return PrefetchHandle(path, cfg, keys, progress=progress)
+    return PrefetchHandle(path, cfg, keys, progress=progress, format=format)
 
 
 class PrefetchHandle:
@@ -117,8 +128,11 @@ class PrefetchHandle:
         keys: list[str] | None,
         *,
         progress: bool,
+        format: Format = "auto",
     ) -> None:
-        self._path = path
+        self._url = path.url
+        self._path, only = location(path)
+        self._describe = Describe(format, only)
         self._config = config
         self._keys = keys
         self._progress = progress
@@ -142,17 +156,31 @@ class PrefetchHandle:
     async def _run(self, store: S3Store) -> LoadStats:
         path, recorder = self._path, self._recorder
         try:
-            fetched = await fetch_metadata(store, path, recorder)
+            fetched = await self._describe(store, path, recorder)
             latency = fetched.request_latency_s
             metadata = fetched.parse()
             self._request_latency_s = latency
             max_gap_size = resolve_max_gap_size(self._config.max_gap_size, latency)
             recorder.max_gap_size = max_gap_size
             recorder.request_latency_s = latency
-            files, index = self._select(metadata, max_gap_size)
-            total = sum(f.plan.item_bytes for f in files)
-            config = self._config.replace(memory_budget=max(total, 1))
-            engine = FetchEngine(store, path.bucket, files, config, recorder)
+            integrity = None
+            if self._config.verify_checksums:
+                integrity = Integrity.of(metadata, f"{path.url}/.metadata")
+            files, index = self._select(metadata, max_gap_size, integrity)
+            # The budget is the memory every selected item holds (``held_memory``: whole 1 MiB
+            # blocks for items of 512 KiB or more), not their bytes: no load releases a
+            # prefetched item while the prefetch runs, so a budget short of that would stop the
+            # download for good once it filled (items of 600 KiB hold 1 MiB each).
+            held = sum(held_memory(r, r.start, r.end) for f in files for r in f.plan.items)
+            config = self._config.replace(memory_budget=max(held, 1))
+            etags = {  # safetensors: every GET pinned to the ETag its header was read from
+                path.key(info.relative_path): etag
+                for info in metadata.storage_data.values()
+                if (etag := getattr(info, "etag", None)) is not None
+            }
+            recorded: dict[str, str] = {} if integrity is None else integrity.etags(path.key)
+            etags.update(recorded)  # DCP saved by aiodcp: the ETags its record holds
+            engine = FetchEngine(store, path.bucket, files, config, recorder, etags, recorded)
             with self._lock:
                 self._metadata, self._engine, self._index = metadata, engine, index
                 self._total = sum(f.plan.requested_bytes for f in files)
@@ -163,7 +191,7 @@ class PrefetchHandle:
         return recorder.finish()
 
     def _select(
-        self, metadata: Metadata, max_gap_size: int | float
+        self, metadata: Metadata, max_gap_size: int | float, integrity: Integrity | None = None
     ) -> tuple[list[FileFetch], dict[tuple[str, ItemRange], tuple[int, int]]]:
         keys = self._keys
         selected: set[str] | None = None
@@ -177,7 +205,9 @@ class PrefetchHandle:
                     value=keys,
                 )
         wanted: dict[str, set[ItemRange]] = {}
+        names: dict[tuple[str, int, int], str] = {}
         for index, info in metadata.storage_data.items():
+            names[(info.relative_path, info.offset, info.length)] = repr(index.fqn)
             if selected is not None and index.fqn not in selected:
                 continue
             if info.length:
@@ -192,9 +222,19 @@ class PrefetchHandle:
                 max_gap_size=max_gap_size,
                 part_size=self._config.buffered_part_size,
             )
+            key = self._path.key(relative_path)
+            checks = {}
             for item_index, item_range in enumerate(plan.items):
                 positions[(relative_path, item_range)] = (len(files), item_index)
-            files.append(FileFetch(self._path.key(relative_path), plan))
+                if integrity is not None:
+                    checks[item_index] = integrity.check(
+                        relative_path,
+                        item_range.start,
+                        item_range.length,
+                        f"s3://{self._path.bucket}/{key}",
+                        names.get((relative_path, item_range.start, item_range.length), ""),
+                    )
+            files.append(FileFetch(key, plan, checks=checks))
         return files, positions
 
     def _set_ready(self) -> None:
@@ -223,7 +263,13 @@ class PrefetchHandle:
 
     @property
     def checkpoint_id(self) -> str:
-        return self._path.url
+        return self._url
+
+    @property
+    def format(self) -> Format:
+        """``"dcp"`` or ``"safetensors"`` once the prefetch read what describes the
+        checkpoint (``"auto"`` before)."""
+        return self._describe.format
 
     @property
     def stats(self) -> LoadStats:
@@ -251,15 +297,16 @@ class PrefetchHandle:
         """A load's session: the metadata the prefetch read, its items as the source."""
         metadata: Metadata | None = None
         if not self._cancelled:
-            try:
-                self._ready.result()
-            except concurrent.futures.CancelledError:
-                pass
+            # Bounded: the metadata GET is the store's (timeouts, attempts) while the loop runs.
+            self._driver.wait(self._ready, f"the prefetch's GET of {self._path.url}/.metadata")
             with self._lock:
                 metadata = self._metadata
             if metadata is None and not self._cancelled:
+                # The prefetch ended before its engine existed: its future is done or about
+                # to be (set_ready runs in its finally).
+                self._driver.wait(self._future, f"the end of the prefetch of {self._path.url}")
                 try:
-                    error = self._future.exception()  # blocks until the prefetch ended
+                    error = self._future.exception()
                 except concurrent.futures.CancelledError:
                     error = None  # stopped before reading it: the load reads it itself
                 if error is not None:
@@ -271,6 +318,7 @@ class PrefetchHandle:
             source=None if self._cancelled else _LoadScope(self),
             metadata=metadata,
             request_latency_s=self._request_latency_s,
+            fetch=self._describe,
         )
 
     def load(
@@ -319,14 +367,23 @@ class PrefetchHandle:
         no_dist: bool,
         keep: bool,
     ) -> LoadStats:
+        if session.metadata is None:  # stopped before the prefetch read it: the format too
+            session.read_metadata()
         run_dcp_load(
             state_dict,
-            attached_reader(session, self._driver),
+            attached_reader(
+                session,
+                self._driver,
+                dcp_load_group(process_group, no_dist),
+                reader_type(self._describe.format),
+            ),
             planner=planner,
             process_group=process_group,
             no_dist=no_dist,
         )
-        if not keep:
+        # A load cancelled once its last wait was over still completes in its thread; its
+        # caller sees the cancellation, so it does not consume what the handle holds.
+        if not keep and not session.cancelled:
             self.cancel()
         return session.stats if session.stats is not None else LoadStats()
 
@@ -357,7 +414,7 @@ class PrefetchHandle:
 
     def __repr__(self) -> str:
         state = "cancelled" if self._cancelled else "done" if self.done() else "running"
-        return f"<PrefetchHandle {self._path.url} {state} {self.stats}>"
+        return f"<PrefetchHandle {self._url} {state} {self.stats}>"
 
 
 class _LoadScope:
@@ -391,9 +448,11 @@ class _LoadScope:
 
     def _wait(self, engine: FetchEngine, file_index: int, item_index: int) -> ChunkBuffer:
         """``engine.wait_item``, except that cancelling this load ends the wait (and only this
-        wait: the engine goes on for the prefetch and for other loads)."""
+        wait: the engine goes on for the prefetch and for other loads). The item is returned as
+        a buffer of this load's own over the prefetch's memory: a buffer has a read position,
+        and two loads through one handle decode the same item in their own threads."""
         try:
-            return engine.wait_item(file_index, item_index, stop=lambda: self._cancelled)
+            buffer = engine.wait_item(file_index, item_index, stop=lambda: self._cancelled)
         except LoadCancelledError:
             if self._cancelled:
                 raise LoadCancelledError(
@@ -407,3 +466,4 @@ class _LoadScope:
                     "for its bytes; load again: a load after cancel() fetches everything itself"
                 ) from None
             raise
+        return ChunkBuffer(buffer.chunks)

@@ -230,6 +230,27 @@ class ChunkBuffer:
     def _closed_error(self) -> SequentialAccessError:
         return SequentialAccessError("I/O operation on a closed ChunkBuffer", length=self._length)
 
+    def window(self, start: int, end: int) -> ChunkBuffer:
+        """The bytes ``[start, end)`` as a ChunkBuffer of their own, over the same memory (no
+        copy; a slice of a fetched window of whole checksum blocks, say)."""
+        start = _as_int(start, "start", "ChunkBuffer.window()")
+        end = _as_int(end, "end", "ChunkBuffer.window()")
+        if not 0 <= start <= end <= self._length:
+            raise InvalidRangeError(
+                f"ChunkBuffer.window({start!r}, {end!r}): not a range of its {self._length} bytes",
+                length=self._length,
+            )
+        pieces: list[memoryview] = []
+        if start < end:
+            i = bisect_right(self._starts, start) - 1
+            while i < len(self._chunks) and self._starts[i] < end:
+                base = self._starts[i]
+                source = self._sources[i]
+                chunk = source if source is not None else self._chunks[i]
+                pieces.append(chunk[max(start, base) - base : min(end, self._ends[i]) - base])
+                i += 1
+        return ChunkBuffer(pieces, end - start)
+
     # -- file API ----------------------------------------------------------------------
 
     def read(self, size: int | None = -1, /) -> bytes:

@@ -17,6 +17,14 @@ Other services' query APIs (STS's AssumeRole, for ``_credentials``) are presigne
 ``Presigner(credentials, region, service="sts")`` and their parameters passed as ``query``
 (signed, and put in the URL before the ``X-Amz-*`` ones).
 
+Requests with a method and parameters of their own (a save's uploads: PUT of an object or a
+part, POST and DELETE of multipart uploads) are signed by ``presign_request(method, url_base,
+path, host, query=..., headers=...)``: the same query form, the operation's parameters
+(``uploadId``, ``partNumber``, ``uploads``) first in the URL and in the sorted canonical query,
+and every header S3 must see signed (``x-amz-checksum-*``, ``if-none-match``, ``if-match``) in
+``X-Amz-SignedHeaders``; the body stays ``UNSIGNED-PAYLOAD`` (the CRC64NVME checksum header,
+which S3 verifies on receipt, protects it).
+
 Invariants: the signing key (four HMACs) is derived once per (secret, date, region) and reused
 for every URL of that UTC day; ``host`` is signed as botocore signs it (the port only when it is
 not the scheme's default); every header passed in ``headers`` is signed and must be sent.
@@ -140,3 +148,51 @@ class Presigner:
         ).hexdigest()
         text = "&".join(f"{k}={v}" for k, v in encoded)
         return f"{url_base}{path}?{text}&X-Amz-Signature={signature}"
+
+    def presign_request(
+        self,
+        method: str,
+        url_base: str,
+        path: str,
+        host: str,
+        *,
+        now: datetime.datetime,
+        expires: int,
+        query: tuple[tuple[str, str], ...] = (),
+        headers: dict[str, str] | None = None,
+    ) -> str:
+        """The presigned URL of a ``method`` request of ``url_base + path`` with the operation's
+        ``query`` parameters (name, value; sent before the signature's parameters), valid
+        ``expires`` seconds from ``now`` (UTC). ``headers`` (lower-case names) are signed and
+        the request must send them with exactly these values."""
+        creds = self.credentials
+        stamp = now.strftime("%Y%m%dT%H%M%SZ")
+        date = stamp[:8]
+        scope = f"{date}/{self.region}/{self.service}/aws4_request"
+        signed = {"host": host, **(headers or {})}
+        names = sorted(signed)
+        signed_headers = ";".join(names)
+        params = [
+            ("X-Amz-Algorithm", _ALGORITHM),
+            ("X-Amz-Credential", f"{creds.access_key}/{scope}"),
+            ("X-Amz-Date", stamp),
+            ("X-Amz-Expires", str(expires)),
+            ("X-Amz-SignedHeaders", signed_headers),
+        ]
+        if creds.token:
+            params.append(("X-Amz-Security-Token", creds.token))
+        operation = [(quote(k, safe=_QUERY_SAFE), quote(v, safe=_QUERY_SAFE)) for k, v in query]
+        auth = [(quote(k, safe=_QUERY_SAFE), quote(v, safe=_QUERY_SAFE)) for k, v in params]
+        canonical_query = "&".join(f"{k}={v}" for k, v in sorted(operation + auth))
+        canonical_headers = "".join(f"{n}:{' '.join(signed[n].split())}\n" for n in names)
+        canonical_request = "\n".join(
+            [method, path, canonical_query, canonical_headers, signed_headers, _UNSIGNED_PAYLOAD]
+        )
+        string_to_sign = "\n".join(
+            [_ALGORITHM, stamp, scope, hashlib.sha256(canonical_request.encode()).hexdigest()]
+        )
+        signature = hmac.new(
+            self._signing_key(date), string_to_sign.encode("utf-8"), hashlib.sha256
+        ).hexdigest()
+        url_query = "&".join(f"{k}={v}" for k, v in operation + auth)
+        return f"{url_base}{path}?{url_query}&X-Amz-Signature={signature}"

@@ -7,9 +7,10 @@ item's sink (``ItemSink``), which says where they go; the engine knows nothing e
   else 1 MiB blocks from a ``BlockPool`` (recycled between items), each taken as its first byte
   arrives; the consumer reads a ``ChunkBuffer`` over them, then releases them to the pool.
 - ``DirectSink`` (direct receipt): the payload straight into a ``DirectTarget``'s memory (a
-  destination tensor; ``dcp._fastdecode.DirectReceive``/``RunReceive`` implement it), after the
-  target located it from the item's first bytes; bytes that arrive before that are kept aside
-  and placed once it is. The consumer verifies the head and tail (``DirectSink.result``).
+  destination tensor; ``dcp._fastdecode.DirectReceive`` and ``dcp._format.RunReceive``
+  implement it), after the target located it from the item's first bytes; bytes that arrive
+  before that are kept aside and placed once it is. The consumer verifies the head and tail
+  (``DirectSink.result``).
 
 ``held_memory`` is what receiving part of an item holds (whole blocks), which the engine
 reserves from its byte budget; ``item_memory`` is the same for a whole item.
@@ -188,7 +189,10 @@ class DirectSink:
     (a part that starts inside the item can arrive first) is kept aside in ``spills``. Once
     located, bytes go straight to the target's memory, the few after it into ``tail``, and
     what was kept aside is put in place. An item ``locate`` refuses is ``failed``: its bytes are
-    dropped and the consumer fetches it again for the buffered path.
+    dropped and the consumer fetches it again for the buffered path. A target with
+    ``head_bytes`` 0 needs no head to locate its memory: it answers at once, and the bytes it
+    says lie before its memory (a verified run's lead-in: the rest of its first checksum
+    block) are kept in ``head`` as they arrive, as the bytes after it are in ``tail``.
     """
 
     __slots__ = ("failed", "have", "head", "length", "spills", "start", "stop", "tail", "target")
@@ -216,11 +220,15 @@ class DirectSink:
             if offset >= len(self.head):
                 return None
             view = memoryview(self.head)[offset:]
-        elif offset < start:  # not after locating (every head byte came before): drop
-            return None
+        elif offset < start:  # before the memory: the head (a run's lead-in)
+            if len(self.head) < start:  # a lead-in, taken when its first byte comes
+                self.head = bytearray(start)
+            view = memoryview(self.head)[offset:start]
         elif offset < self.stop:
             view = self.target.memory[offset - start :]
         else:
+            if len(self.tail) < self.length - self.stop:  # taken when its first byte comes
+                self.tail = bytearray(self.length - self.stop)
             view = memoryview(self.tail)[offset - self.stop :]
         return view if len(view) <= limit else view[:limit]
 
@@ -244,7 +252,9 @@ class DirectSink:
         found = self.target.locate(bytes(self.head[:received]))
         if found is None:
             return
-        if found < 0 or found > received:
+        # Located from the head it read (at most the bytes it saw), or, needing none, at once.
+        upfront = not self.have and received == 0
+        if found < 0 or (found > received and not upfront):
             self._fail()
             return
         stop = found + len(self.target.memory)
@@ -252,9 +262,11 @@ class DirectSink:
             self._fail()
             return
         head = self.head
-        self.head = bytearray(head[:found])
+        # A lead-in and every tail are taken (``view``) when their first byte comes: a load of
+        # many windows holds only those it is receiving.
+        self.head = bytearray() if upfront else bytearray(head[:found])
         self.start, self.stop = found, stop
-        self.tail = bytearray(self.length - stop)
+        self.tail = bytearray()
         at = found
         while at < len(have):  # head bytes past the start: into the memory or the tail
             at = have.find(1, at)

@@ -1,4 +1,6 @@
-"""Load statistics: a mutable recorder the engine writes, a frozen ``LoadStats`` users read."""
+"""Statistics: a mutable recorder the engines write, a frozen value users read.
+
+Loads: ``StatsRecorder`` -> ``LoadStats``. Saves: ``SaveRecorder`` -> ``SaveStats``."""
 
 from __future__ import annotations
 
@@ -6,7 +8,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-__all__ = ["LoadStats", "RequestMetrics", "StatsRecorder"]
+__all__ = ["LoadStats", "RequestMetrics", "SaveRecorder", "SaveStats", "StatsRecorder"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,12 +76,26 @@ class LoadStats:
     """Items meant to be received straight into their destination whose archive turned out to
     be laid out otherwise: fetched again and decoded by ``torch.load`` (their bytes count twice
     in ``bytes_received``)."""
+    verified_bytes: int = 0
+    """Stored bytes checked against a checksum before torch saw them: the block checksums of
+    the checkpoint's integrity record (a checkpoint saved by aiodcp). Bytes received from
+    other ranks count too."""
+    unverified_bytes: int = 0
+    """Stored bytes handed to torch without such a check (a checkpoint without a record, or
+    ``verify_checksums=False``)."""
+    checksum_mismatches: int = 0
+    """Items (or blocks of them) whose bytes did not match their checksum and were fetched
+    again from the store (a second mismatch raises ``ChecksumMismatchError``)."""
     bytes_from_peers: int = 0
     """Stored item bytes this rank received from other ranks instead of the store (a shared
     multi-rank load, ``share_across_ranks``)."""
     bytes_to_peers: int = 0
     """Stored item bytes this rank fetched and sent to other ranks (counted once per
     receiving rank)."""
+    sharing: str = ""
+    """Whether this load shared its bytes across ranks (see README "Multi-rank loads"):
+    ``"shared"``, or ``"off: <why>"`` (a single process, ``share_across_ranks=False``, no gloo
+    group, the load's process group unknown...); empty for a load that read no data."""
     ranks: int = 1
     """Ranks whose counters these are: 1 for one rank's own statistics, the world size for
     ``job``."""
@@ -147,6 +163,7 @@ class StatsRecorder:
         "bytes_requested",
         "bytes_to_peers",
         "bytes_used",
+        "checksum_mismatches",
         "direct_items",
         "direct_runs",
         "fast_decoded_items",
@@ -163,9 +180,12 @@ class StatsRecorder:
         "resigned",
         "resumed_bytes",
         "retries",
+        "sharing",
         "slice_saved_bytes",
         "sliced_items",
         "throttled",
+        "unverified_bytes",
+        "verified_bytes",
     )
 
     def __init__(self) -> None:
@@ -193,9 +213,13 @@ class StatsRecorder:
         self.direct_items = 0
         self.direct_runs = 0
         self.refetched_items = 0
+        self.verified_bytes = 0
+        self.unverified_bytes = 0
+        self.checksum_mismatches = 0
         self.min_request_rate: float | None = None
         self.bytes_from_peers = 0
         self.bytes_to_peers = 0
+        self.sharing = ""
         self.job: LoadStats | None = None
 
     def add(self, **counts: int) -> None:
@@ -254,8 +278,12 @@ class StatsRecorder:
                 direct_items=self.direct_items,
                 direct_runs=self.direct_runs,
                 refetched_items=self.refetched_items,
+                verified_bytes=self.verified_bytes,
+                unverified_bytes=self.unverified_bytes,
+                checksum_mismatches=self.checksum_mismatches,
                 bytes_from_peers=self.bytes_from_peers,
                 bytes_to_peers=self.bytes_to_peers,
+                sharing=self.sharing,
                 job=self.job,
             )
 
@@ -281,6 +309,9 @@ _SUMMED = (
     "direct_items",
     "direct_runs",
     "refetched_items",
+    "verified_bytes",
+    "unverified_bytes",
+    "checksum_mismatches",
 )
 """The counters a job's statistics sum over its ranks, in the order ranks exchange them."""
 
@@ -312,5 +343,149 @@ def job_stats(rows: list[list[int]], template: LoadStats) -> LoadStats:
         max_gap_size=template.max_gap_size,
         request_latency_s=template.request_latency_s,
         min_request_rate=template.min_request_rate,
+        sharing=template.sharing,
         ranks=len(rows),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class SaveStats:
+    """What one save did on this rank. Byte counts are of the object store's payload."""
+
+    bytes_written: int = 0
+    """Bytes of the data files this rank wrote (what the checkpoint holds)."""
+    bytes_sent: int = 0
+    """Payload bytes sent: the data files, parts sent again after a failure, and ``.metadata``."""
+    requests: int = 0
+    """Requests sent (PUTs of objects and parts, the multipart calls, the commit, deletions),
+    retries included."""
+    retries: int = 0
+    """Requests sent again after a failure (a part is resent from the same memory)."""
+    files: int = 0
+    """Data files written by this rank."""
+    items: int = 0
+    """Stored items (tensors and non-tensor values) written by this rank."""
+    parts: int = 0
+    """Parts of multipart uploads (a file larger than ``part_size`` is uploaded in parts)."""
+    multipart_uploads: int = 0
+    """Data files uploaded as multipart uploads (the others were one PUT each)."""
+    direct_bytes: int = 0
+    """Bytes sent straight from the tensors' own memory (no copy)."""
+    staged_bytes: int = 0
+    """Bytes copied before they were sent: small tensors' archives, non-tensor values, tensors
+    that were not contiguous CPU memory of their own, the archives' framing."""
+    peak_staged_bytes: int = 0
+    """Most staged memory held at once (reserved from ``memory_budget``): at most
+    ``max(memory_budget, largest staged item)`` plus one part being assembled."""
+    throttled: int = 0
+    """Requests the store refused for their rate (503 ``SlowDown``...); each was retried after
+    the save lowered its request rate."""
+    min_request_rate: float | None = None
+    """Requests per second: the lowest rate the save limited itself to; None if never throttled."""
+    metadata_bytes: int = 0
+    """Size of the ``.metadata`` this rank committed (0: another rank committed)."""
+    deleted_files: int = 0
+    """Data files deleted: those of the checkpoint this save replaced (after the commit), or
+    this save's own after it failed."""
+    wall_time_s: float = 0.0
+    """Seconds from the start of the save (its planning) to its end (the commit)."""
+
+    def __str__(self) -> str:
+        mib = 1024 * 1024
+        return (
+            f"{self.bytes_written / mib:.1f} MiB in {self.files} files ({self.items} items), "
+            f"{self.requests} requests ({self.retries} retries, {self.parts} parts), "
+            f"{self.direct_bytes / mib:.1f} MiB sent from tensor memory, "
+            f"{self.staged_bytes / mib:.1f} MiB staged (peak {self.peak_staged_bytes / mib:.1f}"
+            f" MiB), wall {self.wall_time_s:.3f} s"
+        )
+
+
+class SaveRecorder:
+    """Counters of one save. Written from the event loop and the save's thread."""
+
+    __slots__ = (
+        "_lock",
+        "_start",
+        "_stop",
+        "bytes_sent",
+        "bytes_written",
+        "deleted_files",
+        "direct_bytes",
+        "files",
+        "items",
+        "metadata_bytes",
+        "min_request_rate",
+        "multipart_uploads",
+        "parts",
+        "peak_staged_bytes",
+        "requests",
+        "retries",
+        "staged_bytes",
+        "throttled",
+    )
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._start = time.perf_counter()
+        self._stop: float | None = None
+        self.bytes_written = 0
+        self.bytes_sent = 0
+        self.requests = 0
+        self.retries = 0
+        self.files = 0
+        self.items = 0
+        self.parts = 0
+        self.multipart_uploads = 0
+        self.direct_bytes = 0
+        self.staged_bytes = 0
+        self.peak_staged_bytes = 0
+        self.throttled = 0
+        self.min_request_rate: float | None = None
+        self.metadata_bytes = 0
+        self.deleted_files = 0
+
+    def add(self, **counts: int) -> None:
+        with self._lock:
+            for name, value in counts.items():
+                setattr(self, name, getattr(self, name) + value)
+
+    def observe_rate(self, limit: float | None) -> None:
+        """The request-rate limit now in force (None: unlimited); the lowest one is kept."""
+        if limit is None:
+            return
+        with self._lock:
+            if self.min_request_rate is None or limit < self.min_request_rate:
+                self.min_request_rate = limit
+
+    def observe_peak(self, staged: int) -> None:
+        with self._lock:
+            self.peak_staged_bytes = max(self.peak_staged_bytes, staged)
+
+    def finish(self) -> SaveStats:
+        """The final statistics; the wall time stops at the first call."""
+        if self._stop is None:
+            self._stop = time.perf_counter()
+        return self.snapshot()
+
+    def snapshot(self) -> SaveStats:
+        stop = self._stop if self._stop is not None else time.perf_counter()
+        with self._lock:
+            return SaveStats(
+                bytes_written=self.bytes_written,
+                bytes_sent=self.bytes_sent,
+                requests=self.requests,
+                retries=self.retries,
+                files=self.files,
+                items=self.items,
+                parts=self.parts,
+                multipart_uploads=self.multipart_uploads,
+                direct_bytes=self.direct_bytes,
+                staged_bytes=self.staged_bytes,
+                peak_staged_bytes=self.peak_staged_bytes,
+                throttled=self.throttled,
+                min_request_rate=self.min_request_rate,
+                metadata_bytes=self.metadata_bytes,
+                deleted_files=self.deleted_files,
+                wall_time_s=stop - self._start,
+            )

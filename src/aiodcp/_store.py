@@ -44,6 +44,18 @@ Data GETs are conditional: ``If-Match`` once the object's ETag is known, else
 ``If-Unmodified-Since`` with the time the checkpoint's ``.metadata`` was served
 (``load_started``), so no load mixes two versions of a checkpoint.
 
+A save's requests (``send_write``, one attempt of a ``WriteRequest``: PUT of an object or a
+part, CreateMultipartUpload, CompleteMultipartUpload, AbortMultipartUpload, DeleteObject,
+HEAD) take the same two paths with the same connections, signing and credentials: through
+``_http.RangeClient.send`` with a URL signed for that method, its parameters and the headers
+S3 must see signed (``x-amz-checksum-*``, ``If-None-Match``, ``If-Match``): natively in the
+plain case (``Plain.request_url``), else presigned by botocore; or, where the fast path does
+not apply (proxies, client certificates, ``fast_http=False``, a reply it does not handle), as a
+botocore call (the body's views joined into one buffer there). Their refusals are sorted by
+``classify_write`` (412/409: ``ConditionalWriteError``; ``BadDigest``, a body that arrived
+different from what was sent: retried). ``get_object_etag`` reads a small object and the ETag
+it had (the ``.metadata`` a save replaces).
+
 Every exception is translated at one boundary into the most specific ``aiodcp`` error
 (``translate_error``), with bucket and key in the message, marked ``retryable`` when a new
 request can fix it (``is_retryable``); botocore's and aiohttp's exception types are asked about
@@ -79,16 +91,21 @@ import ssl
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from ._checksum import ALGORITHM as _CRC_ALGORITHM
+from ._checksum import HEADER as _CRC_HEADER
+from ._checksum import from_header as _crc_from_header
+from ._checksum import to_header as _crc_to_header
 from ._config import ReaderConfig
 from ._credentials import FetchContext, FetchError, Refresher
 from ._errors import (
     AccessDeniedError,
     AiodcpError,
+    ConditionalWriteError,
     NoCredentialsError,
     NoSuchBucketError,
     NotFoundError,
@@ -110,11 +127,15 @@ __all__ = [
     "PresignTiming",
     "RangeSink",
     "S3Store",
+    "WriteReply",
+    "WriteRequest",
+    "classify_write",
     "exhausted",
     "is_retryable",
     "is_throttling",
     "retry_delay",
     "translate_error",
+    "translate_write_error",
 ]
 
 T = TypeVar("T")
@@ -279,6 +300,26 @@ def retry_delay(attempt: int) -> float:
     """Seconds to wait after failed attempt ``attempt`` (1-based): exponential, full jitter."""
     cap = min(RETRY_BACKOFF_CAP_S, RETRY_BACKOFF_BASE_S * 2 ** min(attempt - 1, 30))
     return random.uniform(0.0, cap)
+
+
+def longest_retry_delay(max_attempts: int) -> float:
+    """The longest wait between two attempts of a request of at most ``max_attempts``."""
+    if max_attempts < 2:
+        return 0.0
+    return float(min(RETRY_BACKOFF_CAP_S, RETRY_BACKOFF_BASE_S * 2 ** min(max_attempts - 2, 30)))
+
+
+def quiet_limit_s(config: ReaderConfig) -> float:
+    """Seconds a wait for the store's work may see no progress at all (no byte received, no
+    request sent or retried; or, for a wait on the I/O loop, the loop not running) before it
+    gives up with an error naming what it waited for.
+
+    A download that works is never that quiet: a request silent for its timeout fails, and the
+    next attempt starts within the longest backoff, and the last attempt's failure ends every
+    wait with the store's own error. So only work that stopped for good reaches twice that (an
+    I/O loop blocked by an ``on_request`` hook that does not return; a bug): never a hang."""
+    timeout = max(config.connect_timeout_s, config.read_timeout_s)
+    return 2.0 * (timeout + longest_retry_delay(config.max_attempts))
 
 
 def exhausted(error: AiodcpError, attempts: int) -> AiodcpError:
@@ -613,6 +654,84 @@ class S3Store:
             return int(response["ContentLength"])
 
         return await self.retrying(attempt_once, what=f"HEAD s3://{bucket}/{key}")
+
+    async def read_head(
+        self, bucket: str, key: str, span: int, *, stats: StatsRecorder | None = None
+    ) -> tuple[bytes, int, str | None]:
+        """The first ``span`` bytes of an object (all of it when it is shorter), its size and
+        its ETag, from one ranged GET (a safetensors file's header length and header at once),
+        retried as a whole. An empty object is ``(b"", 0, None)``. With ``stats``, each retry
+        adds one request and one retry (the caller counts the first request itself)."""
+
+        async def attempt_once(attempt: int) -> tuple[bytes, int, str | None]:
+            try:
+                fast = await self._get_fast(bucket, key, span, whole=False)
+            except TruncatedObjectError as exc:
+                if getattr(exc, "status", None) == 416:
+                    return b"", 0, None  # an empty object has no first byte to range over
+                raise
+            if fast is not None:
+                data, headers, size = fast
+                return data, size, headers.get("etag")
+            body = None
+            try:
+                client = await self.botocore_client()
+                response = await client.get_object(
+                    Bucket=bucket, Key=key, Range=f"bytes=0-{span - 1}", **self._payer
+                )
+                body = response["Body"]
+                data = await body.read()
+            except Exception as exc:
+                error = translate_error(exc, bucket, key)
+                if isinstance(error, TruncatedObjectError) and getattr(error, "status", 0) == 416:
+                    return b"", 0, None
+                raise error from exc
+            finally:
+                if body is not None:
+                    body.close()
+            match = _CONTENT_RANGE_RE.match(str(response.get("ContentRange") or ""))
+            if match is not None and match.group(3) != "*":
+                size = int(match.group(3))
+            else:
+                size = int(response.get("ContentLength", len(data)))
+            return data[:span], size, response.get("ETag")
+
+        def on_retry(attempt: int) -> None:
+            if stats is not None:
+                stats.add(requests=1, retries=1)
+
+        return await self.retrying(
+            attempt_once, on_retry=on_retry, what=f"s3://{bucket}/{key} bytes [0, {span})"
+        )
+
+    async def list_keys(self, bucket: str, prefix: str) -> list[str]:
+        """The keys directly under ``prefix`` (a "folder" ending in ``/``, or "" for the
+        bucket's top level; no deeper), listed with ListObjectsV2 through botocore (created on
+        first need, imported in a worker thread), every page, each request retried."""
+        keys: list[str] = []
+        token: str | None = None
+        while True:
+            params: dict[str, Any] = {
+                "Bucket": bucket,
+                "Prefix": prefix,
+                "Delimiter": "/",
+                **self._payer,
+            }
+            if token is not None:
+                params["ContinuationToken"] = token
+
+            async def attempt_once(attempt: int, params: dict[str, Any] = params) -> Any:
+                try:
+                    client = await self.botocore_client()
+                    return await client.list_objects_v2(**params)
+                except Exception as exc:
+                    raise translate_error(exc, bucket, prefix) from exc
+
+            page = await self.retrying(attempt_once, what=f"list s3://{bucket}/{prefix}")
+            keys.extend(str(entry["Key"]) for entry in page.get("Contents", ()))
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or token is None:
+                return keys
 
     async def _get_fast(
         self, bucket: str, key: str, span: int, *, whole: bool
@@ -1044,6 +1163,443 @@ class S3Store:
             body, bucket=bucket, key=key, start=start, end=end, etag=etag
         )
         return stream
+
+    # ------------------------------------------------------------------ a save's requests
+
+    async def send_write(
+        self, request: WriteRequest, body: Sequence[memoryview] = ()
+    ) -> WriteReply:
+        """One attempt of a save's request (``body``: the object's or part's bytes, written
+        from these views as they are); raises translated errors (``translate_write_error``),
+        retryable ones marked. Through the fast path with a URL signed for this request
+        (natively in the plain case, else by botocore), or as a botocore call."""
+        if self._fast is not None:
+            reply = await self._write_fast(request, body)
+            if reply is not None:
+                return reply
+        return await self._write_botocore(request, body)
+
+    async def _write_fast(
+        self, request: WriteRequest, body: Sequence[memoryview]
+    ) -> WriteReply | None:
+        """``send_write`` through ``_http``; None: send it through botocore instead. Refusals
+        are handled as for GETs (``_fetch_fast``): an expired signature is signed again (not an
+        attempt), a region refusal or a reply the fast path does not handle goes to botocore."""
+        method, _, headers, _ = request.shape()
+        lines = tuple(f"{name}: {value}" for name, value in headers.items())
+        data = body if request.operation != "complete_multipart_upload" else (request.xml(),)
+        where = (request.bucket, request.key)
+        for _ in range(_RESIGNS + 1):
+            fast = self._fast
+            if fast is None:
+                return None
+            signed = await self._write_url(request)
+            if signed.url is None:
+                return None
+            try:
+                _, reply_headers, reply_body = await fast.send(signed.url, method, lines, data)
+                return _write_reply(request, reply_headers, reply_body)
+            except HttpError as exc:
+                kind = _refusal_kind(exc.status, exc.code, exc.message)
+                if kind is None:
+                    raise translate_write_error(exc, *where, part=request.part_number) from exc
+                if kind in ("stale", "resign"):
+                    if kind == "stale" and not await self._refresh_credentials(
+                        signed.access_key, native=signed.native
+                    ):
+                        raise translate_write_error(exc, *where) from exc
+                    continue
+                self._fell_back(*where, kind, native=signed.native)
+            except FallbackRequired:
+                self._fell_back(*where, "fallback")
+            except AiodcpError:
+                raise
+            except Exception as exc:
+                raise translate_write_error(exc, *where, part=request.part_number) from exc
+            break
+        return None
+
+    async def _write_url(self, request: WriteRequest) -> _Signed:
+        """The URL of one write request, signed for its method, parameters and headers: natively
+        in the plain case, else by botocore (as the client signs its own requests, see
+        ``_botocore_url``); ``url`` None: botocore sends it. Never cached: each request has a
+        checksum of its own."""
+        method, query, headers, params = request.shape()
+        now = time.monotonic()
+        timing = self.timing
+        plain = None
+        lifetime: int | None = None
+        if self._plain is not None:
+            where = (request.bucket, request.key)
+            plain = await self._current_plain(force=False, bucket=where[0], key=where[1])
+            lifetime = self._lifetime()
+            if lifetime is not None and lifetime < timing.min_presign_s:
+                # about to expire and not refreshed yet: refresh now (as _native_url does)
+                plain = await self._current_plain(force=True, bucket=where[0], key=where[1])
+                lifetime = self._lifetime()
+        if plain is not None:
+            expires = timing.expires_s if lifetime is None else max(1, lifetime)
+            text = plain.request_url(
+                method,
+                request.bucket,
+                request.key,
+                now=datetime.datetime.now(datetime.UTC),
+                expires=expires,
+                payer=self.config.request_payer,
+                query=query,
+                headers=headers,
+            )
+            if text is not None:
+                access_key = plain.credentials.access_key if plain.credentials else None
+                return _Signed(self._with_payer(Url.parse(text)), now, access_key, native=True)
+        client = await self.botocore_client()
+        if self._proxy_config is None:
+            return _Signed(None, now, None)
+        boto = _botostore()
+        credentials = boto.signer_credentials(client)
+        try:
+            access_key = await boto.current_access_key(credentials)
+            lifetime = timing.expires_s
+            credentials_left = boto.seconds_left(credentials)
+            if credentials_left is not None:
+                lifetime = int(min(lifetime, credentials_left - timing.credential_margin_s))
+            if _is_directory_bucket(request.bucket):
+                lifetime = min(lifetime, timing.directory_session_s)
+            if lifetime < timing.min_presign_s:
+                return _Signed(None, now, access_key)
+            text = await client.generate_presigned_url(
+                request.operation, Params={**params, **self._payer}, ExpiresIn=lifetime
+            )
+        except Exception as exc:
+            if boto.is_no_credentials(exc):
+                raise translate_write_error(exc, request.bucket, request.key) from exc
+            logger.debug("presigning %s failed (%r): botocore sends it", request.what, exc)
+            return _Signed(None, now, None)
+        signed_names = _signed_header_names(text)
+        if self._proxy_config.proxy_url_for(text) or not signed_names <= {
+            "host",
+            "x-amz-request-payer",
+            *headers,
+        }:
+            return _Signed(None, now, access_key)  # a proxy, or headers we would not send
+        return _Signed(self._with_payer(Url.parse(text)), now, access_key)
+
+    async def _write_botocore(
+        self, request: WriteRequest, body: Sequence[memoryview]
+    ) -> WriteReply:
+        """``send_write`` as a botocore call (its body joined into one buffer)."""
+        _, _, _, params = request.shape()
+        params = {**params, **self._payer}
+        if request.operation in ("put_object", "upload_part"):
+            params["Body"] = b"".join(body)
+        elif request.operation == "complete_multipart_upload":
+            params["MultipartUpload"] = {
+                "Parts": [
+                    {"ETag": etag, "PartNumber": n, "ChecksumCRC64NVME": _crc_to_header(crc)}
+                    for n, etag, crc in request.parts
+                ]
+            }
+        try:
+            client = await self.botocore_client()
+            response = await getattr(client, request.operation)(**params)
+        except Exception as exc:
+            raise translate_write_error(
+                exc, request.bucket, request.key, part=request.part_number
+            ) from exc
+        checksum = response.get("ChecksumCRC64NVME")
+        size = response.get("ContentLength")
+        return WriteReply(
+            etag=response.get("ETag"),
+            upload_id=response.get("UploadId"),
+            checksum=_crc_from_header(checksum) if isinstance(checksum, str) else None,
+            size=size if isinstance(size, int) else None,
+        )
+
+    async def get_object_etag(self, bucket: str, key: str) -> tuple[bytes, str | None] | None:
+        """A small object's bytes and the ETag they had (one version: a longer object's rest is
+        pinned to its first response's ETag); None if there is no such object. Retried as a
+        whole (``retrying``)."""
+
+        async def attempt_once(attempt: int) -> tuple[bytes, str | None] | None:
+            try:
+                fast = await self._get_fast(bucket, key, _WHOLE_GET_SPAN, whole=True)
+            except NotFoundError:
+                return None
+            if fast is not None:
+                data, headers, _ = fast
+                return data, headers.get("etag")
+            body = None
+            try:
+                client = await self.botocore_client()
+                response = await client.get_object(Bucket=bucket, Key=key, **self._payer)
+                body = response["Body"]
+                got: bytes = await body.read()
+            except Exception as exc:
+                error = translate_error(exc, bucket, key)
+                if isinstance(error, NotFoundError) and not isinstance(error, NoSuchBucketError):
+                    return None
+                raise error from exc
+            finally:
+                if body is not None:
+                    body.close()
+            return got, response.get("ETag")
+
+        return await self.retrying(attempt_once, what=f"s3://{bucket}/{key}")
+
+
+@dataclass(frozen=True, slots=True)
+class WriteRequest:
+    """One request of a save, whichever path sends it (``S3Store.send_write``).
+
+    ``operation`` is botocore's name: ``put_object``, ``create_multipart_upload``,
+    ``upload_part``, ``complete_multipart_upload``, ``abort_multipart_upload``,
+    ``delete_object`` or ``head_object``. ``checksum`` is the CRC64NVME of the body
+    (``put_object``, ``upload_part``) or of the whole object (``complete_multipart_upload``),
+    sent for S3 to verify on receipt; a multipart upload is created as a FULL_OBJECT CRC64NVME
+    one. ``if_none_match`` (``If-None-Match: *``) and ``if_match`` (``If-Match: <etag>``) make a
+    ``put_object`` or ``complete_multipart_upload`` conditional."""
+
+    operation: str
+    bucket: str
+    key: str
+    upload_id: str | None = None
+    part_number: int | None = None
+    checksum: int | None = None
+    if_none_match: bool = False
+    if_match: str | None = None
+    parts: tuple[tuple[int, str, int], ...] = ()
+    """``complete_multipart_upload``: (part number, ETag, CRC64NVME) of every part, in order."""
+
+    @property
+    def what(self) -> str:
+        """The request, named for messages."""
+        part = f" part {self.part_number}" if self.part_number is not None else ""
+        return f"{self.operation}{part} of s3://{self.bucket}/{self.key}"
+
+    def shape(self) -> tuple[str, tuple[tuple[str, str], ...], dict[str, str], dict[str, Any]]:
+        """(HTTP method, the operation's query parameters, the headers to sign and send, the
+        same request as botocore parameters)."""
+        op = self.operation
+        params: dict[str, Any] = {"Bucket": self.bucket, "Key": self.key}
+        headers: dict[str, str] = {}
+        query: tuple[tuple[str, str], ...] = ()
+        if op in ("upload_part", "complete_multipart_upload", "abort_multipart_upload"):
+            if self.upload_id is None:
+                raise ValueError(f"{op} needs an upload id")
+            params["UploadId"] = self.upload_id
+            query = (("uploadId", self.upload_id),)
+        if op == "upload_part":
+            if self.part_number is None:
+                raise ValueError("upload_part needs a part number")
+            params["PartNumber"] = self.part_number
+            query = (("partNumber", str(self.part_number)), *query)
+        if self.checksum is not None:
+            headers[_CRC_HEADER] = _crc_to_header(self.checksum)
+            params["ChecksumCRC64NVME"] = headers[_CRC_HEADER]
+        if op == "create_multipart_upload":
+            query = (("uploads", ""),)
+            headers["x-amz-checksum-algorithm"] = _CRC_ALGORITHM
+            headers["x-amz-checksum-type"] = "FULL_OBJECT"
+            params.update(ChecksumAlgorithm=_CRC_ALGORITHM, ChecksumType="FULL_OBJECT")
+        elif op == "complete_multipart_upload":
+            headers["x-amz-checksum-type"] = "FULL_OBJECT"
+            params["ChecksumType"] = "FULL_OBJECT"
+        elif op == "head_object":
+            headers["x-amz-checksum-mode"] = "ENABLED"
+            params["ChecksumMode"] = "ENABLED"
+        if self.if_none_match:
+            headers["if-none-match"] = "*"
+            params["IfNoneMatch"] = "*"
+        elif self.if_match is not None:
+            headers["if-match"] = self.if_match
+            params["IfMatch"] = self.if_match
+        method = _WRITE_METHODS[op]
+        return method, query, headers, params
+
+    def xml(self) -> memoryview:
+        """The body of a ``complete_multipart_upload``: every part's number, ETag and CRC."""
+        parts = "".join(
+            f"<Part><ChecksumCRC64NVME>{_crc_to_header(crc)}</ChecksumCRC64NVME>"
+            f"<ETag>{_xml_escape(etag)}</ETag><PartNumber>{n}</PartNumber></Part>"
+            for n, etag, crc in self.parts
+        )
+        text = (
+            '<CompleteMultipartUpload xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
+            f"{parts}</CompleteMultipartUpload>"
+        )
+        return memoryview(text.encode("utf-8"))
+
+
+@dataclass(frozen=True, slots=True)
+class WriteReply:
+    """What a save's request returned: the ETag (an object's, a part's), the upload id
+    (``create_multipart_upload``), the CRC64NVME and size the store reports (``head_object``)."""
+
+    etag: str | None = None
+    upload_id: str | None = None
+    checksum: int | None = None
+    size: int | None = None
+
+
+_WRITE_METHODS = {
+    "put_object": "PUT",
+    "upload_part": "PUT",
+    "create_multipart_upload": "POST",
+    "complete_multipart_upload": "POST",
+    "abort_multipart_upload": "DELETE",
+    "delete_object": "DELETE",
+    "head_object": "HEAD",
+}
+
+_XML_TEXT_RE = re.compile(r"<(UploadId|ETag)>([^<]{0,2048})</\1>")
+
+
+def _xml_escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _write_reply(request: WriteRequest, headers: dict[str, str], body: bytes) -> WriteReply:
+    """A fast-path reply in the form ``send_write`` returns (ETag and upload id from the
+    headers, or the XML body for the multipart calls)."""
+    import html
+
+    found = {m.group(1): html.unescape(m.group(2)) for m in _XML_TEXT_RE.finditer(body.decode())}
+    checksum = headers.get(_CRC_HEADER)
+    length = headers.get("content-length", "")
+    return WriteReply(
+        etag=found.get("ETag", headers.get("etag")),
+        upload_id=found.get("UploadId"),
+        checksum=_crc_from_header(checksum) if checksum else None,
+        size=int(length) if request.operation == "head_object" and length.isdigit() else None,
+    )
+
+
+def _signed_header_names(url: str) -> set[str]:
+    """The header names a presigned URL's ``X-Amz-SignedHeaders`` lists."""
+    from urllib.parse import parse_qs, urlsplit
+
+    values = parse_qs(urlsplit(url).query).get("X-Amz-SignedHeaders", [""])
+    return {name for name in values[0].split(";") if name}
+
+
+_WRITE_CLIENT_ERRORS_RETRYABLE = frozenset({"BadDigest", "XAmzContentChecksumMismatch"})
+"""Codes of a body that reached the store different from what was sent (its checksum did not
+match): sent again, from the same memory."""
+
+
+def classify_write(
+    status: int, code: str, message: str, where: str, ctx: dict[str, Any]
+) -> StorageError:
+    """The aiodcp error for an error reply to a save's request (``classify``'s counterpart
+    for writes): conditional writes refused (412, 409) are ``ConditionalWriteError``, which the
+    commit names; a checksum mismatch on receipt is retried."""
+    detail = f"{code or status}: {message}"
+    ctx = {**ctx, "code": code or None}
+    if code == "NoSuchBucket":
+        return NoSuchBucketError(
+            f"bucket {ctx['bucket']!r} does not exist (while writing {where}); check the "
+            f"bucket name and the endpoint/region ({detail})",
+            status=status,
+            retryable=False,
+            **ctx,
+        )
+    if code in _STALE_CREDENTIAL_CODES:
+        return AccessDeniedError(
+            f"the store refused the credentials used to write {where} as expired ({detail}); "
+            "refresh the credentials and save again",
+            status=status,
+            retryable=False,
+            **ctx,
+        )
+    if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
+        return ConditionalWriteError(
+            f"the store refused the conditional write of {where} ({detail})",
+            status=status,
+            retryable=False,
+            **ctx,
+        )
+    if code == "NoSuchUpload":
+        return StorageError(
+            f"the multipart upload of {where} no longer exists: another process or a lifecycle "
+            f"rule aborted it; save again ({detail})",
+            status=status,
+            retryable=False,
+            **ctx,
+        )
+    if code in ("AccessDenied", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch") or (
+        status == 403
+    ):
+        return AccessDeniedError(
+            f"access denied writing {where}; check the credentials and that the bucket policy "
+            f"allows s3:PutObject and s3:AbortMultipartUpload ({detail})",
+            status=status,
+            retryable=False,
+            **ctx,
+        )
+    if status == 404 or code in ("NoSuchKey", "NotFound"):
+        return NotFoundError(
+            f"{where} does not exist ({detail})", status=status, retryable=False, **ctx
+        )
+    if code in _WRITE_CLIENT_ERRORS_RETRYABLE:
+        return TransferError(
+            f"writing {where}: the store received bytes whose CRC64NVME differs from the one "
+            f"sent (damaged in transit); they are sent again ({detail})",
+            status=status,
+            retryable=True,
+            **ctx,
+        )
+    retryable = status in _RETRYABLE_STATUS or code in _RETRYABLE_CODES
+    if 400 <= status < 500 and not retryable:
+        return StorageError(
+            f"the store refused writing {where}: {detail}", status=status, retryable=False, **ctx
+        )
+    return TransferError(
+        f"writing {where} failed: {detail}", status=status, retryable=retryable, **ctx
+    )
+
+
+def translate_write_error(
+    exc: BaseException,
+    bucket: str,
+    key: str,
+    byte_range: tuple[int, int] | None = None,
+    *,
+    part: int | None = None,
+) -> AiodcpError:
+    """``translate_error`` for a save's requests: error replies through ``classify_write``,
+    connection failures as retryable ``TransferError`` (worded for writing); ``part``: the part
+    of a multipart upload it was, named in the message."""
+    if isinstance(exc, AiodcpError):
+        return exc
+    where = _where(bucket, key, byte_range) + (f" (part {part})" if part is not None else "")
+    ctx: dict[str, Any] = {"bucket": bucket, "key": key, "byte_range": byte_range}
+    if part is not None:
+        ctx["part"] = part
+    boto = sys.modules.get("aiodcp._botostore")
+    facts: tuple[int, str, str] | None = None
+    if isinstance(exc, HttpError):
+        facts = (exc.status, exc.code, exc.message)
+    elif boto is not None:
+        if boto.is_no_credentials(exc):
+            return NoCredentialsError(
+                f"no AWS credentials found to write {where}: set AWS_ACCESS_KEY_ID/"
+                "AWS_SECRET_ACCESS_KEY or a profile",
+                retryable=False,
+                **ctx,
+            )
+        facts = boto.error_facts(exc)
+    if facts is not None:
+        return classify_write(*facts, where, ctx)
+    transient = isinstance(exc, (asyncio.TimeoutError, ConnectionError))
+    if boto is not None:
+        transient = (transient or boto.is_transient(exc)) and not boto.is_ssl_error(exc)
+    if transient:
+        return TransferError(
+            f"writing {where} failed: {type(exc).__name__}: {exc}", retryable=True, **ctx
+        )
+    return StorageError(
+        f"writing {where} failed: {type(exc).__name__}: {exc}", retryable=False, **ctx
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,7 @@
-"""The ``torch.distributed.checkpoint`` adapter: ``S3StorageReader``.
+"""The ``torch.distributed.checkpoint`` adapter: ``S3StorageReader`` and ``S3StorageWriter``.
 
-``S3StorageReader`` is imported on first access (PEP 562), so the modules of this package that
-need no S3 client (``_session``'s metadata fetch, ``_metadata``) import without it.
+Both are imported on first access (PEP 562), so the modules of this package that need no S3
+client (``_session``'s metadata fetch, ``_metadata``) import without them.
 """
 
 from __future__ import annotations
@@ -10,16 +10,21 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ._storage_reader import S3StorageReader
+    from ._storage_writer import S3StorageWriter
 
-__all__ = ["S3StorageReader"]
+__all__ = ["S3StorageReader", "S3StorageWriter"]
 
 
 def __getattr__(name: str) -> Any:
-    if name != "S3StorageReader":
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    from ._storage_reader import S3StorageReader
+    if name == "S3StorageReader":
+        from ._storage_reader import S3StorageReader
 
-    return S3StorageReader
+        return S3StorageReader
+    if name == "S3StorageWriter":
+        from ._storage_writer import S3StorageWriter
+
+        return S3StorageWriter
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:

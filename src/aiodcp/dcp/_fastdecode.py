@@ -1,6 +1,7 @@
 """Decode a stored DCP tensor straight into its destination, without ``torch.load``.
 
-The package's only zip/``torch.save`` parsing, used three ways: ``decode_into`` (a buffered
+The package's only zip/``torch.save`` parsing (the archives of DCP's format, which
+``dcp/_archive.py`` describes to the read phase), used three ways: ``decode_into`` (a buffered
 item), ``DirectReceive`` (a whole stored tensor received from the socket into its destination)
 and ``StoredTensorLocator`` (where a stored tensor's storage bytes lie, read from the archive's
 head and checked against its tail: what a resharded load slices by, fetching only the runs of
@@ -60,6 +61,7 @@ from typing import Any
 import torch
 
 from .._reader import ChunkBuffer
+from ._format import memory_of
 
 __all__ = [
     "HEAD_BYTES",
@@ -67,7 +69,6 @@ __all__ = [
     "TAIL_BYTES",
     "DirectReceive",
     "LayoutCache",
-    "RunReceive",
     "StoredTensorLocator",
     "decode_into",
 ]
@@ -468,7 +469,7 @@ class StoredTensorLocator:
     followed by a data descriptor (``torch.save`` streams, so local headers carry no sizes).
     """
 
-    __slots__ = ("_records", "dtype", "length", "nbytes", "shape")
+    __slots__ = ("_records", "_storage_tail", "dtype", "length", "nbytes", "shape")
 
     def __init__(self, dtype: torch.dtype, shape: Sequence[int], length: int) -> None:
         self.dtype = dtype
@@ -480,6 +481,8 @@ class StoredTensorLocator:
         self.length = length
         # name -> (local header offset, size) of each record located, the storage record last
         self._records: dict[str, tuple[int, int]] = {}
+        # bytes the storage record's data descriptor takes after its data (0: none)
+        self._storage_tail = 0
 
     def locate(self, head: bytes) -> int | None:
         """Item offset where the storage bytes begin; None if ``head`` (the item's first bytes)
@@ -528,6 +531,7 @@ class StoredTensorLocator:
                     raise _Unusual("storage record past the end")
                 records[name] = (pos, size)
                 self._records = records
+                self._storage_tail = _DESCRIPTOR.size if flags & _HAS_DESCRIPTOR else 0
                 return int(data)
             elif flags & _HAS_DESCRIPTOR:
                 described = _described_size(head, data)
@@ -589,13 +593,23 @@ class StoredTensorLocator:
         byteorder = f"{prefix}byteorder"
         if byteorder in directory and byteorder not in records:
             return False
-        relied = [pickles[0], byteorder, next(reversed(records))]
+        storage = next(reversed(records))
+        relied = [pickles[0], byteorder, storage]
         for name in relied:
             if name not in records:
                 continue
             entry = directory.get(name)
             if entry is None or entry != records[name]:
                 return False
+        # Where the storage bytes begin (the local header's name and extra lengths, in the
+        # head) must agree with where the directory says the next record (or the directory
+        # itself) begins, after them and their descriptor: a head damaged in those lengths
+        # would otherwise put every byte of the tensor off by its error.
+        local = records[storage][0]
+        following = [offset for offset, _ in directory.values() if offset > local]
+        after = min(following) if following else _directory_offset(tail)
+        if after != len(head) + self.nbytes + self._storage_tail:
+            return False
         return len(head) == self.length - len(tail) - self.nbytes
 
 
@@ -622,36 +636,7 @@ class DirectReceive(StoredTensorLocator):
     def __init__(self, tensor: torch.Tensor, length: int) -> None:
         super().__init__(tensor.dtype, tuple(tensor.shape), length)
         self.tensor = tensor
-        self.memory = _memory_of(tensor)
-
-
-class RunReceive:
-    """Receives one contiguous run of a stored tensor's storage bytes (a slice, already located
-    and verified from the item's head and tail) straight into its destination tensor.
-
-    The run is the whole of what the engine fetches for it, so its memory begins at offset 0
-    (``head_bytes`` 0: nothing to locate) and there is nothing around it to verify."""
-
-    __slots__ = ("memory", "tensor")
-
-    head_bytes = 0
-    tail_bytes = 0
-
-    def __init__(self, tensor: torch.Tensor) -> None:
-        self.tensor = tensor
-        self.memory = _memory_of(tensor)
-
-    def locate(self, head: bytes) -> int:
-        return 0
-
-    def verify(self, head: bytes, tail: bytes) -> bool:
-        return not head and not tail
-
-
-def _memory_of(tensor: torch.Tensor) -> memoryview:
-    """The bytes of a C-contiguous CPU ``tensor``, writable in place."""
-    nbytes = tensor.numel() * tensor.element_size()
-    return memoryview((ctypes.c_ubyte * nbytes).from_address(tensor.data_ptr())).cast("B")
+        self.memory = memory_of(tensor)
 
 
 def _short(complete: bool) -> int | None:
@@ -672,6 +657,11 @@ def _described_size(head: bytes, data: int) -> int | None:
             return at - data
         at = head.find(_DESCRIPTOR_MARK, at + 1)
     return None
+
+
+def _directory_offset(tail: bytes) -> int:
+    """Item offset of the central directory, from the end record that ends ``tail``."""
+    return int(_EOCD.unpack_from(tail, len(tail) - _EOCD.size)[6])
 
 
 def _directory(tail: bytes, tail_start: int) -> dict[str, tuple[int, int]]:

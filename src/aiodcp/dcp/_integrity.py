@@ -20,6 +20,8 @@ Data flow::
     save:  Integrity(block_bytes, files, items).attach(metadata)   before pickling .metadata
     load:  Integrity.of(metadata, where) -> Integrity | None        after the restricted unpickle
            (None: a checkpoint saved by another writer; CheckpointFormatError: a malformed record)
+           .check(path, offset, length, ...) -> _verify.BlockCheck   what the engine checks
+           .etags(key_of) -> {key: ETag}                             what every GET pins to
 
 The plain form (version 1)::
 
@@ -31,12 +33,13 @@ The plain form (version 1)::
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from .._checksum import ALGORITHM
 from .._errors import CheckpointFormatError
+from .._verify import BlockCheck
 
 __all__ = ["ATTRIBUTE", "DEFAULT_BLOCK_BYTES", "FileRecord", "Integrity", "block_count"]
 
@@ -84,6 +87,27 @@ class Integrity:
         """The blocks' CRCs of the stored item at ``[offset, offset + length)`` of the file, or
         None if the record does not cover it."""
         return self.items.get((relative_path, offset, length))
+
+    def check(
+        self, relative_path: str, offset: int, length: int, where: str, what: str = ""
+    ) -> BlockCheck:
+        """The ``BlockCheck`` of the stored item at ``[offset, offset + length)`` of the file
+        (``what`` names it in errors); ``CheckpointFormatError`` naming ``where`` (the data
+        file) if the record does not cover it: the record and the metadata disagree."""
+        crcs = self.items.get((relative_path, offset, length))
+        if crcs is None:
+            raise CheckpointFormatError(
+                f"{where}: the checkpoint's integrity record ({ATTRIBUTE}) has no checksums for "
+                f"the stored item [{offset}, {offset + length}){f' of {what}' if what else ''} "
+                "that its metadata lists: the record and the metadata disagree (damaged, or "
+                "edited by another tool). verify_checksums=False loads it without checking.",
+            )
+        return BlockCheck(offset, length, self.block_bytes, crcs, what)
+
+    def etags(self, key_of: Callable[[str], str]) -> dict[str, str]:
+        """Object key (``key_of(relative path)``) -> the ETag the data file was saved with:
+        what every GET of it is pinned to (``If-Match``)."""
+        return {key_of(path): record.etag for path, record in self.files.items()}
 
     # ------------------------------------------------------------------ plain form
 

@@ -1,37 +1,45 @@
-"""One load's read phase: what a ``LoadSession`` runs for one plan (``DcpLoad``).
+"""One load's read phase: what a ``LoadSession`` runs for one plan (``DcpLoad``), in any format.
+
+The read phase of a ``torch.distributed.checkpoint`` load is the same whatever the checkpoint's
+storage format; the format (a ``StoredFormat``, ``dcp/_format.py``: DCP's ``torch.save``
+archives in ``dcp/_archive.py``, safetensors in ``safetensors/_format.py``) says where each
+stored item lies, which plain tensor it holds, how to locate and verify that tensor's bytes,
+and how to decode an item that was buffered. Everything else is here.
 
 A ``DcpLoad`` owns, for one ``read_data`` call, its engines (and so what ``abort`` stops, also
 any engine it starts after an abort) and the sliced items' state; its session
-(``dcp/_session.py``) gives it the checkpoint's path and configuration, the metadata's storage
-data, the measured latency, the statistics recorder it counts into (how items were decoded
-too), its scope of the driver (the loop the engines run on: the session cancels its requests)
-and a prefetch to take items from. ``S3StorageReader`` keeps the ``StorageReader`` protocol and
-the multi-rank planning hooks.
+(``dcp/_session.py``) gives it the checkpoint's path and configuration, the format, the
+measured latency, the statistics recorder it counts into (how items were decoded too), its
+scope of the driver (the loop the engines run on: the session cancels its requests) and a
+prefetch to take items from. The storage readers keep the ``StorageReader`` protocol and the
+multi-rank planning hooks.
 
 Data flow of ``read(plan, planner)``::
 
     max_gap_size "auto" -> bytes (_planner.resolve_max_gap_size, the measured latency)
-    -> group: per file, the ReadItems of each stored item's ItemRange
+    -> group: per file, the ReadItems of each stored item's ItemRange (format.storage_data)
     -> slice (resharded loads): stored items the read items need only part of, when the bytes
        left out are worth more than the requests (the gap cost model), get their head and tail
-       fetched first (an engine of their own; or received from the rank that fetched them, in a
-       shared load); StoredTensorLocator finds the storage bytes and checks the zip directory;
-       each read item's region then becomes runs of storage bytes (region_runs: one run for a dim-0
-       slice) that replace the stored item's range. An unusual archive stays whole. The ETags
-       seen pin the rest.
+       fetched first when the format must locate the tensor's bytes (an engine of their own; or
+       received from the rank that fetched them, in a shared load; DCP: StoredTensorLocator
+       finds the storage bytes and checks the zip directory; safetensors: nothing to fetch);
+       each read item's region then becomes runs of storage bytes (region_runs: one run for a
+       dim-0 slice) that replace the stored item's range. An unusual archive stays whole. The
+       ETags seen pin the rest.
     -> _plan_files: per file planner.plan_file (dedupe, coalesce, parts)
     -> _direct_targets: large items that are a whole plain tensor for a contiguous CPU
-       destination (DefaultLoadPlanner only) get a DirectReceive over the destination, and
-       large dim-0 runs for such a destination a RunReceive
+       destination (DefaultLoadPlanner only) get the format's receiver over the destination
+       (DCP: a DirectReceive, which locates the storage bytes in the archive), and large dim-0
+       runs for such a destination a RunReceive
     -> FetchEngine.run() submitted to the driver's loop (concurrent GETs, byte budget)
     -> this thread decodes in plan order while later items download:
-       direct item -> wait, verify its zip directory -> commit (or, when the archive is
+       direct item -> wait, verify (DCP: its zip directory) -> commit (or, when the archive is
        unusual, fetch it again and decode it as any other item); a direct run -> commit
        run -> _decode_run: its block of the region, copied with the stored strides (or read
        straight into a contiguous destination); committed with the last block
-       other item -> SequentialReader(file) -> ChunkBuffer(item) -> transforms (zstd)
-       -> decode_into, else torch.load -> narrow -> copy_ into the destination -> commit;
-       BYTE_IO -> planner.load_bytes
+       other item -> SequentialReader(file) -> ChunkBuffer(item) -> format.decode (DCP:
+       transforms (zstd) -> decode_into, else torch.load -> narrow -> copy_ into the
+       destination -> commit; BYTE_IO -> planner.load_bytes)
 
 ``read_shared(plan, planner, share, group)`` (a multi-rank load that shares, ``_sharing``): the
 rank's engine fetches its share, round by round the exchange sends and receives, received
@@ -43,20 +51,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import io
 import itertools
 import logging
 import sys
 import time
 from bisect import insort
 from collections.abc import Callable, Mapping, Sequence
-from typing import IO, TYPE_CHECKING, Any, Protocol, TypeAlias, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint._extension import ExtensionRegistry, StreamTransformExtension
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import MetadataIndex
 from torch.distributed.checkpoint.planner import (
     LoadItemType,
     LoadPlan,
@@ -67,7 +72,6 @@ from torch.distributed.checkpoint.planner import (
 from .._config import ReaderConfig
 from .._driver import Driver
 from .._engine import FetchEngine, FileFetch
-from .._errors import CheckpointFormatError, MissingDependencyError
 from .._path import CheckpointPath
 from .._planner import (
     AUTO_GAP_SIZE,
@@ -81,14 +85,9 @@ from .._progress import with_progress
 from .._reader import ChunkBuffer, SequentialReader
 from .._stats import StatsRecorder, counters, job_stats
 from .._store import S3Store
-from ._fastdecode import (
-    TAIL_BYTES,
-    DirectReceive,
-    RunReceive,
-    StoredTensorLocator,
-    decode_into,
-)
-from ._session import METADATA_NAME
+from .._verify import BlockCheck, widen
+from ._format import Receive, RunReceive, StoredFormat, StoredTensor, shape_error
+from ._integrity import Integrity
 from ._sharing import (
     Exchange,
     RankShare,
@@ -96,19 +95,17 @@ from ._sharing import (
     item_memory,
 )
 from ._slicing import (
-    SLICE_DTYPES,
     SLICE_MIN_BYTES,
     Candidate,
     Slice,
     contiguous_strides,
-    probe_ranges,
     read_into,
     region_runs,
     within,
 )
 
 if TYPE_CHECKING:
-    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from typing_extensions import Buffer
 
 __all__ = ["DcpLoad", "PrefetchSource"]
 
@@ -124,14 +121,7 @@ _YIELD_EVERY_S = 0.002
 _DIRECT_MIN_BYTES = 512 * 1024
 
 
-_DIRECT_MAX_BYTES = 4 * 1024**3 - 1024**2  # beyond, torch.save writes zip64 records
-
-
-_Receive: TypeAlias = DirectReceive | RunReceive
-"""What a direct item is received by: a whole stored tensor, or the run of a sliced one."""
-
-
-def _drop_overlapping(chosen: list[dict[int, tuple[ReadItem, _Receive]]]) -> None:
+def _drop_overlapping(chosen: list[dict[int, tuple[ReadItem, Receive]]]) -> None:
     """Keep out of ``chosen`` every item whose destination memory overlaps another's (tied
     weights: two keys, one tensor). Direct items arrive in any order; the buffered path writes
     them in plan order, so the result is the same as ``FileSystemReader``'s."""
@@ -170,14 +160,21 @@ async def _opened(store: S3Store) -> S3Store:
     return store
 
 
-def _narrow(
-    tensor: torch.Tensor, offsets: torch.Size | Sequence[int], lengths: torch.Size | Sequence[int]
-) -> torch.Tensor:
-    """``tensor`` narrowed to ``lengths`` at ``offsets`` (torch's ``narrow_tensor_by_index``)."""
-    for dim, (offset, length) in enumerate(zip(offsets, lengths, strict=True)):
-        if offset != 0 or length != tensor.size(dim):
-            tensor = torch.narrow(tensor, dim, offset, length)
-    return tensor
+def _windows(
+    runs: Sequence[ItemRange], item: ItemRange, block_bytes: int
+) -> list[tuple[ItemRange, list[ItemRange]]]:
+    """Each run (sorted, disjoint) of the stored ``item`` widened to the whole checksum blocks
+    it touches (blocks from the item's first byte), overlapping windows merged: the windows,
+    each with the runs it holds, in file order."""
+    windows: list[tuple[ItemRange, list[ItemRange]]] = []
+    for run in runs:
+        start, end = widen(run.start, run.end, item.start, item.length, block_bytes)
+        if windows and start < windows[-1][0].end:
+            last, inside = windows.pop()
+            windows.append((ItemRange(last.start, max(last.end, end)), [*inside, run]))
+        else:
+            windows.append((ItemRange(start, end), [run]))
+    return windows
 
 
 class PrefetchSource(Protocol):
@@ -199,6 +196,16 @@ class _Grouped:
     """(key, run's range) -> the stored tensor the run belongs to."""
     blocks_left: dict[int, int] = dataclasses.field(default_factory=dict)
     """id(sliced read item) -> its runs (it is committed once all are decoded)."""
+    run_readers: dict[tuple[str, ItemRange], list[ReadItem]] = dataclasses.field(
+        default_factory=dict
+    )
+    """(key, run's range) -> the read items it serves, in ``Slice.prefixes`` order."""
+    windows: dict[tuple[str, ItemRange], list[ItemRange]] = dataclasses.field(default_factory=dict)
+    """(key, window) -> the runs it holds, in order: when the load checks a sliced item against
+    its recorded checksums, its runs widened to the whole blocks they touch (``_verify.widen``,
+    overlapping ones merged) are what is fetched, checked, and sliced into the runs."""
+    window_of: dict[tuple[str, ItemRange], ItemRange] = dataclasses.field(default_factory=dict)
+    """(relative path, window) -> the stored item whose blocks it is."""
     probe_plans: dict[str, FilePlan] = dataclasses.field(default_factory=dict)
     """relative path -> the heads and tails fetched to slice its items (``aiodcp plan``)."""
     files: list[FileFetch] = dataclasses.field(default_factory=list)
@@ -219,29 +226,85 @@ class DcpLoad:
         *,
         path: CheckpointPath,
         config: ReaderConfig,
-        storage_data: dict[MetadataIndex, _StorageInfo],
-        tensor_metadata: dict[str, Any],
+        format: StoredFormat,
         driver: Driver,
         recorder: StatsRecorder,
         request_latency_s: float | None,
         source: PrefetchSource | None = None,
-        extensions: ExtensionRegistry | None = None,
         progress: bool = False,
+        integrity: Integrity | None = None,
     ) -> None:
         self._path = path
         self.config = config
-        self.storage_data = storage_data
-        self._tensor_metadata = tensor_metadata
+        self.format = format
+        self.storage_data = format.storage_data
         self._io = driver
         self._recorder = recorder
         self._request_latency_s = request_latency_s
         self._source = source
-        self._extensions = extensions if extensions is not None else ExtensionRegistry()
         self.progress = progress
         self._engine: FetchEngine | None = None
         self._aborted = False
         # id(read item) -> blocks of a sliced read item not decoded yet
         self._blocks_left: dict[int, int] = {}
+        self._grouped = _Grouped()  # the plan being read (its slices and windows)
+        self._integrity = integrity
+        """The checkpoint's record (None: none, or not verifying): every stored item is checked
+        against it (``_checks``) and every GET pinned to its ETags (``_etags``)."""
+        self._recorded: dict[str, str] = {} if integrity is None else integrity.etags(path.key)
+        """Object key -> the ETag the checkpoint's record holds (what the save wrote)."""
+        self._etags: dict[str, str] = {**format.etags, **self._recorded}
+        """Every pin a GET of this load starts with: the record's, and the format's own."""
+        self._names: dict[tuple[str, int, int], str] | None = None
+
+    # ------------------------------------------------------------------ integrity
+
+    def _stored(self) -> Mapping[tuple[str, int, int], str]:
+        """(relative path, offset, length) of every stored item -> its fqn, quoted."""
+        if self._names is None:
+            self._names = {
+                (info.relative_path, info.offset, info.length): repr(index.fqn)
+                for index, info in self.storage_data.items()
+            }
+        return self._names
+
+    def _check(self, relative_path: str, item_range: ItemRange) -> BlockCheck | None:
+        """The record's check of the stored item ``item_range`` of ``relative_path`` (None
+        without a record)."""
+        if self._integrity is None:
+            return None
+        where = f"s3://{self._path.bucket}/{self._path.key(relative_path)}"
+        what = self._stored().get((relative_path, item_range.start, item_range.length), "")
+        return self._integrity.check(
+            relative_path, item_range.start, item_range.length, where, what
+        )
+
+    def _checks(
+        self,
+        relative_path: str,
+        items: Sequence[ItemRange],
+        window_of: Mapping[tuple[str, ItemRange], ItemRange] | None = None,
+    ) -> dict[int, BlockCheck]:
+        """By item index, the checks of the items of a file plan that are stored items, or
+        windows of whole blocks of one (``window_of``: window -> its stored item); a probe has
+        none (its archive's own directory checks it)."""
+        checks: dict[int, BlockCheck] = {}
+        integrity = self._integrity
+        if integrity is None:
+            return checks
+        stored = self._stored()
+        where = f"s3://{self._path.bucket}/{self._path.key(relative_path)}"
+        window_of = window_of or {}
+        for index, item_range in enumerate(items):
+            whole = (
+                window_of.get((relative_path, item_range), item_range) if window_of else item_range
+            )
+            what = stored.get((relative_path, whole.start, whole.length))
+            if what is not None:
+                checks[index] = integrity.check(
+                    relative_path, whole.start, whole.length, where, what
+                )
+        return checks
 
     def abort(self) -> None:
         """Cancel this load's engine, from any thread, and every engine it starts later (the
@@ -299,10 +362,9 @@ class DcpLoad:
             else:
                 spans.sort()
                 if all(b[0] >= a[1] for a, b in itertools.pairwise(spans)):
-                    head, tail = probes
                     shared = (
                         ()
-                        if head.end > tail.start
+                        if len(probes) != 2 or probes[0].end > probes[1].start
                         else tuple(StoredItem(item.path, p.start, p.end) for p in probes)
                     )
                     apart[item] = (shared, frozenset(rank for rank, _ in per_rank))
@@ -325,12 +387,7 @@ class DcpLoad:
             try:
                 info = self.storage_data[req.storage_index]
             except KeyError:
-                raise CheckpointFormatError(
-                    f"{self._path.url}: the load plan asks for {req.storage_index}, which the "
-                    "checkpoint metadata does not list",
-                    bucket=self._path.bucket,
-                    key=self._path.key(METADATA_NAME),
-                ) from None
+                raise self.format.missing(req.storage_index) from None
             if info.length == 0:  # nothing to fetch (DCP never writes one, but be exact)
                 grouped.empty.append(req)
                 continue
@@ -357,7 +414,13 @@ class DcpLoad:
                 max_gap_size=max_gap_size,
                 part_size=self.config.buffered_part_size,
             )
-            grouped.files.append(FileFetch(self._path.key(relative_path), file_plan))
+            grouped.files.append(
+                FileFetch(
+                    self._path.key(relative_path),
+                    file_plan,
+                    checks=self._checks(relative_path, file_plan.items, grouped.window_of),
+                )
+            )
             grouped.readers.append([by_range[r] for r in file_plan.items])
 
     def read(
@@ -383,7 +446,10 @@ class DcpLoad:
         grouped = self.group(plan)
         for req in grouped.empty:
             self._decode(req, ChunkBuffer([]), planner)
-        etags = self.slice(grouped, planner, max_gap_size, recorder, known or {})
+        etags = {
+            **self.format.etags,
+            **self.slice(grouped, planner, max_gap_size, recorder, known or {}),
+        }
         if grouped.slices:
             # The runs are planned by what a request was worth when they were chosen: a gap
             # "auto" would merge but slicing left out is not fetched after all.
@@ -392,6 +458,7 @@ class DcpLoad:
         self._plan_files(grouped, max_gap_size)
         files, readers, slices = grouped.files, grouped.readers, grouped.slices
         self._blocks_left = grouped.blocks_left
+        self._grouped = grouped
         if not files:
             for waiter, reqs in grouped.prefetched:
                 buffer = waiter()
@@ -409,7 +476,15 @@ class DcpLoad:
         # Built here, not on the loop: a checkpoint of many items makes this the slow part,
         # and the loop may be the caller's (load_checkpoint), which must stay responsive.
         engine = self._running(
-            FetchEngine(driver.run(_opened), self._path.bucket, files, self.config, recorder, etags)
+            FetchEngine(
+                driver.run(_opened),
+                self._path.bucket,
+                files,
+                self.config,
+                recorder,
+                {**self._etags, **etags},
+                self._recorded.keys(),
+            )
         )
 
         async def start(store: S3Store) -> None:
@@ -438,23 +513,25 @@ class DcpLoad:
                 with reader:
                     for item_index, item_range in enumerate(fetch.plan.items):
                         sliced = slices.get((fetch.key, item_range))
+                        run = sliced is not None or (fetch.key, item_range) in grouped.windows
+                        reqs = readers[file_index][item_index]
                         if item_index in fetch.direct:
                             req, receive = direct[file_index][item_index]
                             if self._received_directly(engine, file_index, item_index, receive):
                                 recorder.add(
                                     fast_decoded_items=1,
-                                    **{"direct_items" if sliced is None else "direct_runs": 1},
+                                    **{"direct_runs" if run else "direct_items": 1},
                                 )
                                 planner.commit_tensor(req, receive.tensor)
                             else:
                                 etag = engine.etag(fetch.key)
-                                again = self._fetch_alone(fetch.key, item_range, etag)
-                                self._decode(req, again, planner, sliced)
+                                check = fetch.checks.get(item_index)
+                                again = self._fetch_alone(fetch.key, item_range, etag, check)
+                                self._decode_all(fetch.key, item_range, again, [req], planner)
                             continue
                         reader.seek(item_range.start)
                         buffer = reader.current_buffer()
-                        for nth, req in enumerate(readers[file_index][item_index]):
-                            self._decode(req, buffer, planner, sliced, nth)
+                        self._decode_all(fetch.key, item_range, buffer, reqs, planner)
                         # Hand the GIL over every ~2 ms of decoding: an event loop thread
                         # waiting for it (the I/O loop, or the caller's loop) gets it then,
                         # not at the next 5 ms switch interval.
@@ -469,6 +546,7 @@ class DcpLoad:
             if not finished:
                 engine.abort()
             try:
+                driver.wait(future, f"the end of the download of {self._path.url}")
                 future.result()
             except BaseException:
                 if finished:
@@ -486,7 +564,7 @@ class DcpLoad:
         """A load whose shared items come through the exchange (``_sharing``): this rank
         fetches its share and sends it, receives the rest, round by round; then it loads the
         items only it needs as a single-process load does."""
-        exchange = Exchange(group, share)
+        exchange = Exchange(group, share, self._path.url)
         reqs_of: dict[StoredItem, list[ReadItem]] = {}
         private: list[ReadItem] = []
         for req in plan.items:
@@ -498,10 +576,10 @@ class DcpLoad:
                 private.append(req)
         # Items this rank receives whole into a destination of their own, as direct receipt
         # would fetch them (Exchange.transfer receives them straight into it).
-        direct: dict[StoredItem, DirectReceive] = {}
+        direct: dict[StoredItem, Receive] = {}
         if self.config.fast_decode and _pure_resolve(planner):
             fetched = set(share.fetch)
-            candidates: dict[int, tuple[ReadItem, _Receive]] = {}
+            candidates: dict[int, tuple[ReadItem, Receive]] = {}
             keys: list[StoredItem] = []
             for item, reqs in reqs_of.items():
                 target = None if item in fetched else self._whole_target(reqs, item.length, planner)
@@ -509,11 +587,7 @@ class DcpLoad:
                     candidates[len(keys)] = (reqs[0], target)
                     keys.append(item)
             _drop_overlapping([candidates])
-            direct = {
-                keys[i]: receive
-                for i, (_, receive) in candidates.items()
-                if isinstance(receive, DirectReceive)
-            }
+            direct = {keys[i]: receive for i, (_, receive) in candidates.items()}
         error: BaseException | None = None
         engine: FetchEngine | None = None
         future: Any = None
@@ -540,14 +614,15 @@ class DcpLoad:
                     except BaseException as exc:
                         error = exc
                 exchange.status(error)  # raises on every rank if any rank failed
-                received, placed = exchange.transfer(k, sending, direct)
+                received, placed = exchange.transfer(k, sending, direct, self._peer_check(recorder))
                 recorder.observe_peak(sum(item_memory(i.length) for i in [*received, *sending]))
                 try:
                     for item in placed:  # received straight into its destination
                         req = reqs_of[item][0]
                         recorder.add(direct_items=1, fast_decoded_items=1)
                         planner.commit_tensor(req, direct[item].tensor)
-                    for item, buffer in [*received.items(), *sending.items()]:
+                    checked = {i: self._from_peer(i, b, recorder) for i, b in received.items()}
+                    for item, buffer in [*checked.items(), *sending.items()]:
                         if item not in reqs_of:  # probes of chunks this rank slices
                             insort(known.setdefault(item.path, []), (item.start, buffer.read()))
                         for req in reqs_of.get(item, ()):
@@ -560,8 +635,15 @@ class DcpLoad:
                     if engine is not None:
                         for item in sending:
                             engine.release_item(*where[item])
-            # The probes are not stored items: LoadStats.items counts those the load decoded.
-            recorder.add(items=-sum(1 for item in share.fetch if item not in reqs_of))
+            # The probes are not stored items: LoadStats.items (and what was left unverified)
+            # counts those the load decoded.
+            probes = [item for item in share.fetch if item not in reqs_of]
+            recorder.add(
+                items=-len(probes),
+                unverified_bytes=-sum(
+                    p.length for p in probes if (p.path, p.start, p.length) not in self._stored()
+                ),
+            )
             if error is None and private:
                 try:
                     self.read(dataclasses.replace(plan, items=private), planner, recorder, known)
@@ -575,10 +657,58 @@ class DcpLoad:
             if engine is not None:
                 engine.abort()  # a no-op once everything was fetched
                 try:
+                    self._io.wait(future, f"the end of the download of {self._path.url}")
                     future.result()
                 except BaseException:
                     pass  # its failure, if any, was raised through wait_item and shared
             self._engine = None
+
+    def _peer_check(
+        self, recorder: StatsRecorder
+    ) -> Callable[[StoredItem, Sequence[Buffer]], bool] | None:
+        """What ``Exchange.transfer`` checks an item received straight into its destination
+        with (its bytes around and in the destination, in order), counting what it verified;
+        False sends the item to ``_from_peer`` (which fetches it from the store)."""
+        if self._integrity is None:
+            return None
+
+        def check(item: StoredItem, pieces: Sequence[Buffer]) -> bool:
+            block_check = self._check(item.path, ItemRange(item.start, item.end))
+            if block_check is None or block_check.mismatches(item.start, pieces):
+                return False
+            recorder.add(verified_bytes=item.length)
+            return True
+
+        return check
+
+    def _from_peer(
+        self, item: StoredItem, buffer: ChunkBuffer, recorder: StatsRecorder
+    ) -> ChunkBuffer:
+        """An item received from another rank, checked against the record before anything
+        decodes it; one that does not match is fetched from the store (and checked there).
+        Probes (heads and tails of items this rank slices) are not stored items: their
+        archive's own directory checks them."""
+        if (item.path, item.start, item.length) not in self._stored():
+            return buffer
+        check = self._check(item.path, ItemRange(item.start, item.end))
+        if check is None:
+            recorder.add(unverified_bytes=item.length)
+            return buffer
+        bad = check.mismatches(item.start, buffer.chunks)
+        if not bad:
+            recorder.add(verified_bytes=item.length)
+            return buffer
+        recorder.add(checksum_mismatches=1)
+        key = self._path.key(item.path)
+        logger.warning(
+            "s3://%s/%s: bytes [%d, %d) received from another rank do not match their recorded "
+            "checksum; fetching the item from the store",
+            self._path.bucket,
+            key,
+            bad[0][0],
+            bad[-1][1],
+        )
+        return self._fetch_alone(key, ItemRange(item.start, item.end), None, check, count=False)
 
     def _share_engine(
         self, share: RankShare, recorder: StatsRecorder
@@ -599,9 +729,13 @@ class DcpLoad:
             )
             for index, item_range in enumerate(file_plan.items):
                 where[StoredItem(path, item_range.start, item_range.end)] = (len(files), index)
-            files.append(FileFetch(self._path.key(path), file_plan))
+            checks = self._checks(path, file_plan.items)
+            files.append(FileFetch(self._path.key(path), file_plan, checks=checks))
         store = self._io.run(_opened)
-        return FetchEngine(store, self._path.bucket, files, config, recorder), where
+        engine = FetchEngine(
+            store, self._path.bucket, files, config, recorder, self._etags, self._recorded.keys()
+        )
+        return engine, where
 
     def slice(
         self,
@@ -616,14 +750,16 @@ class DcpLoad:
         Probes within ``known`` (per file, sorted ``(offset, bytes)`` spans received from
         another rank of a shared load) are not fetched.
 
-        Phase one of a sliced load: the head and tail (``probe_ranges``) of every candidate
-        (``_slice_candidate``) are fetched by an engine of their own (the tail of one item and
-        the head of the next coalesce, as any ranges do). Each head is
-        parsed by ``StoredTensorLocator`` (where the storage bytes begin) and checked against
-        the central directory in its tail; an item that passes has its runs at known file
-        offsets. An item that does not (an unusual layout, a directory that disagrees, more
-        after its storage bytes than the probe holds) stays whole: the main engine fetches and
-        decodes it as usual, pinned to the same ETags."""
+        Phase one of a sliced load: the head and tail (``StoredFormat.probes``) of every
+        candidate (``_slice_candidate``) are fetched by an engine of their own (the tail of one
+        item and the head of the next coalesce, as any ranges do). Each head is parsed by the
+        format's locator (DCP: ``StoredTensorLocator``, where the storage bytes begin) and
+        checked against the central directory in its tail; an item that passes has its runs at
+        known file offsets. An item that does not (an unusual layout, a directory that
+        disagrees, more after its storage bytes than the probe holds) stays whole: the main
+        engine fetches and decodes it as usual, pinned to the same ETags. A format whose items
+        are the tensor's bytes (safetensors) has no probes: its runs are at known offsets from
+        the item's start."""
         if not self.config.fast_decode or not _pure_resolve(planner) or sys.byteorder != "little":
             return {}
         candidates: list[tuple[str, ItemRange, Candidate]] = []
@@ -646,46 +782,94 @@ class DcpLoad:
         etags = (
             self._fetch_probes(probes, fetched, grouped, max_gap_size, recorder) if probes else {}
         )
+        worth = self._request_worth(max_gap_size)
         for relative_path, item_range, candidate in candidates:
-            head_range, tail_range = candidate.probes
-            head, tail = fetched[relative_path, head_range], fetched[relative_path, tail_range]
-            located = StoredTensorLocator(candidate.dtype, candidate.shape, item_range.length)
-            start = located.locate(head)
-            if start is None or start < 0:
-                self._unusual(relative_path, item_range, "its archive is not the plain layout")
-                continue
-            end = start + located.nbytes
-            tail_start = tail_range.start - item_range.start
-            if end < tail_start or not located.verify(head[:start], tail[end - tail_start :]):
-                self._unusual(relative_path, item_range, "its zip directory disagrees")
-                continue
+            start = 0  # no probes: the item is the tensor's bytes
+            if candidate.probes:
+                start = self._located(relative_path, item_range, candidate, fetched)
+                if start < 0:
+                    continue
             key = self._path.key(relative_path)
-            by_range = grouped.per_file[relative_path]
-            reqs = by_range.pop(item_range)
-            runs: set[ItemRange] = set()
+            reqs = grouped.per_file[relative_path][item_range]
             itemsize = candidate.dtype.itemsize
-            strides = contiguous_strides(candidate.shape)
+            placed: list[tuple[ReadItem, list[tuple[ItemRange, int, tuple[int, ...]]]]] = []
+            runs: set[ItemRange] = set()
             for req, blocks in zip(reqs, candidate.blocks, strict=True):
-                grouped.blocks_left[id(req)] = len(blocks)
+                mine = []
                 for first, stop, prefix in blocks:
                     run = ItemRange(
                         item_range.start + start + first * itemsize,
                         item_range.start + start + stop * itemsize,
                     )
-                    by_range.setdefault(run, []).append(req)
+                    mine.append((run, first, prefix))
+                    runs.add(run)
+                placed.append((req, mine))
+            probed = sum(p.length for p in candidate.probes)
+            fetched_bytes = sum(r.length for r in runs)
+            windows: list[tuple[ItemRange, list[ItemRange]]] | None = None
+            check = self._check(relative_path, item_range)
+            if check is not None:
+                windows = _windows(sorted(runs), item_range, check.block_bytes)
+                fetched_bytes = sum(w.length for w, _ in windows)
+                if item_range.length - fetched_bytes - probed <= worth * len(windows):
+                    self._unusual(
+                        relative_path,
+                        item_range,
+                        "once its runs are widened to the whole checksum blocks they touch, "
+                        "slicing leaves out too little",
+                    )
+                    continue
+            by_range = grouped.per_file[relative_path]
+            del by_range[item_range]
+            strides = contiguous_strides(candidate.shape)
+            for req, mine in placed:
+                grouped.blocks_left[id(req)] = len(mine)
+                for run, first, prefix in mine:
                     sliced = grouped.slices.get((key, run))
                     if sliced is None:
                         sliced = grouped.slices[key, run] = Slice(
                             candidate.dtype, candidate.shape, strides, first
                         )
                     sliced.prefixes.append(prefix)
-                    runs.add(run)
-            saved = item_range.length - sum(r.length for r in runs)
+                    grouped.run_readers.setdefault((key, run), []).append(req)
+                    if windows is None:
+                        by_range.setdefault(run, []).append(req)
+            for window, inside in windows or ():
+                by_range[window] = list(
+                    dict.fromkeys(r for run in inside for r in grouped.run_readers[key, run])
+                )
+                grouped.windows[key, window] = inside
+                grouped.window_of[relative_path, window] = item_range
             recorder.add(
                 sliced_items=1,
-                slice_saved_bytes=saved - head_range.length - tail_range.length,
+                slice_saved_bytes=item_range.length - fetched_bytes - probed,
             )
         return etags
+
+    def _located(
+        self,
+        relative_path: str,
+        item_range: ItemRange,
+        candidate: Candidate,
+        fetched: Mapping[tuple[str, ItemRange], bytes],
+    ) -> int:
+        """Where the storage bytes of a candidate begin in its item, read from its head and
+        checked against its tail (the format's ``locator``); -1 to fetch it whole."""
+        head_range, tail_range = candidate.probes
+        head, tail = fetched[relative_path, head_range], fetched[relative_path, tail_range]
+        located = self.format.locator(
+            StoredTensor(candidate.dtype, candidate.shape), item_range.length
+        )
+        start = located.locate(head)
+        if start is None or start < 0:
+            self._unusual(relative_path, item_range, "its archive is not the plain layout")
+            return -1
+        end = start + located.nbytes
+        tail_start = tail_range.start - item_range.start
+        if end < tail_start or not located.verify(head[:start], tail[end - tail_start :]):
+            self._unusual(relative_path, item_range, "its zip directory disagrees")
+            return -1
+        return start
 
     def _fetch_probes(
         self,
@@ -708,7 +892,15 @@ class DcpLoad:
         ]
         grouped.probe_plans = {path: f.plan for path, f in zip(probes, files, strict=True)}
         engine = self._running(
-            FetchEngine(self._io.run(_opened), self._path.bucket, files, self.config, recorder)
+            FetchEngine(
+                self._io.run(_opened),
+                self._path.bucket,
+                files,
+                self.config,
+                recorder,
+                self._etags,
+                self._recorded.keys(),
+            )
         )
 
         async def probe(store: S3Store) -> None:
@@ -722,8 +914,12 @@ class DcpLoad:
             for item_index, probed in enumerate(fetch.plan.items):
                 fetched[relative_path, probed] = engine.wait_item(file_index, item_index).read()
                 engine.release_item(file_index, item_index)
-        # The probes are not stored items: LoadStats.items counts those the load decoded.
-        recorder.add(items=-sum(len(f.plan.items) for f in files))
+        # The probes are not stored items: LoadStats.items (and what was left unverified)
+        # counts those the load decoded.
+        recorder.add(
+            items=-sum(len(f.plan.items) for f in files),
+            unverified_bytes=-sum(r.length for f in files for r in f.plan.items),
+        )
         return engine.etags()
 
     def _request_worth(self, max_gap_size: int | float) -> int | float:
@@ -746,8 +942,10 @@ class DcpLoad:
     ) -> Candidate | None:
         """The slicing of one stored item, if it is worth it; None to fetch it whole.
 
-        A stored tensor item (not transformed, plain dtype, under 4 GiB, its archive overhead
-        at most ``TAIL_BYTES``) is sliced when every read item on it covers part of it, the
+        A stored tensor item (``StoredFormat.stored_tensor``: for DCP not transformed, plain
+        dtype, under 4 GiB, its archive overhead at most ``TAIL_BYTES``; ``probes`` its head and
+        tail, none for a format whose items are the tensor's bytes) is sliced when every read
+        item on it covers part of it, the
         runs of storage bytes their regions take (``region_runs``: one run for a dim-0 slice) are
         identical or disjoint, and the bytes slicing leaves out (the item minus the runs and
         the head and tail probes) exceed ``max_gap_size`` per run: in the gap policy's cost
@@ -756,26 +954,20 @@ class DcpLoad:
         most the prior's worth). So a slice that is most of its item, or a small item, is
         fetched whole, and ``max_gap_size=inf`` turns slicing off.
         """
-        if not SLICE_MIN_BYTES < item_range.length < _DIRECT_MAX_BYTES:
+        if not SLICE_MIN_BYTES < item_range.length < self.format.max_item_bytes:
             return None
         worth = self._request_worth(max_gap_size)
         first_req = reqs[0]
-        info = self.storage_data[first_req.storage_index]
-        if getattr(info, "transform_descriptors", None):
-            return None
-        stored = self._stored_chunk(first_req)
+        stored = self.format.stored_tensor(first_req)
         if stored is None:
             return None
-        dtype, shape = stored
-        if not shape or dtype not in SLICE_DTYPES:
+        dtype, shape = stored.dtype, stored.shape
+        if not shape or dtype not in self.format.slice_dtypes:
             return None
         strides = contiguous_strides(shape)
-        numel = 1
-        for dim in shape:
-            numel *= dim
-        overhead = item_range.length - numel * dtype.itemsize
-        if not 0 < overhead <= TAIL_BYTES:
-            return None  # not one plain tensor's archive: fetched whole
+        probes = self.format.probes(item_range, stored)
+        if probes is None:
+            return None  # not one plain tensor's bytes where the format expects them
         blocks: list[list[tuple[int, int, tuple[int, ...]]]] = []
         for req in reqs:
             offsets, lengths = tuple(req.storage_offsets), tuple(req.lengths)
@@ -795,7 +987,6 @@ class DcpLoad:
         spans = sorted({(first, stop) for req_blocks in blocks for first, stop, _ in req_blocks})
         if any(b[0] < a[1] for a, b in itertools.pairwise(spans)):
             return None  # runs that overlap without being identical: one fetch of the item
-        probes = probe_ranges(item_range, overhead)
         needed = sum(stop - first for first, stop in spans) * dtype.itemsize
         left_out = item_range.length - needed - sum(p.length for p in probes)
         if left_out <= worth * len(spans):
@@ -813,11 +1004,19 @@ class DcpLoad:
         )
 
     def _run_target(
-        self, run: ItemRange, reqs: list[ReadItem], sliced: Slice, planner: LoadPlanner
-    ) -> tuple[ReadItem, _Receive] | None:
+        self,
+        run: ItemRange,
+        reqs: list[ReadItem],
+        sliced: Slice,
+        planner: LoadPlanner,
+        *,
+        before: int = 0,
+        after: int = 0,
+    ) -> tuple[ReadItem, Receive] | None:
         """A run to receive straight into its destination: one read item, at least
         ``_DIRECT_MIN_BYTES``, whose region is the whole run (a dim-0 slice), for a C-contiguous
-        CPU tensor of the stored dtype (``_direct_targets`` checked the planner)."""
+        CPU tensor of the stored dtype (``_direct_targets`` checked the planner). ``before`` and
+        ``after``: bytes of its window (checked against the record) before and after it."""
         if len(reqs) != 1 or run.length < _DIRECT_MIN_BYTES or sliced.prefixes != [()]:
             return None
         req = reqs[0]
@@ -833,18 +1032,18 @@ class DcpLoad:
             or target.numel() * target.element_size() != run.length
         ):
             return None
-        return req, RunReceive(target)
+        return req, RunReceive(target, before, after)
 
     def _direct_targets(
         self, grouped: _Grouped, planner: LoadPlanner
-    ) -> list[dict[int, tuple[ReadItem, _Receive]]]:
+    ) -> list[dict[int, tuple[ReadItem, Receive]]]:
         """Per file, the items to receive straight into their destination, by item index: each
         the whole of one stored tensor, read by one read item into a C-contiguous CPU tensor of
         its dtype and shape, at least half a MiB (below that the copy costs less than the
         bookkeeping). Only with a planner whose ``resolve_tensor`` is ``DefaultLoadPlanner``'s,
         a pure look-up, so that it may be called before the item is downloaded. The run of a
         sliced item qualifies likewise (``_run_target``)."""
-        chosen: list[dict[int, tuple[ReadItem, _Receive]]] = [{} for _ in grouped.files]
+        chosen: list[dict[int, tuple[ReadItem, Receive]]] = [{} for _ in grouped.files]
         if not self.config.fast_decode or not _pure_resolve(planner):
             return chosen
         for file_index, (fetch, reqs_per_item) in enumerate(
@@ -853,11 +1052,26 @@ class DcpLoad:
             for item_index, (item_range, reqs) in enumerate(
                 zip(fetch.plan.items, reqs_per_item, strict=True)
             ):
+                window = grouped.windows.get((fetch.key, item_range))
+                if window is not None:  # a run with the rest of its checksum blocks around it
+                    if len(window) == 1:
+                        (run,) = window
+                        target = self._run_target(
+                            run,
+                            grouped.run_readers[fetch.key, run],
+                            grouped.slices[fetch.key, run],
+                            planner,
+                            before=run.start - item_range.start,
+                            after=item_range.end - run.end,
+                        )
+                        if target is not None:
+                            chosen[file_index][item_index] = target
+                    continue
                 sliced = grouped.slices.get((fetch.key, item_range))
                 if sliced is not None:
-                    run = self._run_target(item_range, reqs, sliced, planner)
-                    if run is not None:
-                        chosen[file_index][item_index] = run
+                    run_target = self._run_target(item_range, reqs, sliced, planner)
+                    if run_target is not None:
+                        chosen[file_index][item_index] = run_target
                     continue
                 receive = self._whole_target(reqs, item_range.length, planner)
                 if receive is not None:
@@ -867,38 +1081,36 @@ class DcpLoad:
 
     def _whole_target(
         self, reqs: list[ReadItem], length: int, planner: LoadPlanner
-    ) -> DirectReceive | None:
-        """A ``DirectReceive`` for a stored item of ``length`` bytes read by ``reqs``, if it can
-        be received straight into its destination (see ``_direct_targets``), else None."""
+    ) -> Receive | None:
+        """The receiver (``StoredFormat.whole_receive``) of a stored item of ``length`` bytes
+        read by ``reqs``, if it can be received straight into its destination (see
+        ``_direct_targets``), else None."""
         if (
             len(reqs) != 1
             or reqs[0].type != LoadItemType.TENSOR
-            or not _DIRECT_MIN_BYTES <= length < _DIRECT_MAX_BYTES
+            or not _DIRECT_MIN_BYTES <= length < self.format.max_item_bytes
         ):
             return None
         req = reqs[0]
-        info = self.storage_data[req.storage_index]
-        if getattr(info, "transform_descriptors", None):
-            return None
-        dtype = self._stored_whole(req)
-        if dtype is None:
-            return None
+        stored = self.format.stored_tensor(req)
+        if stored is None or any(req.storage_offsets) or stored.shape != tuple(req.lengths):
+            return None  # not the whole of a plain stored tensor
         target = planner.resolve_tensor(req).detach()
         if (
             type(target) is not torch.Tensor
             or target.device.type != "cpu"
-            or target.dtype != dtype
+            or target.dtype != stored.dtype
             or tuple(target.shape) != tuple(req.lengths)
             or not target.is_contiguous()
             or target.numel() == 0
         ):
             return None
-        return DirectReceive(target, length)
+        return self.format.whole_receive(target, stored, length)
 
     def _with_direct(
         self,
         fetch: FileFetch,
-        targets: dict[int, tuple[ReadItem, _Receive]],
+        targets: dict[int, tuple[ReadItem, Receive]],
         max_gap_size: int | float,
     ) -> FileFetch:
         """``fetch`` with its direct items, re-planned so that parts starting in them take
@@ -915,36 +1127,11 @@ class DcpLoad:
             unbuffered_part_size=self.config.part_size,
         )
         assert plan.items == items
-        return FileFetch(fetch.key, plan, {i: receive for i, (_, receive) in targets.items()})
-
-    def _stored_whole(self, req: ReadItem) -> torch.dtype | None:
-        """The stored dtype if ``req`` reads the whole of its stored tensor, else None."""
-        stored = self._stored_chunk(req)
-        if stored is None or any(req.storage_offsets) or stored[1] != tuple(req.lengths):
-            return None
-        return stored[0]
-
-    def _stored_chunk(self, req: ReadItem) -> tuple[torch.dtype, tuple[int, ...]] | None:
-        """The dtype and shape of the stored chunk ``req`` reads from (checkpoint metadata),
-        None if the metadata does not tell."""
-        index = req.storage_index
-        md = self._tensor_metadata.get(index.fqn)
-        chunks = getattr(md, "chunks", None)
-        if md is None or not chunks:
-            return None
-        offset = tuple(index.offset) if index.offset is not None else None
-        hint = index.index
-        if hint is not None and 0 <= hint < len(chunks):
-            candidates = [chunks[hint], *chunks]
-        else:
-            candidates = list(chunks)
-        for chunk in candidates:
-            if offset is None or tuple(chunk.offsets) == offset:
-                return cast(torch.dtype, md.properties.dtype), tuple(chunk.sizes)
-        return None
+        direct = {i: receive for i, (_, receive) in targets.items()}
+        return FileFetch(fetch.key, plan, direct, fetch.checks)
 
     def _received_directly(
-        self, engine: FetchEngine, file_index: int, item_index: int, receive: _Receive
+        self, engine: FetchEngine, file_index: int, item_index: int, receive: Receive
     ) -> bool:
         """Wait for a direct item; whether it arrived in the plain layout and its zip directory
         agrees with what was located (else its destination holds nothing to trust)."""
@@ -955,10 +1142,19 @@ class DcpLoad:
         finally:
             engine.release_item(file_index, item_index)
 
-    def _fetch_alone(self, key: str, item_range: ItemRange, etag: str | None) -> ChunkBuffer:
+    def _fetch_alone(
+        self,
+        key: str,
+        item_range: ItemRange,
+        etag: str | None,
+        check: BlockCheck | None = None,
+        *,
+        count: bool = True,
+    ) -> ChunkBuffer:
         """One item, fetched by an engine of its own (same retries, budget and statistics),
-        from the same version of the object as the rest of the load (If-Match ``etag``): a
-        direct item whose archive is laid out otherwise, for the buffered path."""
+        from the same version of the object as the rest of the load (If-Match ``etag``), and
+        checked against ``check``: a direct item whose archive is laid out otherwise, for the
+        buffered path, or an item received from another rank that did not match."""
         logger.debug(
             "s3://%s/%s bytes [%d, %d): not the plain layout; fetching it again for torch.load",
             self._path.bucket,
@@ -966,15 +1162,18 @@ class DcpLoad:
             item_range.start,
             item_range.end,
         )
-        self._recorder.add(refetched_items=1)
+        if count:
+            self._recorder.add(refetched_items=1)
         plan = plan_file([item_range], max_gap_size=0, part_size=self.config.buffered_part_size)
+        etag = self._etags.get(key, etag)
         engine = FetchEngine(
             self._io.run(_opened),
             self._path.bucket,
-            [FileFetch(key, plan)],
+            [FileFetch(key, plan, checks={} if check is None else {0: check})],
             self.config,
             self._recorder,
             {key: etag} if etag is not None else None,
+            self._recorded.keys(),
         )
 
         async def run(store: S3Store) -> None:
@@ -982,6 +1181,29 @@ class DcpLoad:
 
         self._io.run(run)
         return engine.wait_item(0, 0)
+
+    def _decode_all(
+        self,
+        key: str,
+        item_range: ItemRange,
+        buffer: ChunkBuffer,
+        reqs: list[ReadItem],
+        planner: LoadPlanner,
+    ) -> None:
+        """Decode the read items of one fetched item: a stored item, a run of a sliced one, or
+        a window of whole checksum blocks, whose runs are decoded from views of its bytes."""
+        grouped = self._grouped
+        window = grouped.windows.get((key, item_range))
+        if window is None:
+            sliced = grouped.slices.get((key, item_range))
+            for nth, req in enumerate(reqs):
+                self._decode(req, buffer, planner, sliced, nth)
+            return
+        for run in window:
+            inside = buffer.window(run.start - item_range.start, run.end - item_range.start)
+            sliced = grouped.slices[key, run]
+            for nth, req in enumerate(grouped.run_readers[key, run]):
+                self._decode(req, inside, planner, sliced, nth)
 
     def _decode(
         self,
@@ -996,49 +1218,14 @@ class DcpLoad:
         if sliced is not None:
             self._decode_run(req, buffer, sliced, planner, nth)
             return
-        info = self.storage_data[req.storage_index]
-        buffer.seek(0)
-        stream: IO[bytes] = cast(IO[bytes], buffer)
-        descriptors: Sequence[str] = getattr(info, "transform_descriptors", None) or ()
-        if descriptors:
-            stream = self._transform(descriptors, stream, info)
-        if req.type == LoadItemType.BYTE_IO:
-            data = stream.read()
-            if self.config.safe_bytes:
-                self._check_bytes(req, data, info)
-            planner.load_bytes(req, io.BytesIO(data))
-            return
-        target = planner.resolve_tensor(req).detach()
-        if (
-            not descriptors
-            and self.config.fast_decode
-            and decode_into(buffer, req.storage_offsets, req.lengths, target)
-        ):
-            self._recorder.add(fast_decoded_items=1)
-            planner.commit_tensor(req, target)
-            return
-        if not descriptors:
-            buffer.seek(0)  # decode_into may have moved it
-        if not stream.seekable():
-            stream = io.BytesIO(stream.read())
-        tensor = cast(torch.Tensor, torch.load(stream, map_location="cpu", weights_only=True))
-        tensor = _narrow(tensor, req.storage_offsets, req.lengths)
-        if target.size() != tensor.size():
-            raise self._shape_error(req, tuple(tensor.size()), target)
-        target.copy_(tensor)
-        planner.commit_tensor(req, target)
+        self.format.decode(req, buffer, planner, self._recorder)
 
     def _shape_error(
         self, req: ReadItem, shape: tuple[int, ...], target: torch.Tensor
-    ) -> CheckpointFormatError:
+    ) -> Exception:
         """The error for a read item whose narrowed stored shape is not its destination's."""
         info = self.storage_data[req.storage_index]
-        return CheckpointFormatError(
-            f"{self._path.url}: stored item {req.storage_index} has shape {shape} after "
-            f"narrowing, the destination {req.dest_index.fqn!r} has {tuple(target.size())}",
-            bucket=self._path.bucket,
-            key=self._path.key(info.relative_path),
-        )
+        return shape_error(self._path, info.relative_path, req, shape, target)
 
     def _decode_run(
         self, req: ReadItem, buffer: ChunkBuffer, sliced: Slice, planner: LoadPlanner, nth: int
@@ -1080,43 +1267,3 @@ class DcpLoad:
         if not left:
             self._recorder.add(fast_decoded_items=1)
             planner.commit_tensor(req, target)
-
-    def _check_bytes(self, req: ReadItem, data: bytes, info: _StorageInfo) -> None:
-        """safe_bytes: refuse a value that torch's weights_only unpickler would not load."""
-        try:
-            torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise CheckpointFormatError(
-                f"s3://{self._path.bucket}/{self._path.key(info.relative_path)}: the value of "
-                f"{req.dest_index.fqn!r} is a pickle that needs more than plain data and "
-                f"tensors ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); refused "
-                "because safe_bytes=True. Load it with safe_bytes=False only if you trust "
-                "this checkpoint.",
-                bucket=self._path.bucket,
-                key=self._path.key(info.relative_path),
-                fqn=req.dest_index.fqn,
-            ) from exc
-
-    def _transform(
-        self, descriptors: Sequence[str], stream: IO[bytes], info: _StorageInfo
-    ) -> IO[bytes]:
-        try:
-            extensions = self._extensions.from_descriptor_list(descriptors)
-        except ValueError as exc:
-            where = f"s3://{self._path.bucket}/{self._path.key(info.relative_path)}"
-            if "zstd" in str(exc).lower() or "zstandard" in str(exc).lower():
-                raise MissingDependencyError(
-                    f"{where} is zstd-compressed ({list(descriptors)}) and no zstd module is "
-                    "installed: pip install 'aiodcp[zstd]'",
-                    bucket=self._path.bucket,
-                    key=self._path.key(info.relative_path),
-                ) from exc
-            raise CheckpointFormatError(
-                f"{where}: unsupported stream transform {list(descriptors)} ({exc})",
-                bucket=self._path.bucket,
-                key=self._path.key(info.relative_path),
-            ) from exc
-        for extension in extensions:
-            if isinstance(extension, StreamTransformExtension):
-                stream = extension.transform_from(stream)
-        return stream

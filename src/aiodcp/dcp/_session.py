@@ -13,8 +13,9 @@ thin: ``S3StorageReader`` (one session per ``dcp.load``), ``load_checkpoint`` an
     LoadSession(path, config, driver, source=..., progress=...)
         .read_metadata(rank=, group=)    blocking (torch's thread); shared over ``group``
         .aread_metadata()                awaited from the caller's loop (load_checkpoint)
-        .dcp_load(storage_data, ...)     a DcpLoad over this session (planning, or read)
-        .read(plan, planner, ...)        the read phase; its LoadStats in .stats
+        .dcp_load(storage_data, ...)     a DcpLoad over this session for DCP's format
+        .read_phase(format)              the same for a checkpoint in any StoredFormat
+        .read(plan, planner, format)     the read phase; its LoadStats in .stats
         .cancel()                        from any thread: stops this load's engines, its
                                          requests, its waits for a prefetch; new work in the
                                          scope is refused (LoadCancelledError). Nothing else.
@@ -47,24 +48,28 @@ import asyncio
 import difflib
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata
-from torch.distributed.checkpoint.planner import LoadPlanner
+from torch.distributed.checkpoint.planner import LoadPlanner, SavePlanner
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
-from torch.distributed.checkpoint.storage import StorageReader
+from torch.distributed.checkpoint.storage import StorageReader, StorageWriter
 
+from .._checksum import warm_up
 from .._config import ReaderConfig
 from .._errors import LoadCancelledError, NoSuchBucketError, NotFoundError
 from .._path import CheckpointPath
 from .._planner import request_latency_from_get
 from .._stats import LoadStats, StatsRecorder
+from ._archive import METADATA_NAME
+from ._integrity import ATTRIBUTE as INTEGRITY_ATTRIBUTE
+from ._integrity import Integrity
 from ._metadata import load_metadata
-from ._sharing import RankShare, share_metadata
+from ._sharing import SHARED, RankShare, share_metadata
 
 if TYPE_CHECKING:
     from torch.distributed.checkpoint._extension import ExtensionRegistry
@@ -74,19 +79,22 @@ if TYPE_CHECKING:
 
     from .._driver import Driver, ScopedDriver
     from .._store import S3Store
+    from ._format import StoredFormat
     from ._load import DcpLoad, PrefetchSource
 
 __all__ = [
     "METADATA_NAME",
+    "Fetch",
+    "Fetched",
     "FetchedMetadata",
     "LoadSession",
     "fetch_metadata",
     "run_dcp_load",
+    "run_dcp_save",
     "run_in_thread",
     "select_keys",
 ]
 
-METADATA_NAME = ".metadata"
 
 T = TypeVar("T")
 
@@ -105,9 +113,40 @@ class FetchedMetadata:
     def url(self) -> str:
         return f"s3://{self.bucket}/{self.key}"
 
+    @property
+    def nbytes(self) -> int:
+        return len(self.data)
+
     def parse(self) -> Metadata:
         """Unpickle with DCP's allow-list (``CheckpointFormatError`` if it is not DCP's)."""
         return load_metadata(self.data, self.url)
+
+
+class Fetched(Protocol):
+    """What describes a checkpoint, as fetched (picklable: a shared load broadcasts it):
+    DCP's ``FetchedMetadata``, safetensors' ``FetchedCatalog`` (index and headers)."""
+
+    @property
+    def request_latency_s(self) -> float: ...
+
+    @property
+    def nbytes(self) -> int: ...
+
+    def parse(self) -> Metadata: ...
+
+
+class Fetch(Protocol):
+    """``fetch(store, path, recorder, rank=None)``: fetch what describes the checkpoint at
+    ``path`` (``fetch_metadata`` for DCP), counting its requests in ``recorder``."""
+
+    def __call__(
+        self,
+        store: S3Store,
+        path: CheckpointPath,
+        recorder: StatsRecorder | None = None,
+        *,
+        rank: int | None = None,
+    ) -> Awaitable[Fetched]: ...
 
 
 async def fetch_metadata(
@@ -138,6 +177,10 @@ async def fetch_metadata(
     latency = request_latency_from_get(time.perf_counter() - started, len(data))
     if recorder is not None:
         recorder.add(bytes_received=len(data))
+    if store.config.verify_checksums and INTEGRITY_ATTRIBUTE.encode() in data:
+        # A checkpoint with an integrity record: its checks will need the CRC library, whose
+        # import (~30 ms of CPU) runs in a thread while the metadata is unpickled and planned.
+        warm_up()
     return FetchedMetadata(data, path.bucket, key, latency)
 
 
@@ -154,8 +197,11 @@ class LoadSession:
         progress: bool = False,
         metadata: Metadata | None = None,
         request_latency_s: float | None = None,
+        fetch: Fetch | None = None,
     ) -> None:
         self.path = path
+        self.fetch: Fetch = fetch_metadata if fetch is None else fetch
+        """What reads the checkpoint's description: DCP's ``.metadata`` by default."""
         self.config = config
         self.scope: ScopedDriver = driver.scope()
         """This load's requests: what ``cancel`` stops, and nothing else."""
@@ -171,21 +217,43 @@ class LoadSession:
         """Size of the ``.metadata`` this session read (0: given, not read)."""
         self.stats: LoadStats | None = None
         """The load's statistics once its read phase ended (or failed)."""
+        self._integrity: tuple[Integrity | None] | None = None
         self._lock = threading.Lock()
         self._cancelled = False
         self._load: DcpLoad | None = None
 
     # ------------------------------------------------------------------ metadata
 
-    def _fetch(self, rank: int | None = None) -> FetchedMetadata:
-        path, recorder = self.path, self.recorder
-        return self.scope.run(lambda store: fetch_metadata(store, path, recorder, rank=rank))
+    def _fetch(self, rank: int | None = None) -> Fetched:
+        path, recorder, fetch = self.path, self.recorder, self.fetch
+        if fetch is fetch_metadata:
+            name = METADATA_NAME if rank is None else f"__{int(rank)}{METADATA_NAME}"
+            what = f"the GET of {path.url}/{name}"
+        else:
+            what = f"the read of what describes {path.url} (its index and headers)"
+        return self.scope.run(lambda store: fetch(store, path, recorder, rank=rank), what)
 
-    def _took(self, fetched: FetchedMetadata, metadata: Metadata) -> Metadata:
+    def _took(self, fetched: Fetched, metadata: Metadata) -> Metadata:
         self.request_latency_s = self.recorder.request_latency_s = fetched.request_latency_s
-        self.metadata_bytes = len(fetched.data)
+        self.metadata_bytes = fetched.nbytes
         self.metadata = metadata
+        self._integrity = None
         return metadata
+
+    @property
+    def integrity(self) -> Integrity | None:
+        """The checkpoint's integrity record (``dcp._integrity``), which the read phase checks
+        every item against; None without one, before the metadata is read, or when the load
+        does not verify (``verify_checksums=False``). A malformed record raises
+        ``CheckpointFormatError``."""
+        if self.metadata is None or not self.config.verify_checksums:
+            return None
+        if self._integrity is None:
+            where = f"{self.path.url}/{METADATA_NAME}"
+            self._integrity = (Integrity.of(self.metadata, where),)
+            if self._integrity[0] is not None:
+                warm_up()  # the checks' CRC library, imported while the first GETs run
+        return self._integrity[0]
 
     def read_metadata(
         self, *, rank: int | None = None, group: dist.ProcessGroup | None = None
@@ -202,8 +270,8 @@ class LoadSession:
         """``read_metadata`` awaited from a coroutine of another loop (the caller's): the GET
         runs on the session's loop, the unpickling in a thread (a large checkpoint's metadata
         takes long). Cancelling the awaiting task cancels the session."""
-        path, recorder = self.path, self.recorder
-        future = self.scope.submit(lambda store: fetch_metadata(store, path, recorder))
+        path, recorder, fetch = self.path, self.recorder, self.fetch
+        future = self.scope.submit(lambda store: fetch(store, path, recorder))
         try:
             fetched = await asyncio.wrap_future(future)
         except asyncio.CancelledError:
@@ -221,7 +289,30 @@ class LoadSession:
         extensions: ExtensionRegistry | None = None,
         recorder: StatsRecorder | None = None,
     ) -> DcpLoad:
-        """The read phase over this session (``recorder``: another one, for planning only)."""
+        """The read phase of a DCP checkpoint over this session (``recorder``: another one,
+        for planning only)."""
+        return self.read_phase(self.dcp_format(storage_data, tensor_metadata, extensions), recorder)
+
+    def dcp_format(
+        self,
+        storage_data: dict[MetadataIndex, _StorageInfo],
+        tensor_metadata: dict[str, Any],
+        extensions: ExtensionRegistry | None = None,
+    ) -> StoredFormat:
+        """DCP's format (``dcp/_archive.py``) over this checkpoint's metadata."""
+        from ._archive import DcpArchive
+
+        return DcpArchive(
+            path=self.path,
+            config=self.config,
+            storage_data=storage_data,
+            tensor_metadata=tensor_metadata,
+            extensions=extensions,
+        )
+
+    def read_phase(self, format: StoredFormat, recorder: StatsRecorder | None = None) -> DcpLoad:
+        """The read phase over this session for a checkpoint in ``format`` (``recorder``:
+        another one, for planning only)."""
         # Imported here: it brings in the S3 stack, which load_checkpoint imports off the
         # caller's loop (this module is imported on it).
         from ._load import DcpLoad
@@ -229,32 +320,40 @@ class LoadSession:
         return DcpLoad(
             path=self.path,
             config=self.config,
-            storage_data=storage_data,
-            tensor_metadata=tensor_metadata,
+            format=format,
             driver=self.scope,
             recorder=self.recorder if recorder is None else recorder,
             request_latency_s=self.request_latency_s,
             source=self.source,
-            extensions=extensions,
             progress=self.progress,
+            integrity=self.integrity,
         )
 
     def read(
         self,
         plan: LoadPlan,
         planner: LoadPlanner,
-        storage_data: dict[MetadataIndex, _StorageInfo],
-        tensor_metadata: dict[str, Any],
+        format: StoredFormat,
         *,
-        extensions: ExtensionRegistry | None = None,
         group: dist.ProcessGroup | None = None,
+        sharing: str = "",
     ) -> LoadStats:
-        """Load ``plan``'s items (through the exchange when ``plan`` carries this rank's share
-        of a shared load over ``group``); returns the load's statistics (also ``.stats``, set
-        when it fails too)."""
-        load = self.dcp_load(storage_data, tensor_metadata, extensions=extensions)
+        """Load ``plan``'s items of a checkpoint in ``format`` (through the exchange when
+        ``plan`` carries this rank's share of a shared load over ``group``); returns the load's
+        statistics (also ``.stats``, set when it fails too). ``sharing``: why the load does not
+        share (``LoadStats.sharing``)."""
+        load = self.read_phase(format)
         share = plan.storage_data
         shared = isinstance(share, RankShare) and group is not None
+        if shared:
+            self.recorder.sharing = SHARED
+        elif sharing == SHARED:
+            self.recorder.sharing = (
+                "off: the coordinator did not share (not every rank could: sharing switched "
+                "off on a rank, another group, or a rank's plan names an unknown item)"
+            )
+        else:
+            self.recorder.sharing = sharing or "off: a single process (no process group)"
         with self._lock:
             cancelled = self._cancelled
             self._load = load
@@ -278,6 +377,11 @@ class LoadSession:
                 self._load = None
             self.stats = recorder.finish()
         return self.stats
+
+    @property
+    def cancelled(self) -> bool:
+        """Whether ``cancel`` was called."""
+        return self._cancelled
 
     def cancel(self) -> None:
         """Stop this load, from any thread: its engines, the requests it sent, its waits for
@@ -329,6 +433,30 @@ def run_dcp_load(
         dcp_load(
             state_dict,
             storage_reader=reader,
+            planner=planner,
+            process_group=process_group,
+            no_dist=no_dist,
+        )
+    except CheckpointException as exc:
+        raise _unwrap(exc) from None
+
+
+def run_dcp_save(
+    state_dict: dict[str, Any],
+    writer: StorageWriter,
+    *,
+    planner: SavePlanner | None,
+    process_group: dist.ProcessGroup | None,
+    no_dist: bool,
+) -> None:
+    """``dcp.save`` with ``writer``, raising this rank's original error instead of torch's
+    ``CheckpointException`` wrapper."""
+    from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
+
+    try:
+        dcp_save(
+            state_dict,
+            storage_writer=writer,
             planner=planner,
             process_group=process_group,
             no_dist=no_dist,

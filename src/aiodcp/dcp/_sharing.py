@@ -5,8 +5,8 @@ resharded load in which each rank needs part of every stored chunk), each would 
 the store. Here the job fetches each once and torch.distributed carries it to the other ranks
 that need it; torch.distributed is the transport, nothing of our own.
 
-Data flow, on every rank of the load's process group (``load_group`` finds it: the group
-``dcp.load`` itself runs on)::
+Data flow, on every rank of the load's process group (``sharing_group``: the group the caller
+names, ``process_group=``, else the one ``dcp.load`` runs on, found in torch's load frame)::
 
     read_metadata()             rank 0 GETs .metadata; share_metadata broadcasts the bytes and
                                 the GET's latency, or its error, to every rank (1 GET per job)
@@ -41,12 +41,13 @@ group's timeout.
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import sys
 import warnings
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -54,19 +55,24 @@ import torch.distributed as dist
 from .._errors import AiodcpError, PeerLoadError
 from .._reader import ChunkBuffer
 from .._sinks import BLOCK_BYTES, BlockPool, item_memory
-from ._fastdecode import DirectReceive
+from ._format import Receive
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 __all__ = [
     "SEGMENT_BYTES",
+    "SHARED",
+    "dcp_load_group",
     "Exchange",
     "RankShare",
     "Round",
     "StoredItem",
     "item_memory",
-    "load_group",
     "merge_adjacent",
     "plan_sharing",
     "share_metadata",
+    "sharing_group",
     "will_share",
 ]
 
@@ -232,32 +238,92 @@ def _shareable(group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
 
 
 def will_share(process_group: dist.ProcessGroup | None, no_dist: bool) -> bool:
-    """Whether a ``dcp.load`` with these arguments would share its bytes (see load_group)."""
+    """Whether a ``dcp.load`` with these arguments would share its bytes (see sharing_group)."""
     if no_dist or not (dist.is_available() and dist.is_initialized()):
         return False
     return _shareable(process_group) is not None
 
 
-def load_group() -> dist.ProcessGroup | None:
-    """The process group of the ``dcp.load`` this call runs under, when that load synchronises
-    its ranks (not ``no_dist``) and has two or more of them; else None.
-
-    torch does not tell a storage reader which group the load runs on, and a collective on any
-    other group (or in a load only some ranks run, as ``no_dist=True`` loads on one rank) would
-    hang. So this looks for torch's ``_load_state_dict`` frame up the stack and reads its
-    ``_DistWrapper``: outside it (a direct call, another torch) nothing is shared.
-    """
-    if not (dist.is_available() and dist.is_initialized()):
+def dcp_load_group(
+    process_group: dist.ProcessGroup | None, no_dist: bool
+) -> dist.ProcessGroup | None:
+    """The group ``dcp.load(process_group=, no_dist=)`` runs on: None when it runs no
+    collectives (``no_dist``, or torch.distributed not initialised)."""
+    if no_dist or not (dist.is_available() and dist.is_initialized()):
         return None
+    return process_group or dist.group.WORLD
+
+
+SHARED = "shared"
+"""``LoadStats.sharing`` of a load that shared its bytes across ranks."""
+
+_NOT_FOUND = object()
+_warned_not_found = False
+
+
+def _load_frame_wrapper() -> Any:
+    """torch's ``_DistWrapper`` of the ``dcp.load`` this call runs under (its
+    ``_load_state_dict`` frame's ``distW``), or ``_NOT_FOUND``."""
     frame = sys._getframe(1)
     while frame is not None:
         if frame.f_code.co_name == "_load_state_dict" and "distW" in frame.f_locals:
-            wrapper = frame.f_locals["distW"]
-            if not getattr(wrapper, "use_dist", False):
-                return None
-            return _shareable(getattr(wrapper, "group", None))
+            return frame.f_locals["distW"]
         frame = frame.f_back  # type: ignore[assignment]
-    return None
+    return _NOT_FOUND
+
+
+def sharing_group(
+    given: dist.ProcessGroup | None, *, group_given: bool
+) -> tuple[dist.ProcessGroup | None, str]:
+    """The process group a load shares its bytes over (None: it loads alone), and the reason,
+    for ``LoadStats.sharing``: ``"shared"`` or ``"off: <why>"``.
+
+    ``given``/``group_given``: the group the caller named (``S3StorageReader(process_group=)``,
+    ``load_checkpoint(process_group=)``: the group its ``dcp.load`` runs on; None given by
+    ``load_checkpoint`` means it will not share). Otherwise the group comes from torch's own
+    load frame up the stack (``_load_state_dict``'s ``_DistWrapper``), as torch does not tell a
+    storage reader which group it loads on, and a collective on another group (or in a load
+    only some ranks run, ``no_dist=True``) would hang. That lookup depends on torch's private
+    names: when it finds nothing in a job of several ranks, sharing is off, said once in a
+    warning and in ``LoadStats.sharing`` (pass ``process_group=`` to share)."""
+    global _warned_not_found
+    if not (dist.is_available() and dist.is_initialized()):
+        return None, "off: a single process (no process group)"
+    wrapper = _load_frame_wrapper()
+    if wrapper is not _NOT_FOUND and not getattr(wrapper, "use_dist", True):
+        return None, "off: dcp.load(no_dist=True)"
+    if group_given:
+        group = given
+        if group is None:
+            return None, "off: the load's caller does not share"
+    elif wrapper is _NOT_FOUND:
+        if dist.get_world_size() < 2:
+            return None, "off: a process group of one rank"
+        reason = (
+            "off: the process group of this dcp.load is unknown (torch's _load_state_dict "
+            f"frame was not found; torch {torch.__version__}): pass process_group= to "
+            "aiodcp.S3StorageReader to share"
+        )
+        if not _warned_not_found:
+            _warned_not_found = True
+            warnings.warn(
+                f"aiodcp: sharing across ranks is {reason}. Each rank fetches what it needs "
+                "for itself (correct, but every rank pays for its own bytes).",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return None, reason
+    else:
+        group = getattr(wrapper, "group", None)
+    group = group or dist.group.WORLD
+    if group is None or dist.get_world_size(group) < 2:
+        return None, "off: a process group of one rank"
+    if _shareable(group) is None:
+        return None, (
+            f"off: the process group's backend ({dist.get_backend(group)}) cannot move CPU "
+            "tensors; pass a gloo group (dist.new_group(backend='gloo')) as process_group="
+        )
+    return group, SHARED
 
 
 def _portable(error: BaseException) -> BaseException:
@@ -293,9 +359,11 @@ class Exchange:
     hold is what a round holds (fresh memory costs a page fault per page, and memory freed to
     the allocator may not go back to the system)."""
 
-    def __init__(self, group: dist.ProcessGroup, share: RankShare) -> None:
+    def __init__(self, group: dist.ProcessGroup, share: RankShare, name: str = "") -> None:
         self.group = group
         self.share = share
+        self.name = name
+        """What is loaded (the checkpoint's URL), for errors."""
         self.bytes_sent = 0
         self.bytes_received = 0
         self._pool = BlockPool()
@@ -310,15 +378,17 @@ class Exchange:
         failed rank and its cause."""
         row = torch.tensor([1 if error is not None else 0, *counters], dtype=torch.int64)
         rows = [torch.zeros_like(row) for _ in range(self.share.world)]
-        dist.all_gather(rows, row, group=self.group)
+        with self._waiting_for("every rank's status"):
+            dist.all_gather(rows, row, group=self.group)
         table = [[int(x) for x in r.tolist()] for r in rows]
         failed = [rank for rank, r in enumerate(table) if r[0]]
         if not failed:
             return [r[1:] for r in table]
         errors: list[Any] = [None] * self.share.world
-        dist.all_gather_object(
-            errors, None if error is None else _portable(error), group=self.group
-        )
+        with self._waiting_for("the failed ranks' errors"):
+            dist.all_gather_object(
+                errors, None if error is None else _portable(error), group=self.group
+            )
         if error is not None:
             raise error
         rank = failed[0]
@@ -351,18 +421,21 @@ class Exchange:
         self,
         k: int,
         sending: Mapping[StoredItem, ChunkBuffer],
-        direct: Mapping[StoredItem, DirectReceive] | None = None,
+        direct: Mapping[StoredItem, Receive] | None = None,
+        check: Callable[[StoredItem, Sequence[Buffer]], bool] | None = None,
     ) -> tuple[dict[StoredItem, ChunkBuffer], list[StoredItem]]:
         """Round ``k``: send ``sending`` (this round's items, downloaded) to their ranks and
         receive this round's items from theirs. Returns the received items to decode
         (``release`` them once decoded) and the items received straight into their
         destination (``direct``'s targets, verified: commit them).
 
-        A ``direct`` item's first segment is received first; ``DirectReceive.locate`` reads
+        A ``direct`` item's first segment is received first; its receiver's ``locate`` reads
         where its storage bytes begin, and the segments wholly inside them are then received
         straight into the destination's memory, the others into blocks whose storage bytes are
-        copied there; the zip directory is checked as a fetched direct item's is. An item that
-        does not locate or verify is decoded from its bytes as any other."""
+        copied there; the zip directory is checked as a fetched direct item's is, and its
+        bytes with ``check`` (the checkpoint's checksums: the bytes before, in and after the
+        destination). An item that does not locate, verify or match is returned with its bytes,
+        as any other received item."""
         part = self.share.rounds[k]
         works: list[Any] = []
         # Messages between two ranks match by tag: the n-th segment this rank receives from a
@@ -401,14 +474,17 @@ class Exchange:
                     for segment in segments_of
                 )
                 self.bytes_sent += item.length
-        for entry in located:
-            entry.first_work.wait()
-            works.extend(entry.post(self, recv))
-        for work in works:
-            work.wait()
+        with self._waiting_for(
+            f"round {k}'s items from ranks {sorted({s for _, s in part.receives})}"
+        ):
+            for entry in located:
+                entry.first_work.wait()
+                works.extend(entry.post(self, recv))
+            for work in works:
+                work.wait()
         done = []
         for entry in located:
-            buffer = entry.finish(self)
+            buffer = entry.finish(self, check)
             if buffer is None:
                 done.append(entry.item)
             else:
@@ -419,6 +495,21 @@ class Exchange:
     def _block(self) -> memoryview:
         return self._pool.block()
 
+    @contextlib.contextmanager
+    def _waiting_for(self, what: str) -> Iterator[None]:
+        """The process group's own failures while this rank waits for ``what`` (a peer that
+        died or hung: torch.distributed raises once the group's timeout passed) as an
+        ``AiodcpError`` naming the load, the rank and what it waited for."""
+        try:
+            yield
+        except RuntimeError as exc:  # DistBackendError and gloo's errors are RuntimeErrors
+            raise AiodcpError(
+                f"{self.name or 'a shared load'}: rank {self.share.rank} of {self.share.world} "
+                f"waited for {what} in the exchange, and the process group failed ({exc}): a "
+                "peer rank died or stopped answering (the group's timeout bounds this wait; "
+                "set it with init_process_group(timeout=...))"
+            ) from exc
+
 
 class _Located:
     """One item received straight into its destination (see ``Exchange.transfer``)."""
@@ -427,7 +518,7 @@ class _Located:
         self,
         item: StoredItem,
         src: int,
-        target: DirectReceive,
+        target: Receive,
         tags: list[int],
         first: memoryview,
         first_work: Any,
@@ -455,9 +546,13 @@ class _Located:
             works.append(recv(view, self.src, self.tags[i]))
         return works
 
-    def finish(self, exchange: Exchange) -> ChunkBuffer | None:
-        """None once the target holds the item's storage bytes and its directory agrees; else
-        the item's bytes, to decode the usual way."""
+    def finish(
+        self,
+        exchange: Exchange,
+        check: Callable[[StoredItem, Sequence[Buffer]], bool] | None = None,
+    ) -> ChunkBuffer | None:
+        """None once the target holds the item's storage bytes, its directory agrees and
+        ``check`` passes; else the item's bytes, to check and decode the usual way."""
         length, start, nbytes = self.item.length, self.start, self.target.nbytes
         segments = {0: self.first, **self.blocks}
         try:
@@ -474,7 +569,9 @@ class _Located:
                         head += data[: min(hi, start) - lo]
                     if hi > start + nbytes:
                         tail += data[max(lo, start + nbytes) - lo :]
-                if self.target.verify(bytes(head), bytes(tail)):
+                if self.target.verify(bytes(head), bytes(tail)) and (
+                    check is None or check(self.item, [head, memory, tail])
+                ):
                     return None
                 # Every byte is here, in the target or around it: decode from a copy.
                 return ChunkBuffer([bytes(head), bytes(memory), bytes(tail)])

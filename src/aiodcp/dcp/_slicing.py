@@ -162,8 +162,9 @@ class Candidate:
     dtype: torch.dtype
     shape: tuple[int, ...]
     blocks: tuple[tuple[tuple[int, int, tuple[int, ...]], ...], ...]
-    probes: tuple[ItemRange, ItemRange]
-    """The head and tail to fetch first (``probe_ranges``)."""
+    probes: tuple[ItemRange, ...]
+    """The head and tail to fetch first (``probe_ranges``); none when the stored item is the
+    tensor's bytes (safetensors)."""
 
 
 @dataclasses.dataclass(slots=True)

@@ -55,13 +55,15 @@ from .._stats import LoadStats, StatsRecorder
 from ._session import METADATA_NAME, LoadSession
 from ._sharing import (
     StoredItem,
-    load_group,
     merge_adjacent,
     plan_sharing,
+    sharing_group,
 )
 
 if TYPE_CHECKING:
     from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+    from ._format import StoredFormat
 
 __all__ = ["S3StorageReader", "attached_reader"]
 
@@ -69,6 +71,7 @@ __all__ = ["S3StorageReader", "attached_reader"]
 logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
+_R = TypeVar("_R", bound="S3StorageReader")
 
 
 class S3StorageReader(StorageReader):
@@ -84,6 +87,10 @@ class S3StorageReader(StorageReader):
     ``max_gap_size`` is ``"auto"`` unless given: the gap size is then chosen from the measured
     latency of the ``.metadata`` GET (see :attr:`aiodcp.ReaderConfig.max_gap_size`); the
     value used is in ``stats.max_gap_size``.
+
+    ``process_group``: the group ``dcp.load`` runs on (pass the same one), to share a multi-rank
+    load's bytes over (see README "Multi-rank loads"); None: torch's default group, found in
+    torch's load frame (``stats.sharing`` says whether the load shared, and why not).
     """
 
     def __init__(
@@ -98,10 +105,14 @@ class S3StorageReader(StorageReader):
         max_concurrency: int | None = None,
         memory_budget: int | None = None,
         progress: bool = False,
+        process_group: dist.ProcessGroup | None = None,
         **options: Any,
     ) -> None:
         super().__init__()
         self.progress = bool(progress)
+        # The group dcp.load runs on, to share over (None: found in torch's load frame).
+        self._process_group = process_group
+        self._group_given = process_group is not None
         self.config = ReaderConfig.from_kwargs(
             config,
             region=region,
@@ -122,6 +133,7 @@ class S3StorageReader(StorageReader):
         # A session given by load_checkpoint or a prefetch, for the next dcp.load.
         self._attached: LoadSession | None = None
         self._share_group: dist.ProcessGroup | None = None
+        self._sharing = ""  # LoadStats.sharing: "shared", or why not
         self._stats: LoadStats | None = None
         self.storage_data: dict[MetadataIndex, _StorageInfo] = {}
         self._tensor_metadata: dict[str, Any] = {}
@@ -192,14 +204,19 @@ class S3StorageReader(StorageReader):
         rank = kwargs.get("rank")
         # The process group to share this load's bytes over (None: this rank loads alone).
         # Rank-local metadata (rank=...) means a load without collectives.
-        self._share_group = (
-            load_group() if rank is None and self.config.share_across_ranks else None
-        )
+        if not self.config.share_across_ranks:
+            self._share_group, self._sharing = None, "off: share_across_ranks=False"
+        elif rank is not None:
+            self._share_group, self._sharing = None, "off: rank-local metadata (no collectives)"
+        else:
+            self._share_group, self._sharing = sharing_group(
+                self._process_group, group_given=self._group_given
+            )
         # The first call of every dcp.load (which calls reset() only when given a
         # checkpoint_id): the load's session, and its statistics, start here.
         session, self._attached = self._attached, None
         if session is None or session.path != self._path:
-            session = LoadSession(self._path, self.config, self._io, progress=self.progress)
+            session = self._new_session()
         self._session = session
         if rank is not None or session.metadata is None:
             # Shared: rank 0 GETs it, every rank gets its bytes (one GET per job).
@@ -226,6 +243,7 @@ class S3StorageReader(StorageReader):
         self.rank = kwargs.get("rank")
         if kwargs.get("use_collectives") is False:
             self._share_group = None
+            self._sharing = "off: rank-local metadata (no collectives)"
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
         def order(item: ReadItem) -> tuple[str, int]:
@@ -262,9 +280,8 @@ class S3StorageReader(StorageReader):
                 item = StoredItem(info.relative_path, info.offset, info.offset + info.length)
                 items.setdefault(item, []).append(req)
             reqs_of.append(items)
-        session = self._current().dcp_load(
-            self.storage_data, self._tensor_metadata, recorder=StatsRecorder()
-        )
+        current = self._current()
+        session = current.read_phase(self._stored_format(current), recorder=StatsRecorder())
         apart = session.sliced_apart(reqs_of)
         needs = [set(items) for items in reqs_of]
         probed_by = {probe: ranks for probes, ranks in apart.values() for probe in probes}
@@ -288,10 +305,9 @@ class S3StorageReader(StorageReader):
             self._stats = session.read(
                 plan,
                 planner,
-                self.storage_data,
-                self._tensor_metadata,
-                extensions=self._extensions,
+                self._stored_format(session),
                 group=self._share_group,
+                sharing=self._sharing,
             )
         except BaseException as exc:
             self._stats = session.stats
@@ -305,20 +321,37 @@ class S3StorageReader(StorageReader):
     def _current(self) -> LoadSession:
         """This load's session (``read_metadata`` starts it; planning without it gets one)."""
         if self._session is None:
-            self._session = LoadSession(self._path, self.config, self._io, progress=self.progress)
+            self._session = self._new_session()
         return self._session
+
+    def _new_session(self) -> LoadSession:
+        """A load's session: it reads DCP's ``.metadata``."""
+        return LoadSession(self._path, self.config, self._io, progress=self.progress)
+
+    def _stored_format(self, session: LoadSession) -> StoredFormat:
+        """The checkpoint's format for the read phase: DCP's (``dcp/_archive.py``)."""
+        return session.dcp_format(self.storage_data, self._tensor_metadata, self._extensions)
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
         return is_checkpoint_path(checkpoint_id)
 
 
-def attached_reader(session: LoadSession, driver: Driver) -> S3StorageReader:
-    """A reader whose next ``dcp.load`` is ``session`` (its metadata, if the caller read it
-    already, its prefetch source, its cancellation), for ``load_checkpoint`` and prefetch
-    handles; ``driver``, the loop under the session, is the caller's (not closed with the
-    reader)."""
-    reader = S3StorageReader(session.path.url, config=session.config, progress=session.progress)
+def attached_reader(
+    session: LoadSession,
+    driver: Driver,
+    share_over: dist.ProcessGroup | None,
+    reader_type: type[_R] | None = None,
+) -> _R:
+    """A reader (``reader_type``: ``S3StorageReader`` unless given) whose next ``dcp.load`` is
+    ``session`` (its metadata, if the caller read it already, its prefetch source, its
+    cancellation), for ``load_checkpoint`` and prefetch handles; ``driver``, the loop under the
+    session, is the caller's (not closed with the reader); ``share_over``: the group the
+    caller's ``dcp.load`` runs on when it shares, None when it does not (the caller knows: no
+    frame lookup)."""
+    kind = cast("type[_R]", S3StorageReader) if reader_type is None else reader_type
+    reader = kind(session.path.url, config=session.config, progress=session.progress)
+    reader._process_group, reader._group_given = share_over, True
     reader._driver = driver
     reader._owns_driver = False
     reader._attached = session
