@@ -160,6 +160,11 @@ http {{
         location /{bucket}/ {{
             limit_except GET {{ deny all; }}
         }}
+        # the same files under a path, as a gateway serving S3 at http://host/s3 would
+        location /s3/{bucket}/ {{
+            limit_except GET {{ deny all; }}
+            alias {prefix}/root/{bucket}/;
+        }}
     }}
 {shaped}
 }}
@@ -858,6 +863,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="cold scenario: seconds of sleep between building the state dict and the first "
         "load (other work the caller does first; default 0)",
     )
+    p.add_argument(
+        "--cold-sources",
+        default="env",
+        help="cold scenario: where aiodcp's credentials and endpoint come from, each a run of "
+        f"its own: {','.join(cold.SOURCES)} (default env; see cold.py)",
+    )
     p.add_argument("--shaped-latency-ms", type=float, default=20.0)
     p.add_argument("--shaped-mbps", type=float, default=80.0, help="MB/s per connection")
     p.add_argument(
@@ -1123,6 +1134,7 @@ def main(argv: list[str] | None = None) -> None:
                     repeats=args.repeats,
                     loads=args.cold_loads,
                     gap_s=args.cold_gap_s,
+                    sources=args.cold_sources.split(","),
                     ckpt=ckpts["cold"],
                     tiny=ckpts["tiny"],
                     endpoint=servers.direct_url,
