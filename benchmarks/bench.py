@@ -51,6 +51,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 import cold  # noqa: E402
+import provenance  # noqa: E402
 import report  # noqa: E402
 from common import MIB, layer_specs, small_specs, spec_bytes  # noqa: E402
 
@@ -911,6 +912,7 @@ def machine_info(aiodcp_desc: str) -> dict[str, Any]:
         "aiobotocore": version("aiobotocore"),
         "boto3": version("boto3"),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        **provenance.collect(),  # command line, harness revision, load average at the start
     }
 
 

@@ -14,6 +14,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import provenance
+
 MIB = 1024 * 1024
 REF = "s3tc_dcp_optimized"
 FLOOR = "local_fs"
@@ -242,10 +245,30 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def load_summary(runs: list[dict[str, Any]]) -> str:
+    """The machine's load during the runs: the 1-minute load average before each run and the
+    share of the CPU that processes outside the benchmark used during it."""
+    loads = [r["loadavg_1m_before"] for r in runs if r.get("loadavg_1m_before") is not None]
+    foreign = [r["foreign_cpu_share"] for r in runs if r.get("foreign_cpu_share") is not None]
+    if not loads and not foreign:
+        return "machine load not recorded"
+    text = []
+    if loads:
+        text.append(f"load average (1 min) before each run {min(loads):.1f}-{max(loads):.1f}")
+    if foreign:
+        text.append(
+            f"foreign CPU share median {statistics.median(foreign):.0%}, max {max(foreign):.0%}"
+        )
+    return ", ".join(text)
+
+
 def markdown(results: dict[str, Any]) -> str:
     m = results["meta"]
     cfg = results["config"]
+    runs = [r for entry in results["scenarios"].values() for r in entry["runs"]]
     lines = [
+        provenance.line(m) + f" Machine load: {load_summary(runs)}.",
+        "",
         f"Measured {m['date']} on {m['nproc']} cores ({m['cpu_model']}), {m['memory_gib']} GiB "
         f"RAM, no GPU; server {m['server']} "
         + (
