@@ -995,7 +995,8 @@ def main(argv: list[str] | None = None) -> None:
             if scenario == "partial":
                 keys = [fqn for fqn, _, _ in ckpt.items_in_file_order()[::2]]
             if scenario == "loop_lag":
-                loaders = [x for x in LAG_LOADERS if x in args.loaders]
+                # (and their --baseline twins, so a lag can be compared between revisions)
+                loaders = [x for x in args.loaders if x.removesuffix(BASE_SUFFIX) in LAG_LOADERS]
                 targets = [ckpts["big1"], ckpts["small"]]
             else:
                 loaders = [x for x in args.loaders if x not in SKIP.get(scenario, set())]
