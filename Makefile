@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck check clean
+.PHONY: demo test lint typecheck check clean bench headline
 
 $(STAMP): pyproject.toml requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -38,3 +38,9 @@ clean:
 ## BENCH_QUICK=1 for a few-minute run; BENCH_ARGS="--scenarios partial --repeats 5" for more.
 bench:
 	BENCH_QUICK=$(BENCH_QUICK) PYTHON=$(PYTHON) bash benchmarks/run.sh $(BENCH_ARGS)
+
+## Every figure README.md quotes from a benchmark, in one go, with the command, revisions, date,
+## server, machine and load beside each (benchmarks/headline.py; ~1 h on 2 cores). Uses the
+## venv `make bench` builds. HEADLINE_ARGS="--repeats 5" or "--render-only" for more or less.
+headline:
+	BENCH_QUICK= PYTHON=$(PYTHON) BENCH_SCRIPT=headline.py bash benchmarks/run.sh $(HEADLINE_ARGS)

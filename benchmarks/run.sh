@@ -32,4 +32,5 @@ if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then
         echo "nginx is missing (apt-get install nginx-light), or run with --server s3rver" >&2
     fi
 fi
-exec "$VENV/bin/python" bench.py "$@"
+# BENCH_SCRIPT=headline.py (make headline) runs that script instead of bench.py.
+exec "$VENV/bin/python" "${BENCH_SCRIPT:-bench.py}" "$@"
