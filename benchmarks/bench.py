@@ -757,6 +757,7 @@ class Runner:
         expected = 2 if ckpt.ranks > 1 else 1
         row["ok"] = len(results) == expected and all(r.get("ok") for r in results)
         row["wall_s"] = max(r["wall_s"] for r in results)
+        row["cpu_s"] = sum(r.get("cpu_s", 0.0) for r in results)  # all ranks
         row["rss_above"] = max(r["rss_above"] for r in results)
         row["rss_baseline"] = max(r["rss_baseline"] for r in results)
         row["mismatched"] = sorted({m for r in results for m in r.get("mismatched", [])})
