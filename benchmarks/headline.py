@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -80,6 +81,23 @@ def _pair(values: list[float | None], fmt: str = "{:.2f}") -> str:
     return " / ".join("n/a" if v is None else fmt.format(v) for v in values)
 
 
+def per_repeat(results: dict[str, Any], scenario: str, loaders: tuple[str, ...] = AIODCP) -> str:
+    """The range of the per-repeat wall-time ratios to dcp_optimized behind the medians: how much
+    the figure moved within the run (the peer's time moves most, see benchmarks/README.md, "Why
+    0.25-0.31x became 0.42-0.46x")."""
+    entry = results["scenarios"].get(scenario)
+    if entry is None:
+        return "n/a"
+    ok = [r for r in entry["runs"] if r.get("ok")]
+    ref = {(r["checkpoint"], r["repeat"]): r["wall_s"] for r in ok if r["loader"] == REF}
+    ratios = [
+        r["wall_s"] / ref[(r["checkpoint"], r["repeat"])]
+        for r in ok
+        if r["loader"] in loaders and (r["checkpoint"], r["repeat"]) in ref
+    ]
+    return f"per repeat {_span(ratios)}x" if ratios else "n/a"
+
+
 def bench_figures(results: dict[str, Any]) -> list[tuple[str, str, str]]:
     """(README place, figure, value as measured) for every figure of the bench run."""
     out: list[tuple[str, str, str]] = []
@@ -93,7 +111,8 @@ def bench_figures(results: dict[str, Any]) -> list[tuple[str, str, str]]:
         (
             why,
             "full 1 GiB loads, wall x dcp_optimized (1 file sync, async; 8 files sync, async)",
-            f"{_span(full)}x ({_pair(full)})",
+            f"{_span(full)}x ({_pair(full)}; {per_repeat(results, 'full_1file')}, 8 files "
+            f"{per_repeat(results, 'full_8files')})",
         )
     )
     rss_x = [*field("full_1file", "rss_x_ref"), *field("full_8files", "rss_x_ref")]
@@ -130,14 +149,15 @@ def bench_figures(results: dict[str, Any]) -> list[tuple[str, str, str]]:
         (
             why,
             "20,000 small tensors: wall x dcp_optimized (x local FileSystemReader)",
-            f"{_span(field('many_small', 'x_ref'))}x ({_span(field('many_small', 'x_floor'))}x)",
+            f"{_span(field('many_small', 'x_ref'))}x ({_span(field('many_small', 'x_floor'))}x; "
+            f"{per_repeat(results, 'many_small')})",
         )
     )
     out.append(
         (
             why,
             "S3-shaped (20 ms to first byte, 80 MB/s per connection): wall x dcp_optimized",
-            f"{_span(field('s3_shaped', 'x_ref'))}x",
+            f"{_span(field('s3_shaped', 'x_ref'))}x ({per_repeat(results, 's3_shaped')})",
         )
     )
     lag = [
@@ -262,6 +282,28 @@ def why_paragraph(results: dict[str, Any]) -> str:
     )
 
 
+BUSY_SHARE = 0.15
+"""Median foreign CPU share above which the page warns that the machine was busy."""
+
+
+def load_warning(runs: list[dict[str, Any]]) -> str:
+    foreign = [r["foreign_cpu_share"] for r in runs if r.get("foreign_cpu_share") is not None]
+    loads = [r["loadavg_1m_before"] for r in runs if r.get("loadavg_1m_before") is not None]
+    if foreign and statistics.median(foreign) > BUSY_SHARE:
+        busy = f"other processes used a median {statistics.median(foreign):.0%} of the CPU"
+    elif not foreign and loads and statistics.median(loads) > (os.cpu_count() or 1):
+        busy = f"the load average was {statistics.median(loads):.1f} (median before each run)"
+    else:
+        return ""
+    return (
+        f"**Busy machine**: {busy} during these runs. Ratios against dcp_optimized move with "
+        "that load (its time grew up to 2.5x on a busy machine, aiodcp's much less: "
+        'benchmarks/README.md, "Why 0.25-0.31x became 0.42-0.46x"), so these are not figures '
+        "for README: rerun when the machine is quiet (`-- --quiet-wait 60` waits up to a minute "
+        "before each run)."
+    )
+
+
 def run_provenance(results: dict[str, Any], runs: list[dict[str, Any]]) -> str:
     m = results["meta"]
     return (
@@ -282,6 +324,8 @@ def render(bench_json: Path | None, shared_json: Path | None) -> str:
             "",
             run_provenance(results, runs),
             "",
+            load_warning(runs),
+            "",
             "| where | figure | measured |",
             "| --- | --- | --- |",
             *(f"| {a} | {b} | {c} |" for a, b, c in bench_figures(results)),
@@ -297,6 +341,8 @@ def render(bench_json: Path | None, shared_json: Path | None) -> str:
         lines += [
             f"## `{shared_json.name}`",
             "",
+            load_warning(rows),
+            "",
             f"{run_provenance(result, rows)} Base: aiodcp {result['base']}; s3proxy.py caps all "
             f"connections together at {result['config']['total_mbps']:.0f} MB/s, "
             f"{result['config']['latency_ms']:.0f} ms before each response.",
@@ -311,7 +357,7 @@ def render(bench_json: Path | None, shared_json: Path | None) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--repeats", type=int, default=3, help="paired repeats (bench.py, shared.py)")
+    p.add_argument("--repeats", type=int, default=5, help="paired repeats (bench.py, shared.py)")
     p.add_argument("--aiodcp-src", default="worktree", help="as bench.py's --aiodcp-src")
     p.add_argument("--steps", default="bench,shared", help="bench, shared or both")
     p.add_argument("--shared-baseline", default="be52019", help="shared.py's base revision")
