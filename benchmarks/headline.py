@@ -286,7 +286,7 @@ BUSY_SHARE = 0.15
 """Median foreign CPU share above which the page warns that the machine was busy."""
 
 
-def load_warning(runs: list[dict[str, Any]]) -> str:
+def load_warning(runs: list[dict[str, Any]], peer: str = "dcp_optimized") -> str:
     foreign = [r["foreign_cpu_share"] for r in runs if r.get("foreign_cpu_share") is not None]
     loads = [r["loadavg_1m_before"] for r in runs if r.get("loadavg_1m_before") is not None]
     if foreign and statistics.median(foreign) > BUSY_SHARE:
@@ -296,11 +296,11 @@ def load_warning(runs: list[dict[str, Any]]) -> str:
     else:
         return ""
     return (
-        f"**Busy machine**: {busy} during these runs. Ratios against dcp_optimized move with "
-        "that load (its time grew up to 2.5x on a busy machine, aiodcp's much less: "
+        f"**Busy machine**: {busy} during these runs. Ratios against {peer} move with that "
+        "load (dcp_optimized's time grew up to 2.5x on a busy machine, aiodcp's much less: "
         'benchmarks/README.md, "Why 0.25-0.31x became 0.42-0.46x"), so these are not figures '
         "for README: rerun when the machine is quiet (`-- --quiet-wait 60` waits up to a minute "
-        "before each run)."
+        "before each run of bench.py)."
     )
 
 
@@ -341,7 +341,7 @@ def render(bench_json: Path | None, shared_json: Path | None) -> str:
         lines += [
             f"## `{shared_json.name}`",
             "",
-            load_warning(rows),
+            load_warning(rows, peer="the whole-chunk baseline"),
             "",
             f"{run_provenance(result, rows)} Base: aiodcp {result['base']}; s3proxy.py caps all "
             f"connections together at {result['config']['total_mbps']:.0f} MB/s, "
