@@ -297,10 +297,11 @@ def load_warning(runs: list[dict[str, Any]], peer: str = "dcp_optimized") -> str
         return ""
     return (
         f"**Busy machine**: {busy} during these runs. Ratios against {peer} move with that "
-        "load (dcp_optimized's time grew up to 2.5x on a busy machine, aiodcp's much less: "
-        'benchmarks/README.md, "Why 0.25-0.31x became 0.42-0.46x"), so these are not figures '
-        "for README: rerun when the machine is quiet (`-- --quiet-wait 60` waits up to a minute "
-        "before each run of bench.py)."
+        "load (with other jobs on this round's 2-core machine, the per-repeat ratio of a 1 GiB "
+        "load to dcp_optimized's spread over 0.06-0.37x: benchmarks/README.md, \"Why "
+        '0.25-0.31x became 0.42-0.46x"), so these are not figures for README: rerun when the '
+        "machine is quiet (`-- --quiet-wait 60` waits up to a minute before each run of "
+        "bench.py)."
     )
 
 
