@@ -87,7 +87,6 @@ def summarize(entry: dict[str, Any]) -> list[dict[str, Any]]:
             "rss_above": _median([r["rss_above"] for r in ok]),
             "server_cpu_s": _median([r["server_cpu_s"] for r in ok]),
             "proxy_cpu_s": _median([r["proxy_cpu_s"] for r in ok]),
-            "cpu_s": _median([r.get("cpu_s") for r in ok]),
             "x_ref": paired(ckpt, loader, REF, "wall_s"),
             "cpu_x_ref": paired(ckpt, loader, REF, "cpu_s"),
             "cpu_x_base": paired(ckpt, loader, loader + BASE_SUFFIX, "cpu_s"),
