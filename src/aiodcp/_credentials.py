@@ -791,25 +791,10 @@ def resolve_chain(
     # 2. assume-role from the profile
     if _assumes_role(scoped):
         return _assume_role(env, files, profile, scoped, region, [profile], now)
-    # 3. web identity: each setting from the environment (unless disabled), else the profile
-    web = _web_identity(env, scoped, profile, explicit_profile, region, now)
-    if web is not None:
-        return web
-    # 4. SSO (and 6. aws login): their settings are not PROFILE_KEYS, so never here
-    # 5. the shared credentials file: its section of that name
-    section = files.credentials.get(profile, {})
-    if "aws_access_key_id" in section:
-        return _static(section, f"the credentials file's [{profile}]")
-    # 7. credential_process (of the merged profile)
-    if "credential_process" in scoped:
-        command = scoped["credential_process"]
-        if not isinstance(command, str):
-            return f"profile {profile!r}: credential_process is a nested block"
-        return ProcessSource(command, profile)
-    # 8. the config file's profile
-    section = files.config.get(profile, {})
-    if "aws_access_key_id" in section:
-        return _static(section, f"the config file's profile {profile!r}")
+    # 3. web identity, 5. the credentials file, 7. credential_process, 8. the config file
+    provided = _profile_providers(env, files, profile, scoped, explicit_profile, region, now)
+    if provided is not None:
+        return provided
     # 9. AWS_CREDENTIAL_FILE is not understood by ``_native``; 10. the boto2 files
     boto = _boto2_reason(env)
     if boto is not None:
@@ -922,15 +907,33 @@ def _profile_chain(
     """A source profile's credentials: botocore's profile providers for it, with the
     environment's variables ignored (web identity, credentials file, process, config file);
     None when none applies."""
-    config = files.profiles.get(profile, {})
-    web = _web_identity(env, config, profile, True, region, now)
+    return _profile_providers(
+        env, files, profile, files.profiles.get(profile, {}), True, region, now
+    )
+
+
+def _profile_providers(
+    env: Mapping[str, str],
+    files: AwsFiles,
+    profile: str,
+    scoped: Section,
+    explicit_profile: bool,
+    region: str,
+    now: Callable[[], float],
+) -> Credentials | Source | str | None:
+    """botocore's providers of one profile, in its order: web identity (each setting from the
+    environment unless ``explicit_profile``, else the profile), (SSO and ``aws login``: their
+    settings are not PROFILE_KEYS, so never here) the credentials file's section of that name,
+    ``credential_process`` of the merged profile ``scoped``, the config file's profile; None
+    when none applies."""
+    web = _web_identity(env, scoped, profile, explicit_profile, region, now)
     if web is not None:
         return web
     section = files.credentials.get(profile, {})
     if "aws_access_key_id" in section:
         return _static(section, f"the credentials file's [{profile}]")
-    if "credential_process" in config:
-        command = config["credential_process"]
+    if "credential_process" in scoped:
+        command = scoped["credential_process"]
         if not isinstance(command, str):
             return f"profile {profile!r}: credential_process is a nested block"
         return ProcessSource(command, profile)
