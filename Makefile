@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck check clean bench bench-save
+.PHONY: demo test lint typecheck check clean bench bench-save headline
 
 $(STAMP): pyproject.toml requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -43,3 +43,9 @@ bench:
 ## (benchmarks/README.md, "Saves"). BENCH_ARGS="--repeats 3 --size-mib 1024" for more.
 bench-save:
 	PYTHON=$(PYTHON) bash benchmarks/run.sh save $(BENCH_ARGS)
+
+## Every figure README.md quotes from a benchmark, in one go, with the command, revisions, date,
+## server, machine and load beside each (benchmarks/headline.py; ~1 h on 2 cores). Uses the
+## venv `make bench` builds. HEADLINE_ARGS="--repeats 5" or "--render-only" for more or less.
+headline:
+	BENCH_QUICK= PYTHON=$(PYTHON) BENCH_SCRIPT=headline.py bash benchmarks/run.sh $(HEADLINE_ARGS)

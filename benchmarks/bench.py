@@ -51,6 +51,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 import cold  # noqa: E402
+import provenance  # noqa: E402
 import report  # noqa: E402
 from common import MIB, layer_specs, small_specs, spec_bytes  # noqa: E402
 
@@ -159,6 +160,11 @@ http {{
         listen 127.0.0.1:{port};
         location /{bucket}/ {{
             limit_except GET {{ deny all; }}
+        }}
+        # the same files under a path, as a gateway serving S3 at http://host/s3 would
+        location /s3/{bucket}/ {{
+            limit_except GET {{ deny all; }}
+            alias {prefix}/root/{bucket}/;
         }}
     }}
 {shaped}
@@ -815,7 +821,7 @@ class Runner:
         expected = 2 if ckpt.ranks > 1 else 1
         row["ok"] = len(results) == expected and all(r.get("ok") for r in results)
         row["wall_s"] = max(r["wall_s"] for r in results)
-        row["cpu_s"] = sum(r.get("cpu_s", 0.0) for r in results)  # the loading processes
+        row["cpu_s"] = sum(r.get("cpu_s", 0.0) for r in results)  # the loading processes, all ranks
         row["rss_above"] = max(r["rss_above"] for r in results)
         row["rss_baseline"] = max(r["rss_baseline"] for r in results)
         row["mismatched"] = sorted({m for r in results for m in r.get("mismatched", [])})
@@ -857,6 +863,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.0,
         help="cold scenario: seconds of sleep between building the state dict and the first "
         "load (other work the caller does first; default 0)",
+    )
+    p.add_argument(
+        "--cold-sources",
+        default="env",
+        help="cold scenario: where aiodcp's credentials and endpoint come from, each a run of "
+        f"its own: {','.join(cold.SOURCES)} (default env; see cold.py)",
     )
     p.add_argument("--shaped-latency-ms", type=float, default=20.0)
     p.add_argument("--shaped-mbps", type=float, default=80.0, help="MB/s per connection")
@@ -984,6 +996,7 @@ def machine_info(aiodcp_desc: str) -> dict[str, Any]:
         "aiobotocore": version("aiobotocore"),
         "boto3": version("boto3"),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        **provenance.collect(),  # command line, harness revision, load average at the start
     }
 
 
@@ -1068,7 +1081,8 @@ def main(argv: list[str] | None = None) -> None:
             if scenario == "partial":
                 keys = [fqn for fqn, _, _ in ckpt.items_in_file_order()[::2]]
             if scenario == "loop_lag":
-                loaders = [x for x in LAG_LOADERS if x in args.loaders]
+                # (and their --baseline twins, so a lag can be compared between revisions)
+                loaders = [x for x in args.loaders if x.removesuffix(BASE_SUFFIX) in LAG_LOADERS]
                 targets = [ckpts["big1"], ckpts["small"]]
             else:
                 loaders = [x for x in args.loaders if x not in SKIP.get(scenario, set())]
@@ -1123,6 +1137,7 @@ def main(argv: list[str] | None = None) -> None:
                     repeats=args.repeats,
                     loads=args.cold_loads,
                     gap_s=args.cold_gap_s,
+                    sources=args.cold_sources.split(","),
                     ckpt=ckpts["cold"],
                     tiny=ckpts["tiny"],
                     endpoint=servers.direct_url,

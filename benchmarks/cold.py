@@ -17,16 +17,40 @@ One untimed ``floor`` and ``inspect`` first (torch's libraries into the page cac
 checkpoint's pages are read (into the page cache) before each run. Ratios are per repeat,
 then the median. aiodcp's bytecode is compiled before the runs (``bench.py`` does it for every
 scenario), as pip does when it installs a package.
+
+``--cold-sources`` runs the aiodcp loaders again for each other place their credentials and
+endpoint can come from (``SOURCES``; each a ``cold_worker.py`` process of its own, interleaved
+with the rest; dcp_optimized only with ``env``):
+
+- ``env``: ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` and ``http://127.0.0.1:<port>``;
+- ``path``: the same, with the endpoint ``http://127.0.0.1:<port>/s3`` (nginx serves the
+  files there too);
+- ``profile``: no credentials in the environment; static keys in a credentials file,
+  selected with ``AWS_PROFILE``;
+- ``process``: a ``credential_process`` (a Python one-liner printing credentials);
+- ``web_identity``: ``AWS_WEB_IDENTITY_TOKEN_FILE`` + ``AWS_ROLE_ARN``, STS
+  (``AWS_ENDPOINT_URL_STS``) played by tests/credservers.py on 127.0.0.1;
+- ``assume_role``: a profile's ``role_arn`` + ``source_profile`` (static keys in the
+  credentials file), STS ``AssumeRole`` from the same loopback server (it checks the
+  signature);
+- ``container``: ``AWS_CONTAINER_CREDENTIALS_FULL_URI`` + ``AWS_CONTAINER_AUTHORIZATION_TOKEN``,
+  served by the same loopback server;
+- ``imds``: instance metadata (IMDSv2) at ``AWS_EC2_METADATA_SERVICE_ENDPOINT``, the same server.
+
+nginx checks no signature: what is measured is what a process pays to find its credentials
+and endpoint (imports, files, requests to the credential service) before its first load.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +58,105 @@ HERE = Path(__file__).resolve().parent
 COLD_LOADERS = ["aiodcp_sync", "aiodcp_async", "s3tc_dcp_optimized"]
 IMPORT_TARGET_S = 0.15
 FIRST_TARGET_X = 1.1
+SOURCE_TARGET_X = 1.15
+"""First load / warm load for every source but ``env`` (issue 20)."""
 INSPECT_TARGET_X = 1.2
+SOURCES = [
+    "env",
+    "path",
+    "profile",
+    "process",
+    "web_identity",
+    "assume_role",
+    "container",
+    "imds",
+]
+_ENV_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+
+def _credential_server() -> Any:
+    """tests/credservers.py (stdlib only), loaded by path: the benchmarks and the tests share
+    one loopback STS / container / IMDS implementation."""
+    path = HERE.parent / "tests" / "credservers.py"
+    spec = importlib.util.spec_from_file_location("aiodcp_bench_credservers", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def source_setup(
+    source: str, env: dict[str, str], endpoint: str, tmp: Path, creds: Any
+) -> tuple[dict[str, str], str, dict[str, Any]]:
+    """(environment, endpoint, aiodcp options) of one source (see the module docstring)."""
+    env = dict(env)
+    options: dict[str, Any] = {}
+    home = tmp / f"cold-{source}"
+    home.mkdir(parents=True, exist_ok=True)
+    env["AWS_CONFIG_FILE"] = str(home / "config")
+    env["AWS_SHARED_CREDENTIALS_FILE"] = str(home / "credentials")
+    if source in ("env", "path"):
+        return env, endpoint + ("/s3" if source == "path" else ""), options
+    keys = {k: env.pop(k) for k in _ENV_CREDENTIALS if k in env}
+    if source == "profile":
+        (home / "credentials").write_text(
+            f"[bench]\naws_access_key_id = {keys['AWS_ACCESS_KEY_ID']}\n"
+            f"aws_secret_access_key = {keys['AWS_SECRET_ACCESS_KEY']}\n"
+        )
+        env["AWS_PROFILE"] = "bench"
+    elif source == "process":
+        answer = json.dumps(
+            {
+                "Version": 1,
+                "AccessKeyId": keys["AWS_ACCESS_KEY_ID"],
+                "SecretAccessKey": keys["AWS_SECRET_ACCESS_KEY"],
+                "Expiration": "2099-01-01T00:00:00Z",
+            }
+        )
+        (home / "process.py").write_text(f"print({answer!r})\n")
+        (home / "config").write_text(
+            f'[default]\ncredential_process = "{sys.executable}" "{home / "process.py"}"\n'
+        )
+    elif source == "assume_role":
+        (home / "credentials").write_text(
+            f"[base]\naws_access_key_id = {keys['AWS_ACCESS_KEY_ID']}\n"
+            f"aws_secret_access_key = {keys['AWS_SECRET_ACCESS_KEY']}\n"
+        )
+        (home / "config").write_text(
+            "[default]\nrole_arn = arn:aws:iam::123456789012:role/bench\nsource_profile = base\n"
+        )
+        env["AWS_ENDPOINT_URL_STS"] = creds.url
+    elif source == "web_identity":
+        (home / "token").write_text(creds.web_token)
+        env["AWS_WEB_IDENTITY_TOKEN_FILE"] = str(home / "token")
+        env["AWS_ROLE_ARN"] = "arn:aws:iam::123456789012:role/bench"
+        env["AWS_ENDPOINT_URL_STS"] = creds.url
+    elif source == "container":
+        env["AWS_CONTAINER_CREDENTIALS_FULL_URI"] = creds.url + "/container/credentials"
+        env["AWS_CONTAINER_AUTHORIZATION_TOKEN"] = creds.container_token
+    elif source == "imds":
+        env.pop("AWS_EC2_METADATA_DISABLED", None)
+        env["AWS_EC2_METADATA_SERVICE_ENDPOINT"] = creds.url
+    else:
+        raise SystemExit(f"unknown cold source {source!r}; choose from {SOURCES}")
+    return env, endpoint, options
+
+
+@contextlib.contextmanager
+def _credentials_served(sources: list[str], env: dict[str, str]) -> Iterator[Any]:
+    if not set(sources) & {"web_identity", "assume_role", "container", "imds"}:
+        yield None
+        return
+    module = _credential_server()
+    signers = {env["AWS_ACCESS_KEY_ID"]: (env["AWS_SECRET_ACCESS_KEY"], None)}
+    with module.CredentialServer(
+        mint=module.fixed_credentials(3600.0),
+        container_token="bench-container-token",
+        signers=signers,
+    ) as server:
+        yield server
 
 
 def _median(values: list[float]) -> float | None:
@@ -55,6 +177,7 @@ def run(
     repeats: int,
     loads: int,
     gap_s: float,
+    sources: list[str] | None = None,
     ckpt: Any,
     tiny: Any,
     endpoint: str,
@@ -65,6 +188,46 @@ def run(
     log: Callable[[str], None],
 ) -> dict[str, Any]:
     """Every run of the scenario, and its summary (``summarize``)."""
+    sources = sources or ["env"]
+    for source in sources:
+        if source not in SOURCES:
+            raise SystemExit(f"unknown cold source {source!r}; choose from {SOURCES}")
+    with _credentials_served(sources, env) as creds:
+        return _run(
+            loaders=loaders,
+            repeats=repeats,
+            loads=loads,
+            gap_s=gap_s,
+            sources=sources,
+            ckpt=ckpt,
+            tiny=tiny,
+            endpoint=endpoint,
+            env=env,
+            jobs=jobs,
+            tmp=tmp,
+            wait_quiet=wait_quiet,
+            log=log,
+            creds=creds,
+        )
+
+
+def _run(
+    *,
+    loaders: list[str],
+    repeats: int,
+    loads: int,
+    gap_s: float,
+    sources: list[str],
+    ckpt: Any,
+    tiny: Any,
+    endpoint: str,
+    env: dict[str, str],
+    jobs: Path,
+    tmp: Path,
+    wait_quiet: Callable[[], float],
+    log: Callable[[str], None],
+    creds: Any,
+) -> dict[str, Any]:
     python = sys.executable
     inspect_cmd = [
         *(python, "-m", "aiodcp", "inspect", tiny.url),
@@ -72,7 +235,13 @@ def run(
     ]
     floor_cmd = [python, "-c", "import torch.distributed.checkpoint"]
     runs: list[dict[str, Any]] = []
-    steps = ["floor", "inspect", *loaders]
+    steps = ["floor", "inspect"]
+    for source in sources:
+        for loader in loaders:
+            if source == "env":
+                steps.append(loader)
+            elif loader.startswith("aiodcp"):
+                steps.append(f"{loader}@{source}")
     # Untimed: torch's libraries and the tiny checkpoint into the page cache.
     for cmd in (floor_cmd, inspect_cmd):
         _timed(cmd, env)
@@ -87,10 +256,29 @@ def run(
                 note = f" FAILED: {error}" if error else ""
                 log(f"  cold         r{repeat} {step:<20} {wall:7.3f} s{note}")
             else:
-                row.update(_load_run(step, ckpt, loads, gap_s, endpoint, env, jobs, tmp))
+                loader, _, source = step.partition("@")
+                source_env, source_endpoint, options = source_setup(
+                    source or "env", env, endpoint, tmp, creds
+                )
+                row["source"] = source or "env"
+                row.update(
+                    _load_run(
+                        loader,
+                        ckpt,
+                        loads,
+                        gap_s,
+                        source_endpoint,
+                        source_env,
+                        jobs,
+                        tmp,
+                        options,
+                        step,
+                    )
+                )
                 log(_describe(row))
             runs.append(row)
     gap = f", {gap_s:g} s of sleep before the first load" if gap_s else ""
+    loaders = [step for step in steps if step not in ("floor", "inspect")]
     entry = {
         "description": f"fresh processes: import, first load vs warm loads ({loads} loads of "
         f"~{round(ckpt.nbytes / 2**20)} MiB, one file{gap}), `aiodcp inspect` vs "
@@ -98,6 +286,7 @@ def run(
         "gap_s": gap_s,
         "checkpoint": ckpt.prefix,
         "inspect_checkpoint": tiny.prefix,
+        "sources": sources,
         "runs": runs,
     }
     entry["summary"] = summarize(runs, loaders)
@@ -113,9 +302,12 @@ def _load_run(
     env: dict[str, str],
     jobs: Path,
     tmp: Path,
+    options: dict[str, Any],
+    step: str,
 ) -> dict[str, Any]:
     ckpt._warm()  # the checkpoint's pages in the page cache, as for the other scenarios
-    result_path = jobs / f"cold-{loader}.result"
+    name = step.replace("@", "-")
+    result_path = jobs / f"cold-{name}.result"
     result_path.unlink(missing_ok=True)
     base, _, variant = loader.partition("+")  # bench.py's loader variants
     job = {
@@ -128,12 +320,15 @@ def _load_run(
         "keys": None,
         "lag": False,
         "dist": False,
-        "aiodcp_options": {"verify_checksums": False} if variant == "noverify" else {},
+        "aiodcp_options": {
+            **options,
+            **({"verify_checksums": False} if variant == "noverify" else {}),
+        },
         "loads": loads,
         "gap_s": gap_s,
         "result": str(result_path),
     }
-    job_path = jobs / f"cold-{loader}.json"
+    job_path = jobs / f"cold-{name}.json"
     job_path.write_text(json.dumps(job))
     wall, error = _timed([sys.executable, str(HERE / "cold_worker.py"), str(job_path)], env)
     row: dict[str, Any] = {"process_s": wall}
@@ -145,6 +340,10 @@ def _load_run(
     row["first_s"] = loads_s[0]
     row["warm_s"] = statistics.median(loads_s[1:]) if len(loads_s) > 1 else None
     row["first_x_warm"] = row["first_s"] / row["warm_s"] if row["warm_s"] else None
+    cpu = result.get("cpu_s") or []
+    warm_cpu = statistics.median(cpu[1:]) if len(cpu) > 1 else None
+    row["first_cpu_s"] = cpu[0] if cpu else None
+    row["first_cpu_x_warm"] = cpu[0] / warm_cpu if warm_cpu else None
     row["to_first_loaded_s"] = result["import_loader_s"] + result["build_state_s"] + loads_s[0]
     return row
 
@@ -157,7 +356,9 @@ def _describe(row: dict[str, Any]) -> str:
     return (
         f"{head} import dcp {row['import_dcp_s']:.3f} s, loader {row['import_loader_s']:.3f} s, "
         f"state {row['build_state_s']:.3f} s, loads {loads} s (first {row['first_x_warm']:.2f}x "
-        f"warm), gc {' '.join(f'{x:.2f}' for x in row['gc_s'])} s"
+        f"warm; CPU {_f(row.get('first_cpu_x_warm'))}x), "
+        f"gc {' '.join(f'{x:.2f}' for x in row['gc_s'])} s, "
+        f"S3 stack imported: {', '.join(row.get('s3_stack') or []) or 'none'}"
     )
 
 
@@ -192,8 +393,15 @@ def summarize(runs: list[dict[str, Any]], loaders: list[str]) -> dict[str, Any]:
             "warm_s": _median([r["warm_s"] for r in rows if r["warm_s"]]),
             "first_x_warm": _median([r["first_x_warm"] for r in rows if r["first_x_warm"]]),
             "first_x_warm_all": sorted(r["first_x_warm"] for r in rows if r["first_x_warm"]),
+            "first_cpu_x_warm": _median(
+                [r["first_cpu_x_warm"] for r in rows if r.get("first_cpu_x_warm")]
+            ),
+            "first_cpu_x_warm_all": sorted(
+                r["first_cpu_x_warm"] for r in rows if r.get("first_cpu_x_warm")
+            ),
             "first_gc_s": _median([r["gc_s"][0] for r in rows]),
             "to_first_loaded_s": _median([r["to_first_loaded_s"] for r in rows]),
+            "s3_stack": sorted({m for r in rows for m in r.get("s3_stack") or []}),
         }
     return summary
 
@@ -208,8 +416,9 @@ def markdown(entry: dict[str, Any]) -> str:
         f"### (8) `cold`: {entry['description']}",
         "",
         "| loader | import s (after DCP's) | build state s | first load s | warm load s | "
-        "first / warm | GC in first load s | import + state + first load s | correct |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "first / warm | first / warm, CPU | GC in first load s | import + state + first load s | "
+        "S3 stack | correct |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
     ]
     for loader, r in s["loaders"].items():
         lines.append(
@@ -217,8 +426,10 @@ def markdown(entry: dict[str, Any]) -> str:
             f"{_f(r['build_state_s'], '{:.3f}')} | {_f(r['first_s'], '{:.3f}')} | "
             f"{_f(r['warm_s'], '{:.3f}')} | "
             f"{_f(r['first_x_warm'])} ({', '.join(f'{x:.2f}' for x in r['first_x_warm_all'])}) | "
+            f"{_f(r.get('first_cpu_x_warm'))} "
+            f"({', '.join(f'{x:.2f}' for x in r.get('first_cpu_x_warm_all', []))}) | "
             f"{_f(r['first_gc_s'], '{:.3f}')} | {_f(r['to_first_loaded_s'], '{:.3f}')} | "
-            f"{r['ok_runs']}/{r['runs']} |"
+            f"{', '.join(r['s3_stack']) or 'none'} | {r['ok_runs']}/{r['runs']} |"
         )
     lines += [
         "",
@@ -232,6 +443,7 @@ def markdown(entry: dict[str, Any]) -> str:
     ]
     sync = s["loaders"].get("aiodcp_sync", {})
     asy = s["loaders"].get("aiodcp_async", {})
+    others = sorted({step.partition("@")[2] for step in s["loaders"] if "@" in step})
 
     def met(values: list[float | None], limit: float) -> str:
         known = [v for v in values if v is not None]
@@ -249,6 +461,15 @@ def markdown(entry: dict[str, Any]) -> str:
         f"{_f(firsts[1], '{:.2f}x')} | {met(firsts, FIRST_TARGET_X)} |",
         f"| `aiodcp inspect` <= {INSPECT_TARGET_X}x `import torch.distributed.checkpoint` | "
         f"{_f(inspect_x, '{:.2f}x')} | | {met([inspect_x], INSPECT_TARGET_X)} |",
-        "",
     ]
+    for source in others:
+        firsts = [
+            s["loaders"].get(f"aiodcp_sync@{source}", {}).get("first_x_warm"),
+            s["loaders"].get(f"aiodcp_async@{source}", {}).get("first_x_warm"),
+        ]
+        lines.append(
+            f"| first load <= {SOURCE_TARGET_X}x warm, `{source}` | {_f(firsts[0], '{:.2f}x')} | "
+            f"{_f(firsts[1], '{:.2f}x')} | {met(firsts, SOURCE_TARGET_X)} |"
+        )
+    lines.append("")
     return "\n".join(lines)

@@ -13,9 +13,12 @@ loader, then loads the same checkpoint several times, timing each step.
   that leaves the GIL free;
 - ``loads_s``: each load, timed as ``worker.py`` times one (reader construction to reader
   close; ``await aiodcp.load_checkpoint`` for ``aiodcp_async``, all loads on one event loop),
-  the state dict zeroed (untimed) between loads; ``gc_s``: the garbage collector's time in
-  each load (every thread);
-- ``ok``: the state dict after the last load compared bit for bit with the saved tensors.
+  the state dict zeroed (untimed) between loads; ``cpu_s``: the process's CPU time (every
+  thread) in each load, which other processes on a busy machine disturb much less than the
+  wall time; ``gc_s``: the garbage collector's time in each load (every thread);
+- ``ok``: the state dict after the last load compared bit for bit with the saved tensors;
+- ``s3_stack``: which of botocore, aiobotocore and aiohttp the process imported by its end
+  (none for aiodcp in the plain case, whatever its credential source).
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ def main() -> None:
     time.sleep(job.get("gap_s", 0.0))  # the caller's other work before its first load, if any
     fn = worker.LOADERS[job["loader"]]
     loads: list[float] = []
+    cpus: list[float] = []
     gcs: list[float] = []
 
     def prepare(i: int) -> worker._GcTimer:
@@ -78,18 +82,20 @@ def main() -> None:
         async def run_all() -> None:
             for i in range(job["loads"]):
                 with prepare(i) as timer:
-                    t = time.perf_counter()
+                    t, c = time.perf_counter(), time.process_time()
                     await fn(state, job)
                     loads.append(time.perf_counter() - t)
+                    cpus.append(time.process_time() - c)
                 gcs.append(timer.total_s)
 
         asyncio.run(run_all())
     else:
         for i in range(job["loads"]):
             with prepare(i) as timer:
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 fn(state, job)
                 loads.append(time.perf_counter() - t)
+                cpus.append(time.process_time() - c)
             gcs.append(timer.total_s)
     bad = worker.check_state(state, job)
     result: dict[str, Any] = {
@@ -98,9 +104,11 @@ def main() -> None:
         "import_loader_s": import_loader_s,
         "build_state_s": build_state_s,
         "loads_s": loads,
+        "cpu_s": cpus,
         "gc_s": gcs,
         "ok": not bad,
         "mismatched": bad[:10],
+        "s3_stack": sorted(m for m in ("aiobotocore", "aiohttp", "botocore") if m in sys.modules),
     }
     Path(job["result"]).write_text(json.dumps(result))
 

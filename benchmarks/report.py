@@ -14,6 +14,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import provenance
+
 MIB = 1024 * 1024
 REF = "s3tc_dcp_optimized"
 FLOOR = "local_fs"
@@ -39,7 +42,8 @@ def describe_run(row: dict[str, Any]) -> str:
         lag = f" lag p99 {row['lag_ms']['p99']:.1f} ms max {row['lag_ms']['max']:.1f} ms"
     return (
         f"  {row['scenario']:<12} r{row['repeat']} {row['loader']:<20} "
-        f"{row['wall_s']:7.2f} s  {row['fetched_bytes'] / MIB:8.1f} MiB "
+        f"{row['wall_s']:7.2f} s (cpu {row.get('cpu_s', 0.0):5.2f} s) "
+        f"{row['fetched_bytes'] / MIB:8.1f} MiB "
         f"{row['requests']:6d} req  rss +{row['rss_above'] / MIB:7.1f} MiB "
         f"gc {row.get('gc_s', 0.0):.2f} s (foreign cpu {row.get('foreign_cpu_share', 0):.0%}){lag}"
     )
@@ -62,7 +66,7 @@ def summarize(entry: dict[str, Any]) -> list[dict[str, Any]]:
         ratios = []
         for r in groups.get((ckpt, loader), []):
             other = by_repeat.get(r["repeat"])
-            if r.get("ok") and other and other.get(field):
+            if r.get("ok") and other and other.get(field) and r.get(field) is not None:
                 ratios.append(r[field] / other[field])
         return _median(ratios)
 
@@ -84,6 +88,8 @@ def summarize(entry: dict[str, Any]) -> list[dict[str, Any]]:
             "server_cpu_s": _median([r["server_cpu_s"] for r in ok]),
             "proxy_cpu_s": _median([r["proxy_cpu_s"] for r in ok]),
             "x_ref": paired(ckpt, loader, REF, "wall_s"),
+            "cpu_x_ref": paired(ckpt, loader, REF, "cpu_s"),
+            "cpu_x_base": paired(ckpt, loader, loader + BASE_SUFFIX, "cpu_s"),
             "x_floor": paired(ckpt, loader, FLOOR, "wall_s"),
             "rss_x_ref": paired(ckpt, loader, REF, "rss_above"),
             # Against the same loader from the --baseline revision, same repeats.
@@ -144,7 +150,8 @@ def scenario_table(name: str, entry: dict[str, Any]) -> list[str]:
             "Against the `--baseline` revision's same loader (`<loader>@base`), paired per "
             "repeat: "
             + "; ".join(
-                f"{r['loader']} wall x{_f(r['x_base'])}, peak RSS x{_f(r['rss_x_base'])}"
+                f"{r['loader']} wall x{_f(r['x_base'])}, CPU x{_f(r.get('cpu_x_base'))}, "
+                f"peak RSS x{_f(r['rss_x_base'])}"
                 for r in rows
                 if r["x_base"] is not None
             )
@@ -263,10 +270,30 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def load_summary(runs: list[dict[str, Any]]) -> str:
+    """The machine's load during the runs: the 1-minute load average before each run and the
+    share of the CPU that processes outside the benchmark used during it."""
+    loads = [r["loadavg_1m_before"] for r in runs if r.get("loadavg_1m_before") is not None]
+    foreign = [r["foreign_cpu_share"] for r in runs if r.get("foreign_cpu_share") is not None]
+    if not loads and not foreign:
+        return "machine load not recorded"
+    text = []
+    if loads:
+        text.append(f"load average (1 min) before each run {min(loads):.1f}-{max(loads):.1f}")
+    if foreign:
+        text.append(
+            f"foreign CPU share median {statistics.median(foreign):.0%}, max {max(foreign):.0%}"
+        )
+    return ", ".join(text)
+
+
 def markdown(results: dict[str, Any]) -> str:
     m = results["meta"]
     cfg = results["config"]
+    runs = [r for entry in results["scenarios"].values() for r in entry["runs"]]
     lines = [
+        provenance.line(m) + f" Machine load: {load_summary(runs)}.",
+        "",
         f"Measured {m['date']} on {m['nproc']} cores ({m['cpu_model']}), {m['memory_gib']} GiB "
         f"RAM, no GPU; server {m['server']} "
         + (

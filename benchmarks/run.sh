@@ -36,4 +36,5 @@ if [ "${1:-}" = "save" ]; then  # `make bench-save`: the save benchmark (save.py
     shift
     exec "$VENV/bin/python" save.py "$@"
 fi
-exec "$VENV/bin/python" bench.py "$@"
+# BENCH_SCRIPT=headline.py (make headline) runs that script instead of bench.py.
+exec "$VENV/bin/python" "${BENCH_SCRIPT:-bench.py}" "$@"

@@ -59,6 +59,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import bench  # noqa: E402
+import provenance  # noqa: E402
+import report  # noqa: E402
 from common import MIB, layer_specs  # noqa: E402
 from torch.distributed.checkpoint import FileSystemReader  # noqa: E402
 
@@ -143,6 +145,12 @@ def main() -> None:
     p.add_argument("--total-mbps", type=float, default=200.0, help="MB/s over all connections")
     p.add_argument("--latency-ms", type=float, default=20.0)
     p.add_argument("--baseline", default="be52019")
+    p.add_argument(
+        "--aiodcp-src",
+        default="worktree",
+        help="the aiodcp of the shared/per_rank variants: 'worktree' (this checkout's src/) or "
+        "a git revision (git archive), as bench.py's",
+    )
     p.add_argument("--loads", default=",".join(LOADS))
     p.add_argument(
         "--variants",
@@ -157,7 +165,7 @@ def main() -> None:
     os.environ.update(bench.CREDENTIALS, AWS_EC2_METADATA_DISABLED="true")
     data = HERE / ".data"
     data.mkdir(exist_ok=True)
-    src, desc = bench.aiodcp_source("worktree", data)
+    src, desc = bench.aiodcp_source(args.aiodcp_src, data)
     base_src, base_desc = bench.aiodcp_source(args.baseline, data)
     for s in (src, base_src):
         bench.compile_bytecode(s)
@@ -207,6 +215,7 @@ def main() -> None:
                     job_path = data / f"shared-{load}-{variant}.json"
                     job_path.write_text(json.dumps(job))
                     servers.control("reset", **shaping)
+                    load0 = os.getloadavg()[0]
                     t0 = time.perf_counter()
                     results = rank_results(
                         run_ranks(world, ["load", str(job_path)], envs[variant], 1800)
@@ -218,6 +227,7 @@ def main() -> None:
                         "repeat": repeat,
                         "ranks": world,
                         "process_s": time.perf_counter() - t0,
+                        "loadavg_1m_before": load0,
                         "wall_s": max(r["wall_s"] for r in results),
                         "rss_above": max(r["rss_above"] for r in results),
                         "ok": all(r["ok"] for r in results),
@@ -251,6 +261,8 @@ def main() -> None:
 def markdown(result: dict[str, Any]) -> str:
     m, cfg, rows = result["meta"], result["config"], result["rows"]
     lines = [
+        provenance.line(m) + f" Machine load: {report.load_summary(rows)}.",
+        "",
         f"Measured {m['date']} on {m['nproc']} cores ({m['cpu_model']}), {m['memory_gib']} GiB "
         f"RAM; nginx {m['server']} behind s3proxy.py capping all connections together at "
         f"{cfg['total_mbps']:.0f} MB/s with {cfg['latency_ms']:.0f} ms before each response, "

@@ -36,6 +36,9 @@ import aiodcp
 
 HERE = Path(__file__).resolve().parent
 TESTS = HERE.parent / "tests"
+sys.path.insert(0, str(HERE))
+import provenance  # noqa: E402
+
 NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
@@ -66,6 +69,11 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mib", type=float, default=256.0)
     options = parser.parse_args()
+    facts = provenance.collect()
+    print(  # the run's provenance, as every benchmark result carries it
+        f"Command: `{facts['command']}`; harness {facts['harness']}; aiodcp from "
+        f"{Path(aiodcp.__file__).parent}; started {facts['started']}, {facts['uptime_at_start']}"
+    )
     os.environ.update(
         AWS_ACCESS_KEY_ID="testing",
         AWS_SECRET_ACCESS_KEY="testing",

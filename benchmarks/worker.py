@@ -390,7 +390,7 @@ def run_load(job: dict[str, Any]) -> dict[str, Any]:
         dist.barrier()
     gc_time = _GcTimer()
     with PeakRSS() as rss, gc_time:
-        cpu0 = time.process_time()
+        cpu0 = time.process_time()  # every thread of this process (the loaders' native ones too)
         t0 = time.perf_counter()
         if asyncio.iscoroutinefunction(fn) or job.get("lag"):
 
@@ -415,6 +415,8 @@ def run_load(job: dict[str, Any]) -> dict[str, Any]:
     result: dict[str, Any] = {
         "loader": loader,
         "wall_s": wall,
+        # CPU seconds of the load (user + system, all threads, the RSS sampler's included):
+        # less disturbed than wall time by other processes on a busy machine
         "cpu_s": cpu,
         "rss_baseline": rss.baseline,
         "rss_peak": rss.peak,

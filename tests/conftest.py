@@ -343,6 +343,10 @@ class StrictServer(_LoggedServer):
         """400: AuthorizationHeaderMalformed with <Region>; 301: PermanentRedirect."""
         self.control("PUT", "config", {"region_mode": mode})
 
+    def path_prefix(self, prefix: str) -> None:
+        """Serve S3 under ``prefix`` (``/s3``: ``/s3/bucket/key``), as a gateway; "" for none."""
+        self.control("PUT", "config", {"path_prefix": prefix})
+
     def hold_conditional(self, on: bool) -> None:
         """While on, every conditional write waits in progress (a second one gets 409)."""
         self.control("PUT", "config", {"hold_conditional": on})

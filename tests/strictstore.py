@@ -63,13 +63,18 @@ Control API (JSON in and out, unauthenticated; ``_`` cannot start a bucket name)
                                      -> {"revoked": [ids]}
     GET|PUT /_strict/buckets/<name>  {"rate": n|null, "requester_pays": b, "public": b} (any
                                      subset) -> the bucket's settings
-    GET|PUT /_strict/config          {"region_mode": 400|301, "hold_conditional": b} ->
-                                     the settings; while hold_conditional is true, a
-                                     conditional write waits (in progress) until it is false
+    GET|PUT /_strict/config          {"region_mode": 400|301, "path_prefix": "/s3"|"",
+                                     "hold_conditional": b} (any subset) -> the settings; with
+                                     a path prefix, S3 is served under it (``/s3/bucket/key``),
+                                     as by a gateway: the signature is checked over the whole
+                                     path received, moto sees the rest; while hold_conditional
+                                     is true, a conditional write waits (in progress) until it
+                                     is false
     GET    /_strict/counters         -> {"requests": n, "accepted": n, "refused": {code: n},
                                          "held": conditional writes waiting now}
     DELETE /_strict/counters         reset them
-    POST   /_strict/reset            bucket settings cleared, region mode 400, "testing" restored
+    POST   /_strict/reset            bucket settings cleared, region mode 400, no path prefix,
+                                     "testing" restored
 
 Credentials known from the start: access key ``testing``, secret ``testing``, session token
 ``testing``, no expiry (what tests/conftest.py puts in the environment). ``payload`` in the log is
@@ -282,6 +287,7 @@ class StrictState:
     credentials: dict[str, Credential] = field(default_factory=dict)
     buckets: dict[str, BucketSettings] = field(default_factory=dict)
     region_mode: int = 400
+    path_prefix: str = ""
     requests: int = 0
     accepted: int = 0
     refused: dict[str, int] = field(default_factory=dict)
@@ -449,6 +455,24 @@ def environ_headers(environ: dict[str, Any]) -> dict[str, str]:
     return headers
 
 
+def strip_prefix(environ: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """The request as moto must see it, without the gateway's path prefix; the path received
+    (what the client signed) stays in ``aiodcp.signed_uri``. A path outside the prefix is left
+    as it is (moto will not find its bucket)."""
+    raw_uri = environ.get("RAW_URI") or environ.get("REQUEST_URI") or environ.get("PATH_INFO", "/")
+    if "://" in raw_uri.split("?", 1)[0]:
+        parts = urlsplit(raw_uri)
+        raw_uri = parts.path + ("?" + parts.query if parts.query else "")
+    path_info = environ.get("PATH_INFO", "")
+    if not (raw_uri.startswith(prefix + "/") and path_info.startswith(prefix + "/")):
+        return environ
+    stripped = dict(environ)
+    stripped["aiodcp.signed_uri"] = raw_uri
+    stripped["RAW_URI"] = stripped["REQUEST_URI"] = raw_uri[len(prefix) :]
+    stripped["PATH_INFO"] = path_info[len(prefix) :]
+    return stripped
+
+
 def parse_request(environ: dict[str, Any]) -> Incoming:
     raw_uri = environ.get("RAW_URI") or environ.get("REQUEST_URI") or environ.get("PATH_INFO", "/")
     if "://" in raw_uri.split("?", 1)[0]:
@@ -486,6 +510,10 @@ def parse_request(environ: dict[str, Any]) -> Incoming:
         "access_key": None,
         "payload": None,
     }
+    signed_uri = environ.get("aiodcp.signed_uri")
+    if signed_uri is not None:  # behind a path prefix: the client signed the whole path
+        raw_path = wire_bytes(signed_uri).partition(b"?")[0]
+        record["path"] = unquote_to_bytes(raw_path).decode("utf-8", "replace")
     return Incoming(
         method=str(environ.get("REQUEST_METHOD", "GET")).upper(),
         host=host,
@@ -662,6 +690,9 @@ class StrictStore:
             "HTTP_HOST", ""
         ).split(":")[0].endswith(".localhost"):
             return self.control(environ, start_response)
+        prefix = self.state.path_prefix
+        if prefix:
+            environ = strip_prefix(environ, prefix)
         req = parse_request(environ)
         try:
             self.check(req, environ)
@@ -1138,12 +1169,19 @@ class StrictStore:
                     raise ControlError(400, "region_mode must be 400 or 301")
                 with state.lock:
                     state.region_mode = mode
+            if "path_prefix" in body:
+                prefix = str(body["path_prefix"]).rstrip("/")
+                if prefix and not prefix.startswith("/"):
+                    raise ControlError(400, "path_prefix must start with /")
+                with state.lock:
+                    state.path_prefix = prefix
             if "hold_conditional" in body:
                 with state.released:
                     state.hold_conditional = bool(body["hold_conditional"])
                     state.released.notify_all()
             return 200, {
                 "region_mode": state.region_mode,
+                "path_prefix": state.path_prefix,
                 "hold_conditional": state.hold_conditional,
             }
         if path == "counters" and method == "GET":
@@ -1157,6 +1195,7 @@ class StrictStore:
             with state.lock:
                 state.buckets.clear()
                 state.region_mode = 400
+                state.path_prefix = ""
                 state.add_default_credentials()
             with state.released:
                 state.hold_conditional = False

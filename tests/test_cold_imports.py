@@ -2,8 +2,10 @@
 
 ``import aiodcp`` must not import the S3 stack (botocore, aiobotocore, aiohttp) nor the DCP
 adapter: the names that need them resolve on first access (PEP 562). A first load in the plain
-case (``_native``) imports no botocore, aiobotocore or aiohttp at all; any other imports them in
-a worker thread. See benchmarks/README.md, "Cold start".
+case (``_native``) imports no botocore, aiobotocore or aiohttp at all, wherever its credentials
+come from (environment, profile files, ``credential_process``, web identity, container
+credentials, instance metadata: tests/credservers.py on 127.0.0.1) and whether its endpoint has
+a path; any other imports them in a worker thread. See benchmarks/README.md, "Cold start".
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ import pytest
 import torch
 
 import aiodcp
+from credservers import CredentialServer, fixed_credentials
 
-from conftest import S3Server, save_checkpoint, upload_dir
+from conftest import S3Server, StrictServer, save_checkpoint, upload_dir
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 HEAVY = (
@@ -121,10 +124,17 @@ LOADS = {
 }
 
 
-def _first_load(s3_server: S3Server, tmp_path: Path, load: str, **options: object) -> object:
+def _first_load(
+    s3_server: S3Server | StrictServer,
+    tmp_path: Path,
+    load: str,
+    *,
+    endpoint_url: str | None = None,
+    **options: object,
+) -> object:
     """A fresh process: import torch's DCP and aiodcp, then one load (``LOADS[load]``) of a
-    small checkpoint from moto; returns [which of STACK were imported, on the main thread or
-    not (an import hook records it), the loaded tensor's sum]."""
+    small checkpoint from moto (or the strict store); returns [which of STACK were imported,
+    on the main thread or not (an import hook records it), the loaded tensor's sum]."""
     s3 = s3_server.client()
     bucket = "cold-loop-import"
     with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
@@ -132,7 +142,7 @@ def _first_load(s3_server: S3Server, tmp_path: Path, load: str, **options: objec
     sd = {"w": torch.ones(256, 256)}
     upload_dir(s3, save_checkpoint(sd, tmp_path / "c"), bucket, "c")
     all_options = {
-        "endpoint_url": s3_server.endpoint_url,
+        "endpoint_url": endpoint_url or s3_server.endpoint_url,
         "region": "us-east-1",
         "addressing_style": "path",
         **options,
@@ -199,15 +209,108 @@ def test_a_first_load_that_is_not_plain_uses_botocore(
     assert set(on_loop.values()) == {False}
 
 
-def test_a_profile_is_not_plain_and_loads_through_botocore(
-    tmp_path: Path, s3_server: S3Server, monkeypatch: pytest.MonkeyPatch
+def _clean_aws_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name in list(os.environ):
+        if name.startswith("AWS_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+SOURCES = ["profile", "process", "web_identity", "assume_role", "container", "imds"]
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_a_first_load_with_credentials_from_elsewhere_imports_no_s3_stack(
+    tmp_path: Path, s3_server: S3Server, monkeypatch: pytest.MonkeyPatch, source: str
 ) -> None:
-    config = tmp_path / "config"
-    config.write_text("[profile ck]\nregion = us-east-1\n")
-    credentials = tmp_path / "credentials"
-    credentials.write_text("[ck]\naws_access_key_id = testing\naws_secret_access_key = testing\n")
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials))
-    imported, _, total = _first_load(s3_server, tmp_path, "load_checkpoint", profile="ck")  # type: ignore[misc]
+    """Credentials from a profile, a credential_process, web identity (STS), container
+    credentials or instance metadata (IMDSv2) are the plain case too: a fresh process's first
+    load imports none of botocore, aiobotocore and aiohttp. moto accepts any credentials; the
+    loopback services must have been asked."""
+    _clean_aws_environment(monkeypatch, tmp_path)
+    signers = {"AKIABASE": ("base-secret", None)}
+    with CredentialServer(
+        mint=fixed_credentials(), container_token="tok", signers=signers
+    ) as creds:
+        options: dict[str, object] = {}
+        if source == "assume_role":
+            (tmp_path / "credentials").write_text(
+                "[base]\naws_access_key_id = AKIABASE\naws_secret_access_key = base-secret\n"
+            )
+            (tmp_path / "config").write_text(
+                "[default]\nrole_arn = arn:aws:iam::1:role/r\nsource_profile = base\n"
+            )
+            monkeypatch.setenv("AWS_ENDPOINT_URL_STS", creds.url)
+        elif source == "profile":
+            (tmp_path / "config").write_text("[profile ck]\nregion = us-east-1\n")
+            (tmp_path / "credentials").write_text(
+                "[ck]\naws_access_key_id = testing\naws_secret_access_key = testing\n"
+            )
+            options["profile"] = "ck"
+        elif source == "process":
+            script = tmp_path / "process.py"
+            script.write_text(
+                "import json\nprint(json.dumps({'Version': 1, 'AccessKeyId': 'AKIAPROC',"
+                " 'SecretAccessKey': 's', 'Expiration': '2031-01-01T00:00:00Z'}))\n"
+            )
+            (tmp_path / "config").write_text(
+                f'[default]\ncredential_process = "{sys.executable}" "{script}"\n'
+            )
+        elif source == "web_identity":
+            token = tmp_path / "token"
+            token.write_text(creds.web_token)
+            monkeypatch.setenv("AWS_WEB_IDENTITY_TOKEN_FILE", str(token))
+            monkeypatch.setenv("AWS_ROLE_ARN", "arn:aws:iam::123456789012:role/r")
+            monkeypatch.setenv("AWS_ENDPOINT_URL_STS", creds.url)
+        elif source == "container":
+            monkeypatch.setenv(
+                "AWS_CONTAINER_CREDENTIALS_FULL_URI", creds.url + "/container/credentials"
+            )
+            monkeypatch.setenv("AWS_CONTAINER_AUTHORIZATION_TOKEN", "tok")
+        else:
+            monkeypatch.delenv("AWS_EC2_METADATA_DISABLED")
+            monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", creds.url)
+        imported, on_loop, total = _first_load(s3_server, tmp_path, "load_checkpoint", **options)  # type: ignore[misc]
+        asked = len(creds.requests)
     assert total == 256 * 256
-    assert imported == list(STACK)
+    assert imported == [] and on_loop == {}
+    assert asked == {"web_identity": 1, "assume_role": 1, "container": 1, "imds": 3}.get(source, 0)
+
+
+@pytest.mark.parametrize("load", sorted(LOADS))
+def test_a_first_load_from_an_endpoint_with_a_path_imports_no_s3_stack(
+    tmp_path: Path, strict_server: StrictServer, load: str
+) -> None:
+    """A gateway serving S3 under a path (the strict store with a prefix, which verifies the
+    signature over the whole path): plain too."""
+    try:
+        strict_server.path_prefix("")
+        endpoint = strict_server.endpoint_url + "/s3/"
+        imported = _first_load_prefixed(strict_server, tmp_path, load, endpoint)
+    finally:
+        strict_server.path_prefix("")
+    assert imported[0] == [] and imported[1] == {} and imported[2] == 256 * 256
+
+
+def _first_load_prefixed(
+    strict: StrictServer, tmp_path: Path, load: str, endpoint: str
+) -> list[object]:
+    s3 = strict.client()  # uploads at the root, before the prefix is set
+    bucket = "cold-prefixed"
+    with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
+        s3.create_bucket(Bucket=bucket)
+    upload_dir(s3, save_checkpoint({"w": torch.ones(256, 256)}, tmp_path / "c"), bucket, "c")
+    strict.path_prefix("/s3")
+    code = f"""
+import asyncio, json, sys, torch, torch.distributed.checkpoint, aiodcp
+URL = "s3://{bucket}/c"
+OPTIONS = {{"endpoint_url": {endpoint!r}, "region": "us-east-1"}}
+state = {{"w": torch.zeros(256, 256)}}
+{LOADS[load]}
+print(json.dumps([sorted(m for m in {STACK!r} if m in sys.modules), {{}}, float(state["w"].sum())]))
+"""
+    result = _fresh(code)
+    assert isinstance(result, list)
+    return result

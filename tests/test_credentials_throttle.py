@@ -7,7 +7,9 @@ store saw (its request log and counters) and what the public API reports (``Load
 ``aiodcp`` errors); every successful load is compared with the saved tensors.
 
 Temporary credentials come from a real ``credential_process`` (a tiny script that asks the
-strict store's control API to mint them), so botocore's own refresh logic is what runs.
+strict store's control API to mint them). Each credential test runs on both paths
+(``store_path``): natively (the plain case fetches and refreshes them, ``_credentials``) and
+through botocore (its own refresh logic), with the same expectations.
 """
 
 from __future__ import annotations
@@ -194,10 +196,12 @@ async def test_credentials_rotate_during_load_without_refusals(
     checkpoint: Checkpoint,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    store_path: dict[str, Any],
 ) -> None:
-    """Credentials living 7 s, a load of ~10 s: botocore refreshes them ahead of expiry, every
-    presigned URL expires before the credentials that signed it, and the store refuses
-    nothing: no ExpiredToken, no expired URL, nothing re-signed."""
+    """Credentials living 7 s, a load of ~10 s: the credential provider (aiodcp's, or
+    botocore's) refreshes them ahead of expiry, every presigned URL expires before the
+    credentials that signed it, and the store refuses nothing: no ExpiredToken, no expired
+    URL, nothing re-signed."""
     ttl = 7.0
     minting = credential_profile(server, tmp_path, monkeypatch, f"{ttl}:{ttl}")
     # Everything scaled from an hour-long credential to a 7 s one. botocore's refresh windows
@@ -213,11 +217,17 @@ async def test_credentials_rotate_during_load_without_refusals(
     # sign no URL (10 s). With these, a URL lives >= 4 s and is reused for half of that, so a
     # request stalled 0.3 s by the proxy still arrives in time despite X-Amz-Date's whole
     # seconds; and the mandatory window (4.75 s) >= margin + minimum, so every data GET can be
-    # presigned (botocore refreshes before a URL would be too short).
+    # presigned (botocore refreshes before a URL would be too short). The plain case's refresh
+    # windows, botocore's scaled the same way:
     monkeypatch.setattr(
         aiodcp._store,
         "PRESIGN_TIMING",
-        aiodcp._store.PresignTiming(credential_margin_s=0.5, min_presign_s=4),
+        aiodcp._store.PresignTiming(
+            credential_margin_s=0.5,
+            min_presign_s=4,
+            advisory_refresh_s=5.5,
+            mandatory_refresh_s=4.75,
+        ),
     )
 
     with FaultProxy(server.endpoint_url) as proxy:
@@ -231,6 +241,7 @@ async def test_credentials_rotate_during_load_without_refusals(
             profile=minting.profile,
             part_size=64 * KIB,
             max_concurrency=3,
+            **store_path,
         )
         ended = time.time()
     records = server.requests()[mark:]
@@ -254,6 +265,8 @@ async def test_credentials_rotate_during_load_without_refusals(
     assert any(r["access_key"] != minted[0]["ak"] for r in gets[-10:])
     assert stats.resigned == 0
     assert stats.retries == 0
+    # refreshed about once per lifetime (from the advisory window on), not per request
+    assert len(minted) <= 2 + (ended - minted[0]["t"]) / (ttl - 5.5), len(minted)
 
 
 async def test_expired_token_burst_is_resigned(
@@ -261,6 +274,7 @@ async def test_expired_token_burst_is_resigned(
     checkpoint: Checkpoint,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    store_path: dict[str, Any],
 ) -> None:
     """The store expires the first credentials after 2 s although they say an hour (clock
     skew, revocation). 32 data GETs signed with them are held by the proxy until then and all
@@ -283,6 +297,7 @@ async def test_expired_token_burst_is_resigned(
                 part_size=32 * KIB,
                 max_concurrency=32,
                 max_attempts=1,
+                **store_path,
             )
         )
         try:

@@ -2,10 +2,12 @@
 
 Each URL aiodcp signs itself is compared, byte for byte, with the one botocore 1.43 presigns
 for the same inputs at the same frozen time (the store's own botocore client, set up as the
-store sets it up: ``_botostore.create_client`` + ``presign_as_requests``). Then the URLs are
-sent to tests/strictstore.py (SigV4 verified as S3 does), which must accept them, and refuse
-an expired one and one signed with a wrong secret. The store's whole-object GETs (``.metadata``,
-sizes) are checked against moto.
+store sets it up: ``_botostore.create_client`` + ``presign_as_requests``) with botocore's own
+SigV4 signer. With awscrt installed (an aiodcp dependency) botocore presigns with awscrt's
+signer instead, which orders the query parameters differently: the same parameters and the
+same signature are checked against it. Then the URLs are sent to tests/strictstore.py (SigV4
+verified as S3 does), which must accept them, and refuse an expired one and one signed with a
+wrong secret. The store's whole-object GETs (``.metadata``, sizes) are checked against moto.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import botocore.auth
+import botocore.crt.auth
 import pytest
 
 import aiodcp
@@ -54,6 +57,11 @@ ENDPOINTS = [
     "http://127.0.0.1:80",
     "http://[::1]:9000",
     None,  # AWS S3 itself: the region's endpoint (us-east-1: the global one)
+    # endpoints with a path (gateways serving S3 under a prefix)
+    "http://127.0.0.1:9000/s3",
+    "https://minio.example/s3/",
+    "http://gw.example:8080/a/b-c/~u_1.x",
+    "http://gw.example/",
 ]
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -78,9 +86,20 @@ def environment(values: dict[str, str]) -> Any:
 
 
 async def botocore_url(
-    config: aiodcp.ReaderConfig, environ: dict[str, str], bucket: str, key: str
+    config: aiodcp.ReaderConfig,
+    environ: dict[str, str],
+    bucket: str,
+    key: str,
+    *,
+    signer: str = "botocore",
 ) -> str:
-    with environment(environ):
+    """The URL botocore presigns, with its own SigV4 signer (``signer="botocore"``) or with
+    awscrt's (``"crt"``, what botocore uses when awscrt is installed)."""
+    classes = {
+        "botocore": botocore.auth.S3SigV4QueryAuth,
+        "crt": botocore.crt.auth.CrtS3SigV4QueryAuth,
+    }
+    with environment(environ), _signer(classes[signer]):
         async with contextlib.AsyncExitStack() as stack:
             client = await create_client(config, stack)
             presign_as_requests(client)
@@ -93,9 +112,32 @@ async def botocore_url(
             return url
 
 
+@contextlib.contextmanager
+def _signer(cls: type) -> Any:
+    saved = botocore.auth.AUTH_TYPE_MAPS["s3v4-query"]
+    botocore.auth.AUTH_TYPE_MAPS["s3v4-query"] = cls
+    try:
+        yield
+    finally:
+        botocore.auth.AUTH_TYPE_MAPS["s3v4-query"] = saved
+
+
 @pytest.fixture
 def frozen(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda: FROZEN)
+    frozen_aware = FROZEN.replace(tzinfo=datetime.UTC)
+    monkeypatch.setattr(
+        botocore.crt.auth,
+        "get_current_datetime",
+        lambda remove_tzinfo=True: FROZEN if remove_tzinfo else frozen_aware,
+    )
+
+
+def same_parameters(ours: str, theirs: str) -> bool:
+    """The same URL up to the order of its query parameters (same signature included)."""
+    base, _, query = ours.partition("?")
+    other_base, _, other_query = theirs.partition("?")
+    return base == other_base and sorted(query.split("&")) == sorted(other_query.split("&"))
 
 
 def native(config: aiodcp.ReaderConfig, environ: dict[str, str], bucket: str, key: str) -> str:
@@ -135,9 +177,12 @@ async def test_urls_are_byte_identical_to_botocores(
     )
     for bucket in ("bkt", "my-bucket-1"):
         for key in KEYS:
-            assert native(config, values, bucket, key) == await botocore_url(
-                config, values, bucket, key
-            ), (bucket, key)
+            ours = native(config, values, bucket, key)
+            assert ours == await botocore_url(config, values, bucket, key), (bucket, key)
+    # awscrt's signer (botocore's with awscrt installed): same parameters, same signature
+    for key in KEYS[:4]:
+        ours = native(config, values, "bkt", key)
+        assert same_parameters(ours, await botocore_url(config, values, "bkt", key, signer="crt"))
 
 
 @pytest.mark.parametrize("endpoint", [*ENDPOINTS[:3], None])
@@ -192,7 +237,8 @@ async def test_region_and_endpoint_come_from_the_environment_as_botocore_reads_t
         ({"fast_http": False}, {}, "fast_http=False"),
         ({"extra": {"user_agent_extra": "x"}}, {}, "extra"),
         ({"profile": "p"}, {}, "profile"),
-        ({}, {"AWS_PROFILE": "p"}, "AWS_PROFILE"),
+        ({}, {"AWS_PROFILE": "p"}, "ProfileNotFound"),
+        ({}, {"AWS_DEFAULT_PROFILE": "p", "AWS_PROFILE": "default"}, "'p'"),
         ({}, {"HTTPS_PROXY": "http://proxy:3128"}, "HTTPS_PROXY"),
         ({}, {"all_proxy": "socks5://proxy"}, "all_proxy"),
         ({}, {"AWS_USE_FIPS_ENDPOINT": "true"}, "AWS_USE_FIPS_ENDPOINT"),
@@ -210,7 +256,11 @@ async def test_region_and_endpoint_come_from_the_environment_as_botocore_reads_t
         ({"endpoint_url": None}, {"AWS_S3_USE_ARN_REGION": "true"}, "ARN"),
         ({"region": None}, {}, "no region"),
         ({"region": "aws-global"}, {}, "region"),
-        ({"endpoint_url": "https://minio.example/prefix"}, {}, "not of the form"),
+        ({"endpoint_url": "https://minio.example/a//b"}, {}, "not of the form"),
+        ({"endpoint_url": "https://minio.example/a/./b"}, {}, "not of the form"),
+        ({"endpoint_url": "https://minio.example/a%20b"}, {}, "not of the form"),
+        ({"endpoint_url": "https://minio.example/.x"}, {}, "not of the form"),
+        ({"endpoint_url": "https://minio.example/s3?x=1"}, {}, "not of the form"),
         ({"endpoint_url": "https://MinIO.example"}, {}, "not of the form"),
         # botocore addresses accelerate endpoints virtual-hosted even in auto mode
         ({"endpoint_url": "https://s3-accelerate.amazonaws.com"}, {}, "Acceleration"),
@@ -234,13 +284,18 @@ def test_a_config_file_that_sets_more_than_the_region_is_not_plain(tmp_path: Pat
     for text in (
         "[default]\ns3 =\n  addressing_style = virtual\n",
         "[default]\nendpoint_url = http://elsewhere\n",
-        "[profile default]\nregion = us-east-1\n",
+        "[profile default]\nsso_session = x\n",
         "not an ini file",
     ):
         path.write_text(text)
         assert isinstance(plain_case(config, values), str), text
     path.write_text("[default]\nregion = us-east-1\n[profile x]\nanything = 1\n")
     assert isinstance(plain_case(config, values), Plain)
+    # the credentials file's section of the selected profile counts as the profile's
+    credentials = tmp_path / "credentials"
+    credentials.write_text("[default]\ns3 =\n  addressing_style = virtual\n")
+    values["AWS_SHARED_CREDENTIALS_FILE"] = str(credentials)
+    assert "['s3']" in str(plain_case(config, values))
 
 
 @pytest.mark.parametrize("bucket", ["dotted.name", "name--x-s3", "UPPER", "ab", "a_b"])
@@ -368,7 +423,7 @@ async def test_an_aws_store_is_plain_and_creates_no_client() -> None:
     with environment(values):
         async with aiodcp._store.S3Store(aiodcp.ReaderConfig()) as store:
             assert store.not_plain is None and store._client is None
-            signed = store._native_url("my-bucket", "ck/.metadata")
+            signed = await store._native_url("my-bucket", "ck/.metadata")
             assert signed is not None and signed.url is not None
             assert signed.url.host == "my-bucket.s3.us-west-2.amazonaws.com"
             assert signed.url.scheme == "https"

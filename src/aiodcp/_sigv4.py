@@ -13,6 +13,10 @@ is ``UNSIGNED-PAYLOAD`` (S3's query form). ``path`` is already encoded (``encode
 byte but the unreserved ones and ``/``, each once); it is signed as it is sent, never
 normalised (S3 does not normalise: ``a//b`` and ``a/./b`` are keys of their own).
 
+Other services' query APIs (STS's AssumeRole, for ``_credentials``) are presigned the same way:
+``Presigner(credentials, region, service="sts")`` and their parameters passed as ``query``
+(signed, and put in the URL before the ``X-Amz-*`` ones).
+
 Requests with a method and parameters of their own (a save's uploads: PUT of an object or a
 part, POST and DELETE of multipart uploads) are signed by ``presign_request(method, url_base,
 path, host, query=..., headers=...)``: the same query form, the operation's parameters
@@ -43,14 +47,20 @@ _QUERY_SAFE = "-_.~"
 
 @dataclass(frozen=True, slots=True)
 class Credentials:
-    """Static credentials (from the environment: nothing can refresh them)."""
+    """One set of credentials, as a signature uses them (``_credentials`` finds and refreshes
+    them)."""
 
     access_key: str
     secret_key: str
     token: str | None = None
+    expiry: datetime.datetime | None = None
+    """When temporary credentials expire (aware, UTC); None: they do not (static keys)."""
 
     def __repr__(self) -> str:  # never print the secret
-        return f"Credentials(access_key={self.access_key!r}, token={'set' if self.token else None})"
+        return (
+            f"Credentials(access_key={self.access_key!r}, token={'set' if self.token else None}, "
+            f"expiry={self.expiry.isoformat() if self.expiry else None})"
+        )
 
 
 def encode_key(key: str) -> str:
@@ -72,11 +82,13 @@ def _hmac(key: bytes, text: str) -> bytes:
 
 
 class Presigner:
-    """Presigns GET URLs for one set of credentials and one region."""
+    """Presigns GET URLs for one set of credentials, one region (and one service: S3's unless
+    said)."""
 
-    def __init__(self, credentials: Credentials, region: str) -> None:
+    def __init__(self, credentials: Credentials, region: str, service: str = "s3") -> None:
         self.credentials = credentials
         self.region = region
+        self.service = service
         self._key_date = ""
         self._key = b""
 
@@ -84,7 +96,7 @@ class Presigner:
         if date != self._key_date:  # once per UTC day
             k = _hmac(f"AWS4{self.credentials.secret_key}".encode(), date)
             k = _hmac(k, self.region)
-            k = _hmac(k, "s3")
+            k = _hmac(k, self.service)
             self._key = _hmac(k, "aws4_request")
             self._key_date = date
         return self._key
@@ -98,19 +110,22 @@ class Presigner:
         now: datetime.datetime,
         expires: int,
         headers: dict[str, str] | None = None,
+        query: list[tuple[str, str]] | None = None,
     ) -> str:
         """The presigned URL of a GET of ``url_base + path`` (``url_base``: scheme and netloc as
         the endpoint spells them; ``path`` already encoded; ``host`` the signed host header,
         see ``signed_host``), valid ``expires`` seconds from ``now`` (UTC). ``headers``
-        (lower-case names) are signed too, and the request must send them."""
+        (lower-case names) are signed too, and the request must send them; ``query`` (an API's
+        parameters, not encoded) is signed and sent before the ``X-Amz-*`` parameters."""
         creds = self.credentials
         stamp = now.strftime("%Y%m%dT%H%M%SZ")
         date = stamp[:8]
-        scope = f"{date}/{self.region}/s3/aws4_request"
+        scope = f"{date}/{self.region}/{self.service}/aws4_request"
         signed = {"host": host, **(headers or {})}
         names = sorted(signed)
         signed_headers = ";".join(names)
         params = [
+            *(query or ()),
             ("X-Amz-Algorithm", _ALGORITHM),
             ("X-Amz-Credential", f"{creds.access_key}/{scope}"),
             ("X-Amz-Date", stamp),
@@ -131,8 +146,8 @@ class Presigner:
         signature = hmac.new(
             self._signing_key(date), string_to_sign.encode("utf-8"), hashlib.sha256
         ).hexdigest()
-        query = "&".join(f"{k}={v}" for k, v in encoded)
-        return f"{url_base}{path}?{query}&X-Amz-Signature={signature}"
+        text = "&".join(f"{k}={v}" for k, v in encoded)
+        return f"{url_base}{path}?{text}&X-Amz-Signature={signature}"
 
     def presign_request(
         self,
@@ -153,7 +168,7 @@ class Presigner:
         creds = self.credentials
         stamp = now.strftime("%Y%m%dT%H%M%SZ")
         date = stamp[:8]
-        scope = f"{date}/{self.region}/s3/aws4_request"
+        scope = f"{date}/{self.region}/{self.service}/aws4_request"
         signed = {"host": host, **(headers or {})}
         names = sorted(signed)
         signed_headers = ";".join(names)

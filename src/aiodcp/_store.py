@@ -2,12 +2,15 @@
 
 Data flow: ``S3Store`` (one per event loop: its connections and any aiobotocore client belong
 to the loop they were made on) -> ``open()`` resolves the store: in the plain case
-(``_native.plain_case``: endpoint, region and credentials that botocore would resolve the same
-way, read here from the configuration and the environment) nothing else is needed; otherwise
-the aiobotocore client is created (``_botostore``, which alone imports botocore, aiobotocore
-and aiohttp). -> ``get_object(bucket, key)`` for small objects such as ``.metadata`` and
-``object_size`` -> ``fetch_range(bucket, key, start, end, sink)`` for the data GETs, or
-``open_range(bucket, key, start, end, if_match)`` through botocore, returning a
+(``_native.plain_case``, in a worker thread: endpoint, region and credentials that botocore
+would resolve the same way, from the configuration, the environment and the AWS files) the
+credentials are fetched if they come from a source (``_credentials``: STS, the container or
+instance metadata endpoint, a process; a fetch that fails leaves the plain case) and kept
+current by a ``Refresher``; otherwise the aiobotocore client is created (``_botostore``,
+which alone imports botocore, aiobotocore and aiohttp). -> ``get_object(bucket, key)`` for
+small objects such as ``.metadata`` and ``object_size`` -> ``fetch_range(bucket, key, start,
+end, sink)`` for the data GETs, or ``open_range(bucket, key, start, end, if_match)`` through
+botocore, returning a
 ``_botostore.RangeStream`` whose ``read_chunk()`` hands out the body as the network delivered
 it (one ``bytes`` per socket read, never joined).
 
@@ -22,15 +25,15 @@ for half the life it has left) and the request handed to ``_http.RangeClient``, 
 the body straight into the engine's sink (``fetch_range``) or into a buffer (``get_object``: a
 ranged GET that accepts a shorter object, then the rest pinned to its ETag; ``object_size``: a
 GET of the first byte, whose ``Content-Range`` gives the size). In the plain case URLs are
-signed here (``_native_url``: ``_sigv4``, stdlib only, the environment's static credentials);
-otherwise as the client signs its own requests (``_botocore_url``,
+signed here (``_native_url``: ``_sigv4``, stdlib only, with the current credentials,
+``current_plain``); otherwise as the client signs its own requests (``_botocore_url``,
 ``_botostore.presign_as_requests``: SigV4 query form, the client's endpoint, the bucket's region
 as botocore resolved it), never outliving the credentials that signed them (``PresignTiming``).
 Outside the plain case only data GETs take the fast path, as before. Proxies and client
 certificates (seen in botocore's resolved HTTP settings), ``fast_http=False``, and any response
 that is not the plain case go through botocore instead. An error response is sorted by
 ``_refusal_kind``: an expired signature is signed again (credentials refreshed once per refused
-key; the environment's cannot be, so their refusal is raised) and resent without counting as an
+key; static ones cannot be, so their refusal is raised) and resent without counting as an
 attempt; a region refusal goes through botocore, which follows S3's redirect and remembers the
 region (a plain store then lets botocore sign every later URL); a possibly mangled URL goes
 through botocore too, and after ``_FAST_FALLBACK_LIMIT`` of those a store stays on botocore;
@@ -98,6 +101,7 @@ from ._checksum import HEADER as _CRC_HEADER
 from ._checksum import from_header as _crc_from_header
 from ._checksum import to_header as _crc_to_header
 from ._config import ReaderConfig
+from ._credentials import FetchContext, FetchError, Refresher
 from ._errors import (
     AccessDeniedError,
     AiodcpError,
@@ -348,6 +352,7 @@ class S3Store:
         when it is (or is not opened yet)."""
         self._open = False
         self._plain: Plain | None = None  # None: botocore resolves and signs everything
+        self._refresher: Refresher | None = None  # the plain case's credentials, refreshed
         self._stack: contextlib.AsyncExitStack | None = None
         self._client: Any = None
         self._client_lock: asyncio.Lock | None = None
@@ -382,7 +387,14 @@ class S3Store:
         if self._open:
             return
         self._open = True
-        plain = plain_case(self.config)
+        try:
+            # files are read (config, credentials, tokens): off the loop
+            plain = await asyncio.to_thread(plain_case, self.config)
+            if isinstance(plain, Plain):
+                plain = await self._first_credentials(plain)
+        except BaseException:
+            self._open = False
+            raise
         if isinstance(plain, Plain):
             self._plain = plain
             self._fast = self._range_client(plain.verify)
@@ -428,11 +440,80 @@ class S3Store:
             self._client = client
             return client
 
+    async def _first_credentials(self, plain: Plain) -> Plain | str:
+        """The plain case's credentials, fetched now if they come from a source (STS, the
+        container or instance metadata endpoint, a process), with their refresher; or why the
+        store is not plain after all: a fetch that failed here is left to botocore, which
+        resolves the same chain again and raises its own error if it fails too."""
+        source = plain.source
+        context = self._fetch_context()
+        if source is None:
+            if plain.credentials is not None:
+                self._refresher = Refresher(None, plain.credentials, context)
+            return plain
+        try:
+            credentials = await source.fetch(context)
+        except FetchError as exc:
+            logger.debug("credentials from %s failed natively: %s", source.method, exc)
+            return f"credentials from {source.method} could not be fetched natively ({exc})"
+        timing = self.timing
+        self._refresher = Refresher(
+            source,
+            credentials,
+            context,
+            advisory_s=timing.advisory_refresh_s,
+            mandatory_s=timing.mandatory_refresh_s,
+        )
+        return plain.with_credentials(credentials)
+
+    def _fetch_context(self) -> FetchContext:
+        from ._version import __version__
+
+        return FetchContext(
+            ssl_context=self._ssl_context,
+            user_agent=f"aiodcp/{__version__}",
+            connect_timeout_s=self.config.connect_timeout_s,
+            read_timeout_s=self.config.read_timeout_s,
+        )
+
+    @staticmethod
+    def _ssl_context(verify: bool | str) -> ssl.SSLContext:
+        return _shared_ssl_context(
+            ("fast", verify), lambda: _fast_ssl_context(verify), ca_file(verify)
+        )
+
+    async def current_plain(self) -> Plain | None:
+        """The plain case signing with current credentials (refreshed as botocore refreshes
+        them: in the background from ``timing.advisory_refresh_s`` before they expire, waited
+        for from ``timing.mandatory_refresh_s``); None when botocore signs this store's
+        requests. Every natively signed request signs with what this returns."""
+        return await self._current_plain(force=False)
+
+    async def _current_plain(self, *, force: bool, bucket: str = "", key: str = "") -> Plain | None:
+        refresher, plain = self._refresher, self._plain
+        if refresher is None or plain is None or refresher.source is None:
+            return plain
+        try:
+            credentials = await (refresher.refresh() if force else refresher.get())
+        except FetchError as exc:
+            left = refresher.seconds_left()
+            where = f" to sign s3://{bucket}/{key} with" if bucket else ""
+            raise NoCredentialsError(
+                f"the credentials{where} from {refresher.source.method} expire in "
+                f"{0 if left is None else left:.0f} s and refreshing them failed: {exc}; check "
+                "the credential source (role, token file, endpoint) and load again",
+                bucket=bucket,
+                key=key,
+                retryable=False,
+            ) from exc
+        plain = self._plain
+        if plain is not None and plain.credentials is not credentials:
+            plain = self._plain = plain.with_credentials(credentials)
+        return plain
+
     def _range_client(self, verify: bool | str) -> RangeClient:
         def ssl_context() -> ssl.SSLContext:
-            return _shared_ssl_context(
-                ("fast", verify), lambda: _fast_ssl_context(verify), ca_file(verify)
-            )
+            return self._ssl_context(verify)
 
         from ._version import __version__
 
@@ -448,6 +529,9 @@ class S3Store:
         self._open = False
         stack, self._stack, self._client = self._stack, None, None
         fast, self._fast = self._fast, None
+        refresher, self._refresher = self._refresher, None
+        if refresher is not None:
+            refresher.close()
         self._urls.clear()
         for refresh in self._refreshing.values():
             refresh.cancel()
@@ -655,39 +739,49 @@ class S3Store:
         """(the first ``span`` bytes, or the whole object if ``whole``; the first response's
         headers; the object's size) through the fast path with a natively signed URL; None:
         send it through botocore instead (not the plain case, a response that is not the plain
-        case, an empty object's 416, a refusal botocore can tell more about)."""
-        fast = self._fast
-        signed = self._native_url(bucket, key)
-        if fast is None or signed is None or signed.url is None:
+        case, an empty object's 416, a refusal botocore can tell more about). A refusal of
+        expired credentials or URL is signed again (credentials refreshed if they can be),
+        ``_RESIGNS`` times at most, as data GETs are (``_fetch_fast``)."""
+        for _ in range(_RESIGNS + 1):
+            fast = self._fast
+            signed = await self._native_url(bucket, key)
+            if fast is None or signed is None or signed.url is None:
+                return None
+            try:
+                first = _BufferSink(0, span)
+                headers = await fast.fetch(signed.url, 0, span, None, first, accept_shorter=True)
+                size = _object_size(headers)
+                if size is None:
+                    raise FallbackRequired("no object size in the response")
+                data = first.data()
+                if whole and size > span:
+                    etag = headers.get("etag")
+                    if etag is None:
+                        raise FallbackRequired("no ETag to pin the rest of the object to")
+                    rest = _BufferSink(span, size - span)
+                    await fast.fetch(signed.url, span, size, etag, rest)
+                    data += rest.data()
+                return data, headers, size
+            except HttpError as exc:
+                kind = _refusal_kind(exc.status, exc.code, exc.message)
+                if kind is None and exc.status != 416:
+                    raise translate_error(exc, bucket, key) from exc
+                if kind in ("stale", "resign"):
+                    self._urls.pop((bucket, key), None)
+                    if kind == "stale" and not await self._refresh_credentials(
+                        signed.access_key, native=True
+                    ):
+                        # nothing newer (static credentials): signing again cannot help
+                        raise translate_error(exc, bucket, key) from exc
+                    continue
+                self._fell_back(bucket, key, kind)
+            except FallbackRequired:
+                self._fell_back(bucket, key, "fallback")
+            except AiodcpError:
+                raise
+            except Exception as exc:
+                raise translate_error(exc, bucket, key) from exc
             return None
-        try:
-            first = _BufferSink(0, span)
-            headers = await fast.fetch(signed.url, 0, span, None, first, accept_shorter=True)
-            size = _object_size(headers)
-            if size is None:
-                raise FallbackRequired("no object size in the response")
-            data = first.data()
-            if whole and size > span:
-                etag = headers.get("etag")
-                if etag is None:
-                    raise FallbackRequired("no ETag to pin the rest of the object to")
-                rest = _BufferSink(span, size - span)
-                await fast.fetch(signed.url, span, size, etag, rest)
-                data += rest.data()
-            return data, headers, size
-        except HttpError as exc:
-            kind = _refusal_kind(exc.status, exc.code, exc.message)
-            if kind is None and exc.status != 416:
-                raise translate_error(exc, bucket, key) from exc
-            if kind == "stale":  # the environment's credentials: nothing can refresh them
-                raise translate_error(exc, bucket, key) from exc
-            self._fell_back(bucket, key, kind)
-        except FallbackRequired:
-            self._fell_back(bucket, key, "fallback")
-        except AiodcpError:
-            raise
-        except Exception as exc:
-            raise translate_error(exc, bucket, key) from exc
         return None
 
     def _fell_back(self, bucket: str, key: str, kind: str | None, *, native: bool = True) -> None:
@@ -830,7 +924,9 @@ class S3Store:
                     self._urls.pop((bucket, key), None)
                     if stats is not None:
                         stats.add(resigned=1)
-                    if kind == "stale" and not await self._refresh_credentials(signed.access_key):
+                    if kind == "stale" and not await self._refresh_credentials(
+                        signed.access_key, native=signed.native
+                    ):
                         # the provider has nothing newer: signing again cannot help
                         raise translate_error(exc, bucket, key, (start, end)) from exc
                     continue
@@ -851,24 +947,44 @@ class S3Store:
         cached = self._urls.get((bucket, key))
         if cached is not None and cached.reuse_until > time.monotonic():
             return cached
-        native = self._native_url(bucket, key)
+        native = await self._native_url(bucket, key)
         if native is not None:
             return native
         return await self._botocore_url(bucket, key)
 
-    def _native_url(self, bucket: str, key: str) -> _Signed | None:
+    async def _native_url(self, bucket: str, key: str) -> _Signed | None:
         """The object's URL signed without botocore (cached), or None when the store or the
-        bucket is not plain. The environment's credentials do not expire: a URL lives
-        ``timing.expires_s`` and is reused for half of that at most."""
-        plain = self._plain
-        if plain is None:
+        bucket is not plain. A URL lives ``timing.expires_s``, and never past ``timing.
+        credential_margin_s`` before the temporary credentials that signed it expire; it is
+        reused for half of its life at most."""
+        if self._plain is None:
             return None
         now = time.monotonic()
         cached = self._urls.get((bucket, key))
         if cached is not None and cached.native and cached.reuse_until > now:
             return cached
+        plain = await self._current_plain(force=False, bucket=bucket, key=key)
         timing = self.timing
-        lifetime = timing.expires_s
+        lifetime = self._lifetime()
+        if lifetime is not None and lifetime < timing.min_presign_s:
+            # about to expire and not refreshed yet (a refresh that failed, or a source that
+            # gives short-lived credentials): refresh now, whatever the windows say
+            plain = await self._current_plain(force=True, bucket=bucket, key=key)
+            lifetime = self._lifetime()
+            if lifetime is not None and lifetime < timing.min_presign_s:
+                left = self._refresher.seconds_left() if self._refresher is not None else None
+                lifetime = int(left or 0) - 1  # no longer than the credentials
+                if lifetime < 1:
+                    raise NoCredentialsError(
+                        f"the credentials to sign s3://{bucket}/{key} with have expired and "
+                        "their source gave no newer ones; check the credential source",
+                        bucket=bucket,
+                        key=key,
+                        retryable=False,
+                    )
+        if plain is None:
+            return None
+        lifetime = timing.expires_s if lifetime is None else min(timing.expires_s, lifetime)
         text = plain.url(
             bucket,
             key,
@@ -883,6 +999,14 @@ class S3Store:
         signed = _Signed(url, now + min(timing.reuse_s, lifetime / 2), access_key, native=True)
         self._urls[(bucket, key)] = signed
         return signed
+
+    def _lifetime(self) -> int | None:
+        """Seconds a URL signed now may live: until ``credential_margin_s`` before the current
+        credentials expire (None: they do not)."""
+        left = self._refresher.seconds_left() if self._refresher is not None else None
+        if left is None:
+            return None
+        return int(min(self.timing.expires_s, left - self.timing.credential_margin_s))
 
     def _with_payer(self, url: Url) -> Url:
         if self.config.request_payer is None:
@@ -940,13 +1064,22 @@ class S3Store:
         self._urls[(bucket, key)] = signed
         return signed
 
-    async def _refresh_credentials(self, refused_key: str | None) -> bool:
-        """The store refused ``refused_key`` as expired: have the client's credential provider
-        fetch new credentials, once per refused key. A burst of refusals (32 GETs in flight)
-        shares one refresh, and every request waits for it before it is signed again. Returns
-        whether the client now signs with other credentials (static keys cannot refresh)."""
+    async def _refresh_credentials(self, refused_key: str | None, *, native: bool) -> bool:
+        """The store refused ``refused_key`` as expired: have the credential provider fetch
+        new credentials, once per refused key (``native``: the plain case's refresher, else
+        the botocore client's). A burst of refusals (32 GETs in flight) shares one refresh,
+        and every request waits for it before it is signed again. Returns whether the store
+        now signs with other credentials (static keys cannot refresh)."""
+        if native:
+            refresher = self._refresher
+            if refresher is None or self._plain is None:
+                return False
+            changed = await refresher.refused(refused_key)
+            if changed:
+                await self._current_plain(force=False)
+            return changed
         if refused_key is None or self._client is None:
-            return False  # unsigned, or the environment's credentials (plain case): static
+            return False  # unsigned, or static
         refresh = self._refreshing.get(refused_key)
         if refresh is None:
             refresh = asyncio.ensure_future(self._refresh(refused_key))
@@ -1071,7 +1204,9 @@ class S3Store:
                 if kind is None:
                     raise translate_write_error(exc, *where, part=request.part_number) from exc
                 if kind in ("stale", "resign"):
-                    if kind == "stale" and not await self._refresh_credentials(signed.access_key):
+                    if kind == "stale" and not await self._refresh_credentials(
+                        signed.access_key, native=signed.native
+                    ):
                         raise translate_write_error(exc, *where) from exc
                     continue
                 self._fell_back(*where, kind, native=signed.native)
@@ -1092,14 +1227,24 @@ class S3Store:
         method, query, headers, params = request.shape()
         now = time.monotonic()
         timing = self.timing
-        plain = self._plain
+        plain = None
+        lifetime: int | None = None
+        if self._plain is not None:
+            where = (request.bucket, request.key)
+            plain = await self._current_plain(force=False, bucket=where[0], key=where[1])
+            lifetime = self._lifetime()
+            if lifetime is not None and lifetime < timing.min_presign_s:
+                # about to expire and not refreshed yet: refresh now (as _native_url does)
+                plain = await self._current_plain(force=True, bucket=where[0], key=where[1])
+                lifetime = self._lifetime()
         if plain is not None:
+            expires = timing.expires_s if lifetime is None else max(1, lifetime)
             text = plain.request_url(
                 method,
                 request.bucket,
                 request.key,
                 now=datetime.datetime.now(datetime.UTC),
-                expires=timing.expires_s,
+                expires=expires,
                 payer=self.config.request_payer,
                 query=query,
                 headers=headers,
@@ -1476,6 +1621,12 @@ class PresignTiming:
     directory_session_s: int = 120
     """Seconds: the longest a URL for an S3 Express directory bucket lives. Its session
     credentials (CreateSession) last 5 minutes and their expiry is not visible to us."""
+    advisory_refresh_s: float = 900.0
+    """Seconds before temporary credentials expire from which the plain case refreshes them
+    in the background (botocore's advisory window, 15 min)."""
+    mandatory_refresh_s: float = 600.0
+    """Seconds before they expire from which requests wait for refreshed credentials
+    (botocore's mandatory window, 10 min)."""
 
 
 PRESIGN_TIMING = PresignTiming()
