@@ -550,9 +550,16 @@ def main() -> None:
         print("CELL " + json.dumps(result), flush=True)
         return
 
+    sys.path.insert(0, str(HERE))
+    import provenance  # (the orchestrator only: a cell imports nothing of benchmarks/)
+
     variants = {"aiodcp": source(args.aiodcp_src)}
     if args.baseline:
         variants["base"] = source(args.baseline)
+    prov = {**provenance.collect(), "aiodcp": variants["aiodcp"][1]}
+    if args.baseline:
+        prov["aiodcp_baseline"] = variants["base"][1]
+    print(provenance.line(prov), flush=True)
     print(
         f"{platform.node()}: {os.cpu_count()} cores, {platform.python_version()}, "
         + ", ".join(f"{name} = {desc}" for name, (_, desc) in variants.items()),
@@ -599,7 +606,11 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {name: desc for name, (_, desc) in variants.items()}
-    out.write_text(json.dumps({"variants": meta, "args": vars(args), "rows": rows}, indent=1))
+    out.write_text(
+        json.dumps(
+            {"provenance": prov, "variants": meta, "args": vars(args), "rows": rows}, indent=1
+        )
+    )
     print(f"\nwrote {out}")
 
 
