@@ -22,6 +22,7 @@ No I/O here: the read phase fetches, this module interprets.
 from __future__ import annotations
 
 import io
+import itertools
 from collections.abc import Mapping, Sequence
 from typing import IO, TYPE_CHECKING, Any, cast
 
@@ -112,11 +113,10 @@ class DcpArchive:
             return None
         offset = tuple(index.offset) if index.offset is not None else None
         hint = index.index
-        if hint is not None and 0 <= hint < len(chunks):
-            candidates = [chunks[hint], *chunks]
-        else:
-            candidates = list(chunks)
-        for chunk in candidates:
+        # The hint first, then every chunk (not a copy of the list: a tensor saved by 1,024
+        # ranks has as many chunks, and the coordinator asks once per stored item and rank).
+        first = (chunks[hint],) if hint is not None and 0 <= hint < len(chunks) else ()
+        for chunk in itertools.chain(first, chunks):
             if offset is None or tuple(chunk.offsets) == offset:
                 return cast(torch.dtype, md.properties.dtype), tuple(chunk.sizes)
         return None

@@ -10,10 +10,12 @@ names, ``process_group=``, else the one ``dcp.load`` runs on, found in torch's l
 
     read_metadata()             rank 0 GETs .metadata; share_metadata broadcasts the bytes and
                                 the GET's latency, or its error, to every rank (1 GET per job)
-    prepare_global_plan(plans)  coordinator (rank 0) only, pure: plan_sharing(needs per rank)
+    prepare_global_plan(plans)  coordinator (rank 0) only, pure: share_job (the storage
+                                reader) groups the read items per stored item, assign_shares
                                 -> one RankShare per rank, carried in LoadPlan.storage_data:
                                 which shared items the rank fetches, and per round what it sends
-                                to whom and receives from whom
+                                to whom and receives from whom (its own items only: O(its share
+                                + rounds) bytes for torch to scatter, whatever the job)
     read_data(plan)             the rank's engine fetches its share, in round order; per round:
                                 wait for what it sends -> Exchange.status (all_gather of one
                                 flag per rank: if any rank failed, every rank raises now) ->
@@ -42,12 +44,15 @@ group's timeout.
 from __future__ import annotations
 
 import contextlib
+import itertools
+import operator
 import pickle
 import sys
 import warnings
+from collections import defaultdict
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -68,6 +73,7 @@ __all__ = [
     "RankShare",
     "Round",
     "StoredItem",
+    "assign_shares",
     "item_memory",
     "merge_adjacent",
     "plan_sharing",
@@ -82,9 +88,11 @@ SEGMENT_BYTES = BLOCK_BYTES
 """Items cross the process group in messages of this size (the engine's item blocks)."""
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class StoredItem:
-    """One stored item: bytes ``[start, end)`` of the data file ``path`` (relative)."""
+class StoredItem(NamedTuple):
+    """One stored item: bytes ``[start, end)`` of the data file ``path`` (relative).
+
+    A tuple, ordered by file then offset: hashing, comparing and sorting items run in C,
+    and a job's coordinator does each about once per (stored item, rank) pair."""
 
     path: str
     start: int
@@ -95,9 +103,8 @@ class StoredItem:
         return self.end - self.start
 
 
-@dataclass(frozen=True, slots=True)
-class Round:
-    """One rank's part of one exchange round."""
+class Round(NamedTuple):
+    """One rank's part of one exchange round (a tuple: a large job's plans hold many)."""
 
     sends: tuple[tuple[StoredItem, tuple[int, ...]], ...] = ()
     """Items this rank sends, each with the ranks it goes to, in (file, offset) order."""
@@ -132,74 +139,166 @@ def plan_sharing(
     (slicing, see the storage reader): not shared, loaded by each rank as its own items.
     None when no item is left to share and none is sliced (every rank loads alone).
 
-    Balanced by bytes: items are assigned largest first, each to the rank that needs it with
-    the fewest bytes to fetch so far (its own items included).
+    ``assign_shares`` with each item's ranks gathered from ``needs``.
     """
-    world = len(needs)
     holders: dict[StoredItem, list[int]] = {}
     for rank, items in enumerate(needs):
         for item in set(items):
-            if item.length > 0:
-                holders.setdefault(item, []).append(rank)
-    for item in sliced:
-        holders.pop(item, None)
-    shared = {item: sorted(ranks) for item, ranks in holders.items() if len(ranks) > 1}
+            holders.setdefault(item, []).append(rank)
+    return assign_shares(holders, len(needs), round_bytes=round_bytes, sliced=sliced)
+
+
+def assign_shares(
+    holders: Mapping[StoredItem, Sequence[int]],
+    world: int,
+    *,
+    round_bytes: int,
+    sliced: Collection[StoredItem] = (),
+) -> list[RankShare] | None:
+    """``plan_sharing`` from each stored item's ranks (``holders[item]``: the ranks of
+    ``world`` that need it, each once, ascending), in time and memory proportional to the
+    job's (item, rank) pairs and rounds: each rank's share holds only its own items.
+
+    Balanced by bytes: items are assigned largest first, each to the rank that needs it with
+    the fewest bytes to fetch so far (its own items included; ties to the lowest rank). Then
+    in (file, offset) order each shared item goes to the first round, from the one its
+    fetcher's previous item went to, in which its fetcher sends and each of its receivers
+    receives at most ``round_bytes`` of item memory (``item_memory``; an item alone always
+    fits): a rank's items are sent in the order its engine fetches them.
+    """
+    load = [0] * world
+    shared: dict[StoredItem, Sequence[int]] = {}
+    for item, ranks in holders.items():
+        if item.end <= item.start or item in sliced:
+            continue
+        if len(ranks) > 1:
+            shared[item] = ranks
+        else:
+            load[ranks[0]] += item.end - item.start
     if not shared and not sliced:
         return None
-    load = [0] * world
-    for item, ranks in holders.items():
-        if len(ranks) == 1:
-            load[ranks[0]] += item.length
     fetcher: dict[StoredItem, int] = {}
-    for item in sorted(shared, key=lambda i: (-i.length, i)):
-        chosen = min(shared[item], key=lambda r: (load[r], r))
+    # Largest first, then in (file, offset) order.
+    for minus_length, item in sorted([(item.start - item.end, item) for item in shared]):
+        chosen = min(shared[item], key=load.__getitem__)  # the first (lowest) of the least
         fetcher[item] = chosen
-        load[chosen] += item.length
+        load[chosen] -= minus_length
 
-    sent: list[list[float]] = []  # per round, per rank: item memory sent / received
-    got: list[list[float]] = []
-    placed: list[list[tuple[StoredItem, int, tuple[int, ...]]]] = []
-    next_round = [0] * world  # a rank's items go in (file, offset) order, rounds never back
-    for item in sorted(shared):
+    schedule = _Schedule(world, round_bytes)
+    fetch: list[list[StoredItem]] = [[] for _ in range(world)]
+    # Per rank: round -> what it sends (receives) in it, in placement order.
+    sends: list[defaultdict[int, list[tuple[StoredItem, tuple[int, ...]]]]]
+    sends = [defaultdict(list) for _ in range(world)]
+    receives: list[defaultdict[int, list[tuple[StoredItem, int]]]]
+    receives = [defaultdict(list) for _ in range(world)]
+    for item in sorted(shared):  # (file, offset) order
         src = fetcher[item]
-        dsts = tuple(r for r in shared[item] if r != src)
-        size = item_memory(item.length)
-        k = next_round[src]
-        while True:
-            if k == len(placed):
-                sent.append([0] * world)
-                got.append([0] * world)
-                placed.append([])
-            if _fits(sent[k][src], size, round_bytes) and all(
-                _fits(got[k][d], size, round_bytes) for d in dsts
-            ):
-                break
-            k += 1
-        sent[k][src] += size
+        ranks = shared[item]
+        at = ranks.index(src)
+        dsts = (*ranks[:at], *ranks[at + 1 :])
+        k = schedule.place(src, dsts, item_memory(item.end - item.start))
+        fetch[src].append(item)
+        sends[src][k].append((item, dsts))
+        pair = (item, src)  # one tuple for every receiver
         for d in dsts:
-            got[k][d] += size
-        placed[k].append((item, src, dsts))
-        next_round[src] = k
+            receives[d][k].append(pair)
 
     shares = []
+    idle = [_NO_ROUND] * schedule.rounds
     for rank in range(world):
-        rounds = [
-            Round(
-                sends=tuple((item, dsts) for item, src, dsts in entries if src == rank),
-                receives=tuple((item, src) for item, src, dsts in entries if rank in dsts),
-            )
-            for entries in placed
-        ]
+        parts = idle.copy()
+        sending, receiving = sends[rank], receives[rank]
+        for k in sending.keys() | receiving.keys():
+            parts[k] = Round(sends=tuple(sending.get(k, ())), receives=tuple(receiving.get(k, ())))
+        received = map(_FIRST, itertools.chain.from_iterable(receiving.values()))
         shares.append(
             RankShare(
                 rank=rank,
                 world=world,
-                fetch=tuple(item for item in sorted(shared) if fetcher[item] == rank),
-                shared=frozenset(item for item in shared if rank in shared[item]),
-                rounds=tuple(rounds),
+                fetch=tuple(fetch[rank]),
+                shared=frozenset(itertools.chain(fetch[rank], received)),
+                rounds=tuple(parts),
             )
         )
     return shares
+
+
+_NO_ROUND = Round()
+"""A rank's round with nothing to send or receive: one object, so a plan pickles it once."""
+
+
+class _Schedule:
+    """The exchange's rounds as they fill (see ``assign_shares``): per round, the item memory
+    each rank sends and receives in it (only the ranks that do).
+
+    ``place`` finds an item's round without trying every round, nor every receiver in each:
+    per rank, the rounds it holds ``round_bytes`` in (full: no item fits beside) are skipped
+    in one step (a jump table, path-compressed), so an item whose fetcher's last round is long
+    past, among rounds every rank fills (a 1-process save loaded by every rank), does not walk
+    them one by one; and a round in which no rank receives more than the item leaves room
+    for is taken without looking at its receivers one by one."""
+
+    def __init__(self, world: int, round_bytes: int) -> None:
+        self.round_bytes = round_bytes
+        self._sent: list[dict[int, int]] = []  # per round: rank -> item memory it sends
+        self._got: list[dict[int, int]] = []  # per round: rank -> item memory it receives
+        self._most: list[int] = []  # per round: the most any rank receives in it
+        self._full_out: list[dict[int, int]] = [{} for _ in range(world)]  # full round -> next
+        self._full_in: list[dict[int, int]] = [{} for _ in range(world)]
+        self._next = [0] * world  # a rank's items go in (file, offset) order, rounds never back
+
+    @property
+    def rounds(self) -> int:
+        return len(self._sent)
+
+    def place(self, src: int, dsts: Sequence[int], size: int) -> int:
+        """The round of an item of ``size`` bytes of item memory that ``src`` sends to
+        ``dsts``: the first, from ``src``'s previous item's, in which each of them has room
+        for it (or holds nothing), counted in."""
+        limit, sent, got = self.round_bytes, self._sent, self._got
+        # A rank that holds ``held`` has room for the item unless ``held > over``.
+        over = limit - size if size <= limit else 0
+        k = self._next[src]
+        while k < len(sent):
+            held = sent[k].get(src, 0)
+            if held > over:
+                k = self._after(self._full_out[src], k, held)
+                continue
+            if self._most[k] > over:  # (else every receiver has room)
+                into = got[k]
+                d = next((d for d in dsts if into.get(d, 0) > over), -1)
+                if d >= 0:
+                    k = self._after(self._full_in[d], k, into[d])
+                    continue
+            break
+        if k == len(sent):
+            sent.append({})
+            got.append({})
+            self._most.append(0)
+        out = sent[k]
+        out[src] = out.get(src, 0) + size
+        into = got[k]
+        for d in dsts:
+            into[d] = into.get(d, 0) + size
+        self._most[k] = max(self._most[k], *map(into.__getitem__, dsts))
+        self._next[src] = k
+        return k
+
+    def _after(self, full: dict[int, int], k: int, held: int) -> int:
+        """The next round to try after ``k``, where a rank holds ``held`` (and so has no
+        room): the first after it that is not full for that rank."""
+        if held >= self.round_bytes:
+            full[k] = k + 1
+        k += 1
+        first = k
+        while k in full:
+            k = full[k]
+        while first in full and full[first] != k:  # shorten the chain walked next time
+            full[first], first = k, full[first]
+        return k
+
+
+_FIRST = operator.itemgetter(0)
 
 
 def merge_adjacent(items: Mapping[StoredItem, frozenset[int]]) -> dict[StoredItem, frozenset[int]]:
@@ -217,11 +316,6 @@ def merge_adjacent(items: Mapping[StoredItem, frozenset[int]]) -> dict[StoredIte
         merged[item] = ranks
         last = item
     return merged
-
-
-def _fits(held: float, size: int, limit: int) -> bool:
-    """Whether ``size`` more bytes fit beside ``held`` (an item alone always fits)."""
-    return held == 0 or held + size <= limit
 
 
 # ----------------------------------------------------------------------------- collectives

@@ -6,7 +6,9 @@ the region a read item covers (``storage_offsets``/``lengths``) is a set of runs
 elements at computable offsets (``region_runs``: one run for a dim-0 slice; strided runs
 otherwise, merged while a gap costs no more than a request). ``probe_ranges`` are the head and
 tail fetched first to find where the storage bytes begin and to check the zip directory;
-``Candidate`` is a stored item chosen for slicing, ``Slice`` one fetched run of it. No I/O here.
+``Candidate`` is a stored item chosen for slicing, ``Slice`` one fetched run of it;
+``region_of`` and ``insert_apart`` let the coordinator tell whether ranks slice an item apart
+(``DcpLoad.sliced_apart``). No I/O here.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import dataclasses
 import itertools
 from bisect import bisect_right
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -24,6 +27,9 @@ from .._planner import ItemRange
 from .._reader import ChunkBuffer
 from ._fastdecode import HEAD_BYTES
 
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint.planner import ReadItem
+
 __all__ = [
     "MAX_RUNS_PER_ITEM",
     "SLICE_DTYPES",
@@ -31,8 +37,10 @@ __all__ = [
     "Candidate",
     "Slice",
     "contiguous_strides",
+    "insert_apart",
     "probe_ranges",
     "read_into",
+    "region_of",
     "region_runs",
     "within",
 ]
@@ -152,6 +160,33 @@ def region_runs(
         first = base + sum(i * s for i, s in zip(prefix, strides, strict=False))
         blocks.append((first, first + length, prefix))
     return blocks
+
+
+def insert_apart(spans: list[tuple[int, int]], run: tuple[int, int]) -> bool:
+    """Insert ``run`` into ``spans`` (sorted, each ending at or before the next begins) if it
+    overlaps none of them (an identical run overlaps); False, and ``spans`` unchanged, if it
+    does."""
+    i = bisect_right(spans, run)
+    if (i and spans[i - 1][1] > run[0]) or (i < len(spans) and run[1] > spans[i][0]):
+        return False
+    spans.insert(i, run)
+    return True
+
+
+def region_of(reqs: list[ReadItem]) -> tuple[Any, ...]:
+    """All ``_slice_candidate`` reads of a rank's read items on one stored item: two ranks
+    with the same region get the same candidate."""
+    return tuple(
+        (
+            req.type,
+            req.storage_index.fqn,
+            req.storage_index.offset,
+            req.storage_index.index,
+            req.storage_offsets,
+            req.lengths,
+        )
+        for req in reqs
+    )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -16,8 +16,10 @@ Call tree under ``dcp.load(state_dict, storage_reader=S3StorageReader("s3://b/ck
 
 Multi-rank loads (``_sharing``): ``read_metadata`` shares the ``.metadata`` bytes over the group
 ``dcp.load`` runs on, ``prepare_local_plan`` marks a rank that can share, and the coordinator's
-``prepare_global_plan`` assigns the stored items two or more ranks need (``plan_sharing``), except
-those the ranks slice apart (``DcpLoad.sliced_apart``), whose heads and tails are shared instead.
+``prepare_global_plan`` assigns the stored items two or more ranks need (``share_job``,
+``assign_shares``), except those the ranks slice apart (``DcpLoad.sliced_apart``), whose heads and
+tails are shared instead; its work grows with the job's (stored item, rank) pairs
+(``benchmarks/coordinator.py`` measures it at 1,024 ranks).
 
 The reader is reusable across loads (one session per ``dcp.load``) and owns a private I/O loop
 thread with its connections, released by ``close()`` or the context manager. Under
@@ -27,12 +29,16 @@ read first and whose loop is theirs (``attached_reader``); ``abort()`` cancels t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import logging
+import operator
 import os
 import threading
 import uuid
 import weakref
+from collections.abc import Iterator, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -54,9 +60,10 @@ from .._path import CheckpointPath, is_checkpoint_path, parse_checkpoint_path
 from .._stats import LoadStats, StatsRecorder
 from ._session import METADATA_NAME, LoadSession
 from ._sharing import (
+    RankShare,
     StoredItem,
+    assign_shares,
     merge_adjacent,
-    plan_sharing,
     sharing_group,
 )
 
@@ -64,8 +71,9 @@ if TYPE_CHECKING:
     from torch.distributed.checkpoint.filesystem import _StorageInfo
 
     from ._format import StoredFormat
+    from ._load import DcpLoad
 
-__all__ = ["S3StorageReader", "attached_reader"]
+__all__ = ["S3StorageReader", "attached_reader", "share_job"]
 
 
 logger = logging.getLogger(__name__)
@@ -257,8 +265,12 @@ class S3StorageReader(StorageReader):
 
     def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
         """Unchanged, unless every rank can share: then each plan carries its rank's part of
-        the job's sharing (``_sharing.plan_sharing``); items the ranks slice apart
+        the job's sharing (``share_job``); items the ranks slice apart
         (``DcpLoad.sliced_apart``) are each rank's own."""
+        with _collector_paused():
+            return self._global_plan(plans)
+
+    def _global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
         plain = [
             dataclasses.replace(p, storage_data=None) if p.storage_data == _CAN_SHARE else p
             for p in plans
@@ -270,27 +282,9 @@ class S3StorageReader(StorageReader):
             or any(p.storage_data != _CAN_SHARE for p in plans)
         ):
             return plain
-        reqs_of: list[dict[StoredItem, list[ReadItem]]] = []
-        for plan in plans:
-            items: dict[StoredItem, list[ReadItem]] = {}
-            for req in plan.items:
-                info = self.storage_data.get(req.storage_index)
-                if info is None:
-                    return plain  # each rank's own load raises the precise error
-                item = StoredItem(info.relative_path, info.offset, info.offset + info.length)
-                items.setdefault(item, []).append(req)
-            reqs_of.append(items)
         current = self._current()
-        session = current.read_phase(self._stored_format(current), recorder=StatsRecorder())
-        apart = session.sliced_apart(reqs_of)
-        needs = [set(items) for items in reqs_of]
-        probed_by = {probe: ranks for probes, ranks in apart.values() for probe in probes}
-        # Adjacent probes (one item's tail, the next one's head) travel as one span, so the
-        # rank that fetches them makes one GET of it.
-        for span, ranks in merge_adjacent(probed_by).items():
-            for r in ranks:
-                needs[r].add(span)
-        shares = plan_sharing(needs, round_bytes=session.round_bytes, sliced=apart.keys())
+        load = current.read_phase(self._stored_format(current), recorder=StatsRecorder())
+        shares = share_job(plans, load)
         if shares is None:
             return plain
         return [
@@ -356,6 +350,119 @@ def attached_reader(
     reader._owns_driver = False
     reader._attached = session
     return reader
+
+
+def share_job(plans: Sequence[LoadPlan], load: DcpLoad) -> list[RankShare] | None:
+    """Each rank's share of a shared load (the coordinator's part of ``prepare_global_plan``):
+    ``plans[r]`` is rank ``r``'s local plan, ``load`` the read phase whose metadata, slicing
+    rule and round size every rank uses. None when nothing is shared (every rank loads alone),
+    also when a plan reads an item the metadata does not list (each rank's own load then
+    raises the precise error).
+
+    One pass over the read items groups them per stored item and rank (the stored item of a
+    ``MetadataIndex`` looked up once per job); ``DcpLoad.sliced_apart`` picks the items the
+    ranks slice apart, whose heads and tails (adjacent ones as one span) are then needed by
+    their slicing ranks like stored items; ``assign_shares`` assigns and schedules the rest.
+    Work and memory grow with the job's (stored item, rank) pairs; no rank's share holds
+    another rank's items.
+    """
+    storage_data = load.storage_data
+    # Per stored item, by slot: the item and the ranks that read it (ascending); per rank, the
+    # slot of each of its read items.
+    items: list[StoredItem] = []
+    ranks_of: list[list[int]] = []
+    slot_of: dict[str, dict[Any, int]] = {}  # fqn -> offset -> slot
+    slot_by_item: dict[StoredItem, int] = {}
+    reads: list[_RankReads] = []
+    nothing: dict[Any, int] = {}
+    for rank, plan in enumerate(plans):
+        # MetadataIndex compares and hashes (fqn, offset): looking up its fqn, then its
+        # offset, finds the same entry without a Python-level __hash__ and __eq__ (nor a key
+        # to build) per read item.
+        slots = [
+            (slot_of.get(index.fqn) or nothing).get(index.offset)
+            for index in map(_STORAGE_INDEX, plan.items)
+        ]
+        if None in slots:  # stored items no rank before this one reads
+            for n, slot in enumerate(slots):
+                if slot is not None:
+                    continue
+                index = plan.items[n].storage_index
+                of_fqn = slot_of.setdefault(index.fqn, {})
+                slot = of_fqn.get(index.offset)
+                if slot is None:
+                    info = storage_data.get(index)
+                    if info is None:
+                        return None
+                    item = StoredItem(info.relative_path, info.offset, info.offset + info.length)
+                    slot = slot_by_item.get(item)
+                    if slot is None:  # (two indexes on the same bytes share a slot)
+                        slot = slot_by_item[item] = len(items)
+                        items.append(item)
+                        ranks_of.append([])
+                    of_fqn[index.offset] = slot
+                slots[n] = slot
+        for slot in dict.fromkeys(cast("list[int]", slots)):
+            ranks_of[slot].append(rank)
+        reads.append(_RankReads(plan.items, cast("list[int]", slots)))
+    apart = load.sliced_apart(
+        (items[slot], ranks, (reads[rank].of(slot) for rank in ranks))
+        for slot, ranks in enumerate(ranks_of)
+        if len(ranks) > 1
+    )
+    holders: dict[StoredItem, Sequence[int]] = dict(zip(items, ranks_of, strict=True))
+    probed_by = {probe: ranks for probes, ranks in apart.values() for probe in probes}
+    # Adjacent probes (one item's tail, the next one's head) travel as one span, so the
+    # rank that fetches them makes one GET of it.
+    for span, probers in merge_adjacent(probed_by).items():
+        have = holders.get(span)
+        holders[span] = sorted(probers if have is None else {*have, *probers})
+    return assign_shares(holders, len(plans), round_bytes=load.round_bytes, sliced=apart.keys())
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector paused (if it runs) for the block: the coordinator's
+    step. It allocates a job's worth of small containers, and each collection they trigger
+    walks every object the process holds, torch's gathered plans first (4.2 of 6.5 s of the
+    step at 1,024 ranks x 10^5 items, measured while it allocated more than it does now). The
+    step makes no reference cycles: what it drops is freed at once all the same."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+class _RankReads:
+    """One rank's read items per stored item (by slot, see ``share_job``), indexed on the
+    first look-up: most ranks' are never looked up."""
+
+    __slots__ = ("_first", "_reqs", "_several", "_slots")
+
+    def __init__(self, reqs: list[ReadItem], slots: list[int]) -> None:
+        self._reqs, self._slots = reqs, slots
+        self._first: dict[int, int] | None = None
+        self._several: dict[int, list[int]] | None = None
+
+    def of(self, slot: int) -> list[ReadItem]:
+        """The rank's read items on the stored item ``slot``, in plan order."""
+        if self._first is None:
+            n = len(self._slots)
+            self._first = dict(zip(reversed(self._slots), range(n - 1, -1, -1), strict=True))
+            if len(self._first) != n:  # a stored item read by several read items
+                self._several = {}
+                for i, s in enumerate(self._slots):
+                    self._several.setdefault(s, []).append(i)
+        if self._several is not None:
+            return [self._reqs[i] for i in self._several[slot]]
+        return [self._reqs[self._first[slot]]]
+
+
+_STORAGE_INDEX = operator.attrgetter("storage_index")
 
 
 _CAN_SHARE = "aiodcp:can-share"
