@@ -85,7 +85,7 @@ from .._progress import with_progress
 from .._reader import ChunkBuffer, SequentialReader
 from .._stats import StatsRecorder, counters, job_stats
 from .._store import S3Store
-from .._verify import BlockCheck, widen
+from .._verify import BlockCheck
 from ._format import Receive, RunReceive, StoredFormat, StoredTensor, shape_error
 from ._integrity import Integrity
 from ._sharing import (
@@ -161,14 +161,15 @@ async def _opened(store: S3Store) -> S3Store:
 
 
 def _windows(
-    runs: Sequence[ItemRange], item: ItemRange, block_bytes: int
+    runs: Sequence[ItemRange], check: BlockCheck
 ) -> list[tuple[ItemRange, list[ItemRange]]]:
-    """Each run (sorted, disjoint) of the stored ``item`` widened to the whole checksum blocks
-    it touches (blocks from the item's first byte), overlapping windows merged: the windows,
-    each with the runs it holds, in file order."""
+    """Each run (sorted, disjoint) of ``check``'s stored item widened to the whole checksum
+    blocks it touches (``BlockCheck.window``: blocks aligned on the storage bytes, so a run
+    that starts and ends on a block boundary is its own window), overlapping windows merged:
+    the windows, each with the runs it holds, in file order."""
     windows: list[tuple[ItemRange, list[ItemRange]]] = []
     for run in runs:
-        start, end = widen(run.start, run.end, item.start, item.length, block_bytes)
+        start, end = check.window(run.start, run.end)
         if windows and start < windows[-1][0].end:
             last, inside = windows.pop()
             windows.append((ItemRange(last.start, max(last.end, end)), [*inside, run]))
@@ -202,8 +203,9 @@ class _Grouped:
     """(key, run's range) -> the read items it serves, in ``Slice.prefixes`` order."""
     windows: dict[tuple[str, ItemRange], list[ItemRange]] = dataclasses.field(default_factory=dict)
     """(key, window) -> the runs it holds, in order: when the load checks a sliced item against
-    its recorded checksums, its runs widened to the whole blocks they touch (``_verify.widen``,
-    overlapping ones merged) are what is fetched, checked, and sliced into the runs."""
+    its recorded checksums, its runs widened to the whole blocks they touch
+    (``BlockCheck.window``, overlapping ones merged) are what is fetched, checked, and sliced
+    into the runs."""
     window_of: dict[tuple[str, ItemRange], ItemRange] = dataclasses.field(default_factory=dict)
     """(relative path, window) -> the stored item whose blocks it is."""
     probe_plans: dict[str, FilePlan] = dataclasses.field(default_factory=dict)
@@ -809,7 +811,7 @@ class DcpLoad:
             windows: list[tuple[ItemRange, list[ItemRange]]] | None = None
             check = self._check(relative_path, item_range)
             if check is not None:
-                windows = _windows(sorted(runs), item_range, check.block_bytes)
+                windows = _windows(sorted(runs), check)
                 fetched_bytes = sum(w.length for w, _ in windows)
                 if item_range.length - fetched_bytes - probed <= worth * len(windows):
                     self._unusual(
