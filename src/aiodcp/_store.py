@@ -355,6 +355,9 @@ class S3Store:
         self._proxy_config: Any = None
         self._urls: dict[tuple[str, str], _Signed] = {}
         self._fast_fallbacks = 0
+        self._retired: list[RangeClient] = []
+        """Fast clients this store stopped using (``_fell_back``): closed with the store, as
+        requests under way may still hold their connections."""
         self._started: dict[tuple[str, str], str] = {}  # (bucket, dir) -> .metadata GET's Date
         # access key the store refused as expired -> the refresh it caused (one per key)
         self._refreshing: dict[str, asyncio.Future[None]] = {}
@@ -454,6 +457,9 @@ class S3Store:
         self._refreshing.clear()
         if fast is not None:
             fast.close()
+        retired, self._retired = self._retired, []
+        for client in retired:
+            client.close()
         if stack is not None:
             await stack.aclose()
 
@@ -701,7 +707,9 @@ class S3Store:
         elif kind == "fallback":
             self._fast_fallbacks += 1
         if self._fast_fallbacks >= _FAST_FALLBACK_LIMIT:
-            self._fast = None  # this store keeps answering oddly: botocore from now on
+            if self._fast is not None:  # keeps answering oddly: botocore from now on
+                self._retired.append(self._fast)
+            self._fast = None
 
     def _leave_native(self) -> None:
         """A region refusal: botocore follows S3's redirect and remembers the bucket's region;
