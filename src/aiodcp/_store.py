@@ -95,7 +95,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._checksum import ALGORITHM as _CRC_ALGORITHM
 from ._checksum import HEADER as _CRC_HEADER
-from ._checksum import from_header as _crc_from_header
+from ._checksum import full_object_checksum as _full_object_checksum
 from ._checksum import to_header as _crc_to_header
 from ._config import ReaderConfig
 from ._errors import (
@@ -1169,13 +1169,21 @@ class S3Store:
             raise translate_write_error(
                 exc, request.bucket, request.key, part=request.part_number
             ) from exc
-        checksum = response.get("ChecksumCRC64NVME")
         size = response.get("ContentLength")
+        given = {
+            header: str(response[key])
+            for key, header in _BOTOCORE_CHECKSUMS.items()
+            if isinstance(response.get(key), str)
+        }
+        if isinstance(response.get("ETag"), str):
+            given["etag"] = response["ETag"]
+        full = _full_object_checksum(given)
         return WriteReply(
             etag=response.get("ETag"),
             upload_id=response.get("UploadId"),
-            checksum=_crc_from_header(checksum) if isinstance(checksum, str) else None,
+            checksum=None if full is None else full[1],
             size=size if isinstance(size, int) else None,
+            checksum_algorithm=None if full is None else full[0],
         )
 
     async def get_object_etag(self, bucket: str, key: str) -> tuple[bytes, str | None] | None:
@@ -1296,12 +1304,16 @@ class WriteRequest:
 @dataclass(frozen=True, slots=True)
 class WriteReply:
     """What a save's request returned: the ETag (an object's, a part's), the upload id
-    (``create_multipart_upload``), the CRC64NVME and size the store reports (``head_object``)."""
+    (``create_multipart_upload``), the full-object checksum and size the store reports
+    (``head_object``)."""
 
     etag: str | None = None
     upload_id: str | None = None
     checksum: int | None = None
+    """The object's full-object checksum (``head_object`` with ``x-amz-checksum-mode``),
+    ``checksum_algorithm`` its algorithm (``_checksum.full_object_checksum``)."""
     size: int | None = None
+    checksum_algorithm: str | None = None
 
 
 _WRITE_METHODS = {
@@ -1327,14 +1339,24 @@ def _write_reply(request: WriteRequest, headers: dict[str, str], body: bytes) ->
     import html
 
     found = {m.group(1): html.unescape(m.group(2)) for m in _XML_TEXT_RE.finditer(body.decode())}
-    checksum = headers.get(_CRC_HEADER)
+    full = _full_object_checksum(headers) if request.operation == "head_object" else None
     length = headers.get("content-length", "")
     return WriteReply(
         etag=found.get("ETag", headers.get("etag")),
         upload_id=found.get("UploadId"),
-        checksum=_crc_from_header(checksum) if checksum else None,
+        checksum=None if full is None else full[1],
         size=int(length) if request.operation == "head_object" and length.isdigit() else None,
+        checksum_algorithm=None if full is None else full[0],
     )
+
+
+_BOTOCORE_CHECKSUMS = {
+    "ChecksumCRC64NVME": "x-amz-checksum-crc64nvme",
+    "ChecksumCRC32C": "x-amz-checksum-crc32c",
+    "ChecksumCRC32": "x-amz-checksum-crc32",
+    "ChecksumType": "x-amz-checksum-type",
+}
+"""botocore's names of a response's checksum fields -> the headers they come from."""
 
 
 def _signed_header_names(url: str) -> set[str]:

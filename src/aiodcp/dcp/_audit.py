@@ -171,7 +171,7 @@ def _audit_against_store(
         reply = driver.run(head)
     except NotFoundError as exc:
         return dataclasses.replace(base, status=MISSING, detail=str(exc))
-    if reply.checksum is None or reply.size is None:
+    if reply.checksum is None or reply.size is None or reply.checksum_algorithm != "CRC64NVME":
         why = (
             "the checkpoint records no checksums, and the store holds no full-object CRC64NVME "
             "for this file (uploaded with another checksum, or a store that keeps none)"
