@@ -59,11 +59,27 @@ def save(job: dict[str, Any]) -> None:
 def record(job: dict[str, Any]) -> None:
     """Write ``job["out"]/.metadata``: the checkpoint in ``job["dir"]``'s metadata with the
     integrity record an aiodcp save attaches (its data files' ETags as the server answers them,
-    sizes, CRC64NVME; each stored item's 1 MiB block CRC64NVMEs), computed from the files."""
+    sizes, CRC64NVME; each stored item's blocks: the framing before its storage bytes, found
+    with ``zipfile``, then 1 MiB blocks from them), computed from the files."""
+    import io
     import pickle
+    import struct
+    import zipfile
 
     from aiodcp._checksum import crc64nvme
-    from aiodcp.dcp._integrity import DEFAULT_BLOCK_BYTES, FileRecord, Integrity
+    from aiodcp.dcp._integrity import DEFAULT_BLOCK_BYTES, FileRecord, Integrity, ItemBlocks
+
+    def data_start_of(raw: memoryview) -> int:
+        try:
+            with zipfile.ZipFile(io.BytesIO(raw)) as archive:
+                storages = [i for i in archive.infolist() if "/data/" in i.filename]
+        except zipfile.BadZipFile:
+            return 0
+        if len(storages) != 1:
+            return 0
+        at = storages[0].header_offset
+        name_length, extra_length = struct.unpack("<HH", raw[at + 26 : at + 30])
+        return at + 30 + name_length + extra_length
 
     directory = Path(job["dir"])
     metadata = pickle.loads((directory / ".metadata").read_bytes())
@@ -76,8 +92,12 @@ def record(job: dict[str, Any]) -> None:
     block = DEFAULT_BLOCK_BYTES
     for info in metadata.storage_data.values():
         raw = memoryview(data[info.relative_path])[info.offset : info.offset + info.length]
-        crcs = tuple(crc64nvme(raw[at : at + block]) for at in range(0, max(len(raw), 1), block))
-        items[(info.relative_path, info.offset, info.length)] = crcs
+        start = data_start_of(raw)
+        body = raw[start:]
+        blocks = [raw[:start]] if start else []
+        blocks += [body[at : at + block] for at in range(0, max(len(body), 1), block)]
+        crcs = tuple(crc64nvme(b) for b in blocks)
+        items[(info.relative_path, info.offset, info.length)] = ItemBlocks(start, crcs)
     Integrity(block, files, items).attach(metadata)
     (Path(job["out"]) / ".metadata").write_bytes(pickle.dumps(metadata))
 

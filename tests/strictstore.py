@@ -1362,10 +1362,20 @@ class ChecksumAnswers:
     ) -> list[tuple[str, str]]:
         """The checksum headers of the whole object: moto's, else its CRC64NVME."""
         values = [(k, v) for k, v in given if k.lower() != "x-amz-checksum-type"]
-        if values:
-            composite = any("-" in v for _, v in values)
-            return [*values, ("x-amz-checksum-type", "COMPOSITE" if composite else "FULL_OBJECT")]
+        declared = next((v.upper() for k, v in given if k.lower() == "x-amz-checksum-type"), "")
         etag = next((v for k, v in headers.items() if k.lower() == "etag"), "")
+        parts = re.search(r'-([0-9]+)"?$', etag)
+        if values:
+            # moto answers a multipart upload's composite CRC32/CRC32C without its "-<parts>"
+            # (and without a type); S3 gives both
+            composite = declared == "COMPOSITE" or any("-" in v for _, v in values)
+            if not declared and parts is not None:
+                composite = composite or any(
+                    k.lower() != "x-amz-checksum-crc64nvme" for k, _ in values
+                )
+            if composite and parts is not None:
+                values = [(k, v if "-" in v else f"{v}-{parts.group(1)}") for k, v in values]
+            return [*values, ("x-amz-checksum-type", "COMPOSITE" if composite else "FULL_OBJECT")]
         cache_key = (bucket, key, etag)
         with self._lock:
             cached = self._crc64.get(cache_key)

@@ -23,7 +23,7 @@ from aiodcp._cli import EXIT_CORRUPT, EXIT_MISMATCH, EXIT_OK, EXIT_UNVERIFIED, m
 
 from conftest import S3Server, save_checkpoint, upload_dir
 from faultproxy import Fault, FaultProxy
-from recorded import upload_with_record
+from recorded import data_start_of, upload_with_record
 
 MIB = 1024 * 1024
 
@@ -86,6 +86,10 @@ def test_inspect_shows_the_record(
         assert f["crc64nvme"] == to_header(crc64nvme(data))
         assert f["etag"] == s3.head_object(Bucket=bucket, Key=f"runs/ck/{f['path']}")["ETag"]
     assert integrity["items_recorded"] == len(stored(local))
+    tensors = [
+        s for s in stored(local) if data_start_of((local / s[0]).read_bytes()[s[1] : s[1] + s[2]])
+    ]
+    assert integrity["items_aligned"] == len(tensors) > 0
     assert integrity["complete"] is True
     text = run(capsys, s3_server.endpoint_url, "inspect", url)
     assert text.code == EXIT_OK
@@ -130,7 +134,9 @@ def test_verify_names_the_item_and_block_that_differ(
 ) -> None:
     url, local, _ = ckpt
     path, offset, length, fqn = next(s for s in stored(local) if s[3] == "model.w1")
-    at = offset + 2 * MIB + 5  # in the item's third block
+    data_start = data_start_of((local / path).read_bytes()[offset : offset + length])
+    block = offset + data_start + 2 * MIB  # the third MiB of its storage bytes
+    at = block + 5
     with FaultProxy(s3_server.endpoint_url) as proxy:
         proxy.add(Fault.flip(at), path_suffix=path, predicate=lambda r: r.covers(at))
         result = run(capsys, proxy.endpoint_url, "verify", url, "--json")
@@ -143,7 +149,7 @@ def test_verify_names_the_item_and_block_that_differ(
     (mismatch,) = bad[0]["mismatches"]
     assert (mismatch["start"], mismatch["end"]) == (offset, offset + length)
     assert mismatch["keys"] == [fqn]
-    assert mismatch["blocks"] == [[offset + 2 * MIB, offset + 3 * MIB]]
+    assert mismatch["blocks"] == [[block, block + MIB]]
     assert bad[0]["whole_crc_matches"] is False
     assert report["ok"] is False and report["summary"]["mismatch"] == 1
     assert text.code == EXIT_MISMATCH

@@ -397,6 +397,7 @@ class ThrottledLoad:
     data_slowdown: int
     metadata_slowdown: int
     refused: dict[str, int]
+    head_slowdown: int = 0
 
     def line(self, name: str) -> str:
         s = self.stats
@@ -425,15 +426,27 @@ async def throttled_load(server: StrictServer, ck: Checkpoint) -> ThrottledLoad:
     refused = server.counters()["refused"]
     gets = data_gets(records)
     meta = metadata_gets(records)
-    assert len(records) == len(gets) + len(meta)  # nothing else was sent
-    assert stats.requests == len(records)  # every GET sent is counted, retries included
+    # the HEAD asking for the data file's checksum (the checkpoint has no record, the load
+    # reads the file whole), under the same limiter, retried on SlowDown
+    heads = [r for r in records if r["method"] == "HEAD" and r["path"].endswith(".distcp")]
+    assert len(records) == len(gets) + len(meta) + len(heads)  # nothing else was sent
+    assert stats.requests == len(gets) + len(meta)  # every GET sent is counted, retries included
+    assert stats.checksum_requests == len(heads) >= 1  # every HEAD too, apart
     assert set(refused) <= {"SlowDown"}, refused
     slow_data = sum(r["code"] == "SlowDown" for r in gets)
     slow_meta = sum(r["code"] == "SlowDown" for r in meta)
-    assert refused.get("SlowDown", 0) == slow_data + slow_meta
+    slow_head = sum(r["code"] == "SlowDown" for r in heads)
+    assert refused.get("SlowDown", 0) == slow_data + slow_meta + slow_head
     assert all(r["code"] == "SlowDown" or r["status"] == 206 for r in gets)
+    assert all(r["code"] == "SlowDown" or r["status"] == 200 for r in heads)
+    assert [r["code"] for r in heads][-1:] != ["SlowDown"]  # it got its answer in the end
     return ThrottledLoad(
-        stats, sum(r["status"] == 206 for r in gets), slow_data, slow_meta, dict(refused)
+        stats,
+        sum(r["status"] == 206 for r in gets),
+        slow_data,
+        slow_meta,
+        dict(refused),
+        slow_head,
     )
 
 
@@ -446,8 +459,9 @@ async def test_throttled_load_adapts_its_rate(
     record_property("adaptive", result.line("adaptive"))
 
     assert result.data_ok >= 150
-    # Only data GETs count in stats.throttled (a throttled .metadata GET is a plain retry).
-    assert stats.throttled == result.data_slowdown
+    # Only data GETs and checksum HEADs (both under the load's limiter) count in
+    # stats.throttled (a throttled .metadata GET is a plain retry).
+    assert stats.throttled == result.data_slowdown + result.head_slowdown
     assert stats.throttled >= 1
     assert stats.retries == result.data_slowdown + result.metadata_slowdown
     assert stats.min_request_rate is not None
@@ -474,5 +488,5 @@ async def test_adaptive_rate_refuses_less_than_backoff_alone(
         record_property(name, result.line(name))
 
     assert backoff_only.stats.min_request_rate is None  # the limiter really was off
-    assert backoff_only.stats.throttled == backoff_only.data_slowdown
+    assert backoff_only.stats.throttled == backoff_only.data_slowdown + backoff_only.head_slowdown
     assert adaptive.data_slowdown < backoff_only.data_slowdown

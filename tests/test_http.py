@@ -354,7 +354,7 @@ def presigned(request: ProxyRequest) -> bool:
 def presigned_data(request: ProxyRequest) -> bool:
     """A data GET sent by the fast path (in the plain case the .metadata GET is presigned
     too)."""
-    return presigned(request) and request.path.endswith(".distcp")
+    return presigned(request) and request.method == "GET" and request.path.endswith(".distcp")
 
 
 def signed(request: ProxyRequest) -> bool:
@@ -476,9 +476,16 @@ async def test_data_gets_go_through_the_fast_path_by_default(
     (meta,) = [r for r in proxy.requests if r.path.endswith(".metadata")]
     assert presigned(meta) and meta.range == "bytes=0-8388607", meta
     # moto saw the same: query auth on every data GET
-    logged = [r for r in s3_server.requests() if r["path"].endswith(".distcp")]
+    to_data = [r for r in s3_server.requests() if r["path"].endswith(".distcp")]
+    logged = [r for r in to_data if r["method"] == "GET"]
     assert len(logged) == len(gets)
     assert all("Signature=" in r["query"] and r["status"] == 206 for r in logged)
+    # and on the HEADs asking for each file's checksum (the checkpoint has no record, the
+    # load reads every file whole), which took the fast path too
+    heads = [r for r in to_data if r["method"] == "HEAD"]
+    assert len(to_data) == len(logged) + len(heads)
+    assert len(heads) == stats.checksum_requests == len(checkpoint.data_keys)
+    assert all("Signature=" in r["query"] and r["status"] == 200 for r in heads)
     assert_clean(proxy.port, proxy)
 
 

@@ -13,7 +13,7 @@ import torch.distributed.checkpoint as dcp
 
 from aiodcp import CheckpointFormatError
 from aiodcp._checksum import combine, crc64nvme, from_header, to_header
-from aiodcp.dcp._integrity import ATTRIBUTE, FileRecord, Integrity, block_count
+from aiodcp.dcp._integrity import ATTRIBUTE, FileRecord, Integrity, ItemBlocks, block_count
 from aiodcp.dcp._metadata import load_metadata
 
 from conftest import assert_same
@@ -47,9 +47,12 @@ def record() -> Integrity:
         block_bytes=4096,
         files={"__0_0.distcp": FileRecord('"abc"', 10_000, 7)},
         items={
-            ("__0_0.distcp", 0, 5000): (1, 2),
-            ("__0_0.distcp", 5000, 4096): (3,),
-            ("__0_0.distcp", 9096, 0): (0,),
+            ("__0_0.distcp", 0, 5000): ItemBlocks(0, (1, 2)),
+            ("__0_0.distcp", 5000, 4096): ItemBlocks(0, (3,)),
+            ("__0_0.distcp", 9096, 0): ItemBlocks(0, (0,)),
+            # storage bytes at 900: block 0 is [0, 900), then 4096-byte blocks from 900
+            ("__0_1.distcp", 0, 9000): ItemBlocks(900, (4, 5, 6)),
+            ("__0_1.distcp", 9000, 5000): ItemBlocks(904, (7, 8)),
         },
     )
 
@@ -58,9 +61,15 @@ def test_plain_form_round_trips() -> None:
     rec = record()
     again = Integrity.from_plain(pickle.loads(pickle.dumps(rec.to_plain())), "s3://b/k")
     assert again == rec
-    assert again.block_crcs("__0_0.distcp", 0, 5000) == (1, 2)
-    assert again.block_crcs("__0_0.distcp", 1, 5000) is None
+    assert again.item("__0_0.distcp", 0, 5000) == ItemBlocks(0, (1, 2))
+    assert again.item("__0_1.distcp", 0, 9000) == ItemBlocks(900, (4, 5, 6))
+    assert again.item("__0_0.distcp", 1, 5000) is None
     assert block_count(5000, 4096) == 2 and block_count(0, 4096) == 1
+    # block 0 (the framing), then whole blocks from the storage bytes, the last one short
+    assert block_count(9000, 4096, 900) == 3 and block_count(5000, 4096, 904) == 2
+    assert block_count(900 + 8192 + 1, 4096, 900) == 4
+    check = again.check("__0_1.distcp", 0, 9000, "s3://b/k")
+    assert check.data_start == 900 and check.crcs == (4, 5, 6)
 
 
 @pytest.mark.parametrize(
@@ -71,8 +80,11 @@ def test_plain_form_round_trips() -> None:
         (lambda p: p.update(block_bytes=1), "block_bytes"),
         (lambda p: p.update(files=[]), "dicts"),
         (lambda p: p["files"].update(x=("e", -1, 0)), "file entry"),
-        (lambda p: p["items"].update(x=((0, 10, b"\0" * 16),)), "expected 1"),
-        (lambda p: p["items"].update(x=((0, "10", b""),)), "item entry"),
+        (lambda p: p["items"].update(x=((0, 10, 0, b"\0" * 16),)), "expected 1"),
+        (lambda p: p["items"].update(x=((0, 10, 4, b"\0" * 8),)), "expected 2"),
+        (lambda p: p["items"].update(x=((0, 10, 10, b"\0" * 16),)), "past its end"),
+        (lambda p: p["items"].update(x=((0, "10", 0, b""),)), "item entry"),
+        (lambda p: p["items"].update(x=((0, 10, b"\0" * 8),)), "item entry"),  # no data_start
     ],
 )
 def test_malformed_records_are_refused_by_field(change, message) -> None:  # type: ignore[no-untyped-def]

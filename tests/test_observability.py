@@ -38,8 +38,13 @@ def test_on_request_sees_every_data_get(
         stats = reader.stats
     assert_same(state, sd)
     assert stats is not None
-    data_gets = [r for r in s3_server.requests() if r["path"].endswith(".distcp")]
+    to_data = [r for r in s3_server.requests() if r["path"].endswith(".distcp")]
+    data_gets = [r for r in to_data if r["method"] == "GET"]
     assert len(seen) == len(data_gets) == stats.requests - 1  # all but .metadata
+    # the rest: one HEAD per data file asking for its checksum, not a data request
+    heads = [r for r in to_data if r not in data_gets]
+    assert {r["method"] for r in heads} == {"HEAD"}
+    assert len(heads) == stats.checksum_requests == len({r["path"] for r in data_gets})
     assert sum(m.bytes_received for m in seen) == stats.bytes_requested
     for m in seen:
         assert m.error is None and m.attempt == 1

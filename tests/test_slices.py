@@ -44,7 +44,7 @@ from aiodcp.dcp._fastdecode import DirectReceive
 from archives import oddities
 from conftest import S3Server, upload_dir
 from faultproxy import Fault, FaultProxy
-from recorded import upload_with_record
+from recorded import data_start_of, upload_with_record
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:Please use DTensor instead and we are deprecating ShardedTensor:FutureWarning"
@@ -861,30 +861,43 @@ def test_plan_slice_shows_what_the_load_of_that_shard_fetches(
 # -- verified slices: runs widened to the checksum blocks they touch ---------------------------
 
 
-def save_recorded(state: dict[str, Any], local: Path, s3: Any, bucket: str) -> str:
-    """As ``save``, with the integrity record an aiodcp save attaches (tests/recorded.py)."""
+def save_recorded(
+    state: dict[str, Any], local: Path, s3: Any, bucket: str, *, aligned: bool = True
+) -> str:
+    """As ``save``, with the integrity record an aiodcp save attaches (tests/recorded.py);
+    ``aligned=False``: every item's blocks counted from its first byte (data_start 0)."""
     dcp.save(state, storage_writer=dcp.FileSystemWriter(str(local)))
     prefix = f"r-{uuid.uuid4().hex[:8]}"
-    upload_with_record(s3, local, bucket, prefix)
+    upload_with_record(s3, local, bucket, prefix, aligned=aligned)
     return f"s3://{bucket}/{prefix}"
 
 
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "from-first-byte"])
 def test_a_verified_slice_fetches_the_whole_blocks_around_its_runs(
-    tmp_path: Path, s3: Any, bucket: str, reader_kwargs: dict[str, Any], s3_server: S3Server
+    tmp_path: Path,
+    s3: Any,
+    bucket: str,
+    reader_kwargs: dict[str, Any],
+    s3_server: S3Server,
+    aligned: bool,
 ) -> None:
     """A 4 MiB tensor saved as one chunk, loaded a quarter (1 MiB of rows) at a time: each
-    quarter is fetched as the whole 1 MiB checksum blocks (counted from the item's first byte)
-    its run touches, checked, and received straight into the shard; every byte loaded is
-    verified and the result is FileSystemReader's."""
+    quarter is fetched as the whole 1 MiB checksum blocks its run touches, checked, and
+    received straight into the shard; every byte loaded is verified and the result is
+    FileSystemReader's. With the blocks aligned on the storage bytes (what aiodcp's writer
+    records) each quarter is its blocks exactly: nothing more is fetched than without a record.
+    Counted from the item's first byte (a record whose items have data_start 0), a quarter
+    takes nearly a block more."""
     g = torch.Generator().manual_seed(21)
     full = torch.randn(1024, 1024, generator=g)
     local = tmp_path / "c"
-    url = save_recorded({"w": sharded(full, 0, 1)}, local, s3, bucket)
+    url = save_recorded({"w": sharded(full, 0, 1)}, local, s3, bucket, aligned=aligned)
     (info,) = storage(local).values()
     data = (local / info.relative_path).read_bytes()[info.offset : info.offset + info.length]
     first = DirectReceive(torch.zeros(1024, 1024), info.length).locate(data[:4096])
     assert first is not None and first > 0  # where the storage bytes begin in the item
     template = {"w": zeros_like_sharded(full, 0, 4)}
+    origin = info.offset + (first if aligned else 0)  # where the 1 MiB blocks are counted from
     for start in (0, 256, 512, 768):
         s3_server.clear_log()
         state, reader = load(url, template, OneShard(start), max_gap_size=0, **reader_kwargs)
@@ -895,18 +908,25 @@ def test_a_verified_slice_fetches_the_whole_blocks_around_its_runs(
         big = [r for r in requested_ranges(s3_server, info.relative_path) if r[1] - r[0] > 8192]
         window = (min(a for a, _ in big), max(b for _, b in big))  # one window, in parts
         assert sum(b - a for a, b in big) == window[1] - window[0]
-        assert (window[0] - info.offset) % MIB == 0  # starts on a checksum block
+        assert (window[0] - origin) % MIB == 0  # starts on a checksum block
         end = info.offset + info.length
-        assert window[1] == end or (window[1] - info.offset) % MIB == 0
+        assert window[1] == end or (window[1] - origin) % MIB == 0
         run_start = info.offset + first + start * 4096
         assert window[0] <= run_start and run_start + MIB <= window[1]
         assert window[1] - window[0] <= 2 * MIB + overhead(info, full)  # at most a block more
+        if aligned:
+            assert window == (run_start, run_start + MIB)  # the run's own blocks, no more
+        else:
+            assert window[1] - window[0] > MIB
         assert stats.verified_bytes == window[1] - window[0]
         probes = 2 * overhead(info, full)
         assert stats.slice_saved_bytes == info.length - (window[1] - window[0]) - probes
 
 
-@pytest.mark.parametrize(("dim", "where"), [(0, "run"), (0, "lead-in"), (1, "run")])
+@pytest.mark.parametrize(
+    ("dim", "where"),
+    [(0, "run"), (0, "lead-in"), (0, "lead-in-aligned"), (0, "trail-aligned"), (1, "run")],
+)
 def test_a_flipped_byte_in_a_verified_slice_is_fetched_again(
     tmp_path: Path,
     s3: Any,
@@ -917,21 +937,33 @@ def test_a_flipped_byte_in_a_verified_slice_is_fetched_again(
     where: str,
 ) -> None:
     """A byte flipped in a sliced item's run (received into the shard for dim 0; buffered
-    strided runs for dim 1), or in the bytes of its first checksum block that precede the run
-    (fetched only to check the block): the block does not match, the window is fetched once
-    more, and the shard loads exactly. Flipped on every fetch: ChecksumMismatchError."""
+    strided runs for dim 1), or in the bytes of its first (or last) checksum block that precede
+    (follow) the run (fetched only to check the block): the block does not match, the window
+    is fetched once more, and the shard loads exactly. Flipped on every fetch:
+    ChecksumMismatchError. "lead-in": blocks counted from the item's first byte (a record with
+    data_start 0); "*-aligned": blocks from the storage bytes, rows of 4000 bytes, so a quarter
+    (250 rows) starts and ends inside a block."""
     g = torch.Generator().manual_seed(22)
     # dim 1: rows of 2 MiB, so a quarter of each row is a run of 512 KiB (narrower strided
     # runs widened to whole blocks would cover the item: it is then fetched whole)
     full = torch.randn(1024, 1024, generator=g) if dim == 0 else torch.randn(4, 524288)
+    if where.endswith("-aligned"):
+        full = torch.randn(1000, 1000, generator=g)
     local = tmp_path / "c"
-    url = save_recorded({"w": sharded(full, 0, 1)}, local, s3, bucket)
+    aligned = where != "lead-in"
+    url = save_recorded({"w": sharded(full, 0, 1)}, local, s3, bucket, aligned=aligned)
     (info,) = storage(local).values()
+    data = (local / info.relative_path).read_bytes()[info.offset : info.offset + info.length]
+    storage_at = info.offset + data_start_of(data)
     template = {"w": zeros_like_sharded(full, dim, 4)}
     start = 512 if dim == 0 else 0
+    if where.endswith("-aligned"):
+        start = 250  # rows [250, 500): bytes [1,000,000, 2,000,000) of the storage
     at = {
         "run": info.offset + 2 * MIB + 100_000,  # in rows 512.. (dim 0), row 1's run (dim 1)
         "lead-in": info.offset + 2 * MIB + 10,  # before row 512's first byte: lead-in only
+        "lead-in-aligned": storage_at + 999_990,  # block 1 of the storage, before row 250
+        "trail-aligned": storage_at + 2_000_010,  # block 2 of the storage, after row 499
     }[where]
     proxy_kwargs = {**reader_kwargs}
     with FaultProxy(s3_server.endpoint_url) as proxy:

@@ -22,11 +22,12 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 import aiodcp
-from aiodcp._verify import BlockCheck, block_crcs, widen
+from aiodcp._checksum import crc64nvme
+from aiodcp._verify import BlockCheck, crcs_of
 
 from conftest import S3Server, assert_same, save_checkpoint
 from faultproxy import Fault, FaultProxy
-from recorded import upload_with_record
+from recorded import data_start_of, upload_with_record
 
 MIB = 1024 * 1024
 
@@ -182,8 +183,13 @@ def test_a_byte_flipped_on_every_fetch_raises_naming_file_item_and_block(
     assert isinstance(error, aiodcp.ChecksumMismatchError), repr(error)
     assert error.key == f"ck/{path}"
     assert error.item_range == (offset, offset + length)
+    # the block holding the byte: blocks of 1 MiB from the item's storage bytes
+    raw = (local / path).read_bytes()[offset : offset + length]
+    data_start = data_start_of(raw)
+    assert data_start > 0
+    lo = offset + data_start + (at - offset - data_start) // MIB * MIB
+    assert error.byte_range == (lo, min(lo + MIB, offset + length))
     start, end = error.byte_range
-    assert start <= at < end and (start - offset) % MIB == 0
     assert f"'{fqn}'" in str(error) and f"ck/{path}" in str(error)
     clone = pickle.loads(pickle.dumps(error))
     assert isinstance(clone, aiodcp.ChecksumMismatchError) and clone.byte_range == (start, end)
@@ -299,11 +305,14 @@ def test_a_data_file_replaced_after_the_save_is_refused_by_its_recorded_etag(
 
 def test_block_crcs_do_not_depend_on_how_the_bytes_are_cut() -> None:
     data = bytes(range(256)) * 20_000  # 5 MB
-    whole = block_crcs([data], 1 << 20)
+    whole = crcs_of([data], [1 << 20] * 4 + [len(data) - (4 << 20)])
     assert len(whole) == 5
+    assert whole == [crc64nvme(data[a : a + (1 << 20)]) for a in range(0, len(data), 1 << 20)]
     cuts = [0, 1, 4095, 1 << 20, (1 << 20) + 17, 3_000_000, len(data)]
     pieces = [memoryview(data)[a:b] for a, b in itertools.pairwise(cuts)]
-    assert block_crcs(pieces, 1 << 20) == whole
+    assert crcs_of(pieces, [1 << 20] * 4 + [len(data) - (4 << 20)]) == whole
+    with pytest.raises(ValueError, match="fewer"):
+        crcs_of(pieces, [len(data) + 1])
     check = BlockCheck(100, len(data), 1 << 20, tuple(whole), "'x'")
     assert check.mismatches(100, pieces) == []
     damaged = bytearray(data)
@@ -314,11 +323,50 @@ def test_block_crcs_do_not_depend_on_how_the_bytes_are_cut() -> None:
     assert check.mismatches(100 + (3 << 20), [data[3 << 20 :]]) == []
     with pytest.raises(ValueError, match="not whole"):
         check.mismatches(101, [data[1:]])
-    assert widen(100 + 5, 100 + (1 << 20) + 1, 100, len(data), 1 << 20) == (100, 100 + (2 << 20))
-    assert widen(100 + (4 << 20) + 3, 100 + len(data), 100, len(data), 1 << 20) == (
+    assert check.window(100 + 5, 100 + (1 << 20) + 1) == (100, 100 + (2 << 20))
+    assert check.window(100 + (4 << 20) + 3, 100 + len(data)) == (
         100 + (4 << 20),
         100 + len(data),
     )
+
+
+def test_blocks_aligned_on_the_storage_bytes() -> None:
+    """With ``data_start`` the framing before the storage is block 0 and the blocks count from
+    the storage bytes: a run on block boundaries of the storage is its own window."""
+    head, block = 1000, 1 << 20
+    data = bytes(range(256)) * 17_000  # 4.35 MB: framing, 4 whole blocks, a short last one
+    blocks = [data[:head]] + [data[a : a + block] for a in range(head, len(data), block)]
+    check = BlockCheck(7, len(data), block, tuple(crc64nvme(b) for b in blocks), "", head)
+    assert len(blocks) == 6
+    assert check.mismatches(7, [data]) == []
+    # every cut, also across blocks and inside the framing
+    cuts = [0, 3, head, head + 1, head + block + 9, len(data) - 2, len(data)]
+    assert check.mismatches(7, [data[a:b] for a, b in itertools.pairwise(cuts)]) == []
+    # a dim-0 run of rows split on a MiB boundary of the storage: exactly its blocks
+    run = (7 + head + block, 7 + head + 3 * block)
+    assert check.window(*run) == run
+    assert (
+        check.covers(*run)
+        and check.mismatches(run[0], [data[head + block : head + 3 * block]]) == []
+    )
+    # the first rows start a block (the framing is not fetched for them); the last rows
+    # take the rest of the item; a range reaching into the framing takes block 0
+    assert check.window(7 + head, 7 + head + 10) == (7 + head, 7 + head + block)
+    assert check.window(7 + head - 1, 7 + head + 10) == (7, 7 + head + block)
+    assert check.window(7 + head + 4 * block + 1, 7 + len(data)) == (
+        7 + head + 4 * block,
+        7 + len(data),
+    )
+    assert check.covers(7, 7 + head) and not check.covers(7, 7 + block)
+    damaged = bytearray(data)
+    damaged[head - 1] ^= 1  # the framing
+    damaged[head + 2 * block] ^= 1  # the first byte of block 3
+    assert check.mismatches(7, [damaged]) == [
+        (7, 7 + head),
+        (7 + head + 2 * block, 7 + head + 3 * block),
+    ]
+    with pytest.raises(ValueError, match="not whole"):
+        check.mismatches(7 + block, [data[block : 2 * block]])  # counted from the item's start
 
 
 # --------------------------------------------------------------------------- saved by aiodcp

@@ -14,17 +14,24 @@ Data flow::
     crc64nvme(data, previous=0)          -> int   running: crc64nvme(b, crc64nvme(a)) is a+b's
     combine(crc_a, crc_b, length_b)      -> int   the CRC of a+b from the CRCs of a and b
     to_header(crc) / from_header(text)   <-> S3's header form (8 bytes big-endian, base64)
+    full_object_checksum(headers)        -> (algorithm, value) | None: a HEAD's full-object
+                                            CRC64NVME/CRC32C/CRC32 (not a composite one)
 
-``awscrt`` is imported when a checksum is first needed, not by ``import aiodcp``: loading its
-11 MB extension takes 50-70 ms of CPU here, so a load that will check bytes starts the import in
-a thread of its own as soon as it knows (``warm_up``), while its first GETs are under way.
+``awscrt`` is not imported by ``import aiodcp`` (loading its 11 MB extension takes ~26 ms of
+CPU and 34-111 ms of wall time here): the modules a load needs and ``import aiodcp`` leaves
+out import it with themselves (``preload``: ``dcp._storage_reader``, ``S3StorageReader``'s
+module, which ``load_checkpoint`` and ``load_safetensors`` import in a thread of their own), so
+a load does not wait for it; anything else that checks bytes starts the import in a thread as
+soon as it knows it will (``warm_up``), or imports it at its first checksum.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import re
 import threading
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from ._errors import MissingDependencyError
@@ -32,7 +39,18 @@ from ._errors import MissingDependencyError
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
-__all__ = ["ALGORITHM", "HEADER", "combine", "crc64nvme", "from_header", "to_header", "warm_up"]
+__all__ = [
+    "ALGORITHM",
+    "FULL_OBJECT_HEADERS",
+    "HEADER",
+    "combine",
+    "crc64nvme",
+    "from_header",
+    "full_object_checksum",
+    "preload",
+    "to_header",
+    "warm_up",
+]
 
 ALGORITHM = "CRC64NVME"
 """The algorithm's name as S3 spells it (``x-amz-checksum-algorithm``, ``ChecksumAlgorithm``)."""
@@ -57,6 +75,17 @@ def _crt() -> Any:
             ) from exc
         _checksums = awscrt.checksums
     return _checksums
+
+
+def preload() -> None:
+    """Import ``awscrt`` now, in this thread, if it is not imported yet (by a module of the
+    load path, as it is imported); a missing ``awscrt`` is reported where a checksum is
+    needed."""
+    if _checksums is None:
+        try:
+            _crt()
+        except MissingDependencyError:
+            pass
 
 
 def warm_up() -> None:
@@ -97,6 +126,45 @@ def combine(crc_a: int, crc_b: int, length_b: int) -> int:
 def to_header(crc: int) -> str:
     """``crc`` as S3 spells it in ``x-amz-checksum-crc64nvme``: 8 bytes big-endian, base64."""
     return base64.b64encode(crc.to_bytes(_CRC_BYTES, "big")).decode("ascii")
+
+
+_MULTIPART_ETAG = re.compile(r'-[0-9]+"?\s*$')
+"""The ETag of an object uploaded in parts ends ``-<parts>``."""
+
+FULL_OBJECT_HEADERS = {
+    "CRC64NVME": ("x-amz-checksum-crc64nvme", 8),
+    "CRC32C": ("x-amz-checksum-crc32c", 4),
+    "CRC32": ("x-amz-checksum-crc32", 4),
+}
+"""The full-object checksums a load can check an object read whole against (their parts'
+CRCs combine): algorithm -> (response header, bytes), in the order they are looked for."""
+
+
+def full_object_checksum(headers: Mapping[str, str]) -> tuple[str, int] | None:
+    """``(algorithm, value)`` of the full-object checksum in a response's headers (lower-case
+    names: a HEAD or GET with ``x-amz-checksum-mode: ENABLED``), or None: none, only a
+    composite one (``x-amz-checksum-type: COMPOSITE``, or a value ending ``-<parts>``, what a
+    multipart upload with CRC32/CRC32C/SHA parts gets), or one that does not parse. A
+    CRC32/CRC32C of a multipart object (its ``etag`` ends ``-<parts>``) counts only if the
+    response says ``FULL_OBJECT``: some S3-compatible stores (moto) return a composite one
+    without its ``-<parts>`` and without the type."""
+    declared = headers.get("x-amz-checksum-type")
+    if declared is not None and declared.strip().upper() != "FULL_OBJECT":
+        return None
+    multipart = _MULTIPART_ETAG.search(headers.get("etag", "")) is not None
+    for algorithm, (name, width) in FULL_OBJECT_HEADERS.items():
+        text = headers.get(name)
+        if not text or "-" in text:
+            continue
+        if multipart and declared is None and algorithm != "CRC64NVME":
+            continue  # CRC64NVME is full-object only; the others may be composite
+        try:
+            raw = base64.b64decode(text.strip(), validate=True)
+        except (binascii.Error, ValueError):
+            continue
+        if len(raw) == width:
+            return algorithm, int.from_bytes(raw, "big")
+    return None
 
 
 def from_header(text: str) -> int:

@@ -72,6 +72,8 @@ changes meaning); sizes and offsets are bytes, ranges are ``[start, end)``::
                             "files": [{"path": str, "etag": str, "size": int,
                                        "crc64nvme": str (base64, S3's header form)}, ...],
                             "items_recorded": int,   stored items with block checksums
+                            "items_aligned": int,    of which blocks start at the tensor's
+                                                     storage bytes (the framing: block 0)
                             "complete": bool}}       every stored item and file recorded
 
     plan:    {"schema": "aiodcp.plan/1",
@@ -645,7 +647,7 @@ def _integrity_report(
     if record is None:
         return None
     items = {(s.path, s.offset, s.length) for s in stored if s.length}
-    recorded = sum(1 for i in items if record.block_crcs(*i) is not None)
+    blocks = [b for b in (record.item(*i) for i in items) if b is not None]
     return {
         "algorithm": "CRC64NVME",
         "block_bytes": record.block_bytes,
@@ -653,8 +655,9 @@ def _integrity_report(
             {"path": p, "etag": f.etag, "size": f.size, "crc64nvme": to_header(f.crc64nvme)}
             for p, f in sorted(record.files.items())
         ],
-        "items_recorded": recorded,
-        "complete": recorded == len(items) and files <= set(record.files),
+        "items_recorded": len(blocks),
+        "items_aligned": sum(1 for b in blocks if b.data_start),
+        "complete": len(blocks) == len(items) and files <= set(record.files),
     }
 
 
@@ -993,9 +996,11 @@ def _integrity_line(integrity: dict[str, Any] | None, stored_items: int) -> str:
             "reads whole against the store's own full-object checksum, where there is one"
         )
     complete = "" if integrity["complete"] else "; INCOMPLETE: loads will refuse it"
+    aligned = integrity.get("items_aligned", 0)
     return (
         f"integrity: {integrity['algorithm']} of each {human_size(integrity['block_bytes'])} "
-        f"block of {integrity['items_recorded']} of {_n(stored_items, 'stored item')}, and "
+        f"block of {integrity['items_recorded']} of {_n(stored_items, 'stored item')} "
+        f"({aligned} with blocks aligned on their tensor's storage bytes), and "
         f"the ETag, size and {integrity['algorithm']} of "
         f"{_n(len(integrity['files']), 'data file')}{complete} (`aiodcp verify` checks them)"
     )

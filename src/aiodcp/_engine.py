@@ -27,8 +27,16 @@ Data flow::
            once: all its bytes go straight to the destination
     consumer thread (torch decode): wait_item(f, i) blocks until item i of file f is published
         (or raises the load's failure; or, when the download made no progress at all for
-        ``quiet_limit_s``, a TransferError naming the bytes it waited for: never forever);
-        release_item(f, i) drops its memory and returns its bytes to the budget (batched).
+        ``quiet_limit_s``, a TransferError naming the bytes it waited for: never forever),
+        then checks it before handing it over (``verify_checksums``): against its
+        ``FileFetch.checks`` (the checkpoint's recorded block CRCs; a mismatch is fetched once
+        more, pinned, then ``ChecksumMismatchError``), or, in a file read whole without them
+        (``FileFetch.whole``), folds its CRC into the file's, which ``whole_file(f)`` compares
+        with the store's full-object checksum once the file's last item was handed over (a
+        HEAD with ``x-amz-checksum-mode``, sent before the file's first GET, under the same
+        connection slots, and owned by the engine: cancelled and awaited with its GETs; the
+        caller reads the file again on a mismatch); release_item(f, i) drops its memory and
+        returns its bytes to the budget (batched).
 
 Invariants: the budget is reserved in consumption order, so the item the consumer waits for
 always holds its reservation and the engine cannot deadlock. A part that carries on with an
@@ -71,10 +79,10 @@ from ._sinks import (
     held_memory,
 )
 from ._stats import RequestMetrics, StatsRecorder
-from ._store import S3Store, is_throttling, quiet_limit_s
-from ._verify import BlockCheck
+from ._store import S3Store, WriteReply, WriteRequest, is_throttling, quiet_limit_s
+from ._verify import ALGORITHMS, BlockCheck, WholeObject
 
-__all__ = ["FetchEngine", "FileFetch"]
+__all__ = ["FetchEngine", "FileFetch", "WholeFile", "WholeFileResult"]
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +103,36 @@ class FileFetch:
     """By item index: the recorded block checksums of the stored item the item is whole blocks
     of. ``wait_item`` checks the item's bytes against them before handing it over; a mismatch
     is fetched once more (pinned to the same ETag), then raises ``ChecksumMismatchError``."""
+    whole: WholeFile | None = None
+    """Check the file against the store's full-object checksum, if the items tile it (a file
+    without recorded checksums that the load reads whole)."""
+
+
+@dataclass(frozen=True, slots=True)
+class WholeFile:
+    """How to check a file read whole against the store's full-object checksum
+    (``FileFetch.whole``): ``known``, the file's first bytes the load already holds (a
+    safetensors header), which the items must follow with no gap to the end of the object;
+    ``expected``, ``(algorithm, checksum, size)`` when they are known already (the file read
+    again after a mismatch), else the engine asks the store with a HEAD."""
+
+    known: bytes = b""
+    expected: tuple[str, int, int] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WholeFileResult:
+    """What ``FetchEngine.whole_file`` found for a file read whole: ``status`` is
+    ``"verified"``, ``"unverified"`` (the store gave no checksum that combines, another size,
+    or an item's bytes could not be kept) or ``"mismatch"``, with the item CRCs (by item index,
+    in ``algorithm``) and the store's ``expected`` checksum of the ``size``-byte object."""
+
+    status: str
+    algorithm: str = ""
+    expected: int = 0
+    size: int = 0
+    crcs: Mapping[int, int] = field(default_factory=dict)
+    why: str = ""
 
 
 class _ByteBudget:
@@ -158,6 +196,55 @@ class _Item:
         self.checked = False
         self.refetched = False
         self.counted = False
+
+
+class _WholeState:
+    """A file read whole, checked against the store's full-object checksum: ``state`` is
+    ``"asking"`` until the HEAD answered, then ``"checking"`` (``object`` folds the items'
+    CRCs) or ``"unchecked"`` (``why``). ``pending``: bytes handed over, not yet counted as
+    verified or unverified; ``crcs``: each item's CRC, by item index."""
+
+    __slots__ = ("crcs", "end", "etag", "known", "object", "pending", "state", "why")
+
+    def __init__(self, known: bytes, end: int) -> None:
+        self.known = known
+        self.end = end
+        self.state = "asking"
+        self.object: WholeObject | None = None
+        self.etag: str | None = None
+        self.pending = 0
+        self.crcs: dict[int, int] = {}
+        self.why = ""
+
+    def expect(self, algorithm: str, expected: int, size: int, etag: str | None) -> None:
+        """The store's checksum arrived (with the lock held)."""
+        if algorithm not in ALGORITHMS:
+            self.give_up(f"its checksum is {algorithm}, which aiodcp cannot combine")
+        elif size != self.end:
+            self.give_up(f"the object is {size} bytes, the load reads [0, {self.end})")
+        else:
+            self.object = WholeObject(size, algorithm, expected)
+            if self.known:
+                self.object.add(0, len(self.known), self.object.crc([self.known]))
+            self.etag = etag
+            self.state = "checking"
+
+    def give_up(self, why: str) -> int:
+        """Nothing more is checked; returns the bytes handed over so far (now unverified)."""
+        pending, self.pending = self.pending, 0
+        if self.state != "unchecked":
+            self.state, self.why, self.object = "unchecked", why, None
+        return pending
+
+
+def _tiles(items: Sequence[ItemRange], start: int) -> bool:
+    """Whether ``items`` (sorted) cover ``[start, their end)`` with no gap."""
+    at = start
+    for item in items:
+        if item.start != at:
+            return False
+        at = item.end
+    return bool(items)
 
 
 class _PartSink:
@@ -255,8 +342,13 @@ class FetchEngine:
         stats: StatsRecorder,
         etags: Mapping[str, str] | None = None,
         recorded: Collection[str] = (),
+        *,
+        count_items: bool = True,
     ) -> None:
+        """``count_items=False``: the items were counted already (``items``, ``bytes_used``)
+        by an earlier engine of the same load; this one reads them again."""
         self._store = store
+        self._count_items = count_items
         self._bucket = bucket
         self._files = list(files)
         self._config = config
@@ -280,6 +372,17 @@ class FetchEngine:
         self._etags: dict[str, str] = dict(etags or {})
         # keys whose ETag the checkpoint recorded at its save (pinned from the first GET)
         self._recorded = frozenset(k for k in recorded if k in self._etags)
+        # file index -> a file read whole, checked against the store's full-object checksum
+        self._whole: dict[int, _WholeState] = {}
+        for index, fetch in enumerate(self._files):
+            whole = fetch.whole
+            if whole is None or fetch.checks or not self._verify:
+                continue
+            if not _tiles(fetch.plan.items, len(whole.known)):
+                continue  # not read whole: its items are counted unverified one by one
+            state = self._whole[index] = _WholeState(whole.known, fetch.plan.items[-1].end)
+            if whole.expected is not None:
+                state.expect(*whole.expected, None)
         self._cond = threading.Condition()
         self._error: BaseException | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -321,9 +424,16 @@ class FetchEngine:
             self._fail(LoadCancelledError("the load was cancelled before it started"))
             return
         connections = self._connections = asyncio.Semaphore(self._config.max_concurrency)
-        self._stats.add(files=sum(1 for f in self._files if f.plan.parts))
+        if self._count_items:
+            self._stats.add(files=sum(1 for f in self._files if f.plan.parts))
         try:
             for file_index, fetch in enumerate(self._files):
+                whole = self._whole.get(file_index)
+                if whole is not None and whole.state == "asking":
+                    # before the file's first GET: the consumer folds its first item with it
+                    task = asyncio.ensure_future(self._ask_checksum(file_index, connections))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._task_done)
                 for part in fetch.plan.parts:
                     await self._schedule(file_index, part, connections)
             while self._tasks:
@@ -422,6 +532,53 @@ class FetchEngine:
         task = asyncio.create_task(self._fetch_part(file_index, part, connections))
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
+
+    async def _ask_checksum(self, file_index: int, connections: asyncio.Semaphore) -> None:
+        """HEAD a file read whole for its full-object checksum (``x-amz-checksum-mode``), under
+        the store's retry policy and request rate, each attempt holding one of the load's
+        ``max_concurrency`` connection slots as a GET does; a failure only leaves the file
+        unchecked (its GETs say what is wrong with it). Tracked as a fetch: ``abort`` cancels
+        it, and ``run`` returns only once it ended."""
+        whole = self._whole[file_index]
+        key = self._files[file_index].key
+        store = self._store
+        limiter = store.limiter
+        stats = self._stats
+        reply = None
+        why = ""
+
+        async def attempt_once(attempt: int) -> WriteReply:
+            async with connections:
+                started = await limiter.acquire()
+                stats.add(checksum_requests=1)
+                try:
+                    return await store.send_write(WriteRequest("head_object", self._bucket, key))
+                except AiodcpError as error:
+                    if is_throttling(error):
+                        limiter.throttled(started)
+                        stats.add(throttled=1)
+                    raise
+
+        try:
+            reply = await store.retrying(
+                attempt_once, what=f"HEAD s3://{self._bucket}/{key} (its checksum)"
+            )
+        except AiodcpError as error:
+            why = f"asking the store for its checksum failed ({error})"
+        with self._cond:
+            if whole.state == "asking":
+                if reply is None:
+                    stats.add(unverified_bytes=whole.give_up(why))
+                elif reply.checksum is None or reply.checksum_algorithm is None:
+                    why = "the store gave no full-object CRC64NVME, CRC32C or CRC32 for it"
+                    stats.add(unverified_bytes=whole.give_up(why))
+                else:
+                    size = reply.size if reply.size is not None else -1
+                    algorithm = reply.checksum_algorithm
+                    whole.expect(algorithm, reply.checksum, size, reply.etag)
+                if whole.state == "unchecked":
+                    logger.debug("s3://%s/%s: not checked whole: %s", self._bucket, key, whole.why)
+            self._cond.notify_all()
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -589,7 +746,8 @@ class FetchEngine:
             self._cond.notify_all()
         if not item.counted:  # a second fetch after a mismatch is not a second item
             item.counted = True
-            self._stats.add(items=1, bytes_used=item.range.length)
+            if self._count_items:
+                self._stats.add(items=1, bytes_used=item.range.length)
 
     def _fail(self, exc: BaseException) -> None:
         with self._cond:
@@ -622,7 +780,7 @@ class FetchEngine:
             with self._check_lock:
                 if item.checked or item.buffer is not buffer:
                     continue  # another waiter checked it (or is fetching it again)
-                bad = self._mismatches(item)
+                bad = self._mismatches(file_index, item_index, item, stop)
                 if not bad:
                     item.checked = True
                     return buffer
@@ -696,17 +854,30 @@ class FetchEngine:
             retryable=False,
         )
 
-    def _mismatches(self, item: _Item) -> list[tuple[int, int]]:
+    def _mismatches(
+        self,
+        file_index: int,
+        item_index: int,
+        item: _Item,
+        stop: Callable[[], bool] | None = None,
+    ) -> list[tuple[int, int]]:
         """Check a published item (consumer thread): its blocks that differ from the record;
-        counts what was verified. A direct item whose archive was not the plain layout holds
-        no bytes here (its consumer fetches it again, checked)."""
+        counts what was verified. An item of a file read whole without a record is folded into
+        the file's CRC instead (``whole_file`` says what it found). A direct item whose archive
+        was not the plain layout holds no bytes here (its consumer fetches it again, checked;
+        its file can no longer be checked whole)."""
         check = item.check
         length = item.range.length
         sink = item.sink
+        whole = self._whole.get(file_index) if check is None else None
         pieces: Sequence[memoryview | bytes]
         if isinstance(sink, DirectSink):
             result = sink.result()
             if result is None:
+                if whole is not None:
+                    with self._cond:
+                        why = "an item was fetched again for torch.load"
+                        self._stats.add(unverified_bytes=whole.give_up(why))
                 return []  # nothing was kept: the consumer fetches it again, checked
             head, tail = result
             pieces = [head, sink.target.memory, tail]
@@ -714,12 +885,128 @@ class FetchEngine:
             assert item.buffer is not None
             pieces = item.buffer.chunks
         if check is None:
-            self._stats.add(unverified_bytes=length)
+            if whole is None or not self._fold(file_index, item_index, item, pieces, stop):
+                self._stats.add(unverified_bytes=length)
             return []
         bad = check.mismatches(item.range.start, pieces)
         if not bad:
             self._stats.add(verified_bytes=length)
         return bad
+
+    def _fold(
+        self,
+        file_index: int,
+        item_index: int,
+        item: _Item,
+        pieces: Sequence[memoryview | bytes],
+        stop: Callable[[], bool] | None,
+    ) -> bool:
+        """Add an item's CRC to its file's (the file's algorithm: waits for the HEAD's answer
+        if it is not in yet); False if the file is not being checked."""
+        whole = self._whole[file_index]
+        if whole.state == "asking":
+            self._wait_checksum(file_index, whole, item.range, stop)
+        with self._cond:
+            checked = whole.object
+            if whole.state != "checking" or checked is None:
+                return False
+        crc = checked.crc(pieces)  # outside the lock: the CRC releases the GIL, takes time
+        with self._cond:
+            if whole.object is not checked:
+                return False  # given up meanwhile
+            whole.crcs[item_index] = crc
+            checked.add(item.range.start, item.range.length, crc)
+            whole.pending += item.range.length
+        return True
+
+    def _wait_checksum(
+        self,
+        file_index: int,
+        whole: _WholeState,
+        item: ItemRange,
+        stop: Callable[[], bool] | None,
+    ) -> None:
+        """Block until the file's HEAD answered (or the load failed: raise its failure; or no
+        progress at all for ``quiet_limit_s``: a TransferError naming what it waited for)."""
+        quiet_limit = self.quiet_limit_s
+        progress = (*self._progress(), self._stats.checksum_requests)
+        progress_at = time.monotonic()
+        with self._cond:
+            while whole.state == "asking" and self._error is None:
+                if stop is not None and stop():
+                    raise LoadCancelledError("this wait was cancelled; the download goes on")
+                now = time.monotonic()
+                seen = (*self._progress(), self._stats.checksum_requests)
+                if seen != progress:
+                    progress, progress_at = seen, now
+                elif now - progress_at >= quiet_limit:
+                    key = self._files[file_index].key
+                    start, end = item.start, item.end
+                    raise TransferError(
+                        f"s3://{self._bucket}/{key}: waited {now - progress_at:.0f} s for the "
+                        "store's answer to the HEAD asking for the object's checksum (to check "
+                        f"bytes [{start}, {end})) while the download made no progress at all "
+                        "(no byte received, no request sent or retried): the download stopped "
+                        "for good. Is aiodcp's I/O thread blocked (an on_request hook that does "
+                        "not return)? Otherwise this is a bug in aiodcp: please report this "
+                        "message; verify_checksums=False loads without asking",
+                        bucket=self._bucket,
+                        key=key,
+                        byte_range=(start, end),
+                        retryable=False,
+                    )
+                self._cond.wait(timeout=min(_WAKE_S, quiet_limit - (now - progress_at)))
+            if whole.state != "asking":
+                return
+            error = self._error
+        if isinstance(error, asyncio.CancelledError):
+            raise LoadCancelledError("the load was cancelled")
+        raise error  # type: ignore[misc]
+
+    def checks_whole(self, file_index: int) -> bool:
+        """Whether the file is read whole to be checked against the store's checksum."""
+        return file_index in self._whole
+
+    def whole_file(self, file_index: int) -> WholeFileResult | None:
+        """For a file read whole against the store's checksum (``FileFetch.whole``), once
+        every item of it was waited for: whether its bytes match (counted as verified) or not
+        (nothing counted: the caller reads it again, see ``WholeFileResult``), or could not be
+        checked (counted as unverified); None for any other file. ``ObjectChangedError`` if the
+        HEAD and the GETs saw different versions of the object."""
+        whole = self._whole.get(file_index)
+        if whole is None:
+            return None
+        key = self._files[file_index].key
+        with self._cond:
+            checked = whole.object
+            if whole.state != "checking" or checked is None or not checked.done:
+                why = whole.why or "not every byte of it was handed over"
+                self._stats.add(unverified_bytes=whole.give_up(why))
+                return WholeFileResult("unverified", why=why)
+            pinned = self._etags.get(key)
+            if whole.etag is not None and pinned is not None and whole.etag != pinned:
+                whole.give_up("replaced while it was read")
+                raise ObjectChangedError(
+                    f"s3://{self._bucket}/{key} was replaced while it was being loaded (its "
+                    f"checksum was asked of ETag {whole.etag}, its bytes came from {pinned}); "
+                    "load again once the checkpoint is complete",
+                    bucket=self._bucket,
+                    key=key,
+                    retryable=False,
+                )
+            if checked.matches:
+                self._stats.add(verified_bytes=whole.pending)
+                whole.pending = 0
+                return WholeFileResult("verified", checked.algorithm, checked.expected, whole.end)
+            whole.pending = 0  # the caller reads the file again: that read counts it
+            return WholeFileResult(
+                "mismatch", checked.algorithm, checked.expected, whole.end, dict(whole.crcs)
+            )
+
+    def item_crc(self, file_index: int, item_index: int) -> int | None:
+        """The CRC (in its file's algorithm) of an item of a file read whole, once checked."""
+        whole = self._whole.get(file_index)
+        return None if whole is None else whole.crcs.get(item_index)
 
     def _fetch_again(self, file_index: int, item: _Item) -> None:
         """Fetch a published item once more into a fresh sink (its memory reservation is

@@ -47,7 +47,8 @@ class LoadStats:
     ``max_gap_size="auto"`` was resolved from; None if the load did not measure one."""
     throttled: int = 0
     """Requests the store refused for their rate (503 ``SlowDown`` and other throttling
-    replies); each was retried after the load lowered its request rate."""
+    replies): data GETs and ``checksum_requests``; each was retried after the load lowered its
+    request rate."""
     min_request_rate: float | None = None
     """Requests per second: the lowest rate the load limited itself to after throttling
     replies; None if the store never throttled it."""
@@ -77,15 +78,24 @@ class LoadStats:
     be laid out otherwise: fetched again and decoded by ``torch.load`` (their bytes count twice
     in ``bytes_received``)."""
     verified_bytes: int = 0
-    """Stored bytes checked against a checksum before torch saw them: the block checksums of
-    the checkpoint's integrity record (a checkpoint saved by aiodcp). Bytes received from
-    other ranks count too."""
+    """Stored bytes checked against a checksum: the block checksums of the checkpoint's
+    integrity record (a checkpoint saved by aiodcp), before torch saw them; or, for a checkpoint
+    without one, the store's own full-object checksum (CRC64NVME, CRC32C or CRC32) of a data
+    file the load read whole, checked once its last byte was handed over. Bytes received from
+    other ranks count too. ``verified_bytes + unverified_bytes == bytes_used`` for a load that
+    checks (``verify_checksums``)."""
     unverified_bytes: int = 0
-    """Stored bytes handed to torch without such a check (a checkpoint without a record, or
-    ``verify_checksums=False``)."""
+    """Stored bytes handed to torch without such a check: without a record, a file not read
+    whole (a partial, sliced or shared load) or whose store keeps no full-object checksum that
+    combines (nginx, older S3-compatible stores, a multipart upload with a composite one); or
+    ``verify_checksums=False``."""
     checksum_mismatches: int = 0
-    """Items (or blocks of them) whose bytes did not match their checksum and were fetched
-    again from the store (a second mismatch raises ``ChecksumMismatchError``)."""
+    """Items (or blocks of them), or data files read whole, whose bytes did not match their
+    checksum and were fetched again from the store (a second mismatch raises
+    ``ChecksumMismatchError``)."""
+    checksum_requests: int = 0
+    """HEAD requests (retries included) that asked the store for the full-object checksum of
+    a data file the load reads whole (a checkpoint without a record); not in ``requests``."""
     bytes_from_peers: int = 0
     """Stored item bytes this rank received from other ranks instead of the store (a shared
     multi-rank load, ``share_across_ranks``)."""
@@ -164,6 +174,7 @@ class StatsRecorder:
         "bytes_to_peers",
         "bytes_used",
         "checksum_mismatches",
+        "checksum_requests",
         "direct_items",
         "direct_runs",
         "fast_decoded_items",
@@ -216,6 +227,7 @@ class StatsRecorder:
         self.verified_bytes = 0
         self.unverified_bytes = 0
         self.checksum_mismatches = 0
+        self.checksum_requests = 0
         self.min_request_rate: float | None = None
         self.bytes_from_peers = 0
         self.bytes_to_peers = 0
@@ -281,6 +293,7 @@ class StatsRecorder:
                 verified_bytes=self.verified_bytes,
                 unverified_bytes=self.unverified_bytes,
                 checksum_mismatches=self.checksum_mismatches,
+                checksum_requests=self.checksum_requests,
                 bytes_from_peers=self.bytes_from_peers,
                 bytes_to_peers=self.bytes_to_peers,
                 sharing=self.sharing,
@@ -312,6 +325,7 @@ _SUMMED = (
     "verified_bytes",
     "unverified_bytes",
     "checksum_mismatches",
+    "checksum_requests",
 )
 """The counters a job's statistics sum over its ranks, in the order ranks exchange them."""
 

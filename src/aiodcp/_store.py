@@ -98,7 +98,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._checksum import ALGORITHM as _CRC_ALGORITHM
 from ._checksum import HEADER as _CRC_HEADER
-from ._checksum import from_header as _crc_from_header
+from ._checksum import full_object_checksum as _full_object_checksum
 from ._checksum import to_header as _crc_to_header
 from ._config import ReaderConfig
 from ._credentials import FetchContext, FetchError, Refresher
@@ -360,6 +360,9 @@ class S3Store:
         self._proxy_config: Any = None
         self._urls: dict[tuple[str, str], _Signed] = {}
         self._fast_fallbacks = 0
+        self._retired: list[RangeClient] = []
+        """Fast clients this store stopped using (``_fell_back``): closed with the store, as
+        requests under way may still hold their connections."""
         self._started: dict[tuple[str, str], str] = {}  # (bucket, dir) -> .metadata GET's Date
         # access key the store refused as expired -> the refresh it caused (one per key)
         self._refreshing: dict[str, asyncio.Future[None]] = {}
@@ -538,6 +541,9 @@ class S3Store:
         self._refreshing.clear()
         if fast is not None:
             fast.close()
+        retired, self._retired = self._retired, []
+        for client in retired:
+            client.close()
         if stack is not None:
             await stack.aclose()
 
@@ -795,7 +801,9 @@ class S3Store:
         elif kind == "fallback":
             self._fast_fallbacks += 1
         if self._fast_fallbacks >= _FAST_FALLBACK_LIMIT:
-            self._fast = None  # this store keeps answering oddly: botocore from now on
+            if self._fast is not None:  # keeps answering oddly: botocore from now on
+                self._retired.append(self._fast)
+            self._fast = None
 
     def _leave_native(self) -> None:
         """A region refusal: botocore follows S3's redirect and remembers the bucket's region;
@@ -1306,13 +1314,21 @@ class S3Store:
             raise translate_write_error(
                 exc, request.bucket, request.key, part=request.part_number
             ) from exc
-        checksum = response.get("ChecksumCRC64NVME")
         size = response.get("ContentLength")
+        given = {
+            header: str(response[key])
+            for key, header in _BOTOCORE_CHECKSUMS.items()
+            if isinstance(response.get(key), str)
+        }
+        if isinstance(response.get("ETag"), str):
+            given["etag"] = response["ETag"]
+        full = _full_object_checksum(given)
         return WriteReply(
             etag=response.get("ETag"),
             upload_id=response.get("UploadId"),
-            checksum=_crc_from_header(checksum) if isinstance(checksum, str) else None,
+            checksum=None if full is None else full[1],
             size=size if isinstance(size, int) else None,
+            checksum_algorithm=None if full is None else full[0],
         )
 
     async def get_object_etag(self, bucket: str, key: str) -> tuple[bytes, str | None] | None:
@@ -1433,12 +1449,16 @@ class WriteRequest:
 @dataclass(frozen=True, slots=True)
 class WriteReply:
     """What a save's request returned: the ETag (an object's, a part's), the upload id
-    (``create_multipart_upload``), the CRC64NVME and size the store reports (``head_object``)."""
+    (``create_multipart_upload``), the full-object checksum and size the store reports
+    (``head_object``)."""
 
     etag: str | None = None
     upload_id: str | None = None
     checksum: int | None = None
+    """The object's full-object checksum (``head_object`` with ``x-amz-checksum-mode``),
+    ``checksum_algorithm`` its algorithm (``_checksum.full_object_checksum``)."""
     size: int | None = None
+    checksum_algorithm: str | None = None
 
 
 _WRITE_METHODS = {
@@ -1464,14 +1484,24 @@ def _write_reply(request: WriteRequest, headers: dict[str, str], body: bytes) ->
     import html
 
     found = {m.group(1): html.unescape(m.group(2)) for m in _XML_TEXT_RE.finditer(body.decode())}
-    checksum = headers.get(_CRC_HEADER)
+    full = _full_object_checksum(headers) if request.operation == "head_object" else None
     length = headers.get("content-length", "")
     return WriteReply(
         etag=found.get("ETag", headers.get("etag")),
         upload_id=found.get("UploadId"),
-        checksum=_crc_from_header(checksum) if checksum else None,
+        checksum=None if full is None else full[1],
         size=int(length) if request.operation == "head_object" and length.isdigit() else None,
+        checksum_algorithm=None if full is None else full[0],
     )
+
+
+_BOTOCORE_CHECKSUMS = {
+    "ChecksumCRC64NVME": "x-amz-checksum-crc64nvme",
+    "ChecksumCRC32C": "x-amz-checksum-crc32c",
+    "ChecksumCRC32": "x-amz-checksum-crc32",
+    "ChecksumType": "x-amz-checksum-type",
+}
+"""botocore's names of a response's checksum fields -> the headers they come from."""
 
 
 def _signed_header_names(url: str) -> set[str]:

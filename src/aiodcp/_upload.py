@@ -130,9 +130,12 @@ class ObjectRecord:
 class FileStream:
     """One data file cut into parts as its bytes are added, in order (the save's thread).
 
-    Each piece (a view's bytes within one part and one 1 MiB block of its item) is CRC'd once;
+    Each piece (a view's bytes within one part and one block of its item) is CRC'd once;
     the piece CRCs combine into the part's, the item block's, and through the parts the
-    file's. ``add`` returns the parts it completed; ``finish`` the last one."""
+    file's. An item's blocks are ``block_bytes`` long from its first byte, or, once
+    ``begin_data`` marked where its tensor's storage bytes begin, the bytes before that are its
+    block 0 and the ``block_bytes`` blocks start there (``_verify``'s layout). ``add`` returns
+    the parts it completed; ``finish`` the last one."""
 
     def __init__(self, key: str, part_size: int, block_bytes: int) -> None:
         self.key = key
@@ -143,6 +146,7 @@ class FileStream:
         self.parts = 0
         self._part = Part(1, 0)
         self._item_start = -1
+        self._data_start = 0
         self._block_crc = 0
         self._block_len = 0
         self._blocks: list[int] = []
@@ -155,9 +159,19 @@ class FileStream:
     def begin_item(self) -> int:
         """An item starts here; returns its offset in the file."""
         self._item_start = self.size
+        self._data_start = 0
         self._block_crc = self._block_len = 0
         self._blocks = []
         return self.size
+
+    def begin_data(self) -> None:
+        """The current item's storage bytes begin here: the bytes of it added so far (less than
+        ``block_bytes``: its framing) are its block 0, and its next blocks start here."""
+        if self._blocks or self.size == self._item_start:
+            raise ValueError("begin_data: the item's framing must be under one block and not empty")
+        self._blocks.append(self._block_crc)
+        self._block_crc = self._block_len = 0
+        self._data_start = self.size - self._item_start
 
     def add(self, data: memoryview, staged: Staged | None = None) -> list[Part]:
         """The next bytes of the current item (``staged``: the copy they live in)."""
@@ -188,13 +202,14 @@ class FileStream:
                 part = self._part
         return done
 
-    def end_item(self) -> tuple[int, int, tuple[int, ...]]:
-        """The current item ended: (offset, length, the CRC of each of its blocks)."""
-        if self._block_len or not self._blocks:
+    def end_item(self) -> tuple[int, int, int, tuple[int, ...]]:
+        """The current item ended: (offset, length, where its storage bytes begin (0: not
+        marked), the CRC of each of its blocks)."""
+        if self._block_len or len(self._blocks) == (1 if self._data_start else 0):
             self._blocks.append(self._block_crc)
         start, blocks = self._item_start, tuple(self._blocks)
         self._item_start = -1
-        return start, self.size - start, blocks
+        return start, self.size - start, self._data_start, blocks
 
     def finish(self) -> Part | None:
         """The file's last part (None if the file ended on a part boundary)."""

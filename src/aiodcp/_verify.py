@@ -1,12 +1,19 @@
 """Checking received bytes against checksums before anyone reads them.
 
-What a checkpoint records (``dcp._integrity``) is, per stored item, the CRC64NVME of each
-``block_bytes`` block of its bytes counted from the item's first byte (the last block may be
-shorter). A ``BlockCheck`` is that for one stored item; the fetch engine holds one per item it
-must check (a whole stored item, or a window of whole blocks of one: a slice is checked by the
-blocks it touches, see ``widen``) and runs ``mismatches`` on the consumer's thread when the item
-is first waited for, before handing it over. The CRCs come from ``_checksum`` (awscrt), which
-releases the GIL on buffers over 5 KiB, so the I/O loop keeps receiving while a block is hashed.
+What a checkpoint records (``dcp._integrity``) is, per stored item, the CRC64NVME of each of its
+blocks. The blocks are laid out around the tensor's storage bytes: with ``data_start`` (the
+offset of the storage bytes in the item; 0 for an item that is not a tensor archive) block 0 is
+the framing before them, ``[0, data_start)``, then ``block_bytes`` blocks from ``data_start``,
+the last one ending with the item (the framing after the storage is in it). So a dim-0 slice of
+a tensor whose rows split on a ``block_bytes`` boundary is whole blocks by itself, and a check
+of it fetches nothing more. With ``data_start`` 0 the blocks count from the item's first byte.
+
+A ``BlockCheck`` is that for one stored item; the fetch engine holds one per item it must check
+(a whole stored item, or a window of whole blocks of one: a slice is checked by the blocks it
+touches, see ``BlockCheck.window``) and runs ``mismatches`` on the consumer's thread when the
+item is first waited for, before handing it over. The CRCs come from ``_checksum`` (awscrt),
+which releases the GIL on buffers over 5 KiB, so the I/O loop keeps receiving while a block is
+hashed.
 
 For data files without a record, ``WholeObject`` folds the CRCs of the items of one file, in
 file order, into the CRC of the whole object and compares it with the store's full-object
@@ -15,13 +22,14 @@ CRC32 or CRC32C, each combinable from its parts.
 
 Data flow::
 
-    BlockCheck(origin, length, block_bytes, crcs, where)      one stored item's record
+    BlockCheck(origin, length, block_bytes, crcs, where, data_start)  one stored item's record
         .covers(start, end)            whether [start, end) is whole blocks of it
-        .mismatches(start, pieces)     -> [(block start, block end), ...] (file offsets)
+        .window(start, end)            the whole blocks' span covering [start, end)
+        .block_crcs(start, pieces)     -> [(block start, block end, crc), ...] (file offsets)
+        .mismatches(start, pieces)     -> [(block start, block end), ...] that differ
                                        pieces: the bytes of [start, ...) in order (a buffered
-                                       item's 1 MiB blocks; a direct item's head, destination
+                                       item's 1 MiB chunks; a direct item's head, destination
                                        memory and tail)
-    widen(start, end, origin, length, block_bytes) -> the blocks' span covering [start, end)
     WholeObject(size, algorithm, expected)                   one data file read whole
         .add(start, pieces) ... .done -> .matches
 
@@ -32,7 +40,8 @@ is refused when the check is made (``covers``), never half checked.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import itertools
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -41,7 +50,7 @@ from . import _checksum
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
-__all__ = ["ALGORITHMS", "BlockCheck", "WholeObject", "block_crcs", "widen"]
+__all__ = ["ALGORITHMS", "BlockCheck", "WholeObject", "block_count", "crcs_of"]
 
 
 def _crt() -> Any:
@@ -101,36 +110,45 @@ ALGORITHMS = {
 and its composite checksums of multipart uploads, cannot be checked from ranged GETs)."""
 
 
-def block_crcs(pieces: Sequence[Buffer], block_bytes: int) -> list[int]:
-    """The CRC64NVME of each ``block_bytes`` block of the bytes of ``pieces`` joined (the last
-    block may be shorter), without joining them."""
+def crcs_of(pieces: Sequence[Buffer], lengths: Iterable[int]) -> list[int]:
+    """The CRC64NVME of each consecutive run of ``lengths`` bytes of the bytes of ``pieces``
+    joined, without joining them; the pieces must hold exactly ``sum(lengths)`` bytes (a
+    ``ValueError`` otherwise)."""
     crcs: list[int] = []
+    runs = iter(lengths)
+    want = next(runs, None)
     crc = 0
     filled = 0
     for piece in pieces:
         view = _bytes_view(piece)
-        if filled == 0 and len(view) == block_bytes:  # a buffered item's blocks: one call each
-            crcs.append(_checksum.crc64nvme(view))
-            continue
         while view:
-            take = min(len(view), block_bytes - filled)
+            if want is None:
+                raise ValueError("more bytes than the blocks hold")
+            if filled == 0 and len(view) >= want:  # one call for a block in one piece
+                crcs.append(_checksum.crc64nvme(view[:want]))
+                view = view[want:]
+                want = next(runs, None)
+                continue
+            take = min(len(view), want - filled)
             crc = _checksum.crc64nvme(view[:take], crc)
             filled += take
             view = view[take:]
-            if filled == block_bytes:
+            if filled == want:
                 crcs.append(crc)
                 crc, filled = 0, 0
-    if filled:
-        crcs.append(crc)
+                want = next(runs, None)
+    while want == 0:  # an empty block (an empty item)
+        crcs.append(_checksum.crc64nvme(b""))
+        want = next(runs, None)
+    if filled or want is not None:
+        raise ValueError("fewer bytes than the blocks hold")
     return crcs
 
 
-def widen(start: int, end: int, origin: int, length: int, block_bytes: int) -> tuple[int, int]:
-    """``[start, end)`` (file offsets, inside the stored item ``[origin, origin + length)``)
-    widened to the whole blocks it touches, blocks counted from ``origin``."""
-    first = (start - origin) // block_bytes * block_bytes
-    stop = -(-(end - origin) // block_bytes) * block_bytes
-    return origin + first, origin + min(stop, length)
+def block_count(length: int, block_bytes: int, data_start: int = 0) -> int:
+    """Blocks an item of ``length`` bytes whose storage bytes begin at ``data_start`` is checked
+    in (>= 1; see the module docstring)."""
+    return (1 if data_start else 0) + max(1, -(-(length - data_start) // block_bytes))
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +156,7 @@ class BlockCheck:
     """The recorded CRC64NVME of each block of one stored item (see the module docstring)."""
 
     origin: int
-    """File offset of the stored item's first byte (where its blocks are counted from)."""
+    """File offset of the stored item's first byte."""
     length: int
     """The stored item's length in bytes."""
     block_bytes: int
@@ -146,40 +164,81 @@ class BlockCheck:
     """One per block, in order."""
     where: str = ""
     """What the item holds, for error messages (e.g. ``'model.w' chunk (0, 0)``)."""
+    data_start: int = 0
+    """Offset in the item of the tensor's storage bytes, where the ``block_bytes`` blocks
+    begin; block 0 is the bytes before it (none when 0)."""
 
-    def covers(self, start: int, end: int) -> bool:
-        """Whether ``[start, end)`` is whole blocks of this item (the last may be short)."""
-        item_end = self.origin + self.length
-        return (
-            self.origin <= start < end <= item_end
-            and (start - self.origin) % self.block_bytes == 0
-            and (end == item_end or (end - self.origin) % self.block_bytes == 0)
+    def _block_at(self, offset: int) -> int:
+        """The index of the block holding item offset ``offset`` (< length)."""
+        data_start = self.data_start
+        if offset < data_start:
+            return 0
+        return (1 if data_start else 0) + (offset - data_start) // self.block_bytes
+
+    def _bound(self, index: int) -> int:
+        """Item offset where block ``index`` begins (the item's length for one past the last)."""
+        if index <= 0:
+            return 0
+        data_start = self.data_start
+        first = 1 if data_start else 0
+        return min(data_start + (index - first) * self.block_bytes, self.length)
+
+    def _is_bound(self, offset: int) -> bool:
+        data_start = self.data_start
+        return offset in (0, self.length) or (
+            offset >= data_start and (offset - data_start) % self.block_bytes == 0
         )
 
-    def mismatches(self, start: int, pieces: Sequence[Buffer]) -> list[tuple[int, int]]:
-        """The blocks (file offsets) of the bytes ``pieces`` hold from ``start`` on whose CRC is
-        not the recorded one; ``[]`` when every block matches. ``ValueError`` if the bytes are
-        not whole blocks of this item (a caller's mistake, never a partial check)."""
+    def covers(self, start: int, end: int) -> bool:
+        """Whether ``[start, end)`` (file offsets) is whole blocks of this item."""
+        origin = self.origin
+        return (
+            origin <= start < end <= origin + self.length
+            and self._is_bound(start - origin)
+            and self._is_bound(end - origin)
+        )
+
+    def window(self, start: int, end: int) -> tuple[int, int]:
+        """``[start, end)`` (file offsets inside this item) widened to the whole blocks it
+        touches."""
+        origin = self.origin
+        first = self._block_at(start - origin)
+        last = self._block_at(end - 1 - origin)
+        return origin + self._bound(first), origin + self._bound(last + 1)
+
+    def block_crcs(self, start: int, pieces: Sequence[Buffer]) -> list[tuple[int, int, int]]:
+        """``(block start, block end, CRC64NVME)`` (file offsets) of each block the bytes
+        ``pieces`` hold from ``start`` on. ``ValueError`` if the bytes are not whole blocks of
+        this item (a caller's mistake, never a partial check)."""
         views = [_bytes_view(p) for p in pieces]
         total = sum(len(v) for v in views)
         if not self.covers(start, start + total):
             raise ValueError(
-                f"bytes [{start}, {start + total}) are not whole {self.block_bytes}-byte blocks "
-                f"of the stored item [{self.origin}, {self.origin + self.length})"
+                f"bytes [{start}, {start + total}) are not whole blocks of the stored item "
+                f"[{self.origin}, {self.origin + self.length}) (blocks of {self.block_bytes} "
+                f"bytes from its byte {self.data_start})"
             )
-        first = (start - self.origin) // self.block_bytes
-        if len(views) == 1 and total <= self.block_bytes:  # one block in one piece: most items
-            if _checksum.crc64nvme(views[0]) == self.crcs[first]:
-                return []
-            lo = self.origin + first * self.block_bytes
-            return [(lo, min(lo + self.block_bytes, self.origin + self.length))]
-        bad: list[tuple[int, int]] = []
-        for n, crc in enumerate(block_crcs(views, self.block_bytes)):
-            index = first + n
-            if index >= len(self.crcs) or crc != self.crcs[index]:
-                lo = self.origin + index * self.block_bytes
-                bad.append((lo, min(lo + self.block_bytes, self.origin + self.length)))
-        return bad
+        origin = self.origin
+        first = self._block_at(start - origin)
+        last = self._block_at(start + total - 1 - origin)
+        bounds = [origin + self._bound(i) for i in range(first, last + 2)]
+        if len(views) == 1 and first == last:  # one block in one piece: most items
+            return [(bounds[0], bounds[1], _checksum.crc64nvme(views[0]))]
+        lengths = [b - a for a, b in itertools.pairwise(bounds)]
+        crcs = crcs_of(views, lengths)
+        return [(bounds[n], bounds[n + 1], crc) for n, crc in enumerate(crcs)]
+
+    def mismatches(self, start: int, pieces: Sequence[Buffer]) -> list[tuple[int, int]]:
+        """The blocks (file offsets) of the bytes ``pieces`` hold from ``start`` on whose CRC is
+        not the recorded one; ``[]`` when every block matches (``ValueError``: see
+        ``block_crcs``)."""
+        first = self._block_at(start - self.origin)
+        crcs = self.crcs
+        return [
+            (lo, hi)
+            for n, (lo, hi, crc) in enumerate(self.block_crcs(start, pieces))
+            if first + n >= len(crcs) or crc != crcs[first + n]
+        ]
 
 
 @dataclass(slots=True)
@@ -195,16 +254,19 @@ class WholeObject:
     _next: int = 0
     _pending: dict[int, tuple[int, int]] = field(default_factory=dict)
 
-    def add(self, start: int, pieces: Sequence[Buffer]) -> None:
-        """The bytes ``pieces`` hold from file offset ``start`` on."""
+    def crc(self, pieces: Sequence[Buffer]) -> int:
+        """The CRC (this object's algorithm) of the bytes ``pieces`` hold."""
         algorithm = ALGORITHMS[self.algorithm]
         crc = 0
-        length = 0
         for piece in pieces:
             view = _bytes_view(piece)
             if view:
                 crc = algorithm.crc(view, crc)
-                length += len(view)
+        return crc
+
+    def add(self, start: int, length: int, crc: int) -> None:
+        """The ``length`` bytes from file offset ``start`` on, whose CRC is ``crc``."""
+        algorithm = ALGORITHMS[self.algorithm]
         self._pending[start] = (length, crc)
         while self._next in self._pending:
             length, crc = self._pending.pop(self._next)

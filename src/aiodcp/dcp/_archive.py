@@ -84,6 +84,10 @@ class DcpArchive:
         self._tensor_metadata = tensor_metadata
         self._extensions = extensions if extensions is not None else ExtensionRegistry()
 
+    def file_prefix(self, relative_path: str) -> bytes:
+        """Nothing: a data file is its stored items, back to back from its first byte."""
+        return b""
+
     def missing(self, index: MetadataIndex) -> CheckpointFormatError:
         return CheckpointFormatError(
             f"{self._path.url}: the load plan asks for {index}, which the "

@@ -45,7 +45,7 @@ from .._errors import (
 from .._planner import ItemRange, plan_file
 from .._stats import StatsRecorder
 from .._store import WriteRequest
-from .._verify import block_crcs
+from .._verify import crcs_of
 from ._integrity import Integrity
 
 if TYPE_CHECKING:
@@ -171,7 +171,7 @@ def _audit_against_store(
         reply = driver.run(head)
     except NotFoundError as exc:
         return dataclasses.replace(base, status=MISSING, detail=str(exc))
-    if reply.checksum is None or reply.size is None:
+    if reply.checksum is None or reply.size is None or reply.checksum_algorithm != "CRC64NVME":
         why = (
             "the checkpoint records no checksums, and the store holds no full-object CRC64NVME "
             "for this file (uploaded with another checksum, or a store that keeps none)"
@@ -245,21 +245,20 @@ def _audit_file(
             start, end = item_range.start, item_range.end
             keys = items.get((start, end))
             if keys is None or integrity is None:  # only in the file's CRC
-                crcs = block_crcs(buffer.chunks, max(end - start, 1))
-                lengths = [end - start]
+                crcs = [(start, end, crcs_of(buffer.chunks, [end - start])[0])]
             else:
                 check = integrity.check(relative_path, start, end - start, key)
-                crcs = block_crcs(buffer.chunks, check.block_bytes)
-                lengths = [
-                    min(check.block_bytes, end - start - n * check.block_bytes)
-                    for n in range(len(crcs))
-                ]
-                bad = check.mismatches(start, buffer.chunks)
+                crcs = check.block_crcs(start, buffer.chunks)
+                bad = tuple(
+                    (lo, hi)
+                    for (lo, hi, got), want in zip(crcs, check.crcs, strict=True)
+                    if got != want
+                )
                 if bad:
-                    mismatches.append(ItemMismatch(start, end, tuple(sorted(keys)), tuple(bad)))
-            for part_crc, length in zip(crcs, lengths, strict=True):
-                crc = combine(crc, part_crc, length) if checked else part_crc
-                checked += length
+                    mismatches.append(ItemMismatch(start, end, tuple(sorted(keys)), bad))
+            for lo, hi, part_crc in crcs:
+                crc = combine(crc, part_crc, hi - lo) if checked else part_crc
+                checked += hi - lo
             engine.release_item(0, index)
     except NotFoundError as exc:
         return dataclasses.replace(base, status=MISSING, detail=str(exc))

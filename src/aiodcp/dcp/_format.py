@@ -18,6 +18,10 @@ it, per read item:
     locator(stored, length)          finds the tensor's bytes in the head, checks the tail
     whole_receive(target, ...)       the receiver of a whole item straight into ``target``
     decode(req, buffer, planner)     an item that was buffered (any layout, transforms...)
+    file_prefix(relative_path)       the file's first bytes the load already holds, before its
+                                     first stored item (safetensors: the header; DCP: none):
+                                     part of the file when it is checked whole against the
+                                     store's full-object checksum
 
 Formats: ``dcp/_archive.py`` (DCP: ``_StorageInfo`` records, ``torch.save`` archives, stream
 transforms) and ``safetensors/_format.py`` (raw little-endian tensors after a JSON header).
@@ -155,6 +159,8 @@ class StoredFormat(Protocol):
     def locator(self, stored: StoredTensor, length: int) -> Locator: ...
 
     def whole_receive(self, target: torch.Tensor, stored: StoredTensor, length: int) -> Receive: ...
+
+    def file_prefix(self, relative_path: str) -> bytes: ...
 
     def decode(
         self, req: ReadItem, buffer: ChunkBuffer, planner: LoadPlanner, recorder: StatsRecorder

@@ -1,12 +1,16 @@
 """What a checkpoint records for integrity, and where: ``Integrity`` in DCP's ``.metadata``.
 
 A checkpoint saved by aiodcp records, for every data file, the ETag S3 gave it, its size and its
-CRC64NVME (the full-object checksum S3 verified on receipt), and for every stored item the
-CRC64NVME of each ``block_bytes`` block of its bytes (from the item's first byte; the last block
-may be shorter). A load pins every GET of a data file to its recorded ETag (``If-Match`` from the
-first request) and checks every block it receives against its CRC before torch sees a byte; a
-slice of an item is checked by the blocks it covers, so a load that fetches only runs of an item
-still verifies every byte it hands over.
+CRC64NVME (the full-object checksum S3 verified on receipt), and for every stored item where its
+tensor's storage bytes begin (``data_start``: the length of ``torch.save``'s framing before
+them; 0 for an item that is not such an archive) and the CRC64NVME of each of its blocks: block
+0 is the framing, ``[0, data_start)``, then a block every ``block_bytes`` from ``data_start``, the
+last one ending with the item (``_verify``'s module docstring). A load pins every GET of a data
+file to its recorded ETag (``If-Match`` from the first request) and checks every block it
+receives against its CRC before torch sees a byte; a slice of an item is checked by the blocks
+it covers, so a load that fetches only runs of an item still verifies every byte it hands over,
+and because the blocks are aligned on the storage bytes, a dim-0 slice whose rows split on a
+``block_bytes`` boundary is whole blocks by itself (nothing more is fetched to check it).
 
 Where it lives: an attribute of the pickled ``Metadata`` (``aiodcp_integrity``) holding plain data
 only (dicts, tuples, ints, strings, bytes), so stock readers (torch's ``FileSystemReader``,
@@ -27,7 +31,8 @@ The plain form (version 1)::
 
     {"version": 1, "algorithm": "CRC64NVME", "block_bytes": int,
      "files": {relative_path: (etag, size, crc)},
-     "items": {relative_path: ((offset, length, crcs), ...)}}    crcs: packed little-endian u64
+     "items": {relative_path: ((offset, length, data_start, crcs), ...)}}
+                                                        crcs: packed little-endian u64
 """
 
 from __future__ import annotations
@@ -39,9 +44,16 @@ from typing import Any
 
 from .._checksum import ALGORITHM
 from .._errors import CheckpointFormatError
-from .._verify import BlockCheck
+from .._verify import BlockCheck, block_count
 
-__all__ = ["ATTRIBUTE", "DEFAULT_BLOCK_BYTES", "FileRecord", "Integrity", "block_count"]
+__all__ = [
+    "ATTRIBUTE",
+    "DEFAULT_BLOCK_BYTES",
+    "FileRecord",
+    "Integrity",
+    "ItemBlocks",
+    "block_count",
+]
 
 ATTRIBUTE = "aiodcp_integrity"
 """The ``Metadata`` attribute that holds the record (plain data)."""
@@ -51,7 +63,8 @@ VERSION = 1
 DEFAULT_BLOCK_BYTES = 1024 * 1024
 """Bytes per checksum block of an item (1 MiB): a slice is verified by the whole blocks it
 touches, so this bounds the extra bytes a verified slice fetches (at most one block at each end
-of a run); the record costs 8 bytes per block (8 MiB of metadata per TiB of checkpoint)."""
+of a run, none for a run that starts and ends on block boundaries of the storage bytes); the
+record costs 8 bytes per block (8 MiB of metadata per TiB of checkpoint)."""
 
 _MIN_BLOCK_BYTES = 4096
 
@@ -67,9 +80,13 @@ class FileRecord:
     """CRC64NVME of the whole object (S3's full-object checksum)."""
 
 
-def block_count(length: int, block_bytes: int) -> int:
-    """Blocks of ``block_bytes`` that an item of ``length`` bytes is checked in (>= 1)."""
-    return max(1, -(-length // block_bytes))
+@dataclass(frozen=True, slots=True)
+class ItemBlocks:
+    """What the record holds for one stored item: where its storage bytes begin, and the
+    CRC64NVME of each of its blocks (``block_count(length, block_bytes, data_start)``)."""
+
+    data_start: int
+    crcs: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -79,13 +96,13 @@ class Integrity:
     block_bytes: int
     files: Mapping[str, FileRecord]
     """relative path (as in ``_StorageInfo.relative_path``) -> the file as saved."""
-    items: Mapping[tuple[str, int, int], tuple[int, ...]]
-    """(relative path, offset, length) of a stored item -> the CRC64NVME of each of its
-    ``block_bytes`` blocks, in order (one CRC for an item of one block or less)."""
+    items: Mapping[tuple[str, int, int], ItemBlocks]
+    """(relative path, offset, length) of a stored item -> where its storage bytes begin and
+    the CRC64NVME of each of its blocks, in order (see the module docstring)."""
 
-    def block_crcs(self, relative_path: str, offset: int, length: int) -> tuple[int, ...] | None:
-        """The blocks' CRCs of the stored item at ``[offset, offset + length)`` of the file, or
-        None if the record does not cover it."""
+    def item(self, relative_path: str, offset: int, length: int) -> ItemBlocks | None:
+        """The record of the stored item at ``[offset, offset + length)`` of the file, or None
+        if the record does not cover it."""
         return self.items.get((relative_path, offset, length))
 
     def check(
@@ -94,15 +111,15 @@ class Integrity:
         """The ``BlockCheck`` of the stored item at ``[offset, offset + length)`` of the file
         (``what`` names it in errors); ``CheckpointFormatError`` naming ``where`` (the data
         file) if the record does not cover it: the record and the metadata disagree."""
-        crcs = self.items.get((relative_path, offset, length))
-        if crcs is None:
+        blocks = self.items.get((relative_path, offset, length))
+        if blocks is None:
             raise CheckpointFormatError(
                 f"{where}: the checkpoint's integrity record ({ATTRIBUTE}) has no checksums for "
                 f"the stored item [{offset}, {offset + length}){f' of {what}' if what else ''} "
                 "that its metadata lists: the record and the metadata disagree (damaged, or "
                 "edited by another tool). verify_checksums=False loads it without checking.",
             )
-        return BlockCheck(offset, length, self.block_bytes, crcs, what)
+        return BlockCheck(offset, length, self.block_bytes, blocks.crcs, what, blocks.data_start)
 
     def etags(self, key_of: Callable[[str], str]) -> dict[str, str]:
         """Object key (``key_of(relative path)``) -> the ETag the data file was saved with:
@@ -112,10 +129,10 @@ class Integrity:
     # ------------------------------------------------------------------ plain form
 
     def to_plain(self) -> dict[str, Any]:
-        per_file: dict[str, list[tuple[int, int, bytes]]] = {}
-        for (path, offset, length), crcs in sorted(self.items.items()):
-            packed = struct.pack(f"<{len(crcs)}Q", *crcs)
-            per_file.setdefault(path, []).append((offset, length, packed))
+        per_file: dict[str, list[tuple[int, int, int, bytes]]] = {}
+        for (path, offset, length), blocks in sorted(self.items.items()):
+            packed = struct.pack(f"<{len(blocks.crcs)}Q", *blocks.crcs)
+            per_file.setdefault(path, []).append((offset, length, blocks.data_start, packed))
         return {
             "version": VERSION,
             "algorithm": ALGORITHM,
@@ -162,29 +179,33 @@ class Integrity:
             ):
                 raise bad(f"file entry {path!r}: {entry!r}")
             files[path] = FileRecord(entry[0], entry[1], entry[2])
-        items: dict[tuple[str, int, int], tuple[int, ...]] = {}
+        items: dict[tuple[str, int, int], ItemBlocks] = {}
         for path, entries in raw_items.items():
             if not isinstance(path, str) or not isinstance(entries, tuple):
                 raise bad(f"items of {path!r}")
             for entry in entries:
                 if not (
                     isinstance(entry, tuple)
-                    and len(entry) == 3
-                    and isinstance(entry[0], int)
-                    and isinstance(entry[1], int)
-                    and isinstance(entry[2], bytes)
-                    and entry[0] >= 0
-                    and entry[1] >= 0
+                    and len(entry) == 4
+                    and all(isinstance(v, int) and v >= 0 for v in entry[:3])
+                    and isinstance(entry[3], bytes)
                 ):
                     raise bad(f"an item entry of {path!r}")
-                offset, length, packed = entry
-                count = block_count(length, block_bytes)
+                offset, length, data_start, packed = entry
+                if data_start and data_start >= length:
+                    raise bad(
+                        f"item [{offset}, {offset + length}) of {path!r} has its storage bytes "
+                        f"at {data_start}, past its end"
+                    )
+                count = block_count(length, block_bytes, data_start)
                 if len(packed) != 8 * count:
                     raise bad(
                         f"item [{offset}, {offset + length}) of {path!r} has "
                         f"{len(packed) // 8} block checksums, expected {count}"
                     )
-                items[(path, offset, length)] = struct.unpack(f"<{count}Q", packed)
+                items[(path, offset, length)] = ItemBlocks(
+                    data_start, struct.unpack(f"<{count}Q", packed)
+                )
         return cls(block_bytes, files, items)
 
     # ------------------------------------------------------------------ in Metadata

@@ -56,7 +56,7 @@ import logging
 import sys
 import time
 from bisect import insort
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import torch
@@ -71,7 +71,8 @@ from torch.distributed.checkpoint.planner import (
 
 from .._config import ReaderConfig
 from .._driver import Driver
-from .._engine import FetchEngine, FileFetch
+from .._engine import FetchEngine, FileFetch, WholeFile, WholeFileResult
+from .._errors import ChecksumMismatchError
 from .._path import CheckpointPath
 from .._planner import (
     AUTO_GAP_SIZE,
@@ -85,7 +86,7 @@ from .._progress import with_progress
 from .._reader import ChunkBuffer, SequentialReader
 from .._stats import StatsRecorder, counters, job_stats
 from .._store import S3Store
-from .._verify import BlockCheck, widen
+from .._verify import BlockCheck
 from ._format import Receive, RunReceive, StoredFormat, StoredTensor, shape_error
 from ._integrity import Integrity
 from ._sharing import (
@@ -163,14 +164,15 @@ async def _opened(store: S3Store) -> S3Store:
 
 
 def _windows(
-    runs: Sequence[ItemRange], item: ItemRange, block_bytes: int
+    runs: Sequence[ItemRange], check: BlockCheck
 ) -> list[tuple[ItemRange, list[ItemRange]]]:
-    """Each run (sorted, disjoint) of the stored ``item`` widened to the whole checksum blocks
-    it touches (blocks from the item's first byte), overlapping windows merged: the windows,
-    each with the runs it holds, in file order."""
+    """Each run (sorted, disjoint) of ``check``'s stored item widened to the whole checksum
+    blocks it touches (``BlockCheck.window``: blocks aligned on the storage bytes, so a run
+    that starts and ends on a block boundary is its own window), overlapping windows merged:
+    the windows, each with the runs it holds, in file order."""
     windows: list[tuple[ItemRange, list[ItemRange]]] = []
     for run in runs:
-        start, end = widen(run.start, run.end, item.start, item.length, block_bytes)
+        start, end = check.window(run.start, run.end)
         if windows and start < windows[-1][0].end:
             last, inside = windows.pop()
             windows.append((ItemRange(last.start, max(last.end, end)), [*inside, run]))
@@ -204,8 +206,9 @@ class _Grouped:
     """(key, run's range) -> the read items it serves, in ``Slice.prefixes`` order."""
     windows: dict[tuple[str, ItemRange], list[ItemRange]] = dataclasses.field(default_factory=dict)
     """(key, window) -> the runs it holds, in order: when the load checks a sliced item against
-    its recorded checksums, its runs widened to the whole blocks they touch (``_verify.widen``,
-    overlapping ones merged) are what is fetched, checked, and sliced into the runs."""
+    its recorded checksums, its runs widened to the whole blocks they touch
+    (``BlockCheck.window``, overlapping ones merged) are what is fetched, checked, and sliced
+    into the runs."""
     window_of: dict[tuple[str, ItemRange], ItemRange] = dataclasses.field(default_factory=dict)
     """(relative path, window) -> the stored item whose blocks it is."""
     probe_plans: dict[str, FilePlan] = dataclasses.field(default_factory=dict)
@@ -456,11 +459,16 @@ class DcpLoad:
                 max_gap_size=max_gap_size,
                 part_size=self.config.buffered_part_size,
             )
+            whole = None
+            if self._integrity is None and self.config.verify_checksums:
+                # no record: checked against the store's checksum if the load reads it whole
+                whole = WholeFile(known=self.format.file_prefix(relative_path))
             grouped.files.append(
                 FileFetch(
                     self._path.key(relative_path),
                     file_plan,
                     checks=self._checks(relative_path, file_plan.items, grouped.window_of),
+                    whole=whole,
                 )
             )
             grouped.readers.append([by_range[r] for r in file_plan.items])
@@ -552,8 +560,23 @@ class DcpLoad:
                     functools.partial(_nth, engine.release_item, file_index, buffered),
                     name=f"s3://{self._path.bucket}/{fetch.key}",
                 )
+                # A file checked whole against the store's checksum: an item torch cannot
+                # decode may hold a damaged byte of its framing. The rest of the file is taken
+                # in (its CRC folded), not decoded, until the file's check says which it is.
+                whole = engine.checks_whole(file_index)
+                failed: Exception | None = None
+                skipped: set[int] = set()
                 with reader:
                     for item_index, item_range in enumerate(fetch.plan.items):
+                        if failed is not None:
+                            skipped.add(item_index)
+                            if item_index in fetch.direct:
+                                engine.wait_item(file_index, item_index)
+                                engine.release_item(file_index, item_index)
+                            else:
+                                reader.seek(item_range.start)
+                                reader.current_buffer()
+                            continue
                         sliced = slices.get((fetch.key, item_range))
                         run = sliced is not None or (fetch.key, item_range) in grouped.windows
                         reqs = readers[file_index][item_index]
@@ -573,7 +596,13 @@ class DcpLoad:
                             continue
                         reader.seek(item_range.start)
                         buffer = reader.current_buffer()
-                        self._decode_all(fetch.key, item_range, buffer, reqs, planner)
+                        try:
+                            self._decode_all(fetch.key, item_range, buffer, reqs, planner)
+                        except Exception as exc:
+                            if not whole:
+                                raise
+                            failed = exc
+                            skipped.add(item_index)
                         # Hand the GIL over every ~2 ms of decoding: an event loop thread
                         # waiting for it (the I/O loop, or the caller's loop) gets it then,
                         # not at the next 5 ms switch interval.
@@ -583,6 +612,11 @@ class DcpLoad:
                         if now - yielded >= _YIELD_EVERY_S:
                             time.sleep(0)
                             yielded = now
+                checked = engine.whole_file(file_index)
+                if checked is not None and checked.status == "mismatch":
+                    self._read_again(fetch, engine, checked, readers[file_index], planner, skipped)
+                elif failed is not None:
+                    raise failed  # the file's bytes are as stored (or could not be checked)
             finished = True
         finally:
             if not finished:
@@ -851,7 +885,7 @@ class DcpLoad:
             windows: list[tuple[ItemRange, list[ItemRange]]] | None = None
             check = self._check(relative_path, item_range)
             if check is not None:
-                windows = _windows(sorted(runs), item_range, check.block_bytes)
+                windows = _windows(sorted(runs), check)
                 fetched_bytes = sum(w.length for w, _ in windows)
                 if item_range.length - fetched_bytes - probed <= worth * len(windows):
                     self._unusual(
@@ -1170,7 +1204,7 @@ class DcpLoad:
         )
         assert plan.items == items
         direct = {i: receive for i, (_, receive) in targets.items()}
-        return FileFetch(fetch.key, plan, direct, fetch.checks)
+        return FileFetch(fetch.key, plan, direct, fetch.checks, fetch.whole)
 
     def _reads_whole(self, req: ReadItem) -> bool:
         """Whether ``req`` reads the whole of its stored tensor (``StoredFormat.stored_tensor``),
@@ -1233,6 +1267,109 @@ class DcpLoad:
 
         self._io.run(run)
         return engine.wait_item(0, 0)
+
+    def _read_again(
+        self,
+        fetch: FileFetch,
+        first: FetchEngine,
+        checked: WholeFileResult,
+        reqs_per_item: list[list[ReadItem]],
+        planner: LoadPlanner,
+        undecoded: Collection[int] = (),
+    ) -> None:
+        """A file read whole whose bytes did not match the store's full-object checksum (no
+        record: which item was damaged cannot be told): read it once more, pinned to the same
+        ETag, and decode again every item whose CRC differs from the first read's (those
+        were damaged on the way), and the ``undecoded`` ones (by item index: not decoded by
+        the first read, after an item torch could not decode); then the second read must match
+        the checksum, or ``ChecksumMismatchError`` names the file. Its bytes count once in the
+        statistics (``bytes_used``, ``items``; ``bytes_received`` counts both reads)."""
+        key = fetch.key
+        where = f"s3://{self._path.bucket}/{key}"
+        self._recorder.add(checksum_mismatches=1)
+        logger.warning(
+            "%s: its bytes do not match the store's full-object %s; reading it again",
+            where,
+            checked.algorithm,
+        )
+        etag = first.etag(key)
+        whole = fetch.whole if fetch.whole is not None else WholeFile()
+        again = WholeFile(whole.known, (checked.algorithm, checked.expected, checked.size))
+        plan = plan_file(fetch.plan.items, max_gap_size=0, part_size=self.config.buffered_part_size)
+        engine = self._running(
+            FetchEngine(
+                self._io.run(_opened),
+                self._path.bucket,
+                [FileFetch(key, plan, whole=again)],
+                self.config,
+                self._recorder,
+                {key: etag} if etag is not None else None,
+                count_items=False,
+            )
+        )
+
+        async def run(store: S3Store) -> None:
+            await engine.run()
+
+        future = self._io.submit(run)
+        finished = False
+        changed: list[ItemRange] = []
+        failed: Exception | None = None
+        try:
+            for index, item_range in enumerate(plan.items):
+                buffer = engine.wait_item(0, index)
+                try:
+                    differs = engine.item_crc(0, index) != checked.crcs.get(index)
+                    if differs:
+                        changed.append(item_range)
+                    if (differs or index in undecoded) and failed is None:
+                        try:
+                            self._decode_all(key, item_range, buffer, reqs_per_item[index], planner)
+                        except Exception as exc:
+                            failed = exc  # damaged again? the file's check says
+                finally:
+                    engine.release_item(0, index)
+            second = engine.whole_file(0)
+            finished = True
+        finally:
+            if not finished:
+                engine.abort()
+            try:
+                self._io.wait(future, f"the end of the second read of {where}")
+                future.result()
+            except BaseException:
+                if finished:
+                    raise
+            self._engine = first
+        if second is not None and second.status == "verified":
+            if failed is not None:
+                raise failed  # the stored bytes themselves do not decode
+            logger.warning(
+                "%s: read again, it matches the store's checksum; %d item(s) had come damaged "
+                "and were loaded again",
+                where,
+                len(changed),
+            )
+            return
+        self._recorder.add(checksum_mismatches=1)
+        items = ", ".join(f"[{r.start}, {r.end})" for r in changed[:4])
+        items += " ..." if len(changed) > 4 else ""
+        raise ChecksumMismatchError(
+            f"{where}: its bytes do not match the full-object {checked.algorithm} the store "
+            f"holds for it ({checked.size} bytes{'' if etag is None else f', ETag {etag}'}), "
+            "read whole twice"
+            f"{f' (items that differed between the reads: {items})' if changed else ''}: the "
+            "object is damaged in the store, or something between the store and this host "
+            "corrupts data. The checkpoint records no per-item checksums (it was not saved by "
+            "aiodcp), so the damaged item cannot be named, and the tensors loaded from this "
+            "file may hold its bytes: the load failed. `aiodcp verify` checks it; "
+            "verify_checksums=False loads the bytes as they are.",
+            bucket=self._path.bucket,
+            key=key,
+            item_range=(0, checked.size),
+            byte_range=(0, checked.size),
+            mismatched=((0, checked.size),),
+        ) from failed
 
     def _decode_all(
         self,

@@ -81,7 +81,7 @@ from .._errors import (
 from .._path import CheckpointPath
 from .._stats import SaveRecorder, SaveStats
 from .._upload import FileStream, ObjectRecord, Part, Staged, UploadEngine, part_size_for
-from ._integrity import DEFAULT_BLOCK_BYTES, FileRecord, Integrity
+from ._integrity import DEFAULT_BLOCK_BYTES, FileRecord, Integrity, ItemBlocks
 from ._savearchive import crc32, tensor_archive
 
 if TYPE_CHECKING:
@@ -116,9 +116,12 @@ class SavedItem:
     offset: int
     length: int
     block_crcs: bytes
-    """CRC64NVME of each ``block_bytes`` block of the item, packed little-endian u64."""
+    """CRC64NVME of each block of the item, packed little-endian u64."""
     file: FileRecord | None = None
     """The data file as the store took it (on the first item of each file)."""
+    data_start: int = 0
+    """Where the item's storage bytes begin, which its blocks are aligned on (0: the item is
+    not an archive sent around its storage's memory; blocks from its first byte)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -351,7 +354,7 @@ class SaveSession:
         engine = self.engine()
         window = _Window(self.config.max_concurrency)
         producer = _Producer(self, engine, window, planner)
-        written: list[tuple[str, list[tuple[WriteItem, int, int, bytes]], Any]] = []
+        written: list[tuple[str, list[tuple[WriteItem, int, int, int, bytes]], Any]] = []
         try:
             for relative_path, items in files:
                 entries, future = producer.file(relative_path, items)
@@ -364,8 +367,10 @@ class SaveSession:
             record: ObjectRecord = record_future.result()
             file = FileRecord(record.etag, record.size, record.crc)
             self.recorder.add(files=1, bytes_written=record.size)
-            for n, (item, offset, length, crcs) in enumerate(entries):
-                saved = SavedItem(relative_path, offset, length, crcs, file if n == 0 else None)
+            for n, (item, offset, length, data_start, crcs) in enumerate(entries):
+                saved = SavedItem(
+                    relative_path, offset, length, crcs, file if n == 0 else None, data_start
+                )
                 results.append(
                     WriteResult(index=item.index, size_in_bytes=length, storage_data=saved)
                 )
@@ -419,7 +424,7 @@ class SaveSession:
         bucket = self.path.bucket
         storage_data: dict[Any, _StorageInfo] = {}
         files: dict[str, FileRecord] = {}
-        items: dict[tuple[str, int, int], tuple[int, ...]] = {}
+        items: dict[tuple[str, int, int], ItemBlocks] = {}
         for rank_results in results:
             for result in rank_results:
                 saved = result.storage_data
@@ -436,8 +441,8 @@ class SaveSession:
                 if saved.file is not None:
                     files[saved.relative_path] = saved.file
                 count = len(saved.block_crcs) // 8
-                items[(saved.relative_path, saved.offset, saved.length)] = struct.unpack(
-                    f"<{count}Q", saved.block_crcs
+                items[(saved.relative_path, saved.offset, saved.length)] = ItemBlocks(
+                    saved.data_start, struct.unpack(f"<{count}Q", saved.block_crcs)
                 )
         new_keys = sorted({self.path.key(p) for p in files})
         metadata.version = CURRENT_DCP_VERSION
@@ -596,9 +601,9 @@ class _Producer:
 
     def file(
         self, relative_path: str, items: list[WriteItem]
-    ) -> tuple[list[tuple[WriteItem, int, int, bytes]], Any]:
-        """Send one data file; returns its items' (item, offset, length, block CRCs) and the
-        future of its ``ObjectRecord``."""
+    ) -> tuple[list[tuple[WriteItem, int, int, int, bytes]], Any]:
+        """Send one data file; returns its items' (item, offset, length, where their storage
+        bytes begin, block CRCs) and the future of its ``ObjectRecord``."""
         session = self.session
         key = session.path.key(relative_path)
         hint = sum(_item_bytes(i) + 2048 for i in items)
@@ -614,8 +619,9 @@ class _Producer:
             stream.begin_item()
             for part in self._item(stream, item):
                 self._hold(part, key, parts)
-            offset, length, blocks = stream.end_item()
-            entries.append((item, offset, length, struct.pack(f"<{len(blocks)}Q", *blocks)))
+            offset, length, data_start, blocks = stream.end_item()
+            packed = struct.pack(f"<{len(blocks)}Q", *blocks)
+            entries.append((item, offset, length, data_start, packed))
             self.recorder.add(items=1)
         last = stream.finish()
         if last is not None:
@@ -691,6 +697,8 @@ class _Producer:
                 self.session._run(lambda store: _release(engine, dropped))
             return done
         done = self._framing(stream, archive.prefix)
+        if 0 < len(archive.prefix) < stream.block_bytes:
+            stream.begin_data()  # the record's blocks are aligned on the storage bytes
         storage_crc = 0
         memory = archive.memory
         for at in range(0, len(memory), _CHUNK_BYTES):

@@ -66,7 +66,6 @@ from .._path import CheckpointPath
 from .._planner import request_latency_from_get
 from .._stats import LoadStats, StatsRecorder
 from ._archive import METADATA_NAME
-from ._integrity import ATTRIBUTE as INTEGRITY_ATTRIBUTE
 from ._integrity import Integrity
 from ._metadata import load_metadata
 from ._sharing import SHARED, RankShare, share_metadata
@@ -177,9 +176,10 @@ async def fetch_metadata(
     latency = request_latency_from_get(time.perf_counter() - started, len(data))
     if recorder is not None:
         recorder.add(bytes_received=len(data))
-    if store.config.verify_checksums and INTEGRITY_ATTRIBUTE.encode() in data:
-        # A checkpoint with an integrity record: its checks will need the CRC library, whose
-        # import (~30 ms of CPU) runs in a thread while the metadata is unpickled and planned.
+    if store.config.verify_checksums:
+        # The checks will need the CRC library (the record's, or a file read whole against the
+        # store's checksum): its import (~30 ms of CPU) runs in a thread while the metadata is
+        # unpickled and planned.
         warm_up()
     return FetchedMetadata(data, path.bucket, key, latency)
 

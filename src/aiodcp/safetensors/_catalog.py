@@ -20,9 +20,10 @@
            each chunk's offsets in a sharded save), with ``SafetensorsInfo`` storage records
            that carry each file's ETag
 
-Verification (issue 22, item 5): not done yet. When the load path verifies bytes end to end
-(S3's full-object CRC64NVME, ``LoadStats.verified_bytes``), a file read whole is checked here:
-``_fetch_header`` sees each file's ETag and size, the place to ask for its checksum.
+Verification (issue 22, item 5): each ``SafetensorsInfo`` carries its file's header bytes, so
+a load that reads a file whole (every tensor of it) checks the header and the tensors against
+the store's full-object checksum (``FetchEngine``'s ``WholeFile``: a HEAD beside the first data
+GETs; ``LoadStats.verified_bytes``). A file read in part is not checked (``unverified_bytes``).
 """
 
 from __future__ import annotations
@@ -136,7 +137,8 @@ class FetchedCatalog:
                         fqn=tensor,
                     )
         etags = {h.name: h.etag for h in self.headers}
-        return _metadata(path, headers, etags)
+        raw = {h.name: h.raw for h in self.headers}
+        return _metadata(path, headers, etags, raw)
 
 
 def _weight_map(index: bytes, path: CheckpointPath) -> dict[str, str]:
@@ -326,7 +328,10 @@ def _sharding_offsets(
 
 
 def _metadata(
-    path: CheckpointPath, headers: dict[str, Header], etags: dict[str, str | None]
+    path: CheckpointPath,
+    headers: dict[str, Header],
+    etags: dict[str, str | None],
+    raw: dict[str, bytes],
 ) -> Metadata:
     """torch's ``Metadata`` of the checkpoint, as ``HuggingFaceStorageReader.read_metadata``
     builds it, with ``SafetensorsInfo`` storage records."""
@@ -348,6 +353,7 @@ def _metadata(
                 tensor.dtype if shape is not None else f"{tensor.dtype} (odd last dim)",
                 shape if shape is not None else tensor.shape,
                 etags.get(name),
+                raw.get(name, b""),
             )
             offsets = sharding[tensor.name] if sharding is not None else (0,) * len(tensor.shape)
             index = MetadataIndex(tensor.name, offsets)

@@ -9,6 +9,7 @@ for the read phase (``dcp/_load.py``, through the ``StoredFormat`` contract of
     stored_tensor(req)        its torch dtype and shape (the header's, F4's last dim halved)
     probes(...)               (): nothing to locate, a slice's runs are at known offsets
     whole_receive(target)     RunReceive: the socket writes the destination, nothing to verify
+    file_prefix(path)         the file's length and header (read first), before its tensors
     decode(req, buffer)       the bytes viewed as the stored tensor, narrowed, copied (bit for
                               bit when the destination has the stored dtype)
 
@@ -24,7 +25,7 @@ from __future__ import annotations
 import ctypes
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -103,6 +104,10 @@ class SafetensorsInfo:
     shape: tuple[int, ...]
     etag: str | None = None
     """The ETag of the file when its header was read (data GETs are pinned to it)."""
+    header: bytes = field(default=b"", repr=False, compare=False)
+    """The file's first bytes, its length and header (one object per file, shared by its
+    tensors): a load that reads the file whole checks them with its tensors against the
+    store's full-object checksum."""
 
     @property
     def torch_dtype(self) -> torch.dtype | None:
@@ -128,13 +133,19 @@ class SafetensorsFormat:
         self.unsupported: dict[MetadataIndex, SafetensorsInfo] = {}
         self.etags: dict[str, str] = {}
         """Object key -> the ETag its header was read from."""
+        self._headers: dict[str, bytes] = {}
         for index, info in storage_data.items():
+            self._headers.setdefault(info.relative_path, info.header)
             if info.torch_dtype is None:
                 self.unsupported[index] = info
             else:
                 self.storage_data[index] = info
             if info.etag is not None:
                 self.etags[path.key(info.relative_path)] = info.etag
+
+    def file_prefix(self, relative_path: str) -> bytes:
+        """The file's length and header, read before the load: its tensors follow them."""
+        return self._headers.get(relative_path, b"")
 
     def _info(self, req: ReadItem) -> SafetensorsInfo:
         return self.storage_data[req.storage_index]
