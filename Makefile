@@ -31,7 +31,7 @@ typecheck: $(STAMP)
 check: lint typecheck test
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .hypothesis
+	rm -rf $(VENV) .venv-s3tc build dist src/*.egg-info .pytest_cache .mypy_cache .hypothesis
 
 ## Benchmark aiodcp against s3torchconnector, s3fs, boto3 and local reads on a local S3 server
 ## (benchmarks/README.md). Builds benchmarks/.venv-bench and installs s3rver itself.
