@@ -314,3 +314,46 @@ print(json.dumps([sorted(m for m in {STACK!r} if m in sys.modules), {{}}, float(
     result = _fresh(code)
     assert isinstance(result, list)
     return result
+
+
+def test_the_reader_modules_leave_the_crc_library_to_a_load_that_checks() -> None:
+    """awscrt (~30 ms of CPU to import) comes with neither ``import aiodcp`` nor
+    ``S3StorageReader``'s module: a load imports it when it knows it will check bytes."""
+    code = (
+        "import json, sys\nimport aiodcp\naiodcp.S3StorageReader\naiodcp.load_checkpoint\n"
+        "import aiodcp.dcp._storage_reader, aiodcp.safetensors\n"
+        "print(json.dumps('awscrt' in sys.modules))"
+    )
+    assert _fresh(code) is False
+
+
+@pytest.mark.parametrize("verify", [False, True])
+def test_a_first_load_imports_the_crc_library_only_to_check(
+    tmp_path: Path, s3_server: S3Server, verify: bool
+) -> None:
+    """A load that checks nothing (``verify_checksums=False``) never imports awscrt; one that
+    checks a file read whole against moto's full-object checksum (a checkpoint without a
+    record) imports it, and the load is right either way."""
+    s3 = s3_server.client()
+    bucket = "cold-crc-import"
+    with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
+        s3.create_bucket(Bucket=bucket)
+    upload_dir(s3, save_checkpoint({"w": torch.ones(256, 256)}, tmp_path / "c"), bucket, "c")
+    options = {
+        "endpoint_url": s3_server.endpoint_url,
+        "region": "us-east-1",
+        "addressing_style": "path",
+        "verify_checksums": verify,
+    }
+    code = f"""
+import asyncio, json, sys
+import torch
+import aiodcp
+state = {{"w": torch.zeros(256, 256)}}
+stats = asyncio.run(aiodcp.load_checkpoint(state, "s3://{bucket}/c", **{options!r}))
+print(json.dumps(["awscrt" in sys.modules, stats.verified_bytes, float(state["w"].sum())]))
+"""
+    imported, verified, total = _fresh(code)  # type: ignore[misc]
+    assert total == 256 * 256
+    assert imported is verify
+    assert (verified > 0) is verify

@@ -17,12 +17,12 @@ Data flow::
     full_object_checksum(headers)        -> (algorithm, value) | None: a HEAD's full-object
                                             CRC64NVME/CRC32C/CRC32 (not a composite one)
 
-``awscrt`` is not imported by ``import aiodcp`` (loading its 11 MB extension takes ~26 ms of
-CPU and 34-111 ms of wall time here): the modules a load needs and ``import aiodcp`` leaves
-out import it with themselves (``preload``: ``dcp._storage_reader``, ``S3StorageReader``'s
-module, which ``load_checkpoint`` and ``load_safetensors`` import in a thread of their own), so
-a load does not wait for it; anything else that checks bytes starts the import in a thread as
-soon as it knows it will (``warm_up``), or imports it at its first checksum.
+``awscrt`` is imported only when a checksum will be needed (loading its 11 MB extension takes
+~30 ms of CPU here), never by ``import aiodcp``: a load starts the import in a thread of its own
+as soon as it knows it will check bytes (``warm_up``: the checkpoint has an integrity record,
+or the store answered a file's HEAD with a full-object checksum), so the import runs while the
+first GETs are under way; a load that can check nothing (no record, a store that gives no
+checksum) never imports it; anything else imports it at its first checksum (``_crt``).
 """
 
 from __future__ import annotations
@@ -47,7 +47,6 @@ __all__ = [
     "crc64nvme",
     "from_header",
     "full_object_checksum",
-    "preload",
     "to_header",
     "warm_up",
 ]
@@ -75,17 +74,6 @@ def _crt() -> Any:
             ) from exc
         _checksums = awscrt.checksums
     return _checksums
-
-
-def preload() -> None:
-    """Import ``awscrt`` now, in this thread, if it is not imported yet (by a module of the
-    load path, as it is imported); a missing ``awscrt`` is reported where a checksum is
-    needed."""
-    if _checksums is None:
-        try:
-            _crt()
-        except MissingDependencyError:
-            pass
 
 
 def warm_up() -> None:

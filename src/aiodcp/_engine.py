@@ -60,6 +60,7 @@ import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from ._checksum import warm_up
 from ._config import ReaderConfig
 from ._errors import (
     AiodcpError,
@@ -223,6 +224,9 @@ class _WholeState:
         elif size != self.end:
             self.give_up(f"the object is {size} bytes, the load reads [0, {self.end})")
         else:
+            # the CRC library, needed from now on: imported in a thread of its own while the
+            # first items arrive (not at all for a store that gives no checksum)
+            warm_up()
             self.object = WholeObject(size, algorithm, expected)
             if self.known:
                 self.object.add(0, len(self.known), self.object.crc([self.known]))

@@ -176,11 +176,6 @@ async def fetch_metadata(
     latency = request_latency_from_get(time.perf_counter() - started, len(data))
     if recorder is not None:
         recorder.add(bytes_received=len(data))
-    if store.config.verify_checksums:
-        # The checks will need the CRC library (the record's, or a file read whole against the
-        # store's checksum): its import (~30 ms of CPU) runs in a thread while the metadata is
-        # unpickled and planned.
-        warm_up()
     return FetchedMetadata(data, path.bucket, key, latency)
 
 

@@ -53,7 +53,6 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
-from .._checksum import preload as preload_checksums
 from .._config import ReaderConfig
 from .._driver import Driver, PrivateLoopDriver, renew_locks_after_fork
 from .._errors import CheckpointFormatError
@@ -78,10 +77,6 @@ __all__ = ["S3StorageReader", "attached_reader", "share_job"]
 
 
 logger = logging.getLogger(__name__)
-
-# The CRC library every verified load needs, imported with the load's modules (here, or in
-# the thread load_checkpoint and load_safetensors import them in), not inside the load.
-preload_checksums()
 
 _T = TypeVar("_T")
 _R = TypeVar("_R", bound="S3StorageReader")
