@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from ._errors import ConfigError
 from ._planner import (
@@ -310,24 +310,7 @@ class ReaderConfig:
     @classmethod
     def from_kwargs(cls, base: ReaderConfig | None, **kwargs: Any) -> ReaderConfig:
         """``base`` (or the defaults) with the keyword arguments that are not None applied."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(kwargs) - names)
-        if unknown:
-            raise ConfigError(
-                f"unknown configuration option(s) {unknown}; valid options: {sorted(names)}",
-                field=unknown[0],
-                value=kwargs[unknown[0]],
-            )
-        if base is not None and not isinstance(base, ReaderConfig):
-            raise ConfigError(
-                f"config must be an aiodcp.ReaderConfig, got {type(base).__name__}",
-                field="config",
-                value=base,
-            )
-        given = {k: v for k, v in kwargs.items() if v is not None}
-        if base is None:
-            return cls(**given)
-        return replace(base, **given) if given else base
+        return _from_kwargs(cls, base, kwargs)
 
 
 DEFAULT_UPLOAD_PART_SIZE_BYTES = 8 * 1024 * 1024
@@ -454,21 +437,30 @@ class WriterConfig:
     @classmethod
     def from_kwargs(cls, base: WriterConfig | None, **kwargs: Any) -> WriterConfig:
         """``base`` (or the defaults) with the keyword arguments that are not None applied."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(kwargs) - names)
-        if unknown:
-            raise ConfigError(
-                f"unknown configuration option(s) {unknown}; valid options: {sorted(names)}",
-                field=unknown[0],
-                value=kwargs[unknown[0]],
-            )
-        if base is not None and not isinstance(base, WriterConfig):
-            raise ConfigError(
-                f"config must be an aiodcp.WriterConfig, got {type(base).__name__}",
-                field="config",
-                value=base,
-            )
-        given = {k: v for k, v in kwargs.items() if v is not None}
-        if base is None:
-            return cls(**given)
-        return replace(base, **given) if given else base
+        return _from_kwargs(cls, base, kwargs)
+
+
+_C = TypeVar("_C", "ReaderConfig", "WriterConfig")
+
+
+def _from_kwargs(cls: type[_C], base: _C | None, kwargs: dict[str, Any]) -> _C:
+    """``base`` (or ``cls``'s defaults) with the keyword arguments that are not None applied;
+    an unknown option or a ``base`` of another type raises ``ConfigError``."""
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(kwargs) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown configuration option(s) {unknown}; valid options: {sorted(names)}",
+            field=unknown[0],
+            value=kwargs[unknown[0]],
+        )
+    if base is not None and not isinstance(base, cls):
+        raise ConfigError(
+            f"config must be an aiodcp.{cls.__name__}, got {type(base).__name__}",
+            field="config",
+            value=base,
+        )
+    given = {k: v for k, v in kwargs.items() if v is not None}
+    if base is None:
+        return cls(**given)
+    return replace(base, **given) if given else base

@@ -117,37 +117,16 @@ class Presigner:
         see ``signed_host``), valid ``expires`` seconds from ``now`` (UTC). ``headers``
         (lower-case names) are signed too, and the request must send them; ``query`` (an API's
         parameters, not encoded) is signed and sent before the ``X-Amz-*`` parameters."""
-        creds = self.credentials
-        stamp = now.strftime("%Y%m%dT%H%M%SZ")
-        date = stamp[:8]
-        scope = f"{date}/{self.region}/{self.service}/aws4_request"
-        signed = {"host": host, **(headers or {})}
-        names = sorted(signed)
-        signed_headers = ";".join(names)
-        params = [
-            *(query or ()),
-            ("X-Amz-Algorithm", _ALGORITHM),
-            ("X-Amz-Credential", f"{creds.access_key}/{scope}"),
-            ("X-Amz-Date", stamp),
-            ("X-Amz-Expires", str(expires)),
-            ("X-Amz-SignedHeaders", signed_headers),
-        ]
-        if creds.token:
-            params.append(("X-Amz-Security-Token", creds.token))
-        encoded = [(quote(k, safe=_QUERY_SAFE), quote(v, safe=_QUERY_SAFE)) for k, v in params]
-        canonical_query = "&".join(f"{k}={v}" for k, v in sorted(encoded))
-        canonical_headers = "".join(f"{n}:{' '.join(signed[n].split())}\n" for n in names)
-        canonical_request = "\n".join(
-            ["GET", path, canonical_query, canonical_headers, signed_headers, _UNSIGNED_PAYLOAD]
+        return self.presign_request(
+            "GET",
+            url_base,
+            path,
+            host,
+            now=now,
+            expires=expires,
+            query=tuple(query or ()),
+            headers=headers,
         )
-        string_to_sign = "\n".join(
-            [_ALGORITHM, stamp, scope, hashlib.sha256(canonical_request.encode()).hexdigest()]
-        )
-        signature = hmac.new(
-            self._signing_key(date), string_to_sign.encode("utf-8"), hashlib.sha256
-        ).hexdigest()
-        text = "&".join(f"{k}={v}" for k, v in encoded)
-        return f"{url_base}{path}?{text}&X-Amz-Signature={signature}"
 
     def presign_request(
         self,

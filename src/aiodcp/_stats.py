@@ -160,12 +160,35 @@ class RequestMetrics:
     """``"ErrorClass: message"`` if the attempt failed, else None."""
 
 
-class StatsRecorder:
+class _Counters:
+    """What a load's and a save's recorder share: counters added under one lock (they are
+    written from the event loop and another thread), and the lowest request rate in force."""
+
+    __slots__ = ("_lock", "min_request_rate")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.min_request_rate: float | None = None
+
+    def add(self, **counts: int) -> None:
+        with self._lock:
+            for name, value in counts.items():
+                setattr(self, name, getattr(self, name) + value)
+
+    def observe_rate(self, limit: float | None) -> None:
+        """The request-rate limit now in force (None: unlimited); the lowest one is kept."""
+        if limit is None:
+            return
+        with self._lock:
+            if self.min_request_rate is None or limit < self.min_request_rate:
+                self.min_request_rate = limit
+
+
+class StatsRecorder(_Counters):
     """Counters of one load. Written from the event loop and the decode thread; read at the end."""
 
     __slots__ = (
         "_first_byte",
-        "_lock",
         "_start",
         "_stop",
         "bytes_from_peers",
@@ -183,7 +206,6 @@ class StatsRecorder:
         "items",
         "job",
         "max_gap_size",
-        "min_request_rate",
         "peak_buffered_bytes",
         "refetched_items",
         "request_latency_s",
@@ -200,7 +222,7 @@ class StatsRecorder:
     )
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        super().__init__()
         self._start = time.perf_counter()
         self._first_byte: float | None = None
         self._stop: float | None = None
@@ -233,19 +255,6 @@ class StatsRecorder:
         self.bytes_to_peers = 0
         self.sharing = ""
         self.job: LoadStats | None = None
-
-    def add(self, **counts: int) -> None:
-        with self._lock:
-            for name, value in counts.items():
-                setattr(self, name, getattr(self, name) + value)
-
-    def observe_rate(self, limit: float | None) -> None:
-        """The request-rate limit now in force (None: unlimited); the lowest one is kept."""
-        if limit is None:
-            return
-        with self._lock:
-            if self.min_request_rate is None or limit < self.min_request_rate:
-                self.min_request_rate = limit
 
     def observe_peak(self, buffered: int) -> None:
         with self._lock:
@@ -415,11 +424,10 @@ class SaveStats:
         )
 
 
-class SaveRecorder:
+class SaveRecorder(_Counters):
     """Counters of one save. Written from the event loop and the save's thread."""
 
     __slots__ = (
-        "_lock",
         "_start",
         "_stop",
         "bytes_sent",
@@ -429,7 +437,6 @@ class SaveRecorder:
         "files",
         "items",
         "metadata_bytes",
-        "min_request_rate",
         "multipart_uploads",
         "parts",
         "peak_staged_bytes",
@@ -440,7 +447,7 @@ class SaveRecorder:
     )
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        super().__init__()
         self._start = time.perf_counter()
         self._stop: float | None = None
         self.bytes_written = 0
@@ -458,19 +465,6 @@ class SaveRecorder:
         self.min_request_rate: float | None = None
         self.metadata_bytes = 0
         self.deleted_files = 0
-
-    def add(self, **counts: int) -> None:
-        with self._lock:
-            for name, value in counts.items():
-                setattr(self, name, getattr(self, name) + value)
-
-    def observe_rate(self, limit: float | None) -> None:
-        """The request-rate limit now in force (None: unlimited); the lowest one is kept."""
-        if limit is None:
-            return
-        with self._lock:
-            if self.min_request_rate is None or limit < self.min_request_rate:
-                self.min_request_rate = limit
 
     def observe_peak(self, staged: int) -> None:
         with self._lock:
