@@ -226,6 +226,7 @@ def main() -> None:
                         "error": type(exc).__name__,
                         "message": str(exc),
                         "peer_rank": getattr(exc, "rank", None),
+                        "key": getattr(exc, "key", None),
                         "elapsed_s": time.monotonic() - started,
                         "threads": sorted(
                             t.name for t in threading.enumerate() if t.name.startswith("aiodcp")
@@ -255,6 +256,7 @@ def main() -> None:
                         "sharing": stats.sharing,
                         "requests": stats.requests,
                         "bytes_requested": stats.bytes_requested,
+                        "bytes_used": stats.bytes_used,
                         "bytes_received": stats.bytes_received,
                         "bytes_from_peers": stats.bytes_from_peers,
                         "bytes_to_peers": stats.bytes_to_peers,
@@ -263,6 +265,7 @@ def main() -> None:
                         "verified_bytes": stats.verified_bytes,
                         "unverified_bytes": stats.unverified_bytes,
                         "checksum_mismatches": stats.checksum_mismatches,
+                        "checksum_requests": stats.checksum_requests,
                     },
                     "job": None
                     if job is None
@@ -272,6 +275,10 @@ def main() -> None:
                         "bytes_requested": job.bytes_requested,
                         "bytes_from_peers": job.bytes_from_peers,
                         "bytes_to_peers": job.bytes_to_peers,
+                        "bytes_used": job.bytes_used,
+                        "verified_bytes": job.verified_bytes,
+                        "unverified_bytes": job.unverified_bytes,
+                        "checksum_requests": job.checksum_requests,
                     },
                 }
             ),

@@ -35,8 +35,10 @@ Data flow::
         with the store's full-object checksum once the file's last item was handed over (a
         HEAD with ``x-amz-checksum-mode``, sent before the file's first GET, under the same
         connection slots, and owned by the engine: cancelled and awaited with its GETs; the
-        caller reads the file again on a mismatch); release_item(f, i) drops its memory and
-        returns its bytes to the budget (batched).
+        caller reads the file again on a mismatch), or, with ``FileFetch.crc`` (a file the
+        ranks of a shared load read whole between them), takes its CRC for the caller's check
+        (``crcs(f)``); release_item(f, i) drops its memory and returns its bytes to the budget
+        (batched).
 
 Invariants: the budget is reserved in consumption order, so the item the consumer waits for
 always holds its reservation and the engine cannot deadlock. A part that carries on with an
@@ -59,6 +61,7 @@ import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from ._checksum import warm_up
 from ._config import ReaderConfig
@@ -81,9 +84,16 @@ from ._sinks import (
 )
 from ._stats import RequestMetrics, StatsRecorder
 from ._store import S3Store, WriteReply, WriteRequest, is_throttling, quiet_limit_s
-from ._verify import ALGORITHMS, BlockCheck, WholeObject
+from ._verify import ALGORITHMS, BlockCheck, WholeObject, crc_of
 
-__all__ = ["FetchEngine", "FileFetch", "WholeFile", "WholeFileResult"]
+__all__ = [
+    "FetchEngine",
+    "FileFetch",
+    "StoreChecksum",
+    "WholeFile",
+    "WholeFileResult",
+    "ask_checksum",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +117,11 @@ class FileFetch:
     whole: WholeFile | None = None
     """Check the file against the store's full-object checksum, if the items tile it (a file
     without recorded checksums that the load reads whole)."""
+    crc: str | None = None
+    """Take each item's CRC in this algorithm (``_verify.ALGORITHMS``) for a check made
+    elsewhere (a file the ranks of a shared load read whole between them, without recorded
+    checksums): kept for ``crcs``; the items are counted neither verified nor unverified here
+    (the caller counts them once that check is made). Ignored with ``checks`` or ``whole``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,6 +266,51 @@ def _tiles(items: Sequence[ItemRange], start: int) -> bool:
     return bool(items)
 
 
+class StoreChecksum(NamedTuple):
+    """A data file's full-object checksum as the store reports it (``ask_checksum``)."""
+
+    algorithm: str
+    expected: int
+    size: int
+    """The object's size in bytes (-1: not reported)."""
+    etag: str | None
+
+
+async def ask_checksum(
+    store: S3Store,
+    bucket: str,
+    key: str,
+    stats: StatsRecorder,
+    connections: asyncio.Semaphore,
+) -> tuple[StoreChecksum | None, str]:
+    """HEAD ``key`` for its full-object checksum (``x-amz-checksum-mode``), under the store's
+    retry policy and request rate, each attempt holding one of ``connections`` as a GET does
+    (counted in ``stats.checksum_requests``). Returns what the store holds, else None and why
+    not (the HEAD failed, or the store gave no full-object checksum)."""
+    limiter = store.limiter
+
+    async def attempt_once(attempt: int) -> WriteReply:
+        async with connections:
+            started = await limiter.acquire()
+            stats.add(checksum_requests=1)
+            try:
+                return await store.send_write(WriteRequest("head_object", bucket, key))
+            except AiodcpError as error:
+                if is_throttling(error):
+                    limiter.throttled(started)
+                    stats.add(throttled=1)
+                raise
+
+    try:
+        reply = await store.retrying(attempt_once, what=f"HEAD s3://{bucket}/{key} (its checksum)")
+    except AiodcpError as error:
+        return None, f"asking the store for its checksum failed ({error})"
+    if reply.checksum is None or reply.checksum_algorithm is None:
+        return None, "the store gave no full-object CRC64NVME, CRC32C or CRC32 for it"
+    size = reply.size if reply.size is not None else -1
+    return StoreChecksum(reply.checksum_algorithm, reply.checksum, size, reply.etag), ""
+
+
 class _PartSink:
     """Receives the body of one ranged GET: each item's bytes into its ``ItemSink``, gap bytes
     into a scratch buffer (dropped). Implements ``_http.RangeSink``; runs on the loop."""
@@ -387,6 +447,15 @@ class FetchEngine:
             state = self._whole[index] = _WholeState(whole.known, fetch.plan.items[-1].end)
             if whole.expected is not None:
                 state.expect(*whole.expected, None)
+        # file index -> (algorithm, item index -> CRC), of the files whose item CRCs a
+        # caller checks (``FileFetch.crc``)
+        self._crcs: dict[int, tuple[str, dict[int, int]]] = {
+            index: (fetch.crc, {})
+            for index, fetch in enumerate(self._files)
+            if fetch.crc in ALGORITHMS and not fetch.checks and fetch.whole is None and self._verify
+        }
+        if self._crcs:
+            warm_up()  # the CRC library, imported while the first GETs run
         self._cond = threading.Condition()
         self._error: BaseException | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -538,48 +607,19 @@ class FetchEngine:
         task.add_done_callback(self._task_done)
 
     async def _ask_checksum(self, file_index: int, connections: asyncio.Semaphore) -> None:
-        """HEAD a file read whole for its full-object checksum (``x-amz-checksum-mode``), under
-        the store's retry policy and request rate, each attempt holding one of the load's
-        ``max_concurrency`` connection slots as a GET does; a failure only leaves the file
-        unchecked (its GETs say what is wrong with it). Tracked as a fetch: ``abort`` cancels
-        it, and ``run`` returns only once it ended."""
+        """HEAD a file read whole for its full-object checksum (``ask_checksum``); a failure
+        only leaves the file unchecked (its GETs say what is wrong with it). Tracked as a
+        fetch: ``abort`` cancels it, and ``run`` returns only once it ended."""
         whole = self._whole[file_index]
         key = self._files[file_index].key
-        store = self._store
-        limiter = store.limiter
         stats = self._stats
-        reply = None
-        why = ""
-
-        async def attempt_once(attempt: int) -> WriteReply:
-            async with connections:
-                started = await limiter.acquire()
-                stats.add(checksum_requests=1)
-                try:
-                    return await store.send_write(WriteRequest("head_object", self._bucket, key))
-                except AiodcpError as error:
-                    if is_throttling(error):
-                        limiter.throttled(started)
-                        stats.add(throttled=1)
-                    raise
-
-        try:
-            reply = await store.retrying(
-                attempt_once, what=f"HEAD s3://{self._bucket}/{key} (its checksum)"
-            )
-        except AiodcpError as error:
-            why = f"asking the store for its checksum failed ({error})"
+        reply, why = await ask_checksum(self._store, self._bucket, key, stats, connections)
         with self._cond:
             if whole.state == "asking":
                 if reply is None:
                     stats.add(unverified_bytes=whole.give_up(why))
-                elif reply.checksum is None or reply.checksum_algorithm is None:
-                    why = "the store gave no full-object CRC64NVME, CRC32C or CRC32 for it"
-                    stats.add(unverified_bytes=whole.give_up(why))
                 else:
-                    size = reply.size if reply.size is not None else -1
-                    algorithm = reply.checksum_algorithm
-                    whole.expect(algorithm, reply.checksum, size, reply.etag)
+                    whole.expect(*reply)
                 if whole.state == "unchecked":
                     logger.debug("s3://%s/%s: not checked whole: %s", self._bucket, key, whole.why)
             self._cond.notify_all()
@@ -889,6 +929,13 @@ class FetchEngine:
             assert item.buffer is not None
             pieces = item.buffer.chunks
         if check is None:
+            taking = self._crcs.get(file_index)
+            if taking is not None:  # counted by the caller, once its check is made
+                algorithm, crcs = taking
+                crc = crc_of(algorithm, pieces)  # outside the lock: releases the GIL
+                with self._cond:
+                    crcs[item_index] = crc
+                return []
             if whole is None or not self._fold(file_index, item_index, item, pieces, stop):
                 self._stats.add(unverified_bytes=length)
             return []
@@ -1006,6 +1053,18 @@ class FetchEngine:
             return WholeFileResult(
                 "mismatch", checked.algorithm, checked.expected, whole.end, dict(whole.crcs)
             )
+
+    def crcs(self, file_index: int) -> list[tuple[ItemRange, int]]:
+        """The items of a file with ``FileFetch.crc`` whose CRCs were taken (every item handed
+        over, but for a direct item fetched again for torch.load), each with its CRC, in
+        file order; [] for any other file."""
+        taking = self._crcs.get(file_index)
+        if taking is None:
+            return []
+        crcs = taking[1]
+        items = self._files[file_index].plan.items
+        with self._cond:
+            return [(items[i], crc) for i, crc in sorted(crcs.items())]
 
     def item_crc(self, file_index: int, item_index: int) -> int | None:
         """The CRC (in its file's algorithm) of an item of a file read whole, once checked."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 __all__ = ["LoadStats", "RequestMetrics", "SaveRecorder", "SaveStats", "StatsRecorder"]
@@ -348,6 +349,14 @@ def counters(stats: LoadStats) -> list[int]:
         int(stats.time_to_first_byte_s * 1e9),
         int(stats.wall_time_s * 1e9),
     ]
+
+
+def with_counts(row: Sequence[int], **counts: int) -> list[int]:
+    """A rank's ``counters`` row with ``counts`` (``_SUMMED`` names) added."""
+    out = list(row)
+    for name, value in counts.items():
+        out[_SUMMED.index(name)] += value
+    return out
 
 
 def job_stats(rows: list[list[int]], template: LoadStats) -> LoadStats:

@@ -32,6 +32,7 @@ Data flow::
                                        memory and tail)
     WholeObject(size, algorithm, expected)                   one data file read whole
         .add(start, pieces) ... .done -> .matches
+    crc_of(algorithm, pieces)          -> the CRC of the bytes in one of ``ALGORITHMS``
 
 Invariants: a check never reads more than the bytes it is given (the pieces of one item), and
 only compares whole blocks of the record; an item that is not whole blocks of its stored item
@@ -50,7 +51,7 @@ from . import _checksum
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
-__all__ = ["ALGORITHMS", "BlockCheck", "WholeObject", "block_count", "crcs_of"]
+__all__ = ["ALGORITHMS", "BlockCheck", "WholeObject", "block_count", "crc_of", "crcs_of"]
 
 
 def _crt() -> Any:
@@ -108,6 +109,18 @@ ALGORITHMS = {
 }
 """The full-object checksums whose parts combine (S3's other algorithms, SHA-1 and SHA-256,
 and its composite checksums of multipart uploads, cannot be checked from ranged GETs)."""
+
+
+def crc_of(algorithm: str, pieces: Sequence[Buffer]) -> int:
+    """The CRC in ``algorithm`` (an ``ALGORITHMS`` name) of the bytes ``pieces`` hold, in
+    order."""
+    compute = ALGORITHMS[algorithm].crc
+    crc = 0
+    for piece in pieces:
+        view = _bytes_view(piece)
+        if view:
+            crc = compute(view, crc)
+    return crc
 
 
 def crcs_of(pieces: Sequence[Buffer], lengths: Iterable[int]) -> list[int]:
@@ -256,13 +269,7 @@ class WholeObject:
 
     def crc(self, pieces: Sequence[Buffer]) -> int:
         """The CRC (this object's algorithm) of the bytes ``pieces`` hold."""
-        algorithm = ALGORITHMS[self.algorithm]
-        crc = 0
-        for piece in pieces:
-            view = _bytes_view(piece)
-            if view:
-                crc = algorithm.crc(view, crc)
-        return crc
+        return crc_of(self.algorithm, pieces)
 
     def add(self, start: int, length: int, crc: int) -> None:
         """The ``length`` bytes from file offset ``start`` on, whose CRC is ``crc``."""

@@ -84,11 +84,12 @@ from .._planner import (
 )
 from .._progress import with_progress
 from .._reader import ChunkBuffer, SequentialReader
-from .._stats import StatsRecorder, counters, job_stats
+from .._stats import StatsRecorder, counters, job_stats, with_counts
 from .._store import S3Store
 from .._verify import BlockCheck
 from ._format import Receive, RunReceive, StoredFormat, StoredTensor, shape_error
 from ._integrity import Integrity
+from ._jobcheck import CheckedFile, Verdict, encode, verdicts
 from ._sharing import (
     Exchange,
     RankShare,
@@ -261,6 +262,14 @@ class DcpLoad:
         self._etags: dict[str, str] = {**format.etags, **self._recorded}
         """Every pin a GET of this load starts with: the record's, and the format's own."""
         self._names: dict[tuple[str, int, int], str] | None = None
+        self._job_checked: Mapping[str, CheckedFile] = {}
+        """In a shared load, the data files the job reads whole between its ranks (by relative
+        path): their items' CRCs are taken (``FileFetch.crc``) for the job's check, and their
+        bytes counted once it is made (``_check_job``)."""
+        self._job_ranges: dict[str, list[tuple[int, int, int]]] = {}
+        """Relative path -> ``(start, end, crc)`` of each range of it this rank fetched."""
+        self._job_used: dict[str, int] = {}
+        """Relative path -> bytes of it this rank handed to torch, not counted yet."""
 
     # ------------------------------------------------------------------ integrity
 
@@ -460,7 +469,8 @@ class DcpLoad:
                 part_size=self.config.buffered_part_size,
             )
             whole = None
-            if self._integrity is None and self.config.verify_checksums:
+            job = self._job_checked.get(relative_path)
+            if self._integrity is None and self.config.verify_checksums and job is None:
                 # no record: checked against the store's checksum if the load reads it whole
                 whole = WholeFile(known=self.format.file_prefix(relative_path))
             grouped.files.append(
@@ -469,6 +479,7 @@ class DcpLoad:
                     file_plan,
                     checks=self._checks(relative_path, file_plan.items, grouped.window_of),
                     whole=whole,
+                    crc=None if job is None else job.algorithm,
                 )
             )
             grouped.readers.append([by_range[r] for r in file_plan.items])
@@ -507,6 +518,7 @@ class DcpLoad:
             recorder.max_gap_size = max_gap_size
         self._plan_files(grouped, max_gap_size)
         files, readers, slices = grouped.files, grouped.readers, grouped.slices
+        paths = list(grouped.per_file)  # the files' relative paths
         self._blocks_left = grouped.blocks_left
         self._grouped = grouped
         if not files:
@@ -612,6 +624,7 @@ class DcpLoad:
                         if now - yielded >= _YIELD_EVERY_S:
                             time.sleep(0)
                             yielded = now
+                self._took_crcs(paths[file_index], engine.crcs(file_index))
                 checked = engine.whole_file(file_index)
                 if checked is not None and checked.status == "mismatch":
                     self._read_again(fetch, engine, checked, readers[file_index], planner, skipped)
@@ -641,6 +654,10 @@ class DcpLoad:
         fetches its share and sends it, receives the rest, round by round; then it loads the
         items only it needs as a single-process load does."""
         exchange = Exchange(group, share, self._path.url)
+        self._job_checked = share.checked
+        for path, checked_file in share.checked.items():
+            if checked_file.etag is not None:  # the version the store's checksum is of
+                self._etags.setdefault(self._path.key(path), checked_file.etag)
         reqs_of: dict[StoredItem, list[ReadItem]] = {}
         private: list[ReadItem] = []
         for req in plan.items:
@@ -695,7 +712,9 @@ class DcpLoad:
                 try:
                     for item in placed:  # received straight into its destination
                         req = reqs_of[item][0]
-                        recorder.add(direct_items=1, fast_decoded_items=1)
+                        recorder.add(direct_items=1, fast_decoded_items=1, bytes_used=item.length)
+                        if self._integrity is None:  # (else _peer_check counted it)
+                            self._unchecked(item, recorder)
                         planner.commit_tensor(req, direct[item].tensor)
                     checked = {i: self._from_peer(i, b, recorder) for i, b in received.items()}
                     for item, buffer in [*checked.items(), *sending.items()]:
@@ -711,6 +730,10 @@ class DcpLoad:
                     if engine is not None:
                         for item in sending:
                             engine.release_item(*where[item])
+            if engine is not None and error is None:
+                files = {item.path: where[item][0] for item in share.fetch}
+                for path, file_index in files.items():
+                    self._took_crcs(path, engine.crcs(file_index))
             # The probes are not stored items: LoadStats.items (and what was left unverified)
             # counts those the load decoded.
             probes = [item for item in share.fetch if item not in reqs_of]
@@ -727,8 +750,15 @@ class DcpLoad:
                     error = exc
             recorder.bytes_from_peers = exchange.bytes_received
             recorder.bytes_to_peers = exchange.bytes_sent
-            rows = exchange.status(error, counters(recorder.snapshot()))
-            recorder.job = job_stats(rows, recorder.snapshot())
+            counts = counters(recorder.snapshot())
+            slots = share.check_slots
+            extra = encode(share.checked, self._job_ranges, self._job_used, slots) if slots else []
+            rows = exchange.status(error, counts, extra)
+            n = len(counts)
+            if slots:  # raises on every rank if a file does not match
+                self._check_job(share, [r[:n] for r in rows], [r[n:] for r in rows], recorder)
+            else:
+                recorder.job = job_stats(rows, recorder.snapshot())
         finally:
             if engine is not None:
                 engine.abort()  # a no-op once everything was fetched
@@ -738,6 +768,91 @@ class DcpLoad:
                 except BaseException:
                     pass  # its failure, if any, was raised through wait_item and shared
             self._engine = None
+
+    def _took_crcs(self, path: str, crcs: Sequence[tuple[ItemRange, int]]) -> None:
+        """The CRCs of ranges of data file ``path`` this rank fetched for the job's check (and
+        the bytes it handed over, counted once the check is made)."""
+        if not crcs:
+            return
+        self._job_ranges.setdefault(path, []).extend((r.start, r.end, crc) for r, crc in crcs)
+        self._job_used[path] = self._job_used.get(path, 0) + sum(r.length for r, _ in crcs)
+
+    def _unchecked(self, item: StoredItem, recorder: StatsRecorder) -> None:
+        """An item received from another rank without a record to check it against: counted
+        once the job's check of its file is made, if the job checks it, else unverified."""
+        if item.path in self._job_checked:
+            self._job_used[item.path] = self._job_used.get(item.path, 0) + item.length
+        else:
+            recorder.add(unverified_bytes=item.length)
+
+    def _check_job(
+        self,
+        share: RankShare,
+        rows: list[list[int]],
+        extra: list[list[int]],
+        recorder: StatsRecorder,
+    ) -> None:
+        """The job's check of the files its ranks read whole between them (``_jobcheck``),
+        from every rank's row, the same on every rank: this rank's bytes of each counted
+        verified or unverified (and every rank's, in the job's statistics); a file that does
+        not match raises ``ChecksumMismatchError`` on every rank, before its load returns."""
+        found, used = verdicts(extra)
+        rows = [
+            with_counts(
+                row,
+                verified_bytes=sum(b for n, b in mine.items() if found[n].status == "verified"),
+                unverified_bytes=sum(b for n, b in mine.items() if found[n].status != "verified"),
+            )
+            for row, mine in zip(rows, used, strict=True)
+        ]
+        for path, checked_file in share.checked.items():
+            verdict = found.get(checked_file.number)
+            nbytes = self._job_used.pop(path, 0)
+            if verdict is not None and verdict.status == "verified":
+                recorder.add(verified_bytes=nbytes)
+            else:
+                recorder.add(unverified_bytes=nbytes)
+                if verdict is not None and verdict.status == "unverified":
+                    logger.debug(
+                        "s3://%s/%s: not checked whole: %s",
+                        self._path.bucket,
+                        self._path.key(path),
+                        verdict.why,
+                    )
+        bad = sorted(n for n, verdict in found.items() if verdict.status == "mismatch")
+        if bad:
+            recorder.add(checksum_mismatches=1)
+        recorder.job = job_stats(rows, recorder.snapshot())
+        if bad:
+            raise self._job_mismatch(bad[0], found[bad[0]], len(bad), share)
+
+    def _job_mismatch(
+        self, number: int, verdict: Verdict, files: int, share: RankShare
+    ) -> ChecksumMismatchError:
+        """The error every rank raises when file ``number`` (of the checkpoint's data files,
+        sorted) does not match the store's checksum after a shared load."""
+        path = sorted({info.relative_path for info in self.storage_data.values()})[number]
+        key = self._path.key(path)
+        etag = self._etags.get(key)
+        ranges = ", ".join(f"[{a}, {b}) by rank {r}" for r, a, b in verdict.ranges[:6])
+        ranges += " ..." if len(verdict.ranges) > 6 else ""
+        more = f" ({files - 1} more data files did not match either)" if files > 1 else ""
+        return ChecksumMismatchError(
+            f"s3://{self._path.bucket}/{key}: its bytes, fetched by the ranks of a shared load "
+            f"({ranges}), do not match the full-object {verdict.algorithm} the store holds for "
+            f"it ({verdict.size} bytes{'' if etag is None else f', ETag {etag}'}){more}: the "
+            "object is damaged in the store, or something between the store and a rank "
+            "corrupts data. The checkpoint records no per-item checksums (it was not saved by "
+            "aiodcp), so the damaged range cannot be named, and tensors loaded from this file "
+            f"may hold its bytes: the load failed on every rank (this is rank {share.rank} of "
+            f"{share.world}); it was not read again. Load again to fetch it again; `aiodcp "
+            "verify` checks the object; verify_checksums=False loads the bytes as they are.",
+            bucket=self._path.bucket,
+            key=key,
+            item_range=(0, verdict.size),
+            byte_range=(0, verdict.size),
+            mismatched=((0, verdict.size),),
+        )
 
     def _peer_check(
         self, recorder: StatsRecorder
@@ -768,11 +883,12 @@ class DcpLoad:
             return buffer
         check = self._check(item.path, ItemRange(item.start, item.end))
         if check is None:
-            recorder.add(unverified_bytes=item.length)
+            recorder.add(bytes_used=item.length)
+            self._unchecked(item, recorder)
             return buffer
         bad = check.mismatches(item.start, buffer.chunks)
         if not bad:
-            recorder.add(verified_bytes=item.length)
+            recorder.add(verified_bytes=item.length, bytes_used=item.length)
             return buffer
         recorder.add(checksum_mismatches=1)
         key = self._path.key(item.path)
@@ -806,7 +922,9 @@ class DcpLoad:
             for index, item_range in enumerate(file_plan.items):
                 where[StoredItem(path, item_range.start, item_range.end)] = (len(files), index)
             checks = self._checks(path, file_plan.items)
-            files.append(FileFetch(self._path.key(path), file_plan, checks=checks))
+            job = self._job_checked.get(path)
+            crc = None if job is None else job.algorithm
+            files.append(FileFetch(self._path.key(path), file_plan, checks=checks, crc=crc))
         store = self._io.run(_opened)
         engine = FetchEngine(
             store, self._path.bucket, files, config, recorder, self._etags, self._recorded.keys()

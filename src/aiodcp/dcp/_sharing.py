@@ -23,7 +23,10 @@ names, ``process_group=``, else the one ``dcp.load`` runs on, found in torch's l
                                 whole straight into it) -> decode what it needs -> release;
                                 then the items only this rank needs load as in a
                                 single-process load; a last Exchange.status carries the ranks'
-                                counters, so every rank's LoadStats holds the job's totals
+                                counters, so every rank's LoadStats holds the job's totals, and
+                                the CRCs of the files the job reads whole between its ranks
+                                (a checkpoint without a record, ``_jobcheck``): every rank
+                                checks them against the store's checksums before it returns
 
 Invariants: an item is shared when two or more ranks need it, fetched by one of them (the one
 with the fewest bytes to fetch so far), and sent in one round to every other rank that needs
@@ -51,7 +54,7 @@ import sys
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import torch
@@ -64,6 +67,8 @@ from ._format import Receive
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
+
+    from ._jobcheck import CheckedFile
 
 __all__ = [
     "SEGMENT_BYTES",
@@ -125,6 +130,12 @@ class RankShare:
     sent, or received); the rank's other items load as in a single-process load."""
     rounds: tuple[Round, ...]
     """As many on every rank: round k of every rank is one step of the job."""
+    checked: Mapping[str, CheckedFile] = field(default_factory=dict)
+    """The data files this rank reads that the job reads whole between its ranks, checked
+    against the store's checksum at the end of the load (``_jobcheck``; a checkpoint without
+    an integrity record), by relative path."""
+    check_slots: int = 0
+    """Entries of every rank's row in that check (the same on every rank; 0: no check)."""
 
 
 def plan_sharing(
@@ -466,11 +477,16 @@ class Exchange:
     def _global(self, rank: int) -> int:
         return dist.get_global_rank(self.group, rank)
 
-    def status(self, error: BaseException | None, counters: Sequence[int] = ()) -> list[list[int]]:
-        """Every rank's ``counters`` (after a flag: did it fail); if any rank failed, raise
-        now, on every rank: a rank's own error, else ``PeerLoadError`` naming the first
-        failed rank and its cause."""
-        row = torch.tensor([1 if error is not None else 0, *counters], dtype=torch.int64)
+    def status(
+        self,
+        error: BaseException | None,
+        counters: Sequence[int] = (),
+        extra: Sequence[int] = (),
+    ) -> list[list[int]]:
+        """Every rank's ``counters`` and ``extra`` (after a flag: did it fail; as many ints on
+        every rank); if any rank failed, raise now, on every rank: a rank's own error, else
+        ``PeerLoadError`` naming the first failed rank and its cause."""
+        row = torch.tensor([1 if error is not None else 0, *counters, *extra], dtype=torch.int64)
         rows = [torch.zeros_like(row) for _ in range(self.share.world)]
         with self._waiting_for("every rank's status"):
             dist.all_gather(rows, row, group=self.group)

@@ -19,7 +19,9 @@ Multi-rank loads (``_sharing``): ``read_metadata`` shares the ``.metadata`` byte
 ``prepare_global_plan`` assigns the stored items two or more ranks need (``share_job``,
 ``assign_shares``), except those the ranks slice apart (``DcpLoad.sliced_apart``), whose heads and
 tails are shared instead; its work grows with the job's (stored item, rank) pairs
-(``benchmarks/coordinator.py`` measures it at 1,024 ranks).
+(``benchmarks/coordinator.py`` measures it at 1,024 ranks). For a checkpoint without an
+integrity record it also HEADs, once each, the data files the job reads whole between its ranks
+(``check_whole``, ``_jobcheck``), whose CRCs the ranks then check together.
 
 The reader is reusable across loads (one session per ``dcp.load``) and owns a private I/O loop
 thread with its connections, released by ``close()`` or the context manager. Under
@@ -29,6 +31,7 @@ read first and whose loop is theirs (``attached_reader``); ``abort()`` cancels t
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import gc
@@ -38,7 +41,7 @@ import os
 import threading
 import uuid
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -58,6 +61,8 @@ from .._driver import Driver, PrivateLoopDriver, renew_locks_after_fork
 from .._errors import CheckpointFormatError
 from .._path import CheckpointPath, is_checkpoint_path, parse_checkpoint_path
 from .._stats import LoadStats, StatsRecorder
+from .._verify import ALGORITHMS, crc_of
+from ._jobcheck import CheckedFile, whole_candidates
 from ._session import METADATA_NAME, LoadSession
 from ._sharing import (
     RankShare,
@@ -70,10 +75,12 @@ from ._sharing import (
 if TYPE_CHECKING:
     from torch.distributed.checkpoint.filesystem import _StorageInfo
 
+    from .._engine import StoreChecksum
+    from .._store import S3Store
     from ._format import StoredFormat
     from ._load import DcpLoad
 
-__all__ = ["S3StorageReader", "attached_reader", "share_job"]
+__all__ = ["JobReads", "S3StorageReader", "attached_reader", "check_whole", "share_job"]
 
 
 logger = logging.getLogger(__name__)
@@ -284,9 +291,12 @@ class S3StorageReader(StorageReader):
             return plain
         current = self._current()
         load = current.read_phase(self._stored_format(current), recorder=StatsRecorder())
-        shares = share_job(plans, load)
+        reads = JobReads()
+        shares = share_job(plans, load, reads)
         if shares is None:
             return plain
+        if current.integrity is None and self.config.verify_checksums:
+            shares = check_whole(shares, reads, load, current)
         return [
             dataclasses.replace(p, storage_data=share)
             for p, share in zip(plain, shares, strict=True)
@@ -352,7 +362,19 @@ def attached_reader(
     return reader
 
 
-def share_job(plans: Sequence[LoadPlan], load: DcpLoad) -> list[RankShare] | None:
+@dataclasses.dataclass
+class JobReads:
+    """What ``share_job`` found the job reads: each stored item (``items``) and the ranks that
+    read it (``ranks_of``, ascending), and the items the ranks slice apart."""
+
+    items: Sequence[StoredItem] = ()
+    ranks_of: Sequence[Sequence[int]] = ()
+    sliced: Collection[StoredItem] = ()
+
+
+def share_job(
+    plans: Sequence[LoadPlan], load: DcpLoad, found: JobReads | None = None
+) -> list[RankShare] | None:
     """Each rank's share of a shared load (the coordinator's part of ``prepare_global_plan``):
     ``plans[r]`` is rank ``r``'s local plan, ``load`` the read phase whose metadata, slicing
     rule and round size every rank uses. None when nothing is shared (every rank loads alone),
@@ -364,7 +386,7 @@ def share_job(plans: Sequence[LoadPlan], load: DcpLoad) -> list[RankShare] | Non
     ranks slice apart, whose heads and tails (adjacent ones as one span) are then needed by
     their slicing ranks like stored items; ``assign_shares`` assigns and schedules the rest.
     Work and memory grow with the job's (stored item, rank) pairs; no rank's share holds
-    another rank's items.
+    another rank's items. ``found``, if given, gets what the job reads (``check_whole``).
     """
     storage_data = load.storage_data
     # Per stored item, by slot: the item and the ranks that read it (ascending); per rank, the
@@ -417,7 +439,86 @@ def share_job(plans: Sequence[LoadPlan], load: DcpLoad) -> list[RankShare] | Non
     for span, probers in merge_adjacent(probed_by).items():
         have = holders.get(span)
         holders[span] = sorted(probers if have is None else {*have, *probers})
+    if found is not None:
+        found.items, found.ranks_of, found.sliced = items, ranks_of, apart.keys()
     return assign_shares(holders, len(plans), round_bytes=load.round_bytes, sliced=apart.keys())
+
+
+def check_whole(
+    shares: list[RankShare], reads: JobReads, load: DcpLoad, session: LoadSession
+) -> list[RankShare]:
+    """``shares`` with the data files the job reads whole between its ranks (``_jobcheck``)
+    in the shares of the ranks that read them: one HEAD per such file (concurrent, counted in
+    the coordinator's ``checksum_requests``) asks the store for its full-object checksum; a
+    file without one, or of another size, is left out (its bytes count as unverified)."""
+    # Imported here, as the read phase imports it: the S3 stack stays out of the reader's module.
+    from .._engine import ask_checksum
+
+    fmt = load.format
+    paths = sorted({item.path for item in reads.items})
+    known = {path: len(fmt.file_prefix(path)) for path in paths}
+    candidates = whole_candidates(reads.items, reads.ranks_of, reads.sliced, known)
+    if not candidates:
+        return shares
+    path_of = session.path
+    names = sorted(candidates)
+
+    async def ask_all(store: S3Store) -> list[tuple[StoreChecksum | None, str]]:
+        connections = asyncio.Semaphore(session.config.max_concurrency)
+        return await asyncio.gather(
+            *(
+                ask_checksum(
+                    store, path_of.bucket, path_of.key(name), session.recorder, connections
+                )
+                for name in names
+            )
+        )
+
+    answers = session.scope.run(ask_all, f"the HEADs of {len(names)} data files of {path_of.url}")
+    numbers = {info.relative_path for info in load.storage_data.values()}
+    number_of = {path: n for n, path in enumerate(sorted(numbers))}
+    checked: dict[str, CheckedFile] = {}
+    for name, (answer, why) in zip(names, answers, strict=True):
+        if answer is None or answer.algorithm not in ALGORITHMS or answer.size != candidates[name]:
+            logger.debug(
+                "s3://%s/%s: not checked whole: %s",
+                path_of.bucket,
+                path_of.key(name),
+                why or f"{answer}: not a checksum that combines, or another size",
+            )
+            continue
+        prefix = fmt.file_prefix(name)
+        checked[name] = CheckedFile(
+            number=number_of[name],
+            algorithm=answer.algorithm,
+            expected=answer.expected,
+            size=answer.size,
+            etag=answer.etag,
+            known=len(prefix),
+            known_crc=crc_of(answer.algorithm, [prefix]) if prefix else 0,
+        )
+    if not checked:
+        return shares
+    # Per rank: the checked files it reads, and the entries of its row (an upper bound: each
+    # item of them it fetches, shared or its own, and three per file).
+    touched: list[set[str]] = [set() for _ in shares]
+    entries = [0] * len(shares)
+    for item, ranks in zip(reads.items, reads.ranks_of, strict=True):
+        if item.path in checked:
+            for rank in ranks:
+                touched[rank].add(item.path)
+            if len(ranks) == 1:
+                entries[ranks[0]] += 1
+    for rank, share in enumerate(shares):
+        entries[rank] += sum(1 for item in share.fetch if item.path in checked)
+        entries[rank] += 3 * len(touched[rank])
+    slots = max(entries)
+    return [
+        dataclasses.replace(
+            share, checked={path: checked[path] for path in touched[rank]}, check_slots=slots
+        )
+        for rank, share in enumerate(shares)
+    ]
 
 
 @contextlib.contextmanager
