@@ -22,8 +22,7 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 __all__ = ["AwsFiles", "load_files", "raw_parse"]
 
@@ -31,15 +30,14 @@ Section = dict[str, Any]
 """One section: option -> value (a string, or for an indented block a dict of strings)."""
 
 
-@dataclass(frozen=True)
-class AwsFiles:
+class AwsFiles(NamedTuple):
     """What the two files hold (see the module docstring)."""
 
-    config: dict[str, Section] = field(default_factory=dict)
-    credentials: dict[str, Section] = field(default_factory=dict)
-    profiles: dict[str, Section] = field(default_factory=dict)
-    config_path: str = ""
-    credentials_path: str = ""
+    config: dict[str, Section]
+    credentials: dict[str, Section]
+    profiles: dict[str, Section]
+    config_path: str
+    credentials_path: str
 
 
 class ParseError(Exception):

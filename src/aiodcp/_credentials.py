@@ -52,8 +52,7 @@ import re
 import ssl
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 from urllib.parse import urlencode, urlsplit
 
 from ._awsconfig import AwsFiles, Section, raw_parse
@@ -155,8 +154,7 @@ class FetchError(Exception):
     """Credentials could not be fetched from their source (the message says what was asked)."""
 
 
-@dataclass(frozen=True)
-class FetchContext:
+class FetchContext(NamedTuple):
     """What a fetch needs from the store: TLS contexts (by ``verify`` setting: True, False or
     a CA bundle path), the User-Agent, and the store's timeouts for STS."""
 
@@ -200,8 +198,7 @@ def parse_expiry(text: Any, what: str) -> datetime.datetime:
 # --------------------------------------------------------------------------- HTTP
 
 
-@dataclass(frozen=True, slots=True)
-class Response:
+class Response(NamedTuple):
     status: int
     headers: dict[str, str]
     body: bytes
@@ -379,8 +376,7 @@ def _credentials(
     return Credentials(access_key, secret_key, token or None, expiry)
 
 
-@dataclass(frozen=True)
-class ProcessSource:
+class ProcessSource(NamedTuple):
     """``credential_process``: a command whose output is the credentials (JSON, version 1),
     split as botocore splits it (``shlex``, no shell) and run again to refresh them."""
 
@@ -432,8 +428,7 @@ class ProcessSource:
         return credentials.expiry
 
 
-@dataclass(frozen=True)
-class WebIdentitySource:
+class WebIdentitySource(NamedTuple):
     """IRSA and other OIDC federations: the token file's token exchanged with STS
     (``AssumeRoleWithWebIdentity``, an unsigned POST) for temporary credentials."""
 
@@ -461,8 +456,7 @@ class WebIdentitySource:
         return credentials.expiry
 
 
-@dataclass(frozen=True)
-class AssumeRoleSource:
+class AssumeRoleSource(NamedTuple):
     """A profile's ``role_arn`` assumed with STS ``AssumeRole``, signed with the source
     credentials (a ``source_profile``'s, or a ``credential_source``'s: the environment,
     container credentials, instance metadata; a source that is itself a source is fetched at
@@ -588,8 +582,7 @@ def _sts_credentials(response: Response, result: str, what: str) -> Credentials:
     return _credentials(found, "SessionToken", what, token_required=True, expires=True)
 
 
-@dataclass(frozen=True)
-class ContainerSource:
+class ContainerSource(NamedTuple):
     """ECS task roles and EKS Pod Identity: JSON credentials from a local endpoint
     (``AWS_CONTAINER_CREDENTIALS_RELATIVE_URI`` on 169.254.170.2, or ``..._FULL_URI``), with
     the authorization token (``AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE``, read at each fetch,
@@ -642,8 +635,7 @@ class ContainerSource:
         return credentials.expiry
 
 
-@dataclass(frozen=True)
-class ImdsSource:
+class ImdsSource(NamedTuple):
     """An EC2 instance role from the instance metadata service: IMDSv2 (a session token from
     ``PUT /latest/api/token``, then the role's name and its credentials), or IMDSv1 when the
     token request is refused (403, 404, 405) or times out and v1 is not disabled."""
@@ -653,7 +645,8 @@ class ImdsSource:
     attempts: int
     v1_disabled: bool
     method: str = "iam-role"
-    _extension_s: float = field(default_factory=lambda: float(random.randint(120, 600)))
+    extension_s: float = 0.0
+    """Seconds beyond botocore's 15 min of static stability, drawn per source (120-600)."""
 
     def _url(self, path: str) -> str:
         sep = "" if self.base_url.endswith("/") else "/"
@@ -732,7 +725,7 @@ class ImdsSource:
         expiry = credentials.expiry
         if expiry is None:
             return None
-        offset = datetime.timedelta(seconds=_IMDS_EXTENSION_S + self._extension_s)
+        offset = datetime.timedelta(seconds=_IMDS_EXTENSION_S + self.extension_s)
         now = datetime.datetime.now(datetime.UTC)
         if now >= expiry - offset:
             return now + offset
@@ -1060,7 +1053,13 @@ def _imds(env: Mapping[str, str], scoped: Section) -> ImdsSource | str:
     v1_disabled = _boolean(
         _setting(env, scoped, "AWS_EC2_METADATA_V1_DISABLED", "ec2_metadata_v1_disabled")
     )
-    return ImdsSource(base, float(timeout), max(attempts, 1), v1_disabled)
+    return ImdsSource(
+        base,
+        float(timeout),
+        max(attempts, 1),
+        v1_disabled,
+        extension_s=float(random.randint(120, 600)),
+    )
 
 
 # --------------------------------------------------------------------------- refreshing

@@ -60,7 +60,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import NamedTuple
 
 from ._checksum import warm_up
@@ -101,16 +101,15 @@ _WAKE_S = 1.0
 """A consumer waiting for an item looks at the download's progress this often (seconds)."""
 
 
-@dataclass(frozen=True, slots=True)
-class FileFetch:
+class FileFetch(NamedTuple):
     """One data file of a load: its key, its planned ranges and, by item index, the items to
     receive straight into their destination (``DirectTarget``) rather than into item memory,
     and the checksums items must match before they are handed over (``BlockCheck``)."""
 
     key: str
     plan: FilePlan
-    direct: Mapping[int, DirectTarget] = field(default_factory=dict)
-    checks: Mapping[int, BlockCheck] = field(default_factory=dict)
+    direct: Mapping[int, DirectTarget] = MappingProxyType({})
+    checks: Mapping[int, BlockCheck] = MappingProxyType({})
     """By item index: the recorded block checksums of the stored item the item is whole blocks
     of. ``wait_item`` checks the item's bytes against them before handing it over; a mismatch
     is fetched once more (pinned to the same ETag), then raises ``ChecksumMismatchError``."""
@@ -124,8 +123,7 @@ class FileFetch:
     (the caller counts them once that check is made). Ignored with ``checks`` or ``whole``."""
 
 
-@dataclass(frozen=True, slots=True)
-class WholeFile:
+class WholeFile(NamedTuple):
     """How to check a file read whole against the store's full-object checksum
     (``FileFetch.whole``): ``known``, the file's first bytes the load already holds (a
     safetensors header), which the items must follow with no gap to the end of the object;
@@ -136,8 +134,7 @@ class WholeFile:
     expected: tuple[str, int, int] | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class WholeFileResult:
+class WholeFileResult(NamedTuple):
     """What ``FetchEngine.whole_file`` found for a file read whole: ``status`` is
     ``"verified"``, ``"unverified"`` (the store gave no checksum that combines, another size,
     or an item's bytes could not be kept) or ``"mismatch"``, with the item CRCs (by item index,
@@ -147,7 +144,7 @@ class WholeFileResult:
     algorithm: str = ""
     expected: int = 0
     size: int = 0
-    crcs: Mapping[int, int] = field(default_factory=dict)
+    crcs: Mapping[int, int] = MappingProxyType({})
     why: str = ""
 
 

@@ -77,9 +77,8 @@ import enum
 import re
 import ssl
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Protocol
+from typing import NamedTuple, Protocol
 from urllib.parse import urlsplit
 
 __all__ = [
@@ -174,8 +173,7 @@ def _reason(status: int) -> str:
         return f"HTTP {status}"
 
 
-@dataclass(frozen=True, slots=True)
-class Url:
+class Url(NamedTuple):
     """A presigned URL split for sending: where to connect, what to ask for."""
 
     scheme: str

@@ -20,7 +20,6 @@ tests/test_credentials_native.py check the resolution against botocore's own.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import importlib.util
 import ipaddress
@@ -29,8 +28,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 from urllib.parse import quote, urlsplit
 
 from ._awsconfig import load_files
@@ -91,8 +89,7 @@ _PATH_SEGMENT_RE = re.compile(r"^[A-Za-z0-9_~-][A-Za-z0-9._~-]*$")
 ``..`` nor starting with a dot (botocore normalises some of those, and double-encodes ``%``)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Plain:
+class Plain(NamedTuple):
     """A store resolved without botocore: where its URLs point and how they are signed."""
 
     scheme: str
@@ -116,9 +113,7 @@ class Plain:
 
     def with_credentials(self, credentials: Credentials) -> Plain:
         """The same store signing with ``credentials`` (fetched, or refreshed)."""
-        return dataclasses.replace(
-            self, credentials=credentials, presigner=Presigner(credentials, self.region)
-        )
+        return self._replace(credentials=credentials, presigner=Presigner(credentials, self.region))
 
     def url(
         self, bucket: str, key: str, *, now: datetime.datetime, expires: int, payer: str | None

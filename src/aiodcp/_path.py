@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import posixpath
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ._errors import InvalidPathError
 
@@ -17,8 +17,7 @@ _BUCKET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,253}[A-Za-z0-9]$")
 _HINT = "expected 's3://bucket' or 's3://bucket/prefix/of/checkpoint'"
 
 
-@dataclass(frozen=True, slots=True)
-class CheckpointPath:
+class CheckpointPath(NamedTuple):
     """A checkpoint location: a bucket and a key prefix (no leading or trailing slash)."""
 
     bucket: str

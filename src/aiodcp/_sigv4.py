@@ -35,7 +35,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import hmac
-from dataclasses import dataclass
+from typing import NamedTuple
 from urllib.parse import quote
 
 __all__ = ["Credentials", "Presigner", "encode_key", "signed_host"]
@@ -45,8 +45,7 @@ _UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
 _QUERY_SAFE = "-_.~"
 
 
-@dataclass(frozen=True, slots=True)
-class Credentials:
+class Credentials(NamedTuple):
     """One set of credentials, as a signature uses them (``_credentials`` finds and refreshes
     them)."""
 

@@ -78,7 +78,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import datetime
 import email.utils
 import importlib
@@ -92,9 +91,8 @@ import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from ._checksum import ALGORITHM as _CRC_ALGORITHM
 from ._checksum import HEADER as _CRC_HEADER
@@ -1020,9 +1018,7 @@ class S3Store:
         if self.config.request_payer is None:
             return url
         # signed as a header (X-Amz-SignedHeaders), so it must be sent as one
-        return dataclasses.replace(
-            url, headers=(f"x-amz-request-payer: {self.config.request_payer}",)
-        )
+        return url._replace(headers=(f"x-amz-request-payer: {self.config.request_payer}",))
 
     async def _botocore_url(self, bucket: str, key: str) -> _Signed:
         """The URL as botocore presigns it: the way the client signs its own requests (SigV4,
@@ -1363,8 +1359,7 @@ class S3Store:
         return await self.retrying(attempt_once, what=f"s3://{bucket}/{key}")
 
 
-@dataclass(frozen=True, slots=True)
-class WriteRequest:
+class WriteRequest(NamedTuple):
     """One request of a save, whichever path sends it (``S3Store.send_write``).
 
     ``operation`` is botocore's name: ``put_object``, ``create_multipart_upload``,
@@ -1446,8 +1441,7 @@ class WriteRequest:
         return memoryview(text.encode("utf-8"))
 
 
-@dataclass(frozen=True, slots=True)
-class WriteReply:
+class WriteReply(NamedTuple):
     """What a save's request returned: the ETag (an object's, a part's), the upload id
     (``create_multipart_upload``), the full-object checksum and size the store reports
     (``head_object``)."""
@@ -1474,6 +1468,16 @@ _WRITE_METHODS = {
 _XML_TEXT_RE = re.compile(r"<(UploadId|ETag)>([^<]{0,2048})</\1>")
 
 
+def _xml_unescape(text: str) -> str:
+    """S3's XML text as it was (``html`` is imported only for text that has an entity: a
+    HEAD's reply on the load path has none)."""
+    if "&" not in text:
+        return text
+    import html
+
+    return html.unescape(text)
+
+
 def _xml_escape(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
@@ -1481,9 +1485,7 @@ def _xml_escape(text: str) -> str:
 def _write_reply(request: WriteRequest, headers: dict[str, str], body: bytes) -> WriteReply:
     """A fast-path reply in the form ``send_write`` returns (ETag and upload id from the
     headers, or the XML body for the multipart calls)."""
-    import html
-
-    found = {m.group(1): html.unescape(m.group(2)) for m in _XML_TEXT_RE.finditer(body.decode())}
+    found = {m.group(1): _xml_unescape(m.group(2)) for m in _XML_TEXT_RE.finditer(body.decode())}
     full = _full_object_checksum(headers) if request.operation == "head_object" else None
     length = headers.get("content-length", "")
     return WriteReply(
@@ -1632,8 +1634,7 @@ def translate_write_error(
     )
 
 
-@dataclass(frozen=True, slots=True)
-class PresignTiming:
+class PresignTiming(NamedTuple):
     """How long presigned URLs live and are reused. One object, so tests that scale an hour of
     credentials down to seconds replace ``PRESIGN_TIMING`` (or pass ``presign_timing``)."""
 
@@ -1685,8 +1686,7 @@ _FALLBACK_CODES = frozenset({"SignatureDoesNotMatch", "InvalidToken"})
 handling mangled): botocore signs the request itself."""
 
 
-@dataclass(frozen=True, slots=True)
-class _Signed:
+class _Signed(NamedTuple):
     """A presigned URL (None: use botocore), when to stop reusing it, the access key that
     signed it (None for unsigned requests), and whether aiodcp signed it (``_native``) rather
     than botocore."""

@@ -43,8 +43,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import _checksum
 
@@ -89,8 +88,7 @@ def _bytes_view(data: Buffer) -> memoryview:
     return view
 
 
-@dataclass(frozen=True, slots=True)
-class _Algorithm:
+class _Algorithm(NamedTuple):
     name: str
     header: str
     width: int
@@ -164,8 +162,7 @@ def block_count(length: int, block_bytes: int, data_start: int = 0) -> int:
     return (1 if data_start else 0) + max(1, -(-(length - data_start) // block_bytes))
 
 
-@dataclass(frozen=True, slots=True)
-class BlockCheck:
+class BlockCheck(NamedTuple):
     """The recorded CRC64NVME of each block of one stored item (see the module docstring)."""
 
     origin: int
@@ -254,18 +251,20 @@ class BlockCheck:
         ]
 
 
-@dataclass(slots=True)
 class WholeObject:
     """The CRC of one data file, folded from its items' CRCs in file order, against the
     store's full-object checksum (``expected``, with ``algorithm``) of an object of ``size``
     bytes. Items may be added in any order; they must tile ``[0, size)`` exactly."""
 
-    size: int
-    algorithm: str
-    expected: int
-    _crc: int = 0
-    _next: int = 0
-    _pending: dict[int, tuple[int, int]] = field(default_factory=dict)
+    __slots__ = ("_crc", "_next", "_pending", "algorithm", "expected", "size")
+
+    def __init__(self, size: int, algorithm: str, expected: int) -> None:
+        self.size = size
+        self.algorithm = algorithm
+        self.expected = expected
+        self._crc = 0
+        self._next = 0
+        self._pending: dict[int, tuple[int, int]] = {}
 
     def crc(self, pieces: Sequence[Buffer]) -> int:
         """The CRC (this object's algorithm) of the bytes ``pieces`` hold."""

@@ -55,8 +55,7 @@ import struct
 import sys
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -104,15 +103,13 @@ class _Unusual(Exception):
     """Not the plain layout this fast path handles: use torch.load."""
 
 
-@dataclass(frozen=True, slots=True)
-class _StorageRef:
+class _StorageRef(NamedTuple):
     dtype: torch.dtype
     key: str
     numel: int | None
 
 
-@dataclass(frozen=True, slots=True)
-class _Rebuild:
+class _Rebuild(NamedTuple):
     storage: Any
     offset: int
     size: tuple[int, ...]
@@ -206,8 +203,7 @@ def _entries(buffer: ChunkBuffer, used: list[tuple[int, int]]) -> dict[str, tupl
     return entries
 
 
-@dataclass(frozen=True, slots=True)
-class _Window:
+class _Window(NamedTuple):
     """``[start, end)`` of an item, and the bytes of it a parse relied on: those under ``mask``
     (0xFF per byte relied on, 0 elsewhere, little-endian) equal those in ``expected``."""
 
@@ -217,8 +213,7 @@ class _Window:
     expected: int
 
 
-@dataclass(frozen=True, slots=True)
-class _Layout:
+class _Layout(NamedTuple):
     """What ``_parse`` found in one item, and the bytes (``windows``) it found it from.
 
     ``dtype``, ``offset`` (in elements) and ``size`` are the stored tensor's, which is

@@ -35,8 +35,7 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import torch
 
@@ -77,8 +76,7 @@ class StoredInfo(Protocol):
     def length(self) -> int: ...
 
 
-@dataclass(frozen=True, slots=True)
-class StoredTensor:
+class StoredTensor(NamedTuple):
     """The plain tensor a stored item holds: its bytes are ``dtype``, ``shape``, row-major and
     little-endian, somewhere in the item (``StoredFormat.probes`` says whether they must be
     located)."""

@@ -39,8 +39,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from .._checksum import ALGORITHM
 from .._errors import CheckpointFormatError
@@ -69,8 +68,7 @@ record costs 8 bytes per block (8 MiB of metadata per TiB of checkpoint)."""
 _MIN_BLOCK_BYTES = 4096
 
 
-@dataclass(frozen=True, slots=True)
-class FileRecord:
+class FileRecord(NamedTuple):
     """One data file as it was saved."""
 
     etag: str
@@ -80,8 +78,7 @@ class FileRecord:
     """CRC64NVME of the whole object (S3's full-object checksum)."""
 
 
-@dataclass(frozen=True, slots=True)
-class ItemBlocks:
+class ItemBlocks(NamedTuple):
     """What the record holds for one stored item: where its storage bytes begin, and the
     CRC64NVME of each of its blocks (``block_count(length, block_bytes, data_start)``)."""
 
@@ -89,8 +86,7 @@ class ItemBlocks:
     crcs: tuple[int, ...]
 
 
-@dataclass(frozen=True)
-class Integrity:
+class Integrity(NamedTuple):
     """The integrity record of one checkpoint (see the module docstring)."""
 
     block_bytes: int

@@ -38,7 +38,6 @@ complement.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from .._verify import ALGORITHMS
@@ -80,15 +79,14 @@ class CheckedFile(NamedTuple):
     """Their CRC, in ``algorithm``."""
 
 
-@dataclass(frozen=True, slots=True)
-class Verdict:
+class Verdict(NamedTuple):
     """What the job found for one checked file."""
 
     status: str
     """``"verified"``, ``"unverified"`` or ``"mismatch"``."""
     algorithm: str
     size: int
-    ranges: tuple[tuple[int, int, int], ...] = field(default=())
+    ranges: tuple[tuple[int, int, int], ...] = ()
     """(rank, start, end) of every range a rank fetched, in file order."""
     why: str = ""
 

@@ -194,32 +194,30 @@ class PrefetchSource(Protocol):
     def cancel(self) -> None: ...
 
 
-@dataclasses.dataclass
 class _Grouped:
-    per_file: dict[str, dict[ItemRange, list[ReadItem]]] = dataclasses.field(default_factory=dict)
-    slices: dict[tuple[str, ItemRange], Slice] = dataclasses.field(default_factory=dict)
-    """(key, run's range) -> the stored tensor the run belongs to."""
-    blocks_left: dict[int, int] = dataclasses.field(default_factory=dict)
-    """id(sliced read item) -> its runs (it is committed once all are decoded)."""
-    run_readers: dict[tuple[str, ItemRange], list[ReadItem]] = dataclasses.field(
-        default_factory=dict
-    )
-    """(key, run's range) -> the read items it serves, in ``Slice.prefixes`` order."""
-    windows: dict[tuple[str, ItemRange], list[ItemRange]] = dataclasses.field(default_factory=dict)
-    """(key, window) -> the runs it holds, in order: when the load checks a sliced item against
-    its recorded checksums, its runs widened to the whole blocks they touch
-    (``BlockCheck.window``, overlapping ones merged) are what is fetched, checked, and sliced
-    into the runs."""
-    window_of: dict[tuple[str, ItemRange], ItemRange] = dataclasses.field(default_factory=dict)
-    """(relative path, window) -> the stored item whose blocks it is."""
-    probe_plans: dict[str, FilePlan] = dataclasses.field(default_factory=dict)
-    """relative path -> the heads and tails fetched to slice its items (``aiodcp plan``)."""
-    files: list[FileFetch] = dataclasses.field(default_factory=list)
-    readers: list[list[list[ReadItem]]] = dataclasses.field(default_factory=list)
-    empty: list[ReadItem] = dataclasses.field(default_factory=list)
-    prefetched: list[tuple[Callable[[], ChunkBuffer], list[ReadItem]]] = dataclasses.field(
-        default_factory=list
-    )
+    """What ``DcpLoad.group`` makes of a plan, filled in as it goes."""
+
+    def __init__(self) -> None:
+        self.per_file: dict[str, dict[ItemRange, list[ReadItem]]] = {}
+        self.slices: dict[tuple[str, ItemRange], Slice] = {}
+        """(key, run's range) -> the stored tensor the run belongs to."""
+        self.blocks_left: dict[int, int] = {}
+        """id(sliced read item) -> its runs (it is committed once all are decoded)."""
+        self.run_readers: dict[tuple[str, ItemRange], list[ReadItem]] = {}
+        """(key, run's range) -> the read items it serves, in ``Slice.prefixes`` order."""
+        self.windows: dict[tuple[str, ItemRange], list[ItemRange]] = {}
+        """(key, window) -> the runs it holds, in order: when the load checks a sliced item against
+        its recorded checksums, its runs widened to the whole blocks they touch
+        (``BlockCheck.window``, overlapping ones merged) are what is fetched, checked, and sliced
+        into the runs."""
+        self.window_of: dict[tuple[str, ItemRange], ItemRange] = {}
+        """(relative path, window) -> the stored item whose blocks it is."""
+        self.probe_plans: dict[str, FilePlan] = {}
+        """relative path -> the heads and tails fetched to slice its items (``aiodcp plan``)."""
+        self.files: list[FileFetch] = []
+        self.readers: list[list[list[ReadItem]]] = []
+        self.empty: list[ReadItem] = []
+        self.prefetched: list[tuple[Callable[[], ChunkBuffer], list[ReadItem]]] = []
 
 
 class DcpLoad:

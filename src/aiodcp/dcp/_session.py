@@ -49,8 +49,7 @@ import difflib
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
@@ -98,8 +97,7 @@ __all__ = [
 T = TypeVar("T")
 
 
-@dataclass(frozen=True, slots=True)
-class FetchedMetadata:
+class FetchedMetadata(NamedTuple):
     """The bytes of one ``.metadata`` GET, where they came from, and how long it took."""
 
     data: bytes

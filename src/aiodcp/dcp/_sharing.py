@@ -54,7 +54,6 @@ import sys
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import torch
@@ -117,8 +116,7 @@ class Round(NamedTuple):
     """Items this rank receives, each with the rank it comes from, in (file, offset) order."""
 
 
-@dataclass(frozen=True, slots=True)
-class RankShare:
+class RankShare(NamedTuple):
     """What one rank's load plan carries (``LoadPlan.storage_data``) when the job shares."""
 
     rank: int
@@ -130,8 +128,9 @@ class RankShare:
     sent, or received); the rank's other items load as in a single-process load."""
     rounds: tuple[Round, ...]
     """As many on every rank: round k of every rank is one step of the job."""
-    checked: Mapping[str, CheckedFile] = field(default_factory=dict)
-    """The data files this rank reads that the job reads whole between its ranks, checked
+    checked: Mapping[str, CheckedFile] = {}
+    """(The default is one shared, never-written dict: a plan crosses ranks in pickle, which a
+    MappingProxyType does not survive.) The data files this rank reads that the job reads whole between its ranks, checked
     against the store's checksum at the end of the load (``_jobcheck``; a checkpoint without
     an integrity record), by relative path."""
     check_slots: int = 0

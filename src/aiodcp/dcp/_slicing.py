@@ -14,11 +14,10 @@ tail fetched first to find where the storage bytes begin and to check the zip di
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import itertools
 from bisect import bisect_right
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
@@ -189,8 +188,7 @@ def region_of(reqs: list[ReadItem]) -> tuple[Any, ...]:
     )
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Candidate:
+class Candidate(NamedTuple):
     """A stored item to slice: its stored dtype and shape, and per read item (in order) the
     runs of storage elements its region takes (``region_runs``)."""
 
@@ -202,17 +200,21 @@ class Candidate:
     tensor's bytes (safetensors)."""
 
 
-@dataclasses.dataclass(slots=True)
 class Slice:
     """A run fetched from a sliced stored item: the stored tensor's dtype, shape and strides,
     ``first``, the storage element the run begins with, and per reader of the run (in order)
     the index of the block of its region the run holds (``region_runs``)."""
 
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    strides: tuple[int, ...]
-    first: int
-    prefixes: list[tuple[int, ...]] = dataclasses.field(default_factory=list)
+    __slots__ = ("dtype", "first", "prefixes", "shape", "strides")
+
+    def __init__(
+        self, dtype: torch.dtype, shape: tuple[int, ...], strides: tuple[int, ...], first: int
+    ) -> None:
+        self.dtype = dtype
+        self.shape = shape
+        self.strides = strides
+        self.first = first
+        self.prefixes: list[tuple[int, ...]] = []
 
     def element(self, offsets: Sequence[int]) -> int:
         """Storage element at ``offsets`` of the stored tensor."""

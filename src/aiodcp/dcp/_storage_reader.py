@@ -514,9 +514,7 @@ def check_whole(
         entries[rank] += 3 * len(touched[rank])
     slots = max(entries)
     return [
-        dataclasses.replace(
-            share, checked={path: checked[path] for path in touched[rank]}, check_slots=slots
-        )
+        share._replace(checked={path: checked[path] for path in touched[rank]}, check_slots=slots)
         for rank, share in enumerate(shares)
     ]
 
