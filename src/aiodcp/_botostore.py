@@ -48,6 +48,7 @@ __all__ = [
     "current_access_key",
     "error_facts",
     "fast_http_settings",
+    "is_checksum_error",
     "is_no_credentials",
     "is_ssl_error",
     "is_transient",
@@ -68,6 +69,12 @@ TRANSIENT = (
     botocore.exceptions.ResponseStreamingError,
     botocore.exceptions.IncompleteReadError,
 )
+
+
+def is_checksum_error(exc: BaseException) -> bool:
+    """Whether botocore found a response body that differs from the checksum the store sent
+    with it (``ChecksumMode="ENABLED"``)."""
+    return isinstance(exc, botocore.exceptions.FlexibleChecksumError)
 
 
 def translate(exc: BaseException, where: str, ctx: dict[str, Any]) -> AiodcpError | None:
