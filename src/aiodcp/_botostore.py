@@ -161,6 +161,10 @@ async def create_client(config: ReaderConfig, stack: contextlib.AsyncExitStack) 
         "max_pool_connections": cfg.max_concurrency,
         # One attempt per call: retries (and resumes) are ours, see _store's docstring.
         "retries": {"total_max_attempts": 1, "mode": "standard"},
+        # botocore asks for (and checks) a response's checksum only where aiodcp asks
+        # (ChecksumMode: the .metadata GET of a load that verifies), not on every GET it can:
+        # verify_checksums=False then turns every check off on this path too.
+        "response_checksum_validation": "when_required",
         "s3": {"addressing_style": cfg.addressing_style},
     }
     if cfg.unsigned:
