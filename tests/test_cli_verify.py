@@ -15,8 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import boto3
 import pytest
 import torch
+from botocore.config import Config
 
 from aiodcp._checksum import crc64nvme, to_header
 from aiodcp._cli import EXIT_CORRUPT, EXIT_MISMATCH, EXIT_OK, EXIT_UNVERIFIED, main
@@ -184,18 +186,27 @@ def test_verify_reports_replaced_and_missing_files(
 
 def test_verify_without_a_record_checks_nothing_and_says_so(
     tmp_path: Path,
-    s3: Any,
     bucket: str,
     s3_server: S3Server,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    upload_dir(s3, save_checkpoint(_state(), tmp_path / "p"), bucket, "plain")
+    """Uploaded by a client that sends no checksum: moto keeps none, so neither the files nor
+    the ``.metadata`` can be checked."""
+    bare = boto3.client(
+        "s3",
+        endpoint_url=s3_server.endpoint_url,
+        region_name="us-east-1",
+        config=Config(request_checksum_calculation="when_required"),
+    )
+    upload_dir(bare, save_checkpoint(_state(), tmp_path / "p"), bucket, "plain")
     result = run(capsys, s3_server.endpoint_url, "verify", f"s3://{bucket}/plain", "--json")
     assert result.code == EXIT_UNVERIFIED
-    assert "nothing to check" in result.err and "no full-object CRC64NVME" in result.err
+    assert "nothing to check" in result.err and "no full-object checksum" in result.err
     report = result.json()
     assert report["recorded"] is False
+    assert report["metadata"] == {"key": "plain/.metadata", "checksum": None}
     assert {f["status"] for f in report["files"]} == {"unverified"}
+    assert {f["algorithm"] for f in report["files"]} == {None}
 
 
 def test_verify_refuses_a_malformed_record(
@@ -242,4 +253,128 @@ def test_verify_without_a_record_checks_files_against_the_stores_checksum(
     assert result.code == EXIT_MISMATCH
     bad = [f for f in result.json()["files"] if f["status"] != "ok"]
     assert [(f["path"], f["status"]) for f in bad] == [(path, "mismatch")]
-    assert "full-object checksum" in bad[0]["detail"]
+    assert "differs from the store's full-object CRC64NVME" in bad[0]["detail"]
+
+
+@pytest.mark.parametrize("algorithm", ["CRC64NVME", "CRC32", "CRC32C", "SHA256", "SHA1"])
+def test_verify_checks_whichever_full_object_checksum_the_store_holds(
+    tmp_path: Path,
+    s3: Any,
+    bucket: str,
+    s3_server: S3Server,
+    capsys: pytest.CaptureFixture[str],
+    algorithm: str,
+) -> None:
+    """Each file is checked against the checksum its upload carried (moto keeps it: see what
+    a HEAD with checksum mode gives), named per file; one damaged read is a mismatch of that
+    file, found whatever the algorithm."""
+    local = save_checkpoint(_state(), tmp_path / "p", thread_count=2)
+    prefix = f"alg-{algorithm.lower()}"
+    for path in sorted(local.iterdir()):
+        s3.put_object(
+            Bucket=bucket,
+            Key=f"{prefix}/{path.name}",
+            Body=path.read_bytes(),
+            ChecksumAlgorithm=algorithm,
+        )
+    head = s3.head_object(Bucket=bucket, Key=f"{prefix}/.metadata", ChecksumMode="ENABLED")
+    assert head[f"Checksum{algorithm}"]  # what moto returns: the checksum the PUT sent
+    url = f"s3://{bucket}/{prefix}"
+    result = run(capsys, s3_server.endpoint_url, "verify", url, "--json")
+    assert result.code == EXIT_OK, result.err
+    report = result.json()
+    assert report["metadata"] == {"key": f"{prefix}/.metadata", "checksum": algorithm}
+    assert {(f["status"], f["algorithm"]) for f in report["files"]} == {("ok", algorithm)}
+    text = run(capsys, s3_server.endpoint_url, "verify", url)
+    assert f".metadata: checked against the store's full-object {algorithm}" in text.out
+    path, offset, length, _ = next(s for s in stored(local) if s[3] == "model.w1")
+    at = offset + length // 3
+    with FaultProxy(s3_server.endpoint_url) as proxy:
+        proxy.add(Fault.flip(at), path_suffix=path, predicate=lambda r: r.covers(at))
+        result = run(capsys, proxy.endpoint_url, "verify", url, "--json")
+    assert result.code == EXIT_MISMATCH
+    bad = [f for f in result.json()["files"] if f["status"] != "ok"]
+    assert [(f["path"], f["status"], f["algorithm"]) for f in bad] == [
+        (path, "mismatch", algorithm)
+    ]
+    assert f"{algorithm} differs from the store's full-object {algorithm}" in bad[0]["detail"]
+
+
+def test_verify_says_a_composite_checksum_cannot_be_checked(
+    tmp_path: Path,
+    s3: Any,
+    bucket: str,
+    s3_server: S3Server,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A file uploaded in parts with a COMPOSITE CRC32 (moto answers ``...-2`` and the type)
+    cannot be checked; the others are, and the exit code says something was left unchecked."""
+    g = torch.Generator().manual_seed(4)
+    local = save_checkpoint(
+        {"big": torch.randn(1536, 1024, generator=g), "s": torch.ones(8)},
+        tmp_path / "c",
+        thread_count=2,
+    )
+    files = sorted(p for p in local.iterdir() if p.suffix == ".distcp")
+    (large,) = [p for p in files if p.stat().st_size > 5 * MIB]
+    for path in sorted(local.iterdir()):
+        key = f"comp/{path.name}"
+        if path != large:
+            s3.put_object(Bucket=bucket, Key=key, Body=path.read_bytes(), ChecksumAlgorithm="CRC32")
+            continue
+        data = path.read_bytes()
+        upload = s3.create_multipart_upload(
+            Bucket=bucket, Key=key, ChecksumAlgorithm="CRC32", ChecksumType="COMPOSITE"
+        )
+        parts = []
+        for number, start in enumerate(range(0, len(data), 5 * MIB), 1):
+            reply = s3.upload_part(
+                Bucket=bucket,
+                Key=key,
+                UploadId=upload["UploadId"],
+                PartNumber=number,
+                Body=data[start : start + 5 * MIB],
+                ChecksumAlgorithm="CRC32",
+            )
+            parts.append(
+                {
+                    "ETag": reply["ETag"],
+                    "PartNumber": number,
+                    "ChecksumCRC32": reply["ChecksumCRC32"],
+                }
+            )
+        s3.complete_multipart_upload(
+            Bucket=bucket, Key=key, UploadId=upload["UploadId"], MultipartUpload={"Parts": parts}
+        )
+    head = s3.head_object(Bucket=bucket, Key=f"comp/{large.name}", ChecksumMode="ENABLED")
+    assert head["ChecksumType"] == "COMPOSITE", head  # what moto returns
+    result = run(capsys, s3_server.endpoint_url, "verify", f"s3://{bucket}/comp", "--json")
+    assert result.code == EXIT_UNVERIFIED, result.err
+    by_path = {f["path"]: f for f in result.json()["files"]}
+    assert by_path[large.name]["status"] == "unverified"
+    assert by_path[large.name]["algorithm"] is None
+    assert "cannot check" in by_path[large.name]["detail"]
+    assert "composite CRC32" in by_path[large.name]["detail"]
+    others = [f for name, f in by_path.items() if name != large.name]
+    assert others and all(f["status"] == "ok" and f["algorithm"] == "CRC32" for f in others)
+    text = run(capsys, s3_server.endpoint_url, "verify", f"s3://{bucket}/comp")
+    assert f"{large.name}: cannot check" in text.out
+
+
+def test_verify_checks_the_metadata_itself(
+    ckpt: tuple[str, Path, str], s3_server: S3Server, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The ``.metadata`` is checked against the store's checksum before it is unpickled (here
+    the CRC32 boto3 sends with an upload by default); damaged on every read, ``verify`` stops
+    with the mismatch code and names it."""
+    url, local, _ = ckpt
+    report = run(capsys, s3_server.endpoint_url, "verify", url, "--json").json()
+    assert report["metadata"] == {"key": "runs/ck/.metadata", "checksum": "CRC32"}
+    size = (local / ".metadata").stat().st_size
+    with FaultProxy(s3_server.endpoint_url) as proxy:
+        proxy.add(Fault.flip(size // 2), path_suffix=".metadata")
+        result = run(capsys, proxy.endpoint_url, "verify", url, "--json")
+        assert len([r for r in proxy.requests if r.path.endswith(".metadata")]) == 2
+    assert result.code == EXIT_MISMATCH
+    assert "runs/ck/.metadata: its bytes do not match the full-object CRC32" in result.err
+    assert result.out == ""

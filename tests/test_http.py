@@ -472,9 +472,12 @@ async def test_data_gets_go_through_the_fast_path_by_default(
     assert all(presigned(r) for r in gets), [(r.query, sorted(r.headers)) for r in gets[:2]]
     assert all(r.headers["user-agent"].startswith("aiodcp/") for r in gets)
     assert all(r.range is not None and r.range.startswith("bytes=") for r in gets)
-    # the .metadata GET takes the fast path too (the plain case): one ranged GET, presigned
+    # the .metadata GET takes the fast path too (the plain case): one GET without a Range,
+    # presigned, asking for the object's checksum (a header the signature covers)
     (meta,) = [r for r in proxy.requests if r.path.endswith(".metadata")]
-    assert presigned(meta) and meta.range == "bytes=0-8388607", meta
+    assert presigned(meta) and meta.range is None, meta
+    assert meta.headers["x-amz-checksum-mode"] == "ENABLED"
+    assert "x-amz-checksum-mode" in meta.query, meta.query  # in X-Amz-SignedHeaders
     # moto saw the same: query auth on every data GET
     to_data = [r for r in s3_server.requests() if r["path"].endswith(".distcp")]
     logged = [r for r in to_data if r["method"] == "GET"]

@@ -48,6 +48,7 @@ __all__ = [
     "current_access_key",
     "error_facts",
     "fast_http_settings",
+    "is_checksum_error",
     "is_no_credentials",
     "is_ssl_error",
     "is_transient",
@@ -68,6 +69,12 @@ TRANSIENT = (
     botocore.exceptions.ResponseStreamingError,
     botocore.exceptions.IncompleteReadError,
 )
+
+
+def is_checksum_error(exc: BaseException) -> bool:
+    """Whether botocore found a response body that differs from the checksum the store sent
+    with it (``ChecksumMode="ENABLED"``)."""
+    return isinstance(exc, botocore.exceptions.FlexibleChecksumError)
 
 
 def translate(exc: BaseException, where: str, ctx: dict[str, Any]) -> AiodcpError | None:
@@ -154,6 +161,10 @@ async def create_client(config: ReaderConfig, stack: contextlib.AsyncExitStack) 
         "max_pool_connections": cfg.max_concurrency,
         # One attempt per call: retries (and resumes) are ours, see _store's docstring.
         "retries": {"total_max_attempts": 1, "mode": "standard"},
+        # botocore asks for (and checks) a response's checksum only where aiodcp asks
+        # (ChecksumMode: the .metadata GET of a load that verifies), not on every GET it can:
+        # verify_checksums=False then turns every check off on this path too.
+        "response_checksum_validation": "when_required",
         "s3": {"addressing_style": cfg.addressing_style},
     }
     if cfg.unsigned:

@@ -16,6 +16,11 @@ Data flow::
     to_header(crc) / from_header(text)   <-> S3's header form (8 bytes big-endian, base64)
     full_object_checksum(headers)        -> (algorithm, value) | None: a HEAD's full-object
                                             CRC64NVME/CRC32C/CRC32 (not a composite one)
+    full_object_checksum(headers, WHOLE_READ_HEADERS)   the same, SHA1/SHA256 too: what an
+                                            object read whole in one stream can be checked
+                                            against (``.metadata``, ``aiodcp verify``)
+    composite_checksum(headers)          -> the algorithm of a composite checksum (none checks)
+    Digest(algorithm).update(data)...value() -> int     any of those five, streamed
 
 ``awscrt`` is imported only when a checksum will be needed (loading its 11 MB extension takes
 ~30 ms of CPU here), never by ``import aiodcp``: a load starts the import in a thread of its own
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import re
 import threading
 from collections.abc import Mapping
@@ -43,7 +49,10 @@ __all__ = [
     "ALGORITHM",
     "FULL_OBJECT_HEADERS",
     "HEADER",
+    "WHOLE_READ_HEADERS",
+    "Digest",
     "combine",
+    "composite_checksum",
     "crc64nvme",
     "from_header",
     "full_object_checksum",
@@ -128,9 +137,24 @@ FULL_OBJECT_HEADERS = {
 CRCs combine): algorithm -> (response header, bytes), in the order they are looked for."""
 
 
-def full_object_checksum(headers: Mapping[str, str]) -> tuple[str, int] | None:
+WHOLE_READ_HEADERS = {
+    **FULL_OBJECT_HEADERS,
+    "SHA256": ("x-amz-checksum-sha256", 32),
+    "SHA1": ("x-amz-checksum-sha1", 20),
+}
+"""The full-object checksums an object read whole, in one stream from its first byte, can be
+checked against: the CRCs, and SHA-256 and SHA-1 (which do not combine from parts read apart).
+S3 gives a SHA full-object only to an object uploaded in one PUT with it; a multipart upload's
+SHA checksum is composite (``-<parts>``), which no read can check."""
+
+
+def full_object_checksum(
+    headers: Mapping[str, str],
+    algorithms: Mapping[str, tuple[str, int]] = FULL_OBJECT_HEADERS,
+) -> tuple[str, int] | None:
     """``(algorithm, value)`` of the full-object checksum in a response's headers (lower-case
-    names: a HEAD or GET with ``x-amz-checksum-mode: ENABLED``), or None: none, only a
+    names: a HEAD or GET with ``x-amz-checksum-mode: ENABLED``) among ``algorithms`` (name ->
+    (header, bytes); ``WHOLE_READ_HEADERS`` adds the SHAs), or None: none, only a
     composite one (``x-amz-checksum-type: COMPOSITE``, or a value ending ``-<parts>``, what a
     multipart upload with CRC32/CRC32C/SHA parts gets), or one that does not parse. A
     CRC32/CRC32C of a multipart object (its ``etag`` ends ``-<parts>``) counts only if the
@@ -140,7 +164,7 @@ def full_object_checksum(headers: Mapping[str, str]) -> tuple[str, int] | None:
     if declared is not None and declared.strip().upper() != "FULL_OBJECT":
         return None
     multipart = _MULTIPART_ETAG.search(headers.get("etag", "")) is not None
-    for algorithm, (name, width) in FULL_OBJECT_HEADERS.items():
+    for algorithm, (name, width) in algorithms.items():
         text = headers.get(name)
         if not text or "-" in text:
             continue
@@ -164,3 +188,52 @@ def from_header(text: str) -> int:
     if len(raw) != _CRC_BYTES:
         raise ValueError(f"a CRC64NVME is {_CRC_BYTES} bytes, {text!r} holds {len(raw)}")
     return int.from_bytes(raw, "big")
+
+
+def composite_checksum(headers: Mapping[str, str]) -> str | None:
+    """The algorithm of a composite checksum in a response's headers (``x-amz-checksum-type:
+    COMPOSITE``, or a value ending ``-<parts>``), which no read of the object can check; None
+    when there is none."""
+    declared = (headers.get("x-amz-checksum-type") or "").strip().upper()
+    for algorithm, (name, _) in WHOLE_READ_HEADERS.items():
+        text = headers.get(name)
+        if text and (declared == "COMPOSITE" or _COMPOSITE_VALUE.search(text)):
+            return algorithm
+    return None
+
+
+_COMPOSITE_VALUE = re.compile(r"-[0-9]+\s*$")
+
+
+class Digest:
+    """One of S3's full-object checksums (``WHOLE_READ_HEADERS``) of bytes given in order:
+    ``update`` each piece (any buffer), then ``value()``, the checksum as the integer its
+    header's bytes spell (big-endian). CRCs from awscrt (``_crt``), SHAs from hashlib."""
+
+    __slots__ = ("_crc", "_fn", "_sha", "algorithm")
+
+    def __init__(self, algorithm: str) -> None:
+        if algorithm not in WHOLE_READ_HEADERS:
+            raise ValueError(f"not a full-object checksum S3 reports: {algorithm!r}")
+        self.algorithm = algorithm
+        self._crc = 0
+        self._sha: Any = None
+        self._fn: Any = None
+        if algorithm.startswith("SHA"):
+            self._sha = hashlib.new(algorithm.lower())
+        else:
+            self._fn = getattr(_crt(), algorithm.lower())
+
+    def update(self, data: Buffer) -> None:
+        view = memoryview(data)
+        if view.ndim != 1 or view.itemsize != 1:
+            view = view.cast("B")
+        if self._sha is not None:
+            self._sha.update(view)
+        elif view:
+            self._crc = int(self._fn(view, self._crc))
+
+    def value(self) -> int:
+        if self._sha is not None:
+            return int.from_bytes(self._sha.digest(), "big")
+        return self._crc

@@ -15,8 +15,11 @@ Usage::
 with the restricted unpickler (``dcp._metadata.load_metadata``); no data file is touched, except by
 ``plan --slice``, which GETs the head and tail of each stored item worth slicing, as a load does.
 ``verify`` reads every byte of every data file and checks it against the checkpoint's integrity
-record (``dcp._integrity``, written by aiodcp's saves; ``dcp._audit`` does the reading), and
-reports, per file, what does not match.
+record (``dcp._integrity``, written by aiodcp's saves; ``dcp._audit`` does the reading), or
+without one against the store's full-object checksum of each file (CRC64NVME, CRC32, CRC32C,
+SHA-256 or SHA-1), and reports, per file, what does not match and which checksum was checked;
+the ``.metadata`` (a safetensors index) is checked against the store's checksum as a load
+checks it, before it is unpickled.
 
 Data flow::
 
@@ -104,10 +107,15 @@ changes meaning); sizes and offsets are bytes, ranges are ``[start, end)``::
     verify:  {"schema": "aiodcp.verify/1",
               "checkpoint": "s3://bucket/ckpt",
               "recorded": bool,                         false: nothing to check against
+              "metadata": {"key": str,                  .metadata (safetensors: the index),
+                           "checksum": str | null} | null   checked against the store's
+                                                        full-object checksum before parsing
               "files": [{"path": str, "key": str, "bytes": int, "items": int,
                          "status": "ok" | "mismatch" | "missing" | "changed" | "truncated"
                                    | "unverified",
                          "checked_bytes": int, "whole_crc_matches": bool | null,
+                         "algorithm": "CRC64NVME" | "CRC32" | "CRC32C" | "SHA256" | "SHA1"
+                                      | null,           the whole-file checksum checked
                          "detail": str,
                          "mismatches": [{"start": int, "end": int, "keys": [fqn, ...],
                                          "blocks": [[start, end], ...]}, ...]}, ...],
@@ -125,8 +133,10 @@ is ``min(max_concurrency, requests)``, the most GETs the load can have in flight
 Exit codes: 0 ok; 2 usage (bad arguments, bad ``s3://`` URL, invalid setting, unknown key);
 3 not found (no such bucket, no ``.metadata``); 4 access denied or no credentials; 5 corrupt
 metadata (a malformed integrity record too); 6 ``verify`` found stored bytes that do not match
-the record (or a data file missing, replaced since the save, or shorter); 7 ``verify`` had
-nothing to check some files against (no record) and found nothing wrong; 1 anything else (e.g.
+the record or the store's checksum (or a data file missing, replaced since the save, or
+shorter), or any command read a ``.metadata`` (index) that twice did not match the store's
+checksum; 7 ``verify`` had nothing to check some files against (no record, no full-object
+checksum: none, or a composite one) and found nothing wrong; 1 anything else (e.g.
 the network failed). Expected errors print one line on stderr, no traceback; ``verify`` also
 names the files that failed there.
 """
@@ -157,6 +167,7 @@ from ._errors import (
     AccessDeniedError,
     AiodcpError,
     CheckpointFormatError,
+    ChecksumMismatchError,
     ConfigError,
     InvalidPathError,
     InvalidRangeError,
@@ -474,15 +485,17 @@ def read_metadata(
     the safetensors checkpoint in the directory ``path``); returns it, its size in bytes and
     the GET's estimated time to first byte in seconds (what ``max_gap_size="auto"`` is
     resolved with)."""
-    metadata, size, latency, _ = _describe(path, config, format)
+    metadata, size, latency, _, _ = _describe(path, config, format)
     return metadata, size, latency
 
 
 def _describe(
     path: CheckpointPath, config: ReaderConfig, format: str = "auto", only: str | None = None
-) -> tuple[Metadata, int, float, str]:
+) -> tuple[Metadata, int, float, str, str | None]:
     """``read_metadata`` for the checkpoint format asked for or found (``_detect.Describe``);
-    also returns the format."""
+    also returns the format, and the algorithm of the store's checksum the ``.metadata`` (a
+    safetensors index) was checked against (None: not checked; a mismatch read twice raises
+    ``ChecksumMismatchError``)."""
     from ._detect import Describe, check_format
     from ._driver import PrivateLoopDriver  # the S3 stack: only commands that read a checkpoint
 
@@ -495,7 +508,7 @@ def _describe(
         driver.close()
     latency = session.request_latency_s
     assert latency is not None  # measured by the GET
-    return metadata, session.metadata_bytes, latency, describe.format
+    return metadata, session.metadata_bytes, latency, describe.format, session.metadata_checksum
 
 
 def _integrity(metadata: Metadata, path: CheckpointPath) -> Integrity | None:
@@ -1093,9 +1106,14 @@ def render_plan(report: dict[str, Any]) -> str:
 
 
 def verify_report(
-    path: CheckpointPath, audits: Sequence[FileAudit], recorded: bool
+    path: CheckpointPath,
+    audits: Sequence[FileAudit],
+    recorded: bool,
+    metadata: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The ``verify --json`` document (schema in the module docstring)."""
+    """The ``verify --json`` document (schema in the module docstring); ``metadata``: the key
+    of what describes the checkpoint and the checksum it was checked against (None: a single
+    safetensors file, described by nothing else)."""
     statuses = ("ok", "mismatch", "missing", "changed", "truncated", "unverified")
     counts = dict.fromkeys(statuses, 0)
     for a in audits:
@@ -1104,6 +1122,7 @@ def verify_report(
         "schema": _VERIFY_SCHEMA,
         "checkpoint": path.url,
         "recorded": recorded,
+        "metadata": metadata,
         "files": [
             {
                 "path": a.path,
@@ -1113,6 +1132,7 @@ def verify_report(
                 "status": a.status,
                 "checked_bytes": a.checked_bytes,
                 "whole_crc_matches": a.whole_crc_matches,
+                "algorithm": a.algorithm,
                 "detail": a.detail,
                 "mismatches": [
                     {
@@ -1156,8 +1176,8 @@ def _verify_problem(report: dict[str, Any]) -> str:
     return (
         f"nothing to check {report['summary']['unverified']} of "
         f"{_n(len(report['files']), 'data file')} against: the checkpoint carries no integrity "
-        "record (it was not saved by aiodcp) and the store holds no full-object CRC64NVME for "
-        "them"
+        "record (it was not saved by aiodcp) and the store holds no full-object checksum for "
+        "them that a read can check (none, or a composite one of a multipart upload)"
     )
 
 
@@ -1167,19 +1187,30 @@ def render_verify(report: dict[str, Any]) -> str:
     against = (
         "its integrity record (CRC64NVME per 1 MiB block of every stored item)"
         if report["recorded"]
-        else "the store's full-object CRC64NVME (no integrity record)"
+        else "the store's full-object checksum of each (no integrity record)"
     )
     lines = [
         f"{report['checkpoint']}: {_n(s['files'], 'data file')}, "
         f"{human_size(s['checked_bytes'])} read and checked against {against}",
-        "",
     ]
-    rows = [["FILE", "SIZE", "STATUS"]]
+    described = report.get("metadata")
+    if described is not None:
+        name = described["key"].rsplit("/", 1)[-1]
+        lines.append(
+            f"{name}: checked against the store's full-object {described['checksum']}"
+            if described["checksum"]
+            else f"{name}: not checked (the store holds no full-object checksum for it that a "
+            "read can check)"
+        )
+    lines.append("")
+    rows = [["FILE", "SIZE", "CHECKED", "STATUS"]]
     for f in report["files"]:
         status = f["status"].upper() if f["status"] not in ("ok", "unverified") else f["status"]
-        rows.append([f["path"], human_size(f["bytes"]), status])
+        rows.append([f["path"], human_size(f["bytes"]), f.get("algorithm") or "-", status])
     lines += _table(rows, right=(1,))
     for f in report["files"]:
+        if f["status"] == "unverified" and f["detail"]:
+            lines += ["", f"{f['path']}: {f['detail']}"]
         if f["status"] in ("ok", "unverified"):
             continue
         lines += ["", f"{f['path']}  (s3 key {f['key']}): {f['status']}"]
@@ -1210,6 +1241,8 @@ def _exit_code(exc: BaseException) -> int:
         return EXIT_ACCESS_DENIED
     if isinstance(exc, CheckpointFormatError):
         return EXIT_CORRUPT
+    if isinstance(exc, ChecksumMismatchError):
+        return EXIT_MISMATCH  # what describes the checkpoint did not match, read twice
     return EXIT_ERROR
 
 
@@ -1217,7 +1250,7 @@ def _verify(path: CheckpointPath, config: ReaderConfig, only: str | None) -> dic
     from ._driver import PrivateLoopDriver  # the S3 stack: only commands that read a checkpoint
     from .dcp._audit import audit_checkpoint
 
-    metadata, _, _, format = _describe(path, config, "auto", only)
+    metadata, _, _, format, checksum = _describe(path, config, "auto", only)
     catalog = METADATA_NAME if format == "dcp" else _INDEX_NAME
     _stored_items(metadata, f"s3://{path.bucket}/{path.key(catalog)}")  # validated
     record = _integrity(metadata, path) if format == "dcp" else None
@@ -1226,7 +1259,10 @@ def _verify(path: CheckpointPath, config: ReaderConfig, only: str | None) -> dic
         audits = audit_checkpoint(metadata, path, config, driver, record)
     finally:
         driver.close()
-    return verify_report(path, audits, record is not None)
+    described = None  # a safetensors checkpoint without an index: nothing read whole
+    if format == "dcp" or checksum is not None:
+        described = {"key": path.key(catalog), "checksum": checksum}
+    return verify_report(path, audits, record is not None, described)
 
 
 def _run(args: argparse.Namespace) -> tuple[str, int, str]:
@@ -1241,7 +1277,7 @@ def _run(args: argparse.Namespace) -> tuple[str, int, str]:
         text = json.dumps(report, indent=2) + "\n" if args.json else render_verify(report)
         return text, code, "" if code == EXIT_OK else _verify_problem(report)
     requested = _requested_keys(args) if args.command == "plan" else None
-    metadata, size, latency, format = _describe(path, config, "auto", only)
+    metadata, size, latency, format, _ = _describe(path, config, "auto", only)
     if args.command == "inspect":
         report = inspect_report(metadata, path, size, format)
         render = render_inspect

@@ -54,10 +54,12 @@ decides between IDLE and CLOSED; the pool only asks ``is_available()`` (IDLE) an
 Scope: only the plain case is handled here, and everything else is reported to the caller
 (``FallbackRequired``), which then sends the request through botocore as before: a response that
 is not ``206`` with the exact ``Content-Range`` and ``Content-Length`` asked for, a chunked or
-encoded body, or headers over 64 KiB. The one exception is asked for by the caller
-(``accept_shorter``, the store's whole-object GETs of ``.metadata`` and sizes): a ``206`` that
+encoded body, or headers over 64 KiB. The exceptions are asked for by the caller
+(``accept_shorter``, the store's GETs of an object's first bytes and size): a ``206`` that
 ends early because the object does (``bytes 0-99/100``), or a ``200`` with the whole object
-when the span starts at byte 0; ``fetch`` returns the response headers, which say what came.
+when the span starts at byte 0; and ``fetch_whole`` (the store's whole-object GETs of
+``.metadata``: no Range sent), whose ``200`` and ``Content-Length`` are the object, told to
+its ``WholeSink`` before the body; ``fetch`` returns the response headers, which say what came.
 Error statuses whose meaning is certain (S3's XML error body) are raised as ``HttpError``, with
 the facts an error is classified from (status, S3 code, message), which the store classifies by
 the same rules as botocore's errors (``_store.classify``). Proxies and client certificates never
@@ -78,7 +80,7 @@ import re
 import ssl
 from collections.abc import Callable, Iterator, Sequence
 from http import HTTPStatus
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, cast
 from urllib.parse import urlsplit
 
 __all__ = [
@@ -88,6 +90,7 @@ __all__ = [
     "RangeClient",
     "RangeSink",
     "Url",
+    "WholeSink",
     "feed",
 ]
 
@@ -122,6 +125,14 @@ class RangeSink(Protocol):
 
     def written(self, pos: int, n: int) -> None:
         """``n`` bytes from file offset ``pos`` were written into the last ``buffer``."""
+
+
+class WholeSink(RangeSink, Protocol):
+    """Where the body of a whole-object GET goes (``RangeClient.fetch_whole``)."""
+
+    def expect(self, size: int) -> None:
+        """The object is ``size`` bytes (the response's ``Content-Length``): told before
+        ``begin`` and any ``buffer``."""
 
 
 def feed(sink: RangeSink, pos: int, end: int, data: bytes) -> int:
@@ -266,6 +277,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._error_left = 0
         self._headers: dict[str, str] = {}
         self._accept_shorter = False
+        self._whole = False  # a GET without a Range (fetch_whole)
         self._waiter: asyncio.Future[None] | None = None
         self._last_activity = 0.0
         self._timeout = 0.0
@@ -421,13 +433,17 @@ class _Connection(asyncio.BufferedProtocol):
             and self._accept_shorter
             and self._start == 0
             and "content-range" not in headers
-            and 0 <= length <= self._end
+            and 0 <= length
+            and (length <= self._end or self._whole)
         ):
             # The whole object, shorter than the span asked for (a store may answer a range
-            # covering the whole object so): received as the 206 it stands for.
+            # covering the whole object so), or the answer to a GET without a Range
+            # (``fetch_whole``): received as the 206 it stands for.
             status, self._end = 206, length
             if length:
                 headers["content-range"] = f"bytes 0-{length - 1}/{length}"
+            if self._whole:
+                cast(WholeSink, self._sink).expect(length)
         if status != 206:
             if status < 300 or length < 0:
                 raise FallbackRequired(f"status {status} to a ranged GET")
@@ -593,10 +609,12 @@ class _Connection(asyncio.BufferedProtocol):
         user_agent: str,
         unmodified_since: str | None = None,
         accept_shorter: bool = False,
+        whole: bool = False,
     ) -> dict[str, str]:
         """Send one ranged GET (NEW or IDLE -> HEAD) and receive its body into ``sink``; raises
         on any failure; returns the response headers (names in lower case). Returns or raises
-        with the connection IDLE or CLOSED. ``accept_shorter``: see ``RangeClient.fetch``."""
+        with the connection IDLE or CLOSED. ``accept_shorter``: see ``RangeClient.fetch``;
+        ``whole``: a GET without a Range (``RangeClient.fetch_whole``)."""
         if self._state is _CLOSED:  # closed by the server before its first request was sent
             raise ConnectionResetError("the server closed the connection")
         assert self.transport is not None and (self._state is _NEW or self._state is _IDLE)
@@ -605,7 +623,8 @@ class _Connection(asyncio.BufferedProtocol):
         self._sink, self._start, self._pos, self._end = sink, start, start, end
         self._head_len = 0
         self._headers = {}
-        self._accept_shorter = accept_shorter
+        self._accept_shorter = accept_shorter or whole
+        self._whole = whole
         self._generic = False
         self._body_written = True
         self._state = _HEAD
@@ -616,7 +635,7 @@ class _Connection(asyncio.BufferedProtocol):
         lines = [
             f"GET {url.target} HTTP/1.1",
             f"Host: {url.host_header}",
-            f"Range: bytes={start}-{end - 1}",
+            *(() if whole else (f"Range: bytes={start}-{end - 1}",)),
             "Accept-Encoding: identity",
             f"User-Agent: {user_agent}",
             *url.headers,
@@ -666,6 +685,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._head_len = 0
         self._headers = {}
         self._accept_shorter = False
+        self._whole = False
         self._generic = True
         self._no_body = method == "HEAD"
         length = sum(len(view) for view in body)
@@ -819,6 +839,28 @@ class RangeClient:
         ``Content-Range`` starts at ``start`` and ends at the object's end (``bytes
         start-last/last+1``), or from byte 0 a 200 with the whole object, is received (the
         headers say how much came); the store reads whole small objects so."""
+        return await self._fetch(url, start, end, if_match, sink, unmodified_since, accept_shorter)
+
+    async def fetch_whole(self, url: Url, sink: WholeSink) -> dict[str, str]:
+        """The whole object at ``url``, from a GET without a Range (to which S3 answers with
+        the object's full-object checksum, when ``url`` asks for it), into ``sink``, which is
+        told the object's size first (``WholeSink.expect``); returns the response headers. One
+        attempt, as ``fetch``. A reply that is not a 200 with a ``Content-Length`` and a plain
+        body is ``FallbackRequired``."""
+        return await self._fetch(url, 0, 0, None, sink, None, True, whole=True)
+
+    async def _fetch(
+        self,
+        url: Url,
+        start: int,
+        end: int,
+        if_match: str | None,
+        sink: RangeSink,
+        unmodified_since: str | None,
+        accept_shorter: bool,
+        *,
+        whole: bool = False,
+    ) -> dict[str, str]:
         for resend in (True, False):
             connection = await self._acquire(url, fresh=not resend)
             try:
@@ -832,6 +874,7 @@ class RangeClient:
                     self._user_agent,
                     unmodified_since,
                     accept_shorter,
+                    whole,
                 )
             except OSError as exc:
                 self._release(connection)

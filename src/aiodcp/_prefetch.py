@@ -144,6 +144,7 @@ class PrefetchHandle:
         self._ready: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._metadata: Metadata | None = None
         self._request_latency_s: float | None = None
+        self._metadata_checksum: str | None = None
         self._engine: FetchEngine | None = None
         self._index: dict[tuple[str, ItemRange], tuple[int, int]] = {}
         self._cancelled = False
@@ -160,6 +161,8 @@ class PrefetchHandle:
             latency = fetched.request_latency_s
             metadata = fetched.parse()
             self._request_latency_s = latency
+            self._metadata_checksum = fetched.checksum
+            recorder.metadata_verified = fetched.checksum is not None
             max_gap_size = resolve_max_gap_size(self._config.max_gap_size, latency)
             recorder.max_gap_size = max_gap_size
             recorder.request_latency_s = latency
@@ -319,6 +322,7 @@ class PrefetchHandle:
             metadata=metadata,
             request_latency_s=self._request_latency_s,
             fetch=self._describe,
+            metadata_checksum=self._metadata_checksum,
         )
 
     def load(

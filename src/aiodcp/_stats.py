@@ -94,6 +94,13 @@ class LoadStats:
     """Items (or blocks of them), or data files read whole, whose bytes did not match their
     checksum and were fetched again from the store (a second mismatch raises
     ``ChecksumMismatchError``)."""
+    metadata_verified: bool = False
+    """Whether what describes the checkpoint (its ``.metadata``; a safetensors checkpoint's
+    ``model.safetensors.index.json``) was checked against the store's full-object checksum
+    (CRC64NVME, CRC32, CRC32C, SHA-256 or SHA-1, sent with the GET that read it whole) before
+    it was parsed. False: ``verify_checksums=False``, a store that keeps no such checksum (or a
+    composite one), or nothing read whole (a safetensors checkpoint without an index). A
+    mismatch is read once more and counts in ``checksum_mismatches``."""
     checksum_requests: int = 0
     """HEAD requests (retries included) that asked the store for the full-object checksum of
     a data file the load reads whole (a checkpoint without a record); not in ``requests``."""
@@ -207,6 +214,7 @@ class StatsRecorder(_Counters):
         "items",
         "job",
         "max_gap_size",
+        "metadata_verified",
         "peak_buffered_bytes",
         "refetched_items",
         "request_latency_s",
@@ -251,6 +259,7 @@ class StatsRecorder(_Counters):
         self.unverified_bytes = 0
         self.checksum_mismatches = 0
         self.checksum_requests = 0
+        self.metadata_verified = False
         self.min_request_rate: float | None = None
         self.bytes_from_peers = 0
         self.bytes_to_peers = 0
@@ -304,6 +313,7 @@ class StatsRecorder(_Counters):
                 unverified_bytes=self.unverified_bytes,
                 checksum_mismatches=self.checksum_mismatches,
                 checksum_requests=self.checksum_requests,
+                metadata_verified=self.metadata_verified,
                 bytes_from_peers=self.bytes_from_peers,
                 bytes_to_peers=self.bytes_to_peers,
                 sharing=self.sharing,
@@ -375,6 +385,7 @@ def job_stats(rows: list[list[int]], template: LoadStats) -> LoadStats:
         max_gap_size=template.max_gap_size,
         request_latency_s=template.request_latency_s,
         min_request_rate=template.min_request_rate,
+        metadata_verified=template.metadata_verified,
         sharing=template.sharing,
         ranks=len(rows),
     )

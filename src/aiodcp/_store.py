@@ -7,12 +7,12 @@ would resolve the same way, from the configuration, the environment and the AWS 
 credentials are fetched if they come from a source (``_credentials``: STS, the container or
 instance metadata endpoint, a process; a fetch that fails leaves the plain case) and kept
 current by a ``Refresher``; otherwise the aiobotocore client is created (``_botostore``,
-which alone imports botocore, aiobotocore and aiohttp). -> ``get_object(bucket, key)`` for
-small objects such as ``.metadata`` and ``object_size`` -> ``fetch_range(bucket, key, start,
-end, sink)`` for the data GETs, or ``open_range(bucket, key, start, end, if_match)`` through
-botocore, returning a
-``_botostore.RangeStream`` whose ``read_chunk()`` hands out the body as the network delivered
-it (one ``bytes`` per socket read, never joined).
+which alone imports botocore, aiobotocore and aiohttp). -> ``get_whole(bucket, key,
+checksum=)`` (``get_object``) for small objects such as ``.metadata``, and ``object_size`` ->
+``fetch_range(bucket, key, start, end, sink)`` for the data GETs, or ``open_range(bucket, key,
+start, end, if_match)`` through botocore, returning a ``_botostore.RangeStream`` whose
+``read_chunk()`` hands out the body as the network delivered it (one ``bytes`` per socket
+read, never joined).
 
 The botocore client is created lazily, once (``botocore_client``: concurrent callers share
 the creation; ``_botostore`` is imported in a worker thread), the first time something needs it:
@@ -22,13 +22,15 @@ creates it, so never imports botocore, aiobotocore or aiohttp.
 
 Requests take the fast path when they can: the object's URL is presigned (``_fast_url``, reused
 for half the life it has left) and the request handed to ``_http.RangeClient``, which writes
-the body straight into the engine's sink (``fetch_range``) or into a buffer (``get_object``: a
-ranged GET that accepts a shorter object, then the rest pinned to its ETag; ``object_size``: a
-GET of the first byte, whose ``Content-Range`` gives the size). In the plain case URLs are
-signed here (``_native_url``: ``_sigv4``, stdlib only, with the current credentials,
-``current_plain``); otherwise as the client signs its own requests (``_botocore_url``,
-``_botostore.presign_as_requests``: SigV4 query form, the client's endpoint, the bucket's region
-as botocore resolved it), never outliving the credentials that signed them (``PresignTiming``).
+the body straight into the engine's sink (``fetch_range``) or into a buffer (``get_whole``:
+one GET without a Range, whose body is received into buffers allocated as it arrives, and
+which, asked with a signed ``x-amz-checksum-mode: ENABLED``, S3 answers with the object's
+full-object checksum; ``object_size``: a GET of the first byte, whose ``Content-Range`` gives
+the size). In the plain case URLs are signed here (``_native_url``: ``_sigv4``, stdlib only,
+with the current credentials, ``current_plain``); otherwise as the client signs its own
+requests (``_botocore_url``, ``_botostore.presign_as_requests``: SigV4 query form, the client's
+endpoint, the bucket's region as botocore resolved it), never outliving the credentials that
+signed them (``PresignTiming``).
 Outside the plain case only data GETs take the fast path, as before. Proxies and client
 certificates (seen in botocore's resolved HTTP settings), ``fast_http=False``, and any response
 that is not the plain case go through botocore instead. An error response is sorted by
@@ -71,7 +73,7 @@ between attempts (``retry_delay``), and each attempt is counted in ``LoadStats``
 still fails raises a ``TransferError`` carrying ``attempts`` (``exhausted``); errors that no
 retry can fix (403, 404, 412, a truncated object) are raised at once. ``open_range`` makes one
 attempt and leaves the retrying to its caller (the engine resumes where the body stopped);
-``get_object``, ``object_size`` and ``read_range`` retry themselves.
+``get_whole``, ``object_size`` and ``read_range`` retry themselves.
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ import ssl
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
@@ -121,10 +123,12 @@ if TYPE_CHECKING:
     from ._stats import StatsRecorder
 
 __all__ = [
+    "CHECKSUM_MODE",
     "PRESIGN_TIMING",
     "PresignTiming",
     "RangeSink",
     "S3Store",
+    "WholeRead",
     "WriteReply",
     "WriteRequest",
     "classify_write",
@@ -603,38 +607,64 @@ class S3Store:
     async def get_object(
         self, bucket: str, key: str, *, stats: StatsRecorder | None = None
     ) -> bytes:
-        """The whole object (for small objects such as ``.metadata``), retried as a whole.
+        """The whole object's bytes (``get_whole`` without its checksum)."""
+        return (await self.get_whole(bucket, key, stats=stats)).data
 
-        In the plain case a ranged GET of the first ``_WHOLE_GET_SPAN`` bytes through the
-        fast path, which accepts a shorter object, then the rest (pinned to the first part's
-        ETag) if it is longer; otherwise, or if the response is not the plain case, botocore's
-        GET. With ``stats``, each retry adds one request and one retry (the caller counts the
-        first request itself).
+    async def get_whole(
+        self,
+        bucket: str,
+        key: str,
+        *,
+        stats: StatsRecorder | None = None,
+        checksum: bool = False,
+    ) -> WholeRead:
+        """The whole object (for small objects such as ``.metadata``) from one GET without a
+        Range, retried as a whole; with ``checksum``, the GET asks for the object's checksum
+        (``x-amz-checksum-mode: ENABLED``, signed) and ``WholeRead`` carries what the store
+        answered (``_verify.read_verified`` checks the bytes against it).
+
+        In the plain case through the fast path (``RangeClient.fetch_whole``: the body is
+        received into buffers allocated as it arrives, never past its ``Content-Length``);
+        otherwise, or if the response is not the plain case, botocore's GET (whose own check
+        of the checksum, when it fails, is a ``WholeRead`` with ``damaged`` set). A
+        ``.metadata``'s response ``Date`` is the load's start (``load_started``). With
+        ``stats``, each retry adds one request and one retry (the caller counts the first
+        request itself).
         """
 
         def started(date: Any) -> None:
             if key.rsplit("/", 1)[-1] == ".metadata" and isinstance(date, str):
                 self._started[(bucket, posixpath.dirname(key))] = date
 
-        async def attempt_once(attempt: int) -> bytes:
-            fast = await self._get_fast(bucket, key, _WHOLE_GET_SPAN, whole=True)
+        async def attempt_once(attempt: int) -> WholeRead:
+            fast = await self._get_fast(bucket, key, 0, whole=True, checksum=checksum)
             if fast is not None:
                 data, headers, _ = fast
                 started(headers.get("date"))
-                return data
+                return WholeRead(data, headers if checksum else {}, headers.get("etag"))
             body = None
+            params: dict[str, Any] = {"Bucket": bucket, "Key": key, **self._payer}
+            if checksum:
+                params["ChecksumMode"] = "ENABLED"
             try:
                 client = await self.botocore_client()
-                response = await client.get_object(Bucket=bucket, Key=key, **self._payer)
+                response = await client.get_object(**params)
                 body = response["Body"]
-                got: bytes = await body.read()
-                started(response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date"))
+                headers = response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+                started(headers.get("date"))
+                try:
+                    got: bytes = await body.read()
+                except Exception as exc:
+                    if checksum and _botostore().is_checksum_error(exc):
+                        # botocore checked the body against the checksum and it differs
+                        return WholeRead(b"", dict(headers), response.get("ETag"), damaged=True)
+                    raise
             except Exception as exc:
                 raise translate_error(exc, bucket, key) from exc
             finally:
                 if body is not None:
                     body.close()
-            return got
+            return WholeRead(got, dict(headers) if checksum else {}, response.get("ETag"))
 
         def on_retry(attempt: int) -> None:
             if stats is not None:
@@ -738,34 +768,37 @@ class S3Store:
                 return keys
 
     async def _get_fast(
-        self, bucket: str, key: str, span: int, *, whole: bool
+        self, bucket: str, key: str, span: int, *, whole: bool, checksum: bool = False
     ) -> tuple[bytes, dict[str, str], int] | None:
-        """(the first ``span`` bytes, or the whole object if ``whole``; the first response's
-        headers; the object's size) through the fast path with a natively signed URL; None:
-        send it through botocore instead (not the plain case, a response that is not the plain
-        case, an empty object's 416, a refusal botocore can tell more about). A refusal of
-        expired credentials or URL is signed again (credentials refreshed if they can be),
-        ``_RESIGNS`` times at most, as data GETs are (``_fetch_fast``)."""
+        """(the first ``span`` bytes, or with ``whole`` the whole object from a GET without a
+        Range, asking for its checksum with ``checksum``; the response's headers; the object's
+        size) through the fast path with a natively signed URL; None: send it through botocore
+        instead (not the plain case, a response that is not the plain case, an empty object's
+        416, a refusal botocore can tell more about). A refusal of expired credentials or URL
+        is signed again (credentials refreshed if they can be), ``_RESIGNS`` times at most, as
+        data GETs are (``_fetch_fast``)."""
         for _ in range(_RESIGNS + 1):
             fast = self._fast
-            signed = await self._native_url(bucket, key)
+            if checksum:
+                signed = await self._native_request_url(
+                    "GET", bucket, key, {CHECKSUM_MODE: "ENABLED"}
+                )
+            else:
+                signed = await self._native_url(bucket, key)
             if fast is None or signed is None or signed.url is None:
                 return None
             try:
+                if whole:
+                    sink = _BufferSink(0, 0)
+                    headers = await fast.fetch_whole(signed.url, sink)
+                    data = sink.data()
+                    return data, headers, len(data)
                 first = _BufferSink(0, span)
                 headers = await fast.fetch(signed.url, 0, span, None, first, accept_shorter=True)
                 size = _object_size(headers)
                 if size is None:
                     raise FallbackRequired("no object size in the response")
-                data = first.data()
-                if whole and size > span:
-                    etag = headers.get("etag")
-                    if etag is None:
-                        raise FallbackRequired("no ETag to pin the rest of the object to")
-                    rest = _BufferSink(span, size - span)
-                    await fast.fetch(signed.url, span, size, etag, rest)
-                    data += rest.data()
-                return data, headers, size
+                return first.data(), headers, size
             except HttpError as exc:
                 kind = _refusal_kind(exc.status, exc.code, exc.message)
                 if kind is None and exc.status != 416:
@@ -1014,11 +1047,13 @@ class S3Store:
             return None
         return int(min(self.timing.expires_s, left - self.timing.credential_margin_s))
 
-    def _with_payer(self, url: Url) -> Url:
-        if self.config.request_payer is None:
-            return url
-        # signed as a header (X-Amz-SignedHeaders), so it must be sent as one
-        return url._replace(headers=(f"x-amz-request-payer: {self.config.request_payer}",))
+    def _with_payer(self, url: Url, headers: dict[str, str] | None = None) -> Url:
+        """``url`` with the header lines its signature covers: ``x-amz-request-payer`` (the
+        store's setting) and ``headers`` (e.g. ``x-amz-checksum-mode``), which must be sent."""
+        lines = tuple(f"{name}: {value}" for name, value in (headers or {}).items())
+        if self.config.request_payer is not None:
+            lines = (f"x-amz-request-payer: {self.config.request_payer}", *lines)
+        return url._replace(headers=lines) if lines else url
 
     async def _botocore_url(self, bucket: str, key: str) -> _Signed:
         """The URL as botocore presigns it: the way the client signs its own requests (SigV4,
@@ -1229,33 +1264,13 @@ class S3Store:
         ``_botocore_url``); ``url`` None: botocore sends it. Never cached: each request has a
         checksum of its own."""
         method, query, headers, params = request.shape()
+        native = await self._native_request_url(
+            method, request.bucket, request.key, None, query, signed_headers=headers
+        )
+        if native is not None:
+            return native
         now = time.monotonic()
         timing = self.timing
-        plain = None
-        lifetime: int | None = None
-        if self._plain is not None:
-            where = (request.bucket, request.key)
-            plain = await self._current_plain(force=False, bucket=where[0], key=where[1])
-            lifetime = self._lifetime()
-            if lifetime is not None and lifetime < timing.min_presign_s:
-                # about to expire and not refreshed yet: refresh now (as _native_url does)
-                plain = await self._current_plain(force=True, bucket=where[0], key=where[1])
-                lifetime = self._lifetime()
-        if plain is not None:
-            expires = timing.expires_s if lifetime is None else max(1, lifetime)
-            text = plain.request_url(
-                method,
-                request.bucket,
-                request.key,
-                now=datetime.datetime.now(datetime.UTC),
-                expires=expires,
-                payer=self.config.request_payer,
-                query=query,
-                headers=headers,
-            )
-            if text is not None:
-                access_key = plain.credentials.access_key if plain.credentials else None
-                return _Signed(self._with_payer(Url.parse(text)), now, access_key, native=True)
         client = await self.botocore_client()
         if self._proxy_config is None:
             return _Signed(None, now, None)
@@ -1287,6 +1302,48 @@ class S3Store:
         }:
             return _Signed(None, now, access_key)  # a proxy, or headers we would not send
         return _Signed(self._with_payer(Url.parse(text)), now, access_key)
+
+    async def _native_request_url(
+        self,
+        method: str,
+        bucket: str,
+        key: str,
+        headers: dict[str, str] | None,
+        query: tuple[tuple[str, str], ...] = (),
+        *,
+        signed_headers: dict[str, str] | None = None,
+    ) -> _Signed | None:
+        """A URL for one ``method`` request signed natively (never cached), with ``headers``
+        signed and carried by the URL (sent with it), and ``signed_headers`` signed but sent by
+        the caller; None when the store or the bucket is not plain. It lives as long as the
+        credentials allow (refreshed first when they are about to expire, as ``_native_url``
+        does)."""
+        if self._plain is None:
+            return None
+        now = time.monotonic()
+        timing = self.timing
+        plain = await self._current_plain(force=False, bucket=bucket, key=key)
+        lifetime = self._lifetime()
+        if lifetime is not None and lifetime < timing.min_presign_s:
+            plain = await self._current_plain(force=True, bucket=bucket, key=key)
+            lifetime = self._lifetime()
+        if plain is None:
+            return None
+        expires = timing.expires_s if lifetime is None else max(1, lifetime)
+        text = plain.request_url(
+            method,
+            bucket,
+            key,
+            now=datetime.datetime.now(datetime.UTC),
+            expires=expires,
+            payer=self.config.request_payer,
+            query=query,
+            headers={**(headers or {}), **(signed_headers or {})},
+        )
+        if text is None:
+            return None
+        access_key = plain.credentials.access_key if plain.credentials else None
+        return _Signed(self._with_payer(Url.parse(text), headers), now, access_key, native=True)
 
     async def _write_botocore(
         self, request: WriteRequest, body: Sequence[memoryview]
@@ -1325,6 +1382,7 @@ class S3Store:
             checksum=None if full is None else full[1],
             size=size if isinstance(size, int) else None,
             checksum_algorithm=None if full is None else full[0],
+            checksum_headers=given if request.operation == "head_object" else {},
         )
 
     async def get_object_etag(self, bucket: str, key: str) -> tuple[bytes, str | None] | None:
@@ -1334,7 +1392,7 @@ class S3Store:
 
         async def attempt_once(attempt: int) -> tuple[bytes, str | None] | None:
             try:
-                fast = await self._get_fast(bucket, key, _WHOLE_GET_SPAN, whole=True)
+                fast = await self._get_fast(bucket, key, 0, whole=True)
             except NotFoundError:
                 return None
             if fast is not None:
@@ -1357,6 +1415,19 @@ class S3Store:
             return got, response.get("ETag")
 
         return await self.retrying(attempt_once, what=f"s3://{bucket}/{key}")
+
+
+class WholeRead(NamedTuple):
+    """An object read whole by one GET (``S3Store.get_whole``)."""
+
+    data: bytes
+    headers: dict[str, str]
+    """The response's headers (lower-case names) when the GET asked for the object's checksum
+    (``x-amz-checksum-*``, ``x-amz-checksum-type``, ``etag``); else empty."""
+    etag: str | None
+    damaged: bool = False
+    """botocore checked the body against the checksum the store sent, and it differed
+    (``data`` is then empty)."""
 
 
 class WriteRequest(NamedTuple):
@@ -1453,6 +1524,10 @@ class WriteReply(NamedTuple):
     ``checksum_algorithm`` its algorithm (``_checksum.full_object_checksum``)."""
     size: int | None = None
     checksum_algorithm: str | None = None
+    checksum_headers: Mapping[str, str] = {}  # (one shared default, never written)
+    """``head_object``: every checksum header of the reply (``x-amz-checksum-*``, the type) and
+    its ``etag``, lower-case names, for checks beyond the combinable CRCs (``aiodcp verify``:
+    ``_checksum.full_object_checksum(..., WHOLE_READ_HEADERS)``, ``composite_checksum``)."""
 
 
 _WRITE_METHODS = {
@@ -1486,14 +1561,21 @@ def _write_reply(request: WriteRequest, headers: dict[str, str], body: bytes) ->
     """A fast-path reply in the form ``send_write`` returns (ETag and upload id from the
     headers, or the XML body for the multipart calls)."""
     found = {m.group(1): _xml_unescape(m.group(2)) for m in _XML_TEXT_RE.finditer(body.decode())}
-    full = _full_object_checksum(headers) if request.operation == "head_object" else None
+    head = request.operation == "head_object"
+    full = _full_object_checksum(headers) if head else None
+    given = (
+        {k: v for k, v in headers.items() if k.startswith("x-amz-checksum-") or k == "etag"}
+        if head
+        else {}
+    )
     length = headers.get("content-length", "")
     return WriteReply(
         etag=found.get("ETag", headers.get("etag")),
         upload_id=found.get("UploadId"),
         checksum=None if full is None else full[1],
-        size=int(length) if request.operation == "head_object" and length.isdigit() else None,
+        size=int(length) if head and length.isdigit() else None,
         checksum_algorithm=None if full is None else full[0],
+        checksum_headers=given,
     )
 
 
@@ -1501,6 +1583,8 @@ _BOTOCORE_CHECKSUMS = {
     "ChecksumCRC64NVME": "x-amz-checksum-crc64nvme",
     "ChecksumCRC32C": "x-amz-checksum-crc32c",
     "ChecksumCRC32": "x-amz-checksum-crc32",
+    "ChecksumSHA256": "x-amz-checksum-sha256",
+    "ChecksumSHA1": "x-amz-checksum-sha1",
     "ChecksumType": "x-amz-checksum-type",
 }
 """botocore's names of a response's checksum fields -> the headers they come from."""
@@ -1662,9 +1746,9 @@ class PresignTiming(NamedTuple):
 
 PRESIGN_TIMING = PresignTiming()
 """The timing a store uses unless it is given one (read when the store is made)."""
-_WHOLE_GET_SPAN = 8 * 1024 * 1024
-"""Bytes: a whole-object GET through the fast path asks for this much first (a ``.metadata``
-is almost always smaller: one request), then for the rest, pinned to the first part's ETag."""
+CHECKSUM_MODE = "x-amz-checksum-mode"
+"""The request header that asks S3 for an object's checksum (value ``ENABLED``): a GET without
+a Range (``get_whole``) or a HEAD gets the object's full-object checksum, if it has one."""
 _RESIGNS = 2
 """Times one request is signed again after the store refused its signature as expired."""
 _FAST_FALLBACK_LIMIT = 3
@@ -1705,7 +1789,9 @@ def _botostore() -> Any:
 class _BufferSink:
     """A ``RangeSink`` collecting bytes ``[start, start + size)`` (or fewer: the object may be
     shorter) in buffers allocated as the body arrives, each as large as all before it (64 KiB
-    first): a span asked for generously (``_WHOLE_GET_SPAN``) costs only what came."""
+    first), none past ``size``: a span asked for generously costs only what came. As a
+    ``WholeSink`` (``size`` 0 until ``expect``) it holds a whole object, allocated the same
+    way, never past the object's ``Content-Length``."""
 
     __slots__ = ("_chunks", "_size", "_used", "etag", "start")
 
@@ -1715,6 +1801,9 @@ class _BufferSink:
         self._chunks: list[bytearray] = []
         self._used = 0  # bytes written into the last chunk
         self.etag: str | None = None
+
+    def expect(self, size: int) -> None:
+        self._size = size
 
     def begin(self, etag: str | None) -> None:
         self.etag = etag

@@ -20,6 +20,14 @@ file order, into the CRC of the whole object and compares it with the store's fu
 checksum (``x-amz-checksum-*`` of a HEAD with ``x-amz-checksum-mode: ENABLED``): CRC64NVME,
 CRC32 or CRC32C, each combinable from its parts.
 
+What describes a checkpoint (DCP's ``.metadata``, a safetensors index) is read whole in one GET
+without a Range, which S3 answers with the object's full-object checksum when asked
+(``x-amz-checksum-mode: ENABLED``): ``read_verified`` checks the bytes against it (CRC64NVME,
+CRC32, CRC32C, SHA-256 or SHA-1, ``_checksum.Digest``, in a worker thread) before anyone
+parses them, reads once more on a mismatch, and raises ``ChecksumMismatchError`` if the second
+read differs too. An object with no full-object checksum (a store that keeps none, a composite
+one) is returned unchecked.
+
 Data flow::
 
     BlockCheck(origin, length, block_bytes, crcs, where, data_start)  one stored item's record
@@ -33,6 +41,7 @@ Data flow::
     WholeObject(size, algorithm, expected)                   one data file read whole
         .add(start, pieces) ... .done -> .matches
     crc_of(algorithm, pieces)          -> the CRC of the bytes in one of ``ALGORITHMS``
+    await read_verified(store, bucket, key, stats=, verify=) -> (bytes, algorithm | None)
 
 Invariants: a check never reads more than the bytes it is given (the pieces of one item), and
 only compares whole blocks of the record; an item that is not whole blocks of its stored item
@@ -41,16 +50,32 @@ is refused when the check is made (``covers``), never half checked.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import _checksum
+from ._errors import ChecksumMismatchError
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
-__all__ = ["ALGORITHMS", "BlockCheck", "WholeObject", "block_count", "crc_of", "crcs_of"]
+    from ._stats import StatsRecorder
+    from ._store import S3Store
+
+__all__ = [
+    "ALGORITHMS",
+    "BlockCheck",
+    "WholeObject",
+    "block_count",
+    "crc_of",
+    "crcs_of",
+    "read_verified",
+]
+
+logger = logging.getLogger(__name__)
 
 
 def _crt() -> Any:
@@ -287,3 +312,67 @@ class WholeObject:
     @property
     def matches(self) -> bool:
         return self.done and self._next == self.size and self._crc == self.expected
+
+
+def _digest_matches(algorithm: str, expected: int, data: bytes) -> bool:
+    digest = _checksum.Digest(algorithm)
+    digest.update(data)
+    return digest.value() == expected
+
+
+async def read_verified(
+    store: S3Store,
+    bucket: str,
+    key: str,
+    *,
+    stats: StatsRecorder | None = None,
+    verify: bool = True,
+) -> tuple[bytes, str | None]:
+    """The object ``key`` read whole (``S3Store.get_whole``), and the algorithm of the store's
+    full-object checksum its bytes were checked against (None: not checked: ``verify`` False,
+    or the store gave none that a read can check, such as a composite one).
+
+    With ``verify``, the GET asks for the checksum and the bytes are checked in a worker thread
+    (awscrt is imported there, only when there is something to check). A mismatch (or
+    botocore's own check failing) reads the object once more; a second mismatch raises
+    ``ChecksumMismatchError`` naming the object. ``stats``: the second GET adds a request,
+    each discarded read its bytes to ``bytes_received``, each mismatch to
+    ``checksum_mismatches`` (the caller counts the first request and the returned bytes)."""
+    got = await store.get_whole(bucket, key, stats=stats, checksum=verify)
+    if not verify:
+        return got.data, None
+    where = f"s3://{bucket}/{key}"
+    for attempt in (1, 2):
+        if attempt == 2:
+            if stats is not None:
+                stats.add(requests=1, bytes_received=len(got.data), checksum_mismatches=1)
+            got = await store.get_whole(bucket, key, stats=stats, checksum=True)
+        expected = _checksum.full_object_checksum(got.headers, _checksum.WHOLE_READ_HEADERS)
+        if expected is None and not got.damaged:
+            return got.data, None
+        algorithm = "checksum" if expected is None else expected[0]
+        if expected is not None and not got.damaged:
+            if await asyncio.to_thread(_digest_matches, algorithm, expected[1], got.data):
+                if attempt == 2:
+                    logger.warning(
+                        "%s: read again, it matches the store's %s (the first read came damaged)",
+                        where,
+                        algorithm,
+                    )
+                return got.data, algorithm
+    if stats is not None:
+        stats.add(checksum_mismatches=1)
+    size = len(got.data)
+    etag = "" if got.etag is None else f", ETag {got.etag}"
+    raise ChecksumMismatchError(
+        f"{where}: its bytes do not match the full-object {algorithm} the store holds for it "
+        f"({size} bytes{etag}), read whole twice: the object is damaged in the store, or "
+        "something between the store and this host corrupts data. Nothing was parsed from it; "
+        "`aiodcp verify` checks the checkpoint; verify_checksums=False reads the bytes as they "
+        "are.",
+        bucket=bucket,
+        key=key,
+        item_range=(0, size),
+        byte_range=(0, size),
+        mismatched=((0, size),),
+    )

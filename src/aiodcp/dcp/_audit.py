@@ -20,11 +20,16 @@ Data flow, per data file (path order)::
 Nothing is retried on a mismatch (a load does that): what an audit reports is what one read
 of the store gave; run it again to tell a damaged object from a damaged transfer.
 
-Checkpoints without a record: each data file is HEADed for the store's full-object CRC64NVME
-(``x-amz-checksum-mode``; S3 gives every object one unless it was uploaded with another
-algorithm), read whole pinned to that HEAD's ETag, and its CRC compared: ``ok`` or ``mismatch``
-(which item cannot be told); a file the store holds no such checksum for is ``unverified``
-(the CLI exits with its own code for that).
+Checkpoints without a record: each data file is HEADed for the store's full-object checksum
+(``x-amz-checksum-mode``): CRC64NVME (S3 gives every object one unless it was uploaded with
+another algorithm), CRC32 or CRC32C (awscrt), SHA-256 or SHA-1 (hashlib), whichever the store
+reports (``_checksum.full_object_checksum(..., WHOLE_READ_HEADERS)``); the file is read whole,
+pinned to that HEAD's ETag, in file order, its checksum computed as the bytes arrive
+(``_checksum.Digest``) and compared: ``ok`` or ``mismatch`` (which item cannot be told), with
+the algorithm named (``FileAudit.algorithm``). A file the store holds no such checksum for is
+``unverified``: a store that keeps none, or a composite checksum (a multipart upload's
+checksum of its parts' checksums, ``-<parts>``), which no read of the whole file can check (the
+CLI exits with its own code for that).
 """
 
 from __future__ import annotations
@@ -34,7 +39,13 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from .._checksum import combine
+from .._checksum import (
+    WHOLE_READ_HEADERS,
+    Digest,
+    combine,
+    composite_checksum,
+    full_object_checksum,
+)
 from .._config import ReaderConfig
 from .._engine import FetchEngine, FileFetch
 from .._errors import (
@@ -94,8 +105,12 @@ class FileAudit:
     checked_bytes: int = 0
     mismatches: tuple[ItemMismatch, ...] = ()
     whole_crc_matches: bool | None = None
-    """The file's CRC64NVME against the recorded one (None: not read whole)."""
+    """The whole file's checksum against the recorded one, or the store's (None: not read
+    whole)."""
     detail: str = ""
+    algorithm: str | None = None
+    """The whole-file checksum it was checked against: ``CRC64NVME`` (the record's, or the
+    store's), ``CRC32``, ``CRC32C``, ``SHA256`` or ``SHA1`` (the store's); None: unchecked."""
 
 
 async def _opened(store: S3Store) -> S3Store:
@@ -129,6 +144,7 @@ def audit_checkpoint(
                     key,
                     items,
                     (record.size, record.etag, record.crc64nvme),
+                    "CRC64NVME",
                     integrity,
                     config,
                     driver,
@@ -157,7 +173,8 @@ def _audit_against_store(
     recorder: StatsRecorder,
 ) -> FileAudit:
     """A file of a checkpoint without a record: read whole and checked against the store's
-    full-object CRC64NVME (a HEAD with ``x-amz-checksum-mode``), when it has one."""
+    full-object checksum (a HEAD with ``x-amz-checksum-mode``), when it has one that a read
+    can check."""
     size = max((end for _, end in items), default=0)
     base = FileAudit(relative_path, key, size, UNVERIFIED, len(items))
 
@@ -171,14 +188,26 @@ def _audit_against_store(
         reply = driver.run(head)
     except NotFoundError as exc:
         return dataclasses.replace(base, status=MISSING, detail=str(exc))
-    if reply.checksum is None or reply.size is None or reply.checksum_algorithm != "CRC64NVME":
-        why = (
-            "the checkpoint records no checksums, and the store holds no full-object CRC64NVME "
-            "for this file (uploaded with another checksum, or a store that keeps none)"
-        )
+    full = full_object_checksum(reply.checksum_headers, WHOLE_READ_HEADERS)
+    if full is None or reply.size is None:
+        composite = composite_checksum(reply.checksum_headers)
+        if composite is not None:
+            why = (
+                f"cannot check: the checkpoint records no checksums, and the store holds only a "
+                f"composite {composite} for this file (a multipart upload's checksum of its "
+                "parts' checksums), which no read of the whole file can check"
+            )
+        else:
+            why = (
+                "the checkpoint records no checksums, and the store holds no full-object "
+                "checksum for this file (a store that keeps none)"
+            )
         return dataclasses.replace(base, detail=why)
-    expected = (reply.size, reply.etag, reply.checksum)
-    return _audit_file(bucket, relative_path, key, items, expected, None, config, driver, recorder)
+    algorithm, value = full
+    expected = (reply.size, reply.etag, value)
+    return _audit_file(
+        bucket, relative_path, key, items, expected, algorithm, None, config, driver, recorder
+    )
 
 
 def _tiling(items: Sequence[tuple[int, int]], size: int) -> list[ItemRange]:
@@ -202,16 +231,18 @@ def _audit_file(
     key: str,
     items: dict[tuple[int, int], list[str]],
     expected: tuple[int, str | None, int],
+    algorithm: str,
     integrity: Integrity | None,
     config: ReaderConfig,
     driver: Driver,
     recorder: StatsRecorder,
 ) -> FileAudit:
     """Read a file whole (pinned to ``expected``'s ETag) and check it against ``expected``'s
-    size and whole-file CRC64NVME, and each stored item against ``integrity``'s blocks when
-    there is a record."""
+    size and whole-file checksum (``algorithm``; CRC64NVME with a record, whose blocks' CRCs
+    combine into it), and each stored item against ``integrity``'s blocks when there is a
+    record."""
     size, etag, file_crc = expected
-    base = FileAudit(relative_path, key, size, OK, len(items))
+    base = FileAudit(relative_path, key, size, OK, len(items), algorithm=algorithm)
     if any(end > size for _, end in items):
         return dataclasses.replace(
             base,
@@ -239,11 +270,19 @@ def _audit_file(
     mismatches: list[ItemMismatch] = []
     crc = 0
     checked = 0
+    # without a record, the store's checksum of the bytes in file order (any algorithm)
+    digest = Digest(algorithm) if integrity is None else None
     try:
         for index, item_range in enumerate(plan.items):
             buffer = engine.wait_item(0, index)
             start, end = item_range.start, item_range.end
             keys = items.get((start, end))
+            if digest is not None:
+                for chunk in buffer.chunks:
+                    digest.update(chunk)
+                checked += end - start
+                engine.release_item(0, index)
+                continue
             if keys is None or integrity is None:  # only in the file's CRC
                 crcs = [(start, end, crcs_of(buffer.chunks, [end - start])[0])]
             else:
@@ -272,6 +311,8 @@ def _audit_file(
             future.result()
         except BaseException:
             pass  # raised above through wait_item
+    if digest is not None:
+        crc = digest.value()
     whole = checked == size and crc == file_crc
     status = MISMATCH if mismatches or not whole else OK
     detail = ""
@@ -279,7 +320,7 @@ def _audit_file(
         detail = (
             "the file's CRC64NVME differs from the recorded one (bytes outside items)"
             if integrity is not None
-            else "the file's CRC64NVME differs from the store's full-object checksum (the "
+            else f"the file's {algorithm} differs from the store's full-object {algorithm} (the "
             "checkpoint records no per-item checksums to tell which item)"
         )
     return dataclasses.replace(

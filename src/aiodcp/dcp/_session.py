@@ -23,10 +23,12 @@ thin: ``S3StorageReader`` (one session per ``dcp.load``), ``load_checkpoint`` an
 Data flow of the steps::
 
     fetch_metadata(store, path, recorder, rank=None)     on the I/O loop
-        -> GET .metadata (or __{rank}.metadata), timed: its estimated time to first byte is
-           what max_gap_size="auto" is resolved with (_planner.request_latency_from_get);
-           a missing object says "is this a DCP checkpoint?"; counted in ``recorder``
-        -> FetchedMetadata(data, key, request_latency_s)
+        -> GET .metadata (or __{rank}.metadata) whole, timed: its estimated time to first
+           byte is what max_gap_size="auto" is resolved with (_planner.request_latency_from_get);
+           a missing object says "is this a DCP checkpoint?"; counted in ``recorder``; with
+           ``verify_checksums`` checked against the store's full-object checksum before
+           anything unpickles it (``_verify.read_verified``: read once more on a mismatch)
+        -> FetchedMetadata(data, key, request_latency_s, checksum)
     FetchedMetadata.parse()                              off the loop (a large .metadata
         -> dcp._metadata.load_metadata                   takes long to unpickle)
     run_dcp_load(state_dict, reader, ...)                in the thread that decodes
@@ -64,6 +66,7 @@ from .._errors import LoadCancelledError, NoSuchBucketError, NotFoundError
 from .._path import CheckpointPath
 from .._planner import request_latency_from_get
 from .._stats import LoadStats, StatsRecorder
+from .._verify import read_verified
 from ._archive import METADATA_NAME
 from ._integrity import Integrity
 from ._metadata import load_metadata
@@ -105,6 +108,9 @@ class FetchedMetadata(NamedTuple):
     key: str
     request_latency_s: float
     """Estimated time to first byte of the GET, seconds (``max_gap_size="auto"`` uses it)."""
+    checksum: str | None = None
+    """The algorithm of the store's full-object checksum ``data`` was checked against (None:
+    not checked)."""
 
     @property
     def url(self) -> str:
@@ -128,6 +134,11 @@ class Fetched(Protocol):
 
     @property
     def nbytes(self) -> int: ...
+
+    @property
+    def checksum(self) -> str | None:
+        """The algorithm of the store's checksum what was read whole (``.metadata``, an
+        index) was checked against before parsing; None: not checked."""
 
     def parse(self) -> Metadata: ...
 
@@ -153,15 +164,18 @@ async def fetch_metadata(
     *,
     rank: int | None = None,
 ) -> FetchedMetadata:
-    """GET ``.metadata`` (``__{rank}.metadata`` when ``rank`` is given) of ``path``, timed, and
-    counted as one request in ``recorder``."""
+    """GET ``.metadata`` (``__{rank}.metadata`` when ``rank`` is given) of ``path`` whole,
+    timed, counted as one request in ``recorder``, and checked against the store's checksum
+    when the store's configuration says ``verify_checksums`` (``_verify.read_verified``)."""
     name = METADATA_NAME if rank is None else f"__{int(rank)}{METADATA_NAME}"
     key = path.key(name)
     if recorder is not None:
         recorder.add(requests=1)
     started = time.perf_counter()
     try:
-        data = await store.get_object(path.bucket, key, stats=recorder)
+        data, checksum = await read_verified(
+            store, path.bucket, key, stats=recorder, verify=store.config.verify_checksums
+        )
     except NoSuchBucketError:
         raise
     except NotFoundError as exc:
@@ -174,7 +188,7 @@ async def fetch_metadata(
     latency = request_latency_from_get(time.perf_counter() - started, len(data))
     if recorder is not None:
         recorder.add(bytes_received=len(data))
-    return FetchedMetadata(data, path.bucket, key, latency)
+    return FetchedMetadata(data, path.bucket, key, latency, checksum)
 
 
 class LoadSession:
@@ -191,6 +205,7 @@ class LoadSession:
         metadata: Metadata | None = None,
         request_latency_s: float | None = None,
         fetch: Fetch | None = None,
+        metadata_checksum: str | None = None,
     ) -> None:
         self.path = path
         self.fetch: Fetch = fetch_metadata if fetch is None else fetch
@@ -208,6 +223,11 @@ class LoadSession:
         """Estimated time to first byte of the ``.metadata`` GET (None: not measured)."""
         self.metadata_bytes = 0
         """Size of the ``.metadata`` this session read (0: given, not read)."""
+        self.metadata_checksum = metadata_checksum
+        """The algorithm of the store's checksum the ``.metadata`` (a safetensors index) was
+        checked against before it was parsed (None: not checked); given with ``metadata`` by a
+        prefetch that read it."""
+        self.recorder.metadata_verified = metadata_checksum is not None
         self.stats: LoadStats | None = None
         """The load's statistics once its read phase ended (or failed)."""
         self._integrity: tuple[Integrity | None] | None = None
@@ -229,6 +249,8 @@ class LoadSession:
     def _took(self, fetched: Fetched, metadata: Metadata) -> Metadata:
         self.request_latency_s = self.recorder.request_latency_s = fetched.request_latency_s
         self.metadata_bytes = fetched.nbytes
+        self.metadata_checksum = fetched.checksum
+        self.recorder.metadata_verified = fetched.checksum is not None
         self.metadata = metadata
         self._integrity = None
         return metadata

@@ -4,10 +4,11 @@
 
     fetch_catalog(store, path, recorder)                          on the I/O loop
         -> the files: a URL ending in ``.safetensors`` is that one file; else
-           GET model.safetensors.index.json (timed: the request latency "auto" gaps are chosen
-           by) -> its weight_map's files; or, with no index, every ``*.safetensors`` directly
-           under the prefix (ListObjectsV2, as torch's HuggingFaceStorageReader lists its
-           directory)
+           GET model.safetensors.index.json whole (timed: the request latency "auto" gaps are
+           chosen by; checked against the store's full-object checksum before it is parsed, as
+           DCP's ``.metadata``: ``_verify.read_verified``) -> its weight_map's files; or,
+           with no index, every ``*.safetensors`` directly under the prefix (ListObjectsV2,
+           as torch's HuggingFaceStorageReader lists its directory)
         -> every file's header, all files at once: one GET of its first FIRST_READ_BYTES gives
            the header length and the header (a second GET, pinned to the first's ETag, only
            for a longer header); a file the index names that does not exist is an error naming
@@ -49,6 +50,7 @@ from .._path import CheckpointPath
 from .._planner import request_latency_from_get
 from .._stats import StatsRecorder
 from .._store import S3Store
+from .._verify import read_verified
 from ._format import INDEX_NAME, SafetensorsInfo, torch_shape
 from ._header import FIRST_READ_BYTES, Header, header_length, parse_header
 
@@ -95,6 +97,9 @@ class FetchedCatalog:
     headers: tuple[FetchedHeader, ...]
     request_latency_s: float
     """Estimated time to first byte of the first request (``max_gap_size="auto"`` uses it)."""
+    checksum: str | None = None
+    """The algorithm of the store's full-object checksum the index was checked against before
+    it was parsed (None: not checked, or no index)."""
 
     @property
     def path(self) -> CheckpointPath:
@@ -190,6 +195,7 @@ async def fetch_catalog(
         )
     directory, single = path, only
     index: bytes | None = None
+    checksum: str | None = None
     latency: float | None = None
     if single is not None:
         names = [single]
@@ -199,7 +205,13 @@ async def fetch_catalog(
             recorder.add(requests=1)
         started = time.perf_counter()
         try:
-            index = await store.get_object(directory.bucket, index_key, stats=recorder)
+            index, checksum = await read_verified(
+                store,
+                directory.bucket,
+                index_key,
+                stats=recorder,
+                verify=store.config.verify_checksums,
+            )
         except NotFoundError as exc:
             if exc.__class__ is not NotFoundError:
                 raise  # no such bucket
@@ -231,6 +243,7 @@ async def fetch_catalog(
         index,
         tuple(h for h, _ in results),
         latency,
+        checksum,
     )
 
 
