@@ -17,8 +17,9 @@ Savers: ``aiodcp_sync`` (``dcp.save`` with ``aiodcp.S3StorageWriter``), ``aiodcp
 file system given a client with the endpoint), ``fsspec`` (torch's ``FsspecWriter`` over s3fs).
 All talk to s3rver (``node_modules/.bin/s3rver``, the version ``make bench`` installs) through
 ``s3proxy.py``, which counts requests and uploaded bytes on the wire. Per run: wall time, the
-saver's CPU seconds (its process, every thread), peak RSS above the state dict, uploaded bytes,
-requests, most requests in flight, s3rver's CPU seconds; then (untimed) the checkpoint is loaded
+saver's CPU seconds (its process, every thread; peak RSS is sampled by a process of its own,
+which is not counted), peak RSS above the state dict, uploaded bytes, requests, most requests in
+flight, s3rver's and the proxy's CPU seconds; then (untimed) the checkpoint is loaded
 back with aiodcp and compared bit for bit, and its objects deleted.
 
 Run from the checkout with the benchmarks' virtualenv::
@@ -117,6 +118,7 @@ def run_one(
     path.write_text(json.dumps(job))
     servers.control("reset", **(SHAPE if shaped else {}))
     server_cpu0 = servers.server_proc.cpu_times()
+    proxy_cpu0 = servers.proxy_proc.cpu_times()
     load0 = os.getloadavg()[0]
     cmd = [sys.executable, str(HERE / "save_worker.py"), str(path)]
     if dist:
@@ -124,6 +126,7 @@ def run_one(
     else:
         subprocess.run(cmd, env=env, check=True, timeout=1800)
     server_cpu1 = servers.server_proc.cpu_times()
+    proxy_cpu1 = servers.proxy_proc.cpu_times()
     stats = servers.control("stats")
     ranks = [
         json.loads(Path(f"{job['result']}.{r}").read_text())
@@ -145,6 +148,8 @@ def run_one(
         "max_in_flight": stats.get("max_in_flight", 0),
         "server_cpu_s": (server_cpu1.user + server_cpu1.system)
         - (server_cpu0.user + server_cpu0.system),
+        "proxy_cpu_s": (proxy_cpu1.user + proxy_cpu1.system)
+        - (proxy_cpu0.user + proxy_cpu0.system),
         "load_avg_1m_before": load0,
         "aiodcp_stats": ranks[0].get("aiodcp_stats"),
         "crc32": ranks[0].get("crc32"),
@@ -168,8 +173,8 @@ def report(results: list[dict[str, Any]], info: dict[str, Any]) -> str:
             f"### `{scenario}`: {rows[0]['bytes'] / MIB:,.0f} MiB",
             "",
             "| saver | wall s | x s3tc | CPU s/GiB | CPU x s3tc | peak RSS above state MiB | "
-            "uploaded MiB | requests | max in flight | server CPU s | correct |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+            "uploaded MiB | requests | max in flight | server CPU s | proxy CPU s | correct |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
         ]
         for saver in dict.fromkeys(r["saver"] for r in rows):
             mine = [r for r in rows if r["saver"] == saver]
@@ -198,7 +203,7 @@ def report(results: list[dict[str, Any]], info: dict[str, Any]) -> str:
                 f"{med('cpu_s') / gib:.2f} | {ratio('cpu_s')} | "
                 f"{med('rss_above_state') / MIB:,.0f} | {med('uploaded') / MIB:,.0f} | "
                 f"{med('requests'):.0f} | {med('max_in_flight'):.0f} | "
-                f"{med('server_cpu_s'):.1f} | "
+                f"{med('server_cpu_s'):.1f} | {med('proxy_cpu_s'):.1f} | "
                 f"{sum(r['correct'] for r in mine)}/{len(mine)} |"
             )
         lines.append("")
@@ -210,6 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     data = Path(args.data)
     data.mkdir(parents=True, exist_ok=True)
     src, described = bench.aiodcp_source(args.aiodcp_src, data)
+    bench.compile_bytecode(src)  # as pip does: else every saver process compiles aiodcp anew
     env = bench.child_env(src)
     if args.extra_pythonpath:
         env["PYTHONPATH"] = f"{args.extra_pythonpath}:{env['PYTHONPATH']}"

@@ -163,7 +163,7 @@ def main() -> None:
     gc.collect()
     if job.get("dist"):
         dist.barrier()
-    with PeakRSS() as peak:
+    with PeakRSS(outside=True) as peak:
         cpu0, t0 = cpu_seconds(), time.perf_counter()
         extra = save(state, job)
         wall, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0

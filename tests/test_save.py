@@ -315,3 +315,60 @@ def test_one_writer_saves_twice_under_new_names(
             dcp.save(sample_state(), storage_writer=writer)
     second = set(objects(s3, bucket, "ck"))
     assert first & second == {".metadata"} and len(second) == 2
+
+
+def test_window_holds_at_most_its_size_in_flight() -> None:
+    """The write phase's window of requests (``_save._Window``), on plain futures ended by
+    another thread: ``add`` returns only with fewer than ``size`` requests in flight, and
+    ``drain`` only once every one ended."""
+    import concurrent.futures
+    import threading
+
+    from aiodcp.dcp._save import _Window
+
+    from conftest import HANG_GUARD_S
+
+    window = _Window(3)
+    futures = [concurrent.futures.Future[Any]() for _ in range(3)]
+    window.add(futures[0])
+    window.add(futures[1])  # room: both return at once
+    returned = threading.Event()
+
+    def add_and_drain() -> None:
+        window.add(futures[2])
+        returned.set()
+        window.drain()
+
+    thread = threading.Thread(target=add_and_drain, daemon=True)
+    thread.start()
+    assert not returned.wait(0.2), "add returned with 3 requests in flight (size 3)"
+    futures[0].set_result(None)
+    assert returned.wait(HANG_GUARD_S), "add did not return once a request ended"
+    futures[1].set_result(None)
+    thread.join(0.2)
+    assert thread.is_alive(), "drain returned with a request in flight"
+    futures[2].set_result(None)
+    thread.join(HANG_GUARD_S)
+    assert not thread.is_alive(), "drain did not return once every request ended"
+
+
+def test_window_raises_a_failed_request_at_the_next_add() -> None:
+    """A request that failed is raised by the save's next ``add``, even while the window has
+    room (the save stops producing parts at once), and a cancelled one as the save's
+    cancellation."""
+    import concurrent.futures
+
+    from aiodcp.dcp._save import _Window
+
+    window = _Window(8)
+    window.add(concurrent.futures.Future[Any]())
+    failed = concurrent.futures.Future[Any]()
+    window.add(failed)
+    failed.set_exception(OSError("refused"))
+    with pytest.raises(OSError, match="refused"):
+        window.add(concurrent.futures.Future[Any]())
+    cancelled = concurrent.futures.Future[Any]()
+    window.add(cancelled)
+    cancelled.cancel()
+    with pytest.raises(aiodcp.SaveCancelledError):
+        window.add(concurrent.futures.Future[Any]())
