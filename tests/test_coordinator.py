@@ -12,6 +12,7 @@ over each rank's local chunk of each tensor, the chunk ``DTensor`` would hold), 
 
 from __future__ import annotations
 
+import itertools
 import math
 import pickle
 from collections import Counter
@@ -239,8 +240,9 @@ def oracle_sliced_apart(
 ) -> dict[StoredItem, tuple[tuple[StoredItem, ...], frozenset[int]]]:
     """``DcpLoad.sliced_apart``'s rule, the plain way: every rank's candidate made, an item
     sliced when each of its ranks has one and moves fewer bytes with it (its runs, each once,
-    and the probes) than the item's. (Before, issue 20's version of this oracle: also no two
-    ranks' runs overlapping; replicas' items were shared whole.)"""
+    and the probes) than the item's, and either no two ranks' runs overlap or every rank's
+    runs are at most half the item. (Before, issue 20's version of this oracle: no two ranks'
+    runs overlapping, always; replicas' items were shared whole.)"""
     from aiodcp._planner import ItemRange, resolve_max_gap_size
 
     if not load.config.fast_decode:
@@ -255,19 +257,26 @@ def oracle_sliced_apart(
         if len(per_rank) < 2:
             continue
         probes: tuple[ItemRange, ...] | None = None
+        spans: list[tuple[int, int]] = []
+        halves = True
         for _, reqs in per_rank:
             candidate = load._slice_candidate(ItemRange(item.start, item.end), reqs, max_gap_size)
             if candidate is None:
                 break
             runs = {(b[0], b[1]) for blocks in candidate.blocks for b in blocks}
-            moved = sum(stop - first for first, stop in runs) * candidate.dtype.itemsize
-            moved += sum(p.length for p in candidate.probes)
+            spans.extend(runs)
+            runs_bytes = sum(stop - first for first, stop in runs) * candidate.dtype.itemsize
+            moved = runs_bytes + sum(p.length for p in candidate.probes)
             if moved >= item.length:
                 break
+            halves = halves and 2 * runs_bytes <= item.length
             if probes is None:
                 probes = candidate.probes
         else:
             assert probes is not None
+            spans.sort()
+            if not halves and any(b[0] < a[1] for a, b in itertools.pairwise(spans)):
+                continue
             shared = (
                 ()
                 if len(probes) != 2 or probes[0].end > probes[1].start

@@ -181,14 +181,27 @@ def _windows(
     return windows
 
 
-def _moved(candidate: Candidate) -> int:
-    """Bytes a rank that slices ``candidate`` moves: its runs (each once, however many of its
-    read items take it) and the probes."""
-    itemsize = candidate.dtype.itemsize
-    runs = {(b[0], b[1]) for blocks in candidate.blocks for b in blocks}
-    return sum(stop - first for first, stop in runs) * itemsize + sum(
-        p.length for p in candidate.probes
-    )
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Part:
+    """What a rank that slices a stored item fetches (``DcpLoad.sliced_apart``): its runs of
+    storage elements (each once, however many of its read items take it), their bytes, and
+    ``moved``: those and the probes' (fetched, or received from the rank that fetched them)."""
+
+    runs: tuple[tuple[int, int], ...]
+    runs_bytes: int
+    moved: int
+
+    @classmethod
+    def of(cls, candidate: Candidate) -> _Part:
+        runs = tuple(sorted({(b[0], b[1]) for blocks in candidate.blocks for b in blocks}))
+        runs_bytes = sum(stop - first for first, stop in runs) * candidate.dtype.itemsize
+        return cls(runs, runs_bytes, runs_bytes + sum(p.length for p in candidate.probes))
+
+
+def _apart(parts: Iterable[_Part]) -> bool:
+    """Whether no two of ``parts`` (of one stored item, distinct ranks') share a byte."""
+    runs = sorted(run for part in parts for run in part.runs)
+    return all(b[0] >= a[1] for a, b in itertools.pairwise(runs))
 
 
 class PrefetchSource(Protocol):
@@ -357,20 +370,26 @@ class DcpLoad:
         those ranks (ascending) and, rank by rank, their read items on it.
 
         The rule, per item: shared whole, a rank moves the item's bytes (it fetches the item,
-        or receives it); sliced, it moves its runs and the probes (``_moved``). The item is
-        sliced when every one of its ranks can slice it and, for each, that is fewer bytes
+        or receives it); sliced, it moves its runs and the probes (``_Part.moved``). The item
+        is sliced when every one of its ranks can slice it and, for each, that is fewer bytes
         (``_slice_candidate`` admits a part only when the bytes it leaves out are worth more
-        than its requests, so a rank that can slice always moves fewer). Ranks' runs may
-        overlap: replicas (HSDP) read the same region, and runs merged across a gap (a 2-D
-        block: TP ranks) share rows; each such rank fetches the bytes it shares with another
-        itself, the only bytes a job fetches more than once besides probes that overlap.
+        than its requests, so a rank that can slice always moves fewer), and either no two
+        ranks' runs overlap (each byte fetched once in the job, as sharing would) or each
+        rank's runs are at most half the item's bytes: the bytes it fetches that another rank
+        may fetch too are no more than those it leaves out.
+        Overlapping runs are replicas' (HSDP: the same region) and runs merged across a gap
+        (a 2-D block: TP ranks share rows): each such rank fetches the bytes it shares with
+        another itself, the only bytes a job fetches more than once besides probes that
+        overlap. A dim-1 reshard whose strided runs merge into nearly the whole item saves a
+        rank next to nothing: shared whole, it is fetched once.
 
         Work: per item, each rank's region (``region_of``) once; a candidate per distinct
         region, stored tensor and item length of the whole job (``parts``, shared across
         items: the layers of a model repeat their shapes), so a job's step grows with its
-        (stored item, rank) pairs, not with the candidates. A rank that cannot slice ends the
-        item's decision (reading whole chunks, as a job resuming its own save does, is decided
-        at its first rank).
+        (stored item, rank) pairs, not with the candidates; the runs of distinct regions are
+        compared only when a rank's part is more than half its item. A rank that cannot slice
+        ends the item's decision (reading whole chunks, as a job resuming its own save does, is
+        decided at its first rank).
 
         The ranks decide the same in their own ``_slice`` (same metadata, latency and
         configuration); a rank that cannot slice (a planner that resolves tensors itself,
@@ -379,7 +398,7 @@ class DcpLoad:
             return {}
         max_gap_size = resolve_max_gap_size(self.config.max_gap_size, self._request_latency_s)
         apart: dict[StoredItem, tuple[tuple[StoredItem, ...], frozenset[int]]] = {}
-        parts: dict[tuple[Any, ...], dict[tuple[Any, ...], int | None]] = {}
+        parts: dict[tuple[Any, ...], dict[tuple[Any, ...], _Part | None]] = {}
         for item, ranks, reqs_per_rank in needed:
             if len(ranks) < 2:
                 continue
@@ -400,23 +419,25 @@ class DcpLoad:
         item_range: ItemRange,
         reqs_per_rank: Iterable[list[ReadItem]],
         max_gap_size: int | float,
-        parts: dict[tuple[Any, ...], dict[tuple[Any, ...], int | None]],
+        parts: dict[tuple[Any, ...], dict[tuple[Any, ...], _Part | None]],
     ) -> tuple[ItemRange, ...] | None:
         """The probes of a stored item every one of its ranks (``reqs_per_rank``: their read
         items on it, in rank order) slices, moving fewer bytes than the item's; None if one
         of them cannot (see ``sliced_apart``). ``parts``: per (item length, stored dtype and
-        shape), per region relative to its stored item, the bytes a rank slicing it moves
-        (``_moved``; None: it cannot slice), as ``_slice_candidate`` decides from nothing
+        shape), per region relative to its stored item, what a rank slicing it fetches
+        (``_Part``; None: it cannot slice), as ``_slice_candidate`` decides from nothing
         else."""
         length = item_range.length
-        seen: set[tuple[Any, ...]] = set()  # regions of this item decided
+        seen: dict[tuple[Any, ...], _Part] = {}  # regions of this item decided
         stored_of: dict[tuple[Any, Any], StoredTensor | None] = {}
         probes: tuple[ItemRange, ...] | None = None
+        repeated = False  # two ranks read the same region (replicas)
+        halves = True  # every rank's runs are at most half the item
         for reqs in reqs_per_rank:
             region = region_of(reqs)
             if region in seen:
-                continue  # (a replica's: the same runs)
-            seen.add(region)
+                repeated = True  # (a replica's: the same runs)
+                continue
             first = region[0]
             index = (first[1], first[2])  # (fqn, offset): what MetadataIndex compares
             if index in stored_of:
@@ -428,15 +449,19 @@ class DcpLoad:
             of_stored = parts.setdefault((length, stored.dtype, stored.shape), {})
             relative = tuple((r[0], (r[1], r[2]) == index, r[4], r[5]) for r in region)
             if relative in of_stored:
-                moved = of_stored[relative]
+                part = of_stored[relative]
             else:
                 candidate = self._slice_candidate(item_range, reqs, max_gap_size)
-                moved = of_stored[relative] = None if candidate is None else _moved(candidate)
-            if moved is None or moved >= length:
+                part = of_stored[relative] = None if candidate is None else _Part.of(candidate)
+            if part is None or part.moved >= length:
                 return None
+            seen[region] = part
+            halves = halves and 2 * part.runs_bytes <= length
             if probes is None:
                 probes = self.format.probes(item_range, stored)
-        return probes
+        if halves or (not repeated and _apart(seen.values())):
+            return probes
+        return None
 
     @property
     def round_bytes(self) -> int:
