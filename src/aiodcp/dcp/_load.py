@@ -57,7 +57,7 @@ import sys
 import time
 from bisect import insort
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -181,8 +181,7 @@ def _windows(
     return windows
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Part:
+class _Part(NamedTuple):
     """What a rank that slices a stored item fetches (``DcpLoad.sliced_apart``): its runs of
     storage elements (each once, however many of its read items take it), their bytes, and
     ``moved``: those and the probes' (fetched, or received from the rank that fetched them)."""

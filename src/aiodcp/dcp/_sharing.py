@@ -139,10 +139,10 @@ class RankShare(NamedTuple):
     rounds: tuple[Round, ...]
     """As many on every rank: round k of every rank is one step of the job."""
     checked: Mapping[str, CheckedFile] = {}
-    """(The default is one shared, never-written dict: a plan crosses ranks in pickle, which a
-    MappingProxyType does not survive.) The data files this rank reads that the job reads whole between its ranks, checked
+    """The data files this rank reads that the job reads whole between its ranks, checked
     against the store's checksum at the end of the load (``_jobcheck``; a checkpoint without
-    an integrity record), by relative path."""
+    an integrity record), by relative path. (The default is one shared dict, never written: a
+    plan crosses ranks in pickle, which a MappingProxyType does not survive.)"""
     check_slots: int = 0
     """Entries of every rank's row in that check (the same on every rank; 0: no check)."""
 
