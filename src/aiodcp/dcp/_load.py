@@ -433,12 +433,17 @@ class DcpLoad:
         repeated = False  # two ranks read the same region (replicas)
         halves = True  # every rank's runs are at most half the item
         for reqs in reqs_per_rank:
-            region = region_of(reqs)
+            # A rank's region: one read item (most ranks) by its box alone (its type and
+            # stored item are the slot's), else every read (``region_of``); the two forms
+            # never compare equal. (A LoadItemType hashes in Python: kept out of the
+            # per-rank key.)
+            single = len(reqs) == 1
+            region = (reqs[0].storage_offsets, reqs[0].lengths) if single else region_of(reqs)
             if region in seen:
                 repeated = True  # (a replica's: the same runs)
                 continue
-            first = region[0]
-            index = (first[1], first[2])  # (fqn, offset): what MetadataIndex compares
+            at = reqs[0].storage_index
+            index = (at.fqn, at.offset)  # (fqn, offset): what MetadataIndex compares
             if index in stored_of:
                 stored = stored_of[index]
             else:
@@ -446,7 +451,11 @@ class DcpLoad:
             if stored is None:
                 return None
             of_stored = parts.setdefault((length, stored.dtype, stored.shape), {})
-            relative = tuple((r[0], (r[1], r[2]) == index, r[4], r[5]) for r in region)
+            relative = (
+                ((reqs[0].type, True, *region),)
+                if single
+                else tuple((r[0], (r[1], r[2]) == index, r[4], r[5]) for r in region)
+            )
             if relative in of_stored:
                 part = of_stored[relative]
             else:
