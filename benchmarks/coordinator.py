@@ -47,6 +47,9 @@ Measured per cell, in a fresh process (``--aiodcp-src``: this checkout or a git 
 - the final plans: pickled bytes per rank (``plan KiB``, max over ranks; ``x local``: the
   largest over ranks of final / local plan size, what ``RankShare`` adds to what each rank
   receives), rounds, items each rank fetches for the job and receives;
+- ``own / moved GiB``: the most a rank fetches for its own items (those not shared: the runs
+  of the items it slices, else whole items; untimed, after the step, ``own_fetch``) and the
+  most it moves in all (own, plus its share's fetches and what it receives);
 - ``same``: whether the assignment (every rank's fetches, shared items and rounds, in a
   canonical form) equals the baseline's, when ``--baseline`` is given.
 
@@ -356,6 +359,7 @@ def run_cell(load: str, ranks: int, items: int, shard_gib: float) -> dict[str, A
     shares = [p.storage_data for p in final]
     digest = hashlib.sha256(pickle.dumps([canonical(s) for s in shares], protocol=4)).hexdigest()
     summary = summarize(shares, [len(s) for s in sent], [len(s) for s in plain])
+    summary.update(own_fetch(reader, plans, shares))
     del final, sent, plain, biggest
     gc.collect()
 
@@ -421,6 +425,58 @@ def summarize(shares: list[Any], sizes: list[int], plain: list[int]) -> dict[str
         "fetch_gib_max": max(fetched) / GIB,
         "receive_gib_max": max(received) / GIB,
     }
+
+
+def own_fetch(reader: Any, plans: list[Any], shares: list[Any]) -> dict[str, Any]:
+    """Per rank (untimed, after the step): the bytes it fetches for its own items, those not in
+    its share (all of them when nothing is shared), as its ``read`` decides: the runs of an
+    item ``_slice_candidate`` slices on its read items, else the whole item (probes, unusual
+    archives and checksum windows aside); and the most a rank moves in all: that, plus what
+    it fetches for its share and receives. Candidates are made once per item length, stored
+    tensor and region (the layers repeat)."""
+    from aiodcp._planner import ItemRange, resolve_max_gap_size
+    from aiodcp._stats import StatsRecorder
+    from aiodcp.dcp._sharing import RankShare, StoredItem
+
+    session = reader._current()
+    load = session.read_phase(reader._stored_format(session), recorder=StatsRecorder())
+    gap = resolve_max_gap_size(load.config.max_gap_size, load._request_latency_s)
+    stored_of: dict[tuple[str, int], Any] = {}
+    memo: dict[tuple[Any, ...], int] = {}
+    own, moved = [], []
+    for plan, share in zip(plans, shares, strict=True):
+        real = isinstance(share, RankShare)
+        shared = share.shared if real else frozenset()
+        by_item: dict[StoredItem, list[Any]] = {}
+        for req in plan.items:
+            info = load.storage_data[req.storage_index]
+            item = StoredItem(info.relative_path, info.offset, info.offset + info.length)
+            if item not in shared:
+                by_item.setdefault(item, []).append(req)
+        total = 0
+        for item, reqs in by_item.items():
+            where = (item.path, item.start)
+            if where not in stored_of:
+                stored_of[where] = load.format.stored_tensor(reqs[0])
+            key = (
+                item.length,
+                stored_of[where],
+                tuple((r.type, tuple(r.storage_offsets), tuple(r.lengths)) for r in reqs),
+            )
+            if key not in memo:
+                candidate = load._slice_candidate(ItemRange(item.start, item.end), reqs, gap)
+                if candidate is None:
+                    memo[key] = item.length
+                else:
+                    runs = {(b[0], b[1]) for blocks in candidate.blocks for b in blocks}
+                    memo[key] = sum(b - a for a, b in runs) * candidate.dtype.itemsize
+            total += memo[key]
+        own.append(total)
+        if real:
+            total += sum(i.length for i in share.fetch)
+            total += sum(i.length for r in share.rounds for i, _ in r.receives)
+        moved.append(total)
+    return {"own_gib_max": max(own) / GIB, "moved_gib_max": max(moved) / GIB}
 
 
 # ----------------------------------------------------------------------------- orchestration
@@ -494,6 +550,7 @@ def table(rows: list[dict[str, Any]], baseline: bool) -> str:
         "x local",
         "rounds",
         "fetch / receive GiB (max rank)",
+        "own / moved GiB (max rank)",
         "load avg",
     ]
     if baseline:
@@ -521,6 +578,7 @@ def table(rows: list[dict[str, Any]], baseline: bool) -> str:
                 if r.get("shared")
                 else "not shared"
             ),
+            (f"{r['own_gib_max']:.2f} / {r['moved_gib_max']:.2f}" if "own_gib_max" in r else ""),
             r["loadavg"],
         ]
         if baseline:

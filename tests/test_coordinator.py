@@ -39,7 +39,6 @@ from aiodcp._sinks import item_memory
 from aiodcp._stats import StatsRecorder
 from aiodcp.dcp._load import DcpLoad
 from aiodcp.dcp._sharing import RankShare, Round, StoredItem, plan_sharing
-from aiodcp.dcp._slicing import insert_apart
 from aiodcp.dcp._storage_reader import share_job
 
 ARCHIVE_BYTES = 1577  # a torch.save archive's bytes around a tensor's (measured)
@@ -236,10 +235,14 @@ def old_plan_sharing(
     return shares
 
 
-def old_sliced_apart(
+def oracle_sliced_apart(
     load: DcpLoad, reqs_of: list[dict[StoredItem, list[ReadItem]]]
 ) -> dict[StoredItem, tuple[tuple[StoredItem, ...], frozenset[int]]]:
-    """``DcpLoad.sliced_apart`` before issue 20 (verbatim but for ``self``)."""
+    """``DcpLoad.sliced_apart``'s rule, the plain way: every rank's candidate made, an item
+    sliced when each of its ranks has one and moves fewer bytes with it (its runs, each once,
+    and the probes) than the item's, and either no two ranks' runs overlap or every rank's
+    runs are at most half the item. (Before, issue 20's version of this oracle: no two ranks'
+    runs overlapping, always; replicas' items were shared whole.)"""
     from aiodcp._planner import ItemRange, resolve_max_gap_size
 
     if not load.config.fast_decode:
@@ -253,23 +256,33 @@ def old_sliced_apart(
     for item, per_rank in ranks_of.items():
         if len(per_rank) < 2:
             continue
+        probes: tuple[ItemRange, ...] | None = None
         spans: list[tuple[int, int]] = []
-        probes: tuple[ItemRange, ...] = ()
+        halves = True
         for _, reqs in per_rank:
             candidate = load._slice_candidate(ItemRange(item.start, item.end), reqs, max_gap_size)
             if candidate is None:
                 break
-            spans.extend({(b[0], b[1]) for blocks in candidate.blocks for b in blocks})
-            probes = candidate.probes
+            runs = {(b[0], b[1]) for blocks in candidate.blocks for b in blocks}
+            spans.extend(runs)
+            runs_bytes = sum(stop - first for first, stop in runs) * candidate.dtype.itemsize
+            moved = runs_bytes + sum(p.length for p in candidate.probes)
+            if moved >= item.length:
+                break
+            halves = halves and 2 * runs_bytes <= item.length
+            if probes is None:
+                probes = candidate.probes
         else:
+            assert probes is not None
             spans.sort()
-            if all(b[0] >= a[1] for a, b in itertools.pairwise(spans)):
-                shared = (
-                    ()
-                    if len(probes) != 2 or probes[0].end > probes[1].start
-                    else tuple(StoredItem(item.path, p.start, p.end) for p in probes)
-                )
-                apart[item] = (shared, frozenset(rank for rank, _ in per_rank))
+            if not halves and any(b[0] < a[1] for a, b in itertools.pairwise(spans)):
+                continue
+            shared = (
+                ()
+                if len(probes) != 2 or probes[0].end > probes[1].start
+                else tuple(StoredItem(item.path, p.start, p.end) for p in probes)
+            )
+            apart[item] = (shared, frozenset(rank for rank, _ in per_rank))
     return apart
 
 
@@ -290,7 +303,8 @@ def old_merge_adjacent(
 
 
 def old_share_job(plans: Sequence[LoadPlan], load: DcpLoad) -> list[RankShare] | None:
-    """``prepare_global_plan``'s coordinator step before issue 20."""
+    """``prepare_global_plan``'s coordinator step before issue 20, with the slicing rule of
+    ``oracle_sliced_apart``."""
     reqs_of: list[dict[StoredItem, list[ReadItem]]] = []
     for plan in plans:
         items: dict[StoredItem, list[ReadItem]] = {}
@@ -301,7 +315,7 @@ def old_share_job(plans: Sequence[LoadPlan], load: DcpLoad) -> list[RankShare] |
             item = StoredItem(info.relative_path, info.offset, info.offset + info.length)
             items.setdefault(item, []).append(req)
         reqs_of.append(items)
-    apart = old_sliced_apart(load, reqs_of)
+    apart = oracle_sliced_apart(load, reqs_of)
     needs = [set(items) for items in reqs_of]
     probed_by = {probe: ranks for probes, ranks in apart.values() for probe in probes}
     for span, ranks in old_merge_adjacent(probed_by).items():
@@ -378,7 +392,7 @@ def dtensor_jobs(draw: st.DrawFn) -> tuple[Metadata, list[LoadPlan], dict[str, A
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(dtensor_jobs())
-def test_the_coordinator_decides_as_before_on_random_jobs(
+def test_the_coordinator_decides_as_the_oracle_on_random_jobs(
     job: tuple[Metadata, list[LoadPlan], dict[str, Any]],
 ) -> None:
     metadata, plans, options = job
@@ -388,13 +402,15 @@ def test_the_coordinator_decides_as_before_on_random_jobs(
 
 def test_random_jobs_cover_what_the_coordinator_decides() -> None:
     """The random jobs above reach every outcome (else the equality proves little): nothing
-    shared, items shared whole, items sliced apart with shared probes, several rounds."""
+    shared, items shared whole, items sliced apart with shared probes, items sliced by
+    replicas (ranks whose runs are the same), several rounds."""
     seen: Counter[str] = Counter()
     shapes = [(64, 48), (40, 80)]
     for save, load, gap in [
         ((2, 1), (1, 2, 1), 0),  # each rank loads one stored chunk: nothing shared
         ((1, 1), (2, 1, 1), 0),  # replicas: shared whole
         ((1, 1), (1, 4, 1), 0),  # dim 0: sliced apart
+        ((1, 1), (2, 2, 1), 0),  # replicas x dim 0: sliced, runs the same per replica
         ((2, 1), (1, 2, 2), float("inf")),  # no slicing: shared whole
     ]:
         metadata, plans = mesh_job(shapes, save, load)
@@ -414,19 +430,9 @@ def test_random_jobs_cover_what_the_coordinator_decides() -> None:
             }
             if any(item not in stored for s in shares for item in s.shared):
                 seen["probes"] += 1
-    assert set(seen) == {"none", "shared", "rounds", "probes"}, seen
-
-
-@settings(max_examples=300, deadline=None)
-@given(st.lists(st.lists(st.tuples(st.integers(0, 40), st.integers(0, 8)), max_size=4), max_size=6))
-def test_runs_are_found_apart_as_before(ranks: list[list[tuple[int, int]]]) -> None:
-    """``insert_apart``, run by run, decides what sorting every rank's runs and comparing
-    neighbours decided (the runs of one rank taken once each)."""
-    runs_of = [{(first, first + n) for first, n in runs} for runs in ranks]
-    spans: list[tuple[int, int]] = []
-    new = all(insert_apart(spans, run) for runs in runs_of for run in runs)
-    every = sorted(run for runs in runs_of for run in runs)
-    assert new == all(b[0] >= a[1] for a, b in itertools.pairwise(every))
+            if load[0] > 1 and not any(s.shared & stored for s in shares):
+                seen["replicas sliced"] += 1
+    assert set(seen) == {"none", "shared", "rounds", "probes", "replicas sliced"}, seen
 
 
 # ----------------------------------------------------------------------------- at scale
@@ -501,6 +507,34 @@ def check_assignment(plans: Sequence[LoadPlan], load: DcpLoad, shares: list[Rank
         load_of[least] += item.length
 
 
+def moved_per_rank(plans: Sequence[LoadPlan], load: DcpLoad, shares: list[RankShare]) -> list[int]:
+    """Per rank, the bytes it moves in the job: what it fetches for its share and receives
+    from its peers (whole items, probes), and its own items: the runs it slices of them
+    (``_slice_candidate`` on its read items), or the whole item."""
+    from aiodcp._planner import ItemRange, resolve_max_gap_size
+
+    gap = resolve_max_gap_size(load.config.max_gap_size, load._request_latency_s)
+    moved = []
+    for plan, share in zip(plans, shares, strict=True):
+        total = sum(i.length for i in share.fetch)
+        total += sum(i.length for part in share.rounds for i, _ in part.receives)
+        own: dict[StoredItem, list[ReadItem]] = {}
+        for req in plan.items:
+            info = load.storage_data[req.storage_index]
+            item = StoredItem(info.relative_path, info.offset, info.offset + info.length)
+            if item not in share.shared:
+                own.setdefault(item, []).append(req)
+        for item, reqs in own.items():
+            candidate = load._slice_candidate(ItemRange(item.start, item.end), reqs, gap)
+            if candidate is None:
+                total += item.length
+            else:
+                runs = {(b[0], b[1]) for blocks in candidate.blocks for b in blocks}
+                total += sum(stop - first for first, stop in runs) * candidate.dtype.itemsize
+        moved.append(total)
+    return moved
+
+
 def layers(n: int, d: int) -> list[tuple[int, int]]:
     """A Llama-shaped model's 2-D tensors: per layer wq, wk, wv, wo, w1, w3, w2."""
     ffn = d * 7 // 2
@@ -522,17 +556,25 @@ def test_a_1024_rank_hsdp_job_shares_every_item_once_balanced() -> None:
 
 def test_a_1024_rank_tp_fsdp_job_from_a_one_process_save() -> None:
     """TP 8 x FSDP 128 loading a 1-process save: every rank needs a block of every tensor;
-    blocks of one row band overlap once merged into runs (TP ranks share rows), so items are
-    shared whole, as before."""
+    blocks of one row band overlap once merged into runs (TP ranks share rows), and each rank
+    slices its row band all the same (before, such items were shared whole: every rank
+    received the whole model)."""
     metadata, plans = mesh_job(layers(1, 1024), (1, 1), (1, 128, 8))
     with Planner(metadata) as load:
         shares = share_job(plans, load)
         assert shares is not None
         check_assignment(plans, load, shares)
-        assert {item for s in shares for item in s.fetch} == {
+        stored = {
             StoredItem(i.relative_path, i.offset, i.offset + i.length)
             for i in load.storage_data.values()
         }
+        # wk and wv (512 KiB) are shared whole: slicing them leaves out less than a request
+        # is worth at the default gap (~2 MB); every other item is sliced by every rank.
+        small = 128 * 1024 * 4 + ARCHIVE_BYTES
+        assert {i.length for s in shares for i in s.shared & stored} == {small}
+        model = sum(i.length for i in stored)
+        probes = 7 * 2 * ARCHIVE_BYTES
+        assert max(moved_per_rank(plans, load, shares)) <= model / 128 * 1.01 + 2 * small + probes
 
 
 def test_a_rank_share_does_not_grow_with_the_job() -> None:
@@ -563,29 +605,38 @@ def count_candidates(load: DcpLoad, monkeypatch: pytest.MonkeyPatch) -> Counter[
     return calls
 
 
-def test_replicas_of_a_resharded_load_are_decided_in_two_candidates(
+def test_replicas_of_a_resharded_load_slice_their_parts_one_candidate_per_region(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A 1-process save loaded by 8 replicas x 64 shards on dim 0: every item's 512 ranks
-    need a row band each, the 8 replicas the same one. Two ranks reading the same region
-    would slice the same runs, so the item is not sliced apart, decided without making the
-    other 510 ranks' candidates (~15 us each; the old way made every rank's)."""
+    need a row band each, the 8 replicas the same one. Every rank slices its band (before:
+    two ranks with the same runs meant the item was shared whole), each distinct region's
+    candidate made once in the job: per item shape (wq and wo, wk and wv, w1 and w3 alike),
+    64 regions, whatever the replicas (~15 us a candidate; the plain way makes 512 per item)."""
     metadata, plans = mesh_job(layers(1, 1024), (1, 1), (8, 64, 1))
     with Planner(metadata, max_gap_size=0) as load:
         calls = count_candidates(load, monkeypatch)
         shares = share_job(plans, load)
         assert shares is not None
-        assert max(calls.values()) <= 2
+        assert max(calls.values()) == 64
+        assert sum(calls.values()) == 4 * 64  # 4 shapes among the 7 items
+        stored = {
+            StoredItem(i.relative_path, i.offset, i.offset + i.length)
+            for i in load.storage_data.values()
+        }
+        assert not any(s.shared & stored for s in shares)
+        check_assignment(plans, load, shares)
         calls.clear()
         assert shares == old_share_job(plans, load)
-        assert set(calls.values()) == {512}  # the old way: every rank's
+        assert set(calls.values()) == {512}  # the plain way: every rank's
 
 
 def test_a_dim0_reshard_without_replicas_is_sliced_apart_by_every_rank(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The same save loaded by 512 ranks on dim 0: each rank's rows are its own, every item is
-    sliced apart (its probes shared), each rank's candidate made once."""
+    sliced apart (its probes shared), each rank's candidate made once for the first item of
+    each shape, none for the items of a shape already seen (wo, wv, w3)."""
     metadata, plans = mesh_job(layers(1, 1024), (1, 1), (1, 512, 1))
     with Planner(metadata, max_gap_size=0) as load:
         calls = count_candidates(load, monkeypatch)
@@ -595,7 +646,9 @@ def test_a_dim0_reshard_without_replicas_is_sliced_apart_by_every_rank(
         readers = Counter(
             span for plan in plans for span in {span_of[r.storage_index] for r in plan.items}
         )
-        assert calls == readers  # (128 ranks read the 128 rows of wk and wv, 512 the others)
+        assert all(calls[span] in (readers[span], 0) for span in readers)
+        # (128 ranks read the 128 rows of wk, 512 the rows of wq, w1 and w2)
+        assert sum(calls.values()) == 3 * 512 + 128
         stored = {
             StoredItem(i.relative_path, i.offset, i.offset + i.length)
             for i in load.storage_data.values()
@@ -605,12 +658,57 @@ def test_a_dim0_reshard_without_replicas_is_sliced_apart_by_every_rank(
         check_assignment(plans, load, shares)
 
 
+@pytest.mark.parametrize("load", [(8, 16, 1), (1, 16, 8), (2, 16, 4)], ids=["hsdp", "tp", "both"])
+def test_a_rank_of_a_one_process_save_moves_its_part_not_the_model(
+    load: tuple[int, int, int],
+) -> None:
+    """The rule: a 1-process save loaded by 128 ranks as 16 row bands (FSDP) x replicas (HSDP)
+    or x column blocks (TP, whose runs merge into the band) or both: every rank can slice every
+    item, so each fetches its band's runs; the most any rank moves (fetches, receives, slices)
+    is about the model's 16th and the probes. Shared whole, as before the rule, each rank
+    moved at least the whole model."""
+    metadata, plans = mesh_job(layers(1, 1024), (1, 1), load)
+    with Planner(metadata, max_gap_size=0) as planner:
+        shares = share_job(plans, planner)
+        assert shares is not None
+        assert shares == old_share_job(plans, planner)
+        check_assignment(plans, planner, shares)
+        model = sum(i.length for i in planner.storage_data.values())
+        probes = 7 * 2 * ARCHIVE_BYTES
+        assert max(moved_per_rank(plans, planner, shares)) <= model / 16 * 1.01 + probes
+
+
+def test_an_item_a_rank_reads_whole_is_shared_whole() -> None:
+    """Rank 0 reads a stored tensor whole, ranks 1 and 2 a half each: rank 0 cannot slice it,
+    so the item goes whole through one rank to the others (each moves the item: fetched or
+    received). With rank 0 reading rank 1's half instead (a replica), every rank slices."""
+    shape = (64, 48)
+    saved = [[(0, ((0, 0), shape))]]
+    halves: list[list[Chunk | None]] = [[((0, 0), (32, 48))], [((32, 0), (32, 48))]]
+    for first, sliced in [(((0, 0), shape), False), (((0, 0), (32, 48)), True)]:
+        metadata, plans = make_job([shape], saved, [[first], *halves])
+        with Planner(metadata, max_gap_size=0) as load:
+            shares = share_job(plans, load)
+            assert shares is not None
+            assert shares == old_share_job(plans, load)
+            (info,) = load.storage_data.values()
+            item = StoredItem(info.relative_path, info.offset, info.offset + info.length)
+            assert [item in s.shared for s in shares] == [not sliced] * 3
+            moved = moved_per_rank(plans, load, shares)
+            if sliced:
+                assert max(moved) <= item.length // 2 + 2 * ARCHIVE_BYTES  # its half, the probes
+            else:
+                assert min(moved) >= item.length
+
+
 @pytest.mark.parametrize(
     ("save", "load"),
     [((32, 1), (8, 32, 1)), ((1, 1), (8, 32, 1)), ((32, 8), (1, 32, 8)), ((1, 1), (1, 32, 8))],
     ids=["hsdp", "1-to-hsdp", "tp_fsdp", "1-to-tp_fsdp"],
 )
-def test_256_rank_jobs_decide_as_before(save: tuple[int, int], load: tuple[int, int, int]) -> None:
+def test_256_rank_jobs_decide_as_the_oracle(
+    save: tuple[int, int], load: tuple[int, int, int]
+) -> None:
     metadata, plans = mesh_job(layers(2, 512), save, load)
     with Planner(metadata, memory_budget=4 * 2**20) as planner:
         shares = share_job(plans, planner)

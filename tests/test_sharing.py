@@ -341,3 +341,42 @@ def test_odd_archives_received_by_peers_are_decoded_from_their_bytes(
         assert r["mismatched"] == [], r
     per_byte, metadata_gets = requested(s3_server, saved)
     assert metadata_gets == 1 and max(per_byte.values()) == 1
+
+
+def test_replicas_of_a_one_process_save_each_fetch_their_own_part(
+    tmp_path: Path, s3_server: S3Server
+) -> None:
+    """A 1-process save (one whole tensor per stored item) loaded by 4 ranks as 2 replicas x
+    2 dim-0 shards (HSDP): every rank needs the same half of every stored item as its
+    replica. Each rank slices its half itself (the coordinator no longer shares such an item
+    whole because two ranks' runs overlap): it fetches about its half plus heads and tails,
+    and receives no stored item whole (shared whole, each rank would move at least the 2 MiB
+    ``big`` item, fetched or received). The job fetches each byte of a sliced tensor twice,
+    once per replica (past the reach of the heads and tails, fetched once and shared)."""
+    saved = save(tmp_path, s3_server, "replicated", 1)
+    got = load(s3_server, saved, "hsdp", 4, "sync")
+    md = FileSystemReader(str(saved.local)).read_metadata()
+    info = {index.fqn: i for index, i in md.storage_data.items()}
+    sliced = ("embed", "proj", "ids", "big")  # flags: 1 KiB, under SLICE_MIN_BYTES
+    tensors = {
+        "embed": 256 * 64 * 4,
+        "proj": 96 * 48 * 2,
+        "ids": 64 * 40 * 8,
+        "big": 512 * 1024 * 4,
+    }
+    half = sum(tensors.values()) // 2
+    slack = 32 * 1024  # probes (~1.6 KB a head or tail), flags' and step's whole items
+    for r in got:
+        assert "error" not in r, r
+        assert r["mismatched"] == [], r
+        stats = r["stats"]
+        assert stats["sharing"] == "shared", r
+        assert stats["sliced_items"] == len(sliced), r
+        assert half <= stats["bytes_requested"] <= half + slack, r
+        assert stats["bytes_from_peers"] <= slack, r
+    per_byte, metadata_gets = requested(s3_server, saved)
+    assert metadata_gets == 1
+    for name in sliced:  # past the probes' reach, each byte once per replica
+        item = info[name]
+        inside = range(item.offset + PROBE_BYTES, item.offset + item.length - PROBE_BYTES)
+        assert {per_byte[item.relative_path, b] for b in inside} == {2}, name

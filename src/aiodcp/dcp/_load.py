@@ -57,7 +57,7 @@ import sys
 import time
 from bisect import insort
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -101,7 +101,6 @@ from ._slicing import (
     Candidate,
     Slice,
     contiguous_strides,
-    insert_apart,
     read_into,
     region_of,
     region_runs,
@@ -180,6 +179,28 @@ def _windows(
         else:
             windows.append((ItemRange(start, end), [run]))
     return windows
+
+
+class _Part(NamedTuple):
+    """What a rank that slices a stored item fetches (``DcpLoad.sliced_apart``): its runs of
+    storage elements (each once, however many of its read items take it), their bytes, and
+    ``moved``: those and the probes' (fetched, or received from the rank that fetched them)."""
+
+    runs: tuple[tuple[int, int], ...]
+    runs_bytes: int
+    moved: int
+
+    @classmethod
+    def of(cls, candidate: Candidate) -> _Part:
+        runs = tuple(sorted({(b[0], b[1]) for blocks in candidate.blocks for b in blocks}))
+        runs_bytes = sum(stop - first for first, stop in runs) * candidate.dtype.itemsize
+        return cls(runs, runs_bytes, runs_bytes + sum(p.length for p in candidate.probes))
+
+
+def _apart(parts: Iterable[_Part]) -> bool:
+    """Whether no two of ``parts`` (of one stored item, distinct ranks') share a byte."""
+    runs = sorted(run for part in parts for run in part.runs)
+    return all(b[0] >= a[1] for a, b in itertools.pairwise(runs))
 
 
 class PrefetchSource(Protocol):
@@ -338,21 +359,36 @@ class DcpLoad:
         self, needed: Iterable[tuple[StoredItem, Sequence[int], Iterable[list[ReadItem]]]]
     ) -> dict[StoredItem, tuple[tuple[StoredItem, ...], frozenset[int]]]:
         """The stored items that several ranks need parts of, where each rank slices its own
-        part (``_slice_candidate``, with the load's gap, the same on every rank) and no two
-        ranks' runs overlap, each with its head and tail probes (``probe_ranges``): each rank
-        fetches its runs, so every byte of them is fetched once in the job, as sharing would,
-        and it holds only its part instead of whole chunks. The probes, which every slicing
-        rank needs, are shared like stored items (one rank GETs them; ``_slice`` takes them
-        from ``known``), unless they overlap (a small item: each rank probes for itself).
-        Returned per item: its probes to share and the ranks that slice it. ``needed``: each
-        stored item two or more ranks read, with those ranks (ascending) and, rank by rank,
-        their read items on it.
+        part (``_slice_candidate``, with the load's gap, the same on every rank) and so moves
+        fewer bytes than the item's, each with its head and tail probes (``probe_ranges``):
+        each rank fetches its runs instead of the item going whole, through one rank, to every
+        rank that needs it. The probes, which every slicing rank needs, are shared like stored
+        items (one rank GETs them; ``_slice`` takes them from ``known``), unless they overlap
+        (a small item: each rank probes for itself). Returned per item: its probes to share
+        and the ranks that slice it. ``needed``: each stored item two or more ranks read, with
+        those ranks (ascending) and, rank by rank, their read items on it.
 
-        An item is decided as soon as one rank cannot slice it or two ranks' runs overlap,
-        without the other ranks' candidates: after the first two ranks' candidates (which
-        find neighbouring ranks sharing runs), the ranks' regions are compared, as two ranks
-        reading the same region (replicas) would slice the same runs; the result is the one
-        of trying every rank in turn, in a fraction of the work at a thousand ranks.
+        The rule, per item: shared whole, a rank moves the item's bytes (it fetches the item,
+        or receives it); sliced, it moves its runs and the probes (``_Part.moved``). The item
+        is sliced when every one of its ranks can slice it and, for each, that is fewer bytes
+        (``_slice_candidate`` admits a part only when the bytes it leaves out are worth more
+        than its requests, so a rank that can slice always moves fewer), and either no two
+        ranks' runs overlap (each byte fetched once in the job, as sharing would) or each
+        rank's runs are at most half the item's bytes: the bytes it fetches that another rank
+        may fetch too are no more than those it leaves out.
+        Overlapping runs are replicas' (HSDP: the same region) and runs merged across a gap
+        (a 2-D block: TP ranks share rows): each such rank fetches the bytes it shares with
+        another itself, the only bytes a job fetches more than once besides probes that
+        overlap. A dim-1 reshard whose strided runs merge into nearly the whole item saves a
+        rank next to nothing: shared whole, it is fetched once.
+
+        Work: per item, each rank's region (``region_of``) once; a candidate per distinct
+        region, stored tensor and item length of the whole job (``parts``, shared across
+        items: the layers of a model repeat their shapes), so a job's step grows with its
+        (stored item, rank) pairs, not with the candidates; the runs of distinct regions are
+        compared only when a rank's part is more than half its item. A rank that cannot slice
+        ends the item's decision (reading whole chunks, as a job resuming its own save does, is
+        decided at its first rank).
 
         The ranks decide the same in their own ``_slice`` (same metadata, latency and
         configuration); a rank that cannot slice (a planner that resolves tensors itself,
@@ -361,11 +397,12 @@ class DcpLoad:
             return {}
         max_gap_size = resolve_max_gap_size(self.config.max_gap_size, self._request_latency_s)
         apart: dict[StoredItem, tuple[tuple[StoredItem, ...], frozenset[int]]] = {}
+        parts: dict[tuple[Any, ...], dict[tuple[Any, ...], _Part | None]] = {}
         for item, ranks, reqs_per_rank in needed:
             if len(ranks) < 2:
                 continue
-            probes = self._apart_probes(
-                ItemRange(item.start, item.end), reqs_per_rank, max_gap_size
+            probes = self._sliced_by_all(
+                ItemRange(item.start, item.end), reqs_per_rank, max_gap_size, parts
             )
             if probes is not None:
                 shared = (
@@ -376,51 +413,63 @@ class DcpLoad:
                 apart[item] = (shared, frozenset(ranks))
         return apart
 
-    def _apart_probes(
+    def _sliced_by_all(
         self,
         item_range: ItemRange,
         reqs_per_rank: Iterable[list[ReadItem]],
         max_gap_size: int | float,
+        parts: dict[tuple[Any, ...], dict[tuple[Any, ...], _Part | None]],
     ) -> tuple[ItemRange, ...] | None:
-        """The probes of a stored item its ranks (``reqs_per_rank``: their read items on it,
-        in rank order) slice apart, the last rank's; None if one of them cannot slice it or
-        two ranks' runs overlap (see ``sliced_apart``)."""
-        spans: list[tuple[int, int]] = []  # every rank's runs so far, sorted, disjoint
+        """The probes of a stored item every one of its ranks (``reqs_per_rank``: their read
+        items on it, in rank order) slices, moving fewer bytes than the item's; None if one
+        of them cannot (see ``sliced_apart``). ``parts``: per (item length, stored dtype and
+        shape), per region relative to its stored item, what a rank slicing it fetches
+        (``_Part``; None: it cannot slice), as ``_slice_candidate`` decides from nothing
+        else."""
+        length = item_range.length
+        seen: dict[tuple[Any, ...], _Part] = {}  # regions of this item decided
+        stored_of: dict[tuple[Any, Any], StoredTensor | None] = {}
         probes: tuple[ItemRange, ...] | None = None
-
-        def slices_apart(reqs: list[ReadItem]) -> bool:
-            nonlocal probes
-            if any(map(self._reads_whole, reqs)):
-                return False  # (as _slice_candidate decides, in a third of its time)
-            candidate = self._slice_candidate(item_range, reqs, max_gap_size)
-            if candidate is None:
-                return False
-            runs = {(b[0], b[1]) for blocks in candidate.blocks for b in blocks}
-            if not all(insert_apart(spans, run) for run in runs):
-                return False
-            probes = candidate.probes
-            return True
-
-        pending = iter(reqs_per_rank)
-        first = []
-        for reqs in itertools.islice(pending, 2):  # (each taken only if the one before slices)
-            if not slices_apart(reqs):
+        repeated = False  # two ranks read the same region (replicas)
+        halves = True  # every rank's runs are at most half the item
+        for reqs in reqs_per_rank:
+            # A rank's region: one read item (most ranks) by its box alone (its type and
+            # stored item are the slot's), else every read (``region_of``); the two forms
+            # never compare equal. (A LoadItemType hashes in Python: kept out of the
+            # per-rank key.)
+            single = len(reqs) == 1
+            region = (reqs[0].storage_offsets, reqs[0].lengths) if single else region_of(reqs)
+            if region in seen:
+                repeated = True  # (a replica's: the same runs)
+                continue
+            at = reqs[0].storage_index
+            index = (at.fqn, at.offset)  # (fqn, offset): what MetadataIndex compares
+            if index in stored_of:
+                stored = stored_of[index]
+            else:
+                stored = stored_of[index] = self.format.stored_tensor(reqs[0])
+            if stored is None:
                 return None
-            first.append(reqs)
-        rest = list(pending)
-        # Ranks by their first read item's box (the whole region compared only when that
-        # matches): the same region, the same runs, and they overlap.
-        by_box: dict[tuple[Any, Any], list[list[ReadItem]]] = {}
-        for reqs in itertools.chain(first, rest):
-            others = by_box.setdefault((reqs[0].storage_offsets, reqs[0].lengths), [])
-            if others:
-                region = region_of(reqs)
-                if any(region_of(other) == region for other in others):
-                    return None
-            others.append(reqs)
-        if not all(slices_apart(reqs) for reqs in rest):
-            return None
-        return probes
+            of_stored = parts.setdefault((length, stored.dtype, stored.shape), {})
+            relative = (
+                ((reqs[0].type, True, *region),)
+                if single
+                else tuple((r[0], (r[1], r[2]) == index, r[4], r[5]) for r in region)
+            )
+            if relative in of_stored:
+                part = of_stored[relative]
+            else:
+                candidate = self._slice_candidate(item_range, reqs, max_gap_size)
+                part = of_stored[relative] = None if candidate is None else _Part.of(candidate)
+            if part is None or part.moved >= length:
+                return None
+            seen[region] = part
+            halves = halves and 2 * part.runs_bytes <= length
+            if probes is None:
+                probes = self.format.probes(item_range, stored)
+        if halves or (not repeated and _apart(seen.values())):
+            return probes
+        return None
 
     @property
     def round_bytes(self) -> int:

@@ -1,9 +1,12 @@
-"""Multi-rank loads: every stored byte fetched once per job, shared over the process group.
+"""Multi-rank loads: stored items several ranks need fetched once per job, shared over the
+process group, unless each of those ranks fetches its own part for fewer bytes.
 
 When several ranks of a ``dcp.load`` need the same stored items (data-parallel replicas, a
 resharded load in which each rank needs part of every stored chunk), each would fetch them from
 the store. Here the job fetches each once and torch.distributed carries it to the other ranks
-that need it; torch.distributed is the transport, nothing of our own.
+that need it; torch.distributed is the transport, nothing of our own. An item of which every
+rank that needs it slices just its part (a resharded load) is not shared: each rank fetching
+its runs moves fewer bytes than receiving the whole item would.
 
 Data flow, on every rank of the load's process group (``sharing_group``: the group the caller
 names, ``process_group=``, else the one ``dcp.load`` runs on, found in torch's load frame)::
@@ -30,10 +33,17 @@ names, ``process_group=``, else the one ``dcp.load`` runs on, found in torch's l
 
 Invariants: an item is shared when two or more ranks need it, fetched by one of them (the one
 with the fewest bytes to fetch so far), and sent in one round to every other rank that needs
-it; unless each of those ranks needs a part of it that no other rank needs and slicing fetches
-just that part (a resharded load on dim 0): then each rank fetches its own part, and no rank
-holds a whole chunk it mostly throws away (each reads the chunk's head and tail, its archive's
-own ~1.6 KB, to find its part: the only bytes such a job fetches more than once). Per round a
+it; unless every one of those ranks can slice it (``DcpLoad.sliced_apart``: the same rule as
+each rank's own ``_slice``, which admits a part only when the bytes it leaves out are worth
+more than its requests, so that the rank moves fewer bytes fetching its runs than it would
+fetching or receiving the whole item): then each rank fetches its own runs, the item's head
+and tail (its archive's own ~1.6 KB, which each needs to find its part) are shared like an
+item, and no rank holds a whole chunk it mostly throws away. So the job fetches a stored byte
+more than once exactly where sliced runs overlap: ranks that read the same part (replicas,
+HSDP) fetch it once each, ranks whose strided runs merge across the gap into a row band (TP
+blocks) fetch the rows they share; and where a probe reaches into the storage bytes (a few
+hundred bytes of the first and last rows), or a small item's head and tail overlap (each rank
+then probes for itself). Per round a
 rank sends at most ``round_bytes`` of item memory (what its engine holds at once) and receives
 at most ``round_bytes`` (or one larger item alone), so a rank holds at most
 about its ``memory_budget`` plus the item in hand, whatever the world size. A rank's items are
@@ -145,8 +155,8 @@ def plan_sharing(
 ) -> list[RankShare] | None:
     """Assign every stored item that two or more ranks need to one of them, and schedule its
     transfers in rounds. ``needs[r]``: the stored items rank ``r`` reads. ``sliced``: items
-    several ranks need parts of that do not overlap, each rank fetching only its own part
-    (slicing, see the storage reader): not shared, loaded by each rank as its own items.
+    several ranks need parts of, each rank fetching only its own part (slicing, see
+    ``DcpLoad.sliced_apart``): not shared, loaded by each rank as its own items.
     None when no item is left to share and none is sliced (every rank loads alone).
 
     ``assign_shares`` with each item's ranks gathered from ``needs``.

@@ -7,8 +7,8 @@ elements at computable offsets (``region_runs``: one run for a dim-0 slice; stri
 otherwise, merged while a gap costs no more than a request). ``probe_ranges`` are the head and
 tail fetched first to find where the storage bytes begin and to check the zip directory;
 ``Candidate`` is a stored item chosen for slicing, ``Slice`` one fetched run of it;
-``region_of`` and ``insert_apart`` let the coordinator tell whether ranks slice an item apart
-(``DcpLoad.sliced_apart``). No I/O here.
+``region_of`` lets the coordinator make one candidate per distinct region of an item (replicas
+read the same one; ``DcpLoad.sliced_apart``). No I/O here.
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ __all__ = [
     "Candidate",
     "Slice",
     "contiguous_strides",
-    "insert_apart",
     "probe_ranges",
     "read_into",
     "region_of",
@@ -159,17 +158,6 @@ def region_runs(
         first = base + sum(i * s for i, s in zip(prefix, strides, strict=False))
         blocks.append((first, first + length, prefix))
     return blocks
-
-
-def insert_apart(spans: list[tuple[int, int]], run: tuple[int, int]) -> bool:
-    """Insert ``run`` into ``spans`` (sorted, each ending at or before the next begins) if it
-    overlaps none of them (an identical run overlaps); False, and ``spans`` unchanged, if it
-    does."""
-    i = bisect_right(spans, run)
-    if (i and spans[i - 1][1] > run[0]) or (i < len(spans) and run[1] > spans[i][0]):
-        return False
-    spans.insert(i, run)
-    return True
 
 
 def region_of(reqs: list[ReadItem]) -> tuple[Any, ...]:

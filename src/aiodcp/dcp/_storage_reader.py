@@ -17,11 +17,12 @@ Call tree under ``dcp.load(state_dict, storage_reader=S3StorageReader("s3://b/ck
 Multi-rank loads (``_sharing``): ``read_metadata`` shares the ``.metadata`` bytes over the group
 ``dcp.load`` runs on, ``prepare_local_plan`` marks a rank that can share, and the coordinator's
 ``prepare_global_plan`` assigns the stored items two or more ranks need (``share_job``,
-``assign_shares``), except those the ranks slice apart (``DcpLoad.sliced_apart``), whose heads and
-tails are shared instead; its work grows with the job's (stored item, rank) pairs
-(``benchmarks/coordinator.py`` measures it at 1,024 ranks). For a checkpoint without an
-integrity record it also HEADs, once each, the data files the job reads whole between its ranks
-(``check_whole``, ``_jobcheck``), whose CRCs the ranks then check together.
+``assign_shares``), except those each of their ranks slices its part of
+(``DcpLoad.sliced_apart``), whose heads and tails are shared instead; its work grows with the
+job's (stored item, rank) pairs (``benchmarks/coordinator.py`` measures it at 1,024 ranks). For
+a checkpoint without an integrity record it also HEADs, once each, the data files the job reads
+whole between its ranks (``check_whole``, ``_jobcheck``), whose CRCs the ranks then check
+together.
 
 The reader is reusable across loads (one session per ``dcp.load``) and owns a private I/O loop
 thread with its connections, released by ``close()`` or the context manager. Under
@@ -272,7 +273,7 @@ class S3StorageReader(StorageReader):
 
     def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
         """Unchanged, unless every rank can share: then each plan carries its rank's part of
-        the job's sharing (``share_job``); items the ranks slice apart
+        the job's sharing (``share_job``); items each of their ranks slices its part of
         (``DcpLoad.sliced_apart``) are each rank's own."""
         with _collector_paused():
             return self._global_plan(plans)
@@ -382,9 +383,10 @@ def share_job(
     raises the precise error).
 
     One pass over the read items groups them per stored item and rank (the stored item of a
-    ``MetadataIndex`` looked up once per job); ``DcpLoad.sliced_apart`` picks the items the
-    ranks slice apart, whose heads and tails (adjacent ones as one span) are then needed by
-    their slicing ranks like stored items; ``assign_shares`` assigns and schedules the rest.
+    ``MetadataIndex`` looked up once per job); ``DcpLoad.sliced_apart`` picks the items each
+    of their ranks slices its part of (replicas' parts overlapping or not), whose heads and
+    tails (adjacent ones as one span) are then needed by their slicing ranks like stored
+    items; ``assign_shares`` assigns and schedules the rest.
     Work and memory grow with the job's (stored item, rank) pairs; no rank's share holds
     another rank's items. ``found``, if given, gets what the job reads (``check_whole``).
     """
