@@ -197,6 +197,10 @@ class _Part(NamedTuple):
         return cls(runs, runs_bytes, runs_bytes + sum(p.length for p in candidate.probes))
 
 
+_UNDECIDED: Any = object()
+"""(A region not looked at yet, in ``sliced_apart``'s cache.)"""
+
+
 def _apart(parts: Iterable[_Part]) -> bool:
     """Whether no two of ``parts`` (of one stored item, distinct ranks') share a byte."""
     runs = sorted(run for part in parts for run in part.runs)
@@ -428,7 +432,9 @@ class DcpLoad:
         else."""
         length = item_range.length
         seen: dict[tuple[Any, ...], _Part] = {}  # regions of this item decided
-        stored_of: dict[tuple[Any, Any], StoredTensor | None] = {}
+        # (fqn, offset) -> the stored tensor there (None: not one) and its parts by region
+        stored_of: dict[tuple[Any, Any], tuple[StoredTensor | None, dict[Any, _Part | None]]]
+        stored_of = {}
         probes: tuple[ItemRange, ...] | None = None
         repeated = False  # two ranks read the same region (replicas)
         halves = True  # every rank's runs are at most half the item
@@ -436,7 +442,7 @@ class DcpLoad:
             # A rank's region: one read item (most ranks) by its box alone (its type and
             # stored item are the slot's), else every read (``region_of``); the two forms
             # never compare equal. (A LoadItemType hashes in Python: kept out of the
-            # per-rank key.)
+            # per-rank key, and of the relative one of a single read item.)
             single = len(reqs) == 1
             region = (reqs[0].storage_offsets, reqs[0].lengths) if single else region_of(reqs)
             if region in seen:
@@ -444,27 +450,32 @@ class DcpLoad:
                 continue
             at = reqs[0].storage_index
             index = (at.fqn, at.offset)  # (fqn, offset): what MetadataIndex compares
-            if index in stored_of:
-                stored = stored_of[index]
-            else:
-                stored = stored_of[index] = self.format.stored_tensor(reqs[0])
+            found = stored_of.get(index)
+            if found is None:
+                stored = self.format.stored_tensor(reqs[0])
+                found = stored_of[index] = (
+                    stored,
+                    {}
+                    if stored is None
+                    else parts.setdefault((length, stored.dtype, stored.shape), {}),
+                )
+            stored, of_stored = found
             if stored is None:
                 return None
-            of_stored = parts.setdefault((length, stored.dtype, stored.shape), {})
             relative = (
-                ((reqs[0].type, True, *region),)
+                region
                 if single
                 else tuple((r[0], (r[1], r[2]) == index, r[4], r[5]) for r in region)
             )
-            if relative in of_stored:
-                part = of_stored[relative]
-            else:
+            part = of_stored.get(relative, _UNDECIDED)
+            if part is _UNDECIDED:
                 candidate = self._slice_candidate(item_range, reqs, max_gap_size)
                 part = of_stored[relative] = None if candidate is None else _Part.of(candidate)
             if part is None or part.moved >= length:
                 return None
             seen[region] = part
-            halves = halves and 2 * part.runs_bytes <= length
+            if halves and 2 * part.runs_bytes > length:
+                halves = False
             if probes is None:
                 probes = self.format.probes(item_range, stored)
         if halves or (not repeated and _apart(seen.values())):
