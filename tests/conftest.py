@@ -149,6 +149,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def rank_results(outputs: list[str]) -> list[dict[str, Any]]:
+    """Each rank's ``RESULT <json>`` line (exactly one per output), ordered by its ``rank``."""
+    found = []
+    for out in outputs:
+        lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
+        assert len(lines) == 1, out[-3000:]
+        found.append(json.loads(lines[0].removeprefix("RESULT ")))
+    return sorted(found, key=lambda r: r["rank"])
+
+
 def run_ranks(
     worker: Path,
     world: int,

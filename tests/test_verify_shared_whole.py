@@ -53,12 +53,7 @@ def load(
     outputs = conftest.run_ranks(
         WORKER, world, ["load", "replicated", url, str(local), "sync"], env, RANK_TIMEOUT_S
     )
-    found = []
-    for out in outputs:
-        lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
-        assert len(lines) == 1, out[-3000:]
-        found.append(json.loads(lines[0].removeprefix("RESULT ")))
-    return sorted(found, key=lambda r: r["rank"])
+    return conftest.rank_results(outputs)
 
 
 def heads(proxy: FaultProxy) -> list[Any]:
