@@ -85,9 +85,8 @@ def saved(
     tmp_path: Path, s3_server: S3Server, bucket: str
 ) -> tuple[str, dict[str, torch.Tensor], int]:
     """A checkpoint whose objects carry their CRC64NVME, uploaded by boto3. (moto keeps the
-    checksum of an upload that names its algorithm, ``x-amz-sdk-checksum-algorithm``; aiodcp's
-    own saves send the CRC64NVME header alone, which S3 and the strict store keep and moto
-    does not: see ``test_on_the_strict_store``.)"""
+    checksum of an upload that names its algorithm, ``x-amz-sdk-checksum-algorithm``, as
+    boto3's and aiodcp's uploads do.)"""
     sd = state()
     local = save_checkpoint(copy.deepcopy(sd), tmp_path / "saved")
     put_all(s3_server.client(), local, bucket, "saved", ChecksumAlgorithm="CRC64NVME")
@@ -172,6 +171,33 @@ def test_a_reader_checks_the_metadata_too(
             dcp.load(out, storage_reader=reader)
     assert_same(out, sd)
     assert reader.stats is not None and reader.stats.metadata_verified is True
+
+
+def test_an_aiodcp_save_on_moto_has_its_metadata_checked(
+    s3_server: S3Server, bucket: str, store_path: dict
+) -> None:
+    """aiodcp's uploads name their algorithm (``x-amz-sdk-checksum-algorithm``) as AWS's SDKs
+    do, so moto, which keeps a checksum only when it is named, keeps every object's CRC64NVME
+    (a small file by one PUT, a large one by a multipart upload) and a load checks the
+    ``.metadata`` against it."""
+    sd = {**state(), "big": torch.arange(3 << 20, dtype=torch.float32)}  # 12 MiB: multipart
+    url = f"s3://{bucket}/own"
+    asyncio.run(
+        aiodcp.save_checkpoint(
+            copy.deepcopy(sd),
+            url,
+            **options(s3_server.endpoint_url, part_size=5 << 20, **store_path),
+        )
+    )
+    client = s3_server.client()
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="own/")["Contents"]]
+    assert "own/.metadata" in keys and len(keys) >= 2, keys
+    for key in keys:
+        head = client.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
+        assert head.get("ChecksumCRC64NVME"), (key, head)
+    stats = asyncio.run(load(url, sd, **options(s3_server.endpoint_url, **store_path)))
+    assert stats.metadata_verified is True
+    assert stats.checksum_mismatches == 0 and stats.unverified_bytes == 0
 
 
 def test_a_checkpoint_uploaded_without_checksums_loads_unverified(

@@ -1478,6 +1478,11 @@ class WriteRequest(NamedTuple):
         if self.checksum is not None:
             headers[_CRC_HEADER] = _crc_to_header(self.checksum)
             params["ChecksumCRC64NVME"] = headers[_CRC_HEADER]
+            if op in ("put_object", "upload_part"):
+                # The algorithm named too, as AWS's SDKs send it: S3 needs only the value, but
+                # some S3-compatible stores (moto among them) keep a checksum only when named.
+                headers["x-amz-sdk-checksum-algorithm"] = _CRC_ALGORITHM
+                params["ChecksumAlgorithm"] = _CRC_ALGORITHM
         if op == "create_multipart_upload":
             query = (("uploads", ""),)
             headers["x-amz-checksum-algorithm"] = _CRC_ALGORITHM
