@@ -31,7 +31,7 @@ from aiodcp._botostore import create_client, presign_as_requests
 from aiodcp._native import Plain, plain_case
 from aiodcp._sigv4 import Credentials, Presigner, encode_key, signed_host
 
-from conftest import S3Server, StrictServer
+from conftest import NOT_PLAIN, S3Server, StrictServer
 
 FROZEN = datetime.datetime(2026, 12, 1, 23, 5, 7)
 KEYS = [
@@ -427,6 +427,24 @@ async def test_an_aws_store_is_plain_and_creates_no_client() -> None:
             assert signed is not None and signed.url is not None
             assert signed.url.host == "my-bucket.s3.us-west-2.amazonaws.com"
             assert signed.url.scheme == "https"
+
+
+@pytest.mark.parametrize("path", ["native", "botocore"])
+async def test_a_store_knows_whether_it_is_aws(path: str) -> None:
+    """``is_aws``: the endpoint AWS S3 (which has a checksum for every object, so a verified
+    read imports awscrt as it sends its GET), on either path; a custom endpoint is not. Opening
+    sends nothing (static credentials)."""
+    values = env(AWS_ACCESS_KEY_ID="AK", AWS_SECRET_ACCESS_KEY="SK", AWS_DEFAULT_REGION="eu-west-1")
+    extra = {} if path == "native" else dict(NOT_PLAIN)
+    with environment(values):
+        async with aiodcp._store.S3Store(aiodcp.ReaderConfig(**extra)) as store:
+            if path == "botocore":
+                assert store.not_plain is not None and store._client is not None
+            assert store.is_aws
+        custom = aiodcp.ReaderConfig(endpoint_url="http://127.0.0.1:9", **extra)
+        async with aiodcp._store.S3Store(custom) as store:
+            assert not store.is_aws
+    assert not aiodcp._store.S3Store(aiodcp.ReaderConfig()).is_aws  # not opened: unknown
 
 
 def test_encoding_and_host() -> None:

@@ -95,6 +95,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
+from urllib.parse import urlsplit
 
 from ._checksum import ALGORITHM as _CRC_ALGORITHM
 from ._checksum import HEADER as _CRC_HEADER
@@ -411,6 +412,19 @@ class S3Store:
         except BaseException:
             self._open = False
             raise
+
+    @property
+    def is_aws(self) -> bool:
+        """The opened store is AWS S3 itself (its endpoint's host is ``*.amazonaws.com``),
+        which gives every object written since December 2024 a full-object CRC64NVME; False
+        for any other endpoint, or before the store knows its endpoint."""
+        if self._plain is not None:
+            host = self._plain.host
+        elif self._client is not None:
+            host = urlsplit(self._client.meta.endpoint_url).hostname or ""
+        else:
+            return False
+        return host.endswith(".amazonaws.com")
 
     async def botocore_client(self) -> Any:
         """The store's aiobotocore client, created the first time something needs it (once:
