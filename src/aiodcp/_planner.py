@@ -42,47 +42,26 @@ from dataclasses import dataclass
 from itertools import pairwise
 from operator import attrgetter
 
+from . import _gapsize
 from ._errors import InvalidRangeError
-from ._gapsize import (  # the settings half, re-exported: see _gapsize
-    ASSUMED_CONNECTION_BANDWIDTH_BYTES_PER_S,
-    ASSUMED_REQUEST_LATENCY_S,
-    AUTO_GAP_SIZE,
+from ._gapsize import *  # noqa: F403  (the settings half, re-exported: see _gapsize)
+from ._gapsize import (
     DEFAULT_MAX_GAP_SIZE_BYTES,
     DEFAULT_PART_SIZE_BYTES,
-    MAX_AUTO_GAP_SIZE_BYTES,
-    MIN_AUTO_GAP_SIZE_BYTES,
-    GapSetting,
-    auto_gap_size,
-    request_latency_from_get,
-    resolve_max_gap_size,
-    validate_gap_setting,
     validate_max_gap_size,
     validate_part_size,
 )
 
 __all__ = [
-    "ASSUMED_CONNECTION_BANDWIDTH_BYTES_PER_S",
-    "ASSUMED_REQUEST_LATENCY_S",
-    "AUTO_GAP_SIZE",
-    "DEFAULT_MAX_GAP_SIZE_BYTES",
-    "DEFAULT_PART_SIZE_BYTES",
-    "MAX_AUTO_GAP_SIZE_BYTES",
-    "MIN_AUTO_GAP_SIZE_BYTES",
     "FilePlan",
-    "GapSetting",
     "ItemRange",
     "Part",
     "RangeGroup",
-    "auto_gap_size",
     "coalesce",
     "plan_file",
-    "request_latency_from_get",
-    "resolve_max_gap_size",
     "split_into_parts",
-    "validate_gap_setting",
-    "validate_max_gap_size",
-    "validate_part_size",
 ]
+__all__ += _gapsize.__all__
 
 _SORT_KEY = attrgetter("start")
 

@@ -41,16 +41,15 @@ def run_dcp_load(
 ) -> None:
     """``dcp.load`` with ``reader``, raising this rank's original error instead of torch's
     ``CheckpointException`` wrapper."""
-    try:
-        dcp_load(
+    unwrapped(
+        lambda: dcp_load(
             state_dict,
             storage_reader=reader,
             planner=planner,
             process_group=process_group,
             no_dist=no_dist,
         )
-    except CheckpointException as exc:
-        raise unwrap(exc) from None
+    )
 
 
 def run_dcp_save(
@@ -65,14 +64,22 @@ def run_dcp_save(
     ``CheckpointException`` wrapper."""
     from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
-    try:
-        dcp_save(
+    unwrapped(
+        lambda: dcp_save(
             state_dict,
             storage_writer=writer,
             planner=planner,
             process_group=process_group,
             no_dist=no_dist,
         )
+    )
+
+
+def unwrapped(call: Callable[[], object]) -> None:
+    """``call()`` (torch's ``dcp.load``/``dcp.save``), raising this rank's original error
+    instead of torch's ``CheckpointException`` wrapper."""
+    try:
+        call()
     except CheckpointException as exc:
         raise unwrap(exc) from None
 
