@@ -42,7 +42,6 @@ from dataclasses import dataclass
 from itertools import pairwise
 from operator import attrgetter
 
-from . import _gapsize
 from ._errors import InvalidRangeError
 from ._gapsize import *  # noqa: F403  (the settings half, re-exported: see _gapsize)
 from ._gapsize import (
@@ -51,6 +50,7 @@ from ._gapsize import (
     validate_max_gap_size,
     validate_part_size,
 )
+from ._gapsize import __all__ as _SETTINGS
 
 __all__ = [
     "FilePlan",
@@ -61,7 +61,7 @@ __all__ = [
     "plan_file",
     "split_into_parts",
 ]
-__all__ += _gapsize.__all__
+__all__ += _SETTINGS
 
 _SORT_KEY = attrgetter("start")
 
