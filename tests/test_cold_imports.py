@@ -357,3 +357,89 @@ print(json.dumps(["awscrt" in sys.modules, stats.verified_bytes, float(state["w"
     assert total == 256 * 256
     assert imported is verify
     assert (verified > 0) is verify
+
+
+LOAD_ONLY = (
+    "aiodcp._planner",
+    "aiodcp._reader",
+    "aiodcp._engine",
+    "aiodcp._sinks",
+    "aiodcp.dcp._session",
+    "aiodcp.dcp._sharing",
+    "aiodcp.dcp._load",
+    "aiodcp.dcp._archive",
+    "aiodcp.dcp._format",
+    "aiodcp.dcp._fastdecode",
+    "aiodcp.dcp._slicing",
+)
+"""Modules only a load uses: a save imports none of them (each costs every saver process CPU
+time, see benchmarks/README.md, "Saves")."""
+
+SAVES = {
+    "save_checkpoint": "asyncio.run(aiodcp.save_checkpoint(state, URL, **OPTIONS))",
+    "dcp.save": (
+        "with aiodcp.S3StorageWriter(URL, **OPTIONS) as writer:\n"
+        "    torch.distributed.checkpoint.save(state, storage_writer=writer)"
+    ),
+    # the counterpart, to show the check can fail: a load imports them
+    "dcp.load": (
+        "with aiodcp.S3StorageReader(URL, **OPTIONS) as reader:\n"
+        "    torch.distributed.checkpoint.load(state, storage_reader=reader)"
+    ),
+}
+
+
+def _first_save(s3_server: S3Server, tmp_path: Path, save: str, bucket: str) -> object:
+    """A fresh process: one ``SAVES[save]`` of a small state dict to moto; returns [which of
+    LOAD_ONLY were imported, the names of the threads it started, the tensor's sum]."""
+    s3 = s3_server.client()
+    with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
+        s3.create_bucket(Bucket=bucket)
+    if save == "dcp.load":
+        upload_dir(s3, save_checkpoint({"w": torch.ones(256, 256)}, tmp_path / "c"), bucket, "c")
+    options = {
+        "endpoint_url": s3_server.endpoint_url,
+        "region": "us-east-1",
+        "addressing_style": "path",
+    }
+    code = f"""
+import asyncio, json, sys, threading, warnings
+import torch
+import torch.distributed.checkpoint
+import aiodcp
+
+warnings.simplefilter("ignore")  # dcp without a process group
+started = set()
+start = threading.Thread.start
+def spy(self):
+    started.add(self.name)
+    return start(self)
+threading.Thread.start = spy
+URL = "s3://{bucket}/c"
+OPTIONS = {options!r}
+state = {{"w": torch.ones(256, 256) if {save!r} != "dcp.load" else torch.zeros(256, 256)}}
+{SAVES[save]}
+print(json.dumps([sorted(m for m in {LOAD_ONLY!r} if m in sys.modules), sorted(started),
+                  float(state["w"].sum())]))
+"""
+    return _fresh(code)
+
+
+@pytest.mark.parametrize("save", ["save_checkpoint", "dcp.save"])
+def test_a_first_save_imports_no_load_only_module(
+    tmp_path: Path, s3_server: S3Server, save: str
+) -> None:
+    """A fresh process's first save (either entry point) imports none of LOAD_ONLY, and the
+    threads it starts say they save (``aiodcp-save``; ``dcp.save`` runs on the caller's)."""
+    imported, threads, total = _first_save(s3_server, tmp_path, save, f"cold-save-{len(save)}")  # type: ignore[misc]
+    assert total == 256 * 256
+    assert imported == []
+    assert "aiodcp-load" not in threads
+    assert ("aiodcp-save" in threads) is (save == "save_checkpoint")
+
+
+def test_the_load_only_check_sees_a_load(tmp_path: Path, s3_server: S3Server) -> None:
+    """The check above fails for a process that loads: it imports the load-only modules."""
+    imported, _, total = _first_save(s3_server, tmp_path, "dcp.load", "cold-save-load")  # type: ignore[misc]
+    assert total == 256 * 256
+    assert set(imported) >= {"aiodcp._planner", "aiodcp.dcp._load", "aiodcp.dcp._archive"}

@@ -10,11 +10,12 @@ Two ways in, each way round::
 and the same for Hugging Face safetensors checkpoints: ``await aiodcp.load_safetensors(url)``,
 ``aiodcp.S3HuggingFaceStorageReader(url)``.
 
-``import aiodcp`` imports only the light modules (errors, configuration, planner, stats, the
-item reader). The names whose modules bring in the store and the DCP adapter
-(``S3StorageReader``, ``S3StorageWriter``, ``load_checkpoint``, ``save_checkpoint``,
-``prefetch``, ``PrefetchHandle``, ``S3ObjectReader``) are imported on first access (PEP 562): a
-process that only inspects metadata, or only builds a config, never pays for them. The S3
+``import aiodcp`` imports only the light modules (errors, configuration, stats). The names whose
+modules bring in the store and the DCP adapter (``S3StorageReader``, ``S3StorageWriter``,
+``load_checkpoint``, ``save_checkpoint``, ``prefetch``, ``PrefetchHandle``, ``S3ObjectReader``)
+are imported on first access (PEP 562): a process that only inspects metadata, or only builds a
+config, never pays for them. So are the load's range and reader classes (``ItemRange``,
+``RangeGroup``, ``ChunkBuffer``, ``SequentialReader``), which a save does not use. The S3
 stack (botocore, aiobotocore, aiohttp) is imported only by a store outside the plain case
 (``_native``), when it needs it.
 """
@@ -53,15 +54,15 @@ from ._errors import (
     TruncatedObjectError,
     UnsupportedDtypeError,
 )
-from ._planner import ItemRange, RangeGroup
-from ._reader import ChunkBuffer, SequentialReader
 from ._stats import LoadStats, RequestMetrics, SaveStats
 from ._version import __version__
 
 if _TYPE_CHECKING:
     from ._api import load_checkpoint, save_checkpoint
     from ._objectreader import S3ObjectReader
+    from ._planner import ItemRange, RangeGroup
     from ._prefetch import PrefetchHandle, prefetch
+    from ._reader import ChunkBuffer, SequentialReader
     from .dcp import S3StorageReader, S3StorageWriter
     from .safetensors import LoadedTensors, S3HuggingFaceStorageReader, load_safetensors
 
@@ -125,6 +126,10 @@ _LAZY = {
     "LoadedTensors": ".safetensors._api",
     "S3StorageWriter": ".dcp._storage_writer",
     "save_checkpoint": "._api",
+    "ItemRange": "._planner",
+    "RangeGroup": "._planner",
+    "ChunkBuffer": "._reader",
+    "SequentialReader": "._reader",
 }
 """Public names imported on first access, and the module that defines each."""
 

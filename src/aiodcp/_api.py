@@ -47,17 +47,20 @@ from ._config import ReaderConfig, WriterConfig
 from ._errors import AiodcpError, ConfigError
 from ._path import parse_checkpoint_path
 from ._stats import LoadStats, SaveStats
-from .dcp._session import LoadSession, run_dcp_load, run_in_thread
-from .dcp._sharing import dcp_load_group, will_share
+from .dcp._run import run_dcp_load, run_in_thread
 
 if TYPE_CHECKING:
     from torch.distributed.checkpoint.planner import SavePlanner
 
     from ._driver import PrivateLoopDriver
+    from .dcp._session import LoadSession
     from .dcp._storage_reader import S3StorageReader
     from .dcp._storage_writer import S3StorageWriter
 
 __all__ = ["load_checkpoint", "save_checkpoint"]
+
+SAVE_THREAD = "aiodcp-save"
+"""The name of a save's worker threads (a load's are ``aiodcp-load``): what profiles show."""
 
 
 async def load_checkpoint(
@@ -103,10 +106,11 @@ async def load_checkpoint(
     )
     path = parse_checkpoint_path(checkpoint_id)
     # The first load of a process imports the load's modules: in a thread, not on the loop.
-    loop_driver, attached_reader = await run_in_thread(_s3_stack, on_cancel=lambda: None)
+    stack = await run_in_thread(_s3_stack, on_cancel=lambda: None)
+    loop_driver, attached_reader, load_session, will_share, dcp_load_group = stack
     driver = loop_driver(cfg)
     try:
-        session = LoadSession(path, cfg, driver, progress=progress)
+        session = load_session(path, cfg, driver, progress=progress)
         if not (cfg.share_across_ranks and will_share(process_group, no_dist)):
             # (Shared: rank 0 reads .metadata for the whole job inside dcp.load.)
             await session.aread_metadata()
@@ -128,13 +132,23 @@ async def load_checkpoint(
         await run_in_thread(driver.close, on_cancel=lambda: None)
 
 
-def _s3_stack() -> tuple[type[PrivateLoopDriver], Callable[..., S3StorageReader]]:
+def _s3_stack() -> tuple[
+    type[PrivateLoopDriver],
+    Callable[..., S3StorageReader],
+    type[LoadSession],
+    Callable[[dist.ProcessGroup | None, bool], bool],
+    Callable[[dist.ProcessGroup | None, bool], dist.ProcessGroup | None],
+]:
     """What a load needs from the modules ``import aiodcp`` leaves out (see
-    ``aiodcp/__init__.py``); botocore, aiobotocore and aiohttp only outside the plain case."""
+    ``aiodcp/__init__.py``); botocore, aiobotocore and aiohttp only outside the plain case.
+    The load-only modules (``_session``, ``_sharing``) are imported here, not by this module,
+    so that ``save_checkpoint`` does not import them."""
     from ._driver import PrivateLoopDriver
+    from .dcp._session import LoadSession
+    from .dcp._sharing import dcp_load_group, will_share
     from .dcp._storage_reader import attached_reader
 
-    return PrivateLoopDriver, attached_reader
+    return PrivateLoopDriver, attached_reader, LoadSession, will_share, dcp_load_group
 
 
 def _need_asyncio(name: str, instead: str) -> None:
@@ -190,7 +204,7 @@ async def save_checkpoint(
         )
     path = parse_checkpoint_path(checkpoint_id)
     loop_driver, attached_writer, run_dcp_save = await run_in_thread(
-        _save_stack, on_cancel=lambda: None
+        _save_stack, on_cancel=lambda: None, name=SAVE_THREAD
     )
     driver = loop_driver(cfg.store_config())
     writer = attached_writer(path.url, cfg, driver, overwrite=overwrite)
@@ -204,10 +218,11 @@ async def save_checkpoint(
                 no_dist=no_dist,
             ),
             on_cancel=writer.abort,
+            name=SAVE_THREAD,
         )
         return writer.stats if writer.stats is not None else SaveStats()
     finally:
-        await run_in_thread(driver.close, on_cancel=lambda: None)
+        await run_in_thread(driver.close, on_cancel=lambda: None, name=SAVE_THREAD)
 
 
 def _save_stack() -> tuple[
@@ -215,7 +230,7 @@ def _save_stack() -> tuple[
 ]:
     """What a save needs from the modules ``import aiodcp`` leaves out (imported in a thread)."""
     from ._driver import PrivateLoopDriver
-    from .dcp._session import run_dcp_save
+    from .dcp._run import run_dcp_save
     from .dcp._storage_writer import attached_writer
 
     return PrivateLoopDriver, attached_writer, run_dcp_save

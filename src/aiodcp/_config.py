@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal, TypeVar
 
 from ._errors import ConfigError
-from ._planner import (
+from ._gapsize import (
     AUTO_GAP_SIZE,
     DEFAULT_MAX_GAP_SIZE_BYTES,
     DEFAULT_PART_SIZE_BYTES,
@@ -44,7 +44,7 @@ __all__ = [
 
 DEFAULT_MAX_GAP_SIZE: Literal["auto"] = AUTO_GAP_SIZE
 """Gap policy: the gap size is chosen per load from the measured latency of the ``.metadata``
-GET (``_planner.auto_gap_size``); ``DEFAULT_MAX_GAP_SIZE_BYTES`` without a measurement."""
+GET (``_gapsize.auto_gap_size``); ``DEFAULT_MAX_GAP_SIZE_BYTES`` without a measurement."""
 DEFAULT_MAX_CONCURRENCY = 32
 """Concurrent ranged GETs (and pooled connections) per load. S3 streams each connection at
 80-100 MB/s after a time to first byte of tens of ms, so throughput comes from connections in

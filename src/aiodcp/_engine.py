@@ -63,6 +63,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from types import MappingProxyType
 from typing import NamedTuple
 
+from ._budget import ByteBudget
 from ._checksum import warm_up
 from ._config import ReaderConfig
 from ._errors import (
@@ -146,50 +147,6 @@ class WholeFileResult(NamedTuple):
     size: int = 0
     crcs: Mapping[int, int] = MappingProxyType({})
     why: str = ""
-
-
-class _ByteBudget:
-    """Bytes that may be buffered at once. Acquired on the loop, released from any thread."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0
-        self.peak = 0
-        self._waiter: asyncio.Future[None] | None = None
-
-    async def acquire(self, n: int) -> None:
-        """Reserve ``n`` bytes once they fit, or once nothing is held (an item larger than the
-        whole budget is served alone)."""
-        await self.acquire_beside(n, 0)
-
-    async def acquire_beside(self, n: int, carried: int) -> bool:
-        """Reserve ``n`` bytes once they fit and return True; or return False, reserving
-        nothing, once no more than ``carried`` bytes are held.
-
-        ``carried``: the bytes of an item the caller's part finishes. The consumer cannot
-        release them before that part is fetched, so waiting for them would deadlock.
-        """
-        while n and self.used + n > self.limit:
-            if self.used <= carried:
-                if carried:
-                    return False
-                break  # nothing held: serve it alone
-            self._waiter = asyncio.get_running_loop().create_future()
-            await self._waiter
-        self.force(n)
-        return True
-
-    def force(self, n: int) -> None:
-        """Reserve ``n`` bytes now, whatever is held (the caller knows waiting would deadlock)."""
-        self.used += n
-        if self.used > self.peak:
-            self.peak = self.used
-
-    def release(self, n: int) -> None:
-        self.used -= n
-        waiter, self._waiter = self._waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
 
 
 class _Item:
@@ -458,7 +415,7 @@ class FetchEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._main: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._budget = _ByteBudget(config.memory_budget)
+        self._budget = ByteBudget(config.memory_budget)
         self._connections: asyncio.Semaphore | None = None
         self._check_lock = threading.Lock()  # one consumer thread checks an item at a time
         self._released = 0

@@ -57,7 +57,8 @@ from ._sinks import held_memory
 from ._stats import LoadStats, StatsRecorder
 from ._store import S3Store
 from .dcp._integrity import Integrity
-from .dcp._session import LoadSession, run_dcp_load, run_in_thread, select_keys
+from .dcp._run import run_dcp_load, run_in_thread
+from .dcp._session import LoadSession, select_keys
 from .dcp._sharing import dcp_load_group
 from .dcp._storage_reader import attached_reader
 

@@ -2,7 +2,7 @@
 
 The inverse of the fetch engine (``_engine``), on the same store (``S3Store``: connections,
 signing, credentials, its one retry policy ``retrying`` and request rate ``limiter``) and the
-same byte budget (``_engine._ByteBudget``). Torch-agnostic: it moves views of memory.
+same byte budget (``_budget.ByteBudget``). Torch-agnostic: it moves views of memory.
 
 Data flow::
 
@@ -47,9 +47,9 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from ._budget import ByteBudget
 from ._checksum import combine, crc64nvme
 from ._config import MAX_UPLOAD_PART_SIZE_BYTES, WriterConfig
-from ._engine import _ByteBudget
 from ._errors import AiodcpError, ConfigError, SaveCancelledError
 from ._stats import SaveRecorder
 from ._store import S3Store, WriteReply, WriteRequest, is_throttling
@@ -251,7 +251,7 @@ class UploadEngine:
         self._bucket = bucket
         self._config = config
         self._recorder = recorder
-        self._budget = _ByteBudget(config.memory_budget)
+        self._budget = ByteBudget(config.memory_budget)
         self._uploads: dict[str, _Multipart] = {}
         self._sent: set[str] = set()  # keys a PUT or a completion was sent for
         self._closing = False

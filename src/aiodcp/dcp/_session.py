@@ -31,14 +31,12 @@ Data flow of the steps::
         -> FetchedMetadata(data, key, request_latency_s, checksum)
     FetchedMetadata.parse()                              off the loop (a large .metadata
         -> dcp._metadata.load_metadata                   takes long to unpickle)
-    run_dcp_load(state_dict, reader, ...)                in the thread that decodes
-        -> torch's dcp.load; its CheckpointException is unwrapped to this rank's own error
     select_keys(requested, fqns)                         prefetch(keys=...), aiodcp plan --keys
         -> the fqns the keys select (a key selects itself and every fqn below ``key.``),
            and for each unknown key its close matches
-    run_in_thread(fn, on_cancel=...)                     from a coroutine
-        -> fn in a fresh thread; cancelling the awaiting task calls on_cancel and waits for
-           the thread to finish before re-raising
+
+Running ``dcp.load`` (``run_dcp_load``) and threads for a coroutine (``run_in_thread``) live in
+``dcp/_run.py``, which a save shares without importing this module's load-only imports.
 
 Callers: ``LoadSession``, and ``PrefetchHandle``'s own download (a prefetch is not a load: it
 fills buffers that later load sessions take).
@@ -50,15 +48,12 @@ import asyncio
 import difflib
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
 import torch.distributed as dist
-from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata
-from torch.distributed.checkpoint.planner import LoadPlanner, SavePlanner
-from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
-from torch.distributed.checkpoint.storage import StorageReader, StorageWriter
+from torch.distributed.checkpoint.planner import LoadPlanner
 
 from .._checksum import warm_up
 from .._config import ReaderConfig
@@ -70,6 +65,8 @@ from .._verify import read_verified
 from ._archive import METADATA_NAME
 from ._integrity import Integrity
 from ._metadata import load_metadata
+from ._run import run_in_thread
+from ._run import unwrap as _unwrap  # noqa: F401  (its old home: tests and workers import it)
 from ._sharing import SHARED, RankShare, share_metadata
 
 if TYPE_CHECKING:
@@ -90,9 +87,6 @@ __all__ = [
     "FetchedMetadata",
     "LoadSession",
     "fetch_metadata",
-    "run_dcp_load",
-    "run_dcp_save",
-    "run_in_thread",
     "select_keys",
 ]
 
@@ -432,102 +426,3 @@ def select_keys(requested: Sequence[str], fqns: Iterable[str]) -> tuple[set[str]
             unknown.append(f"{key!r} ({hint})")
         selected |= found
     return selected, unknown
-
-
-def run_dcp_load(
-    state_dict: dict[str, Any],
-    reader: StorageReader,
-    *,
-    planner: LoadPlanner | None,
-    process_group: dist.ProcessGroup | None,
-    no_dist: bool,
-) -> None:
-    """``dcp.load`` with ``reader``, raising this rank's original error instead of torch's
-    ``CheckpointException`` wrapper."""
-    try:
-        dcp_load(
-            state_dict,
-            storage_reader=reader,
-            planner=planner,
-            process_group=process_group,
-            no_dist=no_dist,
-        )
-    except CheckpointException as exc:
-        raise _unwrap(exc) from None
-
-
-def run_dcp_save(
-    state_dict: dict[str, Any],
-    writer: StorageWriter,
-    *,
-    planner: SavePlanner | None,
-    process_group: dist.ProcessGroup | None,
-    no_dist: bool,
-) -> None:
-    """``dcp.save`` with ``writer``, raising this rank's original error instead of torch's
-    ``CheckpointException`` wrapper."""
-    from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
-
-    try:
-        dcp_save(
-            state_dict,
-            storage_writer=writer,
-            planner=planner,
-            process_group=process_group,
-            no_dist=no_dist,
-        )
-    except CheckpointException as exc:
-        raise _unwrap(exc) from None
-
-
-def _unwrap(exc: CheckpointException) -> BaseException:
-    """The original exception inside torch's ``CheckpointException`` (this rank's first)."""
-    failures = exc.failures
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    ordered = sorted(failures.items(), key=lambda kv: (kv[0] != rank, kv[0]))
-    for _, failure in ordered:
-        inner = failure[0] if isinstance(failure, tuple) else failure
-        if isinstance(inner, BaseException):
-            return inner
-    return exc
-
-
-async def run_in_thread(fn: Callable[[], T], *, on_cancel: Callable[[], None]) -> T:
-    """Run ``fn`` in a fresh thread; on cancellation call ``on_cancel`` and wait for the thread."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[T] = loop.create_future()
-
-    def settle(result: T | None, error: BaseException | None) -> None:
-        if done.done():
-            return
-        if error is not None:
-            done.set_exception(error)
-        else:
-            done.set_result(result)  # type: ignore[arg-type]
-
-    def target() -> None:
-        try:
-            result = fn()
-        except BaseException as error:
-            loop.call_soon_threadsafe(settle, None, error)
-        else:
-            loop.call_soon_threadsafe(settle, result, None)
-
-    thread = threading.Thread(target=target, name="aiodcp-load", daemon=True)
-    thread.start()
-    try:
-        return await asyncio.shield(done)
-    except asyncio.CancelledError:
-        on_cancel()
-        while not done.done():
-            try:
-                await asyncio.shield(done)
-            except asyncio.CancelledError:
-                on_cancel()
-            except BaseException:
-                break
-        raise
-    finally:
-        if done.done() and not done.cancelled():
-            done.exception()  # retrieved: no "exception was never retrieved" warning
-        thread.join(timeout=1.0)

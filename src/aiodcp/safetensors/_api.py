@@ -31,7 +31,8 @@ from .._config import ReaderConfig
 from .._errors import AiodcpError, ConfigError, UnsupportedDtypeError
 from .._path import parse_checkpoint_path
 from .._stats import LoadStats
-from ..dcp._session import LoadSession, run_dcp_load, run_in_thread, select_keys
+from ..dcp._run import run_dcp_load, run_in_thread
+from ..dcp._session import LoadSession, select_keys
 from ..dcp._sharing import dcp_load_group, will_share
 
 if TYPE_CHECKING:
