@@ -7,6 +7,7 @@ left in the bucket."""
 from __future__ import annotations
 
 import pickle
+import re
 import threading
 import warnings
 from pathlib import Path
@@ -28,10 +29,20 @@ WORKER = Path(__file__).parent / "save_worker.py"
 HANG_GUARD_S = 240.0
 
 
+_VERDICT = re.compile(r"rank \d+ (OK|RAISED )")
+
+
 def run(world: int, mode: str, url: str, env: dict[str, str]) -> list[str]:
-    """Each rank's last line of output."""
+    """Each rank's verdict (``rank N OK``, ``rank N RAISED <error>``: exactly one per rank).
+    Not its last line of output: torch's checkpointing process (``async_save`` in process
+    mode) may log after it."""
     outputs = conftest.run_ranks(WORKER, world, [mode, url], env, timeout=HANG_GUARD_S)
-    return [o.strip().splitlines()[-1] for o in outputs]
+    verdicts = []
+    for out in outputs:
+        lines = [line.strip() for line in out.splitlines() if _VERDICT.match(line.strip())]
+        assert len(lines) == 1, out[-3000:]
+        verdicts.append(lines[0])
+    return verdicts
 
 
 def blank() -> dict[str, Any]:
