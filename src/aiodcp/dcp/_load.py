@@ -57,7 +57,7 @@ import sys
 import time
 from bisect import insort
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -200,6 +200,15 @@ class _Part(NamedTuple):
 
 _UNDECIDED: Any = object()
 """(A region not looked at yet, in ``sliced_apart``'s cache.)"""
+
+
+def _relative(reqs: list[ReadItem], index: tuple[Any, Any]) -> tuple[Any, ...]:
+    """A rank's region (its read items ``reqs`` on an item read under ``index``) as
+    ``_sliced_by_all`` keys it relative to the item: a single read item's box, else every read
+    (``region_of``) with its index told as the item's or not."""
+    if len(reqs) == 1:
+        return (reqs[0].storage_offsets, reqs[0].lengths)
+    return tuple((r[0], (r[1], r[2]) == index, r[4], r[5]) for r in region_of(reqs))
 
 
 def _apart(parts: Iterable[_Part]) -> bool:
@@ -440,15 +449,22 @@ class DcpLoad:
         if stored is None:
             return None
         of_stored = parts.setdefault((length, stored.dtype, stored.shape), {})
+        at = firsts[0].storage_index
+        index = (at.fqn, at.offset)
+        # The first rank's part first: a rank that cannot slice (the whole chunk, as a job
+        # resuming its own save reads) decides the item without the other ranks' regions.
+        several = readers.several
+        reqs = several.get(0) or [firsts[0]]
+        first = self._part(item_range, of_stored, _relative(reqs, index), reqs, max_gap_size)
+        if first is None or first.moved >= length:
+            return None
         regions: list[tuple[Any, ...]] = [(req.storage_offsets, req.lengths) for req in firsts]
         relatives = regions
-        if readers.several:
+        if several:
             relatives = regions.copy()
-            at = firsts[0].storage_index
-            index = (at.fqn, at.offset)
-            for pos, reqs in readers.several.items():
-                region = regions[pos] = region_of(reqs)
-                relatives[pos] = tuple((r[0], (r[1], r[2]) == index, r[4], r[5]) for r in region)
+            for pos, reqs in several.items():
+                regions[pos] = region_of(reqs)
+                relatives[pos] = _relative(reqs, index)
         n = len(regions)
         # Each distinct region with the position of its first rank, in rank order.
         first_at = dict(zip(reversed(regions), range(n - 1, -1, -1), strict=True))
@@ -459,9 +475,8 @@ class DcpLoad:
             relative = relatives[pos]
             part = of_stored.get(relative, _UNDECIDED)
             if part is _UNDECIDED:
-                reqs = readers.several.get(pos) or [firsts[pos]]
-                candidate = self._slice_candidate(item_range, reqs, max_gap_size)
-                part = of_stored[relative] = None if candidate is None else _Part.of(candidate)
+                reqs = several.get(pos) or [firsts[pos]]
+                part = self._part(item_range, of_stored, relative, reqs, max_gap_size)
             if part is None or part.moved >= length:
                 return None
             if halves and 2 * part.runs_bytes > length:
@@ -470,6 +485,22 @@ class DcpLoad:
         if halves or (not repeated and _apart(decided)):
             return self.format.probes(item_range, stored)
         return None
+
+    def _part(
+        self,
+        item_range: ItemRange,
+        of_stored: dict[tuple[Any, ...], _Part | None],
+        relative: tuple[Any, ...],
+        reqs: list[ReadItem],
+        max_gap_size: int | float,
+    ) -> _Part | None:
+        """The part of a rank with read items ``reqs`` (region ``relative``) on the item,
+        its candidate made once per region in ``of_stored``."""
+        part = of_stored.get(relative, _UNDECIDED)
+        if part is _UNDECIDED:
+            candidate = self._slice_candidate(item_range, reqs, max_gap_size)
+            part = of_stored[relative] = None if candidate is None else _Part.of(candidate)
+        return cast("_Part | None", part)
 
     def _sliced_by_all(
         self,
