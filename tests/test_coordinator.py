@@ -38,7 +38,7 @@ import aiodcp
 from aiodcp._sinks import item_memory
 from aiodcp._stats import StatsRecorder
 from aiodcp.dcp._load import DcpLoad
-from aiodcp.dcp._sharing import RankShare, Round, StoredItem, plan_sharing
+from aiodcp.dcp._sharing import RankShare, Readers, Round, StoredItem, plan_sharing
 from aiodcp.dcp._storage_reader import share_job
 
 ARCHIVE_BYTES = 1577  # a torch.save archive's bytes around a tensor's (measured)
@@ -757,3 +757,53 @@ def test_the_collector_is_paused_for_the_step_and_restored() -> None:
         assert not gc.isenabled()  # off before: left off
     finally:
         gc.enable()
+
+
+def readers_of(plans: Sequence[LoadPlan], load: DcpLoad, aliased: bool) -> list[Any]:
+    """Per stored item two or more ranks read: the item and its ``Readers`` (the plain way:
+    every rank's read items on it), marked ``aliased`` or not."""
+    per_item: dict[StoredItem, dict[int, list[ReadItem]]] = {}
+    for rank, plan in enumerate(plans):
+        for req in plan.items:
+            info = load.storage_data[req.storage_index]
+            item = StoredItem(info.relative_path, info.offset, info.offset + info.length)
+            per_item.setdefault(item, {}).setdefault(rank, []).append(req)
+    return [
+        (
+            item,
+            Readers(
+                ranks=list(by_rank),
+                firsts=[reqs[0] for reqs in by_rank.values()],
+                several={n: reqs for n, reqs in enumerate(by_rank.values()) if len(reqs) > 1},
+                aliased=aliased,
+            ),
+        )
+        for item, by_rank in per_item.items()
+        if len(by_rank) > 1
+    ]
+
+
+@pytest.mark.parametrize(
+    ("save", "load", "gap"),
+    [
+        ((1, 1), (2, 4, 1), 0),  # replicas x dim 0: one region per replica group
+        ((1, 1), (1, 2, 4), 0),  # 2-D blocks: every rank's region its own
+        ((2, 1), (2, 1, 2), 1024),  # replicas of strided columns
+        ((1, 1), (1, 8, 1), float("inf")),  # no slicing
+    ],
+)
+def test_readers_decided_once_per_region_decide_as_each_rank(
+    save: tuple[int, int], load: tuple[int, int, int], gap: float
+) -> None:
+    """``sliced_apart`` decides an item from its distinct regions (a replica's looked at
+    once, ``_sliced_by_each``) exactly as rank by rank (``_sliced_by_all``, the path of an
+    item read under two indexes), also where a rank reads an item twice (``several``)."""
+    metadata, plans = mesh_job([(64, 48), (40, 80)], save, load)
+    plans[0].items.extend(plans[-1].items)  # rank 0 also loads the last rank's chunks
+    with Planner(metadata, max_gap_size=gap) as planner:
+        each = planner.sliced_apart(readers_of(plans, planner, aliased=False))
+        by_rank = planner.sliced_apart(readers_of(plans, planner, aliased=True))
+        assert each == by_rank
+        assert any(r.several for _, r in readers_of(plans, planner, aliased=False))
+        if gap == 0:
+            assert each  # (something sliced: the equality is not of two empty dicts)

@@ -57,7 +57,7 @@ import sys
 import time
 from bisect import insort
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -93,6 +93,7 @@ from ._jobcheck import CheckedFile, Verdict, encode, verdicts
 from ._sharing import (
     Exchange,
     RankShare,
+    Readers,
     StoredItem,
     item_memory,
 )
@@ -199,6 +200,15 @@ class _Part(NamedTuple):
 
 _UNDECIDED: Any = object()
 """(A region not looked at yet, in ``sliced_apart``'s cache.)"""
+
+
+def _relative(reqs: list[ReadItem], index: tuple[Any, Any]) -> tuple[Any, ...]:
+    """A rank's region (its read items ``reqs`` on an item read under ``index``) as
+    ``_sliced_by_all`` keys it relative to the item: a single read item's box, else every read
+    (``region_of``) with its index told as the item's or not."""
+    if len(reqs) == 1:
+        return (reqs[0].storage_offsets, reqs[0].lengths)
+    return tuple((r[0], (r[1], r[2]) == index, r[4], r[5]) for r in region_of(reqs))
 
 
 def _apart(parts: Iterable[_Part]) -> bool:
@@ -360,7 +370,7 @@ class DcpLoad:
         return engine
 
     def sliced_apart(
-        self, needed: Iterable[tuple[StoredItem, Sequence[int], Iterable[list[ReadItem]]]]
+        self, needed: Iterable[tuple[StoredItem, Readers]]
     ) -> dict[StoredItem, tuple[tuple[StoredItem, ...], frozenset[int]]]:
         """The stored items that several ranks need parts of, where each rank slices its own
         part (``_slice_candidate``, with the load's gap, the same on every rank) and so moves
@@ -370,7 +380,7 @@ class DcpLoad:
         items (one rank GETs them; ``_slice`` takes them from ``known``), unless they overlap
         (a small item: each rank probes for itself). Returned per item: its probes to share
         and the ranks that slice it. ``needed``: each stored item two or more ranks read, with
-        those ranks (ascending) and, rank by rank, their read items on it.
+        those ranks and their read items on it (``Readers``).
 
         The rule, per item: shared whole, a rank moves the item's bytes (it fetches the item,
         or receives it); sliced, it moves its runs and the probes (``_Part.moved``). The item
@@ -386,11 +396,13 @@ class DcpLoad:
         overlap. A dim-1 reshard whose strided runs merge into nearly the whole item saves a
         rank next to nothing: shared whole, it is fetched once.
 
-        Work: per item, each rank's region (``region_of``) once; a candidate per distinct
-        region, stored tensor and item length of the whole job (``parts``, shared across
-        items: the layers of a model repeat their shapes), so a job's step grows with its
-        (stored item, rank) pairs, not with the candidates; the runs of distinct regions are
-        compared only when a rank's part is more than half its item. A rank that cannot slice
+        Work: per item, each rank's region once (a single read item's box, built in one
+        comprehension: C-speed per rank), its distinct regions found by a dict, and the part
+        of each distinct one looked up; a candidate per distinct region, stored tensor and
+        item length of the whole job (``parts``, shared across items: the layers of a model
+        repeat their shapes), so a job's step grows with its (stored item, rank) pairs, not
+        with the candidates; the runs of distinct regions are compared only when a rank's
+        part is more than half its item. A rank that cannot slice
         ends the item's decision (reading whole chunks, as a job resuming its own save does, is
         decided at its first rank).
 
@@ -402,20 +414,93 @@ class DcpLoad:
         max_gap_size = resolve_max_gap_size(self.config.max_gap_size, self._request_latency_s)
         apart: dict[StoredItem, tuple[tuple[StoredItem, ...], frozenset[int]]] = {}
         parts: dict[tuple[Any, ...], dict[tuple[Any, ...], _Part | None]] = {}
-        for item, ranks, reqs_per_rank in needed:
-            if len(ranks) < 2:
+        for item, readers in needed:
+            if len(readers.ranks) < 2:
                 continue
-            probes = self._sliced_by_all(
-                ItemRange(item.start, item.end), reqs_per_rank, max_gap_size, parts
-            )
+            item_range = ItemRange(item.start, item.end)
+            if readers.aliased:  # (read under two indexes: each rank's stored tensor its own)
+                probes = self._sliced_by_all(item_range, readers.per_rank(), max_gap_size, parts)
+            else:
+                probes = self._sliced_by_each(item_range, readers, max_gap_size, parts)
             if probes is not None:
                 shared = (
                     ()
                     if len(probes) != 2 or probes[0].end > probes[1].start
                     else tuple(StoredItem(item.path, p.start, p.end) for p in probes)
                 )
-                apart[item] = (shared, frozenset(ranks))
+                apart[item] = (shared, frozenset(readers.ranks))
         return apart
+
+    def _sliced_by_each(
+        self,
+        item_range: ItemRange,
+        readers: Readers,
+        max_gap_size: int | float,
+        parts: dict[tuple[Any, ...], dict[tuple[Any, ...], _Part | None]],
+    ) -> tuple[ItemRange, ...] | None:
+        """``_sliced_by_all`` for an item every rank reads under one index (its stored
+        tensor looked up once), decided the same: the ranks' regions made and told apart in
+        C (a list comprehension, a dict), then each distinct region's part, in the order of
+        its first rank (a replica's region is its first one's: only whether one repeats
+        counts)."""
+        length = item_range.length
+        firsts = readers.firsts
+        stored = self.format.stored_tensor(firsts[0])
+        if stored is None:
+            return None
+        of_stored = parts.setdefault((length, stored.dtype, stored.shape), {})
+        at = firsts[0].storage_index
+        index = (at.fqn, at.offset)
+        # The first rank's part first: a rank that cannot slice (the whole chunk, as a job
+        # resuming its own save reads) decides the item without the other ranks' regions.
+        several = readers.several
+        reqs = several.get(0) or [firsts[0]]
+        first = self._part(item_range, of_stored, _relative(reqs, index), reqs, max_gap_size)
+        if first is None or first.moved >= length:
+            return None
+        regions: list[tuple[Any, ...]] = [(req.storage_offsets, req.lengths) for req in firsts]
+        relatives = regions
+        if several:
+            relatives = regions.copy()
+            for pos, reqs in several.items():
+                regions[pos] = region_of(reqs)
+                relatives[pos] = _relative(reqs, index)
+        n = len(regions)
+        # Each distinct region with the position of its first rank, in rank order.
+        first_at = dict(zip(reversed(regions), range(n - 1, -1, -1), strict=True))
+        repeated = len(first_at) < n  # two ranks read the same region (replicas)
+        halves = True  # every rank's runs are at most half the item
+        decided: list[_Part] = []
+        for pos in sorted(first_at.values()):
+            relative = relatives[pos]
+            part = of_stored.get(relative, _UNDECIDED)
+            if part is _UNDECIDED:
+                reqs = several.get(pos) or [firsts[pos]]
+                part = self._part(item_range, of_stored, relative, reqs, max_gap_size)
+            if part is None or part.moved >= length:
+                return None
+            if halves and 2 * part.runs_bytes > length:
+                halves = False
+            decided.append(part)
+        if halves or (not repeated and _apart(decided)):
+            return self.format.probes(item_range, stored)
+        return None
+
+    def _part(
+        self,
+        item_range: ItemRange,
+        of_stored: dict[tuple[Any, ...], _Part | None],
+        relative: tuple[Any, ...],
+        reqs: list[ReadItem],
+        max_gap_size: int | float,
+    ) -> _Part | None:
+        """The part of a rank with read items ``reqs`` (region ``relative``) on the item,
+        its candidate made once per region in ``of_stored``."""
+        part = of_stored.get(relative, _UNDECIDED)
+        if part is _UNDECIDED:
+            candidate = self._slice_candidate(item_range, reqs, max_gap_size)
+            part = of_stored[relative] = None if candidate is None else _Part.of(candidate)
+        return cast("_Part | None", part)
 
     def _sliced_by_all(
         self,

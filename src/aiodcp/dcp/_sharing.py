@@ -75,6 +75,7 @@ from .._sinks import BLOCK_BYTES, BlockPool, item_memory
 from ._format import Receive
 
 if TYPE_CHECKING:
+    from torch.distributed.checkpoint.planner import ReadItem
     from typing_extensions import Buffer
 
     from ._jobcheck import CheckedFile
@@ -85,6 +86,7 @@ __all__ = [
     "dcp_load_group",
     "Exchange",
     "RankShare",
+    "Readers",
     "Round",
     "StoredItem",
     "assign_shares",
@@ -115,6 +117,26 @@ class StoredItem(NamedTuple):
     @property
     def length(self) -> int:
         return self.end - self.start
+
+
+class Readers(NamedTuple):
+    """The ranks that read one stored item (``DcpLoad.sliced_apart``), gathered rank by rank
+    in one pass over the job's plans (``share_job``): no list per (item, rank) pair."""
+
+    ranks: Sequence[int]
+    """Ascending."""
+    firsts: Sequence[ReadItem]
+    """Each rank's first read item on the item, in ``ranks``' order."""
+    several: Mapping[int, list[ReadItem]]
+    """By position in ``ranks``: every read item of a rank that reads the item more than
+    once, in plan order (most ranks read an item once: usually empty)."""
+    aliased: bool = False
+    """Whether the job reads the item under more than one index (fqn, offset)."""
+
+    def per_rank(self) -> list[list[ReadItem]]:
+        """Each rank's read items on the item, in ``ranks``' order."""
+        several = self.several
+        return [several.get(pos) or [req] for pos, req in enumerate(self.firsts)]
 
 
 class Round(NamedTuple):

@@ -67,6 +67,7 @@ from ._jobcheck import CheckedFile, whole_candidates
 from ._session import METADATA_NAME, LoadSession
 from ._sharing import (
     RankShare,
+    Readers,
     StoredItem,
     assign_shares,
     merge_adjacent,
@@ -391,13 +392,15 @@ def share_job(
     another rank's items. ``found``, if given, gets what the job reads (``check_whole``).
     """
     storage_data = load.storage_data
-    # Per stored item, by slot: the item and the ranks that read it (ascending); per rank, the
-    # slot of each of its read items.
+    # Per stored item, by slot: the item, the ranks that read it (ascending), each one's first
+    # read item on it and (by position) all of them where a rank reads it more than once.
     items: list[StoredItem] = []
     ranks_of: list[list[int]] = []
+    firsts: list[list[ReadItem]] = []
+    several: list[dict[int, list[ReadItem]]] = []
+    aliased: set[int] = set()  # slots read under two indexes (fqn, offset)
     slot_of: dict[str, dict[Any, int]] = {}  # fqn -> offset -> slot
     slot_by_item: dict[StoredItem, int] = {}
-    reads: list[_RankReads] = []
     nothing: dict[Any, int] = {}
     for rank, plan in enumerate(plans):
         # MetadataIndex compares and hashes (fqn, offset): looking up its fqn, then its
@@ -420,17 +423,19 @@ def share_job(
                         return None
                     item = StoredItem(info.relative_path, info.offset, info.offset + info.length)
                     slot = slot_by_item.get(item)
-                    if slot is None:  # (two indexes on the same bytes share a slot)
+                    if slot is None:
                         slot = slot_by_item[item] = len(items)
                         items.append(item)
                         ranks_of.append([])
+                        firsts.append([])
+                        several.append({})
+                    else:  # two indexes on the same bytes share a slot
+                        aliased.add(slot)
                     of_fqn[index.offset] = slot
                 slots[n] = slot
-        for slot in dict.fromkeys(cast("list[int]", slots)):
-            ranks_of[slot].append(rank)
-        reads.append(_RankReads(plan.items, cast("list[int]", slots)))
+        _add_reads(rank, plan.items, cast("list[int]", slots), ranks_of, firsts, several)
     apart = load.sliced_apart(
-        (items[slot], ranks, (reads[rank].of(slot) for rank in ranks))
+        (items[slot], Readers(ranks, firsts[slot], several[slot], slot in aliased))
         for slot, ranks in enumerate(ranks_of)
         if len(ranks) > 1
     )
@@ -538,29 +543,29 @@ def _collector_paused() -> Iterator[None]:
         gc.enable()
 
 
-class _RankReads:
-    """One rank's read items per stored item (by slot, see ``share_job``), indexed on the
-    first look-up: most ranks' are never looked up."""
-
-    __slots__ = ("_first", "_reqs", "_several", "_slots")
-
-    def __init__(self, reqs: list[ReadItem], slots: list[int]) -> None:
-        self._reqs, self._slots = reqs, slots
-        self._first: dict[int, int] | None = None
-        self._several: dict[int, list[int]] | None = None
-
-    def of(self, slot: int) -> list[ReadItem]:
-        """The rank's read items on the stored item ``slot``, in plan order."""
-        if self._first is None:
-            n = len(self._slots)
-            self._first = dict(zip(reversed(self._slots), range(n - 1, -1, -1), strict=True))
-            if len(self._first) != n:  # a stored item read by several read items
-                self._several = {}
-                for i, s in enumerate(self._slots):
-                    self._several.setdefault(s, []).append(i)
-        if self._several is not None:
-            return [self._reqs[i] for i in self._several[slot]]
-        return [self._reqs[self._first[slot]]]
+def _add_reads(
+    rank: int,
+    reqs: list[ReadItem],
+    slots: list[int],
+    ranks_of: list[list[int]],
+    firsts: list[list[ReadItem]],
+    several: list[dict[int, list[ReadItem]]],
+) -> None:
+    """Rank ``rank``'s read items ``reqs`` (on the stored items ``slots``) added to each
+    slot's readers (see ``share_job``): one step per read item, no list per pair."""
+    if len(set(slots)) == len(slots):  # each stored item read once: most ranks
+        for slot, req in zip(slots, reqs, strict=True):
+            ranks_of[slot].append(rank)
+            firsts[slot].append(req)
+        return
+    mine: dict[int, list[ReadItem]] = {}
+    for slot, req in zip(slots, reqs, strict=True):
+        mine.setdefault(slot, []).append(req)
+    for slot, on_slot in mine.items():
+        if len(on_slot) > 1:
+            several[slot][len(ranks_of[slot])] = on_slot
+        ranks_of[slot].append(rank)
+        firsts[slot].append(on_slot[0])
 
 
 _STORAGE_INDEX = operator.attrgetter("storage_index")
