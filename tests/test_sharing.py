@@ -40,15 +40,6 @@ def run_ranks(world: int, args: list[str], env: dict[str, str] | None = None) ->
     return conftest.run_ranks(WORKER, world, args, env, timeout=RANK_TIMEOUT_S)
 
 
-def results(outputs: list[str]) -> list[dict[str, Any]]:
-    found = []
-    for out in outputs:
-        lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
-        assert len(lines) == 1, out[-3000:]
-        found.append(json.loads(lines[0].removeprefix("RESULT ")))
-    return sorted(found, key=lambda r: r["rank"])
-
-
 @dataclass
 class Saved:
     url: str
@@ -125,7 +116,9 @@ def load(
         "SHARE_CANCEL_AFTER_S": str(cancel_after_s),
         "SHARE_ABORT_RANK": str(abort_rank),
     }
-    return results(run_ranks(world, ["load", layout, saved.url, str(saved.local), api], env))
+    return conftest.rank_results(
+        run_ranks(world, ["load", layout, saved.url, str(saved.local), api], env)
+    )
 
 
 CASES = [
