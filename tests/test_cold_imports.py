@@ -10,6 +10,7 @@ a path; any other imports them in a worker thread. See benchmarks/README.md, "Co
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -357,6 +358,39 @@ print(json.dumps(["awscrt" in sys.modules, stats.verified_bytes, float(state["w"
     assert total == 256 * 256
     assert imported is verify
     assert (verified > 0) is verify
+
+
+def test_a_first_verified_load_of_a_recorded_checkpoint_leaves_awscrt_out(
+    s3_server: S3Server,
+) -> None:
+    """A checkpoint aiodcp saved (an integrity record, CRC64NVME on every object) is checked
+    whole, ``.metadata`` included, by a fresh process's first load with ISA-L's CRC64NVME
+    alone: awscrt's ~30 ms import is not on that load's path (``_checksum``)."""
+    s3 = s3_server.client()
+    bucket = "cold-crc-recorded"
+    with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
+        s3.create_bucket(Bucket=bucket)
+    options = {
+        "endpoint_url": s3_server.endpoint_url,
+        "region": "us-east-1",
+        "addressing_style": "path",
+    }
+    url = f"s3://{bucket}/c"
+    saved = {"w": torch.arange(256 * 256, dtype=torch.float32).view(256, 256), "n": 7}
+    asyncio.run(aiodcp.save_checkpoint(saved, url, no_dist=True, **options))
+    code = f"""
+import asyncio, json, sys
+import torch
+import aiodcp
+state = {{"w": torch.zeros(256, 256), "n": 0}}
+stats = asyncio.run(aiodcp.load_checkpoint(state, "{url}", **{options!r}))
+print(json.dumps(["awscrt" in sys.modules, stats.verified_bytes, stats.unverified_bytes,
+                  stats.metadata_verified, float(state["w"].sum()), state["n"]]))
+"""
+    imported, verified, unverified, metadata_verified, total, n = _fresh(code)  # type: ignore[misc]
+    assert (total, n) == (float(saved["w"].sum()), 7)  # type: ignore[union-attr]
+    assert verified > 0 and unverified == 0 and metadata_verified is True
+    assert imported is False
 
 
 LOAD_ONLY = (

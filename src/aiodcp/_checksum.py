@@ -22,12 +22,24 @@ Data flow::
     composite_checksum(headers)          -> the algorithm of a composite checksum (none checks)
     Digest(algorithm).update(data)...value() -> int     any of those five, streamed
 
-``awscrt`` is imported only when a checksum will be needed (loading its 11 MB extension takes
-~30 ms of CPU here), never by ``import aiodcp``: a load starts the import in a thread of its own
-as soon as it knows it will check bytes (``warm_up``: the checkpoint has an integrity record,
-or the store answered a file's HEAD with a full-object checksum), so the import runs while the
-first GETs are under way; a load that can check nothing (no record, a store that gives no
-checksum) never imports it; anything else imports it at its first checksum (``_crt``).
+Where the CRCs come from: CRC64NVME, what every check of a checkpoint aiodcp saved computes, from
+ISA-L's ``crc64_rocksoft_refl`` (Intel's storage-acceleration library, the same CRC: CRC-64/NVME
+is CRC-64/Rocksoft), which the ``isal`` package aiodcp already requires (for zip's CRC-32) carries
+and exports; it is reached through ``ctypes`` (``_isal_crc64``), which releases the GIL for the
+call, and is used only after it gives the catalogue's check value for ``b"123456789"`` in one call
+and in two. Binding it costs ~5 ms (``ctypes``' import) where importing ``awscrt`` costs ~30-40 ms
+of CPU (its 11 MB extension, most of it AWS-LC seeding its random generator, GIL held), which a
+process's first verified load paid on its critical path. Everything else comes from ``awscrt``:
+``combine`` (ISA-L has none: a save's part, block and object CRCs, a whole object folded from its
+ranges), CRC32C, CRC32; and CRC64NVME too once ``awscrt`` is imported (a process that combines
+imports it anyway, ``need_combine``), or where ISA-L's symbol is missing or gives another value.
+
+Neither library is loaded by ``import aiodcp``: a load starts loading what it needs in a thread
+of its own as soon as it knows it will check bytes (``warm_up``: ISA-L for a checkpoint with an
+integrity record; ``warm_up(combine=True)``, awscrt too, when the store answered a file's HEAD
+with a full-object checksum, to be folded from ranges), so it happens while the first GETs are
+under way; a load that can check nothing (no record, a store that gives no checksum) loads
+neither; anything else loads it at its first checksum.
 """
 
 from __future__ import annotations
@@ -35,6 +47,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import logging
 import re
 import threading
 from collections.abc import Mapping
@@ -52,6 +65,7 @@ __all__ = [
     "WHOLE_READ_HEADERS",
     "Digest",
     "combine",
+    "need_combine",
     "composite_checksum",
     "crc64nvme",
     "from_header",
@@ -67,6 +81,8 @@ HEADER = "x-amz-checksum-crc64nvme"
 """The header that carries a CRC64NVME checksum on requests and responses."""
 
 _CRC_BYTES = 8
+
+logger = logging.getLogger(__name__)
 
 _checksums: Any = None
 
@@ -85,23 +101,110 @@ def _crt() -> Any:
     return _checksums
 
 
-def warm_up() -> None:
-    """Import ``awscrt`` in a daemon thread now, if it is not imported yet, so the first
-    checksum does not wait for it (a concurrent ``_crt()`` waits on Python's import lock)."""
-    if _checksums is not None or _warming.is_set():
+def warm_up(*, combine: bool = False) -> None:
+    """Load the CRC library in a daemon thread now, if it is not loaded yet, so the first
+    checksum does not wait for it (a concurrent first checksum waits on Python's import lock):
+    ISA-L's CRC64NVME, or with ``combine`` (CRCs of ranges to be combined) ``awscrt``."""
+    if _checksums is not None or (_isal and not combine):
         return
-    _warming.set()
+    with _warm_lock:
+        if combine in _warming:
+            return
+        _warming.add(combine)
 
     def load() -> None:
         try:
-            _crt()
+            need_combine() if combine else _crc64()
         except MissingDependencyError:
             pass  # raised again, with its message, where a checksum is needed
 
-    threading.Thread(target=load, name="import-awscrt-for-aiodcp", daemon=True).start()
+    threading.Thread(target=load, name="import-crc-for-aiodcp", daemon=True).start()
 
 
-_warming = threading.Event()
+_warm_lock = threading.Lock()
+_warming: set[bool] = set()
+
+
+def need_combine() -> None:
+    """This process combines CRCs (a save: its parts', blocks' and objects' CRCs; a whole object
+    folded from ranges): load ``awscrt`` now, which every CRC then comes from, rather than
+    ISA-L first and ``awscrt`` at the first combine."""
+    _crt()
+
+
+_isal: Any = None
+"""ISA-L's CRC64NVME (``_isal_crc64``), once bound; False where it cannot be."""
+
+_NVME_CHECK = 0xAE8B14860A799888
+"""CRC-64/NVME of ``b"123456789"``, the catalogue's check value (reveng's CRC catalogue)."""
+
+
+def _isal_crc64() -> Any:
+    """``crc(data, previous) -> int``: ISA-L's ``crc64_rocksoft_refl`` on any C-contiguous
+    buffer (read-only ones too, without a copy), or None where the ``isal`` package does not
+    export it or it does not give CRC64NVME's check value."""
+    global _isal
+    if _isal is None:
+        _isal = _bind_isal() or False
+    return _isal or None
+
+
+def _bind_isal() -> Any:
+    try:
+        import ctypes
+
+        from isal import isal_zlib
+
+        library = ctypes.CDLL(isal_zlib.__file__)
+        library.crc64_rocksoft_refl  # noqa: B018 (AttributeError where it is not exported)
+    except (ImportError, OSError, AttributeError):
+        return None
+
+    class PyBuffer(ctypes.Structure):  # Python's Py_buffer (part of the stable ABI since 3.11)
+        _fields_ = (
+            ("buf", ctypes.c_void_p),
+            ("obj", ctypes.c_void_p),
+            ("len", ctypes.c_ssize_t),
+            ("itemsize", ctypes.c_ssize_t),
+            ("readonly", ctypes.c_int),
+            ("ndim", ctypes.c_int),
+            ("format", ctypes.c_char_p),
+            ("shape", ctypes.c_void_p),
+            ("strides", ctypes.c_void_p),
+            ("suboffsets", ctypes.c_void_p),
+            ("internal", ctypes.c_void_p),
+        )
+
+    # private function objects (prototypes), never ctypes.pythonapi's shared ones re-typed
+    pointer = ctypes.POINTER(PyBuffer)
+    function = ctypes.CFUNCTYPE(ctypes.c_uint64, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_uint64)(
+        ("crc64_rocksoft_refl", library)
+    )
+    get_buffer = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.py_object, pointer, ctypes.c_int)(
+        ("PyObject_GetBuffer", ctypes.pythonapi)
+    )  # sets BufferError on failure, which a PYFUNCTYPE call raises
+    release = ctypes.PYFUNCTYPE(None, pointer)(("PyBuffer_Release", ctypes.pythonapi))
+    simple = 0  # PyBUF_SIMPLE: the bytes, C-contiguous
+
+    def crc(data: Buffer, previous: int) -> int:
+        view = PyBuffer()
+        get_buffer(data, ctypes.byref(view), simple)
+        try:  # ctypes releases the GIL for the call; the export keeps the memory in place
+            return int(function(previous, view.buf, view.len))
+        finally:
+            release(ctypes.byref(view))
+
+    if crc(b"123456789", 0) != _NVME_CHECK or crc(b"6789", crc(b"12345", 0)) != _NVME_CHECK:
+        logger.debug("ISA-L's crc64_rocksoft_refl is not CRC64NVME here: awscrt's is used")
+        return None
+    return crc
+
+
+def _crc64() -> Any:
+    """The CRC64NVME function to use now: awscrt's once it is imported, ISA-L's before that."""
+    if _checksums is not None:
+        return _checksums.crc64nvme
+    return _isal_crc64() or _crt().crc64nvme
 
 
 def crc64nvme(data: Buffer, previous: int = 0) -> int:
@@ -110,7 +213,7 @@ def crc64nvme(data: Buffer, previous: int = 0) -> int:
     view = memoryview(data)
     if view.ndim != 1 or view.itemsize != 1:
         view = view.cast("B")
-    return int(_crt().crc64nvme(view, previous))
+    return int(_crc64()(view, previous))
 
 
 def combine(crc_a: int, crc_b: int, length_b: int) -> int:
@@ -208,7 +311,8 @@ _COMPOSITE_VALUE = re.compile(r"-[0-9]+\s*$")
 class Digest:
     """One of S3's full-object checksums (``WHOLE_READ_HEADERS``) of bytes given in order:
     ``update`` each piece (any buffer), then ``value()``, the checksum as the integer its
-    header's bytes spell (big-endian). CRCs from awscrt (``_crt``), SHAs from hashlib."""
+    header's bytes spell (big-endian). CRC64NVME from ``crc64nvme``, the other CRCs from awscrt
+    (``_crt``), SHAs from hashlib."""
 
     __slots__ = ("_crc", "_fn", "_sha", "algorithm")
 
@@ -221,6 +325,8 @@ class Digest:
         self._fn: Any = None
         if algorithm.startswith("SHA"):
             self._sha = hashlib.new(algorithm.lower())
+        elif algorithm == ALGORITHM:
+            self._fn = crc64nvme
         else:
             self._fn = getattr(_crt(), algorithm.lower())
 

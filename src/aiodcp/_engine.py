@@ -193,9 +193,9 @@ class _WholeState:
         elif size != self.end:
             self.give_up(f"the object is {size} bytes, the load reads [0, {self.end})")
         else:
-            # the CRC library, needed from now on: imported in a thread of its own while the
-            # first items arrive (not at all for a store that gives no checksum)
-            warm_up()
+            # the CRC library, needed from now on (ranges' CRCs combined): imported in a
+            # thread of its own while the first items arrive (not for a store with no checksum)
+            warm_up(combine=True)
             self.object = WholeObject(size, algorithm, expected)
             if self.known:
                 self.object.add(0, len(self.known), self.object.crc([self.known]))
@@ -409,7 +409,7 @@ class FetchEngine:
             if fetch.crc in ALGORITHMS and not fetch.checks and fetch.whole is None and self._verify
         }
         if self._crcs:
-            warm_up()  # the CRC library, imported while the first GETs run
+            warm_up(combine=True)  # the CRC library, loaded while the first GETs run
         self._cond = threading.Condition()
         self._error: BaseException | None = None
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -48,7 +48,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ._budget import ByteBudget
-from ._checksum import combine, crc64nvme
+from ._checksum import combine, crc64nvme, need_combine
 from ._config import MAX_UPLOAD_PART_SIZE_BYTES, WriterConfig
 from ._errors import AiodcpError, ConfigError, SaveCancelledError
 from ._stats import SaveRecorder
@@ -138,6 +138,7 @@ class FileStream:
     the parts it completed; ``finish`` the last one."""
 
     def __init__(self, key: str, part_size: int, block_bytes: int) -> None:
+        need_combine()  # every CRC from the library that combines them (``_checksum``)
         self.key = key
         self.part_size = part_size
         self.block_bytes = block_bytes
