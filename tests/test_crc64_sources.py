@@ -39,6 +39,7 @@ def test_isal_and_awscrt_agree_on_every_kind_of_buffer(length: int) -> None:
         "bytes": raw,  # read-only
         "bytearray": bytearray(raw),
         "memoryview of bytes, offset": memoryview(b"xyz" + raw)[3:],  # read-only, not at 0
+        "memoryview of a bytearray, offset": memoryview(bytearray(b"xyz" + raw))[3:],
         "numpy view of a tensor": tensor.numpy(),
     }
     for name, data in buffers.items():

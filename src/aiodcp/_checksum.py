@@ -185,14 +185,23 @@ def _bind_isal() -> Any:
     )  # sets BufferError on failure, which a PYFUNCTYPE call raises
     release = ctypes.PYFUNCTYPE(None, pointer)(("PyBuffer_Release", ctypes.pythonapi))
     simple = 0  # PyBUF_SIMPLE: the bytes, C-contiguous
+    first_byte, address_of = ctypes.c_char.from_buffer, ctypes.addressof
 
     def crc(data: Buffer, previous: int) -> int:
-        view = PyBuffer()
-        get_buffer(data, ctypes.byref(view), simple)
-        try:  # ctypes releases the GIL for the call; the export keeps the memory in place
-            return int(function(previous, view.buf, view.len))
+        # ctypes releases the GIL for the call; a buffer export held across it keeps the memory
+        # in place (``whole``, or ``exported``'s)
+        whole = data if isinstance(data, memoryview) else memoryview(data)
+        if not whole.readonly:  # a writable buffer (received bytes, a tensor): its first byte's
+            length = whole.nbytes  # address (~0.8 us a call here, ~1.5 us through a Py_buffer)
+            if length == 0:
+                return previous
+            return int(function(previous, address_of(first_byte(whole)), length))
+        exported = PyBuffer()
+        get_buffer(whole, ctypes.byref(exported), simple)
+        try:
+            return int(function(previous, exported.buf, exported.len))
         finally:
-            release(ctypes.byref(view))
+            release(ctypes.byref(exported))
 
     if crc(b"123456789", 0) != _NVME_CHECK or crc(b"6789", crc(b"12345", 0)) != _NVME_CHECK:
         logger.debug("ISA-L's crc64_rocksoft_refl is not CRC64NVME here: awscrt's is used")
