@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import aiodcp
+from aiodcp import _checksum
 from credservers import CredentialServer, fixed_credentials
 
 from conftest import S3Server, StrictServer, save_checkpoint, upload_dir
@@ -390,7 +391,8 @@ print(json.dumps(["awscrt" in sys.modules, stats.verified_bytes, stats.unverifie
     imported, verified, unverified, metadata_verified, total, n = _fresh(code)  # type: ignore[misc]
     assert (total, n) == (float(saved["w"].sum()), 7)  # type: ignore[union-attr]
     assert verified > 0 and unverified == 0 and metadata_verified is True
-    assert imported is False
+    # where isal exports no CRC64NVME (not its x86_64 wheels), awscrt is the CRC library
+    assert imported is (_checksum._isal_crc64() is None)
 
 
 LOAD_ONLY = (
