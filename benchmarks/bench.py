@@ -824,6 +824,8 @@ class Runner:
         row["cpu_s"] = sum(r.get("cpu_s", 0.0) for r in results)  # the loading processes, all ranks
         row["rss_above"] = max(r["rss_above"] for r in results)
         row["rss_baseline"] = max(r["rss_baseline"] for r in results)
+        row["rss_method"] = results[0]["rss_method"]  # common.PeakRSS: "VmHWM" where allowed
+        row["machine_reclaimed_pages"] = max(r.get("machine_reclaimed_pages", 0) for r in results)
         row["mismatched"] = sorted({m for r in results for m in r.get("mismatched", [])})
         row["gc_s"] = max(r.get("gc_s", 0.0) for r in results)  # garbage collection in the load
         for key in ("aiodcp_stats", "lag_ms"):

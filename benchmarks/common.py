@@ -1,4 +1,4 @@
-"""Shared by the orchestrator and the per-run worker: checkpoint shapes, data, RSS sampling.
+"""Shared by the orchestrator and the per-run worker: checkpoint shapes, data, peak RSS.
 
 Every tensor's content is a pure function of its name (a seeded generator), so a worker can
 check what it loaded against what was saved by regenerating it, one tensor at a time, after the
@@ -12,8 +12,6 @@ import os
 import resource
 import subprocess
 import sys
-import threading
-import time
 from typing import Any
 
 import torch
@@ -99,63 +97,132 @@ def maxrss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def status_bytes(*fields: str) -> list[int]:
+    """``/proc/self/status`` fields given in kB (``VmRSS``, ``VmHWM``), in bytes, in order."""
+    found: dict[str, int] = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            name, _, value = line.partition(":")
+            if name in fields:
+                found[name] = int(value.split()[0]) * 1024
+    return [found[name] for name in fields]
+
+
+def reset_peak_rss() -> bool:
+    """Make the kernel's peak RSS of this process (``VmHWM``) its current RSS.
+
+    Writing ``5`` to ``/proc/self/clear_refs`` (Linux >= 4.0) resets only the high-water mark:
+    nothing is sampled, no page table is walked. False where the kernel refuses it (not Linux,
+    an older kernel, a sandboxed ``/proc``), or accepts the write and keeps the old mark."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        rss, hwm = status_bytes("VmRSS", "VmHWM")
+    except (OSError, KeyError, ValueError):
+        return False
+    return hwm - rss < MIB  # else the old mark stayed (a quiet process moves by a few pages)
+
+
+def reclaimed_pages() -> int:
+    """Pages the kernel has reclaimed machine-wide (``/proc/vmstat`` ``pgsteal_anon`` +
+    ``pgsteal_file``; 0 where unreadable). The kernel raises ``VmHWM`` to the RSS before it
+    unmaps pages (``munmap``, ``brk``, ``MADV_DONTNEED``, exit), but not when reclaim takes a
+    process's pages under memory pressure: a rise of this counter during a block says its
+    ``VmHWM`` peak may read low. (Nor is ``MADV_PAGEOUT``, a reclaim asked for, counted here.)"""
+    try:
+        with open("/proc/vmstat") as f:
+            return sum(
+                int(line.split()[1])
+                for line in f
+                if line.startswith(("pgsteal_anon ", "pgsteal_file "))
+            )
+    except OSError:
+        return 0
+
+
 class PeakRSS:
-    """Peak RSS during a block: ru_maxrss when it rose, else sampling every 2 ms.
+    """Peak RSS during a block, measured with nothing running in the measured process.
 
-    ``outside=False``: a thread of this process samples (what the load benchmarks use).
-    ``outside=True``: a small process of its own samples this one's ``/proc/<pid>/statm``, so
-    the sampling costs this process nothing: its CPU seconds (``RUSAGE_SELF``) are the measured
-    code's alone. An in-process sampler waking every 2 ms costs ~0.03 CPU-s per second of wall
-    time here (more while the GIL is contended), which would be counted against whatever is
-    measured, and more against a slower one (save_worker.py uses ``outside=True``)."""
+    ``method="VmHWM"`` (chosen by ``"auto"`` where the kernel allows it): the kernel's own
+    high-water mark, reset to the current RSS on entry (``reset_peak_rss``) and read on exit.
+    Exact (every page the process held at any instant, no sampling interval to miss a short
+    peak) and free: no thread, no process, two ``/proc`` accesses outside the measured code.
+    ``machine_reclaimed_pages`` says whether reclaim ran meanwhile (the one way it reads low).
 
-    def __init__(self, interval_s: float = 0.002, *, outside: bool = False) -> None:
+    ``method="sampler"`` (the fallback): a small process of its own samples this one's
+    ``/proc/<pid>/statm`` every ``interval_s``, plus ``ru_maxrss`` when that rose. Its CPU is
+    not in this process's ``RUSAGE_SELF``/``process_time``.
+
+    Either way the measured process's CPU seconds are its own code's. (The load benchmarks
+    used to sample from a thread of the measured process: ~0.03 CPU-s per second of wall time
+    here, more while the GIL is contended, counted against the loader, and GIL hand-offs in
+    the middle of its work; benchmarks/README.md, "How peak RSS is measured".)"""
+
+    def __init__(self, interval_s: float = 0.002, *, method: str = "auto") -> None:
+        if method not in ("auto", "VmHWM", "sampler"):
+            raise ValueError(f"PeakRSS method {method!r}: use 'auto', 'VmHWM' or 'sampler'")
         self.interval_s = interval_s
-        self.outside = outside
+        self.method = method
         self.baseline = 0
         self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.machine_reclaimed_pages = 0
         self._sampler: subprocess.Popen[str] | None = None
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, rss_bytes())
-            time.sleep(self.interval_s)
+    def _choose_method(self) -> str:
+        """``"VmHWM"`` once the mark is reset (the measurement starts there), else ``"sampler"``
+        (unless ``"VmHWM"`` was asked for)."""
+        if self.method == "sampler":
+            return "sampler"
+        if reset_peak_rss():
+            return "VmHWM"
+        if self.method == "VmHWM":
+            raise RuntimeError(
+                "/proc/self/clear_refs did not reset VmHWM (Linux >= 4.0 needed): "
+                "use PeakRSS(method='sampler')"
+            )
+        return "sampler"
 
     def __enter__(self) -> PeakRSS:
-        if self.outside:
-            self._sampler = subprocess.Popen(
-                [sys.executable, "-c", _SAMPLER, str(os.getpid()), str(self.interval_s)],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
-            )
-            assert self._sampler.stdout is not None
-            if self._sampler.stdout.readline().strip() != "READY":  # sampling from now on
-                raise RuntimeError("the RSS sampler did not start")
-        self.baseline = rss_bytes()  # (after starting the sampler: Popen's memory is not counted)
-        self._maxrss_before = maxrss_bytes()
+        self.method = self._choose_method()
+        if self.method == "sampler":
+            self._sampler = _start_sampler(self.interval_s)
+        self._reclaimed_before = reclaimed_pages()
+        if self.method == "VmHWM":
+            self.baseline = status_bytes("VmRSS")[0]
+        else:  # after starting the sampler: Popen's memory is not counted
+            self.baseline = rss_bytes()
+            self._maxrss_before = maxrss_bytes()
         self.peak = self.baseline
-        if not self.outside:
-            self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._sampler is not None:
-            out, _ = self._sampler.communicate("", timeout=60)  # stdin closed: it stops
-            self.peak = max(self.peak, int(out.split()[-1]))
+        if self.method == "VmHWM":
+            self.peak = max(self.baseline, status_bytes("VmHWM")[0])
         else:
-            self._stop.set()
-            self._thread.join()
-        self.peak = max(self.peak, rss_bytes())
-        after = maxrss_bytes()
-        if after > self._maxrss_before:
-            self.peak = max(self.peak, after)
+            assert self._sampler is not None
+            out, _ = self._sampler.communicate("", timeout=60)  # stdin closed: it stops
+            self.peak = max(self.peak, int(out.split()[-1]), rss_bytes())
+            after = maxrss_bytes()
+            if after > self._maxrss_before:
+                self.peak = max(self.peak, after)
+        self.machine_reclaimed_pages = reclaimed_pages() - self._reclaimed_before
 
     @property
     def above_baseline(self) -> int:
         return max(0, self.peak - self.baseline)
+
+
+def _start_sampler(interval_s: float) -> subprocess.Popen[str]:
+    sampler = subprocess.Popen(
+        [sys.executable, "-c", _SAMPLER, str(os.getpid()), str(interval_s)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert sampler.stdout is not None
+    if sampler.stdout.readline().strip() != "READY":  # sampling from now on
+        raise RuntimeError("the RSS sampler did not start")
+    return sampler
 
 
 _SAMPLER = """
@@ -171,5 +238,5 @@ with open(f"/proc/{pid}/statm", "rb", buffering=0) as statm:
             break
 print(peak, flush=True)
 """
-"""The outside sampler (``PeakRSS(outside=True)``): samples ``/proc/<pid>/statm`` every
+"""The outside sampler (``PeakRSS(method="sampler")``): samples ``/proc/<pid>/statm`` every
 ``interval`` seconds until its stdin closes, then prints the peak RSS in bytes."""

@@ -287,6 +287,20 @@ def load_summary(runs: list[dict[str, Any]]) -> str:
     return ", ".join(text)
 
 
+def rss_method(runs: list[dict[str, Any]]) -> str:
+    """How the runs' peak RSS was measured (``common.PeakRSS``), in words for the report."""
+    methods = {r.get("rss_method", "thread") for r in runs if r.get("ok")}
+    words = {
+        "VmHWM": "the kernel's high-water mark VmHWM, reset at the baseline",
+        "sampler": "sampled every 2 ms by a process of its own",
+        "thread": "sampled every 2 ms by a thread of the loading process",
+    }
+    said = "; ".join(words.get(m, m) for m in sorted(methods)) or "no run succeeded"
+    if any(r.get("machine_reclaimed_pages") for r in runs):
+        said += "; the kernel reclaimed pages during some runs, whose peak may read low"
+    return said
+
+
 def markdown(results: dict[str, Any]) -> str:
     m = results["meta"]
     cfg = results["config"]
@@ -318,7 +332,7 @@ def markdown(results: dict[str, Any]) -> str:
         "response body bytes counted on the wire (nginx's access log, the proxy, or s3rver with "
         "`--direct`); "
         "RSS = peak RSS above the RSS measured after "
-        f"allocating the destination state dict. fsspec_tuned: block size "
+        f"allocating the destination state dict ({rss_method(runs)}). fsspec_tuned: block size "
         f"{cfg['fsspec_block_mib']:g} MiB. Total run time {results.get('total_s', 0) / 60:.0f} "
         "min.",
         "",

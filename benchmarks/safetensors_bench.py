@@ -19,7 +19,7 @@ What it does:
 2. serves it with nginx at S3 path-style URLs on 127.0.0.1 (``bench.Servers``: ``sendfile``,
    requests and bytes counted from its access log);
 3. per repeat, runs each loader in a fresh process (the order rotates per repeat), which times
-   the load, samples its peak RSS and checks every tensor bit for bit afterwards:
+   the load and its peak RSS (``common.PeakRSS``) and checks every tensor bit for bit afterwards:
 
    - ``aiodcp``: ``await aiodcp.load_safetensors(url)`` (new tensors, the caller's own);
    - ``aiodcp_into``: the same ``into=`` a state dict allocated before the load;

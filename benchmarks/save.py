@@ -17,13 +17,13 @@ Savers: ``aiodcp_sync`` (``dcp.save`` with ``aiodcp.S3StorageWriter``), ``aiodcp
 file system given a client with the endpoint), ``fsspec`` (torch's ``FsspecWriter`` over s3fs).
 All talk to s3rver (``node_modules/.bin/s3rver``, the version ``make bench`` installs) through
 ``s3proxy.py``, which counts requests and uploaded bytes on the wire. Per run: wall time, the
-saver's CPU seconds (its process, every thread; peak RSS is sampled by a process of its own,
-which is not counted), peak RSS above the state dict, uploaded bytes, requests, most requests in
-flight, s3rver's and the proxy's CPU seconds; then (untimed) the checkpoint is loaded
-back with aiodcp and compared bit for bit, and its objects deleted. With ``--lag``, an
-``aiodcp_async`` save runs beside a 5 ms heartbeat on the caller's loop, and the report gives
-its lag (p50 / p99 / max): the figure behind "a 5 ms heartbeat never lags 100 ms", which
-tests/test_save_failures.py checks by the loop thread's CPU, not the wall clock.
+saver's CPU seconds (its process, every thread; nothing samples RSS in it), peak RSS above the
+state dict (the kernel's ``VmHWM``, reset at the baseline: ``common.PeakRSS``), uploaded bytes,
+requests, most requests in flight, s3rver's and the proxy's CPU seconds; then (untimed) the
+checkpoint is loaded back with aiodcp and compared bit for bit, and its objects deleted. With
+``--lag``, an ``aiodcp_async`` save runs beside a 5 ms heartbeat on the caller's loop, and the
+report gives its lag (p50 / p99 / max): the figure behind "a 5 ms heartbeat never lags 100
+ms", which tests/test_save_failures.py checks by the loop thread's CPU, not the wall clock.
 
 Run from the checkout with the benchmarks' virtualenv::
 
@@ -151,6 +151,7 @@ def run_one(
         "wall_s": max(r["wall_s"] for r in ranks),
         "cpu_s": sum(r["cpu_s"] for r in ranks),
         "rss_above_state": max(r["rss_above_state"] for r in ranks),
+        "rss_method": ranks[0].get("rss_method"),
         "correct": all(r["correct"] for r in ranks),
         "uploaded": stats.get("request_bytes", 0),
         "requests": stats.get("requests", 0),

@@ -3,8 +3,9 @@
 ``python save_worker.py JOB.json`` where the job names the saver, the checkpoint URL, the
 endpoint, the tensors (``common.layer_specs``: their content is a pure function of their name),
 the number of data files and the result path. The worker builds the state dict (pages touched),
-reads the RSS baseline, then times the save (writer construction to its end) while sampling peak
-RSS, and reads its own CPU seconds (user + system, every thread) around it. Afterwards, untimed,
+reads the RSS baseline, then times the save (writer construction to its end) and its peak RSS
+(``common.PeakRSS``: the kernel's ``VmHWM``, nothing sampling inside this process), and reads its
+own CPU seconds (user + system, every thread) around it. Afterwards, untimed,
 it loads the checkpoint back with aiodcp's reader and compares every tensor bit for bit.
 In a gloo job (``RANK``/``WORLD_SIZE`` set) each rank saves FSDP-style DTensors sharded on dim 0
 and checks its own shards.
@@ -196,7 +197,7 @@ def main() -> None:
     gc.collect()
     if job.get("dist"):
         dist.barrier()
-    with PeakRSS(outside=True) as peak:
+    with PeakRSS() as peak:
         cpu0, t0 = cpu_seconds(), time.perf_counter()
         extra = save(state, job)
         wall, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
@@ -204,6 +205,7 @@ def main() -> None:
         "wall_s": wall,
         "cpu_s": cpu,
         "rss_above_state": peak.above_baseline,
+        "rss_method": peak.method,
         "crc32": crc32_module(),
         "correct": verify(state, job),
         **extra,

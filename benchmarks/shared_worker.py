@@ -3,9 +3,8 @@
 ``save JOB``: ``replicated`` and ``dim0_1to4`` are saved by one process (plain tensors),
 ``dim1`` and ``dim0_2to4`` by the job's ranks (DTensors sharded on dim 0). ``load JOB``: the
 rank allocates its state dict (plain tensors, or its dim-1 or dim-0 shards of them), reads its
-RSS, waits at a barrier, runs
-``await aiodcp.load_checkpoint`` (peak RSS sampled), checks every tensor it loaded, and prints
-``RESULT {json}``.
+RSS, waits at a barrier, runs ``await aiodcp.load_checkpoint`` (peak RSS: ``common.PeakRSS``),
+checks every tensor it loaded, and prints ``RESULT {json}``.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ loader inherits another's warm connections, caches, allocator state or RSS peak.
 1. imports the loader's packages;
 2. allocates the destination state dict (zeros, every page touched) and reads the RSS baseline;
 3. times the load (reader construction to reader close; for ``boto3_then_fs`` the download and
-   the local load), sampling peak RSS, and with ``lag`` a 1 ms heartbeat on the event loop;
+   the local load) and its peak RSS (the kernel's ``VmHWM``, reset after the baseline: nothing
+   samples inside this process), and with ``lag`` a 1 ms heartbeat on the event loop;
 4. regenerates every expected tensor (a pure function of its name) and compares it with what
    was loaded, bit for bit;
 5. writes a JSON result.
@@ -435,12 +436,14 @@ def run_load(job: dict[str, Any]) -> dict[str, Any]:
     result: dict[str, Any] = {
         "loader": loader,
         "wall_s": wall,
-        # CPU seconds of the load (user + system, all threads, the RSS sampler's included):
-        # less disturbed than wall time by other processes on a busy machine
+        # CPU seconds of the load (user + system, all threads; the loader's alone, as nothing
+        # samples RSS in this process): less disturbed than wall time by other processes
         "cpu_s": cpu,
         "rss_baseline": rss.baseline,
         "rss_peak": rss.peak,
         "rss_above": rss.above_baseline,
+        "rss_method": rss.method,
+        "machine_reclaimed_pages": rss.machine_reclaimed_pages,
         "ok": not bad,
         "mismatched": bad[:10],
         "tensors_checked": len(state),
