@@ -559,15 +559,13 @@ class SlotTable:
         key = (fqns, offsets)
         found = self._by_plan.get(key)
         if found is None:
-            slots = self._look_up(fqns, offsets, reqs)
+            slots = self._look_up(fqns, offsets)
             if slots is None:
                 return None
             found = self._by_plan[key] = (slots, len(set(slots)) == len(slots))
         return found
 
-    def _look_up(
-        self, fqns: Sequence[str], offsets: Sequence[Any], reqs: Sequence[ReadItem]
-    ) -> list[int] | None:
+    def _look_up(self, fqns: Sequence[str], offsets: Sequence[Any]) -> list[int] | None:
         """Each read item's slot, new stored items given the next ones (see ``slots``)."""
         self.looked_up += 1
         of, nothing = self._of, _NOTHING
@@ -576,32 +574,30 @@ class SlotTable:
         slots = [
             (of.get(fqn) or nothing).get(offset) for fqn, offset in zip(fqns, offsets, strict=True)
         ]
-        if None in slots:  # stored items no plan before this one reads
-            for n, slot in enumerate(slots):
-                if slot is None:
-                    slot = self._new(reqs[n].storage_index)
-                    if slot is None:
-                        return None
-                    slots[n] = slot
-        return cast("list[int]", slots)
-
-    def _new(self, index: MetadataIndex) -> int | None:
-        """The slot of an index not looked up before (None: not in the metadata)."""
-        of_fqn = self._of.setdefault(index.fqn, {})
-        slot = of_fqn.get(index.offset)
-        if slot is None:
-            info = (self._info_of().get(index.fqn) or _NOTHING).get(index.offset)
-            if info is None:
-                return None
-            item = StoredItem(info.relative_path, info.offset, info.offset + info.length)
-            slot = self._by_item.get(item)
+        if None not in slots:
+            return cast("list[int]", slots)
+        # Stored items no plan before this one reads: each new one the next slot, unless its
+        # bytes are an item's already seen under another index.
+        info_of, items, by_item = self._info_of(), self.items, self._by_item
+        for n, slot in enumerate(slots):
+            if slot is not None:
+                continue
+            fqn, offset = fqns[n], offsets[n]
+            of_fqn = of.setdefault(fqn, {})
+            slot = of_fqn.get(offset)
             if slot is None:
-                slot = self._by_item[item] = len(self.items)
-                self.items.append(item)
-            else:  # two indexes on the same bytes share a slot
-                self.aliased.add(slot)
-            of_fqn[index.offset] = slot
-        return slot
+                info = (info_of.get(fqn) or nothing).get(offset)
+                if info is None:
+                    return None
+                item = StoredItem(info.relative_path, info.offset, info.offset + info.length)
+                slot = by_item.setdefault(item, len(items))
+                if slot == len(items):
+                    items.append(item)
+                else:  # two indexes on the same bytes share a slot
+                    self.aliased.add(slot)
+                of_fqn[offset] = slot
+            slots[n] = slot
+        return cast("list[int]", slots)
 
     def _info_of(self) -> dict[str, dict[Any, StoredInfo]]:
         """The metadata's storage entries by fqn, then offset (what a ``MetadataIndex`` key
