@@ -620,6 +620,17 @@ def loadavg() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+def job_cells(r: dict[str, Any]) -> list[str]:
+    """A row's first cells, the job's: load, ranks, stored and read items, variant."""
+    return [
+        r["load"],
+        str(r["ranks"]),
+        f"{r['stored_items']:,}",
+        f"{r['read_items']:,}",
+        r["variant"],
+    ]
+
+
 def table(rows: list[dict[str, Any]], baseline: bool) -> str:
     head = [
         "load",
@@ -646,11 +657,7 @@ def table(rows: list[dict[str, Any]], baseline: bool) -> str:
     out = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
         cells_ = [
-            r["load"],
-            str(r["ranks"]),
-            f"{r['stored_items']:,}",
-            f"{r['read_items']:,}",
-            r["variant"],
+            *job_cells(r),
             f"{r['coord_s']:.2f}",
             f"{r['coord_cpu_s']:.2f}",
             f"{r['coord_gc_s']:.2f}",
@@ -687,11 +694,7 @@ def step_table(rows: list[dict[str, Any]], baseline: bool) -> str:
         walls = [w for rep in r["repeats"] for w in rep["step_wall_s"]]
         gcs = [g for rep in r["repeats"] for g in rep["step_gc_s"]]
         cells_ = [
-            r["load"],
-            str(r["ranks"]),
-            f"{r['stored_items']:,}",
-            f"{r['read_items']:,}",
-            r["variant"],
+            *job_cells(r),
             " / ".join(f"{c:.2f}" for c in cpus),
             f"{min(cpus):.2f}",
             " / ".join(f"{w:.2f}" for w in walls),
