@@ -759,7 +759,7 @@ def main() -> None:
         + ", ".join(f"{name} = {desc}" for name, (_, desc) in variants.items()),
         flush=True,
     )
-    rows = []
+    rows: list[dict[str, Any]] = []
     for cell in cells(args):
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
         for repeat in range(args.repeats):
