@@ -58,6 +58,16 @@ Run (from the checkout; any venv with torch 2.13, e.g. benchmarks/.venv-bench)::
     python benchmarks/coordinator.py                       # the full grid, this checkout
     python benchmarks/coordinator.py --baseline f556aab    # before / after, interleaved
     python benchmarks/coordinator.py --loads hsdp --ranks 1024 --items 100000 --repeats 3
+
+``--step-only N`` times the step alone: per cell (a fresh process), the plans built and passed
+through pickle once, then ``N`` calls of ``prepare_global_plan`` on them, each one's wall and
+CPU time (the step's collector pause included, no tracemalloc, no torch or scatter figures),
+the first call's assignment digest (``same`` against ``--baseline``); ``--profile DIR`` adds
+one more call under cProfile, its stats saved as ``DIR/<variant>-<load>-<ranks>-<items>.prof``
+and its top functions printed (not counted in the timings)::
+
+    python benchmarks/coordinator.py --loads hsdp --ranks 1024 --items 100000 \
+        --step-only 3 --profile /tmp/prof --baseline 2840a46
 """
 
 from __future__ import annotations
@@ -302,7 +312,10 @@ def canonical(share: Any) -> Any:
     )
 
 
-def run_cell(load: str, ranks: int, items: int, shard_gib: float) -> dict[str, Any]:
+def gathered_plans(load: str, ranks: int, items: int, shard_gib: float) -> dict[str, Any]:
+    """The job (``build``), its reader set up on a fake group of ``ranks`` as under
+    ``dcp.load``, and the local plans as the coordinator holds them after ``gather_object``
+    (each rank's ``prepare_local_plan``, pickled; ``payloads``: those bytes)."""
     import torch
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
@@ -314,7 +327,7 @@ def run_cell(load: str, ranks: int, items: int, shard_gib: float) -> dict[str, A
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     job = build(load, ranks, items, shard_gib)
-    built_s = time.perf_counter() - t0
+    job["built_s"] = time.perf_counter() - t0
 
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=ranks)
     # No store here: with checks on, the step HEADs the data files the job reads whole
@@ -332,6 +345,71 @@ def run_cell(load: str, ranks: int, items: int, shard_gib: float) -> dict[str, A
         local_s.append(time.perf_counter() - start)
         payloads.append(pickle.dumps(local))
     del job["plans"]
+    job.update(reader=reader, local_s=local_s, payloads=payloads)
+    return job
+
+
+def assignment_digest(final: list[Any]) -> str:
+    """A digest of every rank's assignment (``canonical``), to compare revisions."""
+    shares = [p.storage_data for p in final]
+    return hashlib.sha256(pickle.dumps([canonical(s) for s in shares], protocol=4)).hexdigest()
+
+
+def run_step_only(
+    load: str, ranks: int, items: int, shard_gib: float, calls: int, profile: str | None
+) -> dict[str, Any]:
+    """``--step-only``: ``calls`` timed calls of ``prepare_global_plan`` on one job's gathered
+    plans (built once), and optionally one more under cProfile (see the module docstring)."""
+    job = gathered_plans(load, ranks, items, shard_gib)
+    reader, payloads = job["reader"], job["payloads"]
+    plans = [pickle.loads(p) for p in payloads]
+    del job["payloads"], payloads
+    gc.collect()
+    walls, cpus, gcs, digest = [], [], [], ""
+    for n in range(calls):
+        with GcTimer() as gc_timer:
+            start, cpu = time.perf_counter(), time.process_time()
+            final = reader.prepare_global_plan(plans)
+            walls.append(time.perf_counter() - start)
+            cpus.append(time.process_time() - cpu)
+        gcs.append(gc_timer.seconds)
+        if n == 0:
+            digest = assignment_digest(final)
+        del final
+        gc.collect()
+    result = {
+        "load": load,
+        "ranks": ranks,
+        "items_asked": items,
+        "stored_items": job["stored_items"],
+        "read_items": sum(len(p.items) for p in plans),
+        "step_wall_s": walls,
+        "step_cpu_s": cpus,
+        "step_gc_s": gcs,
+        "digest": digest,
+    }
+    if profile:
+        import cProfile
+        import io
+        import pstats
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+        reader.prepare_global_plan(plans)
+        profiler.disable()
+        Path(profile).parent.mkdir(parents=True, exist_ok=True)
+        profiler.dump_stats(profile)
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
+        result["profile"] = profile
+        result["profile_top"] = text.getvalue()
+    return result
+
+
+def run_cell(load: str, ranks: int, items: int, shard_gib: float) -> dict[str, Any]:
+    job = gathered_plans(load, ranks, items, shard_gib)
+    reader, local_s, payloads = job["reader"], job["local_s"], job["payloads"]
+    built_s = job["built_s"]
     gc.collect()
 
     # The coordinator: torch unpickles what it gathered, then the reader plans the job.
@@ -360,7 +438,7 @@ def run_cell(load: str, ranks: int, items: int, shard_gib: float) -> dict[str, A
     rank_unpickle_s = time.perf_counter() - start
 
     shares = [p.storage_data for p in final]
-    digest = hashlib.sha256(pickle.dumps([canonical(s) for s in shares], protocol=4)).hexdigest()
+    digest = assignment_digest(final)
     summary = summarize(shares, [len(s) for s in sent], [len(s) for s in plain])
     summary.update(own_fetch(reader, plans, shares))
     del final, sent, plain, biggest
@@ -518,11 +596,17 @@ def cells(args: argparse.Namespace) -> Iterator[tuple[str, int, int]]:
                 yield load, ranks, items
 
 
-def spawn(src: Path, cell: tuple[str, int, int], args: argparse.Namespace) -> dict[str, Any]:
+def spawn(
+    src: Path, cell: tuple[str, int, int], args: argparse.Namespace, variant: str = ""
+) -> dict[str, Any]:
     load, ranks, items = cell
     env = {**os.environ, "PYTHONPATH": str(src), "PYTHONHASHSEED": "0"}
     cmd = [sys.executable, __file__, "--cell", f"{load},{ranks},{items}"]
     cmd += ["--shard-gib", str(args.shard_gib)]
+    if args.step_only:
+        cmd += ["--step-only", str(args.step_only)]
+        if args.profile:
+            cmd += ["--profile", str(Path(args.profile) / f"{variant}-{load}-{ranks}-{items}.prof")]
     proc = subprocess.run(
         cmd, env=env, capture_output=True, text=True, timeout=args.timeout, check=False
     )
@@ -534,6 +618,17 @@ def spawn(src: Path, cell: tuple[str, int, int], args: argparse.Namespace) -> di
 
 def loadavg() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def job_cells(r: dict[str, Any]) -> list[str]:
+    """A row's first cells, the job's: load, ranks, stored and read items, variant."""
+    return [
+        r["load"],
+        str(r["ranks"]),
+        f"{r['stored_items']:,}",
+        f"{r['read_items']:,}",
+        r["variant"],
+    ]
 
 
 def table(rows: list[dict[str, Any]], baseline: bool) -> str:
@@ -562,11 +657,7 @@ def table(rows: list[dict[str, Any]], baseline: bool) -> str:
     out = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
         cells_ = [
-            r["load"],
-            str(r["ranks"]),
-            f"{r['stored_items']:,}",
-            f"{r['read_items']:,}",
-            r["variant"],
+            *job_cells(r),
             f"{r['coord_s']:.2f}",
             f"{r['coord_cpu_s']:.2f}",
             f"{r['coord_gc_s']:.2f}",
@@ -591,6 +682,31 @@ def table(rows: list[dict[str, Any]], baseline: bool) -> str:
     return "\n".join(out)
 
 
+def step_table(rows: list[dict[str, Any]], baseline: bool) -> str:
+    """``--step-only``'s table: per cell and variant, each call's CPU and wall seconds."""
+    head = ["load", "ranks", "stored items", "read items", "variant", "CPU s (each call)"]
+    head += ["min CPU s", "wall s (each call)", "gc s (max)", "load avg"]
+    if baseline:
+        head.append("same")
+    out = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in rows:
+        cpus = [c for rep in r["repeats"] for c in rep["step_cpu_s"]]
+        walls = [w for rep in r["repeats"] for w in rep["step_wall_s"]]
+        gcs = [g for rep in r["repeats"] for g in rep["step_gc_s"]]
+        cells_ = [
+            *job_cells(r),
+            " / ".join(f"{c:.2f}" for c in cpus),
+            f"{min(cpus):.2f}",
+            " / ".join(f"{w:.2f}" for w in walls),
+            f"{max(gcs):.2f}",
+            " ; ".join(rep["loadavg"] for rep in r["repeats"]),
+        ]
+        if baseline:
+            cells_.append(r.get("same", ""))
+        out.append("| " + " | ".join(cells_) + " |")
+    return "\n".join(out)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--loads", default=",".join(LOADS))
@@ -603,11 +719,28 @@ def main() -> None:
     p.add_argument("--baseline", default=None, help="a git revision to compare against")
     p.add_argument("--timeout", type=float, default=1800.0, help="per cell, seconds")
     p.add_argument("--out", default=str(HERE / "results" / "coordinator.json"))
+    p.add_argument(
+        "--step-only",
+        type=int,
+        default=0,
+        metavar="N",
+        help="time N calls of prepare_global_plan alone per cell (plans built once)",
+    )
+    p.add_argument(
+        "--profile", default=None, metavar="DIR", help="with --step-only: one more call profiled"
+    )
     p.add_argument("--cell", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.profile and not args.step_only:
+        p.error("--profile profiles the step alone: give --step-only N too")
     if args.cell:
         load, ranks, items = args.cell.split(",")
-        result = run_cell(load, int(ranks), int(items), args.shard_gib)
+        if args.step_only:
+            result = run_step_only(
+                load, int(ranks), int(items), args.shard_gib, args.step_only, args.profile
+            )
+        else:
+            result = run_cell(load, int(ranks), int(items), args.shard_gib)
         print("CELL " + json.dumps(result), flush=True)
         return
 
@@ -626,7 +759,7 @@ def main() -> None:
         + ", ".join(f"{name} = {desc}" for name, (_, desc) in variants.items()),
         flush=True,
     )
-    rows = []
+    rows: list[dict[str, Any]] = []
     for cell in cells(args):
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
         for repeat in range(args.repeats):
@@ -635,9 +768,21 @@ def main() -> None:
                 order.reverse()
             for name in order:
                 load_avg = loadavg()
-                result = spawn(variants[name][0], cell, args)
+                result = spawn(variants[name][0], cell, args, name)
                 result["loadavg"] = load_avg
                 runs[name].append(result)
+                if args.step_only:
+                    print(
+                        f"{cell} {name}: step CPU "
+                        + " / ".join(f"{c:.2f}" for c in result["step_cpu_s"])
+                        + " s, wall "
+                        + " / ".join(f"{w:.2f}" for w in result["step_wall_s"])
+                        + f" s, load {load_avg}",
+                        flush=True,
+                    )
+                    if "profile_top" in result:
+                        print(result["profile_top"], flush=True)
+                    continue
                 print(
                     f"{cell} {name}: coord {result['coord_s']:.2f} s"
                     f" (CPU {result['coord_cpu_s']:.2f})"
@@ -649,21 +794,23 @@ def main() -> None:
         for name, results in runs.items():
             row = dict(results[0])
             for key in ("coord_s", "coord_cpu_s", "coord_gc_s", "coord_peak_mib", "torch_s"):
-                row[key] = statistics.median(r[key] for r in results)
+                if key in row:
+                    row[key] = statistics.median(r[key] for r in results)
             row["variant"] = name
             row["repeats"] = results
             medians[name] = row
         if "base" in medians:
-            ratios = [
-                a["coord_s"] / b["coord_s"]
-                for a, b in zip(runs["aiodcp"], runs["base"], strict=True)
-            ]
-            medians["aiodcp"]["x_base"] = statistics.median(ratios)
+            if not args.step_only:
+                ratios = [
+                    a["coord_s"] / b["coord_s"]
+                    for a, b in zip(runs["aiodcp"], runs["base"], strict=True)
+                ]
+                medians["aiodcp"]["x_base"] = statistics.median(ratios)
             same = medians["aiodcp"]["digest"] == medians["base"]["digest"]
             medians["aiodcp"]["same"] = medians["base"]["same"] = "yes" if same else "NO"
         rows.extend(medians.values())
     print()
-    print(table(rows, "base" in variants))
+    print((step_table if args.step_only else table)(rows, "base" in variants))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {name: desc for name, (_, desc) in variants.items()}

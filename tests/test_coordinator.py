@@ -39,7 +39,7 @@ from aiodcp._sinks import item_memory
 from aiodcp._stats import StatsRecorder
 from aiodcp.dcp._load import DcpLoad
 from aiodcp.dcp._sharing import RankShare, Readers, Round, StoredItem, plan_sharing
-from aiodcp.dcp._storage_reader import share_job
+from aiodcp.dcp._storage_reader import SlotTable, share_job
 
 ARCHIVE_BYTES = 1577  # a torch.save archive's bytes around a tensor's (measured)
 
@@ -734,6 +734,34 @@ def test_a_plan_reading_an_unknown_item_shares_nothing() -> None:
         plans[1].items.extend(bad)
         assert share_job(plans, load) is None
         assert old_share_job(plans, load) is None
+
+
+def test_plans_reading_alike_are_looked_up_once_with_each_ones_slots() -> None:
+    """``SlotTable``: replicas' plans (the same indexes in the same order; distinct objects,
+    as gathered) are looked up index by index once, and every plan gets the slots of the
+    stored items its read items read, as looking each one up in the metadata gives; a plan
+    reading the same items in another order, or other items, is looked up itself."""
+    metadata, plans = mesh_job([(64, 48), (40, 80)], (2, 1), (4, 2, 1))  # 4 x FSDP 2
+    plans = [pickle.loads(pickle.dumps(plan)) for plan in plans]
+    plans[5].items.reverse()  # a replica of row 1 reading in another order
+    plans[6].items.extend(plans[6].items[:1])  # one reading an item twice
+    table = SlotTable(metadata.storage_data)
+    found = [table.slots(plan.items) for plan in plans]
+    assert table.looked_up == 4  # rows 0 and 1, the reversed plan, the longer one
+    for plan, slots_found in zip(plans, found, strict=True):
+        assert slots_found is not None
+        slots, distinct = slots_found
+        each = []
+        for req in plan.items:
+            info = metadata.storage_data[req.storage_index]
+            each.append(StoredItem(info.relative_path, info.offset, info.offset + info.length))
+        assert [table.items[slot] for slot in slots] == each
+        assert distinct == (len(set(each)) == len(each))
+    assert found[0] is found[2] is found[4] and found[1] is found[3] is found[7]
+    assert not found[6][1] and found[0][1]
+    assert len(table.items) == len(set(table.items)) == len(metadata.storage_data)
+    with Planner(metadata) as load:
+        assert share_job(plans, load) == old_share_job(plans, load)
 
 
 def test_the_collector_is_paused_for_the_step_and_restored() -> None:

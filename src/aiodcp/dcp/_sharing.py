@@ -211,34 +211,46 @@ def assign_shares(
     load = [0] * world
     shared: dict[StoredItem, Sequence[int]] = {}
     for item, ranks in holders.items():
-        if item.end <= item.start or item in sliced:
+        _, start, end = item
+        if end <= start or item in sliced:
             continue
         if len(ranks) > 1:
             shared[item] = ranks
         else:
-            load[ranks[0]] += item.end - item.start
+            load[ranks[0]] += end - start
     if not shared and not sliced:
         return None
-    fetcher: dict[StoredItem, int] = {}
-    # Largest first, then in (file, offset) order.
-    for minus_length, item in sorted([(item.start - item.end, item) for item in shared]):
-        chosen = min(shared[item], key=load.__getitem__)  # the first (lowest) of the least
-        fetcher[item] = chosen
-        load[chosen] -= minus_length
+    # By position in (file, offset) order: each item, its ranks, minus its length, its fetcher.
+    order = sorted(shared)
+    readers = list(map(shared.__getitem__, order))
+    minus = [start - end for _, start, end in order]
+    fetcher = [0] * len(order)
+    # Largest first, then in (file, offset) order (a stable sort of that order by length).
+    by_size = sorted(range(len(order)), key=minus.__getitem__)
+    load_of = load.__getitem__
+    for n in by_size:
+        chosen = min(readers[n], key=load_of)  # the first (lowest) of the least
+        fetcher[n] = chosen
+        load[chosen] -= minus[n]
 
     schedule = _Schedule(world, round_bytes)
+    place = schedule.place
     fetch: list[list[StoredItem]] = [[] for _ in range(world)]
     # Per rank: round -> what it sends (receives) in it, in placement order.
     sends: list[defaultdict[int, list[tuple[StoredItem, tuple[int, ...]]]]]
     sends = [defaultdict(list) for _ in range(world)]
     receives: list[defaultdict[int, list[tuple[StoredItem, int]]]]
     receives = [defaultdict(list) for _ in range(world)]
-    for item in sorted(shared):  # (file, offset) order
-        src = fetcher[item]
-        ranks = shared[item]
+    memory: dict[int, int] = {}  # minus an item's length -> its item memory (lengths repeat)
+    for n, item in enumerate(order):  # (file, offset) order
+        src = fetcher[n]
+        ranks = readers[n]
         at = ranks.index(src)
         dsts = (*ranks[:at], *ranks[at + 1 :])
-        k = schedule.place(src, dsts, item_memory(item.end - item.start))
+        size = memory.get(minus[n])
+        if size is None:
+            size = memory[minus[n]] = item_memory(-minus[n])
+        k = place(src, dsts, size)
         fetch[src].append(item)
         sends[src][k].append((item, dsts))
         pair = (item, src)  # one tuple for every receiver
@@ -271,7 +283,7 @@ _NO_ROUND = Round()
 
 class _Schedule:
     """The exchange's rounds as they fill (see ``assign_shares``): per round, the item memory
-    each rank sends and receives in it (only the ranks that do).
+    each rank sends and receives in it.
 
     ``place`` finds an item's round without trying every round, nor every receiver in each:
     per rank, the rounds it holds ``round_bytes`` in (full: no item fits beside) are skipped
@@ -282,8 +294,10 @@ class _Schedule:
 
     def __init__(self, world: int, round_bytes: int) -> None:
         self.round_bytes = round_bytes
-        self._sent: list[dict[int, int]] = []  # per round: rank -> item memory it sends
-        self._got: list[dict[int, int]] = []  # per round: rank -> item memory it receives
+        self._world = world
+        # Per round, by rank: the item memory it sends, receives (a list: indexed in C).
+        self._sent: list[list[int]] = []
+        self._got: list[list[int]] = []
         self._most: list[int] = []  # per round: the most any rank receives in it
         self._full_out: list[dict[int, int]] = [{} for _ in range(world)]  # full round -> next
         self._full_in: list[dict[int, int]] = [{} for _ in range(world)]
@@ -297,32 +311,39 @@ class _Schedule:
         """The round of an item of ``size`` bytes of item memory that ``src`` sends to
         ``dsts``: the first, from ``src``'s previous item's, in which each of them has room
         for it (or holds nothing), counted in."""
-        limit, sent, got = self.round_bytes, self._sent, self._got
+        limit, sent, got, most = self.round_bytes, self._sent, self._got, self._most
         # A rank that holds ``held`` has room for the item unless ``held > over``.
         over = limit - size if size <= limit else 0
         k = self._next[src]
-        while k < len(sent):
-            held = sent[k].get(src, 0)
+        rounds = len(sent)
+        while k < rounds:
+            held = sent[k][src]
             if held > over:
                 k = self._after(self._full_out[src], k, held)
                 continue
-            if self._most[k] > over:  # (else every receiver has room)
+            if most[k] > over:  # (else every receiver has room)
                 into = got[k]
-                d = next((d for d in dsts if into.get(d, 0) > over), -1)
-                if d >= 0:
-                    k = self._after(self._full_in[d], k, into[d])
-                    continue
+                for d in dsts:
+                    held = into[d]
+                    if held > over:  # the first receiver without room
+                        k = self._after(self._full_in[d], k, held)
+                        break
+                else:
+                    break
+                continue
             break
-        if k == len(sent):
-            sent.append({})
-            got.append({})
-            self._most.append(0)
-        out = sent[k]
-        out[src] = out.get(src, 0) + size
+        if k == rounds:
+            sent.append([0] * self._world)
+            got.append([0] * self._world)
+            most.append(0)
+        sent[k][src] += size
         into = got[k]
+        top = most[k]
         for d in dsts:
-            into[d] = into.get(d, 0) + size
-        self._most[k] = max(self._most[k], *map(into.__getitem__, dsts))
+            held = into[d] = into[d] + size
+            if held > top:
+                top = held
+        most[k] = top
         self._next[src] = k
         return k
 

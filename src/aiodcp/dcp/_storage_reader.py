@@ -42,7 +42,7 @@ import os
 import threading
 import uuid
 import weakref
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -79,10 +79,17 @@ if TYPE_CHECKING:
 
     from .._engine import StoreChecksum
     from .._store import S3Store
-    from ._format import StoredFormat
+    from ._format import StoredFormat, StoredInfo
     from ._load import DcpLoad
 
-__all__ = ["JobReads", "S3StorageReader", "attached_reader", "check_whole", "share_job"]
+__all__ = [
+    "JobReads",
+    "S3StorageReader",
+    "SlotTable",
+    "attached_reader",
+    "check_whole",
+    "share_job",
+]
 
 
 logger = logging.getLogger(__name__)
@@ -391,49 +398,24 @@ def share_job(
     Work and memory grow with the job's (stored item, rank) pairs; no rank's share holds
     another rank's items. ``found``, if given, gets what the job reads (``check_whole``).
     """
-    storage_data = load.storage_data
     # Per stored item, by slot: the item, the ranks that read it (ascending), each one's first
     # read item on it and (by position) all of them where a rank reads it more than once.
-    items: list[StoredItem] = []
+    table = SlotTable(load.storage_data)
+    items = table.items
     ranks_of: list[list[int]] = []
     firsts: list[list[ReadItem]] = []
     several: list[dict[int, list[ReadItem]]] = []
-    aliased: set[int] = set()  # slots read under two indexes (fqn, offset)
-    slot_of: dict[str, dict[Any, int]] = {}  # fqn -> offset -> slot
-    slot_by_item: dict[StoredItem, int] = {}
-    nothing: dict[Any, int] = {}
     for rank, plan in enumerate(plans):
-        # MetadataIndex compares and hashes (fqn, offset): looking up its fqn, then its
-        # offset, finds the same entry without a Python-level __hash__ and __eq__ (nor a key
-        # to build) per read item.
-        slots = [
-            (slot_of.get(index.fqn) or nothing).get(index.offset)
-            for index in map(_STORAGE_INDEX, plan.items)
-        ]
-        if None in slots:  # stored items no rank before this one reads
-            for n, slot in enumerate(slots):
-                if slot is not None:
-                    continue
-                index = plan.items[n].storage_index
-                of_fqn = slot_of.setdefault(index.fqn, {})
-                slot = of_fqn.get(index.offset)
-                if slot is None:
-                    info = storage_data.get(index)
-                    if info is None:
-                        return None
-                    item = StoredItem(info.relative_path, info.offset, info.offset + info.length)
-                    slot = slot_by_item.get(item)
-                    if slot is None:
-                        slot = slot_by_item[item] = len(items)
-                        items.append(item)
-                        ranks_of.append([])
-                        firsts.append([])
-                        several.append({})
-                    else:  # two indexes on the same bytes share a slot
-                        aliased.add(slot)
-                    of_fqn[index.offset] = slot
-                slots[n] = slot
-        _add_reads(rank, plan.items, cast("list[int]", slots), ranks_of, firsts, several)
+        found_slots = table.slots(plan.items)
+        if found_slots is None:
+            return None
+        for _ in range(len(ranks_of), len(items)):  # stored items no rank before this reads
+            ranks_of.append([])
+            firsts.append([])
+            several.append({})
+        slots, distinct = found_slots
+        _add_reads(rank, plan.items, slots, distinct, ranks_of, firsts, several)
+    aliased = table.aliased
     apart = load.sliced_apart(
         (items[slot], Readers(ranks, firsts[slot], several[slot], slot in aliased))
         for slot, ranks in enumerate(ranks_of)
@@ -543,17 +525,104 @@ def _collector_paused() -> Iterator[None]:
         gc.enable()
 
 
+class SlotTable:
+    """The slot (``share_job``'s number) of the stored item each read item of a plan reads, a
+    slot per distinct stored item of the job (``items``, by slot).
+
+    Plans that read the same indexes in the same order (data-parallel replicas: HSDP's, or
+    every rank of a resharded 1-process save) are looked up once: a plan's key is its
+    indexes' fqns and offsets, two tuples compared in C, where looking up each index is a
+    step per read item; the others take the first one's slots. ``MetadataIndex`` compares and
+    hashes (fqn, offset): the same key, so the same slots as looking each one up."""
+
+    def __init__(self, storage_data: Mapping[MetadataIndex, StoredInfo]) -> None:
+        self.storage_data = storage_data
+        self.items: list[StoredItem] = []
+        self.aliased: set[int] = set()
+        """Slots read under two indexes (fqn, offset): their bytes are one stored item."""
+        self.looked_up = 0
+        """Plans looked up index by index (the others matched one of them)."""
+        self._of: dict[str, dict[Any, int]] = {}  # fqn -> offset -> slot
+        self._by_item: dict[StoredItem, int] = {}
+        self._by_plan: dict[tuple[tuple[str, ...], tuple[Any, ...]], tuple[list[int], bool]]
+        self._by_plan = {}
+        self._info: dict[str, dict[Any, StoredInfo]] | None = None
+
+    def slots(self, reqs: Sequence[ReadItem]) -> tuple[list[int], bool] | None:
+        """The slots ``reqs`` read (in their order), and whether they are distinct (no stored
+        item read twice); None if one of them is not in the metadata."""
+        # Each index taken once, then its fields (a dotted getter would walk to it twice: a
+        # job's read items are ~10^6 objects, each visit a cache miss).
+        indexes = list(map(_STORAGE_INDEX, reqs))
+        fqns = tuple(map(_FQN, indexes))
+        offsets = tuple(map(_OFFSET, indexes))
+        key = (fqns, offsets)
+        found = self._by_plan.get(key)
+        if found is None:
+            slots = self._look_up(fqns, offsets)
+            if slots is None:
+                return None
+            found = self._by_plan[key] = (slots, len(set(slots)) == len(slots))
+        return found
+
+    def _look_up(self, fqns: Sequence[str], offsets: Sequence[Any]) -> list[int] | None:
+        """Each read item's slot, new stored items given the next ones (see ``slots``)."""
+        self.looked_up += 1
+        of, nothing = self._of, _NOTHING
+        # Its fqn, then its offset: the entry a MetadataIndex finds, without a Python-level
+        # __hash__ and __eq__ (nor a key to build) per read item.
+        slots = [
+            (of.get(fqn) or nothing).get(offset) for fqn, offset in zip(fqns, offsets, strict=True)
+        ]
+        if None not in slots:
+            return cast("list[int]", slots)
+        # Stored items no plan before this one reads: each new one the next slot, unless its
+        # bytes are an item's already seen under another index.
+        info_of, items, by_item = self._info_of(), self.items, self._by_item
+        for n, slot in enumerate(slots):
+            if slot is not None:
+                continue
+            fqn, offset = fqns[n], offsets[n]
+            of_fqn = of.setdefault(fqn, {})
+            slot = of_fqn.get(offset)
+            if slot is None:
+                info = (info_of.get(fqn) or nothing).get(offset)
+                if info is None:
+                    return None
+                item = StoredItem(info.relative_path, info.offset, info.offset + info.length)
+                slot = by_item.setdefault(item, len(items))
+                if slot == len(items):
+                    items.append(item)
+                else:  # two indexes on the same bytes share a slot
+                    self.aliased.add(slot)
+                of_fqn[offset] = slot
+            slots[n] = slot
+        return cast("list[int]", slots)
+
+    def _info_of(self) -> dict[str, dict[Any, StoredInfo]]:
+        """The metadata's storage entries by fqn, then offset (what a ``MetadataIndex`` key
+        finds), made on first use: one pass over the metadata instead of a ``MetadataIndex``
+        hash and comparison, in Python, per stored item the job reads."""
+        if self._info is None:
+            self._info = {}
+            for index, info in self.storage_data.items():
+                self._info.setdefault(index.fqn, {})[index.offset] = info
+        return self._info
+
+
 def _add_reads(
     rank: int,
     reqs: list[ReadItem],
     slots: list[int],
+    distinct: bool,
     ranks_of: list[list[int]],
     firsts: list[list[ReadItem]],
     several: list[dict[int, list[ReadItem]]],
 ) -> None:
-    """Rank ``rank``'s read items ``reqs`` (on the stored items ``slots``) added to each
-    slot's readers (see ``share_job``): one step per read item, no list per pair."""
-    if len(set(slots)) == len(slots):  # each stored item read once: most ranks
+    """Rank ``rank``'s read items ``reqs`` (on the stored items ``slots``, ``distinct`` if
+    no two are the same) added to each slot's readers (see ``share_job``): one step per read
+    item, no list per pair."""
+    if distinct:  # each stored item read once: most ranks
         for slot, req in zip(slots, reqs, strict=True):
             ranks_of[slot].append(rank)
             firsts[slot].append(req)
@@ -569,6 +638,9 @@ def _add_reads(
 
 
 _STORAGE_INDEX = operator.attrgetter("storage_index")
+_FQN = operator.attrgetter("fqn")
+_OFFSET = operator.attrgetter("offset")
+_NOTHING: Mapping[Any, Any] = {}
 
 
 _CAN_SHARE = "aiodcp:can-share"
