@@ -202,13 +202,11 @@ _UNDECIDED: Any = object()
 """(A region not looked at yet, in ``sliced_apart``'s cache.)"""
 
 
-def _relative(reqs: list[ReadItem], index: tuple[Any, Any]) -> tuple[Any, ...]:
-    """A rank's region (its read items ``reqs`` on an item read under ``index``) as
-    ``_sliced_by_all`` keys it relative to the item: a single read item's box, else every read
-    (``region_of``) with its index told as the item's or not."""
-    if len(reqs) == 1:
-        return (reqs[0].storage_offsets, reqs[0].lengths)
-    return tuple((r[0], (r[1], r[2]) == index, r[4], r[5]) for r in region_of(reqs))
+def _relative(region: tuple[Any, ...], index: tuple[Any, Any]) -> tuple[Any, ...]:
+    """A rank's region of several reads (``region_of``) on an item read under ``index``, keyed
+    relative to the item (each read's index told as the item's or not), as the parts of one
+    stored tensor are cached; a single read item's box is its own key."""
+    return tuple((r[0], (r[1], r[2]) == index, r[4], r[5]) for r in region)
 
 
 def _apart(parts: Iterable[_Part]) -> bool:
@@ -454,8 +452,13 @@ class DcpLoad:
         # The first rank's part first: a rank that cannot slice (the whole chunk, as a job
         # resuming its own save reads) decides the item without the other ranks' regions.
         several = readers.several
-        reqs = several.get(0) or [firsts[0]]
-        first = self._part(item_range, of_stored, _relative(reqs, index), reqs, max_gap_size)
+        reqs = several.get(0)
+        if reqs is None:
+            reqs = [firsts[0]]
+            relative = (firsts[0].storage_offsets, firsts[0].lengths)
+        else:
+            relative = _relative(region_of(reqs), index)
+        first = self._part(item_range, of_stored, relative, reqs, max_gap_size)
         if first is None or first.moved >= length:
             return None
         regions: list[tuple[Any, ...]] = [(req.storage_offsets, req.lengths) for req in firsts]
@@ -463,8 +466,8 @@ class DcpLoad:
         if several:
             relatives = regions.copy()
             for pos, reqs in several.items():
-                regions[pos] = region_of(reqs)
-                relatives[pos] = _relative(reqs, index)
+                region = regions[pos] = region_of(reqs)
+                relatives[pos] = _relative(region, index)
         n = len(regions)
         # Each distinct region with the position of its first rank, in rank order.
         first_at = dict(zip(reversed(regions), range(n - 1, -1, -1), strict=True))
@@ -547,15 +550,8 @@ class DcpLoad:
             stored, of_stored = found
             if stored is None:
                 return None
-            relative = (
-                region
-                if single
-                else tuple((r[0], (r[1], r[2]) == index, r[4], r[5]) for r in region)
-            )
-            part = of_stored.get(relative, _UNDECIDED)
-            if part is _UNDECIDED:
-                candidate = self._slice_candidate(item_range, reqs, max_gap_size)
-                part = of_stored[relative] = None if candidate is None else _Part.of(candidate)
+            relative = region if single else _relative(region, index)
+            part = self._part(item_range, of_stored, relative, reqs, max_gap_size)
             if part is None or part.moved >= length:
                 return None
             seen[region] = part
