@@ -27,12 +27,13 @@ ISA-L's ``crc64_rocksoft_refl`` (Intel's storage-acceleration library, the same 
 is CRC-64/Rocksoft), which the ``isal`` package aiodcp already requires (for zip's CRC-32) carries
 and exports; it is reached through ``ctypes`` (``_isal_crc64``), which releases the GIL for the
 call, and is used only after it gives the catalogue's check value for ``b"123456789"`` in one call
-and in two. Binding it costs ~5 ms (``ctypes``' import) where importing ``awscrt`` costs ~30-40 ms
-of CPU (its 11 MB extension, most of it AWS-LC seeding its random generator, GIL held), which a
-process's first verified load paid on its critical path. Everything else comes from ``awscrt``:
-``combine`` (ISA-L has none: a save's part, block and object CRCs, a whole object folded from its
-ranges), CRC32C, CRC32; and CRC64NVME too once ``awscrt`` is imported (a process that combines
-imports it anyway, ``need_combine``), or where ISA-L's symbol is missing or gives another value.
+and in two. Binding it costs ~2 ms (``ctypes`` and ``isal.isal_zlib`` imported) where importing
+``awscrt`` costs ~30-40 ms of CPU (its 11 MB extension, most of it AWS-LC seeding its random
+generator, GIL held), which a process's first verified load paid on its critical path.
+Everything else comes from ``awscrt``: ``combine`` (ISA-L has none: a save's part, block and
+object CRCs, a whole object folded from its ranges), CRC32C, CRC32; and CRC64NVME too once
+``awscrt`` is imported (a process that combines imports it anyway, ``need_combine``), or where
+ISA-L's symbol is missing or gives another value.
 
 Neither library is loaded by ``import aiodcp``: a load starts loading what it needs in a thread
 of its own as soon as it knows it will check bytes (``warm_up``: ISA-L for a checkpoint with an

@@ -333,15 +333,15 @@ async def read_verified(
     or the store gave none that a read can check, such as a composite one).
 
     With ``verify``, the GET asks for the checksum and the bytes are checked in a worker thread
-    (awscrt is imported there, only when there is something to check; on AWS S3, which always
-    has one, its import starts in a thread of its own as the GET is sent). A mismatch (or
+    (the CRC library is loaded there, only when there is something to check; on AWS S3, which
+    always has one, loading starts in a thread of its own as the GET is sent). A mismatch (or
     botocore's own check failing) reads the object once more; a second mismatch raises
     ``ChecksumMismatchError`` naming the object. ``stats``: the second GET adds a request,
     each discarded read its bytes to ``bytes_received``, each mismatch to
     ``checksum_mismatches`` (the caller counts the first request and the returned bytes)."""
     if verify and store.is_aws:
-        # AWS S3 answers with a checksum to check: awscrt's ~30 ms import (GIL held, ahead of
-        # anything a first load parses) runs during the GET's round trip instead of after it
+        # AWS S3 answers with a checksum to check (CRC64NVME for objects since December 2024):
+        # its CRC library is loaded during the GET's round trip instead of after it
         _checksum.warm_up()
     got = await store.get_whole(bucket, key, stats=stats, checksum=verify)
     if not verify:
